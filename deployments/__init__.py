@@ -1,0 +1,1 @@
+"""Deployment definitions (schedules, work pools) for the pgbackflow flows."""

@@ -1,0 +1,3 @@
+"""pgbackflow: PostgreSQL backups, PITR and restore verification on Prefect 3."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Plain, typed building blocks the flows are made of."""
