@@ -1,0 +1,89 @@
+"""A PostgreSQL database to back up or restore into, as a Prefect block."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from prefect.blocks.core import Block
+from pydantic import Field, HttpUrl, SecretStr
+
+from tasks.database import ConnectionSettings, ServerInfo, check_connection, parse_dsn
+
+
+class PostgresDatabase(Block):
+    """Connection details of one PostgreSQL database.
+
+    Attributes:
+        host: Host name or IP address of the server.
+        port: TCP port the server listens on.
+        database: Name of the database.
+        user: Role to connect as.
+        password: Password of that role.
+        sslmode: libpq sslmode (disable, allow, prefer, require, verify-ca, verify-full).
+
+    Example:
+        ```python
+        from blocks.database import PostgresDatabase
+
+        postgres_database = PostgresDatabase.load("BLOCK_NAME")
+        info = postgres_database.check()
+        ```
+    """
+
+    _block_type_name: ClassVar[str] = "pgbackflow PostgreSQL Database"
+    _block_type_slug: ClassVar[str] = "pgbackflow-postgres-database"
+    _description: ClassVar[str] = (
+        "Connection details of a PostgreSQL database that pgbackflow backs up or restores into."
+    )
+    _documentation_url: ClassVar[HttpUrl] = HttpUrl(
+        "https://github.com/pgbackflow/pgbackflow/blob/main/docs/BLOCKS.md"
+    )
+    _code_example: ClassVar[str] = """
+```python
+from blocks.database import PostgresDatabase
+
+postgres_database = PostgresDatabase.load("BLOCK_NAME")
+info = postgres_database.check()
+```
+"""
+
+    host: str = Field(description="Host name or IP address of the PostgreSQL server.")
+    port: int = Field(default=5432, ge=1, le=65535, description="TCP port of the server.")
+    database: str = Field(default="postgres", description="Name of the database.")
+    user: str = Field(default="postgres", description="Role to connect as.")
+    password: SecretStr | None = Field(default=None, description="Password of the role.")
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
+        default="prefer", description="libpq sslmode for the connection."
+    )
+
+    @classmethod
+    def from_dsn(cls, dsn: str) -> PostgresDatabase:
+        """Build the block from a libpq URI or key=value DSN."""
+        settings = parse_dsn(dsn)
+        return cls(
+            host=settings.host,
+            port=settings.port,
+            database=settings.dbname,
+            user=settings.user,
+            password=None if settings.password is None else SecretStr(settings.password),
+            sslmode=settings.sslmode,
+        )
+
+    def settings(self) -> ConnectionSettings:
+        """Plain connection settings for the tasks that connect."""
+        return ConnectionSettings(
+            host=self.host,
+            port=self.port,
+            dbname=self.database,
+            user=self.user,
+            password=None if self.password is None else self.password.get_secret_value(),
+            sslmode=self.sslmode,
+        )
+
+    def check(self) -> ServerInfo:
+        """Connection test: connects and returns the server version and role powers.
+
+        Raises:
+            DatabaseError: with a one-line reason (wrong password, unreachable, ...).
+        """
+        return check_connection(self.settings())

@@ -1,0 +1,193 @@
+"""Connecting to PostgreSQL with errors a DBA can act on.
+
+The password travels only in memory (psycopg connection kwargs) or, for child processes, in
+a 0600 passfile; never in argv, a DSN that gets logged, or an exception text.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
+
+DEFAULT_CONNECT_TIMEOUT_S = 10
+_SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Where and as whom to connect.
+
+    Attributes:
+        host: Host name, IP address or Unix socket directory.
+        port: TCP port.
+        dbname: Database name.
+        user: Role to log in as.
+        password: Password (kept out of repr), or None for passwordless/peer auth.
+        sslmode: libpq sslmode.
+    """
+
+    host: str
+    port: int = 5432
+    dbname: str = "postgres"
+    user: str = "postgres"
+    password: str | None = field(default=None, repr=False)
+    sslmode: str = "prefer"
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"database port {self.port} is out of range: use 1-65535")
+        if self.sslmode not in _SSLMODES:
+            raise ConfigError(
+                f"sslmode '{self.sslmode}' is not valid: use one of {', '.join(sorted(_SSLMODES))}"
+            )
+
+    @property
+    def display(self) -> str:
+        """``user@host:port/dbname``: safe for logs and messages."""
+        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+
+    def with_dbname(self, dbname: str) -> ConnectionSettings:
+        """The same server and role, another database."""
+        return replace(self, dbname=dbname)
+
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``psycopg.connect``."""
+        kwargs: dict[str, Any] = {
+            "host": self.host,
+            "port": self.port,
+            "dbname": self.dbname,
+            "user": self.user,
+            "sslmode": self.sslmode,
+            "connect_timeout": DEFAULT_CONNECT_TIMEOUT_S,
+            "application_name": "pgbackflow",
+        }
+        if self.password is not None:
+            kwargs["password"] = self.password
+        return kwargs
+
+
+def parse_dsn(dsn: str) -> ConnectionSettings:
+    """Parse a libpq URI (``postgresql://…``) or key=value DSN.
+
+    Raises:
+        ConfigError: the DSN is malformed or names options pgbackflow does not handle.
+    """
+    try:
+        parts = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        # libpq's reason quotes pieces of the DSN, which may be pieces of a password.
+        raise ConfigError(
+            "database DSN is malformed: use postgresql://user@host:port/dbname "
+            "or 'host=… port=… dbname=… user=…'"
+        ) from None
+    if not parts.get("host"):
+        raise ConfigError("database DSN names no host: add host=… or postgresql://user@HOST/db")
+    try:
+        port = int(str(parts.get("port") or 5432))
+    except ValueError:
+        raise ConfigError(f"database DSN port '{parts.get('port')}' is not a number") from None
+    password = parts.get("password")
+    return ConnectionSettings(
+        host=str(parts["host"]),
+        port=port,
+        dbname=str(parts.get("dbname") or parts.get("user") or "postgres"),
+        user=str(parts.get("user") or "postgres"),
+        password=None if password is None else str(password),
+        sslmode=str(parts.get("sslmode") or "prefer"),
+    )
+
+
+def connection_error(exc: psycopg.Error, settings: ConnectionSettings) -> DatabaseError:
+    """Turn a psycopg connection failure into a one-line, actionable error.
+
+    Permanent causes (bad password, missing database or role, pg_hba rejection) are
+    ``DatabaseError``; causes that may pass (refused, timeout, server starting) are
+    ``TransientDatabaseError`` so tasks retry them.
+    """
+    text = str(exc)
+    where = settings.display
+    if "password authentication failed" in text or "no password supplied" in text:
+        return DatabaseError(
+            f"database {where}: password authentication failed for user '{settings.user}': "
+            "check the password"
+        )
+    if re.search(r'database ".*" does not exist', text):
+        return DatabaseError(
+            f"database {where}: database '{settings.dbname}' does not exist: check the name "
+            "or create it"
+        )
+    if re.search(r'role ".*" does not exist', text):
+        return DatabaseError(
+            f"database {where}: role '{settings.user}' does not exist: check the user name"
+        )
+    if "no pg_hba.conf entry" in text:
+        return DatabaseError(
+            f"database {where}: the server's pg_hba.conf rejects this connection: add an entry "
+            "for this host and user"
+        )
+    if "could not translate host name" in text or "Name or service not known" in text:
+        return DatabaseError(f"database {where}: unknown host '{settings.host}': check the host")
+    if "Connection refused" in text:
+        return TransientDatabaseError(
+            f"database {where}: connection refused: check host and port and that PostgreSQL "
+            "is running and listening there"
+        )
+    if "timeout expired" in text or "timed out" in text:
+        return TransientDatabaseError(
+            f"database {where}: connection timed out after {DEFAULT_CONNECT_TIMEOUT_S} s: check "
+            "the network path and firewall"
+        )
+    if "starting up" in text or "shutting down" in text or "in recovery mode" in text:
+        return TransientDatabaseError(f"database {where}: server is not ready yet: retry later")
+    first_line = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
+    return DatabaseError(f"database {where}: connection failed ({first_line.strip()})")
+
+
+def connect(settings: ConnectionSettings, *, autocommit: bool = True) -> psycopg.Connection[Any]:
+    """Open a connection, translating failures into pgbackflow errors."""
+    try:
+        return psycopg.connect(autocommit=autocommit, **settings.connect_kwargs())
+    except psycopg.OperationalError as exc:
+        raise connection_error(exc, settings) from None
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What a connection test learns about a server.
+
+    Attributes:
+        version_num: ``server_version_num``, e.g. 170011.
+        version: Human ``server_version``, e.g. "17.11".
+        is_superuser: Whether the role is a superuser.
+        can_replicate: Whether the role has REPLICATION (needed for physical backups).
+    """
+
+    version_num: int
+    version: str
+    is_superuser: bool
+    can_replicate: bool
+
+    @property
+    def major(self) -> int:
+        """The major version (14, 15, …)."""
+        return self.version_num // 10000
+
+
+def check_connection(settings: ConnectionSettings) -> ServerInfo:
+    """Connect, read the server version and the role's powers, disconnect."""
+    with connect(settings) as conn:
+        row = conn.execute(
+            "SELECT current_setting('server_version_num')::int, current_setting('server_version'),"
+            " rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+    if row is None:  # the role we are logged in as always exists
+        raise DatabaseError(f"database {settings.display}: cannot read the current role")
+    return ServerInfo(
+        version_num=row[0], version=row[1].split()[0], is_superuser=row[2], can_replicate=row[3]
+    )
