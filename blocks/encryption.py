@@ -7,6 +7,7 @@ from typing import ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
+from tasks.errors import ConfigError
 from tasks.keys import Keyring, MasterKey
 
 
@@ -55,7 +56,11 @@ keyring = encryption_key.keyring()
     @field_validator("key")
     @classmethod
     def _key_is_valid(cls, value: SecretStr) -> SecretStr:
-        MasterKey.from_text(value.get_secret_value(), source="encryption key block")
+        try:
+            MasterKey.from_text(value.get_secret_value(), source="encryption key block")
+        except ConfigError as exc:
+            # pydantic reports ValueErrors as validation errors of the field.
+            raise ValueError(str(exc)) from None
         return value
 
     @classmethod

@@ -1,0 +1,10 @@
+"""Prefect blocks of pgbackflow: credentials and configuration, one block per concern.
+
+``prefect block register -m blocks`` registers every block type listed here.
+"""
+
+from blocks.database import PostgresDatabase
+from blocks.encryption import BackupEncryptionKey
+from blocks.storage import LocalStorage, S3Storage
+
+__all__ = ["BackupEncryptionKey", "LocalStorage", "PostgresDatabase", "S3Storage"]

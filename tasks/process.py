@@ -1,0 +1,204 @@
+"""The one way pgbackflow runs external binaries (pg_dump, pg_restore, pg_basebackup, ...).
+
+Children get a clean argv (never a password: that travels in a 0600 passfile named by
+PGPASSFILE), their stderr is kept as a bounded tail for error messages, and a child is
+killed, never orphaned, when the caller fails or is cancelled.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol
+
+from tasks.errors import PgBackflowError
+
+STDERR_TAIL_LINES = 20
+READ_SIZE = 1024 * 1024
+
+
+class ToolFailedError(PgBackflowError):
+    """An external binary exited non-zero."""
+
+    def __init__(self, tool: str, returncode: int, stderr_tail: str) -> None:
+        self.tool = tool
+        self.returncode = returncode
+        self.stderr_tail = stderr_tail
+        last = " | ".join(line for line in stderr_tail.splitlines() if line.strip())
+        detail = f": {last}" if last else ""
+        super().__init__(f"{tool} failed (exit code {returncode}){detail}")
+
+
+class ByteSink(Protocol):
+    """Anything that takes bytes."""
+
+    def write(self, data: bytes, /) -> int | None: ...
+
+
+@dataclass(frozen=True)
+class ToolResult:
+    """How a finished child went.
+
+    Attributes:
+        tool: Short name of the binary, for messages.
+        returncode: Exit status.
+        stdout: Captured stdout (empty when it was streamed elsewhere).
+        stderr_tail: Last lines of stderr.
+    """
+
+    tool: str
+    returncode: int
+    stdout: bytes
+    stderr_tail: str
+
+
+def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child: ours minus libpq variables that would redirect it."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        # A stray PGPASSWORD/PGHOST in the caller's shell must not change where a child
+        # connects or with which secret: connection details are always explicit.
+        if not (name.startswith("PG") and name not in {"PGTZ", "PGCLIENTENCODING"})
+    }
+    env.setdefault("LC_ALL", "C.UTF-8")
+    if extra:
+        env.update(extra)
+    return env
+
+
+class _StderrTail:
+    """Drains a child's stderr on a thread, keeping the last lines."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _drain(self, stream: IO[bytes]) -> None:
+        for raw in iter(stream.readline, b""):
+            self._lines.append(raw.decode("utf-8", "replace").rstrip())
+        stream.close()
+
+    def text(self) -> str:
+        self._thread.join(timeout=5)
+        return "\n".join(self._lines)
+
+
+class Tool:
+    """One external binary: runs it, streams it, explains its failures.
+
+    Args:
+        path: The executable.
+        name: Short name for messages (defaults to the file name).
+    """
+
+    def __init__(self, path: Path, name: str | None = None) -> None:
+        self.path = path
+        self.name = name or path.name
+
+    def _popen(
+        self, args: Sequence[str], env: Mapping[str, str] | None, *, stdin: int | None,
+        stdout: int | None,
+    ) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [str(self.path), *args],
+            stdin=stdin,
+            stdout=stdout,
+            stderr=subprocess.PIPE,
+            env=child_environment(env),
+            # Own process group: a cancelled flow kills the child and anything it spawned.
+            start_new_session=True,
+        )
+
+    def _finish(
+        self, proc: subprocess.Popen[bytes], tail: _StderrTail, stdout: bytes
+    ) -> ToolResult:
+        returncode = proc.wait()
+        result = ToolResult(self.name, returncode, stdout, tail.text())
+        if returncode != 0:
+            raise ToolFailedError(self.name, returncode, result.stderr_tail)
+        return result
+
+    def run(self, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> ToolResult:
+        """Run to completion, capturing stdout; raises ToolFailedError on non-zero exit."""
+        with self._running(args, env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as (
+            proc, tail,
+        ):
+            assert proc.stdout is not None
+            stdout = proc.stdout.read()
+            return self._finish(proc, tail, stdout)
+
+    def stream_out(
+        self, args: Sequence[str], sink: ByteSink, *, env: Mapping[str, str] | None = None
+    ) -> ToolResult:
+        """Run, copying stdout into ``sink`` as it is produced (constant memory)."""
+        with self._running(args, env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as (
+            proc, tail,
+        ):
+            assert isinstance(proc.stdout, io.BufferedReader)
+            while data := proc.stdout.read1(READ_SIZE):
+                sink.write(data)
+            return self._finish(proc, tail, b"")
+
+    def stream_in(
+        self, args: Sequence[str], chunks: Iterable[bytes], *, env: Mapping[str, str] | None = None
+    ) -> ToolResult:
+        """Run, feeding ``chunks`` to stdin; stdout is captured."""
+        with self._running(args, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as (
+            proc, tail,
+        ):
+            assert proc.stdin is not None and proc.stdout is not None
+            output: list[bytes] = []
+            reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+            reader.start()
+            try:
+                for chunk in chunks:
+                    proc.stdin.write(chunk)
+                proc.stdin.close()
+            except BrokenPipeError:
+                # The child stopped reading: its exit code and stderr say why.
+                pass
+            reader.join()
+            return self._finish(proc, tail, b"".join(output))
+
+    @contextmanager
+    def _running(
+        self, args: Sequence[str], env: Mapping[str, str] | None, *, stdin: int | None,
+        stdout: int | None,
+    ) -> Iterator[tuple[subprocess.Popen[bytes], _StderrTail]]:
+        try:
+            proc = self._popen(args, env, stdin=stdin, stdout=stdout)
+        except OSError as exc:
+            raise PgBackflowError(
+                f"cannot run {self.name} at '{self.path}' ({exc.strerror}): check the toolset "
+                "installation (pgbackflow toolsets list)"
+            ) from None
+        assert proc.stderr is not None
+        tail = _StderrTail(proc.stderr)
+        try:
+            yield proc, tail
+        except BaseException:
+            _kill_group(proc)
+            raise
+        finally:
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None and not stream.closed:
+                    with suppress(BrokenPipeError):
+                        stream.close()
+            if proc.poll() is None:
+                _kill_group(proc)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()

@@ -1,0 +1,1116 @@
+"""Backup object storage: one streaming interface, a local-folder and an S3 backend.
+
+Every backup object (encrypted dumps, base backups, WAL segments, manifests) is written and
+read through `Storage`. Writers stream with bounded memory and publish atomically: an object
+is visible to `Storage.list`, `Storage.stat` and readers only once `ObjectWriter.close`
+succeeded. Leaving a writer's ``with`` block by an exception, calling `ObjectWriter.abort` or
+killing the writing process never leaves a listed partial object; the leftovers of killed
+writers are removed by `LocalFolderStorage.sweep_incomplete` and
+`S3ObjectStorage.sweep_incomplete_uploads`.
+
+When a writer is the sink of a ``zstandard`` compressor, create the compressor with
+``closefd=False`` and close it inside the storage writer's ``with`` block: otherwise the
+compressor's own ``close`` (which also runs when an exception unwinds its ``with`` block)
+would publish the half-written object.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import logging
+import math
+import os
+import re
+import secrets
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
+from urllib.parse import unquote, urlsplit
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    PartialCredentialsError,
+    ReadTimeoutError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+
+from tasks.errors import ConfigError, ObjectNotFoundError, StorageError, TransientStorageError
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3.client import S3Client
+    from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+__all__ = [
+    "INCOMPLETE_DIR",
+    "MAX_PARTS",
+    "MAX_PART_SIZE",
+    "MIN_PART_SIZE",
+    "LocalFolderStorage",
+    "ObjectWriter",
+    "S3ObjectStorage",
+    "Storage",
+    "StoredObject",
+    "multipart_part_size",
+    "storage_from_url",
+]
+
+log = logging.getLogger(__name__)
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+MIN_PART_SIZE = 8 * MiB
+"""First (and smallest) multipart part; objects up to this size go up as one PUT."""
+MAX_PART_SIZE = 5 * GiB
+"""S3's largest allowed part."""
+MAX_PARTS = 10_000
+"""S3's largest allowed part number."""
+INCOMPLETE_DIR = ".pgbackflow-incomplete"
+"""Folder (inside a local storage folder) holding objects that are still being written."""
+
+_PROBE_PREFIX = ".pgbackflow-probe-"
+_SIZE_HINT_SLACK = 1.2
+_BUCKET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """A complete object in a storage.
+
+    Attributes:
+        key: The '/'-separated key relative to the storage's root.
+        size: Size in bytes.
+        modified: Last modification time, timezone-aware UTC.
+    """
+
+    key: str
+    size: int
+    modified: datetime
+
+
+def multipart_part_size(part_number: int, size_hint: int | None) -> int:
+    """Return the size of multipart part ``part_number`` (1-based).
+
+    Without a hint, parts start at 8 MiB and double every 1000 parts, so small and medium
+    objects keep small buffers while 10,000 parts still cover more than 5 TiB and no part
+    exceeds 5 GiB. With a hint, every part has the same size, large enough for the hinted
+    size plus 20 % in 10,000 parts, rounded up to 1 MiB.
+
+    Args:
+        part_number: The part number, 1 to 10,000.
+        size_hint: The expected object size in bytes, or None when unknown.
+
+    Returns:
+        The part size in bytes.
+
+    Raises:
+        ValueError: If ``part_number`` or ``size_hint`` is out of range.
+    """
+    if not 1 <= part_number <= MAX_PARTS:
+        raise ValueError(f"part number {part_number} is outside 1..{MAX_PARTS}")
+    if size_hint is None:
+        return min(MIN_PART_SIZE << ((part_number - 1) // 1000), MAX_PART_SIZE)
+    if size_hint < 0:
+        raise ValueError(f"size hint {size_hint} is negative")
+    wanted = math.ceil(size_hint * _SIZE_HINT_SLACK / MAX_PARTS)
+    rounded = math.ceil(wanted / MiB) * MiB
+    return min(max(MIN_PART_SIZE, rounded), MAX_PART_SIZE)
+
+
+def check_key(key: str) -> str:
+    """Validate a storage key and return it.
+
+    Raises:
+        ConfigError: If the key is empty, absolute, has empty, '.' or '..' segments, a NUL
+            character or uses a name reserved for pgbackflow's own bookkeeping.
+    """
+    problem = _key_problem(key, allow_partial=False)
+    if problem:
+        raise ConfigError(
+            f"storage key {key!r} is invalid ({problem}): use a relative '/'-separated path "
+            "without empty, '.' or '..' segments"
+        )
+    return key
+
+
+def _check_prefix(prefix: str) -> str:
+    if prefix and (problem := _key_problem(prefix, allow_partial=True)):
+        raise ConfigError(
+            f"storage prefix {prefix!r} is invalid ({problem}): use a relative '/'-separated "
+            "path without empty, '.' or '..' segments"
+        )
+    return prefix
+
+
+def _key_problem(key: str, *, allow_partial: bool) -> str | None:
+    if not isinstance(key, str) or not key:
+        return "empty"
+    if "\x00" in key:
+        return "contains a NUL character"
+    if key.startswith("/"):
+        return "absolute"
+    segments = key.split("/")
+    if allow_partial and segments[-1] == "":
+        # A prefix may end with '/' ("dumps/") to select one folder.
+        segments = segments[:-1]
+    for segment in segments:
+        if segment == "":
+            return "has an empty segment"
+        if segment in (".", ".."):
+            return f"has a {segment!r} segment"
+    if segments and segments[0] == INCOMPLETE_DIR:
+        return f"{INCOMPLETE_DIR!r} is reserved"
+    return None
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+class ObjectWriter(ABC):
+    """A streaming writer for one object; the object appears only when `close` succeeds.
+
+    Use it as a context manager: a normal exit publishes, an exception aborts. It is
+    file-like enough to be the sink of ``shutil.copyfileobj`` or a ``zstandard``
+    compressor (``write``, ``flush``, ``writable``, ``closed``).
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self._bytes_written = 0
+        self._state = "open"
+
+    @property
+    def bytes_written(self) -> int:
+        """Number of bytes accepted by `write` so far."""
+        return self._bytes_written
+
+    @property
+    def closed(self) -> bool:
+        """True once the object was published or aborted."""
+        return self._state != "open"
+
+    def writable(self) -> bool:
+        """Return True: writers accept data until closed."""
+        return True
+
+    def flush(self) -> None:  # noqa: B027 - a no-op every backend shares
+        """Do nothing: data becomes durable and visible only at `close`."""
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Append ``data`` to the object.
+
+        Returns:
+            The number of bytes written (always all of them).
+
+        Raises:
+            ValueError: If the writer is already closed or aborted.
+            StorageError: If the backend failed; the writer is then aborted.
+        """
+        if self._state != "open":
+            raise ValueError(f"writer for {self.key!r} is already {self._state}")
+        view = memoryview(data).cast("B")
+        if not view.nbytes:
+            return 0
+        try:
+            self._write(view)
+        except BaseException:
+            self.abort()
+            raise
+        self._bytes_written += view.nbytes
+        return view.nbytes
+
+    def close(self) -> None:
+        """Publish the object atomically; a second call does nothing.
+
+        Raises:
+            StorageError: If publishing failed; nothing is published then.
+        """
+        if self._state != "open":
+            if self._state == "aborted":
+                raise ValueError(f"writer for {self.key!r} was aborted and cannot be published")
+            return
+        try:
+            self._publish()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "published"
+
+    def abort(self) -> None:
+        """Discard everything written; safe to call more than once and never raises."""
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        try:
+            self._discard()
+        except Exception as exc:
+            log.warning("could not clean up the aborted write of %r: %s", self.key, exc)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    @abstractmethod
+    def _write(self, view: memoryview) -> None: ...
+
+    @abstractmethod
+    def _publish(self) -> None: ...
+
+    @abstractmethod
+    def _discard(self) -> None: ...
+
+
+class Storage(ABC):
+    """Where backup objects live. Keys are relative '/'-separated paths."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """A human-readable location such as ``/backups`` or ``s3://bucket/prefix``."""
+
+    @abstractmethod
+    def open_write(self, key: str, *, size_hint: int | None = None) -> ObjectWriter:
+        """Start writing object ``key``; it replaces any existing object when published.
+
+        Args:
+            key: The object's key.
+            size_hint: The expected size in bytes, if known (lets S3 pick part sizes).
+        """
+
+    @abstractmethod
+    def open_read(self, key: str) -> BinaryIO:
+        """Open object ``key`` for streaming reads.
+
+        Raises:
+            ObjectNotFoundError: If there is no such object.
+        """
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        """Return the complete objects whose keys start with ``prefix``, sorted by key."""
+
+    @abstractmethod
+    def stat(self, key: str) -> StoredObject:
+        """Describe object ``key``.
+
+        Raises:
+            ObjectNotFoundError: If there is no such object.
+        """
+
+    def exists(self, key: str) -> bool:
+        """Return whether object ``key`` exists."""
+        try:
+            self.stat(key)
+        except ObjectNotFoundError:
+            return False
+        return True
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete object ``key``; deleting a missing object does nothing."""
+
+    def write_bytes(self, key: str, data: bytes) -> StoredObject:
+        """Write a small object in one call and return its description."""
+        with self.open_write(key, size_hint=len(data)) as writer:
+            writer.write(data)
+        return self.stat(key)
+
+    def read_bytes(self, key: str) -> bytes:
+        """Read a small object whole."""
+        with self.open_read(key) as reader:
+            return reader.read()
+
+    def check_writable(self) -> None:
+        """Write, read back and delete a small probe object.
+
+        Raises:
+            StorageError: With a one-line explanation if any step failed.
+        """
+        key = f"{_PROBE_PREFIX}{secrets.token_hex(8)}"
+        payload = f"pgbackflow write probe {key}\n".encode()
+        try:
+            with self.open_write(key, size_hint=len(payload)) as writer:
+                writer.write(payload)
+            echoed = self.read_bytes(key)
+            self.delete(key)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(
+                f"storage {self.location} failed the write test ({_one_line(exc)}): "
+                "check its configuration and permissions"
+            ) from exc
+        if echoed != payload:
+            raise StorageError(
+                f"storage {self.location} returned different bytes than were written to probe "
+                f"object {key!r}: check the storage server or filesystem"
+            )
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.location!r})"
+
+
+# --------------------------------------------------------------------------- local folder
+
+
+class LocalFolderStorage(Storage):
+    """Objects as files below a local (or mounted) folder.
+
+    A writer writes to ``<folder>/.pgbackflow-incomplete/<random>`` on the same filesystem,
+    fsyncs it, renames it into place with `os.replace` and fsyncs the parent folder, so the
+    object appears complete or not at all, also after a crash.
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        """Create a storage rooted at ``folder`` (created on the first write if missing)."""
+        text = str(folder)
+        if not text.strip():
+            raise ConfigError(
+                "local storage folder is empty: set it to an absolute path such as /backups"
+            )
+        self.folder = Path(os.path.abspath(os.path.expanduser(text)))
+
+    @property
+    def location(self) -> str:
+        """The folder's absolute path."""
+        return str(self.folder)
+
+    @property
+    def incomplete_folder(self) -> Path:
+        """Where writers keep objects until they are published."""
+        return self.folder / INCOMPLETE_DIR
+
+    def _path(self, key: str) -> Path:
+        return self.folder.joinpath(*check_key(key).split("/"))
+
+    def _not_writable(self, exc: OSError) -> StorageError:
+        reason = exc.strerror or type(exc).__name__
+        if isinstance(exc, (FileExistsError, NotADirectoryError)) or exc.errno in (
+            errno.EEXIST,
+            errno.ENOTDIR,
+        ):
+            reason = "a file is in the way of a folder"
+        if exc.errno == errno.ENOSPC:
+            return StorageError(
+                f"local storage folder '{self.folder}' is full (No space left on device): "
+                "free space or choose another folder"
+            )
+        return StorageError(
+            f"local storage folder '{self.folder}' is not writable ({reason}): "
+            "fix its permissions or choose another folder"
+        )
+
+    def open_write(self, key: str, *, size_hint: int | None = None) -> ObjectWriter:
+        """Start writing object ``key`` (``size_hint`` is not needed locally)."""
+        final = self._path(key)
+        try:
+            if self.folder.exists() and not self.folder.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+            self.incomplete_folder.mkdir(parents=True, exist_ok=True)
+            temp = self.incomplete_folder / f"{os.getpid()}-{secrets.token_hex(8)}"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise self._not_writable(exc) from exc
+        return _LocalWriter(self, key, temp, final, fd)
+
+    def open_read(self, key: str) -> BinaryIO:
+        """Open object ``key`` for streaming reads."""
+        path = self._path(key)
+        try:
+            return path.open("rb")
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise self._not_found(key) from exc
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read '{path}' ({exc.strerror}): check the file's permissions"
+            ) from exc
+
+    def _not_found(self, key: str) -> ObjectNotFoundError:
+        return ObjectNotFoundError(
+            f"object '{key}' does not exist in local storage folder '{self.folder}': "
+            "check the key or list the folder's backups"
+        )
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        """Return complete objects whose keys start with ``prefix``, sorted by key."""
+        _check_prefix(prefix)
+        # Only walk the deepest folder the prefix pins down.
+        base_parts = prefix.split("/")[:-1] if prefix else []
+        start = self.folder.joinpath(*base_parts)
+        found: list[StoredObject] = []
+        try:
+            for key, st in self._walk(start, "/".join(base_parts)):
+                if key.startswith(prefix):
+                    found.append(StoredObject(key, st.st_size, _utc(st.st_mtime)))
+        except OSError as exc:
+            raise StorageError(
+                f"cannot list local storage folder '{self.folder}' ({exc.strerror}): "
+                "check its permissions"
+            ) from exc
+        found.sort(key=lambda obj: obj.key)
+        return found
+
+    def _walk(self, folder: Path, key_prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+        try:
+            entries = list(os.scandir(folder))
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        for entry in entries:
+            key = f"{key_prefix}/{entry.name}" if key_prefix else entry.name
+            if not key_prefix and entry.name == INCOMPLETE_DIR:
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    yield from self._walk(Path(entry.path), key)
+                elif entry.is_file(follow_symlinks=False):
+                    yield key, entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # deleted while listing
+
+    def stat(self, key: str) -> StoredObject:
+        """Describe object ``key``."""
+        path = self._path(key)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise self._not_found(key) from exc
+        except OSError as exc:
+            raise StorageError(
+                f"cannot inspect '{path}' ({exc.strerror}): check the folder's permissions"
+            ) from exc
+        if not path.is_file():
+            raise self._not_found(key)
+        return StoredObject(key, st.st_size, _utc(st.st_mtime))
+
+    def delete(self, key: str) -> None:
+        """Delete object ``key`` and the folders it leaves empty."""
+        path = self._path(key)
+        try:
+            path.unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        except IsADirectoryError:
+            return
+        except OSError as exc:
+            raise StorageError(
+                f"cannot delete '{path}' ({exc.strerror}): check the folder's permissions"
+            ) from exc
+        parent = path.parent
+        while parent != self.folder:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # not empty (or in use): keep it
+            parent = parent.parent
+
+    def sweep_incomplete(self, older_than: timedelta) -> int:
+        """Remove files left by writers that died more than ``older_than`` ago.
+
+        Returns:
+            The number of files removed.
+        """
+        cutoff = time.time() - older_than.total_seconds()
+        removed = 0
+        try:
+            entries = list(os.scandir(self.incomplete_folder))
+        except FileNotFoundError:
+            return 0
+        except OSError as exc:
+            raise self._not_writable(exc) from exc
+        for entry in entries:
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise self._not_writable(exc) from exc
+        return removed
+
+
+class _LocalWriter(ObjectWriter):
+    def __init__(
+        self, storage: LocalFolderStorage, key: str, temp: Path, final: Path, fd: int
+    ) -> None:
+        super().__init__(key)
+        self._storage = storage
+        self._temp = temp
+        self._final = final
+        self._file: BinaryIO | None = open(fd, "wb", buffering=MiB)  # noqa: SIM115
+
+    def _write(self, view: memoryview) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(view)
+        except OSError as exc:
+            raise self._storage._not_writable(exc) from exc
+
+    def _publish(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            for attempt in range(3):
+                self._final.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(self._temp, self._final)
+                    break
+                except FileNotFoundError:
+                    # A concurrent delete pruned the freshly made parent folder: make it again.
+                    if attempt == 2:
+                        raise
+            _fsync_dir(self._final.parent)
+        except IsADirectoryError as exc:
+            raise StorageError(
+                f"cannot publish '{self._final}': a folder of that name is in the way; "
+                "choose another key or remove the folder"
+            ) from exc
+        except OSError as exc:
+            raise self._storage._not_writable(exc) from exc
+
+    def _discard(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        self._temp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+# --------------------------------------------------------------------------- S3
+
+
+class S3ObjectStorage(Storage):
+    """Objects in an S3 (or S3-compatible) bucket below an optional key prefix.
+
+    Small objects go up as one PUT at close; larger ones as a multipart upload whose parts
+    upload on a background thread while the next part fills (at most two part buffers in
+    memory). ``CompleteMultipartUpload`` is the atomic publish; any failure aborts the
+    upload. A killed writer leaves an incomplete multipart upload (invisible to `list`, but
+    billed): `sweep_incomplete_uploads` aborts those, and so does a bucket lifecycle rule
+    with ``AbortIncompleteMultipartUpload``.
+
+    The credentials need s3:ListBucket (without it S3 answers 403 instead of 404 for
+    missing keys), s3:GetObject, s3:PutObject, s3:DeleteObject, s3:AbortMultipartUpload
+    and s3:ListBucketMultipartUploads on the bucket and prefix.
+    """
+
+    def __init__(
+        self,
+        bucket: str,
+        prefix: str = "",
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        access_key_id: str | None = None,
+        secret_access_key: str | None = None,
+        session_token: str | None = None,
+        max_attempts: int = 5,
+    ) -> None:
+        """Create a storage; no request is made until the first operation.
+
+        Args:
+            bucket: The bucket name.
+            prefix: A key prefix (folder) inside the bucket; leading/trailing '/' ignored.
+            endpoint_url: A custom endpoint (MinIO, Ceph, ...); None for AWS.
+            region: The region; None uses the AWS configuration chain.
+            access_key_id: The access key id; None uses the AWS credential chain.
+            secret_access_key: The secret access key; never logged or shown.
+            session_token: A session token for temporary credentials.
+            max_attempts: Attempts per request, including retries of transient failures.
+        """
+        if not bucket or not _BUCKET_NAME.match(bucket):
+            raise ConfigError(
+                f"S3 bucket name {bucket!r} is invalid: use the bucket's name only "
+                "(letters, digits, '.', '-'), without s3:// or a path"
+            )
+        if endpoint_url is not None and not urlsplit(endpoint_url).scheme.startswith("http"):
+            raise ConfigError(
+                f"S3 endpoint URL {endpoint_url!r} is invalid: use http://host:port or https://host"
+            )
+        self.bucket = bucket
+        self.prefix = _check_prefix(prefix.strip("/"))
+        if self.prefix.endswith("/"):
+            self.prefix = self.prefix.rstrip("/")
+        custom = endpoint_url is not None
+        config = Config(
+            connect_timeout=10,
+            read_timeout=120,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            # S3-compatible servers rarely support virtual-host addressing or the newer
+            # default checksums (botocore >= 1.36).
+            s3={"addressing_style": "path"} if custom else None,
+            request_checksum_calculation="when_required" if custom else "when_supported",
+            response_checksum_validation="when_required" if custom else "when_supported",
+            max_pool_connections=10,
+        )
+        session = boto3.session.Session(
+            aws_access_key_id=access_key_id or None,
+            aws_secret_access_key=secret_access_key or None,
+            aws_session_token=session_token or None,
+            region_name=region or None,
+        )
+        self._client: S3Client = session.client(
+            "s3",
+            endpoint_url=endpoint_url or None,
+            region_name=region or (None if session.region_name else "us-east-1"),
+            config=config,
+        )
+        self.endpoint = str(self._client.meta.endpoint_url)
+        self._bucket_seen = False
+
+    @property
+    def client(self) -> S3Client:
+        """The underlying boto3 client."""
+        return self._client
+
+    @property
+    def location(self) -> str:
+        """``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def __repr__(self) -> str:
+        return f"S3ObjectStorage({self.location!r}, endpoint_url={self.endpoint!r})"
+
+    def _full_key(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _error(self, exc: Exception, action: str, key: str | None = None) -> StorageError:
+        """Translate a boto error into a one-line StorageError for ``action``."""
+        where = f"s3://{self.bucket}/{self._full_key(key)}" if key else self.location
+        at = f"at {self.endpoint}"
+        if isinstance(exc, ClientError):
+            error = exc.response.get("Error", {})
+            code = str(error.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code == "NoSuchBucket":
+                return StorageError(
+                    f"S3 bucket '{self.bucket}' does not exist {at}: create it or fix the "
+                    "bucket name"
+                )
+            if code in ("NoSuchKey", "NoSuchUpload", "404", "NotFound") or status == 404:
+                return ObjectNotFoundError(
+                    f"object {where} does not exist {at}: check the key or list the backups"
+                )
+            if code in (
+                "AccessDenied",
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "ExpiredToken",
+                "InvalidToken",
+                "TokenRefreshRequired",
+                "AllAccessDisabled",
+                "403",
+                "Forbidden",
+            ) or status in (401, 403):
+                return StorageError(
+                    f"S3 {at} denied access to bucket '{self.bucket}' while trying to {action} "
+                    f"{where} ({code or status}): check the access key id, secret access key "
+                    "and the bucket policy"
+                )
+            if status >= 500 or code in (
+                "SlowDown",
+                "RequestTimeout",
+                "InternalError",
+                "ServiceUnavailable",
+                "RequestTimeTooSkewed",
+            ):
+                return TransientStorageError(
+                    f"S3 {at} failed to {action} {where} ({code or status}): the service is "
+                    "unavailable or throttling; retry later"
+                )
+            message = _one_line(error.get("Message", "")) or str(status)
+            return StorageError(
+                f"S3 {at} refused to {action} {where} ({code}: {message}): check the bucket "
+                "and storage settings"
+            )
+        if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+            return StorageError(
+                f"no usable S3 credentials for {self.location} {at}: set the access key id and "
+                "secret access key (or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+            )
+        if isinstance(
+            exc,
+            (
+                EndpointConnectionError,
+                ConnectTimeoutError,
+                ReadTimeoutError,
+                ConnectionClosedError,
+                BotoConnectionError,
+            ),
+        ):
+            return TransientStorageError(
+                f"could not reach S3 endpoint {self.endpoint} to {action} {where} "
+                f"({type(exc).__name__}): check the endpoint URL and network; retrying may help"
+            )
+        if isinstance(exc, (BotoCoreError, OSError)):
+            return TransientStorageError(
+                f"S3 request to {self.endpoint} failed to {action} {where} "
+                f"({type(exc).__name__}: {_one_line(exc)}): retrying may help"
+            )
+        return StorageError(
+            f"S3 request to {self.endpoint} failed to {action} {where} "
+            f"({type(exc).__name__}: {_one_line(exc)}): check the storage settings"
+        )
+
+    def _call(self, action: str, key: str | None, request: Callable[[], Any]) -> Any:
+        try:
+            return request()
+        except (ClientError, BotoCoreError, OSError) as exc:
+            raise self._error(exc, action, key) from exc
+
+    def _check_bucket(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 404:
+                raise self._error(
+                    ClientError({"Error": {"Code": "NoSuchBucket"}}, "HeadBucket"), "inspect"
+                ) from exc
+            raise self._error(exc, "inspect") from exc
+        except (BotoCoreError, OSError) as exc:
+            raise self._error(exc, "inspect") from exc
+        self._bucket_seen = True
+
+    def open_write(self, key: str, *, size_hint: int | None = None) -> ObjectWriter:
+        """Start writing object ``key``; ``size_hint`` picks constant part sizes."""
+        full_key = self._full_key(key)
+        if size_hint is not None and size_hint < 0:
+            raise ConfigError(f"size hint {size_hint} for '{key}' is negative: pass None or >= 0")
+        return _S3Writer(self, key, full_key, size_hint)
+
+    def open_read(self, key: str) -> BinaryIO:
+        """Open object ``key`` for streaming reads."""
+        full_key = self._full_key(key)
+        response = self._call(
+            "read", key, lambda: self._client.get_object(Bucket=self.bucket, Key=full_key)
+        )
+        reader = _S3Reader(self, key, response["Body"])
+        return io.BufferedReader(reader, buffer_size=MiB)
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        """Return complete objects whose keys start with ``prefix``, sorted by key."""
+        _check_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+
+        def fetch() -> list[StoredObject]:
+            found: list[StoredObject] = []
+            paginator = self._client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
+                for item in page.get("Contents", []):
+                    full = item["Key"]
+                    if full.startswith(root):
+                        found.append(
+                            StoredObject(
+                                full[len(root) :],
+                                int(item["Size"]),
+                                item["LastModified"].astimezone(UTC),
+                            )
+                        )
+            self._bucket_seen = True
+            return found
+
+        found: list[StoredObject] = self._call("list", None, fetch)
+        found.sort(key=lambda obj: obj.key)
+        return found
+
+    def stat(self, key: str) -> StoredObject:
+        """Describe object ``key``."""
+        full_key = self._full_key(key)
+        try:
+            head = self._client.head_object(Bucket=self.bucket, Key=full_key)
+        except (ClientError, BotoCoreError, OSError) as exc:
+            error = self._error(exc, "inspect", key)
+            if isinstance(error, ObjectNotFoundError) and not self._bucket_seen:
+                # HEAD errors have no body, so a missing bucket also looks like a 404.
+                self._check_bucket()
+            raise error from exc
+        self._bucket_seen = True
+        return StoredObject(key, int(head["ContentLength"]), head["LastModified"].astimezone(UTC))
+
+    def delete(self, key: str) -> None:
+        """Delete object ``key``; deleting a missing object does nothing."""
+        full_key = self._full_key(key)
+        self._call(
+            "delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full_key)
+        )
+
+    def sweep_incomplete_uploads(self, older_than: timedelta) -> int:
+        """Abort multipart uploads under the prefix started more than ``older_than`` ago.
+
+        A killed writer leaves its upload behind; a bucket lifecycle rule with
+        ``AbortIncompleteMultipartUpload`` does the same job on the server side.
+
+        Returns:
+            The number of uploads aborted.
+        """
+        root = f"{self.prefix}/" if self.prefix else ""
+        cutoff = datetime.now(UTC) - older_than
+
+        def stale() -> list[tuple[str, str]]:
+            uploads: list[tuple[str, str]] = []
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"].astimezone(UTC) <= cutoff:
+                        uploads.append((upload["Key"], upload["UploadId"]))
+            return uploads
+
+        aborted = 0
+        for full_key, upload_id in self._call("list incomplete uploads in", None, stale):
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self.bucket, Key=full_key, UploadId=upload_id
+                )
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                    continue  # finished or aborted meanwhile
+                raise self._error(exc, "abort incomplete upload in", None) from exc
+            except (BotoCoreError, OSError) as exc:
+                raise self._error(exc, "abort incomplete upload in", None) from exc
+            aborted += 1
+        return aborted
+
+
+class _S3Writer(ObjectWriter):
+    def __init__(
+        self, storage: S3ObjectStorage, key: str, full_key: str, size_hint: int | None
+    ) -> None:
+        super().__init__(key)
+        self._storage = storage
+        self._client = storage.client
+        self._full_key = full_key
+        self._size_hint = size_hint
+        self._buffer = bytearray()
+        self._part_number = 1
+        self._upload_id: str | None = None
+        self._parts: list[CompletedPartTypeDef] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._pending: Future[CompletedPartTypeDef] | None = None
+
+    def _part_limit(self) -> int:
+        if self._part_number > MAX_PARTS:
+            raise StorageError(
+                f"object s3://{self._storage.bucket}/{self._full_key} needs more than "
+                f"{MAX_PARTS} parts: pass a size_hint at least as large as the object"
+            )
+        return multipart_part_size(self._part_number, self._size_hint)
+
+    def _write(self, view: memoryview) -> None:
+        offset = 0
+        while offset < view.nbytes:
+            limit = self._part_limit()
+            if len(self._buffer) >= limit:
+                # Hand the full part over only once more data arrives, so an object of
+                # exactly one part still goes up as a single PUT.
+                self._hand_off()
+                continue
+            take = min(limit - len(self._buffer), view.nbytes - offset)
+            self._buffer += view[offset : offset + take]
+            offset += take
+
+    def _hand_off(self) -> None:
+        self._wait_pending()
+        if self._upload_id is None:
+            response = self._storage._call(
+                "start upload of",
+                self.key,
+                lambda: self._client.create_multipart_upload(
+                    Bucket=self._storage.bucket, Key=self._full_key
+                ),
+            )
+            self._upload_id = str(response["UploadId"])
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="pgbackflow-s3-upload")
+        part, self._buffer = self._buffer, bytearray()
+        self._pending = self._executor.submit(self._upload_part, self._part_number, part)
+        self._part_number += 1
+
+    def _upload_part(self, number: int, data: bytearray) -> CompletedPartTypeDef:
+        assert self._upload_id is not None
+        upload_id = self._upload_id
+        response = self._storage._call(
+            f"upload part {number} of",
+            self.key,
+            lambda: self._client.upload_part(
+                Bucket=self._storage.bucket,
+                Key=self._full_key,
+                UploadId=upload_id,
+                PartNumber=number,
+                # botocore takes bytearray bodies as they are; its stubs only say bytes.
+                Body=cast("bytes", data),
+            ),
+        )
+        part: dict[str, Any] = {"PartNumber": number, "ETag": response["ETag"]}
+        for name in ("ChecksumCRC32", "ChecksumCRC32C", "ChecksumSHA1", "ChecksumSHA256"):
+            if response.get(name):
+                part[name] = response[name]
+        return part  # type: ignore[return-value]
+
+    def _wait_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._parts.append(pending.result())
+
+    def _publish(self) -> None:
+        if self._upload_id is None:
+            body = bytes(self._buffer)
+            self._buffer = bytearray()
+            self._storage._call(
+                "write",
+                self.key,
+                lambda: self._client.put_object(
+                    Bucket=self._storage.bucket, Key=self._full_key, Body=body
+                ),
+            )
+            return
+        if self._buffer:
+            self._hand_off()
+        self._wait_pending()
+        self._shutdown()
+        upload_id = self._upload_id
+        parts = self._parts
+        self._storage._call(
+            "complete upload of",
+            self.key,
+            lambda: self._client.complete_multipart_upload(
+                Bucket=self._storage.bucket,
+                Key=self._full_key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            ),
+        )
+        self._upload_id = None
+
+    def _shutdown(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def _discard(self) -> None:
+        self._buffer = bytearray()
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            if not pending.cancel():
+                # Let a running part finish so the abort below cannot race with it.
+                wait([pending])
+        self._shutdown()
+        if self._upload_id is not None:
+            upload_id, self._upload_id = self._upload_id, None
+            self._storage._call(
+                "abort upload of",
+                self.key,
+                lambda: self._client.abort_multipart_upload(
+                    Bucket=self._storage.bucket, Key=self._full_key, UploadId=upload_id
+                ),
+            )
+
+
+class _S3Reader(io.RawIOBase):
+    """Streams an object's body, turning network failures into storage errors."""
+
+    def __init__(self, storage: S3ObjectStorage, key: str, body: Any) -> None:
+        self._storage = storage
+        self._key = key
+        self._body = body
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        try:
+            chunk: bytes = self._body.read(view.nbytes)
+        except (BotoCoreError, OSError) as exc:
+            raise self._storage._error(exc, "read", self._key) from exc
+        except Exception as exc:  # urllib3 errors do not share a base with botocore's
+            raise TransientStorageError(
+                f"reading s3://{self._storage.bucket}/{self._storage._full_key(self._key)} from "
+                f"{self._storage.endpoint} failed ({type(exc).__name__}): retrying may help"
+            ) from exc
+        view[: len(chunk)] = chunk
+        return len(chunk)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._body.close()
+        super().close()
+
+
+# --------------------------------------------------------------------------- factory
+
+
+def storage_from_url(url: str) -> Storage:
+    """Build a storage from ``/path``, ``file:///path`` or ``s3://bucket/prefix``.
+
+    For S3 the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, the
+    region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` and credentials from the standard
+    AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles).
+
+    Raises:
+        ConfigError: If the URL is empty or uses another scheme.
+    """
+    text = url.strip()
+    if not text:
+        raise ConfigError("storage URL is empty: use /path, file:///path or s3://bucket/prefix")
+    parts = urlsplit(text)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"storage URL {url!r} has no bucket: use s3://bucket/prefix")
+        return S3ObjectStorage(
+            parts.netloc,
+            unquote(parts.path).strip("/"),
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None,
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+        )
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"storage URL {url!r} names a remote host: use file:///absolute/path")
+        return LocalFolderStorage(Path(unquote(parts.path)))
+    if parts.scheme and len(parts.scheme) > 1:
+        raise ConfigError(
+            f"storage URL {url!r} has unsupported scheme '{parts.scheme}': use /path, "
+            "file:///path or s3://bucket/prefix"
+        )
+    return LocalFolderStorage(Path(text))

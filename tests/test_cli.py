@@ -1,0 +1,68 @@
+"""The pgbackflow console script, run as a user would run it."""
+
+from __future__ import annotations
+
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+from tasks.archive import ArchiveWriter
+from tasks.keys import MasterKey, load_key_file, write_key_file
+
+CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_key_init_then_decrypt(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys" / "master.key"
+    created = run("key", "init", "--key-file", str(key_file))
+    assert created.returncode == 0, created.stderr
+    assert "NEW MASTER KEY" in created.stderr
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    key = load_key_file(key_file)
+    assert created.stdout.strip() == key.key_id_hex
+
+    again = run("key", "init", "--key-file", str(key_file))
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    archive, plain = tmp_path / "dump.pgbf", tmp_path / "dump.plain"
+    with archive.open("wb") as sink, ArchiveWriter(sink, key, compress=True) as writer:
+        writer.write(b"PGDMP" + b"rows" * 100_000)
+    result = run("decrypt", "--key-file", str(key_file), str(archive), str(plain))
+    assert result.returncode == 0, result.stderr
+    assert plain.read_bytes() == b"PGDMP" + b"rows" * 100_000
+
+
+def test_decrypt_errors_are_one_line_and_leave_no_output(tmp_path: Path) -> None:
+    key, other = MasterKey.generate(), MasterKey.generate()
+    write_key_file(tmp_path / "other.key", other)
+    archive = tmp_path / "dump.pgbf"
+    with archive.open("wb") as sink, ArchiveWriter(sink, key, compress=False) as writer:
+        writer.write(b"x" * 3_000_000)
+    target = tmp_path / "out"
+
+    wrong_key = run("decrypt", "--key-file", str(tmp_path / "other.key"), str(archive), str(target))
+    assert wrong_key.returncode == 1
+    assert "wrong encryption key" in wrong_key.stderr and key.key_id_hex in wrong_key.stderr
+    assert "Traceback" not in wrong_key.stderr
+    assert wrong_key.stderr.strip().count("\n") == 0
+
+    write_key_file(tmp_path / "right.key", key)
+    archive.write_bytes(archive.read_bytes()[:-40])  # cut inside the final chunk
+    truncated = run("decrypt", "--key-file", str(tmp_path / "right.key"), str(archive), str(target))
+    assert truncated.returncode == 1 and "truncated" in truncated.stderr
+    assert not target.exists()
+    assert list(tmp_path.glob(".out*")) == []
+
+    missing = run("decrypt", "--key-file", str(tmp_path / "nope.key"), str(archive), str(target))
+    assert missing.returncode == 1
+    assert "key file" in missing.stderr and "does not exist" in missing.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    result = run("--debug", "decrypt", "--key-file", str(tmp_path / "nope.key"), "a", "b")
+    assert result.returncode == 1 and "Traceback" in result.stderr
