@@ -6,12 +6,17 @@ a 0600 passfile; never in argv, a DSN that gets logged, or an exception text.
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
 
@@ -191,3 +196,45 @@ def check_connection(settings: ConnectionSettings) -> ServerInfo:
     return ServerInfo(
         version_num=row[0], version=row[1].split()[0], is_superuser=row[2], can_replicate=row[3]
     )
+
+
+def libpq_conninfo(settings: ConnectionSettings) -> str:
+    """A conninfo string for child processes' argv: everything but the password."""
+    return make_conninfo(
+        host=settings.host,
+        port=str(settings.port),
+        dbname=settings.dbname,
+        user=settings.user,
+        sslmode=settings.sslmode,
+        application_name="pgbackflow",
+        connect_timeout=str(DEFAULT_CONNECT_TIMEOUT_S),
+    )
+
+
+def _passfile_field(value: str) -> str:
+    return value.replace("\\", "\\\\").replace(":", "\\:")
+
+
+@contextmanager
+def libpq_password_env(settings: ConnectionSettings) -> Iterator[dict[str, str]]:
+    """Environment for a libpq child process: the password in a 0600 passfile, removed after.
+
+    Yields:
+        Variables to add to the child's environment (empty when there is no password).
+    """
+    if settings.password is None:
+        yield {}
+        return
+    fd, name = tempfile.mkstemp(prefix="pgbackflow-", suffix=".pgpass")
+    path = Path(name)
+    try:
+        # mkstemp creates the file 0600; libpq refuses passfiles readable by others anyway.
+        line = ":".join(
+            [_passfile_field(settings.host), str(settings.port), "*",
+             _passfile_field(settings.user), _passfile_field(settings.password)]
+        )
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(line + "\n")
+        yield {"PGPASSFILE": str(path)}
+    finally:
+        path.unlink(missing_ok=True)

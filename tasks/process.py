@@ -22,19 +22,19 @@ from typing import IO, Protocol
 from tasks.errors import PgBackflowError
 
 STDERR_TAIL_LINES = 20
+STDERR_ERROR_LINES = 500
 READ_SIZE = 1024 * 1024
 
 
 class ToolFailedError(PgBackflowError):
     """An external binary exited non-zero."""
 
-    def __init__(self, tool: str, returncode: int, stderr_tail: str) -> None:
-        self.tool = tool
-        self.returncode = returncode
-        self.stderr_tail = stderr_tail
-        last = " | ".join(line for line in stderr_tail.splitlines() if line.strip())
-        detail = f": {last}" if last else ""
-        super().__init__(f"{tool} failed (exit code {returncode}){detail}")
+    def __init__(self, result: ToolResult) -> None:
+        self.result = result
+        self.returncode = result.returncode
+        lines = [line for line in result.stderr_tail.splitlines() if line.strip()][-5:]
+        detail = f": {' | '.join(lines)}" if lines else ""
+        super().__init__(f"{result.tool} failed (exit code {result.returncode}){detail}")
 
 
 class ByteSink(Protocol):
@@ -52,12 +52,15 @@ class ToolResult:
         returncode: Exit status.
         stdout: Captured stdout (empty when it was streamed elsewhere).
         stderr_tail: Last lines of stderr.
+        stderr_errors: Every stderr line that reports an error (bounded), for tools like
+            pg_restore whose errors scroll out of the tail.
     """
 
     tool: str
     returncode: int
     stdout: bytes
     stderr_tail: str
+    stderr_errors: tuple[str, ...] = ()
 
 
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -80,12 +83,16 @@ class _StderrTail:
 
     def __init__(self, stream: IO[bytes]) -> None:
         self._lines: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self.errors: list[str] = []
         self._thread = threading.Thread(target=self._drain, args=(stream,), daemon=True)
         self._thread.start()
 
     def _drain(self, stream: IO[bytes]) -> None:
         for raw in iter(stream.readline, b""):
-            self._lines.append(raw.decode("utf-8", "replace").rstrip())
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._lines.append(line)
+            if "error" in line.lower() and len(self.errors) < STDERR_ERROR_LINES:
+                self.errors.append(line)
         stream.close()
 
     def text(self) -> str:
@@ -120,22 +127,25 @@ class Tool:
         )
 
     def _finish(
-        self, proc: subprocess.Popen[bytes], tail: _StderrTail, stdout: bytes
+        self, proc: subprocess.Popen[bytes], tail: _StderrTail, stdout: bytes, *, check: bool = True
     ) -> ToolResult:
         returncode = proc.wait()
-        result = ToolResult(self.name, returncode, stdout, tail.text())
-        if returncode != 0:
-            raise ToolFailedError(self.name, returncode, result.stderr_tail)
+        text = tail.text()
+        result = ToolResult(self.name, returncode, stdout, text, tuple(tail.errors))
+        if check and returncode != 0:
+            raise ToolFailedError(result)
         return result
 
-    def run(self, args: Sequence[str], *, env: Mapping[str, str] | None = None) -> ToolResult:
+    def run(
+        self, args: Sequence[str], *, env: Mapping[str, str] | None = None, check: bool = True
+    ) -> ToolResult:
         """Run to completion, capturing stdout; raises ToolFailedError on non-zero exit."""
         with self._running(args, env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as (
             proc, tail,
         ):
             assert proc.stdout is not None
             stdout = proc.stdout.read()
-            return self._finish(proc, tail, stdout)
+            return self._finish(proc, tail, stdout, check=check)
 
     def stream_out(
         self, args: Sequence[str], sink: ByteSink, *, env: Mapping[str, str] | None = None
@@ -150,15 +160,25 @@ class Tool:
             return self._finish(proc, tail, b"")
 
     def stream_in(
-        self, args: Sequence[str], chunks: Iterable[bytes], *, env: Mapping[str, str] | None = None
+        self,
+        args: Sequence[str],
+        chunks: Iterable[bytes],
+        *,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
     ) -> ToolResult:
-        """Run, feeding ``chunks`` to stdin; stdout is captured."""
+        """Run, feeding ``chunks`` to stdin; stdout is captured.
+
+        With ``check=False`` a non-zero exit is returned, not raised, for callers that
+        judge the errors themselves (pg_restore's "role does not exist").
+        """
         with self._running(args, env, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as (
             proc, tail,
         ):
             assert proc.stdin is not None and proc.stdout is not None
             output: list[bytes] = []
-            reader = threading.Thread(target=lambda: output.append(proc.stdout.read()), daemon=True)  # type: ignore[union-attr]
+            stdout = proc.stdout
+            reader = threading.Thread(target=lambda: output.append(stdout.read()), daemon=True)
             reader.start()
             try:
                 for chunk in chunks:
@@ -168,7 +188,7 @@ class Tool:
                 # The child stopped reading: its exit code and stderr say why.
                 pass
             reader.join()
-            return self._finish(proc, tail, b"".join(output))
+            return self._finish(proc, tail, b"".join(output), check=check)
 
     @contextmanager
     def _running(

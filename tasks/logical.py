@@ -1,0 +1,500 @@
+"""Logical backup and restore: pg_dump → (zstd) → encryption → storages, and back.
+
+The dump streams from pg_dump's stdout through the encryptor into every storage at once:
+no temp file, memory flat whatever the database size. Row counts are taken in the very
+snapshot pg_dump uses, concurrently with the dump.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+
+from tasks.archive import ArchiveError, ArchiveReader, ArchiveWriter
+from tasks.database import (
+    ConnectionSettings,
+    connect,
+    libpq_conninfo,
+    libpq_password_env,
+)
+from tasks.errors import ConfigError, DatabaseError, PgBackflowError
+from tasks.inventory import Inventory, exported_snapshot, take_inventory
+from tasks.keys import Keyring, MasterKey
+from tasks.manifest import LogicalManifest, StoredObjectInfo
+from tasks.process import Tool, ToolFailedError, ToolResult
+from tasks.storage import Storage
+from tasks.toolsets import Toolset
+from tasks.transfer import (
+    FanOutWriter,
+    HashingReader,
+    ProgressCallback,
+    ProgressReporter,
+    WriteOutcome,
+)
+
+DUMP_NAME = "dump.pgbf"
+GLOBALS_NAME = "globals.pgbf"
+ZSTD_LEVEL = 5
+
+
+@dataclass(frozen=True)
+class DumpCompression:
+    """Who compresses the dump.
+
+    Attributes:
+        pg_dump_arg: The ``--compress`` argument for pg_dump.
+        ours: Whether pgbackflow compresses (zstd) before encrypting.
+        description: For the manifest, e.g. "pg_dump zstd:5".
+    """
+
+    pg_dump_arg: str
+    ours: bool
+    description: str
+
+
+def choose_compression(toolset: Toolset) -> DumpCompression:
+    """zstd inside pg_dump where it has it (16+), else an uncompressed dump we compress.
+
+    Either way the decrypted object is a plain custom-format archive that the stock
+    pg_restore of that version reads.
+    """
+    if toolset.supports_zstd:
+        return DumpCompression(f"--compress=zstd:{ZSTD_LEVEL}", False, f"pg_dump zstd:{ZSTD_LEVEL}")
+    return DumpCompression("--compress=0", True, f"pgbackflow zstd:{ZSTD_LEVEL}")
+
+
+@dataclass(frozen=True)
+class ObjectWrite:
+    """One object written to several storages.
+
+    Attributes:
+        info: Key, sizes and checksum (identical in every storage).
+        outcomes: Per-storage result.
+    """
+
+    info: StoredObjectInfo
+    outcomes: tuple[WriteOutcome, ...]
+
+    @property
+    def completed_in(self) -> frozenset[str]:
+        """Locations where the object is complete."""
+        return frozenset(o.location for o in self.outcomes if o.ok)
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    """The dump object plus what was counted in its snapshot.
+
+    Attributes:
+        write: The encrypted dump as written.
+        inventory: Tables and row counts in the dump's snapshot.
+        snapshot: The exported snapshot id pg_dump used.
+        compression: How the dump was compressed.
+    """
+
+    write: ObjectWrite
+    inventory: Inventory
+    snapshot: str
+    compression: DumpCompression
+
+
+def _stream_tool_into_storages(
+    tool: Tool,
+    args: Sequence[str],
+    env: dict[str, str],
+    storages: Sequence[Storage],
+    key: str,
+    master_key: MasterKey,
+    *,
+    compress: bool,
+    size_hint: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> ObjectWrite:
+    """Run ``tool`` and stream its stdout, encrypted, into ``key`` of every storage."""
+    fan_out = FanOutWriter(storages, key, size_hint=size_hint)
+    reporter = ProgressReporter(progress)
+    try:
+        archive = ArchiveWriter(fan_out, master_key, compress=compress, zstd_threads=0)
+
+        class _Counted:
+            @staticmethod
+            def write(data: bytes) -> int:
+                reporter.add(len(data))
+                return archive.write(data)
+
+        tool.stream_out(args, _Counted(), env=env)
+        archive.close()
+        outcomes = fan_out.publish()
+    except BaseException:
+        fan_out.abort()
+        raise
+    info = StoredObjectInfo(
+        key=key, raw_size=archive.bytes_in, stored_size=fan_out.size, sha256=fan_out.hexdigest
+    )
+    return ObjectWrite(info, tuple(outcomes))
+
+
+def dump_database(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: Sequence[Storage],
+    master_key: MasterKey,
+    key: str,
+    *,
+    progress: ProgressCallback | None = None,
+) -> DumpResult:
+    """Dump one database into ``key`` of every storage, counting rows in the same snapshot.
+
+    Args:
+        settings: The source database.
+        toolset: Whose pg_dump to run (same major as the server, or newer).
+        storages: Destinations; the dump is produced once and written to all.
+        master_key: Wraps the archive's data key.
+        key: Object key of the dump.
+        progress: Called with the bytes pg_dump produced so far.
+    """
+    compression = choose_compression(toolset)
+    pg_dump = Tool(toolset.binary("pg_dump"))
+    counted: dict[str, Inventory] = {}
+    count_error: list[BaseException] = []
+
+    with libpq_password_env(settings) as env, exported_snapshot(settings) as (snapshot, conn):
+
+        def count_rows() -> None:
+            try:
+                counted["inventory"] = take_inventory(conn)
+            except BaseException as exc:  # re-raised in the calling thread
+                count_error.append(exc)
+
+        # Counting scans every table: do it while pg_dump streams, in the same snapshot.
+        counter = threading.Thread(target=count_rows, name="pgbackflow-row-count", daemon=True)
+        counter.start()
+        args = [
+            "--format=custom",
+            compression.pg_dump_arg,
+            f"--snapshot={snapshot}",
+            "--no-password",
+            f"--dbname={libpq_conninfo(settings)}",
+        ]
+        try:
+            write = _stream_tool_into_storages(
+                pg_dump, args, env, storages, key, master_key,
+                compress=compression.ours, progress=progress,
+            )
+        finally:
+            counter.join()
+    if count_error:
+        error = count_error[0]
+        if isinstance(error, psycopg.Error):
+            raise DatabaseError(
+                f"database {settings.display}: counting rows failed ({str(error).strip()})"
+            ) from None
+        raise error
+    return DumpResult(write, counted["inventory"], snapshot, compression)
+
+
+def dump_globals(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: Sequence[Storage],
+    master_key: MasterKey,
+    key: str,
+) -> ObjectWrite:
+    """Roles, memberships and tablespaces (no passwords) as a second encrypted object."""
+    pg_dumpall = Tool(toolset.binary("pg_dumpall"))
+    args = [
+        "--globals-only",
+        "--no-role-passwords",
+        "--no-password",
+        # pg_dumpall ignores the dbname of --dbname; -l names the database it connects to.
+        f"--database={settings.dbname}",
+        f"--dbname={libpq_conninfo(settings)}",
+    ]
+    with libpq_password_env(settings) as env:
+        return _stream_tool_into_storages(
+            pg_dumpall, args, env, storages, key, master_key, compress=True
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Restore
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    """How to restore.
+
+    Attributes:
+        jobs: pg_restore parallel jobs (>1 spools the decrypted archive to a temp file).
+        clean: Drop existing objects first (allows a non-empty target).
+        create: Create the backed-up database (target DSN names the maintenance database).
+        no_owner: Do not set object ownership.
+        with_globals: Replay the backup's roles first (existing roles are kept as they are).
+    """
+
+    jobs: int = 1
+    clean: bool = False
+    create: bool = False
+    no_owner: bool = False
+    with_globals: bool = False
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs {self.jobs} is invalid: use 1 or more")
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """What a restore did.
+
+    Attributes:
+        database: Name of the database restored into.
+        exit_code: pg_restore's exit code.
+        missing_roles: Roles the archive names that the target lacks (owners/grants skipped).
+        roles_created: Roles created from the backup's globals.
+        roles_kept: Roles that already existed and were left untouched.
+        warnings: Other notes for the user.
+        count_differences: Tables whose restored row count differs from the manifest.
+        inventory: The restored database's tables and counts.
+    """
+
+    database: str
+    exit_code: int
+    missing_roles: tuple[str, ...] = ()
+    roles_created: tuple[str, ...] = ()
+    roles_kept: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+    count_differences: tuple[str, ...] = ()
+    inventory: Inventory | None = field(default=None, compare=False)
+
+
+_USER_RELATIONS_SQL = """
+SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype = 'e')
+"""
+
+
+def restore_target_database(
+    target: ConnectionSettings, manifest: LogicalManifest, options: RestoreOptions
+) -> ConnectionSettings:
+    """The database the data ends up in: the target's, or the backup's name with --create."""
+    return target.with_dbname(manifest.database.name) if options.create else target
+
+
+def check_restore_target(
+    target: ConnectionSettings, manifest: LogicalManifest, options: RestoreOptions
+) -> int:
+    """Refuse targets that would lose data or cannot read the archive; return the target major.
+
+    Raises:
+        ConfigError: older major than the source, or a non-empty target without --clean.
+    """
+    with connect(target) as conn:
+        row = conn.execute("SELECT current_setting('server_version_num')::int").fetchone()
+        assert row is not None
+        target_major = int(row[0]) // 10000
+        if target_major < manifest.server_major:
+            raise ConfigError(
+                f"target {target.display} runs PostgreSQL {target_major}, older than the "
+                f"backup's source ({manifest.server_major}): restore into PostgreSQL "
+                f"{manifest.server_major} or newer"
+            )
+        if options.create:
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (manifest.database.name,)
+            ).fetchone()
+            if exists and not options.clean:
+                raise ConfigError(
+                    f"target {target.display}: database '{manifest.database.name}' already exists:"
+                    " use --clean to replace it, or restore without --create into an empty "
+                    "database"
+                )
+            return target_major
+        count_row = conn.execute(_USER_RELATIONS_SQL).fetchone()
+    relations = int(count_row[0]) if count_row else 0
+    if relations and not options.clean:
+        raise ConfigError(
+            f"target database {target.display} is not empty ({relations} tables, views or "
+            "sequences): use --clean to replace its contents, or restore into an empty database"
+        )
+    return target_major
+
+
+def _decrypted_chunks(
+    storage: Storage, info: StoredObjectInfo, keyring: Keyring
+) -> Iterator[bytes]:
+    """Plaintext of a stored object; raises at the end if its SHA-256 differs from ``info``."""
+    with storage.open_read(info.key) as raw:
+        hashed = HashingReader(raw)
+        yield from ArchiveReader(hashed, keyring, label=f"{storage.location}/{info.key}")
+        hashed.drain()
+    digest = hashed.sha256.hexdigest()
+    if digest != info.sha256:
+        raise ArchiveError(
+            f"{storage.location}/{info.key}: checksum mismatch (stored bytes have sha256 "
+            f"{digest[:16]}…, manifest says {info.sha256[:16]}…): the object was replaced or "
+            "damaged"
+        )
+
+
+_ROLE_MISSING = re.compile(r'role "((?:[^"]|"")+)" does not exist')
+_CREATE_ROLE = re.compile(r'^CREATE ROLE ("(?:[^"]|"")+"|[^\s;]+);$')
+_ROLE_STATEMENT = re.compile(r'^(?:ALTER|COMMENT ON) ROLE ("(?:[^"]|"")+"|[^\s;]+)[\s;]')
+
+
+def _unquote(identifier: str) -> str:
+    if identifier.startswith('"'):
+        return identifier[1:-1].replace('""', '"')
+    return identifier
+
+
+def replay_globals(
+    storage: Storage, manifest: LogicalManifest, keyring: Keyring, target: ConnectionSettings
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """Recreate the backup's roles, memberships and tablespaces on the target server.
+
+    Roles that already exist are kept exactly as they are (no ALTER). Statements that fail
+    (a tablespace directory missing on this host, a membership already granted) are
+    reported, not fatal.
+
+    Returns:
+        (roles created, roles kept, warnings)
+    """
+    script = b"".join(_decrypted_chunks(storage, manifest.globals, keyring)).decode("utf-8")
+    created: list[str] = []
+    kept: list[str] = []
+    warnings: list[str] = []
+    with connect(target) as conn:
+        existing = {r[0] for r in conn.execute("SELECT rolname FROM pg_roles").fetchall()}
+        for line in script.splitlines():
+            statement = line.strip()
+            if not statement or statement.startswith("--") or statement.startswith("\\"):
+                continue
+            if statement.startswith("SET "):
+                continue
+            if match := _CREATE_ROLE.match(statement):
+                role = _unquote(match.group(1))
+                if role in existing:
+                    kept.append(role)
+                    continue
+                created.append(role)
+            elif (match := _ROLE_STATEMENT.match(statement)) and _unquote(match.group(1)) in kept:
+                continue
+            try:
+                conn.execute(statement.encode())
+            except psycopg.Error as exc:
+                message = str(exc).strip().splitlines()[0]
+                warnings.append(f"globals: {statement[:80]}: {message}")
+    return tuple(created), tuple(kept), tuple(warnings)
+
+
+def _pg_restore_args(target: ConnectionSettings, options: RestoreOptions) -> list[str]:
+    args = ["--no-password", f"--dbname={libpq_conninfo(target)}"]
+    if options.clean:
+        args += ["--clean", "--if-exists"]
+    if options.create:
+        args.append("--create")
+    if options.no_owner:
+        args.append("--no-owner")
+    if options.jobs > 1:
+        args.append(f"--jobs={options.jobs}")
+    return args
+
+
+def _judge_pg_restore(result: ToolResult) -> tuple[str, ...]:
+    """Accept pg_restore errors that only concern missing roles; fail on anything else."""
+    if result.returncode == 0:
+        return ()
+    missing: set[str] = set()
+    other: list[str] = []
+    for line in result.stderr_errors:
+        if "errors ignored on restore" in line:
+            continue
+        if match := _ROLE_MISSING.search(line):
+            missing.add(match.group(1).replace('""', '"'))
+        elif "error:" in line.lower():
+            other.append(line)
+    if other or not missing:
+        raise ToolFailedError(
+            ToolResult(result.tool, result.returncode, result.stdout,
+                       "\n".join(other[:5]) or result.stderr_tail, result.stderr_errors)
+        )
+    return tuple(sorted(missing))
+
+
+def restore_dump(
+    storage: Storage,
+    manifest: LogicalManifest,
+    keyring: Keyring,
+    target: ConnectionSettings,
+    toolset: Toolset,
+    options: RestoreOptions,
+) -> tuple[int, tuple[str, ...]]:
+    """Decrypt the dump and feed it to pg_restore.
+
+    Returns:
+        pg_restore's exit code and the roles it could not find (owners/grants skipped).
+    """
+    pg_restore = Tool(toolset.binary("pg_restore"))
+    args = _pg_restore_args(target, options)
+    chunks = _decrypted_chunks(storage, manifest.dump, keyring)
+    with libpq_password_env(target) as env:
+        if options.jobs == 1:
+            result = pg_restore.stream_in(args, chunks, env=env, check=False)
+        else:
+            # Parallel restore needs a seekable file: spool, restore, remove.
+            with tempfile.TemporaryDirectory(prefix="pgbackflow-restore-") as spool_dir:
+                spool = Path(spool_dir) / "dump.custom"
+                with spool.open("wb") as out:
+                    for chunk in chunks:
+                        out.write(chunk)
+                result = pg_restore.run([*args, str(spool)], env=env, check=False)
+    return result.returncode, _judge_pg_restore(result)
+
+
+def count_restored(
+    database: ConnectionSettings, manifest: LogicalManifest
+) -> tuple[Inventory, tuple[str, ...]]:
+    """Count the restored tables and compare them with the manifest's counts."""
+    from tasks.inventory import compare_counts
+
+    with connect(database) as conn:
+        inventory = take_inventory(conn)
+    return inventory, tuple(compare_counts(manifest.rows_by_table(), inventory.rows_by_table()))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for an unexpected exception, without leaking its arguments' secrets."""
+    if isinstance(exc, PgBackflowError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+__all__ = [
+    "DUMP_NAME",
+    "GLOBALS_NAME",
+    "DumpCompression",
+    "DumpResult",
+    "ObjectWrite",
+    "RestoreOptions",
+    "RestoreReport",
+    "check_restore_target",
+    "choose_compression",
+    "count_restored",
+    "dump_database",
+    "dump_globals",
+    "replay_globals",
+    "restore_dump",
+    "restore_target_database",
+]
+
