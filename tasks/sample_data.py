@@ -9,8 +9,8 @@ rows in the system catalogs differ. The SQL sticks to PostgreSQL 14 syntax.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -55,8 +55,8 @@ def demo_row_counts(scale: float = 1.0) -> dict[str, int]:
     items = sum(1 + o % 4 for o in range(1, orders + 1))
     # Orders with status index 0 (pending) or 4 (cancelled) get no invoice; see _DEMO_DATA.
     invoiced = sum(1 for o in range(1, orders + 1) if (o * 7) % 5 not in (0, 4))
-    # Every invoice but each tenth is paid, and each 50th paid one in two instalments.
-    payments = sum(1 + (i % 50 == 0) for i in range(1, invoiced + 1) if i % 10 != 0)
+    # Every invoice but each tenth is paid; those with id % 50 == 7 in two instalments.
+    payments = sum(1 + (i % 50 == 7) for i in range(1, invoiced + 1) if i % 10 != 0)
     return {
         "shop.customers": customers,
         "shop.products": products,
@@ -71,7 +71,7 @@ def demo_row_counts(scale: float = 1.0) -> dict[str, int]:
 def load_demo_database(conn: psycopg.Connection[Any], *, scale: float = 1.0) -> None:
     """Create the demo shop (schemas ``shop``, ``billing``, ``analytics``) in an empty database.
 
-    At scale 1: 20k customers, 100k orders, 250k order items, ~57k invoices, ~52k payments
+    At scale 1: 20k customers, 100k orders, 250k order items, 60k invoices, 55k payments
     and 150k events in a monthly range-partitioned table, plus an enum, jsonb columns,
     foreign keys, indexes and views. Loads in one transaction.
 
@@ -97,8 +97,9 @@ def load_demo_database(conn: psycopg.Connection[Any], *, scale: float = 1.0) -> 
         # Index builds and FK validation after the bulk insert are faster with more memory.
         cur.execute("SET LOCAL maintenance_work_mem = '128MB'")
         cur.execute(_DEMO_DDL)
+        sizes = {name: sql.Literal(value) for name, value in params.items()}
         for statement in _DEMO_DATA:
-            cur.execute(statement, params)
+            cur.execute(sql.SQL(statement).format(**sizes))
         cur.execute(_DEMO_CONSTRAINTS)
 
 
@@ -148,53 +149,31 @@ def _demo_sizes(scale: float) -> tuple[int, int, int, int]:
     return scaled(_CUSTOMERS), scaled(_PRODUCTS), scaled(_ORDERS), scaled(_EVENTS)
 
 
-class _loading:  # noqa: N801 - used like a function: ``with _loading(...) as cur``
-    """One transaction around a load, with empty-database check and readable errors."""
-
-    def __init__(
-        self, conn: psycopg.Connection[Any], what: str, schemas: Sequence[str]
-    ) -> None:
-        self._conn = conn
-        self._what = what
-        self._schemas = list(schemas)
-        self._tx: psycopg.Transaction | None = None
-        self._started = 0.0
-
-    def __enter__(self) -> psycopg.Cursor[tuple[Any, ...]]:
-        conn = self._conn
-        self._tx = conn.transaction()
-        self._tx.__enter__()
-        cur = conn.cursor(row_factory=tuple_row)
-        try:
+@contextmanager
+def _loading(
+    conn: psycopg.Connection[Any], what: str, schemas: Sequence[str]
+) -> Iterator[psycopg.Cursor[tuple[Any, ...]]]:
+    """One transaction around a load: refuse a non-empty database, make errors one-liners."""
+    dbname = conn.info.dbname
+    try:
+        with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
             cur.execute(
                 "SELECT nspname FROM pg_namespace WHERE nspname = ANY(%s) ORDER BY 1",
-                [self._schemas],
+                [list(schemas)],
             )
-            taken = [row[0] for row in cur.fetchall()]
-        except BaseException as exc:
-            self._tx.__exit__(type(exc), exc, exc.__traceback__)
-            raise
-        if taken:
-            error = DatabaseError(
-                f"database {conn.info.dbname!r} already has schema(s) {', '.join(taken)}; "
-                f"load the {self._what} data into a new, empty database"
-            )
-            self._tx.__exit__(DatabaseError, error, None)
-            raise error
-        self._started = time.monotonic()
-        return cur
-
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        assert self._tx is not None
-        self._tx.__exit__(exc_type, exc, tb)
-        if isinstance(exc, psycopg.Error):
-            where = self._conn.info.dbname
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DatabaseError(
-                f"loading the {self._what} data into database {where!r} failed: {detail}; "
-                "nothing was created, check the role's privileges and that the database "
-                "is empty"
-            ) from exc
+            taken = [str(row[0]) for row in cur.fetchall()]
+            if taken:
+                raise DatabaseError(
+                    f"database {dbname!r} already has schema(s) {', '.join(taken)}; "
+                    f"load the {what} data into a new, empty database"
+                )
+            yield cur
+    except psycopg.Error as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DatabaseError(
+            f"loading the {what} data into database {dbname!r} failed ({reason}); nothing was "
+            "created: check that the database is empty and the role may create schemas"
+        ) from exc
 
 
 _DEMO_DDL = """
@@ -292,7 +271,7 @@ _DEMO_DATA = (
                'tier', (ARRAY['bronze','silver','gold'])[1 + i % 3],
                'tags', to_jsonb(ARRAY['t' || (i % 17), 't' || (i % 29)]),
                'visits', i % 211)
-    FROM generate_series(1, %(customers)s) AS i
+    FROM generate_series(1, {customers}) AS i
     """,
     """
     INSERT INTO shop.products (id, sku, name, category, price, attributes)
@@ -304,12 +283,12 @@ _DEMO_DATA = (
            (ARRAY['kitchen','lighting','furniture','office','decor'])[1 + i % 5],
            round((4.99 + (i * 37 % 1000) / 3.0)::numeric, 2),
            jsonb_build_object('weight_g', 100 + i * 13 % 5000, 'fragile', i % 4 = 0)
-    FROM generate_series(1, %(products)s) AS i
+    FROM generate_series(1, {products}) AS i
     """,
     """
     INSERT INTO shop.orders (id, customer_id, status, ordered_at, shipping_address)
     SELECT i,
-           1 + (i * 7919) % %(customers)s,
+           1 + (i::bigint * 7919) % {customers},
            (enum_range(NULL::shop.order_status))[1 + (i * 7) % 5],
            timestamptz '2023-01-01 00:00:00+00' + (i * 571) * interval '1 second',
            CASE WHEN i % 9 = 0 THEN NULL ELSE jsonb_build_object(
@@ -317,14 +296,14 @@ _DEMO_DATA = (
                'city', (ARRAY['Berlin','Paris','Austin','Leeds','Osaka','Lyon'])[1 + i % 6],
                'zip', lpad((i * 31 % 100000)::text, 5, '0'))
            END
-    FROM generate_series(1, %(orders)s) AS i
+    FROM generate_series(1, {orders}) AS i
     """,
     """
     INSERT INTO shop.order_items (order_id, line_no, product_id, quantity, unit_price)
     SELECT o.i, l, p.id, 1 + (o.i + l) % 5, p.price
-    FROM generate_series(1, %(orders)s) AS o(i)
+    FROM generate_series(1, {orders}) AS o(i)
     CROSS JOIN LATERAL generate_series(1, 1 + o.i % 4) AS l
-    JOIN shop.products p ON p.id = 1 + (o.i * 31 + l * 17) % %(products)s
+    JOIN shop.products p ON p.id = 1 + (o.i * 31 + l * 17) % {products}
     """,
     # Pending (index 1) and cancelled (index 5) orders are not invoiced.
     """
@@ -336,32 +315,32 @@ _DEMO_DATA = (
           FROM shop.order_items GROUP BY order_id) t ON t.order_id = o.id
     WHERE o.status NOT IN ('pending', 'cancelled')
     """,
-    # Each tenth invoice is unpaid; each 50th is paid in two instalments.
+    # Each tenth invoice is unpaid; those with id % 50 = 7 are paid in two instalments.
     """
     INSERT INTO billing.payments (id, invoice_id, paid_at, amount, method)
     SELECT row_number() OVER (ORDER BY v.id, part), v.id,
            v.issued_at + part * interval '2 days',
-           CASE WHEN v.id % 50 = 0 THEN round(v.total / 2, 2) + (part - 1)
+           CASE WHEN v.id % 50 = 7 THEN round(v.total / 2, 2) + (part - 1)
                                         * (v.total - 2 * round(v.total / 2, 2))
                 ELSE v.total END,
            (ARRAY['card','transfer','paypal','invoice'])[1 + v.id % 4]
     FROM billing.invoices v
-    CROSS JOIN LATERAL generate_series(1, CASE WHEN v.id % 50 = 0 THEN 2 ELSE 1 END) AS part
+    CROSS JOIN LATERAL generate_series(1, CASE WHEN v.id % 50 = 7 THEN 2 ELSE 1 END) AS part
     WHERE v.id % 10 <> 0
     """,
     """
     INSERT INTO analytics.events (event_id, occurred_at, customer_id, kind, payload)
     SELECT i,
            timestamptz '2024-01-01 00:00:00+00'
-             + ((i - 1)::bigint * %(event_span_s)s / %(events)s) * interval '1 second',
-           CASE WHEN i % 13 = 0 THEN NULL ELSE 1 + (i * 104729) % %(customers)s END,
+             + ((i - 1)::bigint * {event_span_s} / {events}) * interval '1 second',
+           CASE WHEN i % 13 = 0 THEN NULL ELSE 1 + (i::bigint * 104729) % {customers} END,
            (ARRAY['page_view','search','add_to_cart','checkout','login'])[1 + (i * 3) % 5],
            jsonb_build_object(
                'path', '/p/' || (i % 500),
                'ms', i % 997,
                'ua', (ARRAY['firefox','chrome','safari'])[1 + i % 3],
                'ab', jsonb_build_array(i % 2, i % 3))
-    FROM generate_series(1, %(events)s) AS i
+    FROM generate_series(1, {events}) AS i
     """,
 )
 
@@ -442,7 +421,7 @@ CREATE TYPE edge.mood AS ENUM ('sad', 'ok', 'happy');
 
 CREATE TABLE "Ünïcødé Schema"."Mixed Case Table" (
     "Ключ"                          integer PRIMARY KEY,
-    "col with space and ""quote"""  text,
+    "col with space and ""quote"" in it" text,
     "UPPER"                         text NOT NULL
 );
 
@@ -519,7 +498,8 @@ INSERT INTO edge.types_zoo (ref, qty, unbounded, amount, ratio, at, day, span, i
 VALUES
     (1, 12345678901234.123456, 3.14159265358979323846264338327950288419716939937510,
      0.01, 1e-300, '2024-02-29 23:59:59.999999+00', '2024-02-29', '1 year 2 mons 3 days 04:05:06',
-     '{1,2,3}', '{"a","b c","d\"e",NULL}', '{{1,2},{3,4}}', '\x00ff10', '{"k": [1, 2, {"n": null}]}',
+     '{1,2,3}', '{"a","b c","d\"e",NULL}', '{{1,2},{3,4}}', '\x00ff10',
+     '{"k": [1, 2, {"n": null}]}',
      'Mixed@Example.COM', 'happy', '192.168.0.1/24', 'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', true,
      'short'),
     (NULL, -0.000001, 'NaN', 99999999.99, 'NaN', 'infinity', '-infinity', '-1 day', '{}', '{}',
@@ -542,7 +522,7 @@ SELECT setval('edge.countdown_seq', -500);
 SELECT nextval('"Ünïcødé Schema"."Sëquence"');
 
 INSERT INTO edge.measurements
-SELECT (ARRAY['eu', 'us', 'apac'])[1 + i % 3], date '2023-06-01' + i * 3, i * 1.125
+SELECT (ARRAY['eu', 'us', 'apac'])[1 + i % 3], date '2023-03-01' + i * 2, i * 1.125
 FROM generate_series(1, 300) AS i;
 
 INSERT INTO edge.vehicles VALUES (1, 2), (2, 18);

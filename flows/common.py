@@ -1,0 +1,119 @@
+"""What every pgbackflow flow shares: retry policy, keys, storages, progress, artifacts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, cast
+from uuid import UUID
+
+from prefect import Task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
+
+from blocks.encryption import BackupEncryptionKey
+from blocks.storage import LocalStorage, S3Storage
+from tasks.keys import Keyring, MasterKey, load_key_file, load_or_create_key_file, new_key_warning
+from tasks.storage import Storage
+
+StorageBlock = LocalStorage | S3Storage
+
+#: Seconds between retries of a transient failure (connection refused, S3 5xx, timeouts).
+RETRY_DELAYS: list[float] = [5, 30, 120]
+
+# The CLI draws a progress bar from these; flows also feed the Prefect progress artifact.
+progress_listeners: list[Callable[[str, int, int | None], None]] = []
+
+
+def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Prefect retry condition: retry only errors marked transient (see tasks.errors).
+
+    A wrong password or a missing database fails at once instead of three more times.
+    """
+    try:
+        state.result(raise_on_failure=True)
+    except Exception as exc:
+        return bool(getattr(exc, "transient", False))
+    return False
+
+
+def open_storages(blocks: Sequence[StorageBlock]) -> list[Storage]:
+    """Storage backends for the given storage blocks."""
+    return [block.open() for block in blocks]
+
+
+def resolve_master_key(
+    encryption_key: BackupEncryptionKey | None, key_file: str | None
+) -> MasterKey:
+    """The key to encrypt with: the block, a named key file, or the default key file.
+
+    The default key file is created on first use, with a loud one-time warning.
+    """
+    if encryption_key is not None:
+        return encryption_key.master_key()
+    if key_file is not None:
+        return load_key_file(Path(key_file))
+    key, created = load_or_create_key_file()
+    if created and FlowRunContext.get() is not None:
+        get_run_logger().warning(new_key_warning(Path("(default key file)"), key))
+    return key
+
+
+def resolve_keyring(encryption_key: BackupEncryptionKey | None, key_file: str | None) -> Keyring:
+    """Keys a restore may decrypt with."""
+    if encryption_key is not None:
+        return encryption_key.keyring()
+    if key_file is not None:
+        return Keyring([load_key_file(Path(key_file))])
+    key, _ = load_or_create_key_file()
+    return Keyring([key])
+
+
+def artifact_key(*parts: str) -> str:
+    """An artifact key from free text: lowercase letters, digits and dashes only."""
+    text = "-".join(parts).lower()
+    return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text)).strip("-")[:100]
+
+
+class ProgressArtifact:
+    """A Prefect progress artifact plus the in-process listeners (the CLI's progress bar).
+
+    Args:
+        key: Artifact key (shown in the UI's artifacts page).
+        label: What is progressing, for listeners.
+        total: Expected total bytes, if known.
+    """
+
+    def __init__(self, key: str, label: str, total: int | None) -> None:
+        self.label = label
+        self.total = total
+        self._artifact_id: UUID | None = None
+        if FlowRunContext.get() is not None:
+            self._artifact_id = cast(
+                UUID, create_progress_artifact(0.0, key=key, description=f"{label}: starting")
+            )
+        self.update(0)
+
+    def update(self, done: int) -> None:
+        """Report ``done`` bytes."""
+        for listener in progress_listeners:
+            listener(self.label, done, self.total)
+        if self._artifact_id is None:
+            return
+        percent = min(99.0, 100.0 * done / self.total) if self.total else 0.0
+        estimate = f" of ~{self.total / 1e6:.0f} MB" if self.total else ""
+        update_progress_artifact(
+            self._artifact_id, percent, description=f"{self.label}: {done / 1e6:.0f} MB{estimate}"
+        )
+
+    def finish(self, done: int) -> None:
+        """Mark complete."""
+        for listener in progress_listeners:
+            listener(self.label, done, done)
+        if self._artifact_id is not None:
+            update_progress_artifact(
+                self._artifact_id, 100.0, description=f"{self.label}: done, {done / 1e6:.1f} MB"
+            )

@@ -1,0 +1,250 @@
+"""Logical backup: the runbook, as a Prefect flow.
+
+1. Look at the source: version and identity.
+2. Pick the pg_dump of the server's major (or the nearest newer).
+3. Dump in an exported snapshot, counting every table's rows in that snapshot, streaming the
+   encrypted archive into every storage.
+4. Dump the globals (roles, memberships, tablespaces) next to it.
+5. Write the manifest, last, where both objects are complete.
+6. Publish the summary.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
+
+from blocks.database import PostgresDatabase
+from blocks.encryption import BackupEncryptionKey
+from flows.common import (
+    RETRY_DELAYS,
+    ProgressArtifact,
+    StorageBlock,
+    artifact_key,
+    open_storages,
+    resolve_master_key,
+    retry_if_transient,
+)
+from pgbackflow import __version__
+from tasks.database import ConnectionSettings
+from tasks.errors import StorageError
+from tasks.inventory import SourceIdentity, read_identity
+from tasks.keys import MasterKey
+from tasks.logical import (
+    DUMP_NAME,
+    GLOBALS_NAME,
+    DumpResult,
+    ObjectWrite,
+    dump_database,
+    dump_globals,
+)
+from tasks.manifest import (
+    DatabaseInfo,
+    LogicalManifest,
+    TableRows,
+    backup_prefix,
+    new_backup_id,
+    write_manifest,
+)
+from tasks.reports import BackupReport, DestinationStatus
+from tasks.storage import Storage
+from tasks.toolsets import Toolset, toolset_for_server
+
+_RETRYING: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS),
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NONE,
+}
+
+
+class BackupIncompleteError(StorageError):
+    """The backup is complete in some storages but not all."""
+
+
+@task(name="inspect-source", **_RETRYING)
+def inspect_source(settings: ConnectionSettings) -> SourceIdentity:
+    """Connect to the source and read its version and identity."""
+    identity = read_identity(settings)
+    get_run_logger().info(
+        "source %s: PostgreSQL %s, db id %s", settings.display, identity.server_version,
+        identity.db_id,
+    )
+    return identity
+
+
+@task(name="choose-pg-dump", cache_policy=NONE)
+def choose_pg_dump(server_major: int) -> Toolset:
+    """pg_dump of the server's major, else the nearest newer one; refuse otherwise."""
+    toolset = toolset_for_server(server_major)
+    get_run_logger().info("using pg_dump %s from %s", toolset.version, toolset.bin_dir)
+    return toolset
+
+
+@task(name="dump-database", **_RETRYING)
+def dump_database_task(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: list[Storage],
+    master_key: MasterKey,
+    key: str,
+    progress_key: str,
+) -> DumpResult:
+    """Stream pg_dump, encrypted, into every storage; count rows in the same snapshot."""
+    progress = ProgressArtifact(progress_key, f"dump of {settings.dbname}", None)
+    result = dump_database(settings, toolset, storages, master_key, key, progress=progress.update)
+    progress.finish(result.write.info.raw_size)
+    return result
+
+
+@task(name="dump-globals", **_RETRYING)
+def dump_globals_task(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: list[Storage],
+    master_key: MasterKey,
+    key: str,
+) -> ObjectWrite:
+    """Roles, memberships and tablespaces, without passwords, as a second object."""
+    return dump_globals(settings, toolset, storages, master_key, key)
+
+
+@task(name="publish-manifest", **_RETRYING)
+def publish_manifest(storages: list[Storage], manifest: LogicalManifest) -> list[DestinationStatus]:
+    """Write the manifest to every storage where the backup's objects are complete."""
+    statuses = []
+    for storage in storages:
+        try:
+            write_manifest(storage, manifest)
+            statuses.append(DestinationStatus(location=storage.location, status="complete"))
+        except StorageError as exc:
+            statuses.append(
+                DestinationStatus(location=storage.location, status="failed", error=str(exc))
+            )
+    return statuses
+
+
+def _statuses(storages: list[Storage], *writes: ObjectWrite) -> list[DestinationStatus]:
+    """Per storage: complete if every object went through, else the first error."""
+    statuses = []
+    for storage in storages:
+        errors = [o.error for w in writes for o in w.outcomes
+                  if o.location == storage.location and o.error]
+        statuses.append(DestinationStatus(
+            location=storage.location,
+            status="failed" if errors else "complete",
+            error=errors[0] if errors else None,
+        ))
+    return statuses
+
+
+def _build_manifest(
+    backup_id: str,
+    identity: SourceIdentity,
+    toolset: Toolset,
+    master_key: MasterKey,
+    dump: DumpResult,
+    globals_write: ObjectWrite,
+    started_at: datetime,
+) -> LogicalManifest:
+    inventory = dump.inventory
+    return LogicalManifest(
+        backup_id=backup_id,
+        database=DatabaseInfo(
+            db_id=identity.db_id, name=identity.dbname, host=identity.host, port=identity.port,
+            system_identifier=identity.system_identifier, database_oid=identity.database_oid,
+        ),
+        server_version=identity.server_version,
+        server_version_num=identity.server_version_num,
+        pg_dump_version=toolset.version,
+        compression=dump.compression.description,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        dump=dump.write.info,
+        globals=globals_write.info,
+        key_id=master_key.key_id_hex,
+        snapshot=dump.snapshot,
+        tables=tuple(
+            TableRows(schema_name=t.schema, table=t.table, key=t.key, rows=t.rows)
+            for t in inventory.tables
+        ),
+        schema_count=inventory.schema_count,
+        table_count=inventory.table_count,
+        database_size=inventory.database_size,
+        tool_version=f"pgbackflow {__version__}",
+    )
+
+
+def publish_backup_artifacts(report: BackupReport) -> None:
+    """Markdown summary and per-table counts, keyed per database so the UI shows the latest."""
+    if FlowRunContext.get() is None:
+        return
+    create_markdown_artifact(
+        report.markdown(), key=artifact_key("backup", report.db_id),
+        description=f"backup {report.backup_id}",
+    )
+    create_table_artifact(
+        [{"table": name, "rows": rows} for name, rows in report.tables.items()],
+        key=artifact_key("backup-tables", report.db_id),
+        description=f"row counts in the snapshot of backup {report.backup_id}",
+    )
+
+
+@flow(name="logical-backup", log_prints=False)
+def logical_backup(
+    database: PostgresDatabase,
+    storages: list[StorageBlock],
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+) -> BackupReport:
+    """Back up one database with pg_dump into one or more storages, encrypted.
+
+    Args:
+        database: The source database.
+        storages: Where to write the backup (all at once, from one dump).
+        encryption_key: Master key block; else ``key_file``; else the default key file.
+        key_file: Path of a master key file.
+    """
+    started_at = datetime.now(UTC)
+    settings = database.settings()
+    master_key = resolve_master_key(encryption_key, key_file)
+    targets = open_storages(storages)
+
+    identity = inspect_source(settings)
+    toolset = choose_pg_dump(identity.major)
+    backup_id = new_backup_id(started_at)
+    prefix = backup_prefix(identity.db_id, backup_id)
+    dump = dump_database_task(
+        settings, toolset, targets, master_key, prefix + DUMP_NAME,
+        artifact_key("backup-progress", identity.db_id),
+    )
+    # Only storages that hold a complete dump get the rest of the backup.
+    holding_dump = [s for s in targets if s.location in dump.write.completed_in]
+    globals_write = dump_globals_task(
+        settings, toolset, holding_dump, master_key, prefix + GLOBALS_NAME
+    )
+    manifest = _build_manifest(
+        backup_id, identity, toolset, master_key, dump, globals_write, started_at
+    )
+    complete = [s for s in holding_dump if s.location in globals_write.completed_in]
+    published = {s.location: s for s in publish_manifest(complete, manifest)}
+    statuses = [
+        published.get(s.location, s) for s in _statuses(targets, dump.write, globals_write)
+    ]
+    report = BackupReport.from_manifest(manifest, statuses)
+    publish_backup_artifacts(report)
+
+    failed = [s for s in statuses if s.status == "failed"]
+    if failed:
+        good = ", ".join(s.location for s in statuses if s.status == "complete") or "nowhere"
+        reasons = "; ".join(f"{s.location}: {s.error}" for s in failed)
+        raise BackupIncompleteError(
+            f"backup {backup_id} is complete in {good} but failed in {reasons}"
+        )
+    return report
