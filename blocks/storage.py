@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar
+from urllib.parse import unquote, urlsplit
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
+from tasks.errors import ConfigError
 from tasks.storage import LocalFolderStorage, S3ObjectStorage
 
 _DOCS = HttpUrl("https://github.com/pgbackflow/pgbackflow/blob/main/docs/BLOCKS.md")
@@ -147,3 +150,70 @@ s3_storage.check()
             StorageError: If the bucket cannot be used, with a one-line reason.
         """
         self.open().check_writable()
+
+
+def storage_block_from_url(url: str) -> LocalStorage | S3Storage:
+    """A storage block from a CLI argument.
+
+    Accepted: ``/path``, ``file:///path``, ``s3://bucket/prefix`` or ``block:slug/name``.
+
+    For S3 the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, the
+    region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION``, and credentials from the standard
+    AWS chain when the storage is opened (environment, profiles, instance roles), so no
+    secret is copied into the block. ``block:`` loads a saved block from the Prefect API.
+
+    Raises:
+        ConfigError: If the URL is empty, uses another scheme or names an unusable block.
+    """
+    text = url.strip()
+    if not text:
+        raise ConfigError(
+            "storage is empty: use /path, file:///path, s3://bucket/prefix or block:slug/name"
+        )
+    if text.startswith("block:"):
+        return _load_storage_block(text.removeprefix("block:"))
+    parts = urlsplit(text)
+    if parts.scheme == "s3":
+        if not parts.netloc:
+            raise ConfigError(f"storage URL {url!r} has no bucket: use s3://bucket/prefix")
+        return S3Storage(
+            bucket=parts.netloc,
+            prefix=unquote(parts.path).strip("/"),
+            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None,
+            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+        )
+    if parts.scheme == "file":
+        if parts.netloc not in ("", "localhost"):
+            raise ConfigError(f"storage URL {url!r} names a remote host: use file:///absolute/path")
+        return LocalStorage(folder=unquote(parts.path))
+    if parts.scheme and len(parts.scheme) > 1:
+        raise ConfigError(
+            f"storage URL {url!r} has unsupported scheme '{parts.scheme}': use /path, "
+            "file:///path, s3://bucket/prefix or block:slug/name"
+        )
+    return LocalStorage(folder=str(Path(text).absolute()))
+
+
+def _load_storage_block(reference: str) -> LocalStorage | S3Storage:
+    slug, _, name = reference.partition("/")
+    kinds: dict[str, type[LocalStorage] | type[S3Storage]] = {
+        LocalStorage.get_block_type_slug(): LocalStorage,
+        S3Storage.get_block_type_slug(): S3Storage,
+    }
+    if slug not in kinds or not name:
+        raise ConfigError(
+            f"storage block:{reference} is not a storage block reference: use "
+            f"block:{LocalStorage.get_block_type_slug()}/NAME or "
+            f"block:{S3Storage.get_block_type_slug()}/NAME"
+        )
+    try:
+        block = kinds[slug].load(name)
+    except ValueError as exc:
+        raise ConfigError(
+            f"storage block:{reference} cannot be loaded ({str(exc).splitlines()[0]}): create it "
+            "in the Prefect UI or with Block.save()"
+        ) from None
+    assert isinstance(block, LocalStorage | S3Storage)
+    return block

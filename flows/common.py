@@ -16,7 +16,14 @@ from prefect.logging import get_run_logger
 
 from blocks.encryption import BackupEncryptionKey
 from blocks.storage import LocalStorage, S3Storage
-from tasks.keys import Keyring, MasterKey, load_key_file, load_or_create_key_file, new_key_warning
+from tasks.keys import (
+    Keyring,
+    MasterKey,
+    default_key_file,
+    load_key_file,
+    load_or_create_key_file,
+    new_key_warning,
+)
 from tasks.storage import Storage
 
 StorageBlock = LocalStorage | S3Storage
@@ -56,9 +63,10 @@ def resolve_master_key(
         return encryption_key.master_key()
     if key_file is not None:
         return load_key_file(Path(key_file))
-    key, created = load_or_create_key_file()
+    path = default_key_file()
+    key, created = load_or_create_key_file(path)
     if created and FlowRunContext.get() is not None:
-        get_run_logger().warning(new_key_warning(Path("(default key file)"), key))
+        get_run_logger().warning(new_key_warning(path, key))
     return key
 
 

@@ -6,18 +6,34 @@ to do, and exit non-zero; ``--debug`` shows the traceback as well.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from pgbackflow import __version__
 from tasks.errors import PgBackflowError
+
+if TYPE_CHECKING:
+    from blocks.database import PostgresDatabase
+    from blocks.storage import LocalStorage, S3Storage
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,6 +90,206 @@ def main_options(
 ) -> None:
     """PostgreSQL backups, point-in-time recovery and restore verification on Prefect."""
     _state["debug"] = debug
+    _quiet_prefect_console(debug)
+
+
+def _quiet_prefect_console(debug: bool) -> None:
+    """Prefect's console logs (tracebacks included) stay out of the CLI unless --debug.
+
+    Run logs still reach the Prefect API and UI. Must run before prefect is imported.
+    """
+    if not debug:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL", "CRITICAL")
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_TASK_RUNS_LEVEL", "CRITICAL")
+    # The embedded (ephemeral) API needs more than the default 20 s on small machines.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+
+def _database_block(dsn: str, what: str) -> PostgresDatabase:
+    from pydantic import SecretStr
+
+    from blocks.database import PostgresDatabase
+
+    try:
+        block = PostgresDatabase.from_dsn(dsn)
+    except PgBackflowError as exc:
+        raise PgBackflowError(f"{what}: {exc}") from None
+    if block.password is None and os.environ.get("PGPASSWORD"):
+        block = block.model_copy(update={"password": SecretStr(os.environ["PGPASSWORD"])})
+    return block
+
+
+def _storage_block(url: str, what: str) -> LocalStorage | S3Storage:
+    from blocks.storage import storage_block_from_url
+
+    try:
+        return storage_block_from_url(url)
+    except PgBackflowError as exc:
+        raise PgBackflowError(f"{what}: {exc}") from None
+
+
+def _key_file_or_default(key_file: Path | None) -> str:
+    """The key file to use; on first use of the default one, create it and say so loudly."""
+    from tasks.keys import default_key_file, load_or_create_key_file, new_key_warning
+
+    if key_file is not None:
+        return str(key_file)
+    path = default_key_file()
+    key, created = load_or_create_key_file(path)
+    if created:
+        err.rule("[bold yellow]IMPORTANT[/]")
+        err.print(f"[bold yellow]{new_key_warning(path, key)}[/]")
+        err.rule()
+    return str(path)
+
+
+@contextmanager
+def _progress_bar(enabled: bool) -> Iterator[None]:
+    """Show a progress bar for byte streams reported by the flows."""
+    from flows.common import progress_listeners
+
+    if not enabled or not err.is_terminal:
+        yield
+        return
+    bar = Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        TransferSpeedColumn(), TimeElapsedColumn(), console=err, transient=True,
+    )
+    tasks: dict[str, Any] = {}
+
+    def listener(label: str, done: int, total: int | None) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done, total=total)
+
+    progress_listeners.append(listener)
+    try:
+        with bar:
+            yield
+    finally:
+        progress_listeners.remove(listener)
+
+
+def _print_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+@app.command()
+@user_errors
+def backup(
+    db: Annotated[str, typer.Option("--db", help="Source database DSN (URI or key=value).")],
+    to: Annotated[
+        list[str],
+        typer.Option("--to", help="Storage: PATH, file://…, s3://bucket/prefix, block:slug/name."),
+    ],
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="Master key file (default: created).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Back up one database (pg_dump, encrypted) into one or more storages."""
+    database = _database_block(db, "--db")
+    storages = [_storage_block(url, f"--to {url}") for url in to]
+    key_path = _key_file_or_default(key_file)
+    from flows.logical_backup import logical_backup
+
+    with _progress_bar(not as_json):
+        report = logical_backup(database=database, storages=storages, key_file=key_path)
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+        return
+    table = Table(title=f"backup {report.backup_id}: {report.status}", show_header=False)
+    table.add_row(
+        "database", f"{report.database} ({report.db_id}), PostgreSQL {report.server_version}"
+    )
+    table.add_row("pg_dump", f"{report.pg_dump_version}, {report.compression}")
+    table.add_row("size", f"{report.sizes.database / 1e6:.1f} MB database → "
+                  f"{report.sizes.stored / 1e6:.1f} MB stored")
+    table.add_row("tables", f"{report.table_count} in {report.schema_count} schemas, "
+                  f"{sum(report.tables.values())} rows")
+    table.add_row("took", f"{report.duration_s:.1f} s")
+    for destination in report.destinations:
+        table.add_row("stored in", destination.location)
+    out.print(table)
+
+
+@app.command("list")
+@user_errors
+def list_command(
+    source: Annotated[str, typer.Option("--from", help="Storage to list.")],
+    db_id: Annotated[str | None, typer.Option("--db-id", help="Only this database.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """List the complete backups in a storage, oldest first."""
+    from tasks.manifest import list_backups
+
+    storage = _storage_block(source, f"--from {source}").open()
+    backups = list_backups(storage, db_id)
+    if as_json:
+        _print_json([
+            {"backup_id": m.backup_id, "db_id": m.database.db_id, "database": m.database.name,
+             "finished_at": m.finished_at.isoformat(), "server_version": m.server_version,
+             "stored_size": m.stored_size, "table_count": m.table_count, "key_id": m.key_id}
+            for m in backups
+        ])
+        return
+    table = Table("backup id", "database", "db id", "finished (UTC)", "PostgreSQL", "stored",
+                  "tables", title=f"{len(backups)} backups in {storage.location}")
+    for m in backups:
+        table.add_row(m.backup_id, m.database.name, m.database.db_id,
+                      f"{m.finished_at:%Y-%m-%d %H:%M:%S}", m.server_version,
+                      f"{m.stored_size / 1e6:.1f} MB", str(m.table_count))
+    out.print(table)
+
+
+@app.command()
+@user_errors
+def restore(
+    source: Annotated[str, typer.Option("--from", help="Storage holding the backup.")],
+    target: Annotated[str, typer.Option("--target", help="Target database DSN.")],
+    backup_id: Annotated[str, typer.Argument(help="Backup id, or 'latest'.")] = "latest",
+    db_id: Annotated[
+        str | None, typer.Option("--db-id", help="Which database, if the storage holds several.")
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="Parallel pg_restore jobs.")] = 1,
+    clean: Annotated[bool, typer.Option("--clean", help="Replace existing objects.")] = False,
+    create: Annotated[
+        bool, typer.Option("--create", help="Create the backed-up database on the target server.")
+    ] = False,
+    no_owner: Annotated[bool, typer.Option("--no-owner", help="Skip ownership.")] = False,
+    with_globals: Annotated[
+        bool, typer.Option("--with-globals", help="Recreate the backup's roles first.")
+    ] = False,
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Master key file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Restore a backup into a database, then compare row counts with the backup's."""
+    from tasks.logical import RestoreOptions
+
+    options = RestoreOptions(
+        jobs=jobs, clean=clean, create=create, no_owner=no_owner, with_globals=with_globals
+    )
+    storage = _storage_block(source, f"--from {source}")
+    database = _database_block(target, "--target")
+    key_path = _key_file_or_default(key_file)
+    from flows.logical_restore import logical_restore
+
+    with _progress_bar(not as_json):
+        summary = logical_restore(
+            storage=storage, target=database, backup_id=backup_id, db_id=db_id, options=options,
+            key_file=key_path,
+        )
+    if as_json:
+        _print_json(summary.model_dump(mode="json"))
+        return
+    out.print(
+        f"restored backup {summary.backup_id} into {summary.database} on {summary.target} in "
+        f"{summary.duration_s:.1f} s: {len(summary.tables)} tables, row counts match the backup"
+    )
+    if summary.missing_roles:
+        err.print("owners/grants skipped, roles missing on the target: "
+                  + ", ".join(summary.missing_roles) + " (use --with-globals)")
 
 
 @app.command()

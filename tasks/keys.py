@@ -17,7 +17,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import logging
 import os
 import secrets
 import stat
@@ -32,8 +31,6 @@ KEY_ID_BYTES = 8
 KEY_TEXT_PREFIX = "pgbackflow-key-v1:"
 _KEY_ID_LABEL = b"pgbackflow master key id v1"
 KEY_FILE_ENV = "PGBACKFLOW_KEY_FILE"
-
-logger = logging.getLogger("pgbackflow.keys")
 
 
 def derive_key_id(material: bytes) -> bytes:
@@ -195,12 +192,12 @@ def load_or_create_key_file(path: Path | None = None) -> tuple[MasterKey, bool]:
     """Load the master key file, generating it on first use.
 
     Returns:
-        The key and whether it was created by this call (the caller tells the user loudly).
+        The key and whether it was created by this call: the caller then tells the user,
+        loudly and once, with :func:`new_key_warning`.
     """
     path = path or default_key_file()
     if path.exists():
         return load_key_file(path), False
     key = MasterKey.generate()
     write_key_file(path, key)
-    logger.warning(new_key_warning(path, key))
     return key, True

@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -65,7 +65,6 @@ __all__ = [
     "Storage",
     "StoredObject",
     "multipart_part_size",
-    "storage_from_url",
 ]
 
 log = logging.getLogger(__name__)
@@ -1074,43 +1073,3 @@ class _S3Reader(io.RawIOBase):
         if not self.closed:
             self._body.close()
         super().close()
-
-
-# --------------------------------------------------------------------------- factory
-
-
-def storage_from_url(url: str) -> Storage:
-    """Build a storage from ``/path``, ``file:///path`` or ``s3://bucket/prefix``.
-
-    For S3 the endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``, the
-    region from ``AWS_REGION`` or ``AWS_DEFAULT_REGION`` and credentials from the standard
-    AWS chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles, instance roles).
-
-    Raises:
-        ConfigError: If the URL is empty or uses another scheme.
-    """
-    text = url.strip()
-    if not text:
-        raise ConfigError("storage URL is empty: use /path, file:///path or s3://bucket/prefix")
-    parts = urlsplit(text)
-    if parts.scheme == "s3":
-        if not parts.netloc:
-            raise ConfigError(f"storage URL {url!r} has no bucket: use s3://bucket/prefix")
-        return S3ObjectStorage(
-            parts.netloc,
-            unquote(parts.path).strip("/"),
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None,
-            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
-        )
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ConfigError(f"storage URL {url!r} names a remote host: use file:///absolute/path")
-        return LocalFolderStorage(Path(unquote(parts.path)))
-    if parts.scheme and len(parts.scheme) > 1:
-        raise ConfigError(
-            f"storage URL {url!r} has unsupported scheme '{parts.scheme}': use /path, "
-            "file:///path or s3://bucket/prefix"
-        )
-    return LocalFolderStorage(Path(text))

@@ -121,7 +121,7 @@ def available_toolsets(*, include_system: bool = True) -> list[Toolset]:
     """Return the preferred toolset of every available major, oldest major first."""
     majors: set[int] = set()
     roots = [toolsets_home()]
-    if include_system:
+    if _system_allowed(include_system):
         roots.append(_DEBIAN_ROOT)
         if _embedded_bin_dir() is not None:
             majors.add(_EMBEDDED_MAJOR)
@@ -234,9 +234,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _system_allowed(include_system: bool) -> bool:
+    # PGBACKFLOW_TOOLSETS_ONLY=1 pins pgbackflow to the toolsets home: no embedded or
+    # distribution binaries sneak in (and tests can stage a machine that lacks a major).
+    only_home = os.environ.get("PGBACKFLOW_TOOLSETS_ONLY", "").lower() in {"1", "true", "yes"}
+    return include_system and not only_home
+
+
 def _candidate_dirs(major: int, *, include_system: bool) -> Iterator[Path]:
     yield toolsets_home() / str(major) / "bin"
-    if not include_system:
+    if not _system_allowed(include_system):
         return
     if major == _EMBEDDED_MAJOR:
         embedded = _embedded_bin_dir()

@@ -182,12 +182,11 @@ def diff_fingerprints(
 
 
 def _capture(cur: psycopg.Cursor[tuple[Any, ...]]) -> DatabaseFingerprint:
-    cur.execute(
-        f"SELECT n.nspname FROM pg_namespace n WHERE {_USER_SCHEMA} ORDER BY 1 COLLATE \"C\""
-    )
-    schemas = tuple(str(row[0]) for row in cur.fetchall())
-    cur.execute('SELECT extname FROM pg_extension ORDER BY 1 COLLATE "C"')
-    extensions = tuple(str(row[0]) for row in cur.fetchall())
+    # Sorted in Python: code point order, like COLLATE "C", whatever the database collation.
+    cur.execute(f"SELECT n.nspname FROM pg_namespace n WHERE {_USER_SCHEMA}")
+    schemas = tuple(sorted(str(row[0]) for row in cur.fetchall()))
+    cur.execute("SELECT extname FROM pg_extension")
+    extensions = tuple(sorted(str(row[0]) for row in cur.fetchall()))
 
     tables: dict[str, RelationContent] = {}
     unlogged: set[str] = set()
@@ -263,13 +262,13 @@ def _relations(cur: psycopg.Cursor[tuple[Any, ...]], relkind: str) -> list[_Rela
         "SELECT format('%%I.%%I', n.nspname, c.relname), n.nspname, c.relname, "
         "c.relpersistence = 'u', c.relispopulated "
         "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        f"WHERE c.relkind = %s AND {_USER_SCHEMA} ORDER BY 1 COLLATE \"C\"",
+        f"WHERE c.relkind = %s AND {_USER_SCHEMA}",
         [relkind],
     )
-    return [
+    return sorted(
         _Relation(str(key), sql.Identifier(schema, name), bool(unlogged), bool(populated))
         for key, schema, name, unlogged, populated in cur.fetchall()
-    ]
+    )
 
 
 def _content(cur: psycopg.Cursor[tuple[Any, ...]], rel: _Relation) -> RelationContent:
@@ -316,11 +315,11 @@ _LARGE_OBJECT_ACLS = (
 _ACL_ENTRIES = """
 WITH objects(key, acl, dflt) AS ({objects})
 SELECT o.key, s.actual,
-       format('%s=%s%s/%s',
-              CASE e.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(e.grantee)) END,
-              e.privilege_type,
-              CASE WHEN e.is_grantable THEN '*' ELSE '' END,
-              quote_ident(pg_get_userbyid(e.grantor)))
+       CASE WHEN e.privilege_type IS NOT NULL THEN format('%s=%s%s/%s',
+           CASE e.grantee WHEN 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(e.grantee)) END,
+           e.privilege_type,
+           CASE WHEN e.is_grantable THEN '*' ELSE '' END,
+           quote_ident(pg_get_userbyid(e.grantor))) END
 FROM objects o
 CROSS JOIN LATERAL (VALUES (true, coalesce(o.acl, o.dflt)), (false, o.dflt)) AS s(actual, acl)
 LEFT JOIN LATERAL aclexplode(s.acl) AS e ON true

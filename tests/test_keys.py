@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import stat
 from pathlib import Path
@@ -17,6 +16,7 @@ from tasks.keys import (
     default_key_file,
     load_key_file,
     load_or_create_key_file,
+    new_key_warning,
     write_key_file,
 )
 
@@ -41,21 +41,16 @@ def test_text_round_trip_and_bad_text() -> None:
         MasterKey.from_text("# only a comment")
 
 
-def test_first_run_creates_a_0600_key_file_and_warns_once(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_first_run_creates_a_0600_key_file_once(tmp_path: Path) -> None:
     path = tmp_path / "conf" / "master.key"
-    with caplog.at_level(logging.WARNING, logger="pgbackflow.keys"):
-        key, created = load_or_create_key_file(path)
+    key, created = load_or_create_key_file(path)
     assert created
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert "NEW MASTER KEY" in caplog.text and str(path) in caplog.text
-    assert key.material.hex() not in caplog.text and key.to_text() not in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pgbackflow.keys"):
-        again, created_again = load_or_create_key_file(path)
+    warning = new_key_warning(path, key)
+    assert "NEW MASTER KEY" in warning and str(path) in warning and key.key_id_hex in warning
+    assert key.to_text() not in warning
+    again, created_again = load_or_create_key_file(path)
     assert again == key and not created_again
-    assert "NEW MASTER KEY" not in caplog.text
 
 
 def test_key_file_never_overwritten(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import boto3
 import pytest
 
+from blocks.storage import storage_block_from_url
 from tasks.errors import ConfigError, ObjectNotFoundError, StorageError, TransientStorageError
 from tasks.storage import (
     INCOMPLETE_DIR,
@@ -30,7 +31,6 @@ from tasks.storage import (
     S3ObjectStorage,
     Storage,
     multipart_part_size,
-    storage_from_url,
 )
 from tests.fixtures.s3 import S3Bucket
 
@@ -443,7 +443,7 @@ def test_missing_folder_is_created_and_incomplete_area_hidden(tmp_path: Path) ->
 
 @pytest.mark.s3
 def test_object_of_exactly_one_part_is_a_single_put(s3_bucket: S3Bucket) -> None:
-    storage = storage_from_url(f"s3://{s3_bucket.bucket}")
+    storage = storage_block_from_url(f"s3://{s3_bucket.bucket}").open()
     assert isinstance(storage, S3ObjectStorage)
     data = os.urandom(8 * MiB)
     write_in_slices(storage, "one-part", data)
@@ -454,7 +454,7 @@ def test_object_of_exactly_one_part_is_a_single_put(s3_bucket: S3Bucket) -> None
 
 @pytest.mark.s3
 def test_size_hint_uses_constant_parts(s3_bucket: S3Bucket) -> None:
-    storage = storage_from_url(f"s3://{s3_bucket.bucket}/hinted")
+    storage = storage_block_from_url(f"s3://{s3_bucket.bucket}/hinted").open()
     assert isinstance(storage, S3ObjectStorage)
     data = os.urandom(9 * MiB)
     write_in_slices(storage, "x", data, size_hint=len(data))
@@ -568,8 +568,8 @@ def test_unreachable_endpoint_is_transient() -> None:
 
 
 @pytest.mark.s3
-def test_storage_from_url_reads_aws_environment(s3_bucket: S3Bucket, tmp_path: Path) -> None:
-    storage = storage_from_url(f"s3://{s3_bucket.bucket}/some/prefix/")
+def test_storage_block_from_url_reads_aws_environment(s3_bucket: S3Bucket, tmp_path: Path) -> None:
+    storage = storage_block_from_url(f"s3://{s3_bucket.bucket}/some/prefix/").open()
     assert isinstance(storage, S3ObjectStorage)
     assert storage.location == f"s3://{s3_bucket.bucket}/some/prefix"
     assert storage.endpoint == s3_bucket.endpoint_url
@@ -577,19 +577,19 @@ def test_storage_from_url_reads_aws_environment(s3_bucket: S3Bucket, tmp_path: P
     client: S3Client = s3_bucket.client()
     assert client.get_object(Bucket=s3_bucket.bucket, Key="some/prefix/k")["Body"].read() == b"v"
 
-    local = storage_from_url(f"file://{tmp_path}/a")
+    local = storage_block_from_url(f"file://{tmp_path}/a").open()
     assert isinstance(local, LocalFolderStorage)
     assert local.folder == tmp_path / "a"
-    assert storage_from_url(str(tmp_path / "b")).location == str(tmp_path / "b")
+    assert storage_block_from_url(str(tmp_path / "b")).open().location == str(tmp_path / "b")
     with pytest.raises(ConfigError, match="unsupported scheme 'gs'"):
-        storage_from_url("gs://bucket/x")
+        storage_block_from_url("gs://bucket/x")
     with pytest.raises(ConfigError, match="bucket name"):
         S3ObjectStorage("s3://bucket")
 
 
 @pytest.mark.s3
 def test_background_part_failure_surfaces_and_aborts(s3_bucket: S3Bucket) -> None:
-    storage = storage_from_url(f"s3://{s3_bucket.bucket}")
+    storage = storage_block_from_url(f"s3://{s3_bucket.bucket}").open()
     writer = storage.open_write("doomed")
     writer.write(os.urandom(9 * MiB))  # part 1 is handed to the upload thread
     s3_bucket.client().delete_bucket(Bucket=s3_bucket.bucket)
