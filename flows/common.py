@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from prefect.logging import get_run_logger
 
 from blocks.encryption import BackupEncryptionKey
 from blocks.storage import LocalStorage, S3Storage
+from tasks.errors import ConfigError
 from tasks.keys import (
     Keyring,
     MasterKey,
@@ -28,8 +30,20 @@ from tasks.storage import Storage
 
 StorageBlock = LocalStorage | S3Storage
 
+
+def _retry_delays() -> list[float]:
+    """Seconds between retries of transient failures; PGBACKFLOW_RETRY_DELAYS="5,30,120"."""
+    text = os.environ.get("PGBACKFLOW_RETRY_DELAYS", "5,30,120")
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"PGBACKFLOW_RETRY_DELAYS={text!r} is not a comma-separated list of seconds"
+        ) from None
+
+
 #: Seconds between retries of a transient failure (connection refused, S3 5xx, timeouts).
-RETRY_DELAYS: list[float] = [5, 30, 120]
+RETRY_DELAYS: list[float] = _retry_delays()
 
 # The CLI draws a progress bar from these; flows also feed the Prefect progress artifact.
 progress_listeners: list[Callable[[str, int, int | None], None]] = []

@@ -104,12 +104,15 @@ def restore_dump_task(
 @task(name="count-rows", cache_policy=NONE)
 def count_rows_task(
     database: ConnectionSettings, manifest: LogicalManifest
-) -> tuple[Inventory, tuple[str, ...]]:
+) -> tuple[Inventory, tuple[str, ...], tuple[str, ...]]:
     """Count the restored tables and compare with the manifest."""
-    inventory, differences = count_restored(database, manifest)
+    inventory, differences, extra = count_restored(database, manifest)
+    logger = get_run_logger()
     for difference in differences:
-        get_run_logger().error("row count difference: %s", difference)
-    return inventory, differences
+        logger.error("row count difference: %s", difference)
+    if extra:
+        logger.warning("tables in the target that are not in the backup: %s", ", ".join(extra))
+    return inventory, differences, extra
 
 
 @flow(name="logical-restore")
@@ -151,7 +154,9 @@ def logical_restore(
         source, manifest, keyring, target_settings, toolset, options
     )
     restored_db = restore_target_database(target_settings, manifest, options)
-    inventory, differences = count_rows_task(restored_db, manifest)
+    inventory, differences, extra = count_rows_task(restored_db, manifest)
+    if extra:
+        warnings += (f"tables not in the backup were left in place: {', '.join(extra[:10])}",)
 
     summary = RestoreSummary(
         backup_id=manifest.backup_id,

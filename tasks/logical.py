@@ -24,7 +24,7 @@ from tasks.database import (
     libpq_password_env,
 )
 from tasks.errors import ConfigError, DatabaseError, PgBackflowError
-from tasks.inventory import Inventory, exported_snapshot, take_inventory
+from tasks.inventory import Inventory, compare_counts, exported_snapshot, take_inventory
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import LogicalManifest, StoredObjectInfo
 from tasks.process import Tool, ToolFailedError, ToolResult
@@ -464,13 +464,20 @@ def restore_dump(
 
 def count_restored(
     database: ConnectionSettings, manifest: LogicalManifest
-) -> tuple[Inventory, tuple[str, ...]]:
-    """Count the restored tables and compare them with the manifest's counts."""
-    from tasks.inventory import compare_counts
+) -> tuple[Inventory, tuple[str, ...], tuple[str, ...]]:
+    """Count the restored tables and compare them with the manifest's counts.
 
+    Returns:
+        The inventory, the differences for the backup's tables, and the tables the target
+        holds that are not in the backup (kept by a --clean restore; not an error here).
+    """
     with connect(database) as conn:
         inventory = take_inventory(conn)
-    return inventory, tuple(compare_counts(manifest.rows_by_table(), inventory.rows_by_table()))
+    restored = inventory.rows_by_table()
+    expected = manifest.rows_by_table()
+    ours = {name: rows for name, rows in restored.items() if name in expected}
+    extra = tuple(sorted(restored.keys() - expected.keys()))
+    return inventory, tuple(compare_counts(expected, ours)), extra
 
 
 def describe_failure(exc: BaseException) -> str:
