@@ -466,7 +466,7 @@ def big_source(server: EphemeralCluster) -> Iterator[Source]:
     name = create_database(
         server,
         "CREATE TABLE public.big (id int PRIMARY KEY, a text NOT NULL, b text NOT NULL)",
-        "INSERT INTO public.big SELECT g, md5(g::text), md5((g * 7919)::text) "
+        "INSERT INTO public.big SELECT g, md5(g::text), md5((g::bigint * 7919)::text) "
         f"FROM generate_series(1, {BIG_ROWS}) g",
         "CREATE TABLE public.small (id int PRIMARY KEY)",
         "INSERT INTO public.small SELECT generate_series(1, 10)",
@@ -603,8 +603,9 @@ class ProcSampler:
 
     Args:
         needles: Byte strings that must never appear.
-        cli_argv: The CLI's own argv, which holds the DSN the user typed; a process with
-            exactly that argv is the CLI or a fork of it before exec, not a leak.
+        cli_argv: The CLI's own argv, which holds the DSN the user typed; a process whose
+            argv ends with it is the CLI (behind its interpreter) or a fork of it before
+            exec, not a leak.
     """
 
     TOOLS = frozenset({"pg_dump", "pg_dumpall", "pg_restore"})
@@ -640,7 +641,7 @@ class ProcSampler:
             cmdline = Path(proc_dir, "cmdline").read_bytes()
         except OSError:
             return
-        if not cmdline or cmdline == self.cli_cmdline:
+        if not cmdline or cmdline.endswith(self.cli_cmdline):
             return
         tool = Path(os.fsdecode(cmdline.split(b"\0", 1)[0])).name
         if any(needle in cmdline for needle in self.needles):
