@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,22 +16,25 @@ from tasks.sample_data import demo_row_counts
 from tasks.storage import LocalFolderStorage
 
 
-def postgres_pids() -> set[int]:
-    pids = set()
+def processes_mentioning(text: str) -> list[str]:
+    found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if (entry / "comm").read_text().strip() == "postgres":
-                    pids.add(int(entry.name))
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
             except OSError:
                 continue
-    return pids
+            if text in cmdline:
+                found.append(cmdline)
+    return found
 
 
 @pytest.mark.pg
 def test_demo_backs_up_restores_and_cleans_up(prefect_api: str, tmp_path: Path) -> None:
-    before = postgres_pids()
-    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    # The demo's server lives below TMPDIR (which the postgres OS user must be able to enter).
+    scratch = Path(tempfile.mkdtemp(prefix="pgbackflow-demo-test-"))
+    scratch.chmod(0o1777)
+    env = {**os.environ, "PREFECT_API_URL": prefect_api, "TMPDIR": str(scratch)}
     proc = subprocess.run(
         [str(Path(sys.executable).with_name("pgbackflow")), "demo", "--json", "--scale", "0.2",
          "--keep", str(tmp_path / "kept")],
@@ -49,5 +53,7 @@ def test_demo_backs_up_restores_and_cleans_up(prefect_api: str, tmp_path: Path) 
     # The backup really is in the kept folder, encrypted, and listed.
     backups = list_backups(LocalFolderStorage(tmp_path / "kept" / "backups"))
     assert [b.backup_id for b in backups] == [result["backup"]["backup_id"]]
-    # The throwaway server is gone.
-    assert postgres_pids() - before == set()
+    # The throwaway server is gone, and so is its data directory.
+    assert processes_mentioning(str(scratch)) == []
+    assert list(scratch.iterdir()) == []
+    scratch.rmdir()
