@@ -182,20 +182,28 @@ def dump_database(
             "--no-password",
             f"--dbname={libpq_conninfo(settings)}",
         ]
+        dump_error: BaseException | None = None
         try:
             write = _stream_tool_into_storages(
                 pg_dump, args, env, storages, key, master_key,
                 compress=compression.ours, progress=progress,
             )
-        finally:
-            counter.join()
+        except BaseException as exc:
+            dump_error = exc
+        counter.join()
     if count_error:
+        # A failed count aborts the snapshot's transaction, so pg_dump then fails too, with
+        # a misleading "could not import the requested snapshot": the count error is the cause.
         error = count_error[0]
         if isinstance(error, psycopg.Error):
             raise DatabaseError(
-                f"database {settings.display}: counting rows failed ({str(error).strip()})"
+                f"database {settings.display}: counting rows failed "
+                f"({str(error).strip().splitlines()[0]}): grant the backup role SELECT on every "
+                "table (e.g. pg_read_all_data)"
             ) from None
         raise error
+    if dump_error is not None:
+        raise dump_error
     return DumpResult(write, counted["inventory"], snapshot, compression)
 
 

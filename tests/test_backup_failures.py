@@ -118,6 +118,7 @@ def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> 
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, f"expected one error line, got:\n{result.stderr}"
     line = lines[0]
+    print(line)  # shown by pytest -rP / -s: what the user saw
     assert line.startswith("error: "), line
     for text in expected:
         assert text in line, f"{text!r} missing from: {line}"
@@ -692,16 +693,18 @@ def prefect_records(flow_name: str) -> dict[str, str]:
         for run in runs:
             records[f"flow run {run.id}"] = run.model_dump_json()
             only_run = FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
-            tasks = _paged(lambda offset, f=only_run: client.read_task_runs(
-                flow_run_filter=f, limit=100, offset=offset,
-            ))
-            records[f"task runs of {run.id}"] = json.dumps([t.model_dump(mode="json")
-                                                            for t in tasks])
             log_filter = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id]))
-            logs = _paged(lambda offset, f=log_filter: client.read_logs(
-                log_filter=f, limit=100, offset=offset,
-            ))
-            records[f"logs of {run.id}"] = json.dumps([log.message for log in logs])
+
+            def task_runs(offset: int, f: FlowRunFilter = only_run) -> list[Any]:
+                return client.read_task_runs(flow_run_filter=f, limit=100, offset=offset)
+
+            def logs(offset: int, f: LogFilter = log_filter) -> list[Any]:
+                return client.read_logs(log_filter=f, limit=100, offset=offset)
+
+            records[f"task runs of {run.id}"] = json.dumps(
+                [t.model_dump(mode="json") for t in _paged(task_runs)]
+            )
+            records[f"logs of {run.id}"] = json.dumps([log.message for log in _paged(logs)])
         artifacts = _paged(lambda offset: client.read_artifacts(limit=100, offset=offset))
         records["artifacts"] = json.dumps([a.model_dump(mode="json") for a in artifacts])
     return records

@@ -18,7 +18,7 @@ from flows.logical_backup import logical_backup
 from flows.logical_restore import logical_restore
 from tasks.archive import ChunkTamperedError
 from tasks.cluster import EphemeralCluster
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, DatabaseError
 from tasks.logical import RestoreOptions
 from tasks.manifest import list_backups
 from tasks.sample_data import load_edge_case_database
@@ -212,6 +212,14 @@ def test_restore_refuses_what_would_lose_data(
         logical_restore(storage, db_block(server, "postgres"),
                         options=RestoreOptions(create=True), encryption_key=encryption_key)
 
+    other: EphemeralCluster = pg_servers.get(17)
+    created = logical_restore(storage, db_block(other, "postgres"),
+                              options=RestoreOptions(create=True), encryption_key=encryption_key)
+    assert created.database == source
+    assert created.tables["public.orders"] == 5000
+    with other.connect() as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(source)))
+
     older: EphemeralCluster = pg_servers.get(15)
     empty = create_database(older)
     with pytest.raises(ConfigError, match="older than the backup's source"):
@@ -240,3 +248,55 @@ def test_tampered_dump_stops_the_restore(
     with pytest.raises(ChunkTamperedError, match=r"dump\.pgbf: chunk \d+ failed authentication"):
         logical_restore(LocalStorage(folder=str(folder)), db_block(server, target),
                         backup_id=report.backup_id, encryption_key=encryption_key)
+
+
+def test_artifacts_and_pg_dump_errors(
+    pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """The UI gets a summary and a per-table count table; a pg_dump failure names its cause."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from tasks.process import ToolFailedError
+
+    server: EphemeralCluster = pg_servers.get(18)
+    source = create_database(server, "art")
+    with server.connect(source) as conn:
+        conn.execute("CREATE TABLE visible AS SELECT generate_series(1, 42) AS id")
+    storage = LocalStorage(folder=str(tmp_path / "b"))
+    report = logical_backup(db_block(server, source), [storage], encryption_key=encryption_key)
+    with get_client(sync_client=True) as client:
+        def latest(key: str) -> Any:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+            assert found, key
+            return max(found, key=lambda a: a.created)
+        summary = latest(f"backup-{report.db_id.replace('_', '-')}")
+        assert report.backup_id in str(summary.data) and "complete" in str(summary.data)
+        table = latest(f"backup-tables-{report.db_id.replace('_', '-')}")
+        assert "visible" in str(table.data) and "42" in str(table.data)
+        progress = latest(f"backup-progress-{report.db_id.replace('_', '-')}")
+        assert progress.type == "progress" and progress.data == 100.0
+
+    # A role that may connect but not read one table: pg_dump fails, its stderr explains.
+    role, password = f"weak_{secrets.token_hex(3)}", secrets.token_hex(12)
+    with server.connect(source) as conn:
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+            sql.Identifier(role), sql.Literal(password)))
+        conn.execute("CREATE TABLE secret_stuff (x int)")
+        conn.execute(sql.SQL("GRANT SELECT ON visible TO {}").format(sql.Identifier(role)))
+    weak = PostgresDatabase(host=server.host, port=server.port, database=source, user=role,
+                            password=SecretStr(password), sslmode="disable")
+    with pytest.raises(DatabaseError, match=r"counting rows failed \(permission denied for "
+                       r"table secret_stuff\): grant the backup role SELECT"):
+        logical_backup(weak, [storage], encryption_key=encryption_key)
+    # Counting is fine but pg_dump itself cannot lock the table: its stderr is the error.
+    with server.connect(source) as conn:
+        conn.execute("ALTER TABLE secret_stuff ENABLE ROW LEVEL SECURITY")
+        conn.execute(sql.SQL("GRANT SELECT ON secret_stuff TO {}").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE POLICY p ON secret_stuff TO {} USING (true)").format(
+            sql.Identifier(role)))
+    with pytest.raises(ToolFailedError, match=r"pg_dump failed \(exit code 1\): pg_dump: error:"):
+        logical_backup(weak, [storage], encryption_key=encryption_key)
+    assert [m.backup_id for m in list_backups(storage.open())] == [report.backup_id]
