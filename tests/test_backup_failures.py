@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from psycopg import sql
 
+from tasks.archive import DEFAULT_CHUNK_SIZE, FRAME_HEADER_BYTES, HEADER_BYTES, TAG_BYTES
 from tasks.cluster import EphemeralCluster
 from tasks.keys import MasterKey, write_key_file
 from tasks.manifest import LogicalManifest, list_backups
@@ -170,6 +170,14 @@ def user_relations(server: EphemeralCluster, dbname: str) -> int:
     return int(row[0])
 
 
+def aws_env(endpoint: str) -> dict[str, str]:
+    """AWS_* variables that point a child at the test S3 server."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY, "AWS_DEFAULT_REGION": REGION,
+    }
+
+
 def closed_port() -> int:
     """A loopback port nobody listens on (connections are refused)."""
     with socket.socket() as sock:
@@ -297,23 +305,6 @@ def read_only_dir(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", str(target)], check=True)
 
 
-@pytest.fixture
-def old_toolsets_only(server: EphemeralCluster, tmp_path: Path) -> dict[str, str]:
-    """Environment that offers only toolsets older than the server's major."""
-    home = toolsets_home()
-    older = sorted(
-        int(p.name) for p in home.iterdir()
-        if p.name.isdigit() and int(p.name) < server.major and (p / "bin" / "pg_dump").exists()
-    )
-    if not older:
-        pytest.skip(f"no toolset older than PostgreSQL {server.major} in {home}")
-    staged = tmp_path / "toolsets"
-    staged.mkdir()
-    for major in older:
-        (staged / str(major)).symlink_to(home / str(major), target_is_directory=True)
-    return {"PGBACKFLOW_TOOLSETS": str(staged), "PGBACKFLOW_TOOLSETS_ONLY": "1"}
-
-
 # --------------------------------------------------------------------------- bad input: backup
 
 
@@ -357,22 +348,73 @@ def test_unusable_source(
     assert folder_leftovers(folder) == []
     assert bucket_contents(s3_bucket) == ([], [])
     assert time.monotonic() - started < 60
+    # Only the refused connection may pass: it is retried (once, PGBACKFLOW_RETRY_DELAYS),
+    # the permanent errors are not.
+    run, task_runs = flow_run_with("logical-backup", str(folder))
+    assert run["state"]["type"] == "FAILED"
+    (inspect,) = [t for t in task_runs if t["name"].startswith("inspect-source")]
+    assert inspect["run_count"] == (2 if case == "unreachable-host" else 1)
+
+
+@pytest.fixture(scope="module")
+def newer_server_run(
+    cli: Cli, source: Source, tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str,
+    s3_admin_client: S3Client,
+) -> Iterator[tuple[Path, subprocess.CompletedProcess[str]]]:
+    """A backup offered only toolsets older than the server: (folder, finished run)."""
+    home = toolsets_home()
+    major = source.server.major
+    older = sorted(
+        int(p.name) for p in home.iterdir()
+        if p.name.isdigit() and int(p.name) < major and (p / "bin" / "pg_dump").exists()
+    )
+    if not older:
+        pytest.skip(f"no toolset older than PostgreSQL {major} in {home}")
+    staged = tmp_path_factory.mktemp("old-toolsets")
+    for old in older:
+        (staged / str(old)).symlink_to(home / str(old), target_is_directory=True)
+    folder = tmp_path_factory.mktemp("newer-server") / "backups"
+    bucket = f"test-{secrets.token_hex(6)}"
+    s3_admin_client.create_bucket(Bucket=bucket)
+    try:
+        result = cli.run(
+            "backup", "--db", source.dsn(), "--to", str(folder), "--to", f"s3://{bucket}",
+            PGBACKFLOW_TOOLSETS=str(staged), PGBACKFLOW_TOOLSETS_ONLY="1",
+            **aws_env(s3_endpoint),
+        )
+        objects = s3_admin_client.list_objects_v2(Bucket=bucket).get("Contents", [])
+        uploads = s3_admin_client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+        assert (objects, uploads) == ([], [])
+        yield folder, result
+    finally:
+        s3_admin_client.delete_bucket(Bucket=bucket)
 
 
 def test_server_newer_than_every_pg_dump(
-    cli: Cli, source: Source, tmp_path: Path, old_toolsets_only: dict[str, str],
-    s3_bucket: S3Bucket,
+    newer_server_run: tuple[Path, subprocess.CompletedProcess[str]], source: Source,
 ) -> None:
     """With only older pg_dumps available the backup is refused: it names the server's
-    major, what is available and how to install the right one."""
-    folder = tmp_path / "backups"
+    major, what is available and how to install the right one; nothing is stored."""
+    folder, result = newer_server_run
     major = source.server.major
-    result = cli.run("backup", "--db", source.dsn(), "--to", str(folder),
-                     "--to", f"s3://{s3_bucket.bucket}", **old_toolsets_only)
     one_line_error(result, f"major {major} or newer", "available majors",
                    f"pgbackflow toolsets install {major}")
     assert folder_leftovers(folder) == []
-    assert bucket_contents(s3_bucket) == ([], [])
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="product bug: the missing-toolset error says 'for a 17 server' but not which "
+    "server (user@host:port/db) the --db input named (tasks/toolsets.py toolset_for_server, "
+    "raised unchanged by flows/logical_backup.py choose_pg_dump)",
+)
+def test_server_newer_than_every_pg_dump_names_the_server(
+    newer_server_run: tuple[Path, subprocess.CompletedProcess[str]], source: Source,
+) -> None:
+    """The missing-toolset error names the database it was backing up, like every other
+    source error does."""
+    _, result = newer_server_run
+    one_line_error(result, f"@{source.server.host}:{source.server.port}/{source.dbname}")
 
 
 @pytest.fixture(scope="module")
@@ -382,9 +424,7 @@ def missing_bucket_run(
     """A backup into a bucket that does not exist: (bucket name, finished run)."""
     missing = f"missing-{secrets.token_hex(4)}"
     result = cli.run(
-        "backup", "--db", source.dsn(), "--to", f"s3://{missing}/prod",
-        AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID=ACCESS_KEY_ID,
-        AWS_SECRET_ACCESS_KEY=SECRET_ACCESS_KEY, AWS_DEFAULT_REGION=REGION,
+        "backup", "--db", source.dsn(), "--to", f"s3://{missing}/prod", **aws_env(s3_endpoint)
     )
     buckets = [b["Name"] for b in s3_admin_client.list_buckets().get("Buckets", [])]
     assert missing not in buckets
@@ -710,6 +750,15 @@ def prefect_records(flow_name: str) -> dict[str, str]:
     return records
 
 
+def flow_run_with(flow_name: str, text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The one run of ``flow_name`` whose record mentions ``text``, and its task runs."""
+    records = prefect_records(flow_name)
+    ids = [name.removeprefix("flow run ") for name, record in records.items()
+           if name.startswith("flow run ") and text in record]
+    assert len(ids) == 1, f"{len(ids)} runs of {flow_name} mention {text!r}"
+    return json.loads(records[f"flow run {ids[0]}"]), json.loads(records[f"task runs of {ids[0]}"])
+
+
 @pytest.fixture
 def canary_role(source: Source) -> Iterator[tuple[str, str]]:
     """A superuser login role with a unique password: (role, password)."""
@@ -812,21 +861,20 @@ def test_tampered_dump_fails_restore(
     shutil.copytree(made_backup, tampered)
     (dump,) = tampered.rglob("dump.pgbf")
     data = bytearray(dump.read_bytes())
-    data[len(data) // 2] ^= 0x01
+    middle = len(data) // 2
+    data[middle] ^= 0x01
+    frame = FRAME_HEADER_BYTES + DEFAULT_CHUNK_SIZE + TAG_BYTES
+    chunk, within = divmod(middle - HEADER_BYTES, frame)
+    assert within >= FRAME_HEADER_BYTES, "the flipped byte should be in a chunk's body"
     dump.write_bytes(bytes(data))
 
     result = cli.run("restore", "--from", str(tampered),
                      "--target", source.dsn(dbname=empty_target))
     assert result.returncode == 1
-    line = one_line_error(result, str(dump), "failed authentication")
-    assert re.search(r"chunk \d+", line), line
+    one_line_error(result, str(dump), f"chunk {chunk} failed authentication")
 
-    from prefect.client.schemas.objects import StateType
-
-    runs = [
-        json.loads(text) for name, text in prefect_records("logical-restore").items()
-        if name.startswith("flow run") and str(tampered) in text
-    ]
-    assert len(runs) == 1
-    assert runs[0]["state"]["type"] == StateType.FAILED.value
-    assert re.search(r"chunk \d+", runs[0]["state"]["message"] or "")
+    run, task_runs = flow_run_with("logical-restore", str(tampered))
+    assert run["state"]["type"] == "FAILED"
+    assert f"chunk {chunk}" in (run["state"]["message"] or "")
+    (restore_task,) = [t for t in task_runs if t["name"].startswith("pg-restore")]
+    assert restore_task["state"]["type"] == "FAILED"

@@ -119,6 +119,7 @@ def main() -> int:
     parser.add_argument("--scale", type=int, default=50, help="pgbench scale (50 ≈ 750 MB)")
     parser.add_argument("--jsonb-rows", type=int, default=2_500_000)
     parser.add_argument("--major", type=int, default=17)
+    parser.add_argument("--repeat", type=int, default=3, help="runs per measurement; best kept")
     options = parser.parse_args()
 
     from prefect.settings import PREFECT_API_URL
@@ -146,16 +147,27 @@ def main() -> int:
         print(f"database: {size / 1e9:.2f} GB", flush=True)
 
         dump_file = work / "bare.dump"
-        bare = sh(cluster, "pg_dump", "-Fc", "-Z", "zstd:5", "-f", str(dump_file), "big")
-        bare_size = dump_file.stat().st_size
-        ours_local = run_child(cluster, "big", str(work / "local"), key_file, None, env)
-
         s3.create_bucket(Bucket="bare")
         s3.create_bucket(Bucket="ours")
-        started = time.perf_counter()
-        s3.upload_file(str(dump_file), "bare", "bare.dump")
-        upload = time.perf_counter() - started
-        ours_s3 = run_child(cluster, "big", "s3://ours", key_file, endpoint, env)
+        bare = upload = float("inf")
+        ours_local: dict[str, Any] = {"seconds": float("inf")}
+        ours_s3: dict[str, Any] = {"seconds": float("inf")}
+        # Interleaved and best-of-N: a shared 2-core machine is noisy.
+        for _ in range(options.repeat):
+            bare = min(bare, sh(cluster, "pg_dump", "-Fc", "-Z", "zstd:5", "-f", str(dump_file),
+                                "big"))
+            run = run_child(cluster, "big", str(work / "local"), key_file, None, env)
+            ours_local = min(ours_local, run, key=lambda r: float(r["seconds"]))
+            started = time.perf_counter()
+            s3.upload_file(str(dump_file), "bare", "bare.dump")
+            upload = min(upload, time.perf_counter() - started)
+            run = run_child(cluster, "big", "s3://ours", key_file, endpoint, env)
+            ours_s3 = min(ours_s3, run, key=lambda r: float(r["seconds"]))
+            # moto keeps objects in memory: drop this round's so RSS and speed stay comparable.
+            for bucket in ("bare", "ours"):
+                for item in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+                    s3.delete_object(Bucket=bucket, Key=item["Key"])
+        bare_size = dump_file.stat().st_size
         small = run_child(cluster, "small", str(work / "small"), key_file, None, env)
 
     moto.stop()
@@ -171,6 +183,7 @@ def main() -> int:
     for name, seconds, stored, rss in rows:
         rss_text = f"{rss:12.0f}" if rss is not None else f"{'':12}"
         print(f"{name:34} {seconds:8.2f} {stored / 1e6:8.1f} {rss_text}")
+    print(f"(best of {options.repeat} runs each)")
     print(f"\nratio local: {ours_local['seconds'] / bare:.3f}x bare pg_dump (target ≤ 1.05)")
     print(f"ratio S3:    {ours_s3['seconds'] / (bare + upload):.3f}x bare pg_dump + upload "
           "(target ≤ 1.05)")
