@@ -33,7 +33,7 @@ from flows.common import (
 )
 from pgbackflow import __version__
 from tasks.database import ConnectionSettings
-from tasks.errors import StorageError
+from tasks.errors import StorageError, ToolsetError
 from tasks.inventory import SourceIdentity, read_identity
 from tasks.keys import MasterKey
 from tasks.logical import (
@@ -80,9 +80,12 @@ def inspect_source(settings: ConnectionSettings) -> SourceIdentity:
 
 
 @task(name="choose-pg-dump", cache_policy=NONE)
-def choose_pg_dump(server_major: int) -> Toolset:
+def choose_pg_dump(settings: ConnectionSettings, server_major: int) -> Toolset:
     """pg_dump of the server's major, else the nearest newer one; refuse otherwise."""
-    toolset = toolset_for_server(server_major)
+    try:
+        toolset = toolset_for_server(server_major)
+    except ToolsetError as exc:
+        raise ToolsetError(f"database {settings.display}: {exc}") from None
     get_run_logger().info("using pg_dump %s from %s", toolset.version, toolset.bin_dir)
     return toolset
 
@@ -217,7 +220,7 @@ def logical_backup(
     targets = open_storages(storages)
 
     identity = inspect_source(settings)
-    toolset = choose_pg_dump(identity.major)
+    toolset = choose_pg_dump(settings, identity.major)
     backup_id = new_backup_id(started_at)
     prefix = backup_prefix(identity.db_id, backup_id)
     dump = dump_database_task(

@@ -53,6 +53,8 @@ class FanOutWriter:
     """
 
     def __init__(self, storages: Sequence[Storage], key: str, size_hint: int | None = None) -> None:
+        if not storages:
+            raise ValueError("FanOutWriter needs at least one storage")
         self.key = key
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -68,12 +70,16 @@ class FanOutWriter:
         self._check_alive()
 
     def _check_alive(self) -> None:
-        if not self._writers:
+        if self._writers:
+            return
+        if len(self._failed) == 1:
+            error = StorageError(next(iter(self._failed.values())))
+        else:
             reasons = "; ".join(f"{loc}: {err}" for loc, err in self._failed.items())
             error = StorageError(f"writing {self.key} failed in every storage ({reasons})")
-            # Retrying helps only if every storage failed for a passing reason.
-            error.transient = self._all_transient
-            raise error
+        # Retrying helps only if every storage failed for a passing reason.
+        error.transient = self._all_transient
+        raise error
 
     def _drop(self, location: str, exc: BaseException) -> None:
         writer = self._writers.pop(location)
@@ -101,6 +107,8 @@ class FanOutWriter:
                 writer.close()
             except (StorageError, OSError) as exc:
                 self._drop(location, exc)
+        # Small objects meet a missing bucket only when they are published.
+        self._check_alive()
         outcomes = [WriteOutcome(location) for location in self._writers]
         outcomes += [WriteOutcome(location, error) for location, error in self._failed.items()]
         self._writers.clear()
