@@ -338,7 +338,7 @@ def check_restore_target(
     return target_major
 
 
-def _decrypted_chunks(
+def decrypted_chunks(
     storage: Storage, info: StoredObjectInfo, keyring: Keyring
 ) -> Iterator[bytes]:
     """Plaintext of a stored object; raises at the end if its SHA-256 differs from ``info``."""
@@ -378,7 +378,7 @@ def replay_globals(
     Returns:
         (roles created, roles kept, warnings)
     """
-    script = b"".join(_decrypted_chunks(storage, manifest.globals, keyring)).decode("utf-8")
+    script = b"".join(decrypted_chunks(storage, manifest.globals, keyring)).decode("utf-8")
     created: list[str] = []
     kept: list[str] = []
     warnings: list[str] = []
@@ -455,7 +455,7 @@ def restore_dump(
     """
     pg_restore = Tool(toolset.binary("pg_restore"))
     args = _pg_restore_args(target, options)
-    chunks = _decrypted_chunks(storage, manifest.dump, keyring)
+    chunks = decrypted_chunks(storage, manifest.dump, keyring)
     with libpq_password_env(target) as env:
         if options.jobs == 1:
             result = pg_restore.stream_in(args, chunks, env=env, check=False)

@@ -1,0 +1,247 @@
+"""The Docker sandbox: a ``postgres:<major>`` container with no network.
+
+The host reaches the server only through a Unix socket in a bind-mounted directory; the dump
+is handed over read-only in another bind mount and restored by the container's own
+pg_restore (``docker exec``). The container runs with every capability dropped except those
+the official entrypoint needs to drop to the postgres user, ``no-new-privileges``, and the
+job's CPU, memory and pids limits. Labels mark it as ours, so a later run can sweep
+containers a crashed run left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from tasks.database import ConnectionSettings
+from tasks.process import ToolResult
+from tasks.sandbox import (
+    DEFAULT_IMAGE_TEMPLATE,
+    RESTORE_ARGS,
+    SANDBOX_LABEL,
+    Sandbox,
+    SandboxError,
+    SandboxResources,
+    _settings_for,
+)
+
+# The SDK is untyped, and mypy would resolve "docker" to this repository's docker/ folder
+# (image build scripts); at run time the installed package wins.
+docker: Any = importlib.import_module("docker")
+importlib.import_module("docker.errors")
+DockerClient = Any
+
+#: What the official entrypoint needs when it starts as root: chown PGDATA and the socket
+#: dir, then switch to the postgres user.
+ENTRYPOINT_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"]
+SOCKET_DIR = "/var/run/postgresql"
+RESTORE_DIR = "/restore"
+READY_TIMEOUT_S = 120.0
+# Only the final server gets this; the official entrypoint's temporary init server listens
+# on no address, so readiness is not fooled by it.
+_READY_MARK = ("listen_addresses", "localhost")
+
+
+def docker_client() -> DockerClient:
+    """A client for the local engine, with a clear error when there is none."""
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise SandboxError(
+            f"no Docker engine reachable ({str(exc).splitlines()[0][:160]}): start Docker or "
+            "verify with --sandbox local"
+        ) from None
+    return client
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_leftover_sandboxes(client: DockerClient) -> list[str]:
+    """Remove sandbox containers of this host whose owning process is gone.
+
+    Returns:
+        Names of the removed containers.
+    """
+    removed = []
+    host = socket.gethostname()
+    for container in client.containers.list(all=True, filters={"label": SANDBOX_LABEL}):
+        labels = container.labels
+        if labels.get("pgbackflow.host") != host:
+            continue  # another agent's container: not ours to judge
+        owner = int(labels.get("pgbackflow.pid", "0") or 0)
+        if owner and _pid_alive(owner):
+            continue
+        container.remove(force=True, v=True)
+        removed.append(container.name)
+    return removed
+
+
+class DockerSandbox(Sandbox):
+    """A throwaway ``postgres:<major>`` container (image configurable by template).
+
+    Args:
+        major: PostgreSQL major of the backup.
+        resources: CPU, memory and pids limits of the container.
+        image_template: Image name with ``{major}``, e.g. ``registry/postgres:{major}``.
+        labels: Extra labels (database id, flow run id) for operators and sweeps.
+    """
+
+    kind = "docker"
+
+    def __init__(
+        self,
+        major: int,
+        resources: SandboxResources | None = None,
+        *,
+        image_template: str = DEFAULT_IMAGE_TEMPLATE,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(major, resources or SandboxResources())
+        self.image = image_template.format(major=major)
+        self._labels = labels or {}
+        self._client: DockerClient | None = None
+        self._container: Any = None
+        self._socket_dir = self.work_dir / "socket"
+        self._restore_dir = self.work_dir / "restore"
+
+    @property
+    def container_name(self) -> str:
+        """Name of the container (derived from the unique work dir)."""
+        return f"pgbackflow-{self.work_dir.name.lower()}"
+
+    @property
+    def dump_dir(self) -> Path:
+        """Host directory visible read-only in the container at /restore."""
+        return self._restore_dir
+
+    def start(self) -> None:
+        """Sweep leftovers, start the container and wait for the final server."""
+        client = docker_client()
+        self._client = client
+        sweep_leftover_sandboxes(client)
+        # The container's postgres user (uid 999 in the official image) creates the socket
+        # here; the enclosing work dir stays root-only on the host.
+        self._socket_dir.mkdir(mode=0o777)
+        self._socket_dir.chmod(0o777)
+        self._restore_dir.mkdir(mode=0o755)
+        settings = {**_settings_for(self.major), _READY_MARK[0]: _READY_MARK[1]}
+        command = ["postgres"] + [arg for k, v in settings.items() for arg in ("-c", f"{k}={v}")]
+        labels = {
+            SANDBOX_LABEL: "1",
+            "pgbackflow.host": socket.gethostname(),
+            "pgbackflow.pid": str(os.getpid()),
+            **self._labels,
+        }
+        try:
+            self._container = client.containers.run(
+                self.image,
+                command=command,
+                name=self.container_name,
+                detach=True,
+                labels=labels,
+                # No network at all: the only way in is the socket directory below.
+                environment={"POSTGRES_HOST_AUTH_METHOD": "trust"},
+                network_mode="none",
+                cap_drop=["ALL"],
+                cap_add=ENTRYPOINT_CAPABILITIES,
+                security_opt=["no-new-privileges"],
+                pids_limit=self.resources.pids,
+                nano_cpus=int(self.resources.cpus * 1e9),
+                mem_limit=f"{self.resources.memory_mb}m",
+                volumes={
+                    str(self._socket_dir): {"bind": SOCKET_DIR, "mode": "rw"},
+                    str(self._restore_dir): {"bind": RESTORE_DIR, "mode": "ro"},
+                },
+            )
+        except docker.errors.ImageNotFound:
+            raise SandboxError(
+                f"image {self.image} not found: pull or build it (docker/build_images.py), or "
+                "pass --image with a template like registry/postgres:{major}"
+            ) from None
+        except docker.errors.APIError as exc:
+            raise SandboxError(f"starting container from {self.image} failed: {exc}") from None
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        settings = self.settings
+        while time.monotonic() < deadline:
+            self._container.reload()
+            if self._container.status in {"exited", "dead"}:
+                logs = self._container.logs(tail=5).decode("utf-8", "replace").strip()
+                raise SandboxError(
+                    f"container {self.container_name} ({self.image}) stopped while starting: "
+                    + " | ".join(logs.splitlines())
+                )
+            try:
+                with psycopg.connect(connect_timeout=2, **{
+                    k: v for k, v in settings.connect_kwargs().items() if k != "connect_timeout"
+                }) as conn:
+                    row = conn.execute("SELECT current_setting(%s)", (_READY_MARK[0],)).fetchone()
+                    if row and row[0] == _READY_MARK[1]:
+                        return
+            except psycopg.OperationalError:
+                pass
+            time.sleep(0.25)
+        raise SandboxError(
+            f"container {self.container_name} ({self.image}) not ready after "
+            f"{READY_TIMEOUT_S:.0f} s"
+        )
+
+    def _destroy_server(self) -> None:
+        if self._container is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                # v=True: the image's VOLUME (PGDATA) goes too.
+                self._container.remove(force=True, v=True)
+            self._container = None
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        """The server's Unix socket in the bind-mounted directory (trust: no network)."""
+        return ConnectionSettings(
+            host=str(self._socket_dir), port=5432, dbname="postgres", user="postgres",
+            sslmode="disable",
+        )
+
+    def pg_restore(self, dbname: str, dump_file: Path, jobs: int) -> ToolResult:
+        """The container's own pg_restore, run with ``docker exec`` as postgres."""
+        if dump_file.parent != self._restore_dir:
+            raise SandboxError(f"dump file {dump_file} must be in {self._restore_dir}")
+        command = [
+            "pg_restore", *RESTORE_ARGS, f"--jobs={jobs}", "--host", SOCKET_DIR,
+            "--username", "postgres", "--dbname", dbname, f"{RESTORE_DIR}/{dump_file.name}",
+        ]
+        exit_code, (stdout, stderr) = self._container.exec_run(
+            command, user="postgres", demux=True
+        )
+        err_text = (stderr or b"").decode("utf-8", "replace")
+        lines = [line for line in err_text.splitlines() if line.strip()]
+        return ToolResult(
+            tool="pg_restore",
+            returncode=int(exit_code),
+            stdout=stdout or b"",
+            stderr_tail="\n".join(lines[-20:]),
+            stderr_errors=tuple(line for line in lines if "error" in line.lower())[:500],
+        )
+
+    @property
+    def description(self) -> str:
+        """Image and container."""
+        return f"docker {self.image} ({self.container_name}, {self.resources.cpus:g} CPU, " \
+               f"{self.resources.memory_mb} MB)"

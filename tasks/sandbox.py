@@ -1,0 +1,218 @@
+"""Throwaway PostgreSQL servers to restore backups into, for verification.
+
+One interface, two implementations: a Docker container of the matching major (the default,
+as in production) and a local ephemeral cluster (hosts without Docker). Both are tuned for a
+disposable restore (no fsync, minimal WAL) and destroyed with everything in them.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import psycopg
+
+from tasks.cluster import EphemeralCluster
+from tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
+from tasks.errors import ConfigError, PgBackflowError
+from tasks.process import Tool, ToolResult
+from tasks.toolsets import find_toolset
+
+logger = logging.getLogger("pgbackflow.sandbox")
+
+#: Server settings for a restore whose result is thrown away.
+THROWAWAY_SETTINGS: dict[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+    "wal_level": "minimal",
+    "max_wal_senders": "0",
+    "summarize_wal": "off",
+    "autovacuum": "off",
+}
+
+#: pg_restore flags every sandbox uses: a sandbox has no tablespaces.
+RESTORE_ARGS = ("--no-password", "--no-tablespaces")
+SANDBOX_LABEL = "pgbackflow.sandbox"
+DEFAULT_IMAGE_TEMPLATE = "postgres:{major}"
+
+
+class SandboxError(PgBackflowError):
+    """A sandbox could not be started or used."""
+
+
+@dataclass(frozen=True)
+class SandboxResources:
+    """What one sandbox may use.
+
+    Attributes:
+        cpus: CPU cores (Docker ``nano_cpus``; pg_restore ``-j``).
+        memory_mb: Memory limit in MB.
+        pids: Process limit.
+    """
+
+    cpus: float = 1.0
+    memory_mb: int = 1024
+    pids: int = 512
+
+    @property
+    def restore_jobs(self) -> int:
+        """Parallel pg_restore jobs: one per CPU given."""
+        return max(1, int(self.cpus))
+
+
+def _settings_for(major: int) -> dict[str, str]:
+    # summarize_wal exists from 17 on; older servers refuse unknown settings.
+    return {k: v for k, v in THROWAWAY_SETTINGS.items() if k != "summarize_wal" or major >= 17}
+
+
+class Sandbox(ABC):
+    """A throwaway PostgreSQL server of one major.
+
+    Use as a context manager: leaving the block destroys the server and its data, also on
+    errors and cancellation.
+    """
+
+    kind: str = "sandbox"
+
+    def __init__(self, major: int, resources: SandboxResources) -> None:
+        self.major = major
+        self.resources = resources
+        self.work_dir = Path(tempfile.mkdtemp(prefix=f"pgbackflow-verify-{major}-"))
+
+    @property
+    def dump_dir(self) -> Path:
+        """Where the decrypted dump is spooled for the sandbox's pg_restore."""
+        return self.work_dir
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+
+    @abstractmethod
+    def _destroy_server(self) -> None:
+        """Stop and remove the server and its data."""
+
+    @property
+    @abstractmethod
+    def settings(self) -> ConnectionSettings:
+        """How the host connects to the sandbox as superuser (database ``postgres``)."""
+
+    @abstractmethod
+    def pg_restore(self, dbname: str, dump_file: Path, jobs: int) -> ToolResult:
+        """Run the sandbox's own pg_restore of ``dump_file`` (in ``work_dir``) into ``dbname``.
+
+        Tablespaces are not restored (a sandbox has none); the exit code is returned.
+        """
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """What the sandbox is, for reports."""
+
+    def destroy(self) -> None:
+        """Remove the server and every byte it held; safe to call twice."""
+        try:
+            self._destroy_server()
+        finally:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.destroy()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+
+class LocalSandbox(Sandbox):
+    """An ephemeral cluster from the matching major's binaries on this host."""
+
+    kind = "local"
+
+    def __init__(self, major: int, resources: SandboxResources | None = None) -> None:
+        super().__init__(major, resources or SandboxResources())
+        self._toolset = find_toolset(major)
+        self._cluster = EphemeralCluster(self._toolset, settings=_settings_for(major))
+
+    def start(self) -> None:
+        """Start the cluster."""
+        self._cluster.start()
+
+    def _destroy_server(self) -> None:
+        self._cluster.stop()
+
+    @property
+    def settings(self) -> ConnectionSettings:
+        """Loopback TCP with the cluster's random superuser password."""
+        return ConnectionSettings(
+            host=self._cluster.host, port=self._cluster.port, dbname="postgres",
+            user=self._cluster.superuser, password=self._cluster.password, sslmode="disable",
+        )
+
+    def pg_restore(self, dbname: str, dump_file: Path, jobs: int) -> ToolResult:
+        """The toolset's pg_restore, over loopback with a passfile."""
+        target = self.settings.with_dbname(dbname)
+        with libpq_password_env(target) as env:
+            return Tool(self._toolset.binary("pg_restore")).run(
+                [*RESTORE_ARGS, f"--jobs={jobs}", f"--dbname={libpq_conninfo(target)}",
+                 str(dump_file)],
+                env=env, check=False,
+            )
+
+    @property
+    def description(self) -> str:
+        """Local PostgreSQL and where it listens."""
+        return f"local PostgreSQL {self._toolset.version} on 127.0.0.1:{self._cluster.port}"
+
+
+def wait_until_ready(settings: ConnectionSettings, timeout: float, alive: Any = None) -> None:
+    """Poll until a connection succeeds; ``alive()`` returning False aborts early."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if alive is not None and not alive():
+            raise SandboxError(f"sandbox server stopped while starting: {last}")
+        try:
+            with psycopg.connect(connect_timeout=3, **{
+                k: v for k, v in settings.connect_kwargs().items() if k != "connect_timeout"
+            }):
+                return
+        except psycopg.OperationalError as exc:
+            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
+        time.sleep(0.2)
+    raise SandboxError(f"sandbox server not ready after {timeout:.0f} s ({last})")
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the filesystem holding ``path``."""
+    return shutil.disk_usage(path).free
+
+
+def sandbox_for(kind: str, major: int, resources: SandboxResources,
+                image_template: str = DEFAULT_IMAGE_TEMPLATE) -> Sandbox:
+    """The sandbox named by ``kind`` ("docker" or "local")."""
+    if kind == "local":
+        return LocalSandbox(major, resources)
+    if kind == "docker":
+        from tasks.docker_sandbox import DockerSandbox
+
+        sandbox: Sandbox = DockerSandbox(major, resources, image_template=image_template)
+        return sandbox
+    raise ConfigError(f"sandbox '{kind}' is unknown: use docker or local")

@@ -1,0 +1,237 @@
+"""Restore verification: prove a backup restores, table by table, in a throwaway sandbox.
+
+1. Pick the backup (newest complete one, or a given id) and check free disk.
+2. Start a sandbox of the source's major; replay the backup's globals (roles).
+3. Decrypt the dump into the sandbox's work dir (every chunk and the sha256 checked) and
+   restore it with the sandbox's own pg_restore, ``-j`` = the sandbox's CPUs.
+4. Count every table exactly; compare with the counts taken in the dump's snapshot.
+5. Destroy the sandbox, whatever happened. 6. Report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from psycopg import sql
+from pydantic import BaseModel, ConfigDict
+
+from tasks.database import connect
+from tasks.errors import PgBackflowError, StorageError
+from tasks.inventory import compare_counts, take_inventory
+from tasks.keys import Keyring
+from tasks.logical import decrypted_chunks, replay_globals
+from tasks.manifest import LogicalManifest
+from tasks.sandbox import Sandbox, free_disk_bytes
+from tasks.storage import Storage
+
+HEADROOM_BYTES = 1024**3
+DUMP_FILE = "dump.custom"
+
+Status = Literal["Pending", "Running", "Successful", "Failed", "Canceled"]
+
+
+class VerificationFailedError(PgBackflowError):
+    """The backup did not restore, or the data that came back is not what was backed up."""
+
+
+class TimelineEntry(BaseModel):
+    """When a stage of the verification was reached."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    at: datetime
+
+
+class TableCheck(BaseModel):
+    """Expected vs restored rows of one table."""
+
+    model_config = ConfigDict(frozen=True)
+
+    table: str
+    expected: int | None
+    restored: int | None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the table came back with exactly its rows."""
+        return self.expected is not None and self.expected == self.restored
+
+
+class VerificationReport(BaseModel):
+    """Everything a verification found."""
+
+    status: Status
+    failure: str | None = None
+    backup_id: str
+    db_id: str
+    database: str
+    source_server_version: str
+    sandbox: str
+    timeline: list[TimelineEntry]
+    restore_exit_code: int | None = None
+    pg_restore_errors: list[str] = []
+    source_size: int
+    restored_size: int | None = None
+    expected_schema_count: int
+    schema_count: int | None = None
+    expected_table_count: int
+    table_count: int | None = None
+    tables: list[TableCheck] = []
+    problems: list[str] = []
+
+    def markdown(self) -> str:
+        """Summary for the Prefect UI: the failure first when there is one."""
+        lines = [f"# Restore verification: {self.status}", ""]
+        if self.failure:
+            lines += [f"**{self.failure}**", ""]
+        restored = f"{self.restored_size / 1e6:.1f} MB" if self.restored_size is not None else "-"
+        lines += [
+            "| | |",
+            "|---|---|",
+            f"| backup | `{self.backup_id}` of `{self.database}` (PostgreSQL "
+            f"{self.source_server_version}) |",
+            f"| sandbox | {self.sandbox} |",
+            f"| pg_restore exit code | {self.restore_exit_code} |",
+            f"| size restored / at backup | {restored} / {self.source_size / 1e6:.1f} MB |",
+            f"| schemas restored / expected | {self.schema_count} / {self.expected_schema_count} |",
+            f"| tables restored / expected | {self.table_count} / {self.expected_table_count} |",
+            "",
+            "| stage | at (UTC) |",
+            "|---|---|",
+            *[f"| {t.stage} | {t.at:%Y-%m-%d %H:%M:%S.%f} |" for t in self.timeline],
+        ]
+        if self.problems:
+            lines += ["", "## Problems", *[f"- {p}" for p in self.problems[:50]]]
+        return "\n".join(lines)
+
+
+class Timeline:
+    """Records when each stage was reached."""
+
+    def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
+        self._clock = clock or (lambda: datetime.now(UTC))
+        self.entries: list[TimelineEntry] = []
+
+    def mark(self, stage: str) -> None:
+        """Note that ``stage`` was reached now."""
+        self.entries.append(TimelineEntry(stage=stage, at=self._clock()))
+
+
+def check_free_disk(manifest: LogicalManifest, where: Path) -> None:
+    """Refuse to start without 2x the backup's stored size plus 1 GB free."""
+    needed = 2 * manifest.stored_size + HEADROOM_BYTES
+    free = free_disk_bytes(where)
+    if free < needed:
+        raise StorageError(
+            f"not enough free disk in {where} to verify backup {manifest.backup_id}: "
+            f"{free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed (2x the backup plus 1 GB)"
+            ": free space or give the agent a bigger disk budget"
+        )
+
+
+def spool_dump(storage: Storage, manifest: LogicalManifest, keyring: Keyring, path: Path) -> int:
+    """Decrypt the backup's dump into ``path`` (pg_restore -j needs a seekable file)."""
+    size = 0
+    with path.open("wb") as out:
+        for chunk in decrypted_chunks(storage, manifest.dump, keyring):
+            out.write(chunk)
+            size += len(chunk)
+    path.chmod(0o644)  # the sandbox's postgres user reads it
+    return size
+
+
+def table_checks(expected: dict[str, int], restored: dict[str, int]) -> list[TableCheck]:
+    """One row per table in either map, sorted by name."""
+    return [
+        TableCheck(table=name, expected=expected.get(name), restored=restored.get(name))
+        for name in sorted(expected.keys() | restored.keys())
+    ]
+
+
+def verify_backup(
+    storage: Storage,
+    manifest: LogicalManifest,
+    keyring: Keyring,
+    sandbox: Sandbox,
+    *,
+    timeline: Timeline | None = None,
+) -> VerificationReport:
+    """Restore ``manifest``'s backup into ``sandbox`` and compare every table.
+
+    The sandbox is destroyed before this returns or raises. Integrity, restore and
+    count failures come back as a Failed report; cancellation (KeyboardInterrupt, a
+    cancelled flow) destroys the sandbox and propagates.
+    """
+    timeline = timeline or Timeline()
+    if not timeline.entries:
+        timeline.mark("picked backup")
+    report = VerificationReport(
+        status="Running", backup_id=manifest.backup_id, db_id=manifest.database.db_id,
+        database=manifest.database.name, source_server_version=manifest.server_version,
+        sandbox=f"{sandbox.kind} PostgreSQL {sandbox.major}", timeline=timeline.entries,
+        source_size=manifest.database_size, expected_schema_count=manifest.schema_count,
+        expected_table_count=manifest.table_count,
+    )
+    try:
+        check_free_disk(manifest, sandbox.work_dir)
+        with sandbox:
+            report.sandbox = sandbox.description
+            timeline.mark("sandbox up")
+            _restore_and_count(storage, manifest, keyring, sandbox, report, timeline)
+    except PgBackflowError as exc:
+        report.status = "Failed"
+        report.failure = report.failure or str(exc)
+    finally:
+        timeline.mark("sandbox destroyed")
+        report.timeline = list(timeline.entries)
+    if report.status == "Running":
+        report.status = "Successful"
+    return report
+
+
+def _restore_and_count(
+    storage: Storage,
+    manifest: LogicalManifest,
+    keyring: Keyring,
+    sandbox: Sandbox,
+    report: VerificationReport,
+    timeline: Timeline,
+) -> None:
+    admin = sandbox.settings
+    # Owners and grants are part of what gets proven: recreate the roles first.
+    _, _, warnings = replay_globals(storage, manifest, keyring, admin)
+    report.problems.extend(warnings)
+    with connect(admin) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(manifest.database.name)))
+    dump_file = sandbox.dump_dir / DUMP_FILE
+    spool_dump(storage, manifest, keyring, dump_file)
+    result = sandbox.pg_restore(manifest.database.name, dump_file, sandbox.resources.restore_jobs)
+    dump_file.unlink()
+    report.restore_exit_code = result.returncode
+    report.pg_restore_errors = list(result.stderr_errors[:50])
+    timeline.mark("restore done")
+    if result.returncode != 0:
+        first = next((e for e in result.stderr_errors if "error" in e.lower()),
+                     result.stderr_tail.strip().splitlines()[-1] if result.stderr_tail else "")
+        report.status = "Failed"
+        report.failure = f"pg_restore failed with exit code {result.returncode}: {first}"
+
+    with connect(admin.with_dbname(manifest.database.name)) as conn:
+        inventory = take_inventory(conn)
+    timeline.mark("counted")
+    restored = inventory.rows_by_table()
+    expected = manifest.rows_by_table()
+    report.restored_size = inventory.database_size
+    report.schema_count = inventory.schema_count
+    report.table_count = inventory.table_count
+    report.tables = table_checks(expected, restored)
+    differences = compare_counts(expected, restored)
+    report.problems.extend(differences)
+    if differences and report.status != "Failed":
+        report.status = "Failed"
+        shown = "; ".join(differences[:5]) + (" …" if len(differences) > 5 else "")
+        report.failure = f"restored data differs from the backup: {shown}"
