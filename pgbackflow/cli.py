@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -290,6 +290,56 @@ def restore(
     if summary.missing_roles:
         err.print("owners/grants skipped, roles missing on the target: "
                   + ", ".join(summary.missing_roles) + " (use --with-globals)")
+
+
+@app.command()
+@user_errors
+def verify(
+    source: Annotated[str, typer.Option("--from", help="Storage holding the backups.")],
+    backup_id: Annotated[str, typer.Argument(help="Backup id, or 'latest'.")] = "latest",
+    db_id: Annotated[
+        str | None, typer.Option("--db-id", help="Which database, if the storage holds several.")
+    ] = None,
+    sandbox: Annotated[
+        str, typer.Option("--sandbox", help="docker (postgres:<major> container) or local.")
+    ] = "docker",
+    image: Annotated[
+        str, typer.Option("--image", help="Docker image template, e.g. registry/postgres:{major}.")
+    ] = "postgres:{major}",
+    cpus: Annotated[float, typer.Option("--cpus", help="CPU cores for the sandbox.")] = 1.0,
+    memory_mb: Annotated[int, typer.Option("--memory-mb", help="Sandbox memory (MB).")] = 1024,
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Master key file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Restore a backup into a throwaway sandbox and compare every table's rows."""
+    if sandbox not in ("docker", "local"):
+        raise PgBackflowError(f"--sandbox {sandbox!r} is unknown: use docker or local")
+    kind: Literal["docker", "local"] = "docker" if sandbox == "docker" else "local"
+    if "{major}" not in image:
+        raise PgBackflowError(f"--image {image!r} has no {{major}}: e.g. postgres:{{major}}")
+    storage = _storage_block(source, f"--from {source}")
+    key_path = _key_file_or_default(key_file)
+    from flows.verification import VerificationFailed, restore_verification
+
+    try:
+        report = restore_verification(
+            storage=storage, backup_id=backup_id, db_id=db_id, sandbox=kind,
+            image_template=image, cpus=cpus, memory_mb=memory_mb, key_file=key_path,
+        )
+    except VerificationFailed as failed:
+        report = failed.report
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+    else:
+        table = Table("table", "expected", "restored", "", title=f"verification: {report.status}")
+        for check in report.tables:
+            table.add_row(check.table, str(check.expected), str(check.restored),
+                          "✓" if check.ok else "✗")
+        out.print(table)
+        for entry in report.timeline:
+            err.print(f"{entry.at:%H:%M:%S.%f}  {entry.stage}", highlight=False)
+    if report.status != "Successful":
+        raise PgBackflowError(f"verification {report.status.lower()}: {report.failure}")
 
 
 @app.command()

@@ -1,0 +1,162 @@
+"""Restore verification: the runbook, as a Prefect flow.
+
+1. Pick the backup (newest complete one of the database, or a given id).
+2. Restore it into a throwaway sandbox of the same major, with its roles.
+3. Count every table and compare with the counts taken in the dump's snapshot.
+4. Destroy the sandbox (also on failure and cancellation) and publish the report.
+
+Prefect states map the report's status: Successful → Completed, Failed → Failed,
+Canceled → Cancelled (the sandbox is removed before the run ends).
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Literal
+
+from prefect import flow, tags, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+
+from blocks.encryption import BackupEncryptionKey
+from flows.common import (
+    RETRY_DELAYS,
+    StorageBlock,
+    artifact_key,
+    resolve_keyring,
+    retry_if_transient,
+)
+from tasks.keys import Keyring
+from tasks.manifest import LogicalManifest, find_backup
+from tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
+from tasks.storage import Storage
+from tasks.verify import Timeline, VerificationFailedError, VerificationReport, verify_backup
+
+VERIFICATION_TAG = "verification"
+
+
+class VerificationFailed(VerificationFailedError):
+    """Raised by the flow when the report says Failed; carries the report."""
+
+    def __init__(self, report: VerificationReport) -> None:
+        self.report = report
+        super().__init__(f"verification of {report.backup_id} failed: {report.failure}")
+
+
+@task(name="pick-backup", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
+      retry_condition_fn=retry_if_transient, cache_policy=NONE)
+def pick_backup(storage: Storage, backup_id: str, db_id: str | None) -> LogicalManifest:
+    """The backup to verify: ``latest`` is the newest complete backup of the database."""
+    manifest = find_backup(storage, backup_id, db_id)
+    get_run_logger().info(
+        "verifying backup %s of %s (PostgreSQL %s, %d tables, %.1f MB stored)",
+        manifest.backup_id, manifest.database.name, manifest.server_version,
+        manifest.table_count, manifest.stored_size / 1e6,
+    )
+    return manifest
+
+
+@task(name="restore-and-count", cache_policy=NONE)
+def restore_and_count(
+    storage: Storage,
+    manifest: LogicalManifest,
+    keyring: Keyring,
+    sandbox_kind: str,
+    image_template: str,
+    resources: SandboxResources,
+    timeline: Timeline,
+) -> VerificationReport:
+    """Restore into a fresh sandbox, count every table, destroy the sandbox."""
+    sandbox = sandbox_for(sandbox_kind, manifest.server_major, resources, image_template)
+    with _terminate_as_interrupt():
+        report = verify_backup(storage, manifest, keyring, sandbox, timeline=timeline)
+    logger = get_run_logger()
+    for problem in report.problems[:20]:
+        logger.warning(problem)
+    return report
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """A worker stops a cancelled run with SIGTERM: unwind so the sandbox is destroyed."""
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: the caller owns signal handling
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def publish_verification_artifacts(report: VerificationReport) -> None:
+    """Markdown summary and per-table table, keyed per database: the UI shows the latest."""
+    if FlowRunContext.get() is None:
+        return
+    create_markdown_artifact(
+        report.markdown(), key=artifact_key("verification", report.db_id),
+        description=f"{report.status}: verification of {report.backup_id}",
+    )
+    create_table_artifact(
+        [{"table": t.table, "expected": t.expected, "restored": t.restored,
+          "ok": "yes" if t.ok else "NO"} for t in report.tables],
+        key=artifact_key("verification-tables", report.db_id),
+        description=f"rows restored vs expected, backup {report.backup_id}",
+    )
+
+
+def _run_name() -> str:
+    params = flow_run.parameters
+    return f"verify-{params.get('db_id') or 'db'}-{params.get('backup_id', 'latest')}"
+
+
+@flow(name="restore-verification", flow_run_name=_run_name)
+def restore_verification(
+    storage: StorageBlock,
+    backup_id: str = "latest",
+    db_id: str | None = None,
+    sandbox: Literal["docker", "local"] = "docker",
+    image_template: str = DEFAULT_IMAGE_TEMPLATE,
+    cpus: float = 1.0,
+    memory_mb: int = 1024,
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+) -> VerificationReport:
+    """Prove a backup restores: restore it into a throwaway sandbox and compare every table.
+
+    Args:
+        storage: Where the backups are.
+        backup_id: A backup id, or "latest" (the newest complete backup).
+        db_id: Which database, when the storage holds several.
+        sandbox: "docker" (a ``postgres:<major>`` container) or "local" (an ephemeral cluster).
+        image_template: Docker image with ``{major}``.
+        cpus: CPU cores for the sandbox (also pg_restore -j).
+        memory_mb: Memory limit of the sandbox.
+        encryption_key: Master key block; else ``key_file``; else the default key file.
+        key_file: Path of a master key file.
+    """
+    with tags(VERIFICATION_TAG):
+        keyring = resolve_keyring(encryption_key, key_file)
+        source = storage.open()
+        timeline = Timeline()
+        manifest = pick_backup(source, backup_id, db_id)
+        timeline.mark("picked backup")
+        report = restore_and_count(
+            source, manifest, keyring, sandbox, image_template,
+            SandboxResources(cpus=cpus, memory_mb=memory_mb), timeline,
+        )
+        publish_verification_artifacts(report)
+    if report.status != "Successful":
+        raise VerificationFailed(report)
+    return report
