@@ -1,0 +1,274 @@
+"""Restore verification in real sandboxes, against real backups, through the real flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg import sql
+from pydantic import SecretStr
+
+from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
+from flows.logical_backup import logical_backup
+from flows.verification import VerificationFailed, restore_verification
+from tasks.cluster import EphemeralCluster
+from tasks.keys import write_key_file
+from tasks.manifest import find_manifest_key, list_backups
+from tasks.sample_data import load_edge_case_database
+from tasks.toolsets import Toolset, find_toolset
+from tests.fixtures.postgres import PgDatabase
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+STAGES = ["picked backup", "sandbox up", "restore done", "counted", "sandbox destroyed"]
+
+
+@pytest.fixture(scope="module")
+def encryption_key() -> BackupEncryptionKey:
+    return BackupEncryptionKey.generate()
+
+
+def db_block(server: EphemeralCluster, dbname: str) -> PostgresDatabase:
+    return PostgresDatabase(
+        host=server.host, port=server.port, database=dbname, user=server.superuser,
+        password=SecretStr(server.password), sslmode="disable",
+    )
+
+
+def leftover_sandboxes() -> list[str]:
+    """Work dirs of local/docker sandboxes still on disk."""
+    tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+    return sorted(p.name for p in tmp.glob("pgbackflow-verify-*"))
+
+
+@pytest.fixture
+def no_leftovers() -> Iterator[None]:
+    before = set(leftover_sandboxes())
+    yield
+    assert set(leftover_sandboxes()) - before == set()
+
+
+def backup_of(server: EphemeralCluster, dbname: str, folder: Path,
+              key: BackupEncryptionKey) -> LocalStorage:
+    storage = LocalStorage(folder=str(folder))
+    logical_backup(db_block(server, dbname), [storage], encryption_key=key)
+    return storage
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_successful_verification_local_sandbox(
+    pg_database: PgDatabase, tmp_path: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """Every table comes back with its rows; the report says so stage by stage."""
+    with pg_database.connect() as conn:
+        load_edge_case_database(conn)
+    storage = backup_of(pg_database.server, pg_database.name, tmp_path / "b", encryption_key)
+    manifest = list_backups(storage.open())[-1]
+
+    report = restore_verification(storage, sandbox="local", encryption_key=encryption_key)
+    assert report.status == "Successful", report.failure
+    assert report.failure is None
+    assert report.backup_id == manifest.backup_id
+    assert report.restore_exit_code == 0
+    assert [entry.stage for entry in report.timeline] == STAGES
+    assert [e.at for e in report.timeline] == sorted(e.at for e in report.timeline)
+    assert {t.table: t.restored for t in report.tables} == manifest.rows_by_table()
+    assert all(t.ok for t in report.tables)
+    assert report.table_count == manifest.table_count
+    assert report.schema_count == manifest.schema_count
+    assert report.restored_size and report.restored_size > 0
+    assert f"PostgreSQL {pg_database.server.toolset.version}" in report.sandbox
+
+
+@pytest.mark.usefixtures("no_leftovers")
+@pytest.mark.parametrize("damage", ["flipped", "truncated"])
+def test_damaged_archive_fails_first_line_names_it(
+    pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey, damage: str
+) -> None:
+    server: EphemeralCluster = pg_servers.get(17)
+    source = f"dmg_{secrets.token_hex(3)}"
+    with server.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
+    with server.connect(source) as conn:
+        conn.execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS h "
+                     "FROM generate_series(1, 300000) g")
+    storage = backup_of(server, source, tmp_path / "b", encryption_key)
+    dump = next((tmp_path / "b").rglob("dump.pgbf"))
+    data = bytearray(dump.read_bytes())
+    if damage == "flipped":
+        data[len(data) // 2] ^= 0x01
+        expected = r"chunk \d+ failed authentication"
+    else:
+        cut = 102 + (1024 * 1024 + 36)  # header + exactly one full frame: a chunk boundary
+        data = data[:cut]
+        expected = r"archive truncated after chunk 0"
+    dump.write_bytes(bytes(data))
+
+    with pytest.raises(VerificationFailed) as excinfo:
+        restore_verification(storage, sandbox="local", encryption_key=encryption_key)
+    report = excinfo.value.report
+    assert report.status == "Failed"
+    assert report.failure is not None
+    assert re.search(expected, report.failure), report.failure
+    # The failure is the first thing the summary says.
+    first_line = report.markdown().splitlines()[2]
+    assert first_line.startswith("**") and "dump.pgbf" in first_line
+    assert report.timeline[-1].stage == "sandbox destroyed"
+
+
+def _toolset_with_extra_extension(base: Path, major: int) -> Toolset:
+    """A copy of the major's toolset plus an extension no sandbox has."""
+    original = find_toolset(major)
+    root = base / f"toolset-{major}"
+    shutil.copytree(original.bin_dir.parent, root, symlinks=True)
+    extension_dir = root / "share" / "extension"
+    (extension_dir / "pgbf_only_here.control").write_text(
+        "comment = 'exists only on the source server'\ndefault_version = '1.0'\n"
+        "relocatable = true\n"
+    )
+    (extension_dir / "pgbf_only_here--1.0.sql").write_text(
+        "CREATE FUNCTION pgbf_answer() RETURNS int LANGUAGE sql AS 'SELECT 42';\n"
+    )
+    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)  # the cluster's OS user
+    return Toolset(major, original.version, root / "bin")
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_restore_error_fails_with_pg_restore_message(
+    pg_servers: Any, encryption_key: BackupEncryptionKey
+) -> None:
+    """A backup using an extension the sandbox lacks: Failed, with pg_restore's own error."""
+    pg_servers.get(17)
+    base = Path("/tmp") / f"pgbf-ext-{secrets.token_hex(4)}"
+    base.mkdir(mode=0o755)
+    try:
+        toolset = _toolset_with_extra_extension(base, 17)
+        with EphemeralCluster(toolset, settings={"fsync": "off"}) as source:
+            with source.connect() as conn:
+                conn.execute("CREATE DATABASE extdb")
+            with source.connect("extdb") as conn:
+                conn.execute("CREATE EXTENSION pgbf_only_here")
+                conn.execute("CREATE TABLE answers AS SELECT pgbf_answer() AS a")
+            storage = backup_of(source, "extdb", base / "b", encryption_key)
+        with pytest.raises(VerificationFailed) as excinfo:
+            restore_verification(storage, sandbox="local", encryption_key=encryption_key)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    report = excinfo.value.report
+    assert report.restore_exit_code not in (None, 0)
+    assert report.failure is not None
+    assert report.failure.startswith(f"pg_restore failed with exit code {report.restore_exit_code}")
+    assert "pgbf_only_here" in report.failure
+    assert any("pgbf_only_here" in line for line in report.pg_restore_errors)
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_counts_disagreeing_with_the_manifest_fail_naming_the_table(
+    pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    server: EphemeralCluster = pg_servers.get(16)
+    source = f"cnt_{secrets.token_hex(3)}"
+    with server.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
+    with server.connect(source) as conn:
+        conn.execute("CREATE TABLE accounts AS SELECT generate_series(1, 1000) AS id")
+        conn.execute("CREATE TABLE notes AS SELECT generate_series(1, 10) AS id")
+    storage = backup_of(server, source, tmp_path / "b", encryption_key)
+    opened = storage.open()
+    manifest = list_backups(opened)[-1]
+    path = tmp_path / "b" / find_manifest_key(manifest)
+    document = json.loads(path.read_text())
+    for table in document["tables"]:
+        if table["table"] == "accounts":
+            table["rows"] = 999
+    path.write_text(json.dumps(document))
+
+    with pytest.raises(VerificationFailed) as excinfo:
+        restore_verification(storage, sandbox="local", encryption_key=encryption_key)
+    report = excinfo.value.report
+    assert report.failure == (
+        "restored data differs from the backup: table public.accounts: 1000 rows, expected 999"
+    )
+    failing = [t.table for t in report.tables if not t.ok]
+    assert failing == ["public.accounts"]
+
+
+def test_not_enough_disk_is_refused_before_starting(
+    pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """The free-disk check (2x the backup + 1 GB) runs before any sandbox starts."""
+    server: EphemeralCluster = pg_servers.get(17)
+    source = f"dsk_{secrets.token_hex(3)}"
+    with server.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
+    with server.connect(source) as conn:
+        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 100) AS id")
+    storage = backup_of(server, source, tmp_path / "b", encryption_key)
+    small = Path("/tmp") / f"pgbf-small-{secrets.token_hex(4)}"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "none",
+                              str(small)], capture_output=True, check=False)
+    if mounted.returncode != 0:
+        small.rmdir()
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    old_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(small)
+    tempfile.tempdir = None
+    try:
+        with pytest.raises(VerificationFailed) as excinfo:
+            restore_verification(storage, sandbox="local", encryption_key=encryption_key)
+    finally:
+        if old_tmpdir is None:
+            os.environ.pop("TMPDIR")
+        else:
+            os.environ["TMPDIR"] = old_tmpdir
+        tempfile.tempdir = None
+        subprocess.run(["umount", str(small)], check=True)
+        small.rmdir()
+    report = excinfo.value.report
+    assert report.failure is not None and "not enough free disk" in report.failure
+    assert [e.stage for e in report.timeline] == ["picked backup", "sandbox destroyed"]
+
+
+def test_cli_verify_exit_codes_and_json(
+    pg_servers: Any, tmp_path: Path, prefect_api: str
+) -> None:
+    server: EphemeralCluster = pg_servers.get(15)
+    source = f"cli_{secrets.token_hex(3)}"
+    with server.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
+    with server.connect(source) as conn:
+        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 321) AS id")
+    key = BackupEncryptionKey.generate()
+    key_file = tmp_path / "k.key"
+    write_key_file(key_file, key.master_key())
+    backup_of(server, source, tmp_path / "b", key)
+    cli = str(Path(sys.executable).with_name("pgbackflow"))
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    ok = subprocess.run([cli, "verify", "--from", str(tmp_path / "b"), "--sandbox", "local",
+                         "--key-file", str(key_file), "--json"],
+                        env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert ok.returncode == 0, ok.stderr
+    report = json.loads(ok.stdout)
+    assert report["status"] == "Successful"
+    assert report["tables"] == [{"table": "public.t", "expected": 321, "restored": 321}]
+
+    dump = next((tmp_path / "b").rglob("dump.pgbf"))
+    dump.write_bytes(dump.read_bytes()[:-10])
+    bad = subprocess.run([cli, "verify", "--from", str(tmp_path / "b"), "--sandbox", "local",
+                          "--key-file", str(key_file), "--json"],
+                         env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert bad.returncode == 1
+    assert json.loads(bad.stdout)["status"] == "Failed"
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: verification failed:")
+    assert "Traceback" not in bad.stderr
