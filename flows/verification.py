@@ -23,6 +23,7 @@ from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
 
 from blocks.encryption import BackupEncryptionKey
 from flows.common import (
@@ -152,11 +153,33 @@ def restore_verification(
         timeline = Timeline()
         manifest = pick_backup(source, backup_id, db_id)
         timeline.mark("picked backup")
-        report = restore_and_count(
-            source, manifest, keyring, sandbox, image_template,
-            SandboxResources(cpus=cpus, memory_mb=memory_mb), timeline,
-        )
+        try:
+            report = restore_and_count(
+                source, manifest, keyring, sandbox, image_template,
+                SandboxResources(cpus=cpus, memory_mb=memory_mb), timeline,
+            )
+        except KeyboardInterrupt:
+            # Cancelled (SIGTERM from the worker, Ctrl-C): the sandbox is already gone.
+            timeline.mark("canceled")
+            report = canceled_report(manifest, timeline, sandbox)
+            publish_verification_artifacts(report)
+            return Cancelled(  # type: ignore[return-value]  # Prefect takes a returned state
+                message=f"verification of {manifest.backup_id} canceled; sandbox removed"
+            )
         publish_verification_artifacts(report)
     if report.status != "Successful":
         raise VerificationFailed(report)
     return report
+
+
+def canceled_report(
+    manifest: LogicalManifest, timeline: Timeline, sandbox: str
+) -> VerificationReport:
+    """The report of a verification stopped before it finished."""
+    return VerificationReport(
+        status="Canceled", failure="canceled before it finished; the sandbox was removed",
+        backup_id=manifest.backup_id, db_id=manifest.database.db_id,
+        database=manifest.database.name, source_server_version=manifest.server_version,
+        sandbox=sandbox, timeline=list(timeline.entries), source_size=manifest.database_size,
+        expected_schema_count=manifest.schema_count, expected_table_count=manifest.table_count,
+    )

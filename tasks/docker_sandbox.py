@@ -123,7 +123,7 @@ class DockerSandbox(Sandbox):
     @property
     def container_name(self) -> str:
         """Name of the container (derived from the unique work dir)."""
-        return f"pgbackflow-{self.work_dir.name.lower()}"
+        return self.work_dir.name.lower()
 
     @property
     def dump_dir(self) -> Path:
@@ -175,7 +175,15 @@ class DockerSandbox(Sandbox):
                 "pass --image with a template like registry/postgres:{major}"
             ) from None
         except docker.errors.APIError as exc:
-            raise SandboxError(f"starting container from {self.image} failed: {exc}") from None
+            explanation = str(getattr(exc, "explanation", None) or exc).splitlines()[0][:200]
+            if "images/create" in str(exc) or "pull" in explanation.lower() or \
+                    "registry" in explanation:
+                raise SandboxError(
+                    f"image {self.image} is not on this host and pulling it failed "
+                    f"({explanation}): pull or build it (docker/build_images.py), or pass --image"
+                ) from None
+            raise SandboxError(f"starting container from {self.image} failed: {explanation}") \
+                from None
         self._wait_ready()
 
     def _wait_ready(self) -> None:

@@ -65,17 +65,41 @@ def backup_of(server: EphemeralCluster, dbname: str, folder: Path,
     return storage
 
 
+@pytest.fixture
+def docker_engine() -> Any:
+    """The Docker engine; CI (PGBACKFLOW_REQUIRE_DOCKER=1) fails instead of skipping."""
+    from tasks.docker_sandbox import docker_client
+    from tasks.sandbox import SandboxError
+
+    try:
+        return docker_client()
+    except SandboxError as exc:
+        if os.environ.get("PGBACKFLOW_REQUIRE_DOCKER") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+
+
+def our_containers(client: Any) -> list[Any]:
+    from tasks.sandbox import SANDBOX_LABEL
+
+    return list(client.containers.list(all=True, filters={"label": SANDBOX_LABEL}))
+
+
 @pytest.mark.usefixtures("no_leftovers")
-def test_successful_verification_local_sandbox(
-    pg_database: PgDatabase, tmp_path: Path, encryption_key: BackupEncryptionKey
+@pytest.mark.parametrize("sandbox", ["local", "docker"])
+def test_successful_verification(
+    pg_database: PgDatabase, tmp_path: Path, encryption_key: BackupEncryptionKey,
+    sandbox: str, request: pytest.FixtureRequest,
 ) -> None:
     """Every table comes back with its rows; the report says so stage by stage."""
+    client = request.getfixturevalue("docker_engine") if sandbox == "docker" else None
     with pg_database.connect() as conn:
         load_edge_case_database(conn)
     storage = backup_of(pg_database.server, pg_database.name, tmp_path / "b", encryption_key)
     manifest = list_backups(storage.open())[-1]
 
-    report = restore_verification(storage, sandbox="local", encryption_key=encryption_key)
+    report = restore_verification(storage, sandbox=sandbox,  # type: ignore[arg-type]
+                                  encryption_key=encryption_key)
     assert report.status == "Successful", report.failure
     assert report.failure is None
     assert report.backup_id == manifest.backup_id
@@ -87,7 +111,11 @@ def test_successful_verification_local_sandbox(
     assert report.table_count == manifest.table_count
     assert report.schema_count == manifest.schema_count
     assert report.restored_size and report.restored_size > 0
-    assert f"PostgreSQL {pg_database.server.toolset.version}" in report.sandbox
+    if client is None:
+        assert f"PostgreSQL {pg_database.server.toolset.version}" in report.sandbox
+    else:
+        assert f"postgres:{pg_database.major}" in report.sandbox
+        assert our_containers(client) == []
 
 
 @pytest.mark.usefixtures("no_leftovers")
@@ -272,3 +300,54 @@ def test_cli_verify_exit_codes_and_json(
     assert json.loads(bad.stdout)["status"] == "Failed"
     assert bad.stderr.strip().splitlines()[-1].startswith("error: verification failed:")
     assert "Traceback" not in bad.stderr
+
+
+def test_cancel_during_restore_removes_the_container(
+    pg_servers: Any, tmp_path: Path, prefect_api: str, docker_engine: Any
+) -> None:
+    """SIGTERM (how a worker stops a cancelled run) mid-restore: Cancelled, container gone."""
+    import signal
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    server: EphemeralCluster = pg_servers.get(17)
+    source = f"cancel_{secrets.token_hex(3)}"
+    with server.connect() as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
+    with server.connect(source) as conn:
+        conn.execute("CREATE TABLE big AS SELECT g AS id, md5(g::text) AS a, md5((g+1)::text) AS b"
+                     " FROM generate_series(1, 3000000) g")
+        conn.execute("CREATE INDEX ON big (a)")
+    key = BackupEncryptionKey.generate()
+    key_file = tmp_path / "k.key"
+    write_key_file(key_file, key.master_key())
+    backup_of(server, source, tmp_path / "b", key)
+
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).with_name("pgbackflow")), "verify", "--from",
+         str(tmp_path / "b"), "--sandbox", "docker", "--key-file", str(key_file)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 120
+    restoring = False
+    while time.monotonic() < deadline and not restoring:
+        for container in our_containers(docker_engine):
+            top = container.top(ps_args="-eo args") if container.status == "running" else {}
+            restoring = any("pg_restore" in " ".join(p) for p in top.get("Processes", []))
+        time.sleep(0.1)
+    assert restoring, "pg_restore never started in the sandbox"
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in stderr
+    assert our_containers(docker_engine) == []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["restore-verification"])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+    assert runs[0].state is not None and runs[0].state.is_cancelled(), runs[0].state
