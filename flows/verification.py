@@ -33,6 +33,7 @@ from flows.common import (
     resolve_keyring,
     retry_if_transient,
 )
+from tasks.budget import job_share_from_environment
 from tasks.keys import Keyring
 from tasks.manifest import LogicalManifest, find_backup
 from tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
@@ -117,6 +118,11 @@ def publish_verification_artifacts(report: VerificationReport) -> None:
     )
 
 
+def _resources(cpus: float | None, memory_mb: int | None) -> SandboxResources:
+    share = job_share_from_environment(SandboxResources())
+    return SandboxResources(cpus=cpus or share.cpus, memory_mb=memory_mb or share.memory_mb)
+
+
 def _run_name() -> str:
     params = flow_run.parameters
     return f"verify-{params.get('db_id') or 'db'}-{params.get('backup_id', 'latest')}"
@@ -129,8 +135,8 @@ def restore_verification(
     db_id: str | None = None,
     sandbox: Literal["docker", "local"] = "docker",
     image_template: str = DEFAULT_IMAGE_TEMPLATE,
-    cpus: float = 1.0,
-    memory_mb: int = 1024,
+    cpus: float | None = None,
+    memory_mb: int | None = None,
     encryption_key: BackupEncryptionKey | None = None,
     key_file: str | None = None,
 ) -> VerificationReport:
@@ -142,8 +148,9 @@ def restore_verification(
         db_id: Which database, when the storage holds several.
         sandbox: "docker" (a ``postgres:<major>`` container) or "local" (an ephemeral cluster).
         image_template: Docker image with ``{major}``.
-        cpus: CPU cores for the sandbox (also pg_restore -j).
-        memory_mb: Memory limit of the sandbox.
+        cpus: CPU cores for the sandbox (also pg_restore -j); default: the agent's per-job
+            share, else 1.
+        memory_mb: Memory limit of the sandbox; default: the agent's share, else 1024.
         encryption_key: Master key block; else ``key_file``; else the default key file.
         key_file: Path of a master key file.
     """
@@ -156,7 +163,7 @@ def restore_verification(
         try:
             report = restore_and_count(
                 source, manifest, keyring, sandbox, image_template,
-                SandboxResources(cpus=cpus, memory_mb=memory_mb), timeline,
+                _resources(cpus, memory_mb), timeline,
             )
         except KeyboardInterrupt:
             # Cancelled (SIGTERM from the worker, Ctrl-C): the sandbox is already gone.

@@ -306,8 +306,12 @@ def verify(
     image: Annotated[
         str, typer.Option("--image", help="Docker image template, e.g. registry/postgres:{major}.")
     ] = "postgres:{major}",
-    cpus: Annotated[float, typer.Option("--cpus", help="CPU cores for the sandbox.")] = 1.0,
-    memory_mb: Annotated[int, typer.Option("--memory-mb", help="Sandbox memory (MB).")] = 1024,
+    cpus: Annotated[
+        float | None, typer.Option("--cpus", help="CPU cores for the sandbox (default 1).")
+    ] = None,
+    memory_mb: Annotated[
+        int | None, typer.Option("--memory-mb", help="Sandbox memory in MB (default 1024).")
+    ] = None,
     key_file: Annotated[Path | None, typer.Option("--key-file", help="Master key file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -340,6 +344,49 @@ def verify(
             err.print(f"{entry.at:%H:%M:%S.%f}  {entry.stage}", highlight=False)
     if report.status != "Successful":
         raise PgBackflowError(f"verification {report.status.lower()}: {report.failure}")
+
+
+@app.command()
+@user_errors
+def agent(
+    pool: Annotated[str, typer.Option("--pool", help="Prefect work pool to serve.")],
+    max_cpu: Annotated[float, typer.Option("--max-cpu", help="CPU cores for all jobs.")] = 2,
+    max_ram_mb: Annotated[int, typer.Option("--max-ram-mb", help="Memory for all jobs.")] = 2048,
+    max_disk_gb: Annotated[float, typer.Option("--max-disk-gb", help="Disk budget.")] = 20,
+    max_concurrent_jobs: Annotated[
+        int, typer.Option("--max-concurrent-jobs", help="Verifications at once (wish).")
+    ] = 1,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; start nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+) -> None:
+    """Run a verification agent: a Prefect worker for POOL inside a resource budget."""
+    from tasks.budget import plan_budget
+
+    plan = plan_budget(max_cpu, max_ram_mb, max_disk_gb, max_concurrent_jobs)
+    if plan.note:
+        err.print(f"[bold yellow]{plan.note}[/]")
+    command = [
+        sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
+        "--limit", str(plan.concurrent_jobs), "--name", f"pgbackflow-agent-{os.uname().nodename}",
+    ]
+    summary = {
+        "pool": pool, "concurrent_jobs": plan.concurrent_jobs,
+        "per_job": {"cpus": plan.per_job.cpus, "memory_mb": plan.per_job.memory_mb},
+        "disk_bytes": plan.disk_bytes, "note": plan.note, "command": command,
+    }
+    if as_json:
+        _print_json(summary)
+    else:
+        err.print(f"agent for pool {pool}: {plan.concurrent_jobs} concurrent job(s), each "
+                  f"{plan.per_job.cpus:g} CPU / {plan.per_job.memory_mb} MB; disk budget "
+                  f"{max_disk_gb:g} GB", highlight=False)
+    if dry_run:
+        return
+    sys.stdout.flush()
+    # The agent becomes the worker: signals (SIGTERM from a supervisor) reach it directly.
+    os.execve(sys.executable, command, {**os.environ, **plan.job_environment()})
 
 
 @app.command()

@@ -18,6 +18,7 @@ from typing import Literal
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
+from tasks.budget import disk_budget_from_environment
 from tasks.database import connect
 from tasks.errors import PgBackflowError, StorageError
 from tasks.inventory import compare_counts, take_inventory
@@ -121,9 +122,16 @@ class Timeline:
         self.entries.append(TimelineEntry(stage=stage, at=self._clock()))
 
 
-def check_free_disk(manifest: LogicalManifest, where: Path) -> None:
-    """Refuse to start without 2x the backup's stored size plus 1 GB free."""
+def check_free_disk(
+    manifest: LogicalManifest, where: Path, budget_bytes: int | None = None
+) -> None:
+    """Refuse to start without 2x the backup's stored size plus 1 GB free (and budgeted)."""
     needed = 2 * manifest.stored_size + HEADROOM_BYTES
+    if budget_bytes is not None and needed > budget_bytes:
+        raise StorageError(
+            f"verifying backup {manifest.backup_id} needs {needed / 1e9:.1f} GB of disk, more than"
+            f" the agent's disk budget of {budget_bytes / 1e9:.1f} GB: raise --max-disk-gb"
+        )
     free = free_disk_bytes(where)
     if free < needed:
         raise StorageError(
@@ -177,7 +185,7 @@ def verify_backup(
         expected_table_count=manifest.table_count,
     )
     try:
-        check_free_disk(manifest, sandbox.work_dir)
+        check_free_disk(manifest, sandbox.work_dir, disk_budget_from_environment())
         with sandbox:
             report.sandbox = sandbox.description
             timeline.mark("sandbox up")

@@ -1,0 +1,106 @@
+"""The verification agent: budget sharing, worker start, container limits from the share."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasks.budget import plan_budget
+from tasks.errors import ConfigError
+
+CLI = str(Path(sys.executable).with_name("pgbackflow"))
+
+
+def test_budget_floor_lowers_concurrency_instead_of_failing() -> None:
+    plan = plan_budget(max_cpu=1, max_ram_mb=700, max_disk_gb=5, max_concurrent_jobs=2)
+    assert plan.concurrent_jobs == 1
+    assert (plan.per_job.cpus, plan.per_job.memory_mb) == (1.0, 700)
+    assert plan.note is not None and "advertising 1 concurrent job instead of 2" in plan.note
+
+    roomy = plan_budget(max_cpu=4, max_ram_mb=4096, max_disk_gb=50, max_concurrent_jobs=2)
+    assert roomy.concurrent_jobs == 2 and roomy.note is None
+    assert (roomy.per_job.cpus, roomy.per_job.memory_mb) == (2.0, 2048)
+    assert roomy.disk_bytes == 50 * 1024**3
+
+    memory_bound = plan_budget(max_cpu=8, max_ram_mb=1500, max_disk_gb=5, max_concurrent_jobs=4)
+    assert memory_bound.concurrent_jobs == 2
+
+    with pytest.raises(ConfigError, match="cannot run one verification"):
+        plan_budget(max_cpu=0.5, max_ram_mb=4096, max_disk_gb=5, max_concurrent_jobs=1)
+    with pytest.raises(ConfigError, match="--max-ram-mb 0 must be positive"):
+        plan_budget(max_cpu=1, max_ram_mb=0, max_disk_gb=5, max_concurrent_jobs=1)
+
+
+def test_agent_cli_advertises_what_the_budget_covers() -> None:
+    result = subprocess.run(
+        [CLI, "agent", "--pool", "verify", "--max-cpu", "1", "--max-ram-mb", "700",
+         "--max-concurrent-jobs", "2", "--dry-run", "--json"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert plan["concurrent_jobs"] == 1
+    assert plan["per_job"] == {"cpus": 1.0, "memory_mb": 700}
+    assert "advertising 1 concurrent job instead of 2" in result.stderr
+    assert plan["command"][-4:-2] == ["--limit", "1"]
+
+
+def test_agent_starts_a_worker_for_the_pool(prefect_api: str) -> None:
+    from prefect.client.orchestration import get_client
+
+    pool = f"verify-{os.getpid()}"
+    proc = subprocess.Popen(
+        [CLI, "agent", "--pool", pool, "--max-cpu", "2", "--max-ram-mb", "2048"],
+        env={**os.environ, "PREFECT_API_URL": prefect_api}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        workers: list[Any] = []
+        deadline = time.monotonic() + 90
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline and not workers:
+                time.sleep(1)
+                assert proc.poll() is None, proc.communicate()[1][-2000:]
+                try:
+                    workers = client.read_workers_for_work_pool(pool)
+                except Exception:  # the pool appears when the worker registers
+                    workers = []
+            pool_info = client.read_work_pool(pool)
+        assert workers and workers[0].name.startswith("pgbackflow-agent-")
+        assert pool_info.type == "process"
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(timeout=30)
+
+
+def test_container_limits_are_the_per_job_share(pg_servers: Any) -> None:
+    """The sandbox container gets exactly the job's share (read back from the Docker API)."""
+    from tasks.docker_sandbox import DockerSandbox, docker_client
+    from tasks.sandbox import SandboxError
+
+    try:
+        docker_client()
+    except SandboxError as exc:
+        if os.environ.get("PGBACKFLOW_REQUIRE_DOCKER") == "1":
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))
+    major = max(pg_servers.majors)
+    plan = plan_budget(max_cpu=1, max_ram_mb=700, max_disk_gb=5, max_concurrent_jobs=2)
+    with DockerSandbox(major, plan.per_job) as sandbox:
+        container = docker_client().containers.get(sandbox.container_name)
+        host = container.attrs["HostConfig"]
+        assert host["NanoCpus"] == 1_000_000_000
+        assert host["Memory"] == 700 * 1024 * 1024
+        assert host["NetworkMode"] == "none"
+        assert host["CapDrop"] == ["ALL"]
+        assert "no-new-privileges" in host["SecurityOpt"]
+        assert host["PidsLimit"] == plan.per_job.pids
+    with pytest.raises(Exception, match="No such container"):
+        docker_client().containers.get(sandbox.container_name)
