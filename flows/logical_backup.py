@@ -18,6 +18,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
+from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
 from blocks.database import PostgresDatabase
@@ -205,6 +206,7 @@ def logical_backup(
     storages: list[StorageBlock],
     encryption_key: BackupEncryptionKey | None = None,
     key_file: str | None = None,
+    verify_after_backup: bool = False,
 ) -> BackupReport:
     """Back up one database with pg_dump into one or more storages, encrypted.
 
@@ -213,6 +215,8 @@ def logical_backup(
         storages: Where to write the backup (all at once, from one dump).
         encryption_key: Master key block; else ``key_file``; else the default key file.
         key_file: Path of a master key file.
+        verify_after_backup: Queue a restore verification of this backup on the database's
+            verification deployment (older waiting verifications are cancelled).
     """
     started_at = datetime.now(UTC)
     settings = database.settings()
@@ -250,4 +254,23 @@ def logical_backup(
         raise BackupIncompleteError(
             f"backup {backup_id} is complete in {good} but failed in {reasons}"
         )
+    if verify_after_backup:
+        request_verification(report.db_id, report.backup_id)
     return report
+
+
+@task(name="request-verification", cache_policy=NONE)
+def request_verification(db_id: str, backup_id: str) -> None:
+    """Queue a verification of the new backup; a missing deployment is a warning, not a failure."""
+    from deployments.verification import deployment_name, queue_verification
+
+    logger = get_run_logger()
+    try:
+        run_id = queue_verification(db_id, backup_id)
+    except ObjectNotFound:
+        logger.warning(
+            "no verification deployment %s for database %s: create it with "
+            "pgbackflow schedule-verification", deployment_name(db_id), db_id,
+        )
+        return
+    logger.info("verification of %s queued (flow run %s)", backup_id, run_id)

@@ -15,7 +15,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Literal
+from typing import Literal, cast
 
 from prefect import flow, tags, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -26,6 +26,7 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
 from blocks.encryption import BackupEncryptionKey
+from blocks.storage import storage_block_from_url
 from flows.common import (
     RETRY_DELAYS,
     StorageBlock,
@@ -130,7 +131,7 @@ def _run_name() -> str:
 
 @flow(name="restore-verification", flow_run_name=_run_name)
 def restore_verification(
-    storage: StorageBlock,
+    storage: StorageBlock | str,
     backup_id: str = "latest",
     db_id: str | None = None,
     sandbox: Literal["docker", "local"] = "docker",
@@ -139,11 +140,13 @@ def restore_verification(
     memory_mb: int | None = None,
     encryption_key: BackupEncryptionKey | None = None,
     key_file: str | None = None,
+    encryption_key_block: str | None = None,
 ) -> VerificationReport:
     """Prove a backup restores: restore it into a throwaway sandbox and compare every table.
 
     Args:
-        storage: Where the backups are.
+        storage: Where the backups are: a storage block, or (for deployments) a URL or
+            ``block:slug/name`` resolved where the run executes.
         backup_id: A backup id, or "latest" (the newest complete backup).
         db_id: Which database, when the storage holds several.
         sandbox: "docker" (a ``postgres:<major>`` container) or "local" (an ephemeral cluster).
@@ -153,10 +156,15 @@ def restore_verification(
         memory_mb: Memory limit of the sandbox; default: the agent's share, else 1024.
         encryption_key: Master key block; else ``key_file``; else the default key file.
         key_file: Path of a master key file.
+        encryption_key_block: Name of a saved BackupEncryptionKey block.
     """
     with tags(VERIFICATION_TAG):
+        if encryption_key is None and encryption_key_block:
+            encryption_key = cast(BackupEncryptionKey,
+                                  BackupEncryptionKey.load(encryption_key_block))
         keyring = resolve_keyring(encryption_key, key_file)
-        source = storage.open()
+        block = storage_block_from_url(storage) if isinstance(storage, str) else storage
+        source = block.open()
         timeline = Timeline()
         manifest = pick_backup(source, backup_id, db_id)
         timeline.mark("picked backup")

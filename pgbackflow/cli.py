@@ -186,6 +186,9 @@ def backup(
     key_file: Annotated[
         Path | None, typer.Option("--key-file", help="Master key file (default: created).")
     ] = None,
+    verify_after: Annotated[
+        bool, typer.Option("--verify-after", help="Queue a restore verification of it.")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Back up one database (pg_dump, encrypted) into one or more storages."""
@@ -195,7 +198,8 @@ def backup(
     from flows.logical_backup import logical_backup
 
     with _progress_bar(not as_json):
-        report = logical_backup(database=database, storages=storages, key_file=key_path)
+        report = logical_backup(database=database, storages=storages, key_file=key_path,
+                                verify_after_backup=verify_after)
     if as_json:
         _print_json(report.model_dump(mode="json"))
         return
@@ -344,6 +348,60 @@ def verify(
             err.print(f"{entry.at:%H:%M:%S.%f}  {entry.stage}", highlight=False)
     if report.status != "Successful":
         raise PgBackflowError(f"verification {report.status.lower()}: {report.failure}")
+
+
+@app.command("schedule-verification")
+@user_errors
+def schedule_verification(
+    db_id: Annotated[str, typer.Option("--db-id", help="Database id (see pgbackflow list).")],
+    source: Annotated[str, typer.Option("--from", help="Storage (URL or block:slug/name).")],
+    pool: Annotated[str, typer.Option("--pool", help="Work pool of the verification agents.")],
+    preset: Annotated[
+        str | None, typer.Option("--preset", help="hourly, daily, weekly or monthly (UTC).")
+    ] = None,
+    at: Annotated[str, typer.Option("--at", help="UTC time of day for presets.")] = "03:00",
+    cron: Annotated[str | None, typer.Option("--cron", help="Custom UTC cron.")] = None,
+    sandbox: Annotated[str, typer.Option("--sandbox", help="docker or local.")] = "docker",
+    image: Annotated[str, typer.Option("--image", help="Image template.")] = "postgres:{major}",
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="Key file path on the agents.")
+    ] = None,
+    key_block: Annotated[
+        str | None, typer.Option("--key-block", help="BackupEncryptionKey block name.")
+    ] = None,
+) -> None:
+    """Create or update a database's verification deployment (schedule optional)."""
+    from deployments.verification import deploy_verification, schedule_cron
+
+    schedule = schedule_cron(preset, at, cron) if (preset or cron) else None
+    deployment_id = deploy_verification(
+        db_id, source, pool, cron=schedule, sandbox=sandbox, image_template=image,
+        key_file=str(key_file.absolute()) if key_file else None, encryption_key_block=key_block,
+    )
+    out.print(f"verification deployment for {db_id}: {deployment_id}"
+              + (f", schedule '{schedule}' UTC" if schedule else ", on demand / after backup"))
+
+
+@app.command()
+@user_errors
+def notify(
+    db_id: Annotated[str, typer.Option("--db-id", help="Database id.")],
+    webhook_block: Annotated[
+        str, typer.Option("--webhook-block", help="Saved CustomWebhookNotificationBlock name.")
+    ],
+    on_failure: Annotated[
+        bool, typer.Option("--on-failure/--no-on-failure", help="Notify failures.")
+    ] = True,
+    on_success: Annotated[
+        bool, typer.Option("--on-success/--no-on-success", help="Notify successes.")
+    ] = False,
+) -> None:
+    """Set a database's verification notifications (Prefect automations)."""
+    from deployments.verification import configure_notifications
+
+    created = configure_notifications(db_id, webhook_block, on_failure=on_failure,
+                                      on_success=on_success)
+    out.print(f"{len(created)} notification automation(s) for {db_id}")
 
 
 @app.command()
