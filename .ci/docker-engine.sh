@@ -28,19 +28,31 @@ if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/n
 fi
 
 echo "docker-engine: starting dockerd (log: $log)"
+echo "=== $(date -u +%FT%TZ) .ci/docker-engine.sh starts dockerd" >>"$log"
 started=$SECONDS
 # setsid + nohup + closed stdin: the engine outlives this script and CI's shell.
 setsid nohup dockerd \
     --iptables=false --ip-masq=false --bridge=none --storage-driver=vfs \
     </dev/null >>"$log" 2>&1 &
+pid=$!
 
+# Our child, or (if setsid had to fork) the engine that wrote its pid file.
+engine_alive() {
+    kill -0 "$pid" 2>/dev/null ||
+        { [ -s /var/run/docker.pid ] && kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; }
+}
+fail() {
+    echo "docker-engine: $1; last log lines ($log):" >&2
+    tail -n 40 "$log" >&2 || true
+    exit 1
+}
 deadline=$((SECONDS + timeout_s))
 until docker info >/dev/null 2>&1; do
+    engine_alive || fail "dockerd exited during start-up"
     if ((SECONDS >= deadline)); then
-        echo "docker-engine: dockerd did not answer within ${timeout_s}s; last log lines:" >&2
-        tail -n 40 "$log" >&2 || true
-        exit 1
+        kill "$pid" 2>/dev/null || true # a half-started engine would block the next attempt
+        fail "dockerd did not answer within ${timeout_s}s (stopped it)"
     fi
-    sleep 0.5
+    sleep 0.25
 done
 echo "docker-engine: engine ready after $((SECONDS - started))s"

@@ -327,6 +327,8 @@ def verify(
         raise PgBackflowError(f"--image {image!r} has no {{major}}: e.g. postgres:{{major}}")
     storage = _storage_block(source, f"--from {source}")
     key_path = _key_file_or_default(key_file)
+    from prefect.exceptions import CancelledRun
+
     from flows.verification import VerificationFailed, restore_verification
 
     try:
@@ -336,6 +338,8 @@ def verify(
         )
     except VerificationFailed as failed:
         report = failed.report
+    except CancelledRun as canceled:
+        raise PgBackflowError(f"verification canceled: {canceled}") from None
     if as_json:
         _print_json(report.model_dump(mode="json"))
     else:

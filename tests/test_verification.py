@@ -336,14 +336,17 @@ def test_cancel_during_restore_removes_the_container(
     restoring = False
     while time.monotonic() < deadline and not restoring:
         for container in our_containers(docker_engine):
-            top = container.top(ps_args="-eo args") if container.status == "running" else {}
-            restoring = any("pg_restore" in " ".join(p) for p in top.get("Processes", []))
+            try:
+                top = container.top() if container.status == "running" else {}
+            except Exception:  # the container went away between list and top
+                top = {}
+            restoring = any("pg_restore" in " ".join(p) for p in top.get("Processes") or [])
         time.sleep(0.1)
     assert restoring, "pg_restore never started in the sandbox"
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert "Traceback" not in stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
     assert our_containers(docker_engine) == []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
