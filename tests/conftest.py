@@ -15,4 +15,5 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
+    "tests.fixtures.docker",
 ]

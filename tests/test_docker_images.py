@@ -32,19 +32,6 @@ Container = Any  # docker.models.containers.Container (the SDK has no type hints
 StartFn = Callable[..., Container]
 
 
-def _docker_client() -> Any:
-    try:
-        # importlib: mypy would resolve "docker" to this repository's docker/ folder.
-        docker = importlib.import_module("docker")
-        client = docker.from_env(timeout=120)
-        client.ping()
-    except Exception as exc:
-        pytest.skip(
-            f"no Docker engine answers ({type(exc).__name__}: {exc}); start one with "
-            "`bash .ci/docker-engine.sh`",
-            allow_module_level=True,
-        )
-    return client
 
 
 def _remove_test_containers(client: Any) -> None:
@@ -53,9 +40,9 @@ def _remove_test_containers(client: Any) -> None:
 
 
 @pytest.fixture(scope="module")
-def docker_client() -> Iterator[Any]:
-    """Docker client; the module is skipped when no engine answers. Removes leftovers."""
-    client = _docker_client()
+def docker_client(docker_engine: Any) -> Iterator[Any]:
+    """The engine's client (see tests/fixtures/docker.py); removes leftover test containers."""
+    client = docker_engine
     _remove_test_containers(client)
     try:
         yield client

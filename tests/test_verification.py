@@ -65,20 +65,6 @@ def backup_of(server: EphemeralCluster, dbname: str, folder: Path,
     return storage
 
 
-@pytest.fixture
-def docker_engine() -> Any:
-    """The Docker engine; CI (PGBACKFLOW_REQUIRE_DOCKER=1) fails instead of skipping."""
-    from tasks.docker_sandbox import docker_client
-    from tasks.sandbox import SandboxError
-
-    try:
-        return docker_client()
-    except SandboxError as exc:
-        if os.environ.get("PGBACKFLOW_REQUIRE_DOCKER") == "1":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
-
-
 def our_containers(client: Any) -> list[Any]:
     from tasks.sandbox import SANDBOX_LABEL
 
