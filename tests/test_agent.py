@@ -97,3 +97,59 @@ def test_container_limits_are_the_per_job_share(pg_servers: Any, docker_engine: 
         assert host["PidsLimit"] == plan.per_job.pids
     with pytest.raises(Exception, match="No such container"):
         docker_engine.containers.get(sandbox.container_name)
+
+
+def test_startup_sweep_removes_leftovers_of_a_crashed_run(
+    pg_servers: Any, docker_engine: Any
+) -> None:
+    """A sandbox container whose owner process died is removed by the next sandbox start."""
+    import socket
+
+    from tasks.docker_sandbox import DockerSandbox
+    from tasks.sandbox import SANDBOX_LABEL
+
+    major = max(pg_servers.majors)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    orphan = docker_engine.containers.create(
+        f"postgres:{major}", command=["sleep", "600"], entrypoint=[],
+        labels={SANDBOX_LABEL: "1", "pgbackflow.host": socket.gethostname(),
+                "pgbackflow.pid": str(dead.pid)},
+        network_mode="none",
+    )
+    foreign = docker_engine.containers.create(
+        f"postgres:{major}", command=["sleep", "600"], entrypoint=[],
+        labels={SANDBOX_LABEL: "1", "pgbackflow.host": "another-agent-host",
+                "pgbackflow.pid": str(dead.pid)},
+        network_mode="none",
+    )
+    try:
+        with DockerSandbox(major):
+            names = {c.name for c in docker_engine.containers.list(all=True)}
+            assert orphan.name not in names
+            assert foreign.name in names  # another host's agent owns it
+    finally:
+        foreign.remove(force=True)
+
+
+def test_disk_budget_is_checked_before_a_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datetime import UTC, datetime
+
+    from tasks.budget import ENV_MAX_DISK_BYTES, disk_budget_from_environment
+    from tasks.errors import StorageError
+    from tasks.manifest import DatabaseInfo, LogicalManifest, StoredObjectInfo
+    from tasks.verify import check_free_disk
+
+    stored = StoredObjectInfo(key="k", raw_size=1, stored_size=600 * 1024**2, sha256="0" * 64)
+    manifest = LogicalManifest(
+        backup_id="b", database=DatabaseInfo(db_id="d", name="d", host="h", port=1,
+                                             system_identifier=None, database_oid=1),
+        server_version="17.1", server_version_num=170001, pg_dump_version="17.1",
+        compression="x", started_at=datetime.now(UTC), finished_at=datetime.now(UTC),
+        dump=stored, globals=stored, key_id="k", snapshot="s", tables=(), schema_count=0,
+        table_count=0, database_size=0, tool_version="t",
+    )
+    monkeypatch.setenv(ENV_MAX_DISK_BYTES, str(2 * 1024**3))
+    with pytest.raises(StorageError, match=r"more than the agent's disk budget of 2\.1 GB"):
+        check_free_disk(manifest, Path("/tmp"), disk_budget_from_environment())
+    check_free_disk(manifest, Path("/tmp"), 4 * 1024**3)  # 2x1.2 GB + 1 GB fits in 4 GB

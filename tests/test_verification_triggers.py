@@ -111,7 +111,14 @@ def test_after_backup_trigger_queue_agent_and_notifications(
 ) -> None:
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        DeploymentFilter,
+        DeploymentFilterName,
+    )
+
+    from flows.common import artifact_key
 
     server: EphemeralCluster = pg_servers.get(17)
     source = f"trig_{secrets.token_hex(3)}"
@@ -130,7 +137,12 @@ def test_after_backup_trigger_queue_agent_and_notifications(
     first = logical_backup(database, [storage], key_file=str(key_file))
     db_id = first.db_id
     pool = f"verify-{secrets.token_hex(3)}"
-    deploy_verification(db_id, str(folder), pool, sandbox="local", key_file=str(key_file))
+    deployment_id = deploy_verification(db_id, str(folder), pool, cron=schedule_cron("weekly"),
+                                        sandbox="local", key_file=str(key_file))
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+    assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 0"]  # type: ignore[union-attr]
+    assert {"verification", f"db:{db_id}"} <= set(deployment.tags)
 
     hook = CustomWebhookNotificationBlock(
         name="test-hook", url=receiver.url,
@@ -164,6 +176,11 @@ def test_after_backup_trigger_queue_agent_and_notifications(
         done = wait_final(queued[0].id)
         assert done.state.is_completed(), done.state
         receiver.wait_for(f"verification of {db_id} completed")
+        with get_client(sync_client=True) as client:
+            summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[artifact_key("verification", db_id)])))
+        assert any("Successful" in str(a.data) and second.backup_id in str(a.data)
+                   for a in summaries)
 
         # Damage the newest dump: the next verification fails and says so at the webhook.
         dump = next((folder / "logical" / db_id / second.backup_id).glob("dump.pgbf"))
