@@ -16,4 +16,5 @@ pytest_plugins = [
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
     "tests.fixtures.docker",
+    "tests.fixtures.mounts",
 ]

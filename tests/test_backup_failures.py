@@ -33,7 +33,7 @@ from tasks.keys import MasterKey, write_key_file
 from tasks.manifest import LogicalManifest, list_backups
 from tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3ObjectStorage, Storage
 from tasks.toolsets import toolsets_home
-from tests.fixtures.postgres import PgServers
+from tests.fixtures.postgres import PgServers, make_database
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -189,13 +189,7 @@ def only_backup(storage: Storage) -> LogicalManifest:
 
 def create_database(server: EphemeralCluster, *statements: str) -> str:
     """A new database on ``server`` prepared by ``statements``."""
-    name = f"bf_{secrets.token_hex(5)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    with server.connect(name) as conn:
-        for statement in statements:
-            conn.execute(statement.encode())
-    return name
+    return make_database(server, "bf", *statements)
 
 
 def drop_database(server: EphemeralCluster, name: str) -> None:
@@ -279,25 +273,6 @@ def empty_target(server: EphemeralCluster) -> Iterator[str]:
         yield name
     finally:
         drop_database(server, name)
-
-
-@pytest.fixture
-def read_only_dir(tmp_path: Path) -> Iterator[Path]:
-    """A read-only tmpfs mount (root ignores permission bits, not a read-only mount)."""
-    target = tmp_path / "read-only"
-    target.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro", "none", str(target)],
-        capture_output=True, text=True, check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=True)
 
 
 # --------------------------------------------------------------------------- bad input: backup

@@ -24,7 +24,7 @@ from tasks.manifest import list_backups
 from tasks.sample_data import load_edge_case_database
 from tasks.toolsets import find_toolset
 from tests.dbcompare import database_fingerprint, diff_fingerprints, table_row_counts
-from tests.fixtures.postgres import PgDatabase
+from tests.fixtures.postgres import PgDatabase, make_database
 from tests.fixtures.s3 import S3Bucket
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -38,10 +38,7 @@ def db_block(server: EphemeralCluster, dbname: str) -> PostgresDatabase:
 
 
 def create_database(server: EphemeralCluster, prefix: str = "restored") -> str:
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    return name
+    return make_database(server, prefix)
 
 
 @pytest.fixture(scope="module")

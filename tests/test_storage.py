@@ -7,7 +7,6 @@ import json
 import os
 import re
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -373,27 +372,6 @@ def test_part_size_rejects_out_of_range() -> None:
 
 
 # --------------------------------------------------------------------------- local only
-
-
-@pytest.fixture
-def read_only_dir(tmp_path: Path) -> Iterator[Path]:
-    """A read-only tmpfs mount (root ignores permission bits, not a read-only mount)."""
-    target = tmp_path / "read-only"
-    target.mkdir()
-    if shutil.which("mount") is None:
-        pytest.skip("no mount command")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "ro", "none", str(target)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
-    try:
-        yield target
-    finally:
-        subprocess.run(["umount", str(target)], check=True)
 
 
 def test_read_only_folder_gives_clear_error(read_only_dir: Path) -> None:

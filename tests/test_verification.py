@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from psycopg import sql
 from pydantic import SecretStr
 
 from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
@@ -26,7 +25,8 @@ from tasks.keys import write_key_file
 from tasks.manifest import find_manifest_key, list_backups
 from tasks.sample_data import load_edge_case_database
 from tasks.toolsets import Toolset, find_toolset
-from tests.fixtures.postgres import PgDatabase
+from tests.fixtures.mounts import tmpfs
+from tests.fixtures.postgres import PgDatabase, make_database
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -110,12 +110,8 @@ def test_damaged_archive_fails_first_line_names_it(
     pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey, damage: str
 ) -> None:
     server: EphemeralCluster = pg_servers.get(17)
-    source = f"dmg_{secrets.token_hex(3)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
-    with server.connect(source) as conn:
-        conn.execute("CREATE TABLE t AS SELECT g AS id, md5(g::text) AS h "
-                     "FROM generate_series(1, 300000) g")
+    source = make_database(server, "dmg", "CREATE TABLE t AS SELECT g AS id, md5(g::text) AS h"
+                           " FROM generate_series(1, 300000) g")
     storage = backup_of(server, source, tmp_path / "b", encryption_key)
     dump = next((tmp_path / "b").rglob("dump.pgbf"))
     data = bytearray(dump.read_bytes())
@@ -191,12 +187,9 @@ def test_counts_disagreeing_with_the_manifest_fail_naming_the_table(
     pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey
 ) -> None:
     server: EphemeralCluster = pg_servers.get(16)
-    source = f"cnt_{secrets.token_hex(3)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
-    with server.connect(source) as conn:
-        conn.execute("CREATE TABLE accounts AS SELECT generate_series(1, 1000) AS id")
-        conn.execute("CREATE TABLE notes AS SELECT generate_series(1, 10) AS id")
+    source = make_database(server, "cnt",
+                           "CREATE TABLE accounts AS SELECT generate_series(1, 1000) AS id",
+                           "CREATE TABLE notes AS SELECT generate_series(1, 10) AS id")
     storage = backup_of(server, source, tmp_path / "b", encryption_key)
     opened = storage.open()
     manifest = list_backups(opened)[-1]
@@ -222,33 +215,24 @@ def test_not_enough_disk_is_refused_before_starting(
 ) -> None:
     """The free-disk check (2x the backup + 1 GB) runs before any sandbox starts."""
     server: EphemeralCluster = pg_servers.get(17)
-    source = f"dsk_{secrets.token_hex(3)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
-    with server.connect(source) as conn:
-        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 100) AS id")
+    source = make_database(server, "dsk",
+                           "CREATE TABLE t AS SELECT generate_series(1, 100) AS id")
     storage = backup_of(server, source, tmp_path / "b", encryption_key)
-    small = Path("/tmp") / f"pgbf-small-{secrets.token_hex(4)}"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m,mode=1777", "none",
-                              str(small)], capture_output=True, check=False)
-    if mounted.returncode != 0:
-        small.rmdir()
-        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
-    old_tmpdir = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(small)
-    tempfile.tempdir = None
-    try:
-        with pytest.raises(VerificationFailed) as excinfo:
-            restore_verification(storage, sandbox="local", encryption_key=encryption_key)
-    finally:
-        if old_tmpdir is None:
-            os.environ.pop("TMPDIR")
-        else:
-            os.environ["TMPDIR"] = old_tmpdir
+    # TMPDIR on a 64 MB filesystem (entered by the cluster's OS user: mode 1777).
+    with tmpfs(Path("/tmp") / f"pgbf-small-{secrets.token_hex(4)}", "size=64m,mode=1777") as small:
+        old_tmpdir = os.environ.get("TMPDIR")
+        os.environ["TMPDIR"] = str(small)
         tempfile.tempdir = None
-        subprocess.run(["umount", str(small)], check=True)
-        small.rmdir()
+        try:
+            with pytest.raises(VerificationFailed) as excinfo:
+                restore_verification(storage, sandbox="local", encryption_key=encryption_key)
+        finally:
+            if old_tmpdir is None:
+                os.environ.pop("TMPDIR")
+            else:
+                os.environ["TMPDIR"] = old_tmpdir
+            tempfile.tempdir = None
+    small.rmdir()
     report = excinfo.value.report
     assert report.failure is not None and "not enough free disk" in report.failure
     assert [e.stage for e in report.timeline] == ["picked backup", "sandbox destroyed"]
@@ -258,11 +242,8 @@ def test_cli_verify_exit_codes_and_json(
     pg_servers: Any, tmp_path: Path, prefect_api: str
 ) -> None:
     server: EphemeralCluster = pg_servers.get(15)
-    source = f"cli_{secrets.token_hex(3)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
-    with server.connect(source) as conn:
-        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 321) AS id")
+    source = make_database(server, "cli",
+                           "CREATE TABLE t AS SELECT generate_series(1, 321) AS id")
     key = BackupEncryptionKey.generate()
     key_file = tmp_path / "k.key"
     write_key_file(key_file, key.master_key())
@@ -300,13 +281,10 @@ def test_cancel_during_restore_removes_the_container(
     from prefect.client.schemas.sorting import FlowRunSort
 
     server: EphemeralCluster = pg_servers.get(17)
-    source = f"cancel_{secrets.token_hex(3)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
-    with server.connect(source) as conn:
-        conn.execute("CREATE TABLE big AS SELECT g AS id, md5(g::text) AS a, md5((g+1)::text) AS b"
-                     " FROM generate_series(1, 3000000) g")
-        conn.execute("CREATE INDEX ON big (a)")
+    source = make_database(server, "cancel",
+                           "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS a,"
+                           " md5((g+1)::text) AS b FROM generate_series(1, 3000000) g",
+                           "CREATE INDEX ON big (a)")
     key = BackupEncryptionKey.generate()
     key_file = tmp_path / "k.key"
     write_key_file(key_file, key.master_key())

@@ -18,7 +18,6 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-from psycopg import sql
 from pydantic import SecretStr
 
 from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
@@ -33,6 +32,7 @@ from flows.logical_backup import logical_backup
 from tasks.cluster import EphemeralCluster
 from tasks.errors import ConfigError
 from tasks.keys import write_key_file
+from tests.fixtures.postgres import make_database
 
 CLI = str(Path(sys.executable).with_name("pgbackflow"))
 
@@ -121,11 +121,8 @@ def test_after_backup_trigger_queue_agent_and_notifications(
     from flows.common import artifact_key
 
     server: EphemeralCluster = pg_servers.get(17)
-    source = f"trig_{secrets.token_hex(3)}"
-    with server.connect() as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(source)))
-    with server.connect(source) as conn:
-        conn.execute("CREATE TABLE t AS SELECT generate_series(1, 5000) AS id")
+    source = make_database(server, "trig",
+                           "CREATE TABLE t AS SELECT generate_series(1, 5000) AS id")
     key = BackupEncryptionKey.generate()
     key_file = tmp_path / "k.key"
     write_key_file(key_file, key.master_key())
