@@ -571,8 +571,12 @@ def test_background_part_failure_surfaces_and_aborts(s3_bucket: S3Bucket) -> Non
     writer = storage.open_write("doomed")
     writer.write(os.urandom(9 * MiB))  # part 1 is handed to the upload thread
     s3_bucket.client().delete_bucket(Bucket=s3_bucket.bucket)
+    # Part 1 may have landed before the bucket went; a later part cannot. Whichever fails,
+    # the failure surfaces at the next write that waits for it (at the latest at close).
     with pytest.raises(StorageError, match=f"S3 bucket '{s3_bucket.bucket}' does not exist"):
-        writer.write(os.urandom(8 * MiB))  # hands off part 2: waits for part 1 first
+        for _ in range(3):
+            writer.write(os.urandom(8 * MiB))
+        writer.close()
     assert writer.closed
     with pytest.raises(ValueError, match="aborted"):
         writer.write(b"x")
