@@ -35,6 +35,7 @@ from flows.common import (
     retry_if_transient,
 )
 from tasks.budget import job_share_from_environment
+from tasks.errors import PgBackflowError
 from tasks.keys import Keyring
 from tasks.manifest import LogicalManifest, find_backup
 from tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
@@ -74,10 +75,11 @@ def restore_and_count(
     image_template: str,
     resources: SandboxResources,
     timeline: Timeline,
+    timeout_s: int,
 ) -> VerificationReport:
     """Restore into a fresh sandbox, count every table, destroy the sandbox."""
     sandbox = sandbox_for(sandbox_kind, manifest.server_major, resources, image_template)
-    with _terminate_as_interrupt():
+    with _terminate_as_interrupt(timeout_s):
         report = verify_backup(storage, manifest, keyring, sandbox, timeline=timeline)
     logger = get_run_logger()
     for problem in report.problems[:20]:
@@ -85,22 +87,40 @@ def restore_and_count(
     return report
 
 
+class VerificationTimeoutError(PgBackflowError):
+    """The verification ran longer than allowed."""
+
+
 @contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """A worker stops a cancelled run with SIGTERM: unwind so the sandbox is destroyed."""
+def _terminate_as_interrupt(timeout_s: int) -> Iterator[None]:
+    """Unwind (destroying the sandbox) on SIGTERM or when the time is up.
+
+    A worker stops a cancelled run with SIGTERM: that becomes KeyboardInterrupt (Canceled).
+    The timeout becomes a PgBackflowError, so the report says Failed, timed out.
+    """
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
+    def time_up(signum: int, frame: FrameType | None) -> None:
+        raise VerificationTimeoutError(
+            f"verification timed out after {timeout_s} s: give it more time (timeout) or "
+            "more CPUs"
+        )
+
     try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
+        previous_term = signal.signal(signal.SIGTERM, interrupt)
+        previous_alarm = signal.signal(signal.SIGALRM, time_up)
     except ValueError:  # not the main thread: the caller owns signal handling
         yield
         return
+    signal.alarm(timeout_s)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.alarm(0)
+        signal.signal(signal.SIGTERM, previous_term)
+        signal.signal(signal.SIGALRM, previous_alarm)
 
 
 def publish_verification_artifacts(report: VerificationReport) -> None:
@@ -141,6 +161,7 @@ def restore_verification(
     encryption_key: BackupEncryptionKey | None = None,
     key_file: str | None = None,
     encryption_key_block: str | None = None,
+    timeout_s: int = 6 * 3600,
 ) -> VerificationReport:
     """Prove a backup restores: restore it into a throwaway sandbox and compare every table.
 
@@ -157,6 +178,7 @@ def restore_verification(
         encryption_key: Master key block; else ``key_file``; else the default key file.
         key_file: Path of a master key file.
         encryption_key_block: Name of a saved BackupEncryptionKey block.
+        timeout_s: Fail (and destroy the sandbox) when the verification takes longer.
     """
     with tags(VERIFICATION_TAG):
         if encryption_key is None and encryption_key_block:
@@ -171,7 +193,7 @@ def restore_verification(
         try:
             report = restore_and_count(
                 source, manifest, keyring, sandbox, image_template,
-                _resources(cpus, memory_mb), timeline,
+                _resources(cpus, memory_mb), timeline, timeout_s,
             )
         except KeyboardInterrupt:
             # Cancelled (SIGTERM from the worker, Ctrl-C): the sandbox is already gone.

@@ -297,3 +297,26 @@ def test_artifacts_and_pg_dump_errors(
     with pytest.raises(ToolFailedError, match=r"pg_dump failed \(exit code 1\): pg_dump: error:"):
         logical_backup(weak, [storage], encryption_key=encryption_key)
     assert [m.backup_id for m in list_backups(storage.open())] == [report.backup_id]
+
+
+def test_dump_replaced_by_another_valid_archive_fails_the_checksum(
+    pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """Every chunk authenticates, but it is not the object the manifest describes."""
+    from tasks.archive import ArchiveError
+
+    server: EphemeralCluster = pg_servers.get(17)
+    source = make_database(server, "swap", "CREATE TABLE t AS SELECT generate_series(1, 10) AS id")
+    folder = tmp_path / "b"
+    storage = LocalStorage(folder=str(folder))
+    first = logical_backup(db_block(server, source), [storage], encryption_key=encryption_key)
+    with server.connect(source) as conn:
+        conn.execute("INSERT INTO t VALUES (11)")
+    second = logical_backup(db_block(server, source), [storage], encryption_key=encryption_key)
+    dumps = {b: next(folder.rglob(f"{b}/dump.pgbf")) for b in (first.backup_id, second.backup_id)}
+    dumps[first.backup_id].write_bytes(dumps[second.backup_id].read_bytes())
+
+    target = create_database(server)
+    with pytest.raises(ArchiveError, match="checksum mismatch"):
+        logical_restore(storage, db_block(server, target), backup_id=first.backup_id,
+                        encryption_key=encryption_key)

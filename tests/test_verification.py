@@ -318,3 +318,23 @@ def test_cancel_during_restore_removes_the_container(
             sort=FlowRunSort.START_TIME_DESC, limit=1,
         )
     assert runs[0].state is not None and runs[0].state.is_cancelled(), runs[0].state
+
+
+@pytest.mark.usefixtures("no_leftovers")
+def test_timeout_fails_and_destroys_the_sandbox(
+    pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    server: EphemeralCluster = pg_servers.get(16)
+    source = make_database(server, "slow",
+                           "CREATE TABLE big AS SELECT g AS id, md5(g::text) AS a"
+                           " FROM generate_series(1, 1500000) g",
+                           "CREATE INDEX ON big (a)")
+    storage = backup_of(server, source, tmp_path / "b", encryption_key)
+    with pytest.raises(VerificationFailed) as excinfo:
+        restore_verification(storage, sandbox="local", timeout_s=1,
+                             encryption_key=encryption_key)
+    report = excinfo.value.report
+    assert report.failure == (
+        "verification timed out after 1 s: give it more time (timeout) or more CPUs"
+    )
+    assert report.timeline[-1].stage == "sandbox destroyed"
