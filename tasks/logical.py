@@ -23,7 +23,7 @@ from tasks.database import (
     libpq_conninfo,
     libpq_password_env,
 )
-from tasks.errors import ConfigError, DatabaseError, PgBackflowError
+from tasks.errors import ConfigError, DatabaseError
 from tasks.inventory import Inventory, compare_counts, exported_snapshot, take_inventory
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import LogicalManifest, StoredObjectInfo
@@ -486,13 +486,6 @@ def count_restored(
     ours = {name: rows for name, rows in restored.items() if name in expected}
     extra = tuple(sorted(restored.keys() - expected.keys()))
     return inventory, tuple(compare_counts(expected, ours)), extra
-
-
-def describe_failure(exc: BaseException) -> str:
-    """One line for an unexpected exception, without leaking its arguments' secrets."""
-    if isinstance(exc, PgBackflowError):
-        return str(exc)
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 __all__ = [

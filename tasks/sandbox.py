@@ -10,14 +10,11 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
-
-import psycopg
+from typing import Self
 
 from tasks.cluster import EphemeralCluster
 from tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
@@ -180,24 +177,6 @@ class LocalSandbox(Sandbox):
     def description(self) -> str:
         """Local PostgreSQL and where it listens."""
         return f"local PostgreSQL {self._toolset.version} on 127.0.0.1:{self._cluster.port}"
-
-
-def wait_until_ready(settings: ConnectionSettings, timeout: float, alive: Any = None) -> None:
-    """Poll until a connection succeeds; ``alive()`` returning False aborts early."""
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        if alive is not None and not alive():
-            raise SandboxError(f"sandbox server stopped while starting: {last}")
-        try:
-            with psycopg.connect(connect_timeout=3, **{
-                k: v for k, v in settings.connect_kwargs().items() if k != "connect_timeout"
-            }):
-                return
-        except psycopg.OperationalError as exc:
-            last = str(exc).strip().splitlines()[-1] if str(exc).strip() else "no answer"
-        time.sleep(0.2)
-    raise SandboxError(f"sandbox server not ready after {timeout:.0f} s ({last})")
 
 
 def free_disk_bytes(path: Path) -> int:
