@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
@@ -47,6 +48,24 @@ RETRY_DELAYS: list[float] = _retry_delays()
 
 # The CLI draws a progress bar from these; flows also feed the Prefect progress artifact.
 progress_listeners: list[Callable[[str, int, int | None], None]] = []
+
+
+@contextmanager
+def supervised_by_caller() -> Iterator[None]:
+    """Run flows without Prefect's heartbeat thread: for runs the calling process supervises.
+
+    Heartbeats let a Prefect automation mark runs whose process vanished as crashed; they
+    matter for worker-run deployments. A CLI run is watched by the CLI itself, and Prefect
+    3.8 joins the heartbeat thread (which sleeps in 1 s steps) when every run ends, adding
+    up to a second to each command. PGBACKFLOW_CLI_HEARTBEATS=1 keeps them.
+    """
+    if os.environ.get("PGBACKFLOW_CLI_HEARTBEATS") == "1":
+        yield
+        return
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:

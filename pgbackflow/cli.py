@@ -56,12 +56,18 @@ _state = {"debug": False}
 
 
 def user_errors(func: Callable[P, R]) -> Callable[P, R]:
-    """Print pgbackflow errors as one line and exit 1 (traceback only with --debug)."""
+    """Print pgbackflow errors as one line and exit 1 (traceback only with --debug).
+
+    Flows run by a command are supervised by this process (see supervised_by_caller).
+    """
 
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return func(*args, **kwargs)
+            from flows.common import supervised_by_caller
+
+            with supervised_by_caller():
+                return func(*args, **kwargs)
         except PgBackflowError as exc:
             if _state["debug"]:
                 err.print_exception()

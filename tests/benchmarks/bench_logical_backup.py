@@ -64,9 +64,11 @@ def warm_up():
 
 warm_up()  # Prefect's own start-up (client, settings, first run) is not the backup's cost
 baseline = vm("VmRSS")
-started = time.perf_counter()
-report = logical_backup(db, [storage], key_file=args["key_file"])
-elapsed = time.perf_counter() - started
+from flows.common import supervised_by_caller  # as the CLI runs flows
+with supervised_by_caller():
+    started = time.perf_counter()
+    report = logical_backup(db, [storage], key_file=args["key_file"])
+    elapsed = time.perf_counter() - started
 print(json.dumps({"seconds": elapsed, "rss_mb": vm("VmHWM"), "baseline_mb": baseline,
                   "stored": report.sizes.stored, "dump_s": report.duration_s}))
 """

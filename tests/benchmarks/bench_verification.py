@@ -43,10 +43,12 @@ def warm_up():
 
 warm_up()
 args = json.loads(sys.argv[1])
-started = time.perf_counter()
-report = restore_verification(LocalStorage(folder=args["folder"]), sandbox=args["sandbox"],
-                              cpus=args["cpus"], memory_mb=args["memory_mb"],
-                              key_file=args["key_file"])
+from flows.common import supervised_by_caller  # as the CLI runs flows
+with supervised_by_caller():
+    started = time.perf_counter()
+    report = restore_verification(LocalStorage(folder=args["folder"]), sandbox=args["sandbox"],
+                                  cpus=args["cpus"], memory_mb=args["memory_mb"],
+                                  key_file=args["key_file"])
 print(json.dumps({"seconds": time.perf_counter() - started, "status": report.status}))
 """
 
