@@ -118,7 +118,9 @@ class DockerSandbox(Sandbox):
         self._client: DockerClient | None = None
         self._container: Any = None
         self._socket_dir = self.work_dir / "socket"
+        # Exists from the start: the dump is spooled here while the container starts.
         self._restore_dir = self.work_dir / "restore"
+        self._restore_dir.mkdir(mode=0o755)
 
     @property
     def container_name(self) -> str:
@@ -139,7 +141,6 @@ class DockerSandbox(Sandbox):
         # here; the enclosing work dir stays root-only on the host.
         self._socket_dir.mkdir(mode=0o777)
         self._socket_dir.chmod(0o777)
-        self._restore_dir.mkdir(mode=0o755)
         settings = {**_settings_for(self.major), _READY_MARK[0]: _READY_MARK[1]}
         command = ["postgres"] + [arg for k, v in settings.items() for arg in ("-c", f"{k}={v}")]
         labels = {

@@ -8,6 +8,7 @@ disposable restore (no fsync, minimal WAL) and destroyed with everything in them
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
@@ -82,7 +83,8 @@ class Sandbox(ABC):
     def __init__(self, major: int, resources: SandboxResources) -> None:
         self.major = major
         self.resources = resources
-        self.work_dir = Path(tempfile.mkdtemp(prefix=f"pgbackflow-verify-{major}-"))
+        # The pid in the name tells which process a leftover belonged to.
+        self.work_dir = Path(tempfile.mkdtemp(prefix=f"pgbackflow-verify-{major}-{os.getpid()}-"))
 
     @property
     def dump_dir(self) -> Path:

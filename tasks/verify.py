@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -141,11 +143,23 @@ def check_free_disk(
         )
 
 
-def spool_dump(storage: Storage, manifest: LogicalManifest, keyring: Keyring, path: Path) -> int:
-    """Decrypt the backup's dump into ``path`` (pg_restore -j needs a seekable file)."""
+def spool_dump(
+    storage: Storage,
+    manifest: LogicalManifest,
+    keyring: Keyring,
+    path: Path,
+    stop: threading.Event | None = None,
+) -> int:
+    """Decrypt the backup's dump into ``path`` (pg_restore -j needs a seekable file).
+
+    Args:
+        stop: Set by the caller to abandon the spool (cancellation, failed sandbox).
+    """
     size = 0
     with path.open("wb") as out:
         for chunk in decrypted_chunks(storage, manifest.dump, keyring):
+            if stop is not None and stop.is_set():
+                raise VerificationFailedError("spooling the dump was stopped")
             out.write(chunk)
             size += len(chunk)
     path.chmod(0o644)  # the sandbox's postgres user reads it
@@ -184,12 +198,22 @@ def verify_backup(
         source_size=manifest.database_size, expected_schema_count=manifest.schema_count,
         expected_table_count=manifest.table_count,
     )
+    stop_spool = threading.Event()
     try:
         check_free_disk(manifest, sandbox.work_dir, disk_budget_from_environment())
-        with sandbox:
-            report.sandbox = sandbox.description
-            timeline.mark("sandbox up")
-            _restore_and_count(storage, manifest, keyring, sandbox, report, timeline)
+        # Decrypting the dump and starting the server are independent: do them at once.
+        with ThreadPoolExecutor(1, thread_name_prefix="pgbackflow-spool") as pool:
+            spooled = pool.submit(spool_dump, storage, manifest, keyring,
+                                  sandbox.dump_dir / DUMP_FILE, stop_spool)
+            try:
+                with sandbox:
+                    report.sandbox = sandbox.description
+                    timeline.mark("sandbox up")
+                    _restore_and_count(storage, manifest, keyring, sandbox, report, timeline,
+                                       spooled)
+            finally:
+                # Whatever happened, the spool must not outlive the sandbox's directory.
+                stop_spool.set()
     except PgBackflowError as exc:
         report.status = "Failed"
         report.failure = report.failure or str(exc)
@@ -208,6 +232,7 @@ def _restore_and_count(
     sandbox: Sandbox,
     report: VerificationReport,
     timeline: Timeline,
+    spooled: Future[int],
 ) -> None:
     admin = sandbox.settings
     # Owners and grants are part of what gets proven: recreate the roles first.
@@ -216,7 +241,7 @@ def _restore_and_count(
     with connect(admin) as conn:
         conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(manifest.database.name)))
     dump_file = sandbox.dump_dir / DUMP_FILE
-    spool_dump(storage, manifest, keyring, dump_file)
+    spooled.result()  # raises the archive's integrity error, if any
     result = sandbox.pg_restore(manifest.database.name, dump_file, sandbox.resources.restore_jobs)
     dump_file.unlink()
     report.restore_exit_code = result.returncode

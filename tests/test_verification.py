@@ -46,9 +46,9 @@ def db_block(server: EphemeralCluster, dbname: str) -> PostgresDatabase:
 
 
 def leftover_sandboxes() -> list[str]:
-    """Work dirs of local/docker sandboxes still on disk."""
+    """Work dirs of this process's local/docker sandboxes still on disk."""
     tmp = Path(os.environ.get("TMPDIR", "/tmp"))
-    return sorted(p.name for p in tmp.glob("pgbackflow-verify-*"))
+    return sorted(p.name for p in tmp.glob(f"pgbackflow-verify-*-{os.getpid()}-*"))
 
 
 @pytest.fixture
