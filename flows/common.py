@@ -11,7 +11,12 @@ from typing import Any, cast
 from uuid import UUID
 
 from prefect import Task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
@@ -117,6 +122,23 @@ def artifact_key(*parts: str) -> str:
     """An artifact key from free text: lowercase letters, digits and dashes only."""
     text = "-".join(parts).lower()
     return re.sub(r"-{2,}", "-", re.sub(r"[^a-z0-9-]", "-", text)).strip("-")[:100]
+
+
+def publish_summary(
+    kind: str,
+    db_id: str,
+    markdown: str,
+    description: str,
+    rows: list[dict[str, Any]] | None = None,
+) -> None:
+    """A markdown summary (and optionally a table) keyed per database, so the UI's artifact
+    page shows the latest of each kind for each database. Outside a flow run: nothing."""
+    if FlowRunContext.get() is None:
+        return
+    create_markdown_artifact(markdown, key=artifact_key(kind, db_id), description=description)
+    if rows is not None:
+        create_table_artifact(rows, key=artifact_key(f"{kind}-tables", db_id),
+                              description=description)
 
 
 class ProgressArtifact:

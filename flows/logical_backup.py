@@ -15,9 +15,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
@@ -29,6 +27,7 @@ from flows.common import (
     StorageBlock,
     artifact_key,
     open_storages,
+    publish_summary,
     resolve_master_key,
     retry_if_transient,
 )
@@ -185,21 +184,6 @@ def _build_manifest(
     )
 
 
-def publish_backup_artifacts(report: BackupReport) -> None:
-    """Markdown summary and per-table counts, keyed per database so the UI shows the latest."""
-    if FlowRunContext.get() is None:
-        return
-    create_markdown_artifact(
-        report.markdown(), key=artifact_key("backup", report.db_id),
-        description=f"backup {report.backup_id}",
-    )
-    create_table_artifact(
-        [{"table": name, "rows": rows} for name, rows in report.tables.items()],
-        key=artifact_key("backup-tables", report.db_id),
-        description=f"row counts in the snapshot of backup {report.backup_id}",
-    )
-
-
 @flow(name="logical-backup", log_prints=False)
 def logical_backup(
     database: PostgresDatabase,
@@ -245,7 +229,10 @@ def logical_backup(
         published.get(s.location, s) for s in _statuses(targets, dump.write, globals_write)
     ]
     report = BackupReport.from_manifest(manifest, statuses)
-    publish_backup_artifacts(report)
+    publish_summary(
+        "backup", report.db_id, report.markdown(), f"backup {report.backup_id}",
+        [{"table": name, "rows": rows} for name, rows in report.tables.items()],
+    )
 
     failed = [s for s in statuses if s.status == "failed"]
     if failed:

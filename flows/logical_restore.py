@@ -11,9 +11,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
-from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
 from blocks.database import PostgresDatabase
@@ -21,7 +19,7 @@ from blocks.encryption import BackupEncryptionKey
 from flows.common import (
     RETRY_DELAYS,
     StorageBlock,
-    artifact_key,
+    publish_summary,
     resolve_keyring,
     retry_if_transient,
 )
@@ -173,11 +171,8 @@ def logical_restore(
         roles_kept=list(kept),
         warnings=list(warnings),
     )
-    if FlowRunContext.get() is not None:
-        create_markdown_artifact(
-            summary.markdown(), key=artifact_key("restore", manifest.database.db_id),
-            description=f"restore of {manifest.backup_id}",
-        )
+    publish_summary("restore", manifest.database.db_id, summary.markdown(),
+                    f"restore of {manifest.backup_id}")
     if differences:
         raise RowCountMismatchError(
             f"restored {manifest.backup_id} into {restored_db.display} but row counts differ: "

@@ -18,9 +18,7 @@ from types import FrameType
 from typing import Literal, cast
 
 from prefect import flow, tags, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
@@ -30,7 +28,7 @@ from blocks.storage import storage_block_from_url
 from flows.common import (
     RETRY_DELAYS,
     StorageBlock,
-    artifact_key,
+    publish_summary,
     resolve_keyring,
     retry_if_transient,
 )
@@ -124,18 +122,12 @@ def _terminate_as_interrupt(timeout_s: int) -> Iterator[None]:
 
 
 def publish_verification_artifacts(report: VerificationReport) -> None:
-    """Markdown summary and per-table table, keyed per database: the UI shows the latest."""
-    if FlowRunContext.get() is None:
-        return
-    create_markdown_artifact(
-        report.markdown(), key=artifact_key("verification", report.db_id),
-        description=f"{report.status}: verification of {report.backup_id}",
-    )
-    create_table_artifact(
+    """The report's summary and per-table counts, keyed per database."""
+    publish_summary(
+        "verification", report.db_id, report.markdown(),
+        f"{report.status}: verification of {report.backup_id}",
         [{"table": t.table, "expected": t.expected, "restored": t.restored,
           "ok": "yes" if t.ok else "NO"} for t in report.tables],
-        key=artifact_key("verification-tables", report.db_id),
-        description=f"rows restored vs expected, backup {report.backup_id}",
     )
 
 
