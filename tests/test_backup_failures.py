@@ -521,6 +521,20 @@ def assert_no_orphaned_pg_dump(dbname: str) -> None:
         time.sleep(0.1)
 
 
+def kill_backup_when(
+    cli: Cli, source: Source, target: str, ready: Callable[[], bool], what: str
+) -> None:
+    """Start a backup, SIGKILL its whole process group once ``ready()``; pg_dump dies too."""
+    proc = cli.start("backup", "--db", source.dsn(), "--to", target, "--json")
+    try:
+        wait_for(ready, proc, what)
+        assert proc.poll() is None
+    finally:
+        kill_group(proc)
+    assert proc.returncode == -signal.SIGKILL
+    assert_no_orphaned_pg_dump(source.dbname)
+
+
 def test_kill_9_mid_dump_local_folder(cli: Cli, big_source: Source, tmp_path: Path) -> None:
     """kill -9 while the dump streams into a folder: nothing listed, no manifest, no
     lingering pg_dump; the next backup succeeds with the source's exact counts."""
@@ -533,14 +547,8 @@ def test_kill_9_mid_dump_local_folder(cli: Cli, big_source: Source, tmp_path: Pa
             return any(entry.stat().st_size > 0 for entry in os.scandir(incomplete))
         return False
 
-    proc = cli.start("backup", "--db", big_source.dsn(), "--to", str(folder), "--json")
-    try:
-        wait_for(streaming, proc, "the dump started streaming into the folder")
-        assert proc.poll() is None
-    finally:
-        kill_group(proc)
-    assert proc.returncode == -signal.SIGKILL
-    assert_no_orphaned_pg_dump(big_source.dbname)
+    kill_backup_when(cli, big_source, str(folder), streaming,
+                     "the dump started streaming into the folder")
 
     assert storage.list() == []
     assert list_backups(storage) == []
@@ -572,14 +580,7 @@ def test_kill_9_mid_upload_s3(cli: Cli, big_source: Source, s3_bucket: S3Bucket)
         )
 
     target = f"s3://{s3_bucket.bucket}/kill"
-    proc = cli.start("backup", "--db", big_source.dsn(), "--to", target, "--json")
-    try:
-        wait_for(uploading, proc, "the first multipart part was uploaded")
-        assert proc.poll() is None
-    finally:
-        kill_group(proc)
-    assert proc.returncode == -signal.SIGKILL
-    assert_no_orphaned_pg_dump(big_source.dbname)
+    kill_backup_when(cli, big_source, target, uploading, "the first multipart part was uploaded")
 
     objects, uploads = bucket_contents(s3_bucket)
     assert objects == []
