@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import ClassVar
-from urllib.parse import unquote, urlsplit
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
 from tasks.errors import ConfigError
-from tasks.storage import LocalFolderStorage, S3ObjectStorage
+from tasks.storage import LocalFolderStorage, S3ObjectStorage, parse_storage_url
 
 _DOCS = HttpUrl("https://github.com/pgbackflow/pgbackflow/blob/main/docs/BLOCKS.md")
 
@@ -166,34 +164,17 @@ def storage_block_from_url(url: str) -> LocalStorage | S3Storage:
         ConfigError: If the URL is empty, uses another scheme or names an unusable block.
     """
     text = url.strip()
-    if not text:
-        raise ConfigError(
-            "storage is empty: use /path, file:///path, s3://bucket/prefix or block:slug/name"
-        )
     if text.startswith("block:"):
         return _load_storage_block(text.removeprefix("block:"))
-    parts = urlsplit(text)
-    if parts.scheme == "s3":
-        if not parts.netloc:
-            raise ConfigError(f"storage URL {url!r} has no bucket: use s3://bucket/prefix")
+    parsed = parse_storage_url(text)
+    if parsed.scheme == "s3":
         return S3Storage(
-            bucket=parts.netloc,
-            prefix=unquote(parts.path).strip("/"),
-            endpoint_url=os.environ.get("AWS_ENDPOINT_URL_S3")
-            or os.environ.get("AWS_ENDPOINT_URL")
-            or None,
-            region=os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or None,
+            bucket=parsed.location,
+            prefix=parsed.prefix,
+            endpoint_url=parsed.endpoint_url,
+            region=parsed.region,
         )
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost"):
-            raise ConfigError(f"storage URL {url!r} names a remote host: use file:///absolute/path")
-        return LocalStorage(folder=unquote(parts.path))
-    if parts.scheme and len(parts.scheme) > 1:
-        raise ConfigError(
-            f"storage URL {url!r} has unsupported scheme '{parts.scheme}': use /path, "
-            "file:///path, s3://bucket/prefix or block:slug/name"
-        )
-    return LocalStorage(folder=str(Path(text).absolute()))
+    return LocalStorage(folder=parsed.location)
 
 
 def _load_storage_block(reference: str) -> LocalStorage | S3Storage:

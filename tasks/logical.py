@@ -10,13 +10,12 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
 
-from tasks.archive import ArchiveError, ArchiveReader, ArchiveWriter
 from tasks.database import (
     ConnectionSettings,
     connect,
@@ -26,16 +25,13 @@ from tasks.database import (
 from tasks.errors import ConfigError, DatabaseError
 from tasks.inventory import Inventory, compare_counts, exported_snapshot, take_inventory
 from tasks.keys import Keyring, MasterKey
-from tasks.manifest import LogicalManifest, StoredObjectInfo
+from tasks.manifest import LogicalManifest
+from tasks.pipeline import ObjectWrite, decrypted_chunks, stream_tool_into_storages
 from tasks.process import Tool, ToolFailedError, ToolResult
 from tasks.storage import Storage
 from tasks.toolsets import Toolset
 from tasks.transfer import (
-    FanOutWriter,
-    HashingReader,
     ProgressCallback,
-    ProgressReporter,
-    WriteOutcome,
 )
 
 DUMP_NAME = "dump.pgbf"
@@ -70,24 +66,6 @@ def choose_compression(toolset: Toolset) -> DumpCompression:
 
 
 @dataclass(frozen=True)
-class ObjectWrite:
-    """One object written to several storages.
-
-    Attributes:
-        info: Key, sizes and checksum (identical in every storage).
-        outcomes: Per-storage result.
-    """
-
-    info: StoredObjectInfo
-    outcomes: tuple[WriteOutcome, ...]
-
-    @property
-    def completed_in(self) -> frozenset[str]:
-        """Locations where the object is complete."""
-        return frozenset(o.location for o in self.outcomes if o.ok)
-
-
-@dataclass(frozen=True)
 class DumpResult:
     """The dump object plus what was counted in its snapshot.
 
@@ -102,42 +80,6 @@ class DumpResult:
     inventory: Inventory
     snapshot: str
     compression: DumpCompression
-
-
-def _stream_tool_into_storages(
-    tool: Tool,
-    args: Sequence[str],
-    env: dict[str, str],
-    storages: Sequence[Storage],
-    key: str,
-    master_key: MasterKey,
-    *,
-    compress: bool,
-    size_hint: int | None = None,
-    progress: ProgressCallback | None = None,
-) -> ObjectWrite:
-    """Run ``tool`` and stream its stdout, encrypted, into ``key`` of every storage."""
-    fan_out = FanOutWriter(storages, key, size_hint=size_hint)
-    reporter = ProgressReporter(progress)
-    try:
-        archive = ArchiveWriter(fan_out, master_key, compress=compress, zstd_threads=0)
-
-        class _Counted:
-            @staticmethod
-            def write(data: bytes) -> int:
-                reporter.add(len(data))
-                return archive.write(data)
-
-        tool.stream_out(args, _Counted(), env=env)
-        archive.close()
-        outcomes = fan_out.publish()
-    except BaseException:
-        fan_out.abort()
-        raise
-    info = StoredObjectInfo(
-        key=key, raw_size=archive.bytes_in, stored_size=fan_out.size, sha256=fan_out.hexdigest
-    )
-    return ObjectWrite(info, tuple(outcomes))
 
 
 def dump_database(
@@ -184,7 +126,7 @@ def dump_database(
         ]
         dump_error: BaseException | None = None
         try:
-            write = _stream_tool_into_storages(
+            write = stream_tool_into_storages(
                 pg_dump, args, env, storages, key, master_key,
                 compress=compression.ours, progress=progress,
             )
@@ -225,7 +167,7 @@ def dump_globals(
         f"--dbname={libpq_conninfo(settings)}",
     ]
     with libpq_password_env(settings) as env:
-        return _stream_tool_into_storages(
+        return stream_tool_into_storages(
             pg_dumpall, args, env, storages, key, master_key, compress=True
         )
 
@@ -336,23 +278,6 @@ def check_restore_target(
             "sequences): use --clean to replace its contents, or restore into an empty database"
         )
     return target_major
-
-
-def decrypted_chunks(
-    storage: Storage, info: StoredObjectInfo, keyring: Keyring
-) -> Iterator[bytes]:
-    """Plaintext of a stored object; raises at the end if its SHA-256 differs from ``info``."""
-    with storage.open_read(info.key) as raw:
-        hashed = HashingReader(raw)
-        yield from ArchiveReader(hashed, keyring, label=f"{storage.location}/{info.key}")
-        hashed.drain()
-    digest = hashed.sha256.hexdigest()
-    if digest != info.sha256:
-        raise ArchiveError(
-            f"{storage.location}/{info.key}: checksum mismatch (stored bytes have sha256 "
-            f"{digest[:16]}…, manifest says {info.sha256[:16]}…): the object was replaced or "
-            "damaged"
-        )
 
 
 _ROLE_MISSING = re.compile(r'role "((?:[^"]|"")+)" does not exist')

@@ -238,6 +238,19 @@ class Tool:
             return self._finish(proc, tail, b"".join(output), check=check)
 
     @contextmanager
+    def background(
+        self, args: Sequence[str | Path], *, env: Mapping[str, str] | None = None
+    ) -> Iterator[BackgroundTool]:
+        """Start a long-running child (stdout discarded); it is killed on leaving the block.
+
+        Use :meth:`BackgroundTool.stop` for a graceful SIGTERM first.
+        """
+        with self._running(args, env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) as (
+            proc, tail,
+        ):
+            yield BackgroundTool(self.name, proc, tail)
+
+    @contextmanager
     def _running(
         self, args: Sequence[str | Path], env: Mapping[str, str] | None, *, stdin: int | None,
         stdout: int | None, cwd: Path | None = None, user: OsUser | None = None,
@@ -263,6 +276,40 @@ class Tool:
                         stream.close()
             if proc.poll() is None:
                 _kill_group(proc)
+
+
+class BackgroundTool:
+    """A child started by :meth:`Tool.background`."""
+
+    def __init__(self, name: str, proc: subprocess.Popen[bytes], tail: _StderrTail) -> None:
+        self.name = name
+        self._proc = proc
+        self._tail = tail
+
+    @property
+    def pid(self) -> int:
+        """The child's process id."""
+        return self._proc.pid
+
+    def exited(self) -> ToolResult | None:
+        """The result if the child has exited, else None."""
+        code = self._proc.poll()
+        if code is None:
+            return None
+        return ToolResult(self.name, code, b"", self._tail.text(), tuple(self._tail.errors))
+
+    def stop(self, timeout: float = 10) -> ToolResult:
+        """SIGTERM, wait up to ``timeout`` seconds, then SIGKILL; returns how it ended."""
+        if self._proc.poll() is None:
+            with suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGTERM)
+            try:
+                self._proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(self._proc)
+        result = self.exited()
+        assert result is not None
+        return result
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

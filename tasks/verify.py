@@ -25,8 +25,9 @@ from tasks.database import connect
 from tasks.errors import PgBackflowError, StorageError
 from tasks.inventory import compare_counts, take_inventory
 from tasks.keys import Keyring
-from tasks.logical import decrypted_chunks, replay_globals
+from tasks.logical import replay_globals
 from tasks.manifest import LogicalManifest
+from tasks.pipeline import decrypted_chunks
 from tasks.sandbox import Sandbox, free_disk_bytes
 from tasks.storage import Storage
 

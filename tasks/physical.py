@@ -1,0 +1,551 @@
+"""Physical backups: pg_basebackup full and (PG 17+) incremental, as chains in a storage.
+
+Everything runs remotely over the replication protocol. pg_basebackup writes one tar to
+stdout (``-D - -Ft -X fetch``), so each backup is self-contained (it carries the WAL needed
+to reach consistency); the uncompressed stream is compressed with multi-threaded zstd and
+encrypted in our own pipeline. The tar's ``backup_manifest`` is picked out on the fly and
+stored as a second object: it is the next incremental's ``--incremental`` input.
+
+Layout in a storage::
+
+    physical/<db_id>/base/<backup_id>/base.tar.pgbf         data directory tar, encrypted
+    physical/<db_id>/base/<backup_id>/backup_manifest.pgbf  pg_basebackup's manifest, encrypted
+    physical/<db_id>/base/<backup_id>/manifest.json         our chain metadata, written last
+    physical/<db_id>/wal/...                                WAL segments (see tasks.wal)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tasks.database import ConnectionSettings, connect, libpq_conninfo, libpq_password_env
+from tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
+from tasks.keys import Keyring, MasterKey
+from tasks.manifest import StoredObjectInfo
+from tasks.pipeline import ObjectWrite, decrypted_chunks, store_bytes, stream_tool_into_storages
+from tasks.process import Tool, ToolFailedError
+from tasks.storage import Storage
+from tasks.tarstream import TarMemberCapture
+from tasks.toolsets import Toolset
+from tasks.transfer import ProgressCallback
+
+PHYSICAL_ROOT = "physical"
+BASE_NAME = "base.tar.pgbf"
+BACKUP_MANIFEST_NAME = "backup_manifest.pgbf"
+MANIFEST_NAME = "manifest.json"
+INCREMENTAL_MIN_MAJOR = 17
+PHYSICAL_MIN_MAJOR = 14
+# pg_basebackup's stream is uncompressed; two zstd workers keep up with it on two cores.
+ZSTD_THREADS = 2
+
+logger = logging.getLogger("pgbackflow.physical")
+
+Mode = Literal["full", "incremental"]
+
+
+def parse_lsn(text: str) -> int:
+    """``'16/B374D848'`` → integer position."""
+    high, _, low = text.partition("/")
+    try:
+        return (int(high, 16) << 32) | int(low, 16)
+    except ValueError:
+        raise ConfigError(f"'{text}' is not a WAL position (LSN): expect e.g. 0/2000028") from None
+
+
+def format_lsn(position: int) -> str:
+    """Integer position → ``'16/B374D848'``."""
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+def physical_db_id(system_identifier: str) -> str:
+    """The id a cluster's physical backups and WAL are filed under."""
+    return f"cluster-{system_identifier}"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PhysicalManifest(_Frozen):
+    """One link of a chain: a full backup or an incremental on top of its parent."""
+
+    manifest_version: Literal[1] = 1
+    kind: Literal["physical"] = "physical"
+    backup_id: str
+    db_id: str
+    mode: Mode
+    parent_id: str | None = Field(description="The backup this incremental builds on.")
+    full_id: str = Field(description="The full backup that starts this chain.")
+    full_reason: str | None = Field(
+        default=None, description="Why a full was taken when an incremental was asked for."
+    )
+    system_identifier: str
+    timeline: int
+    start_lsn: str
+    end_lsn: str
+    wal_segment_size: int
+    source: str = Field(description="user@host:port of the server, for people.")
+    server_version: str
+    server_version_num: int
+    pg_basebackup_version: str
+    started_at: datetime
+    finished_at: datetime = Field(description="Earliest moment a restore can target.")
+    base: StoredObjectInfo
+    backup_manifest: StoredObjectInfo
+    key_id: str
+    cluster_size: int
+    tool_version: str
+
+    @property
+    def server_major(self) -> int:
+        """Major version of the source server."""
+        return self.server_version_num // 10000
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes this backup occupies in one storage."""
+        return self.base.stored_size + self.backup_manifest.stored_size
+
+    def to_json(self) -> bytes:
+        """Serialised manifest."""
+        return self.model_dump_json(indent=2).encode() + b"\n"
+
+
+def backup_prefix(db_id: str, backup_id: str) -> str:
+    """Storage key prefix of one physical backup."""
+    return f"{PHYSICAL_ROOT}/{db_id}/base/{backup_id}/"
+
+
+def manifest_key(manifest: PhysicalManifest) -> str:
+    """Storage key of a physical backup's manifest."""
+    return backup_prefix(manifest.db_id, manifest.backup_id) + MANIFEST_NAME
+
+
+def write_manifest(storage: Storage, manifest: PhysicalManifest) -> None:
+    """Publish the manifest: the backup exists from this moment on."""
+    with storage.open_write(manifest_key(manifest)) as writer:
+        writer.write(manifest.to_json())
+
+
+def list_physical_backups(storage: Storage, db_id: str | None = None) -> list[PhysicalManifest]:
+    """All complete physical backups (optionally of one cluster), oldest first."""
+    prefix = f"{PHYSICAL_ROOT}/" + (f"{db_id}/base/" if db_id else "")
+    found: list[PhysicalManifest] = []
+    for item in storage.list(prefix):
+        parts = item.key.split("/")
+        if len(parts) != 5 or parts[2] != "base" or parts[4] != MANIFEST_NAME:
+            continue
+        try:
+            data = json.loads(storage.read_bytes(item.key))
+            found.append(PhysicalManifest.model_validate(data))
+        except (ValueError, ValidationError) as exc:
+            reason = str(exc).splitlines()[0]
+            logger.warning("ignoring unreadable manifest %s: %s", item.key, reason)
+    found.sort(key=lambda m: (m.finished_at, m.backup_id))
+    return found
+
+
+def stored_cluster_ids(storage: Storage) -> list[str]:
+    """Ids of the clusters with physical backups in ``storage``."""
+    return sorted({m.db_id for m in list_physical_backups(storage)})
+
+
+def resolve_db_id(storage: Storage, db_id: str | None) -> str:
+    """The given cluster id, or the only one stored; a clear error otherwise."""
+    if db_id:
+        return db_id
+    ids = stored_cluster_ids(storage)
+    if len(ids) == 1:
+        return ids[0]
+    if not ids:
+        raise ObjectNotFoundError(
+            f"no physical backups in {storage.location}: run pgbackflow physical-backup first"
+        )
+    raise ConfigError(
+        f"{storage.location} holds physical backups of several clusters ({', '.join(ids)}): "
+        "name one with --db-id"
+    )
+
+
+def chain_of(
+    backup: PhysicalManifest, backups: Sequence[PhysicalManifest]
+) -> list[PhysicalManifest]:
+    """The full backup and incrementals that ``backup`` needs, full first.
+
+    Raises:
+        ObjectNotFoundError: a parent is missing from the storage.
+    """
+    by_id = {b.backup_id: b for b in backups}
+    chain = [backup]
+    while chain[-1].parent_id is not None:
+        parent = by_id.get(chain[-1].parent_id)
+        if parent is None:
+            raise ObjectNotFoundError(
+                f"backup {chain[-1].backup_id} needs its parent {chain[-1].parent_id}, which is "
+                "not in the storage (deleted?): restore from an older chain or take a new full"
+            )
+        chain.append(parent)
+    chain.reverse()
+    return chain
+
+
+# ---------------------------------------------------------------------------------------
+# The source cluster
+
+
+@dataclass(frozen=True)
+class ClusterFacts:
+    """What a physical backup needs to know about the server before it starts.
+
+    Attributes:
+        system_identifier: pg_control's system identifier (same for a primary and its copies).
+        timeline: The timeline the server writes WAL on.
+        version_num: ``server_version_num``.
+        version: Human version, e.g. "17.6".
+        wal_segment_size: Bytes per WAL segment.
+        summarize_wal: The setting (None before PostgreSQL 17).
+        extra_tablespaces: Tablespaces besides pg_default and pg_global.
+        cluster_size: Sum of every database's size, bytes.
+        can_replicate: The role has REPLICATION (or is a superuser).
+        role: The role logged in.
+    """
+
+    system_identifier: str
+    timeline: int
+    version_num: int
+    version: str
+    wal_segment_size: int
+    summarize_wal: bool | None
+    extra_tablespaces: tuple[str, ...]
+    cluster_size: int
+    can_replicate: bool
+    role: str
+
+    @property
+    def major(self) -> int:
+        """Major version."""
+        return self.version_num // 10000
+
+    @property
+    def db_id(self) -> str:
+        """Where this cluster's backups are filed."""
+        return physical_db_id(self.system_identifier)
+
+
+_FACTS_SQL = """
+SELECT (SELECT system_identifier::text FROM pg_control_system()),
+       ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int,
+       current_setting('server_version_num')::int,
+       current_setting('server_version'),
+       (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_segment_size'),
+       current_setting('summarize_wal', true),
+       ARRAY(SELECT spcname::text FROM pg_tablespace
+             WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1),
+       (SELECT coalesce(sum(pg_database_size(oid)), 0)::bigint FROM pg_database
+        WHERE datallowconn),
+       (SELECT rolsuper OR rolreplication FROM pg_roles WHERE rolname = current_user),
+       current_user
+"""
+
+
+def read_cluster_facts(settings: ConnectionSettings) -> ClusterFacts:
+    """Connect and read what a physical backup needs to check first."""
+    with connect(settings) as conn:
+        try:
+            row = conn.execute(_FACTS_SQL).fetchone()
+        except psycopg.errors.ObjectNotInPrerequisiteState:
+            raise ConfigError(
+                f"database {settings.display} is a standby (in recovery): back up the primary"
+            ) from None
+        except psycopg.Error as exc:
+            raise DatabaseError(
+                f"database {settings.display}: reading the cluster's identity failed "
+                f"({str(exc).strip().splitlines()[0]}): connect as a superuser or a role with "
+                "REPLICATION and pg_monitor"
+            ) from None
+    assert row is not None
+    summarize = None if row[5] in (None, "") else row[5] == "on"
+    return ClusterFacts(
+        system_identifier=row[0], timeline=int(row[1]), version_num=int(row[2]),
+        version=str(row[3]).split()[0], wal_segment_size=int(row[4]), summarize_wal=summarize,
+        extra_tablespaces=tuple(row[6]), cluster_size=int(row[7]), can_replicate=bool(row[8]),
+        role=str(row[9]),
+    )
+
+
+def check_physical_source(facts: ClusterFacts, settings: ConnectionSettings) -> None:
+    """Refuse, with the fix, a server or role a physical backup cannot work with."""
+    if facts.major < PHYSICAL_MIN_MAJOR:
+        raise ConfigError(
+            f"database {settings.display} runs PostgreSQL {facts.version}: physical backups "
+            f"need {PHYSICAL_MIN_MAJOR} or newer; use a logical backup (pgbackflow backup)"
+        )
+    if not facts.can_replicate:
+        raise ConfigError(
+            f"role {facts.role!r} on {settings.host}:{settings.port} lacks the REPLICATION "
+            f"attribute physical backups need: run ALTER ROLE {_ident(facts.role)} REPLICATION; "
+            "and allow it in pg_hba.conf (a 'replication' line)"
+        )
+    if facts.extra_tablespaces:
+        raise ConfigError(
+            f"cluster {settings.host}:{settings.port} has extra tablespaces "
+            f"({', '.join(facts.extra_tablespaces)}), which physical backups do not support "
+            "yet: use logical backups (pgbackflow backup) for this cluster"
+        )
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def incremental_refusal(facts: ClusterFacts) -> str | None:
+    """Why this server cannot take an incremental backup, or None when it can."""
+    if facts.major < INCREMENTAL_MIN_MAJOR:
+        return (
+            f"PostgreSQL {facts.version} cannot take incremental backups (they need "
+            f"{INCREMENTAL_MIN_MAJOR} or newer): a full backup is what this version can do "
+            "(pgbackflow physical-backup without --incremental)"
+        )
+    if not facts.summarize_wal:
+        return (
+            "summarize_wal is off, and incremental backups need it: run ALTER SYSTEM SET "
+            "summarize_wal = on; SELECT pg_reload_conf(); (no restart needed), then take a "
+            "full backup to start the chain"
+        )
+    return None
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    """What the next backup of a cluster will be.
+
+    Attributes:
+        mode: "full" or "incremental".
+        parent: The backup an incremental builds on.
+        full_reason: Why a full is taken although an incremental was asked for.
+    """
+
+    mode: Mode
+    parent: PhysicalManifest | None = None
+    full_reason: str | None = None
+
+
+def plan_backup(
+    facts: ClusterFacts, backups: Sequence[PhysicalManifest], *, incremental: bool
+) -> BackupPlan:
+    """Full, or incremental on the newest backup; a broken chain forces a full and says why.
+
+    Raises:
+        ConfigError: an incremental was asked of a server that can never take one.
+    """
+    if not incremental:
+        return BackupPlan("full")
+    refusal = incremental_refusal(facts)
+    if refusal is not None:
+        raise ConfigError(refusal)
+    if not backups:
+        return BackupPlan("full", full_reason="no earlier backup of this cluster to build on")
+    parent = backups[-1]
+    if parent.system_identifier != facts.system_identifier:
+        return BackupPlan(
+            "full",
+            full_reason=f"the newest backup {parent.backup_id} is of another cluster (system "
+            f"identifier {parent.system_identifier}, server has {facts.system_identifier})",
+        )
+    if parent.timeline != facts.timeline:
+        return BackupPlan(
+            "full",
+            full_reason=f"the server switched from timeline {parent.timeline} (backup "
+            f"{parent.backup_id}) to {facts.timeline}",
+        )
+    try:
+        chain_of(parent, backups)
+    except ObjectNotFoundError as exc:
+        return BackupPlan("full", full_reason=f"the chain is broken: {exc}")
+    return BackupPlan("incremental", parent=parent)
+
+
+# ---------------------------------------------------------------------------------------
+# Taking the backup
+
+
+@dataclass(frozen=True)
+class BaseBackupResult:
+    """The objects of one pg_basebackup run.
+
+    Attributes:
+        base: The data directory tar.
+        backup_manifest: pg_basebackup's manifest.
+        timeline: From the manifest's WAL range.
+        start_lsn: Where replay must start.
+        end_lsn: Where the backup becomes consistent.
+        system_identifier: From the backup's pg_control.
+    """
+
+    base: ObjectWrite
+    backup_manifest: ObjectWrite
+    timeline: int
+    start_lsn: str
+    end_lsn: str
+    system_identifier: str
+
+
+class IncrementalChainBroken(PgBackflowError):
+    """The server cannot build an incremental on the given parent (WAL summaries missing)."""
+
+
+_SUMMARIES_MISSING = re.compile(r"WAL summar", re.IGNORECASE)
+
+
+@contextmanager
+def parent_manifest_file(
+    storage: Storage, parent: PhysicalManifest, keyring: Keyring
+) -> Iterator[Path]:
+    """The parent's backup_manifest, decrypted (checksum checked) into a private temp file."""
+    with tempfile.TemporaryDirectory(prefix="pgbackflow-inc-") as tmp:
+        path = Path(tmp) / "parent.backup_manifest"
+        with path.open("wb") as out:
+            for chunk in decrypted_chunks(storage, parent.backup_manifest, keyring):
+                out.write(chunk)
+        yield path
+
+
+def system_identifier_from_control(control: bytes) -> str:
+    """pg_control starts with the 64-bit system identifier (host byte order)."""
+    if len(control) < 8:
+        raise PgBackflowError("the backup's global/pg_control is missing or short")
+    return str(int.from_bytes(control[:8], sys.byteorder))
+
+
+def take_base_backup(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: Sequence[Storage],
+    master_key: MasterKey,
+    prefix: str,
+    *,
+    incremental_from: Path | None = None,
+    size_hint: int | None = None,
+    progress: ProgressCallback | None = None,
+) -> BaseBackupResult:
+    """Run pg_basebackup and stream its tar, encrypted, into ``prefix`` of every storage.
+
+    Args:
+        settings: The source server (any database; the replication connection ignores it).
+        toolset: Whose pg_basebackup to run (the server's major).
+        storages: Destinations.
+        master_key: Wraps the objects' data keys.
+        prefix: Key prefix of this backup.
+        incremental_from: The parent's backup_manifest for an incremental.
+        size_hint: Expected uncompressed size, for progress and multipart planning.
+        progress: Called with the bytes received so far.
+    """
+    pg_basebackup = Tool(toolset.binary("pg_basebackup"))
+    capture = TarMemberCapture(["backup_manifest", "global/pg_control"])
+    args = [
+        "--pgdata=-",
+        "--format=tar",
+        "--wal-method=fetch",
+        "--checkpoint=fast",
+        "--no-password",
+        "--manifest-checksums=CRC32C",
+        f"--dbname={libpq_conninfo(settings)}",
+    ]
+    if incremental_from is not None:
+        args.append(f"--incremental={incremental_from}")
+    with libpq_password_env(settings) as env:
+        try:
+            base = stream_tool_into_storages(
+                pg_basebackup, args, env, storages, prefix + BASE_NAME, master_key,
+                compress=True, zstd_threads=ZSTD_THREADS, size_hint=size_hint,
+                progress=progress, tap=capture,
+            )
+        except ToolFailedError as exc:
+            raise _explain_basebackup_failure(exc, settings) from None
+    manifest_bytes = capture.members.get("backup_manifest")
+    if manifest_bytes is None:
+        raise PgBackflowError(
+            f"pg_basebackup of {settings.host}:{settings.port} produced no backup_manifest: "
+            "the backup is incomplete"
+        )
+    wal_range = json.loads(manifest_bytes)["WAL-Ranges"]
+    control = capture.members.get("global/pg_control", b"")
+    system_identifier = system_identifier_from_control(control)
+    manifest_write = store_bytes(
+        manifest_bytes, storages, prefix + BACKUP_MANIFEST_NAME, master_key
+    )
+    return BaseBackupResult(
+        base=base,
+        backup_manifest=manifest_write,
+        timeline=int(wal_range[-1]["Timeline"]),
+        start_lsn=str(wal_range[0]["Start-LSN"]),
+        end_lsn=str(wal_range[-1]["End-LSN"]),
+        system_identifier=system_identifier,
+    )
+
+
+def _explain_basebackup_failure(
+    exc: ToolFailedError, settings: ConnectionSettings
+) -> PgBackflowError:
+    text = "\n".join([exc.result.stderr_tail, *exc.result.stderr_errors])
+    where = f"{settings.host}:{settings.port}"
+    if _SUMMARIES_MISSING.search(text):
+        first = next((line for line in text.splitlines() if "summar" in line.lower()), text)
+        return IncrementalChainBroken(f"pg_basebackup on {where}: {first.strip()}")
+    if "no pg_hba.conf entry for replication" in text:
+        return ConfigError(
+            f"{where} refuses replication connections from this host for role "
+            f"{settings.user!r}: add a 'host replication {settings.user} <this host> "
+            "scram-sha-256' line to pg_hba.conf and reload"
+        )
+    if "must be superuser or replication role" in text or "permission denied to start WAL" in text:
+        return ConfigError(
+            f"role {settings.user!r} on {where} lacks REPLICATION: run ALTER ROLE "
+            f"{_ident(settings.user)} REPLICATION;"
+        )
+    if "number of requested standby connections exceeds" in text or "max_wal_senders" in text:
+        return DatabaseError(
+            f"{where} has no free WAL sender: raise max_wal_senders (restart needed) or stop "
+            "another replication client"
+        )
+    return exc
+
+
+__all__ = [
+    "BACKUP_MANIFEST_NAME",
+    "BASE_NAME",
+    "BackupPlan",
+    "BaseBackupResult",
+    "ClusterFacts",
+    "IncrementalChainBroken",
+    "PhysicalManifest",
+    "backup_prefix",
+    "chain_of",
+    "check_physical_source",
+    "format_lsn",
+    "incremental_refusal",
+    "list_physical_backups",
+    "manifest_key",
+    "parent_manifest_file",
+    "parse_lsn",
+    "physical_db_id",
+    "plan_backup",
+    "read_cluster_facts",
+    "resolve_db_id",
+    "stored_cluster_ids",
+    "take_base_backup",
+    "write_manifest",
+]

@@ -1,0 +1,536 @@
+"""Continuous WAL archiving: pg_receivewal through a replication slot, every segment shipped.
+
+pg_receivewal streams WAL into a local spool folder over the replication protocol. The
+physical replication slot makes the server keep every segment until pg_receivewal has
+flushed it, so a streamer that crashes and restarts resumes where it stopped (the spool keeps
+the newest segment and the ``.partial`` one, which is where pg_receivewal resumes).
+
+RPO: a completed segment is shipped within ``poll_interval`` (1 s). A 16 MB segment can take
+hours to fill under light writes, so the segment being written is shipped too, as
+``<segment>.partial``, every ``partial_interval`` seconds (default 30) when it changed. We
+chose this over forcing segment switches on the server (pg_switch_wal needs extra grants
+and wastes a segment each time). A restore uses the complete segment when there is one and
+the partial one otherwise; the partial object of a segment is deleted once the segment is
+complete.
+
+Objects (encrypted, zstd)::
+
+    physical/<db_id>/wal/<segment>.pgbf           a complete segment
+    physical/<db_id>/wal/<segment>.partial.pgbf   the newest state of the segment in progress
+    physical/<db_id>/wal/<timeline>.history.pgbf  timeline history files
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import psycopg
+
+from tasks.archive import ArchiveError, ArchiveReader
+from tasks.database import ConnectionSettings, connect, libpq_conninfo, libpq_password_env
+from tasks.errors import ConfigError, DatabaseError, PgBackflowError, TransientDatabaseError
+from tasks.keys import Keyring, MasterKey
+from tasks.pipeline import store_file
+from tasks.process import Tool
+from tasks.storage import Storage
+from tasks.toolsets import Toolset
+
+WAL_DIR = "wal"
+OBJECT_SUFFIX = ".pgbf"
+PARTIAL = ".partial"
+DEFAULT_SLOT = "pgbackflow"
+DEFAULT_PARTIAL_INTERVAL_S = 30.0
+DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+
+_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
+_HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
+_SLOT = re.compile(r"^[a-z0-9_]{1,63}$")
+_WAL_MAGIC_MIN = 0xD100  # every supported major's XLOG_PAGE_MAGIC is 0xD1xx
+
+logger = logging.getLogger("pgbackflow.wal")
+
+
+class WalIntegrityError(ArchiveError):
+    """A WAL object decrypted, but is not the segment its name says."""
+
+
+def wal_prefix(db_id: str) -> str:
+    """Storage prefix of a cluster's WAL."""
+    return f"physical/{db_id}/{WAL_DIR}/"
+
+
+def wal_object_key(db_id: str, file_name: str) -> str:
+    """Storage key of a WAL file (``<segment>``, ``<segment>.partial`` or a history file)."""
+    return wal_prefix(db_id) + file_name + OBJECT_SUFFIX
+
+
+def segments_per_id(segment_size: int) -> int:
+    """Segments per 4 GB "log id" (the middle 8 hex digits of a segment name)."""
+    return 0x1_0000_0000 // segment_size
+
+
+def segment_name(timeline: int, number: int, segment_size: int) -> str:
+    """``000000010000000000000003`` for a timeline and segment number."""
+    per_id = segments_per_id(segment_size)
+    return f"{timeline:08X}{number // per_id:08X}{number % per_id:08X}"
+
+
+def parse_segment_name(name: str, segment_size: int) -> tuple[int, int]:
+    """``(timeline, segment number)`` of a segment file name."""
+    if not _SEGMENT.match(name):
+        raise ConfigError(f"'{name}' is not a WAL segment name (24 hex digits)")
+    return int(name[:8], 16), int(name[8:16], 16) * segments_per_id(segment_size) + int(
+        name[16:], 16
+    )
+
+
+def segment_for_lsn(timeline: int, lsn: int, segment_size: int) -> str:
+    """Name of the segment holding ``lsn``."""
+    return segment_name(timeline, lsn // segment_size, segment_size)
+
+
+def check_segment_start(
+    head: bytes, name: str, segment_size: int, system_identifier: str | None, label: str
+) -> None:
+    """Check a segment's first page header against its name and the cluster.
+
+    The page address and system identifier bind a segment's content to its name: a valid
+    archive swapped in under another segment's name fails here.
+
+    Raises:
+        WalIntegrityError: the content is not that segment of that cluster.
+    """
+    if len(head) < 40:
+        raise WalIntegrityError(f"{label}: too short for a WAL segment: the object is damaged")
+    magic, _info, _tli, page_address = struct.unpack_from("<HHIQ", head, 0)
+    sysid, seg_size = struct.unpack_from("<QI", head, 24)
+    _, number = parse_segment_name(name, segment_size)
+    if magic < _WAL_MAGIC_MIN or magic > 0xD1FF:
+        raise WalIntegrityError(
+            f"{label}: not a WAL segment (bad page magic): the object is damaged"
+        )
+    if page_address != number * segment_size or seg_size != segment_size:
+        raise WalIntegrityError(
+            f"{label}: holds WAL of another position (page address {page_address:X}, expected "
+            f"{number * segment_size:X}): the object was replaced"
+        )
+    if system_identifier is not None and str(sysid) != system_identifier:
+        raise WalIntegrityError(
+            f"{label}: WAL of another cluster (system identifier {sysid}, expected "
+            f"{system_identifier}): the object was replaced"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# What is stored
+
+
+@dataclass
+class WalInventory:
+    """The WAL files of one cluster in a storage.
+
+    Attributes:
+        complete: Complete segment numbers per timeline.
+        partial: Segment numbers shipped as partial, per timeline.
+        histories: Timelines with a history file.
+        newest: Upload time of the newest WAL object (the end of the coverage window).
+        segment_size: Bytes per segment.
+    """
+
+    segment_size: int
+    complete: dict[int, set[int]] = field(default_factory=dict)
+    partial: dict[int, set[int]] = field(default_factory=dict)
+    histories: set[int] = field(default_factory=set)
+    newest: datetime | None = None
+
+    def last_segment(self, timeline: int) -> int | None:
+        """The newest segment number on a timeline (complete or partial)."""
+        numbers = self.complete.get(timeline, set()) | self.partial.get(timeline, set())
+        return max(numbers) if numbers else None
+
+    def has(self, timeline: int, number: int) -> bool:
+        """Whether a segment is stored complete or partial."""
+        return number in self.complete.get(timeline, set()) or number in self.partial.get(
+            timeline, set()
+        )
+
+    def gaps(self, timeline: int, first: int, last: int | None = None) -> list[str]:
+        """Names of the segments missing between ``first`` and ``last`` (default: newest).
+
+        Only the newest segment may be partial; a partial one before it is a gap.
+        """
+        end = self.last_segment(timeline) if last is None else last
+        if end is None:
+            return [segment_name(timeline, first, self.segment_size)]
+        complete = self.complete.get(timeline, set())
+        missing = []
+        for number in range(first, end + 1):
+            if number in complete or (number == end and self.has(timeline, number)):
+                continue
+            missing.append(segment_name(timeline, number, self.segment_size))
+        return missing
+
+
+def read_wal_inventory(storage: Storage, db_id: str, segment_size: int) -> WalInventory:
+    """List a cluster's WAL objects."""
+    inventory = WalInventory(segment_size)
+    prefix = wal_prefix(db_id)
+    for item in storage.list(prefix):
+        name = item.key[len(prefix):]
+        if not name.endswith(OBJECT_SUFFIX):
+            continue
+        name = name[: -len(OBJECT_SUFFIX)]
+        is_partial = name.endswith(PARTIAL)
+        base = name.removesuffix(PARTIAL)
+        if _SEGMENT.match(base):
+            timeline, number = parse_segment_name(base, segment_size)
+            (inventory.partial if is_partial else inventory.complete).setdefault(
+                timeline, set()
+            ).add(number)
+        elif _HISTORY.match(name):
+            inventory.histories.add(int(name[:8], 16))
+        else:
+            continue
+        if inventory.newest is None or item.modified > inventory.newest:
+            inventory.newest = item.modified
+    return inventory
+
+
+def fetch_wal_file(
+    storage: Storage,
+    db_id: str,
+    file_name: str,
+    destination: Path,
+    keyring: Keyring,
+    *,
+    segment_size: int = DEFAULT_SEGMENT_SIZE,
+    system_identifier: str | None = None,
+) -> str | None:
+    """Decrypt a WAL file for ``restore_command``; the complete segment, else the partial.
+
+    Returns:
+        The key fetched, or None when the storage has no such file (recovery then ends).
+
+    Raises:
+        ArchiveError: the object is damaged, truncated or not the segment it claims to be.
+    """
+    is_segment = bool(_SEGMENT.match(file_name))
+    candidates = [file_name, file_name + PARTIAL] if is_segment else [file_name]
+    for candidate in candidates:
+        key = wal_object_key(db_id, candidate)
+        if not storage.exists(key):
+            continue
+        label = f"{storage.location}/{key}"
+        partial = destination.with_name(destination.name + ".pgbackflow-tmp")
+        try:
+            size = _decrypt_wal(storage, key, partial, keyring, label, (
+                (file_name, segment_size, system_identifier) if is_segment else None
+            ))
+            if is_segment and size != segment_size:
+                raise WalIntegrityError(
+                    f"{label}: {size} bytes instead of a {segment_size}-byte segment: the "
+                    "object is damaged"
+                )
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        partial.rename(destination)
+        return key
+    return None
+
+
+def _decrypt_wal(
+    storage: Storage,
+    key: str,
+    target: Path,
+    keyring: Keyring,
+    label: str,
+    segment: tuple[str, int, str | None] | None,
+) -> int:
+    head = b""
+    size = 0
+    with storage.open_read(key) as raw, target.open("wb") as out:
+        for chunk in ArchiveReader(raw, keyring, label=label):
+            if segment is not None and len(head) < 40:
+                head += chunk[:40]
+                if len(head) >= 40:
+                    check_segment_start(head, segment[0], segment[1], segment[2], label)
+            out.write(chunk)
+            size += len(chunk)
+    if segment is not None and len(head) < 40:
+        check_segment_start(head, segment[0], segment[1], segment[2], label)
+    return size
+
+
+# ---------------------------------------------------------------------------------------
+# Shipping and streaming
+
+
+@dataclass
+class ShippingStatus:
+    """What the streamer has done so far (for progress artifacts).
+
+    Attributes:
+        segments_shipped: Complete segments uploaded in this run.
+        partials_shipped: Partial uploads in this run.
+        last_segment: The newest complete segment uploaded.
+        last_shipped_at: When anything was last uploaded.
+        bytes_shipped: Stored bytes uploaded.
+    """
+
+    segments_shipped: int = 0
+    partials_shipped: int = 0
+    last_segment: str | None = None
+    last_shipped_at: float | None = None
+    bytes_shipped: int = 0
+
+
+class WalShipper:
+    """Uploads what pg_receivewal wrote to the spool folder.
+
+    Args:
+        spool: pg_receivewal's ``--directory``.
+        storages: Destinations.
+        master_key: Wraps each object's data key.
+        db_id: The cluster's id in the storages.
+        partial_interval: Seconds between uploads of the segment in progress.
+    """
+
+    def __init__(
+        self,
+        spool: Path,
+        storages: Sequence[Storage],
+        master_key: MasterKey,
+        db_id: str,
+        *,
+        partial_interval: float = DEFAULT_PARTIAL_INTERVAL_S,
+    ) -> None:
+        self.spool = spool
+        self.storages = list(storages)
+        self.master_key = master_key
+        self.db_id = db_id
+        self.partial_interval = partial_interval
+        self.status = ShippingStatus()
+        self._shipped: set[str] = set()
+        self._partial_state: tuple[str, int] | None = None
+        self._partial_at = 0.0
+
+    def _upload(self, path: Path, name: str) -> None:
+        write = store_file(path, self.storages, wal_object_key(self.db_id, name), self.master_key)
+        failed = [o for o in write.outcomes if not o.ok]
+        if failed:
+            # Keep the file in the spool: the next pass retries it.
+            raise PgBackflowError(
+                f"WAL file {name} could not be stored in {failed[0].location}: {failed[0].error}"
+            )
+        self.status.bytes_shipped += write.info.stored_size
+        self.status.last_shipped_at = time.time()
+
+    def ship(self, *, final: bool = False) -> list[str]:
+        """Upload completed segments and history files, and the partial one when due.
+
+        Returns:
+            Names of the complete files uploaded.
+        """
+        names = sorted(p.name for p in self.spool.iterdir())
+        done = [n for n in names if (_SEGMENT.match(n) or _HISTORY.match(n))]
+        uploaded: list[str] = []
+        for name in done:
+            if name in self._shipped:
+                continue
+            self._upload(self.spool / name, name)
+            self._shipped.add(name)
+            uploaded.append(name)
+            if _SEGMENT.match(name):
+                self.status.segments_shipped += 1
+                self.status.last_segment = name
+                self._drop_partial_object(name)
+        self._prune([n for n in done if _SEGMENT.match(n)])
+        partials = [n for n in names if n.endswith(PARTIAL) and _SEGMENT.match(n[: -len(PARTIAL)])]
+        if partials:
+            self._ship_partial(partials[-1], force=final)
+        return uploaded
+
+    def _ship_partial(self, name: str, *, force: bool) -> None:
+        path = self.spool / name
+        try:
+            stat = path.stat()
+        except FileNotFoundError:  # completed (renamed) between listing and now
+            return
+        state = (name, stat.st_mtime_ns)
+        now = time.monotonic()
+        due = force or now - self._partial_at >= self.partial_interval
+        if state == self._partial_state or not due:
+            return
+        self._upload(path, name)
+        self._partial_state = state
+        self._partial_at = now
+        self.status.partials_shipped += 1
+
+    def _drop_partial_object(self, segment: str) -> None:
+        key = wal_object_key(self.db_id, segment + PARTIAL)
+        for storage in self.storages:
+            try:
+                if storage.exists(key):
+                    storage.delete(key)
+            except PgBackflowError as exc:
+                logger.warning("could not delete the superseded %s: %s", key, exc)
+
+    def _prune(self, segments: list[str]) -> None:
+        # The newest complete segment stays: pg_receivewal resumes after the newest one it
+        # finds, which matters when no .partial is left (PostgreSQL 14 ignores the slot).
+        for name in segments[:-1]:
+            if name in self._shipped:
+                (self.spool / name).unlink(missing_ok=True)
+
+
+def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
+    """Create the physical replication slot if missing; returns whether it was created.
+
+    Raises:
+        ConfigError: bad slot name, or the slot is in use by another client.
+    """
+    if not _SLOT.match(slot):
+        raise ConfigError(
+            f"replication slot name {slot!r} is invalid: use lowercase letters, digits and '_'"
+            " (at most 63)"
+        )
+    with connect(settings) as conn:
+        row = conn.execute(
+            "SELECT slot_type, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+        if row is not None:
+            if row[0] != "physical":
+                raise ConfigError(
+                    f"replication slot {slot!r} on {settings.host}:{settings.port} is a "
+                    f"{row[0]} slot: pick another name with --slot"
+                )
+            if row[1] is not None:
+                raise ConfigError(
+                    f"replication slot {slot!r} on {settings.host}:{settings.port} is in use by "
+                    f"server process {row[1]}: another WAL streamer is running for this cluster;"
+                    " stop it or use another --slot"
+                )
+            return False
+        try:
+            conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        except psycopg.errors.InsufficientPrivilege:
+            raise ConfigError(
+                f"role {settings.user!r} cannot create replication slots on {settings.host}:"
+                f"{settings.port}: grant it REPLICATION (ALTER ROLE ... REPLICATION)"
+            ) from None
+        except psycopg.errors.DuplicateObject:
+            return False
+        except psycopg.Error as exc:
+            raise DatabaseError(
+                f"creating replication slot {slot!r} on {settings.host}:{settings.port} failed: "
+                f"{str(exc).strip().splitlines()[0]}"
+            ) from None
+    return True
+
+
+class WalStreamer:
+    """Runs pg_receivewal on a slot and ships what it writes, until told to stop.
+
+    Args:
+        settings: The source server.
+        toolset: Whose pg_receivewal to run (the server's major).
+        shipper: Uploads the spool.
+        slot: The physical replication slot.
+        poll_interval: Seconds between spool scans.
+        on_status: Called after every scan that shipped something.
+    """
+
+    def __init__(
+        self,
+        settings: ConnectionSettings,
+        toolset: Toolset,
+        shipper: WalShipper,
+        *,
+        slot: str = DEFAULT_SLOT,
+        poll_interval: float = DEFAULT_POLL_INTERVAL_S,
+        on_status: Callable[[ShippingStatus], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.toolset = toolset
+        self.shipper = shipper
+        self.slot = slot
+        self.poll_interval = poll_interval
+        self.on_status = on_status
+
+    def run(self, stop: threading.Event, *, max_seconds: float | None = None) -> ShippingStatus:
+        """Stream until ``stop`` is set or ``max_seconds`` pass, then ship what is left.
+
+        Raises:
+            TransientDatabaseError: pg_receivewal exited (server gone, network): a retry
+                resumes from the slot without losing WAL.
+        """
+        ensure_slot(self.settings, self.slot)
+        self.shipper.spool.mkdir(parents=True, exist_ok=True)
+        self.shipper.spool.chmod(0o700)
+        pg_receivewal = Tool(self.toolset.binary("pg_receivewal"))
+        args = [
+            f"--directory={self.shipper.spool}",
+            f"--slot={self.slot}",
+            "--no-loop",
+            "--no-password",
+            "--synchronous",
+            "--status-interval=1",
+            f"--dbname={libpq_conninfo(self.settings)}",
+        ]
+        deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        with (
+            libpq_password_env(self.settings) as env,
+            pg_receivewal.background(args, env=env) as child,
+        ):
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                self._scan()
+                ended = child.exited()
+                if ended is not None:
+                    self._scan(final=True)
+                    tail = (ended.stderr_tail.strip().splitlines() or ["no message"])[-1]
+                    raise TransientDatabaseError(
+                        f"pg_receivewal for {self.settings.host}:{self.settings.port} stopped "
+                        f"(exit {ended.returncode}: {tail}); restarting resumes from slot "
+                        f"{self.slot!r} without losing WAL"
+                    )
+                stop.wait(self.poll_interval)
+            child.stop()
+            self._scan(final=True)
+        return self.shipper.status
+
+    def _scan(self, *, final: bool = False) -> None:
+        before = (self.shipper.status.segments_shipped, self.shipper.status.partials_shipped)
+        self.shipper.ship(final=final)
+        after = (self.shipper.status.segments_shipped, self.shipper.status.partials_shipped)
+        if after != before and self.on_status is not None:
+            self.on_status(self.shipper.status)
+
+
+__all__ = [
+    "DEFAULT_SLOT",
+    "ShippingStatus",
+    "WalIntegrityError",
+    "WalInventory",
+    "WalShipper",
+    "WalStreamer",
+    "check_segment_start",
+    "ensure_slot",
+    "fetch_wal_file",
+    "parse_segment_name",
+    "read_wal_inventory",
+    "segment_for_lsn",
+    "segment_name",
+    "wal_object_key",
+    "wal_prefix",
+]
