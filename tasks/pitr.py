@@ -1,0 +1,501 @@
+"""Point-in-time restore: a chain of base backups + WAL replay to any second.
+
+1. Plan: pick the newest chain (full + incrementals) that ends before the target, check the
+   target lies in the recoverable window and that no WAL segment is missing.
+2. Unpack every backup of the chain (SHA-256 checked while reading); combine them with
+   ``pg_combinebackup`` (a full alone is unpacked straight into the target directory).
+3. Fetch the WAL needed into ``<dir>/pgbackflow_restore/wal`` (each segment's header is
+   checked against its name and the cluster), so the server replays with a plain ``cp``
+   restore_command that needs neither our key nor the storage.
+4. Configure recovery (``recovery.signal``, target time, ``promote``), write ``restore.sh``
+   (the same restore, by hand, with one command) and optionally start the server and wait
+   until it is promoted.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
+from tasks.keys import Keyring
+from tasks.physical import (
+    PhysicalManifest,
+    chain_of,
+    list_physical_backups,
+    parse_lsn,
+)
+from tasks.pipeline import decrypted_chunks
+from tasks.process import OsUser, Tool
+from tasks.storage import Storage
+from tasks.tarstream import unpack_tar_stream
+from tasks.toolsets import Toolset
+from tasks.wal import (
+    WalInventory,
+    fetch_wal_file,
+    read_wal_inventory,
+    segment_name,
+)
+
+RESTORE_DIR = "pgbackflow_restore"
+WAL_CACHE = "wal"
+SCRIPT_NAME = "restore.sh"
+LOG_NAME = "postgres.log"
+WAL_FETCH_THREADS = 4
+PROMOTE_TIMEOUT_S = 3600.0
+_TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
+
+
+def parse_target_time(text: str) -> datetime | None:
+    """``latest`` → None; an ISO-like timestamp with zone → aware datetime.
+
+    Raises:
+        ConfigError: unparsable, or without a time zone.
+    """
+    if text.strip().lower() == "latest":
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ConfigError(
+            f"target time {text!r} is not a timestamp: use e.g. '2026-11-21 10:15:30+00' "
+            "or latest"
+        ) from None
+    if moment.tzinfo is None:
+        raise ConfigError(
+            f"target time {text!r} has no time zone: add one, e.g. '{text.strip()}+00'"
+        )
+    return moment.astimezone(UTC)
+
+
+def _show(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S+00")
+
+
+@dataclass(frozen=True)
+class PitrPlan:
+    """What a point-in-time restore will use.
+
+    Attributes:
+        db_id: The cluster.
+        chain: Full backup first, then its incrementals, ending with the chosen backup.
+        target: The target time, or None for the end of the WAL.
+        wal_segments: WAL file names to fetch, in replay order.
+        earliest: Start of the recoverable window (end of the oldest full backup).
+        latest: End of the window (newest WAL upload, or the newest backup's end).
+    """
+
+    db_id: str
+    chain: tuple[PhysicalManifest, ...]
+    target: datetime | None
+    wal_segments: tuple[str, ...]
+    earliest: datetime
+    latest: datetime
+
+    @property
+    def newest(self) -> PhysicalManifest:
+        """The backup the chain ends with."""
+        return self.chain[-1]
+
+    @property
+    def window(self) -> str:
+        """The recoverable window, for messages."""
+        return f"{_show(self.earliest)} to {_show(self.latest)}"
+
+
+def plan_pitr(storage: Storage, db_id: str, target: datetime | None) -> PitrPlan:
+    """Choose the chain and the WAL for a restore to ``target`` (None: as late as possible).
+
+    Raises:
+        ObjectNotFoundError: no backups, or WAL segments the restore needs are missing.
+        ConfigError: the target lies outside the recoverable window (which the message names).
+    """
+    backups = list_physical_backups(storage, db_id)
+    fulls = [b for b in backups if b.mode == "full"]
+    if not fulls:
+        raise ObjectNotFoundError(
+            f"no physical full backup of {db_id} in {storage.location}: run pgbackflow "
+            "physical-backup first"
+        )
+    segment_size = backups[-1].wal_segment_size
+    inventory = read_wal_inventory(storage, db_id, segment_size)
+    earliest = fulls[0].finished_at
+    latest = max(
+        [backups[-1].finished_at] + ([inventory.newest] if inventory.newest is not None else [])
+    )
+    if target is not None and not earliest <= target <= latest:
+        raise ConfigError(
+            f"target time {_show(target)} is outside the recoverable window of {db_id}: "
+            f"{_show(earliest)} to {_show(latest)}; pick a time inside it"
+        )
+    usable = [b for b in backups if target is None or b.finished_at <= target]
+    chain = _newest_complete_chain(usable, backups)
+    base = chain[-1]
+    segments = _wal_to_fetch(inventory, base, target)
+    return PitrPlan(db_id, tuple(chain), target, tuple(segments), earliest, latest)
+
+
+def _newest_complete_chain(
+    candidates: Sequence[PhysicalManifest], backups: Sequence[PhysicalManifest]
+) -> list[PhysicalManifest]:
+    problems: list[str] = []
+    for backup in reversed(candidates):
+        try:
+            return chain_of(backup, backups)
+        except ObjectNotFoundError as exc:
+            problems.append(str(exc))
+    raise ObjectNotFoundError(
+        "no complete backup chain before the target: " + ("; ".join(problems[:2]) or "none")
+    )
+
+
+def _wal_to_fetch(
+    inventory: WalInventory, base: PhysicalManifest, target: datetime | None
+) -> list[str]:
+    """Segments after the backup's own WAL up to the target (or the newest), gaps refused."""
+    size = base.wal_segment_size
+    timeline = base.timeline
+    first = parse_lsn(base.end_lsn) // size  # the backup carries WAL up to its end LSN
+    last = inventory.last_segment(timeline)
+    if last is None or last < first:
+        if target is not None and target > base.finished_at:
+            raise ObjectNotFoundError(
+                f"no WAL after backup {base.backup_id} on timeline {timeline} is stored, so "
+                f"only its end ({_show(base.finished_at)}) can be restored: run pgbackflow "
+                "wal-stream for this cluster, or target latest"
+            )
+        return []
+    missing = inventory.gaps(timeline, first, last)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        shown = ", ".join(missing[:3]) + more
+        raise ObjectNotFoundError(
+            f"WAL of {base.db_id} after backup {base.backup_id} has gaps ({shown} missing): "
+            "replay cannot pass them; restore to a time before the gap from an older chain, "
+            "or take a new full backup"
+        )
+    names = [segment_name(timeline, n, size) for n in range(first, last + 1)]
+    names += [f"{t:08X}.history" for t in sorted(inventory.histories) if t > timeline]
+    return names
+
+
+# ---------------------------------------------------------------------------------------
+# Building the data directory
+
+
+def check_target_dir(target_dir: Path) -> None:
+    """A restore writes only into a missing or empty directory."""
+    if target_dir.exists():
+        if not target_dir.is_dir():
+            raise ConfigError(f"--to-dir {target_dir} is a file: name a new or empty directory")
+        if any(target_dir.iterdir()):
+            raise ConfigError(
+                f"--to-dir {target_dir} is not empty: restore into a new or empty directory "
+                "(nothing there was touched)"
+            )
+
+
+def unpack_backup(
+    storage: Storage, backup: PhysicalManifest, keyring: Keyring, directory: Path
+) -> int:
+    """Decrypt (SHA-256 checked) and unpack one backup's tar into ``directory``."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return unpack_tar_stream(
+        decrypted_chunks(storage, backup.base, keyring),
+        directory,
+        label=f"{storage.location}/{backup.base.key}",
+    )
+
+
+def build_data_dir(
+    storage: Storage,
+    plan: PitrPlan,
+    keyring: Keyring,
+    target_dir: Path,
+    toolset: Toolset,
+    *,
+    on_step: Callable[[str], None] | None = None,
+) -> None:
+    """Unpack the chain and combine it into ``target_dir`` (which must be missing or empty)."""
+    check_target_dir(target_dir)
+    step = on_step or (lambda _message: None)
+    if len(plan.chain) == 1:
+        step(f"unpacking full backup {plan.newest.backup_id}")
+        unpack_backup(storage, plan.newest, keyring, target_dir)
+        return
+    parent = target_dir.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".pgbackflow-chain-", dir=parent) as work:
+        dirs = []
+        for backup in plan.chain:
+            step(f"unpacking {backup.mode} backup {backup.backup_id}")
+            directory = Path(work) / backup.backup_id
+            unpack_backup(storage, backup, keyring, directory)
+            dirs.append(directory)
+        step(f"combining {len(dirs)} backups with pg_combinebackup")
+        if target_dir.exists():
+            target_dir.rmdir()  # pg_combinebackup creates the output directory itself
+        Tool(toolset.binary("pg_combinebackup")).run(
+            [*map(str, dirs), "--output", str(target_dir)], timeout=None
+        )
+    target_dir.chmod(0o700)
+
+
+def fetch_wal(
+    storage: Storage, plan: PitrPlan, keyring: Keyring, wal_dir: Path
+) -> list[str]:
+    """Fetch and check the planned WAL into ``wal_dir``; returns the names fetched."""
+    wal_dir.mkdir(parents=True, exist_ok=True)
+    base = plan.newest
+
+    def fetch(name: str) -> str | None:
+        key = fetch_wal_file(
+            storage, plan.db_id, name, wal_dir / name, keyring,
+            segment_size=base.wal_segment_size, system_identifier=base.system_identifier,
+        )
+        return name if key is not None else None
+
+    with ThreadPoolExecutor(WAL_FETCH_THREADS, thread_name_prefix="pgbackflow-wal") as pool:
+        fetched = [name for name in pool.map(fetch, plan.wal_segments) if name is not None]
+    return fetched
+
+
+# ---------------------------------------------------------------------------------------
+# Recovery configuration, the script, starting
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def configure_recovery(
+    data_dir: Path, target: datetime | None, *, port: int | None = None
+) -> None:
+    """Write the recovery settings and ``recovery.signal``.
+
+    ``archive_mode`` is switched off: the restored server must not push WAL into the
+    source's archive.
+    """
+    wal_dir = data_dir.absolute() / RESTORE_DIR / WAL_CACHE
+    restore_command = f"cp {shlex.quote(str(wal_dir))}/%f %p"
+    settings = {
+        "restore_command": restore_command,
+        "recovery_target_action": "promote",
+        "archive_mode": "off",
+    }
+    if target is not None:
+        settings["recovery_target_time"] = _show(target)
+    if port is not None:
+        settings["port"] = str(port)
+        settings["listen_addresses"] = "127.0.0.1"
+        settings["unix_socket_directories"] = "/tmp"
+    lines = "".join(f"{key} = {_conf_quote(value)}\n" for key, value in settings.items())
+    auto_conf = data_dir / "postgresql.auto.conf"
+    existing = auto_conf.read_text() if auto_conf.exists() else ""
+    auto_conf.write_text(existing + "\n# Point-in-time restore by pgbackflow.\n" + lines)
+    (data_dir / "standby.signal").unlink(missing_ok=True)
+    (data_dir / "recovery.signal").write_text("")
+
+
+def write_restore_script(
+    path: Path, plan: PitrPlan, *, storage_url: str, key_file: Path | None
+) -> None:
+    """A bash script that redoes this restore by hand: ``restore.sh NEW_EMPTY_DIR``."""
+    python = shlex.quote(sys.executable)
+    target = "latest" if plan.target is None else _show(plan.target)
+    key_arg = f" --key-file {shlex.quote(str(key_file))}" if key_file else ""
+    body = f"""#!/usr/bin/env bash
+# Point-in-time restore of {plan.db_id} to {target}, written by pgbackflow.
+# Redo it by hand:  {SCRIPT_NAME} NEW_EMPTY_DIR  (S3 credentials from the usual AWS_* variables)
+# Chain: {' -> '.join(f'{b.mode} {b.backup_id}' for b in plan.chain)}
+set -euo pipefail
+DIR="${{1:?usage: {SCRIPT_NAME} NEW_EMPTY_DIR}}"
+if [ -e "$DIR" ] && [ -n "$(ls -A "$DIR")" ]; then echo "$DIR is not empty" >&2; exit 1; fi
+exec {python} -m pgbackflow.cli pitr --from {shlex.quote(storage_url)} --db-id {plan.db_id} \\
+  --target-time {shlex.quote(target)} --to-dir "$DIR"{key_arg}
+"""
+    path.write_text(body)
+    path.chmod(0o755)
+
+
+@dataclass(frozen=True)
+class StartedServer:
+    """A restored server that finished recovery.
+
+    Attributes:
+        port: Where it listens (127.0.0.1).
+        last_transaction: "last completed transaction was at log time …" from the log.
+        reached_target: False when no transaction followed the target time, so replay ran
+            to the end of the WAL (the same data the target asks for).
+    """
+
+    port: int
+    last_transaction: str | None
+    reached_target: bool
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def start_and_wait(
+    data_dir: Path,
+    toolset: Toolset,
+    user: OsUser,
+    port: int,
+    *,
+    timeout: float = PROMOTE_TIMEOUT_S,
+) -> StartedServer:
+    """Start the restored server as ``user`` and wait until recovery ends and it is promoted.
+
+    Raises:
+        DatabaseError: the server stopped during recovery (the log tail says why).
+    """
+    log_path = data_dir / RESTORE_DIR / LOG_NAME
+    _check_reachable(data_dir, user)
+    _chown_tree(data_dir, user)
+    pg_ctl = Tool(toolset.binary("pg_ctl"))
+    reached = True
+    for attempt in (1, 2):
+        offset = log_path.stat().st_size if log_path.exists() else 0
+        pg_ctl.run(
+            ["-D", data_dir, "-l", log_path, "-W", "start"], user=user, timeout=120,
+            cwd=data_dir, check=True,
+        )
+        outcome = _wait_for_promotion(data_dir, log_path, offset, timeout)
+        if outcome == "promoted":
+            break
+        log = _read_log(log_path, offset)
+        if attempt == 1 and _TARGET_NOT_REACHED in log:
+            # No transaction committed after the target: everything up to it is replayed;
+            # replaying to the end of the WAL gives exactly that data.
+            _drop_recovery_target(data_dir)
+            reached = False
+            continue
+        raise DatabaseError(
+            f"restored server in {data_dir} stopped during recovery: {_log_tail(log)}"
+        )
+    log = _read_log(log_path, 0)
+    last = None
+    for line in log.splitlines():
+        if "last completed transaction was at log time" in line:
+            last = line.split("log time", 1)[1].strip()
+    return StartedServer(port, last, reached)
+
+
+def _wait_for_promotion(data_dir: Path, log_path: Path, offset: int, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = _read_log(log_path, offset)
+        if "database system is ready to accept connections" in log and not (
+            data_dir / "recovery.signal"
+        ).exists():
+            return "promoted"
+        if not (data_dir / "postmaster.pid").exists() and (
+            "FATAL" in log or "PANIC" in log or "shut down" in log
+        ):
+            return "stopped"
+        time.sleep(0.2)
+    raise DatabaseError(
+        f"restored server in {data_dir} did not finish recovery within {timeout:.0f} s: "
+        f"see {log_path}"
+    )
+
+
+def _drop_recovery_target(data_dir: Path) -> None:
+    auto_conf = data_dir / "postgresql.auto.conf"
+    kept = [
+        line for line in auto_conf.read_text().splitlines()
+        if not line.startswith("recovery_target_time")
+    ]
+    auto_conf.write_text("\n".join(kept) + "\n")
+
+
+def _read_log(path: Path, offset: int) -> str:
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _log_tail(log: str) -> str:
+    important = [
+        line for line in log.splitlines() if any(w in line for w in ("FATAL", "PANIC", "ERROR"))
+    ]
+    lines = important[-3:] or log.strip().splitlines()[-3:]
+    return " | ".join(line.strip() for line in lines) or "no log output"
+
+
+def _check_reachable(data_dir: Path, user: OsUser) -> None:
+    """The server's OS user must be able to walk down to the data directory."""
+    for folder in data_dir.absolute().parents:
+        info = folder.stat()
+        if info.st_uid == user.uid:
+            allowed = bool(info.st_mode & 0o100)
+        elif info.st_gid == user.gid:
+            allowed = bool(info.st_mode & 0o010)
+        else:
+            allowed = bool(info.st_mode & 0o001)
+        if not allowed:
+            raise ConfigError(
+                f"OS user {user.name!r} that runs the restored server cannot enter {folder}: "
+                f"restore into a directory it can reach, or chmod o+x {folder}"
+            )
+
+
+def _chown_tree(root: Path, user: OsUser) -> None:
+    if os.geteuid() != 0:
+        return
+    os.chown(root, user.uid, user.gid)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), user.uid, user.gid, follow_symlinks=False)
+
+
+def restore_dir_of(data_dir: Path) -> Path:
+    """Where pgbackflow keeps its restore files inside the data directory."""
+    return data_dir / RESTORE_DIR
+
+
+def remove_wal_cache(data_dir: Path) -> None:
+    """Drop the fetched WAL once the server no longer needs it (after promotion)."""
+    shutil.rmtree(data_dir / RESTORE_DIR / WAL_CACHE, ignore_errors=True)
+
+
+def ensure_not_running(data_dir: Path) -> None:
+    """Refuse to touch a data directory with a live postmaster."""
+    if (data_dir / "postmaster.pid").exists():
+        raise PgBackflowError(f"{data_dir} has a postmaster.pid: stop that server first")
+
+
+__all__ = [
+    "PitrPlan",
+    "StartedServer",
+    "build_data_dir",
+    "check_target_dir",
+    "configure_recovery",
+    "fetch_wal",
+    "free_port",
+    "parse_target_time",
+    "plan_pitr",
+    "remove_wal_cache",
+    "restore_dir_of",
+    "start_and_wait",
+    "unpack_backup",
+    "write_restore_script",
+]
