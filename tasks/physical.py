@@ -32,7 +32,13 @@ import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.database import ConnectionSettings, connect, libpq_conninfo, libpq_password_env
-from tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
+from tasks.errors import (
+    ConfigError,
+    DatabaseError,
+    ObjectNotFoundError,
+    PgBackflowError,
+    TransientDatabaseError,
+)
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import StoredObjectInfo
 from tasks.pipeline import ObjectWrite, decrypted_chunks, store_bytes, stream_tool_into_storages
@@ -516,6 +522,9 @@ def _explain_basebackup_failure(
             f"role {settings.user!r} on {where} lacks REPLICATION: run ALTER ROLE "
             f"{_ident(settings.user)} REPLICATION;"
         )
+    if "could not connect" in text or "Connection refused" in text or "timeout expired" in text:
+        line = next((x for x in text.splitlines() if "connect" in x or "timeout" in x), text)
+        return TransientDatabaseError(f"pg_basebackup cannot reach {where}: {line.strip()}")
     if "number of requested standby connections exceeds" in text or "max_wal_senders" in text:
         return DatabaseError(
             f"{where} has no free WAL sender: raise max_wal_senders (restart needed) or stop "

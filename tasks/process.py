@@ -130,8 +130,11 @@ class Tool:
     def _popen(
         self, args: Sequence[str | Path], env: Mapping[str, str] | None, *, stdin: int | None,
         stdout: int | None, cwd: Path | None = None, user: OsUser | None = None,
+        die_with_parent: bool = False,
     ) -> subprocess.Popen[bytes]:
         switch: dict[str, Any] = {}
+        if die_with_parent:
+            switch["preexec_fn"] = _die_with_parent
         if user is not None and os.geteuid() != user.uid:
             # extra_groups=[] drops root's supplementary groups along with its uid.
             switch = {"user": user.uid, "group": user.gid, "extra_groups": []}
@@ -243,20 +246,26 @@ class Tool:
     ) -> Iterator[BackgroundTool]:
         """Start a long-running child (stdout discarded); it is killed on leaving the block.
 
-        Use :meth:`BackgroundTool.stop` for a graceful SIGTERM first.
+        Use :meth:`BackgroundTool.stop` for a graceful SIGTERM first. The child also gets
+        SIGTERM if this thread dies (kill -9 of the caller), so it never outlives it: an
+        orphaned pg_receivewal would keep its replication slot busy.
         """
-        with self._running(args, env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL) as (
-            proc, tail,
-        ):
+        with self._running(
+            args, env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, die_with_parent=True
+        ) as (proc, tail):
             yield BackgroundTool(self.name, proc, tail)
 
     @contextmanager
     def _running(
         self, args: Sequence[str | Path], env: Mapping[str, str] | None, *, stdin: int | None,
         stdout: int | None, cwd: Path | None = None, user: OsUser | None = None,
+        die_with_parent: bool = False,
     ) -> Iterator[tuple[subprocess.Popen[bytes], _StderrTail]]:
         try:
-            proc = self._popen(args, env, stdin=stdin, stdout=stdout, cwd=cwd, user=user)
+            proc = self._popen(
+                args, env, stdin=stdin, stdout=stdout, cwd=cwd, user=user,
+                die_with_parent=die_with_parent,
+            )
         except OSError as exc:
             raise PgBackflowError(
                 f"cannot run {self.name} at '{self.path}' ({exc.strerror}): check the toolset "
@@ -310,6 +319,15 @@ class BackgroundTool:
         result = self.exited()
         assert result is not None
         return result
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux for SIGTERM when the parent thread exits."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:

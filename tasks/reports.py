@@ -150,3 +150,138 @@ class RestoreSummary(BaseModel):
             lines += ["", "Owners/grants skipped, roles missing on the target: "
                       + ", ".join(self.missing_roles) + " (restore with --with-globals)."]
         return "\n".join(lines)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+class ChainLink(BaseModel):
+    """One backup of a chain, for overviews."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backup_id: str
+    mode: Literal["full", "incremental"]
+    parent_id: str | None
+    finished_at: datetime
+    start_lsn: str
+    end_lsn: str
+    timeline: int
+    stored_size: int
+
+
+class PhysicalBackupReport(BaseModel):
+    """The outcome of one physical (full or incremental) backup."""
+
+    model_config = ConfigDict(frozen=True)
+
+    backup_id: str
+    status: Literal["complete", "partial"]
+    mode: Literal["full", "incremental"]
+    requested: Literal["full", "incremental"]
+    full_reason: str | None
+    db_id: str
+    parent_id: str | None
+    server_version: str
+    timeline: int
+    start_lsn: str
+    end_lsn: str
+    started_at: datetime
+    finished_at: datetime
+    raw_size: int
+    stored_size: int
+    cluster_size: int
+    destinations: list[DestinationStatus]
+    chain: list[ChainLink]
+
+    @property
+    def duration_s(self) -> float:
+        """Wall time of the backup."""
+        return (self.finished_at - self.started_at).total_seconds()
+
+    def markdown(self) -> str:
+        """Summary for the Prefect UI."""
+        lines = [
+            f"# Physical {self.mode} backup {self.backup_id}: {self.status}",
+            "",
+            f"- cluster: `{self.db_id}`, PostgreSQL {self.server_version}, "
+            f"timeline {self.timeline}",
+            f"- WAL range: {self.start_lsn} to {self.end_lsn}",
+            f"- size: {_mb(self.raw_size)} read, {_mb(self.stored_size)} stored "
+            f"(cluster {_mb(self.cluster_size)}), {self.duration_s:.1f} s",
+        ]
+        if self.full_reason and self.requested == "incremental":
+            lines.append(f"- full instead of incremental: {self.full_reason}")
+        for destination in self.destinations:
+            error = f" — {destination.error}" if destination.error else ""
+            lines.append(f"- {destination.location}: {destination.status}{error}")
+        return "\n".join(lines) + "\n\n" + chain_markdown(self.chain)
+
+
+def chain_markdown(chain: list[ChainLink], wal_window: str | None = None) -> str:
+    """The chain overview table (full first)."""
+    lines = [
+        "| backup | mode | finished | timeline | start LSN | end LSN | stored |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for link in chain:
+        lines.append(
+            f"| {link.backup_id} | {link.mode} | {link.finished_at:%Y-%m-%d %H:%M:%S} | "
+            f"{link.timeline} | {link.start_lsn} | {link.end_lsn} | {_mb(link.stored_size)} |"
+        )
+    if wal_window:
+        lines += ["", f"WAL coverage: {wal_window}"]
+    return "\n".join(lines)
+
+
+class WalStreamReport(BaseModel):
+    """What one run of the WAL streamer shipped."""
+
+    model_config = ConfigDict(frozen=True)
+
+    db_id: str
+    slot: str
+    segments_shipped: int
+    partials_shipped: int
+    last_segment: str | None
+    bytes_shipped: int
+    gaps: list[str]
+
+
+class PitrReport(BaseModel):
+    """The outcome of a point-in-time restore."""
+
+    model_config = ConfigDict(frozen=True)
+
+    db_id: str
+    target: str
+    chain: list[str]
+    wal_segments: int
+    data_dir: str
+    script: str
+    window: str
+    started: bool
+    port: int | None = None
+    last_transaction: str | None = None
+    reached_target: bool | None = None
+    container: str | None = None
+    duration_s: float
+
+    def markdown(self) -> str:
+        """Summary for the Prefect UI."""
+        lines = [
+            f"# Point-in-time restore of {self.db_id} to {self.target}",
+            "",
+            f"- chain: {' → '.join(self.chain)}",
+            f"- WAL segments replayed from storage: {self.wal_segments}",
+            f"- data directory: `{self.data_dir}`; redo by hand: `{self.script} NEW_DIR`",
+            f"- recoverable window: {self.window}",
+            f"- took {self.duration_s:.1f} s",
+        ]
+        if self.started:
+            lines.append(
+                f"- server running on 127.0.0.1:{self.port}, last transaction "
+                f"{self.last_transaction or 'unknown'}"
+            )
+        return "\n".join(lines)

@@ -50,6 +50,7 @@ DEFAULT_SLOT = "pgbackflow"
 DEFAULT_PARTIAL_INTERVAL_S = 30.0
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
+SLOT_RELEASE_WAIT_S = 15.0
 
 _SEGMENT = re.compile(r"^[0-9A-F]{24}$")
 _HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
@@ -410,10 +411,17 @@ def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
             " (at most 63)"
         )
     with connect(settings) as conn:
-        row = conn.execute(
-            "SELECT slot_type, active_pid FROM pg_replication_slots WHERE slot_name = %s",
-            (slot,),
-        ).fetchone()
+        # A streamer killed a moment ago leaves its WAL sender behind until the server
+        # notices the closed connection: give the slot a few seconds to come free.
+        deadline = time.monotonic() + SLOT_RELEASE_WAIT_S
+        while True:
+            row = conn.execute(
+                "SELECT slot_type, active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                (slot,),
+            ).fetchone()
+            if row is None or row[1] is None or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         if row is not None:
             if row[0] != "physical":
                 raise ConfigError(
