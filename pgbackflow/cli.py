@@ -577,6 +577,201 @@ def toolsets_list() -> None:
     out.print(table)
 
 
+@app.command("physical-backup")
+@user_errors
+def physical_backup(
+    db: Annotated[str, typer.Option("--db", help="Source server DSN (role with REPLICATION).")],
+    to: Annotated[
+        list[str],
+        typer.Option("--to", help="Storage: PATH, file://…, s3://bucket/prefix, block:slug/name."),
+    ],
+    incremental: Annotated[
+        bool, typer.Option("--incremental", help="Incremental on the newest backup (PG 17+).")
+    ] = False,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="Master key file (default: created).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Physical backup of a whole cluster: pg_basebackup full or incremental, encrypted."""
+    database = _database_block(db, "--db")
+    storages = [_storage_block(url, f"--to {url}") for url in to]
+    key_path = _key_file_or_default(key_file)
+    from flows.physical import full_backup, incremental_backup
+
+    run = incremental_backup if incremental else full_backup
+    with _progress_bar(not as_json):
+        report = run(database=database, storages=storages, key_file=key_path)
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+        return
+    table = Table(title=f"{report.mode} backup {report.backup_id}: {report.status}",
+                  show_header=False)
+    table.add_row("cluster", f"{report.db_id}, PostgreSQL {report.server_version}, "
+                  f"timeline {report.timeline}")
+    if report.parent_id:
+        table.add_row("parent", report.parent_id)
+    if report.full_reason and incremental:
+        table.add_row("full because", report.full_reason)
+    table.add_row("WAL range", f"{report.start_lsn} to {report.end_lsn}")
+    table.add_row("size", f"{report.raw_size / 1e6:.1f} MB read → "
+                  f"{report.stored_size / 1e6:.1f} MB stored")
+    table.add_row("took", f"{report.duration_s:.1f} s")
+    for destination in report.destinations:
+        table.add_row("stored in", destination.location)
+    out.print(table)
+
+
+@app.command("wal-stream")
+@user_errors
+def wal_stream_command(
+    db: Annotated[str, typer.Option("--db", help="Source server DSN (role with REPLICATION).")],
+    to: Annotated[list[str], typer.Option("--to", help="Storage for the WAL.")],
+    slot: Annotated[str, typer.Option("--slot", help="Physical replication slot.")] = "pgbackflow",
+    spool_dir: Annotated[
+        Path | None, typer.Option("--spool-dir", help="pg_receivewal's folder (kept).")
+    ] = None,
+    partial_interval: Annotated[
+        float, typer.Option("--partial-interval", help="Seconds between partial uploads (RPO).")
+    ] = 30.0,
+    max_runtime: Annotated[
+        float | None, typer.Option("--max-runtime", help="Stop after this many seconds.")
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Master key file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Stream the cluster's WAL into storage until stopped (Ctrl-C or SIGTERM)."""
+    if partial_interval <= 0:
+        raise PgBackflowError(f"--partial-interval {partial_interval} is invalid: use seconds > 0")
+    database = _database_block(db, "--db")
+    storages = [_storage_block(url, f"--to {url}") for url in to]
+    key_path = _key_file_or_default(key_file)
+    from flows.physical import wal_stream
+
+    report = wal_stream(
+        database=database, storages=storages, key_file=key_path, slot=slot,
+        spool_dir=str(spool_dir) if spool_dir else None, partial_interval_s=partial_interval,
+        max_runtime_s=max_runtime,
+    )
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+        return
+    out.print(
+        f"WAL of {report.db_id}: {report.segments_shipped} segments and "
+        f"{report.partials_shipped} partial uploads shipped (last {report.last_segment}), "
+        f"{report.bytes_shipped / 1e6:.1f} MB stored"
+    )
+    if report.gaps:
+        err.print(f"[bold red]WAL gaps:[/] {', '.join(report.gaps[:10])}")
+        raise typer.Exit(2)
+
+
+@app.command()
+@user_errors
+def pitr(
+    source: Annotated[str, typer.Option("--from", help="Storage holding backups and WAL.")],
+    to_dir: Annotated[Path, typer.Option("--to-dir", help="New or empty data directory.")],
+    target_time: Annotated[
+        str | None,
+        typer.Option("--target-time", help="e.g. '2026-11-21 10:15:30+00', or latest."),
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", help="'latest': replay all WAL.")
+    ] = None,
+    db_id: Annotated[
+        str | None, typer.Option("--db-id", help="Cluster id, if the storage holds several.")
+    ] = None,
+    start: Annotated[
+        bool, typer.Option("--start", help="Start the server and wait until it is promoted.")
+    ] = False,
+    port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Master key file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Point-in-time restore of a cluster into a directory (combine + WAL replay)."""
+    if target is not None and target != "latest":
+        raise PgBackflowError(f"--target {target!r} is invalid: use --target latest or "
+                              "--target-time TIMESTAMP")
+    if (target is None) == (target_time is None):
+        raise PgBackflowError("name exactly one of --target-time TIMESTAMP or --target latest")
+    from tasks.pitr import check_target_dir, parse_target_time
+
+    parse_target_time(target_time or "latest")
+    check_target_dir(to_dir)
+    storage = _storage_block(source, f"--from {source}")
+    key_path = _key_file_or_default(key_file)
+    from flows.physical import pitr_restore
+
+    report = pitr_restore(
+        storage=storage, to_dir=str(to_dir), db_id=db_id, target_time=target_time or "latest",
+        start=start, port=port, storage_ref=source, key_file=key_path,
+    )
+    if as_json:
+        _print_json(report.model_dump(mode="json"))
+        return
+    out.print(f"restored {report.db_id} to {report.target} into {report.data_dir} "
+              f"({' → '.join(report.chain)}, {report.wal_segments} WAL files) "
+              f"in {report.duration_s:.1f} s")
+    if report.started:
+        out.print(f"server running on 127.0.0.1:{report.port}; last transaction "
+                  f"{report.last_transaction or 'unknown'}")
+    else:
+        out.print(f"start it with: pg_ctl -D {report.data_dir} start (recovery runs first)")
+    out.print(f"redo by hand: {report.script} NEW_EMPTY_DIR")
+
+
+@app.command("physical-list")
+@user_errors
+def physical_list(
+    source: Annotated[str, typer.Option("--from", help="Storage to list.")],
+    db_id: Annotated[str | None, typer.Option("--db-id", help="Only this cluster.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Physical backup chains and WAL coverage (gaps included) in a storage."""
+    from flows.physical import wal_gaps
+    from tasks.physical import list_physical_backups
+    from tasks.wal import read_wal_inventory
+
+    storage = _storage_block(source, f"--from {source}").open()
+    backups = list_physical_backups(storage, db_id)
+    clusters = sorted({b.db_id for b in backups})
+    documents: list[dict[str, Any]] = []
+    for cluster in clusters:
+        mine = [b for b in backups if b.db_id == cluster]
+        inventory = read_wal_inventory(storage, cluster, mine[-1].wal_segment_size)
+        documents.append({
+            "db_id": cluster,
+            "backups": [
+                {"backup_id": b.backup_id, "mode": b.mode, "parent_id": b.parent_id,
+                 "finished_at": b.finished_at.isoformat(), "timeline": b.timeline,
+                 "start_lsn": b.start_lsn, "end_lsn": b.end_lsn, "stored_size": b.stored_size}
+                for b in mine
+            ],
+            "wal_newest_upload": inventory.newest.isoformat() if inventory.newest else None,
+            "wal_gaps": wal_gaps(storage, cluster),
+        })
+    if as_json:
+        _print_json(documents)
+        return
+    for document in documents:
+        table = Table("backup id", "mode", "parent", "finished (UTC)", "TL", "start LSN",
+                      "end LSN", "stored", title=f"cluster {document['db_id']}")
+        for b in document["backups"]:
+            table.add_row(b["backup_id"], b["mode"], b["parent_id"] or "", b["finished_at"][:19],
+                          str(b["timeline"]), b["start_lsn"], b["end_lsn"],
+                          f"{b['stored_size'] / 1e6:.1f} MB")
+        out.print(table)
+        gaps = document["wal_gaps"]
+        out.print(f"WAL uploaded until {document['wal_newest_upload'] or 'never'}; "
+                  + (f"gaps: {', '.join(gaps[:10])}" if gaps else "no gaps"))
+    if not documents:
+        out.print(f"no physical backups in {storage.location}")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

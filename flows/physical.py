@@ -1,0 +1,666 @@
+"""Physical backups, continuous WAL and point-in-time restore: the runbooks, as Prefect flows.
+
+full_backup / incremental_backup:
+1. Inspect the cluster (version, system identifier, timeline, REPLICATION, summarize_wal).
+2. Take the cluster's backup lock (a Prefect global concurrency limit of 1 per cluster).
+3. Plan: a full, or an incremental on the newest backup; a broken chain forces a full.
+4. Stream pg_basebackup into every storage; write the manifest last.
+5. Publish the summary and the chain overview.
+
+wal_stream: pg_receivewal on a replication slot, every segment shipped; runs until stopped.
+A deployment with a short interval schedule and a concurrency limit of 1 (new runs cancelled
+while one runs) restarts it after a crash; the slot keeps the WAL meanwhile.
+
+pitr_restore: plan → unpack/combine → fetch WAL → configure recovery → restore.sh → start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
+
+from blocks.database import PostgresDatabase
+from blocks.encryption import BackupEncryptionKey
+from flows.common import (
+    RETRY_DELAYS,
+    ProgressArtifact,
+    StorageBlock,
+    artifact_key,
+    open_storages,
+    publish_summary,
+    resolve_keyring,
+    resolve_master_key,
+    retry_if_transient,
+)
+from pgbackflow import __version__
+from tasks.database import ConnectionSettings
+from tasks.errors import PgBackflowError, StorageError, ToolsetError
+from tasks.keys import Keyring, MasterKey
+from tasks.manifest import new_backup_id
+from tasks.physical import (
+    BackupPlan,
+    BaseBackupResult,
+    ClusterFacts,
+    IncrementalChainBroken,
+    PhysicalManifest,
+    backup_prefix,
+    chain_of,
+    check_physical_source,
+    list_physical_backups,
+    parent_manifest_file,
+    parse_lsn,
+    plan_backup,
+    read_cluster_facts,
+    resolve_db_id,
+    take_base_backup,
+    write_manifest,
+)
+from tasks.pitr import (
+    PitrPlan,
+    StartedServer,
+    build_data_dir,
+    configure_recovery,
+    fetch_wal,
+    free_port,
+    parse_target_time,
+    plan_pitr,
+    remove_wal_cache,
+    restore_dir_of,
+    start_and_wait,
+    write_restore_script,
+)
+from tasks.process import OsUser
+from tasks.reports import (
+    ChainLink,
+    DestinationStatus,
+    PhysicalBackupReport,
+    PitrReport,
+    WalStreamReport,
+    chain_markdown,
+)
+from tasks.storage import Storage
+from tasks.toolsets import Toolset, find_toolset, toolset_for_server
+from tasks.wal import (
+    DEFAULT_PARTIAL_INTERVAL_S,
+    DEFAULT_SLOT,
+    ShippingStatus,
+    WalShipper,
+    WalStreamer,
+    read_wal_inventory,
+)
+
+_RETRYING: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS),
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NONE,
+}
+DEFAULT_LOCK_TIMEOUT_S = 3600.0
+
+
+class BackupIncompleteError(StorageError):
+    """The backup is complete in some storages but not all."""
+
+
+class ConcurrentBackupError(PgBackflowError):
+    """Another backup of the same cluster holds the lock."""
+
+
+def backup_lock_name(db_id: str) -> str:
+    """The Prefect global concurrency limit that serialises a cluster's backups."""
+    return f"pgbackflow-physical-backup-{db_id}"
+
+
+@contextmanager
+def cluster_backup_lock(db_id: str, timeout_s: float) -> Iterator[None]:
+    """Hold the cluster's backup slot (limit 1) for the duration of the block.
+
+    Outside a flow run (plain function calls in tests and scripts) there is no API to ask,
+    and nothing is locked.
+    """
+    if FlowRunContext.get() is None:
+        yield
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    name = backup_lock_name(db_id)
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(name)
+        except ObjectNotFound:
+            # Another backup may create it at the same moment.
+            with suppress(ObjectAlreadyExists):
+                client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=1)
+                )
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True)
+            )
+        except TimeoutError:
+            raise ConcurrentBackupError(
+                f"another backup of cluster {db_id} is running (concurrency limit {name!r}); "
+                f"this one waited {timeout_s:.0f} s and gave up: retry when it has finished"
+            ) from None
+        yield
+
+
+# ---------------------------------------------------------------------------------------
+# Backups
+
+
+@task(name="inspect-cluster", **_RETRYING)
+def inspect_cluster(settings: ConnectionSettings) -> ClusterFacts:
+    """Read the cluster's identity and check a physical backup can run against it."""
+    facts = read_cluster_facts(settings)
+    check_physical_source(facts, settings)
+    get_run_logger().info(
+        "cluster %s:%s: PostgreSQL %s, system identifier %s, timeline %s",
+        settings.host, settings.port, facts.version, facts.system_identifier, facts.timeline,
+    )
+    return facts
+
+
+@task(name="choose-toolset", cache_policy=NONE)
+def choose_toolset(major: int, what: str) -> Toolset:
+    """Binaries of the server's major (incrementals and combining need exactly it)."""
+    try:
+        return find_toolset(major)
+    except ToolsetError:
+        try:
+            return toolset_for_server(major)
+        except ToolsetError as exc:
+            raise ToolsetError(f"{what}: {exc}") from None
+
+
+@task(name="plan-backup", **_RETRYING)
+def plan_backup_task(storages: list[Storage], facts: ClusterFacts, incremental: bool) -> BackupPlan:
+    """Full or incremental; every storage must hold the parent, else a full."""
+    plans = [
+        plan_backup(facts, list_physical_backups(s, facts.db_id), incremental=incremental)
+        for s in storages
+    ]
+    parents = {p.parent.backup_id if p.parent else None for p in plans}
+    if len(parents) > 1:
+        return BackupPlan(
+            "full", full_reason="the storages disagree on the newest backup of this cluster"
+        )
+    plan = plans[0]
+    if plan.full_reason and incremental:
+        get_run_logger().warning("taking a full backup instead: %s", plan.full_reason)
+    return plan
+
+
+@task(name="take-base-backup", **_RETRYING)
+def take_base_backup_task(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: list[Storage],
+    master_key: MasterKey,
+    keyring: Keyring,
+    prefix: str,
+    parent: PhysicalManifest | None,
+    size_hint: int,
+    progress_key: str,
+) -> BaseBackupResult:
+    """Stream pg_basebackup (full, or incremental on ``parent``) into every storage."""
+    mode = "incremental" if parent else "full"
+    progress = ProgressArtifact(progress_key, f"{mode} backup", size_hint or None)
+    if parent is None:
+        result = take_base_backup(
+            settings, toolset, storages, master_key, prefix, progress=progress.update
+        )
+    else:
+        with parent_manifest_file(storages[0], parent, keyring) as manifest_path:
+            result = take_base_backup(
+                settings, toolset, storages, master_key, prefix,
+                incremental_from=manifest_path, progress=progress.update,
+            )
+    progress.finish(result.base.info.raw_size)
+    return result
+
+
+@task(name="publish-manifest", **_RETRYING)
+def publish_physical_manifest(
+    storages: list[Storage], manifest: PhysicalManifest
+) -> list[DestinationStatus]:
+    """Write the manifest where both objects are complete: the backup exists from now on."""
+    statuses = []
+    for storage in storages:
+        try:
+            write_manifest(storage, manifest)
+            statuses.append(DestinationStatus(location=storage.location, status="complete"))
+        except StorageError as exc:
+            statuses.append(
+                DestinationStatus(location=storage.location, status="failed", error=str(exc))
+            )
+    return statuses
+
+
+def _chain_links(chain: list[PhysicalManifest]) -> list[ChainLink]:
+    return [
+        ChainLink(
+            backup_id=b.backup_id, mode=b.mode, parent_id=b.parent_id, finished_at=b.finished_at,
+            start_lsn=b.start_lsn, end_lsn=b.end_lsn, timeline=b.timeline,
+            stored_size=b.stored_size,
+        )
+        for b in chain
+    ]
+
+
+def _run_physical_backup(
+    database: PostgresDatabase,
+    storages: list[StorageBlock],
+    encryption_key: BackupEncryptionKey | None,
+    key_file: str | None,
+    *,
+    incremental: bool,
+    lock_timeout_s: float,
+) -> PhysicalBackupReport:
+    started_at = datetime.now(UTC)
+    settings = database.settings()
+    master_key = resolve_master_key(encryption_key, key_file)
+    keyring = resolve_keyring(encryption_key, key_file)
+    targets = open_storages(storages)
+
+    facts = inspect_cluster(settings)
+    toolset = choose_toolset(facts.major, f"database {settings.display}")
+    with cluster_backup_lock(facts.db_id, lock_timeout_s):
+        plan = plan_backup_task(targets, facts, incremental)
+        backup_id = new_backup_id()
+        prefix = backup_prefix(facts.db_id, backup_id)
+        progress_key = artifact_key("physical-backup-progress", facts.db_id)
+        try:
+            result = take_base_backup_task(
+                settings, toolset, targets, master_key, keyring, prefix, plan.parent,
+                facts.cluster_size, progress_key,
+            )
+        except IncrementalChainBroken as exc:
+            plan = BackupPlan("full", full_reason=f"the server cannot build on the chain: {exc}")
+            get_run_logger().warning("taking a full backup instead: %s", plan.full_reason)
+            result = take_base_backup_task(
+                settings, toolset, targets, master_key, keyring, prefix, None,
+                facts.cluster_size, progress_key,
+            )
+        manifest = PhysicalManifest(
+            backup_id=backup_id,
+            db_id=facts.db_id,
+            mode=plan.mode,
+            parent_id=plan.parent.backup_id if plan.parent else None,
+            full_id=plan.parent.full_id if plan.parent else backup_id,
+            full_reason=plan.full_reason,
+            system_identifier=result.system_identifier,
+            timeline=result.timeline,
+            start_lsn=result.start_lsn,
+            end_lsn=result.end_lsn,
+            wal_segment_size=facts.wal_segment_size,
+            source=f"{settings.user}@{settings.host}:{settings.port}",
+            server_version=facts.version,
+            server_version_num=facts.version_num,
+            pg_basebackup_version=toolset.version,
+            started_at=started_at,
+            finished_at=datetime.now(UTC),
+            base=result.base.info,
+            backup_manifest=result.backup_manifest.info,
+            key_id=master_key.key_id_hex,
+            cluster_size=facts.cluster_size,
+            tool_version=f"pgbackflow {__version__}",
+        )
+        complete = [
+            s for s in targets
+            if s.location in result.base.completed_in
+            and s.location in result.backup_manifest.completed_in
+        ]
+        published = {d.location: d for d in publish_physical_manifest(complete, manifest)}
+    statuses = []
+    for storage in targets:
+        errors = [
+            o.error for w in (result.base, result.backup_manifest) for o in w.outcomes
+            if o.location == storage.location and o.error
+        ]
+        statuses.append(published.get(storage.location) or DestinationStatus(
+            location=storage.location, status="failed", error=errors[0] if errors else None
+        ))
+    chain = chain_of(manifest, list_physical_backups(complete[0], facts.db_id)) if complete else [
+        manifest
+    ]
+    report = PhysicalBackupReport(
+        backup_id=backup_id,
+        status="complete" if all(s.status == "complete" for s in statuses) else "partial",
+        mode=manifest.mode,
+        requested="incremental" if incremental else "full",
+        full_reason=manifest.full_reason,
+        db_id=facts.db_id,
+        parent_id=manifest.parent_id,
+        server_version=facts.version,
+        timeline=manifest.timeline,
+        start_lsn=manifest.start_lsn,
+        end_lsn=manifest.end_lsn,
+        started_at=started_at,
+        finished_at=manifest.finished_at,
+        raw_size=manifest.base.raw_size,
+        stored_size=manifest.stored_size,
+        cluster_size=facts.cluster_size,
+        destinations=statuses,
+        chain=_chain_links(chain),
+    )
+    publish_summary("physical-backup", facts.db_id, report.markdown(), f"backup {backup_id}")
+    if complete:
+        publish_chain_overview(complete[0], facts.db_id)
+    failed = [s for s in statuses if s.status == "failed"]
+    if failed:
+        good = ", ".join(s.location for s in statuses if s.status == "complete") or "nowhere"
+        reasons = "; ".join(f"{s.location}: {s.error}" for s in failed)
+        raise BackupIncompleteError(
+            f"backup {backup_id} is complete in {good} but failed in {reasons}"
+        )
+    return report
+
+
+def publish_chain_overview(storage: Storage, db_id: str) -> None:
+    """The newest chain (full + incrementals, sizes, LSNs) and the WAL coverage window."""
+    backups = list_physical_backups(storage, db_id)
+    if not backups:
+        return
+    chain = chain_of(backups[-1], backups)
+    inventory = read_wal_inventory(storage, db_id, backups[-1].wal_segment_size)
+    fulls = [b for b in backups if b.mode == "full"]
+    window = None
+    if fulls:
+        end = max([backups[-1].finished_at, *([inventory.newest] if inventory.newest else [])])
+        window = f"{fulls[0].finished_at:%Y-%m-%d %H:%M:%S} to {end:%Y-%m-%d %H:%M:%S} UTC"
+    publish_summary(
+        "physical-chain", db_id, "# Backup chain\n\n" + chain_markdown(_chain_links(chain), window),
+        f"chain of {db_id}",
+    )
+
+
+@flow(name="full-backup", log_prints=False)
+def full_backup(
+    database: PostgresDatabase,
+    storages: list[StorageBlock],
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> PhysicalBackupReport:
+    """Full physical backup of a cluster (pg_basebackup), encrypted, into every storage.
+
+    Args:
+        database: The source server (the role needs REPLICATION).
+        storages: Where to write the backup.
+        encryption_key: Master key block; else ``key_file``; else the default key file.
+        key_file: Path of a master key file.
+        lock_timeout_s: How long to wait for another backup of this cluster to finish.
+    """
+    return _run_physical_backup(
+        database, storages, encryption_key, key_file, incremental=False,
+        lock_timeout_s=lock_timeout_s,
+    )
+
+
+@flow(name="incremental-backup", log_prints=False)
+def incremental_backup(
+    database: PostgresDatabase,
+    storages: list[StorageBlock],
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+) -> PhysicalBackupReport:
+    """Incremental backup on the newest one (PostgreSQL 17+, summarize_wal=on).
+
+    A broken chain (no parent, another system identifier, a timeline switch, missing WAL
+    summaries) makes this a full backup; the report says why.
+    """
+    return _run_physical_backup(
+        database, storages, encryption_key, key_file, incremental=True,
+        lock_timeout_s=lock_timeout_s,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# WAL
+
+
+def default_spool_dir(db_id: str) -> Path:
+    """Where pg_receivewal writes before shipping: kept across restarts (it is the resume point).
+
+    ``PGBACKFLOW_SPOOL_DIR`` overrides the base folder.
+    """
+    base = os.environ.get("PGBACKFLOW_SPOOL_DIR")
+    if base:
+        return Path(base) / db_id
+    if os.geteuid() == 0:
+        return Path("/var/lib/pgbackflow/wal-spool") / db_id
+    return Path.home() / ".local/share/pgbackflow/wal-spool" / db_id
+
+
+@contextmanager
+def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
+    """A cancelled run (SIGTERM) stops streaming gracefully: the last WAL is shipped first."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: the caller owns signals
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@task(name="stream-wal", **_RETRYING)
+def stream_wal_task(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: list[Storage],
+    master_key: MasterKey,
+    db_id: str,
+    spool: Path,
+    slot: str,
+    partial_interval_s: float,
+    max_runtime_s: float | None,
+) -> ShippingStatus:
+    """Run pg_receivewal on the slot and ship every segment until stopped."""
+    logger = get_run_logger()
+    shipper = WalShipper(spool, storages, master_key, db_id, partial_interval=partial_interval_s)
+
+    def report(status: ShippingStatus) -> None:
+        logger.info(
+            "shipped %d segments (last %s) and %d partial uploads, %.1f MB stored",
+            status.segments_shipped, status.last_segment, status.partials_shipped,
+            status.bytes_shipped / 1e6,
+        )
+
+    stop = threading.Event()
+    streamer = WalStreamer(settings, toolset, shipper, slot=slot, on_status=report)
+    with _stop_on_sigterm(stop):
+        return streamer.run(stop, max_seconds=max_runtime_s)
+
+
+@flow(name="wal-stream", log_prints=False)
+def wal_stream(
+    database: PostgresDatabase,
+    storages: list[StorageBlock],
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+    slot: str = DEFAULT_SLOT,
+    spool_dir: str | None = None,
+    partial_interval_s: float = DEFAULT_PARTIAL_INTERVAL_S,
+    max_runtime_s: float | None = None,
+) -> WalStreamReport:
+    """Stream the cluster's WAL into every storage until cancelled (or ``max_runtime_s``).
+
+    Args:
+        database: The source server (the role needs REPLICATION).
+        storages: Where WAL goes.
+        encryption_key: Master key block; else ``key_file``; else the default key file.
+        key_file: Path of a master key file.
+        slot: Physical replication slot (created if missing).
+        spool_dir: pg_receivewal's folder; default under /var/lib/pgbackflow/wal-spool.
+        partial_interval_s: Seconds between uploads of the segment in progress (the RPO).
+        max_runtime_s: Stop after this long (None: run until cancelled).
+    """
+    settings = database.settings()
+    master_key = resolve_master_key(encryption_key, key_file)
+    targets = open_storages(storages)
+    facts = inspect_cluster(settings)
+    toolset = choose_toolset(facts.major, f"database {settings.display}")
+    spool = Path(spool_dir) if spool_dir else default_spool_dir(facts.db_id)
+    status = stream_wal_task(
+        settings, toolset, targets, master_key, facts.db_id, spool, slot, partial_interval_s,
+        max_runtime_s,
+    )
+    gaps = wal_gaps(targets[0], facts.db_id)
+    report = WalStreamReport(
+        db_id=facts.db_id, slot=slot, segments_shipped=status.segments_shipped,
+        partials_shipped=status.partials_shipped, last_segment=status.last_segment,
+        bytes_shipped=status.bytes_shipped, gaps=gaps,
+    )
+    if gaps:
+        get_run_logger().warning("WAL of %s has gaps: %s", facts.db_id, ", ".join(gaps[:5]))
+    publish_chain_overview(targets[0], facts.db_id)
+    return report
+
+
+def wal_gaps(storage: Storage, db_id: str) -> list[str]:
+    """Segments missing between the newest full backup's start and the newest WAL."""
+    backups = list_physical_backups(storage, db_id)
+    fulls = [b for b in backups if b.mode == "full"]
+    if not fulls:
+        return []
+    base = fulls[-1]
+    inventory = read_wal_inventory(storage, db_id, base.wal_segment_size)
+    first = parse_lsn(base.start_lsn) // base.wal_segment_size
+    if inventory.last_segment(base.timeline) is None:
+        return []
+    return inventory.gaps(base.timeline, first)
+
+
+# ---------------------------------------------------------------------------------------
+# Point-in-time restore
+
+
+@task(name="plan-restore", **_RETRYING)
+def plan_restore_task(storage: Storage, db_id: str | None, target_time: str) -> PitrPlan:
+    """Pick the chain and WAL for the target; refuse targets outside the window."""
+    plan = plan_pitr(storage, resolve_db_id(storage, db_id), parse_target_time(target_time))
+    get_run_logger().info(
+        "restoring %s: chain %s, %d WAL files, window %s", plan.db_id,
+        " -> ".join(b.backup_id for b in plan.chain), len(plan.wal_segments), plan.window,
+    )
+    return plan
+
+
+@task(name="build-data-dir", cache_policy=NONE)
+def build_data_dir_task(
+    storage: Storage, plan: PitrPlan, keyring: Keyring, to_dir: Path, toolset: Toolset
+) -> None:
+    """Unpack (checksums checked) and combine the chain into the target directory."""
+    logger = get_run_logger()
+    build_data_dir(storage, plan, keyring, to_dir, toolset, on_step=logger.info)
+
+
+@task(name="fetch-wal", **_RETRYING)
+def fetch_wal_task(storage: Storage, plan: PitrPlan, keyring: Keyring, to_dir: Path) -> int:
+    """Fetch and check the WAL the replay needs."""
+    return len(fetch_wal(storage, plan, keyring, restore_dir_of(to_dir) / "wal"))
+
+
+@task(name="start-restored-server", cache_policy=NONE)
+def start_server_task(to_dir: Path, toolset: Toolset, user: OsUser, port: int) -> StartedServer:
+    """Start the server and wait until it finished recovery and is promoted."""
+    server = start_and_wait(to_dir, toolset, user, port)
+    remove_wal_cache(to_dir)
+    if not server.reached_target:
+        get_run_logger().info(
+            "no transaction committed after the target time: replayed to the end of the WAL, "
+            "which holds the same data"
+        )
+    return server
+
+
+@flow(name="pitr-restore", log_prints=False)
+def pitr_restore(
+    storage: StorageBlock,
+    to_dir: str,
+    db_id: str | None = None,
+    target_time: str = "latest",
+    start: bool = False,
+    port: int | None = None,
+    os_user: str | None = None,
+    storage_ref: str | None = None,
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+) -> PitrReport:
+    """Restore a cluster to a point in time into an empty directory.
+
+    Args:
+        storage: Where the backups and WAL are.
+        to_dir: Missing or empty directory for the restored data directory.
+        db_id: The cluster (``cluster-<system identifier>``); optional if only one is stored.
+        target_time: A timestamp with zone ("2026-11-21 10:15:30+00") or "latest".
+        start: Start the server and wait until it is promoted.
+        port: Port for the started server (default: a free one).
+        os_user: OS user that runs the server (default: postgres when root).
+        storage_ref: How restore.sh names the storage (default: its location).
+        encryption_key: Master key block; else ``key_file``; else the default key file.
+        key_file: Path of a master key file.
+    """
+    began = time.monotonic()
+    source = storage.open()
+    keyring = resolve_keyring(encryption_key, key_file)
+    directory = Path(to_dir).absolute()
+    plan = plan_restore_task(source, db_id, target_time)
+    toolset = choose_toolset(plan.newest.server_major, f"restore of {plan.db_id}")
+    build_data_dir_task(source, plan, keyring, directory, toolset)
+    wal_count = fetch_wal_task(source, plan, keyring, directory)
+    listen_port = (port or free_port()) if start else None
+    configure_recovery(directory, plan.target, port=listen_port)
+    script = restore_dir_of(directory) / "restore.sh"
+    write_restore_script(
+        script, plan, storage_url=storage_ref or source.location,
+        key_file=Path(key_file) if key_file else None,
+    )
+    server: StartedServer | None = None
+    if start:
+        from tasks.cluster import resolve_os_user
+
+        assert listen_port is not None
+        server = start_server_task(directory, toolset, resolve_os_user(os_user), listen_port)
+    report = PitrReport(
+        db_id=plan.db_id,
+        target="latest" if plan.target is None else plan.target.isoformat(),
+        chain=[f"{b.mode} {b.backup_id}" for b in plan.chain],
+        wal_segments=wal_count,
+        data_dir=str(directory),
+        script=str(script),
+        window=plan.window,
+        started=server is not None,
+        port=server.port if server else None,
+        last_transaction=server.last_transaction if server else None,
+        reached_target=server.reached_target if server else None,
+        duration_s=time.monotonic() - began,
+    )
+    publish_summary("pitr-restore", plan.db_id, report.markdown(), f"restore of {plan.db_id}")
+    return report
