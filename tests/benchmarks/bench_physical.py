@@ -1,0 +1,805 @@
+"""Benchmark: pgbackflow physical backups vs pgBackRest and bare pg_basebackup, in one run.
+
+Phase 1, full backups. Builds a ~1.4 GB database (pgbench scale 50 + a 2.5 M-row jsonb
+table, as bench_logical_backup) on a throwaway PostgreSQL ``--major`` (default 15, the
+version of the issue's figures and the newest one Debian bookworm's pgBackRest 2.45 knows),
+then times, on that same database, interleaved and best of ``--repeat``:
+
+* pgBackRest ``backup --type=full`` with compress-type=zst (its default level, 3),
+  process-max=2, start-fast=y, archive-check=n (no archive_command: the backup set holds no
+  WAL, and pgBackRest does not encrypt it here);
+* bare ``pg_basebackup -D DIR -Ft -Z client-zstd:5 -X fetch`` (from a zstd-capable
+  toolset: the PG 14/15 wheels are built without zstd, a newer pg_basebackup is used then);
+* bare ``pg_basebackup -D - -Ft -X fetch | zstd -T2 -5 > FILE`` (what our pipeline does,
+  without encryption and Python);
+* bare ``pg_basebackup -D - -Ft -X fetch > /dev/null``: the producer alone, a floor;
+* ours, direct: ``read_cluster_facts`` + ``take_base_backup`` + ``write_manifest`` into a
+  local folder, encrypted (the data path, no Prefect);
+* ours, CLI: ``pgbackflow physical-backup --to DIR --key-file F --json`` run in its own
+  process (timed inside it, after Prefect's start-up, against an already running Prefect
+  API), with its peak RSS.
+
+Every bare pg_basebackup uses ``--checkpoint=fast`` as ours does (pgBackRest: start-fast).
+
+Phase 2, incremental and point-in-time restore (PostgreSQL 17+, ``--pitr-major``, default
+17). The same database is built on a PG 17 cluster (the phase-1 one is reused when the majors
+are equal). Ours (direct and, if available, the CLI) and bare ``pg_basebackup -Fp`` take a
+full; ``--change-pct`` (default 5) % of the rows of pgbench_accounts and of the jsonb table
+are updated (a contiguous id range, so about that share of their pages changes;
+``--scattered`` updates every Nth row instead, which touches nearly every page); then each
+takes an incremental on its full. Then the restore to the end of the chain ("latest"):
+
+* ours: plan_pitr → build_data_dir (decrypt, unpack, pg_combinebackup) → fetch_wal →
+  configure_recovery → start_and_wait (replay and promotion);
+* bare: ``pg_combinebackup full inc -o DIR`` of the plain-format backups, then
+  ``pg_ctl start -w`` (replay of the WAL the backups carry).
+
+No WAL is streamed: each backup carries the WAL that makes it consistent (``-X fetch``), so
+the restore replays only that. Both restored servers are checked to hold the change.
+
+Usage: .venv/bin/python -m tests.benchmarks.bench_physical [--scale 50] [--major 15]
+       [--pitr-major 17] [--repeat 3] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from pgbackflow import __version__
+from tasks.cluster import EphemeralCluster, resolve_os_user
+from tasks.database import ConnectionSettings
+from tasks.errors import PgBackflowError
+from tasks.keys import Keyring, MasterKey, write_key_file
+from tasks.manifest import new_backup_id
+from tasks.physical import (
+    PhysicalManifest,
+    backup_prefix,
+    parent_manifest_file,
+    read_cluster_facts,
+    take_base_backup,
+    write_manifest,
+)
+from tasks.pitr import (
+    build_data_dir,
+    configure_recovery,
+    fetch_wal,
+    free_port,
+    plan_pitr,
+    start_and_wait,
+)
+from tasks.process import OsUser, Tool
+from tasks.storage import LocalFolderStorage
+from tasks.toolsets import Toolset, find_toolset
+
+DB = "big"
+STANZA = "bench"
+ACCOUNTS_PER_SCALE = 100_000
+PIPE_ZSTD = ("-T2", "-5")
+
+CLI_CHILD = """
+import json, sys, time
+
+def vm(field):
+    # VmHWM/VmRSS belong to this process image (ru_maxrss would include the parent's).
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+from prefect import flow
+
+@flow
+def warm_up():
+    return 1
+
+warm_up()  # Prefect's own start-up (client, settings, first run) is not the backup's cost
+baseline = vm("VmRSS")
+from pgbackflow.cli import app
+argv = json.loads(sys.argv[1])
+started = time.perf_counter()
+try:
+    code = app(argv, standalone_mode=False)
+except SystemExit as exc:
+    code = exc.code
+elapsed = time.perf_counter() - started
+sys.stdout.write("\\nBENCH " + json.dumps({"seconds": elapsed, "code": code or 0,
+                 "rss_mb": vm("VmHWM"), "baseline_mb": baseline}) + "\\n")
+"""
+
+
+@dataclass
+class Row:
+    """One measured command: every run's seconds and the stored bytes of the last run."""
+
+    name: str
+    runs: list[float] = field(default_factory=list)
+    size: int | None = None
+    rss_mb: float | None = None
+    note: str = ""
+
+    @property
+    def best(self) -> float:
+        """Fastest run (a shared 2-core machine is noisy)."""
+        return min(self.runs) if self.runs else float("nan")
+
+    def add(self, seconds: float, size: int | None, rss_mb: float | None = None) -> None:
+        """Record one run."""
+        self.runs.append(seconds)
+        self.size = size
+        if rss_mb is not None:
+            self.rss_mb = max(self.rss_mb or 0.0, rss_mb)
+
+    def to_json(self) -> dict[str, Any]:
+        """Machine-readable form."""
+        return {"name": self.name, "best_s": self.best if self.runs else None, "runs_s": self.runs,
+                "bytes": self.size, "peak_rss_mb": self.rss_mb, "note": self.note or None}
+
+
+# ---------------------------------------------------------------------------------------
+# Helpers
+
+
+def build_database(cluster: EphemeralCluster, name: str, scale: int, jsonb_rows: int) -> int:
+    """pgbench tables + a jsonb table, as bench_logical_backup; returns the database's bytes.
+
+    (A copy, not an import: that module does not pass mypy, and this one must.)
+    """
+    with cluster.connect() as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    subprocess.run(
+        [str(cluster.toolset.binary("pgbench")), "-h", cluster.host, "-p", str(cluster.port),
+         "-U", cluster.superuser, "-i", "-q", "-s", str(scale), name],
+        env={**os.environ, "PGPASSWORD": cluster.password}, check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    with cluster.connect(name) as conn:
+        conn.execute(
+            "CREATE TABLE events AS SELECT g AS id, jsonb_build_object("
+            "'user', g % 10000, 'kind', (ARRAY['view','click','buy'])[1 + g % 3], "
+            "'payload', md5(g::text), 'ts', now() - make_interval(secs => g)) AS doc "
+            f"FROM generate_series(1, {jsonb_rows}) g"
+        )
+        conn.execute("VACUUM ANALYZE")
+        row = conn.execute(f"SELECT pg_database_size('{name}')").fetchone()
+    return int(row[0]) if row else 0
+
+
+def dir_size(path: Path) -> int:
+    """Bytes of every file below ``path`` (or of the file itself)."""
+    if path.is_file():
+        return path.stat().st_size
+    total = 0
+    for folder, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(FileNotFoundError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+def fresh(path: Path) -> Path:
+    """``path``, removed if it exists (its parent created)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def ensure_command(command: str, package: str) -> str:
+    """The path of ``command``, installing its Debian package quietly when missing."""
+    found = shutil.which(command)
+    if found:
+        return found
+    print(f"installing {package} (apt-get) ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "install", "-y", "-qq", package], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    found = shutil.which(command)
+    if not found:
+        raise SystemExit(f"{command} is still missing after apt-get install {package}")
+    return found
+
+
+def zstd_toolset(major: int) -> Toolset:
+    """A toolset whose pg_basebackup compresses with zstd: ``major``'s, else the next newer."""
+    for candidate in range(major, 19):
+        with contextlib.suppress(PgBackflowError):
+            toolset = find_toolset(candidate)
+            if toolset.supports_zstd:
+                return toolset
+    raise SystemExit(f"no zstd-capable pg_basebackup for PostgreSQL {major} or newer")
+
+
+def cli_available() -> bool:
+    """Whether ``pgbackflow physical-backup`` exists in this checkout."""
+    probe = subprocess.run([sys.executable, "-m", "pgbackflow.cli", "physical-backup", "--help"],
+                           capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+class Bare:
+    """Bare pg_basebackup runs against one cluster (as root, password in the environment)."""
+
+    def __init__(self, cluster: EphemeralCluster) -> None:
+        self.cluster = cluster
+        self.env = {**os.environ, "PGPASSWORD": cluster.password}
+
+    def args(self, toolset: Toolset, *extra: str) -> list[str]:
+        """pg_basebackup's command line, connection and fast checkpoint included."""
+        c = self.cluster
+        return [str(toolset.binary("pg_basebackup")), "-h", c.host, "-p", str(c.port),
+                "-U", c.superuser, "--no-password", "--checkpoint=fast", "-X", "fetch", *extra]
+
+    def run(self, toolset: Toolset, *extra: str) -> float:
+        """Run to completion; wall seconds."""
+        started = time.perf_counter()
+        subprocess.run(self.args(toolset, *extra), env=self.env, check=True)
+        return time.perf_counter() - started
+
+    def pipe(self, toolset: Toolset, out: Path | None, zstd: str | None) -> float:
+        """``pg_basebackup -D - -Ft -X fetch [| zstd ...] > out``; wall seconds."""
+        started = time.perf_counter()
+        with open(out if out else os.devnull, "wb") as sink:
+            if zstd is None:
+                subprocess.run(self.args(toolset, "-D", "-", "-Ft"), env=self.env, check=True,
+                               stdout=sink)
+            else:
+                producer = subprocess.Popen(self.args(toolset, "-D", "-", "-Ft"), env=self.env,
+                                            stdout=subprocess.PIPE)
+                assert producer.stdout is not None
+                consumer = subprocess.Popen([zstd, "-q", *PIPE_ZSTD], stdin=producer.stdout,
+                                            stdout=sink)
+                producer.stdout.close()
+                if consumer.wait() != 0 or producer.wait() != 0:
+                    raise SystemExit("pg_basebackup | zstd failed")
+        return time.perf_counter() - started
+
+
+class PgBackRest:
+    """A pgBackRest stanza for the cluster, in a private config, run as the server's user."""
+
+    def __init__(self, binary: str, cluster: EphemeralCluster, root: Path, user: OsUser,
+                 process_max: int) -> None:
+        self.tool = Tool(Path(binary))
+        self.user = user
+        self.root = root
+        self.repo = root / "repo"
+        for folder in (root, self.repo, root / "lock", root / "log", root / "spool"):
+            folder.mkdir(parents=True, exist_ok=True)
+            os.chown(folder, user.uid, user.gid)
+        root.chmod(0o700)
+        self.passfile = root / "pgpass"
+        self._private_file(self.passfile, f"*:*:*:*:{cluster.password}\n")
+        self.conf = root / "pgbackrest.conf"
+        self._private_file(self.conf, f"""[global]
+repo1-path={self.repo}
+repo1-retention-full=999
+compress-type=zst
+process-max={process_max}
+start-fast=y
+archive-check=n
+lock-path={root / 'lock'}
+log-path={root / 'log'}
+spool-path={root / 'spool'}
+log-level-console=warn
+log-level-file=off
+
+[{STANZA}]
+pg1-path={cluster.data_dir}
+pg1-port={cluster.port}
+pg1-socket-path={cluster.socket_dir}
+pg1-user={cluster.superuser}
+""")
+        self.version = self.run("version").strip()
+
+    def _private_file(self, path: Path, text: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchown(fd, self.user.uid, self.user.gid)
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def run(self, *args: str) -> str:
+        """One pgbackrest command; its stdout."""
+        result = self.tool.run(
+            [f"--config={self.conf}", f"--stanza={STANZA}", *args],
+            env={"PGPASSFILE": str(self.passfile)}, user=self.user, cwd=self.root,
+        )
+        return result.stdout.decode()
+
+    def full_backup(self) -> tuple[float, int]:
+        """Time ``backup --type=full``; returns (seconds, bytes of the backup set)."""
+        started = time.perf_counter()
+        self.run("backup", "--type=full")
+        seconds = time.perf_counter() - started
+        info = json.loads(self.run("info", "--output=json"))
+        label = info[0]["backup"][-1]["label"]
+        return seconds, dir_size(self.repo / "backup" / STANZA / label)
+
+
+def settings_of(cluster: EphemeralCluster) -> ConnectionSettings:
+    """How our code connects to the cluster."""
+    return ConnectionSettings(host=cluster.host, port=cluster.port, dbname=DB,
+                              user=cluster.superuser, password=cluster.password,
+                              sslmode="disable")
+
+
+def ours_backup(settings: ConnectionSettings, toolset: Toolset, storage: LocalFolderStorage,
+                key: MasterKey, parent: PhysicalManifest | None = None,
+                ) -> tuple[PhysicalManifest, float]:
+    """Our physical backup without Prefect, as the flow does it; (manifest, wall seconds)."""
+    started = time.perf_counter()
+    facts = read_cluster_facts(settings)
+    backup_id = new_backup_id()
+    began = datetime.now(UTC)
+    prefix = backup_prefix(facts.db_id, backup_id)
+    if parent is None:
+        result = take_base_backup(settings, toolset, [storage], key, prefix)
+    else:
+        with parent_manifest_file(storage, parent, Keyring([key])) as parent_file:
+            result = take_base_backup(settings, toolset, [storage], key, prefix,
+                                      incremental_from=parent_file)
+    manifest = PhysicalManifest(
+        backup_id=backup_id, db_id=facts.db_id, mode="full" if parent is None else "incremental",
+        parent_id=parent.backup_id if parent else None,
+        full_id=parent.full_id if parent else backup_id,
+        system_identifier=result.system_identifier, timeline=result.timeline,
+        start_lsn=result.start_lsn, end_lsn=result.end_lsn,
+        wal_segment_size=facts.wal_segment_size, source=settings.display,
+        server_version=facts.version, server_version_num=facts.version_num,
+        pg_basebackup_version=toolset.version, started_at=began, finished_at=datetime.now(UTC),
+        base=result.base.info, backup_manifest=result.backup_manifest.info,
+        key_id=key.key_id_hex, cluster_size=facts.cluster_size, tool_version=__version__,
+    )
+    write_manifest(storage, manifest)
+    return manifest, time.perf_counter() - started
+
+
+def run_cli(cluster: EphemeralCluster, folder: Path, key_file: Path, env: dict[str, str],
+            *, incremental: bool = False) -> dict[str, Any]:
+    """``pgbackflow physical-backup`` in a fresh process; its own timing and peak RSS."""
+    dsn = (f"host={cluster.host} port={cluster.port} user={cluster.superuser} dbname={DB} "
+           "sslmode=disable")
+    argv = ["physical-backup", "--db", dsn, "--to", str(folder), "--key-file", str(key_file),
+            "--json", *(["--incremental"] if incremental else [])]
+    started = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", CLI_CHILD, json.dumps(argv)],
+                         env={**env, "PGPASSWORD": cluster.password},
+                         capture_output=True, text=True, check=False)
+    process_s = time.perf_counter() - started
+    report, marker, tail = out.stdout.rpartition("\nBENCH ")
+    if not marker or out.returncode != 0:
+        raise SystemExit(f"pgbackflow physical-backup failed:\n{out.stdout}\n{out.stderr}")
+    result: dict[str, Any] = json.loads(tail.strip().splitlines()[0])
+    if result["code"]:
+        raise SystemExit(f"pgbackflow physical-backup exited {result['code']}:\n"
+                         f"{out.stdout}\n{out.stderr[-3000:]}")
+    with contextlib.suppress(ValueError):
+        result["report"] = json.loads(report)
+    result["process_s"] = process_s
+    result["stored"] = dir_size(folder)
+    return result
+
+
+# ---------------------------------------------------------------------------------------
+# Phase 1: full backups
+
+
+def full_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: Path,
+               options: argparse.Namespace, cli_env: dict[str, str] | None) -> dict[str, Any]:
+    """Full backups of the same database by every contender, interleaved, best of N."""
+    toolset = cluster.toolset
+    bare = Bare(cluster)
+    zstd = ensure_command("zstd", "zstd")
+    zstd_pgbb = zstd_toolset(cluster.major)
+    rows = {
+        "pgbackrest": Row(f"pgBackRest full (zst, process-max={options.process_max})"),
+        "bare_z": Row("bare pg_basebackup -Ft -Z client-zstd:5"),
+        "bare_pipe": Row("bare pg_basebackup -D - -Ft | zstd -T2 -5"),
+        "bare_null": Row("bare pg_basebackup -D - -Ft > /dev/null"),
+        "ours": Row("pgbackflow direct (take_base_backup)"),
+        "ours_cli": Row("pgbackflow physical-backup (CLI flow)"),
+    }
+    if zstd_pgbb.major != cluster.major:
+        rows["bare_z"].note = f"pg_basebackup {zstd_pgbb.version}: PG {cluster.major}'s lacks zstd"
+    rows["bare_null"].note = "the producer alone"
+
+    backrest: PgBackRest | None = None
+    try:
+        binary = ensure_command("pgbackrest", "pgbackrest")
+        backrest = PgBackRest(binary, cluster, work / "pgbackrest", resolve_os_user(),
+                              options.process_max)
+        backrest.run("stanza-create")
+        rows["pgbackrest"].name = (f"{backrest.version} full (zst:3, "
+                                   f"process-max={options.process_max})")
+    except (PgBackflowError, subprocess.CalledProcessError, SystemExit) as exc:
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        rows["pgbackrest"].note = f"unavailable: {reason[:200]}"
+        print(f"pgBackRest: {rows['pgbackrest'].note}", flush=True)
+        backrest = None
+
+    settings = settings_of(cluster)
+    storage = LocalFolderStorage(work / "ours")
+    for round_number in range(1, options.repeat + 1):
+        print(f"full backups, round {round_number}/{options.repeat} ...", flush=True)
+        if backrest is not None:
+            rows["pgbackrest"].add(*backrest.full_backup())
+        target = fresh(work / "bare-z")
+        seconds = bare.run(zstd_pgbb, "-D", str(target), "-Ft", "-Z", "client-zstd:5")
+        rows["bare_z"].add(seconds, dir_size(target))
+        shutil.rmtree(target)
+        target = fresh(work / "bare-pipe.tar.zst")
+        rows["bare_pipe"].add(bare.pipe(toolset, target, zstd), dir_size(target))
+        target.unlink()
+        rows["bare_null"].add(bare.pipe(toolset, None, None), None)
+        manifest, seconds = ours_backup(settings, toolset, storage, key)
+        rows["ours"].add(seconds, manifest.stored_size)
+        shutil.rmtree(storage.folder)
+        if cli_env is not None:
+            folder = fresh(work / "ours-cli")
+            run = run_cli(cluster, folder, key_file, cli_env)
+            rows["ours_cli"].add(run["seconds"], run["stored"], run["rss_mb"])
+            rows["ours_cli"].note = (f"whole process {run['process_s']:.1f} s; Prefect runtime "
+                                     f"{run['baseline_mb']:.0f} MB of the RSS")
+            shutil.rmtree(folder)
+    if cli_env is None:
+        # TODO(cli): `pgbackflow physical-backup` was not available; rerun once it exists.
+        rows["ours_cli"].note = "not measured: pgbackflow physical-backup is not available"
+    if backrest is not None:
+        rows["pgbackrest"].note = "no WAL in the set (archive-check=n), not encrypted"
+    return {"server": toolset.version, "rows": rows}
+
+
+# ---------------------------------------------------------------------------------------
+# Phase 2: incremental and point-in-time restore
+
+
+def apply_change(cluster: EphemeralCluster, options: argparse.Namespace) -> int:
+    """Update ``--change-pct`` % of pgbench_accounts and events; returns accounts changed."""
+    accounts = options.scale * ACCOUNTS_PER_SCALE
+    if options.scattered:
+        every = max(1, round(100 / options.change_pct))
+        account_filter, event_filter = f"aid % {every} = 0", f"id % {every} = 0"
+    else:
+        account_filter = f"aid <= {int(accounts * options.change_pct / 100)}"
+        event_filter = f"id <= {int(options.jsonb_rows * options.change_pct / 100)}"
+    with cluster.connect(DB) as conn:
+        cursor = conn.execute(
+            f"UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE {account_filter}"
+        )
+        changed = cursor.rowcount
+        conn.execute(f"UPDATE events SET doc = doc || '{{\"changed\": true}}' WHERE {event_filter}")
+        conn.execute("CHECKPOINT")
+    return changed
+
+
+def changed_accounts(port: int, cluster: EphemeralCluster) -> int:
+    """Rows of pgbench_accounts a restored server shows as changed."""
+    with psycopg.connect(host="127.0.0.1", port=port, user=cluster.superuser,
+                         password=cluster.password, dbname=DB) as conn:
+        row = conn.execute("SELECT count(*) FROM pgbench_accounts WHERE abalance <> 0").fetchone()
+    return int(row[0]) if row else -1
+
+
+@contextlib.contextmanager
+def stopped_after(data_dir: Path, toolset: Toolset, user: OsUser) -> Iterator[None]:
+    """Stop the server of ``data_dir`` (if it runs) and remove the directory, at the end."""
+    try:
+        yield
+    finally:
+        if (data_dir / "postmaster.pid").exists():
+            Tool(toolset.binary("pg_ctl")).run(["-D", data_dir, "-m", "fast", "-w", "stop"],
+                                               user=user, check=False, timeout=120)
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def chown_tree(root: Path, user: OsUser) -> None:
+    """Hand a data directory to the server's OS user."""
+    os.chown(root, user.uid, user.gid)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), user.uid, user.gid, follow_symlinks=False)
+
+
+def pitr_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: Path,
+               options: argparse.Namespace, cli_env: dict[str, str] | None) -> dict[str, Any]:
+    """Full, a change, incremental; then restore the chain, ours vs bare."""
+    toolset = cluster.toolset
+    user = resolve_os_user()
+    bare = Bare(cluster)
+    settings = settings_of(cluster)
+    storage = LocalFolderStorage(work / "pitr-store")
+    rows = {
+        "ours_full": Row("pgbackflow direct full"),
+        "ours_inc": Row("pgbackflow direct incremental"),
+        "cli_full": Row("pgbackflow physical-backup (CLI) full"),
+        "cli_inc": Row("pgbackflow physical-backup --incremental"),
+        "bare_full": Row("bare pg_basebackup -Fp full"),
+        "bare_inc": Row("bare pg_basebackup -Fp --incremental"),
+        "bare_inc_z": Row("bare pg_basebackup -Ft -Z client-zstd:5 --incr."),
+        "pitr_ours": Row("restore: pgbackflow PITR (latest)"),
+        "pitr_bare": Row("restore: pg_combinebackup + start"),
+    }
+    rows["bare_full"].note = rows["bare_inc"].note = "plain, uncompressed"
+
+    print("phase 2: full backups ...", flush=True)
+    full, seconds = ours_backup(settings, toolset, storage, key)
+    rows["ours_full"].add(seconds, full.stored_size)
+    cli_folder = work / "pitr-cli"
+    if cli_env is not None:
+        run = run_cli(cluster, fresh(cli_folder), key_file, cli_env)
+        rows["cli_full"].add(run["seconds"], run["stored"], run["rss_mb"])
+    bare_full = fresh(work / "bare-full")
+    rows["bare_full"].add(bare.run(toolset, "-D", str(bare_full), "-Fp"), dir_size(bare_full))
+
+    print(f"changing {options.change_pct}% of the rows "
+          f"({'scattered' if options.scattered else 'contiguous'}) ...", flush=True)
+    started = time.perf_counter()
+    expected = apply_change(cluster, options)
+    change_s = time.perf_counter() - started
+
+    print("phase 2: incremental backups ...", flush=True)
+    inc, seconds = ours_backup(settings, toolset, storage, key, parent=full)
+    rows["ours_inc"].add(seconds, inc.stored_size)
+    if cli_env is not None:
+        before = dir_size(cli_folder)
+        run = run_cli(cluster, cli_folder, key_file, cli_env, incremental=True)
+        mode = run.get("report", {}).get("mode", "?")
+        rows["cli_inc"].add(run["seconds"], run["stored"] - before, run["rss_mb"])
+        rows["cli_inc"].note = f"mode: {mode}"
+        shutil.rmtree(cli_folder)
+    else:
+        rows["cli_full"].note = rows["cli_inc"].note = "not measured: CLI not available"
+    bare_inc = fresh(work / "bare-inc")
+    manifest_arg = f"--incremental={bare_full / 'backup_manifest'}"
+    rows["bare_inc"].add(bare.run(toolset, "-D", str(bare_inc), "-Fp", manifest_arg),
+                         dir_size(bare_inc))
+    target = fresh(work / "bare-inc-z")
+    rows["bare_inc_z"].add(
+        bare.run(toolset, "-D", str(target), "-Ft", "-Z", "client-zstd:5", manifest_arg),
+        dir_size(target),
+    )
+    shutil.rmtree(target)
+
+    steps: dict[str, float] = {}
+    print("phase 2: restore with pgbackflow ...", flush=True)
+    restored = work / "restore-ours"
+    with stopped_after(restored, toolset, user):
+        started = time.perf_counter()
+        plan = plan_pitr(storage, full.db_id, None)
+        build_data_dir(storage, plan, Keyring([key]), restored, toolset)
+        steps["ours_build"] = time.perf_counter() - started
+        fetched = fetch_wal(storage, plan, Keyring([key]), restored / "pgbackflow_restore" / "wal")
+        port = free_port()
+        configure_recovery(restored, None, port=port)
+        mark = time.perf_counter()
+        start_and_wait(restored, toolset, user, port)
+        steps["ours_start"] = time.perf_counter() - mark
+        rows["pitr_ours"].add(time.perf_counter() - started, None)
+        rows["pitr_ours"].note = (f"unpack+combine {steps['ours_build']:.1f} s, start+replay "
+                                  f"{steps['ours_start']:.1f} s, {len(fetched)} WAL fetched")
+        ours_rows = changed_accounts(port, cluster)
+
+    print("phase 2: restore by hand (pg_combinebackup) ...", flush=True)
+    restored = work / "restore-bare"
+    with stopped_after(restored, toolset, user):
+        started = time.perf_counter()
+        Tool(toolset.binary("pg_combinebackup")).run(
+            [str(bare_full), str(bare_inc), "--output", str(restored)], timeout=None)
+        port = free_port()
+        with (restored / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
+                       "unix_socket_directories = '/tmp'\n")
+        chown_tree(restored, user)
+        steps["bare_build"] = time.perf_counter() - started
+        mark = time.perf_counter()
+        Tool(toolset.binary("pg_ctl")).run(
+            ["-D", restored, "-l", restored / "postgres.log", "-w", "-t", "3600", "start"],
+            user=user, cwd=restored, timeout=None)
+        steps["bare_start"] = time.perf_counter() - mark
+        rows["pitr_bare"].add(time.perf_counter() - started, None)
+        rows["pitr_bare"].note = (f"combine {steps['bare_build']:.1f} s, start+replay "
+                                  f"{steps['bare_start']:.1f} s")
+        bare_rows = changed_accounts(port, cluster)
+    shutil.rmtree(bare_full)
+    shutil.rmtree(bare_inc)
+    if not ours_rows == bare_rows == expected:
+        raise SystemExit(f"restored data differ: changed rows expected {expected}, "
+                         f"ours {ours_rows}, bare {bare_rows}")
+    return {"server": toolset.version, "rows": rows, "changed_accounts": expected,
+            "change_s": change_s, "steps_s": steps}
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+
+
+def ratio(top: Row, bottom: Row, attribute: str) -> float | None:
+    """``top / bottom`` of best seconds or size; None when either is missing."""
+    if attribute == "time":
+        if not top.runs or not bottom.runs:
+            return None
+        return top.best / bottom.best
+    if not top.size or not bottom.size:
+        return None
+    return top.size / bottom.size
+
+
+def show_rows(rows: dict[str, Row]) -> None:
+    """The table of one phase."""
+    print(f"{'':47} {'best s':>7} {'range s':>12} {'MB':>8} {'RSS MB':>7}  note")
+    for row in rows.values():
+        if not row.runs:
+            print(f"{row.name:47} {'-':>7} {'':>12} {'':>8} {'':>7}  {row.note}")
+            continue
+        spread = f"{min(row.runs):.1f}-{max(row.runs):.1f}" if len(row.runs) > 1 else ""
+        size = f"{row.size / 1e6:8.1f}" if row.size is not None else f"{'':8}"
+        rss = f"{row.rss_mb:7.0f}" if row.rss_mb is not None else f"{'':7}"
+        print(f"{row.name:47} {row.best:7.2f} {spread:>12} {size} {rss}  {row.note}")
+
+
+def fmt(value: float | None, suffix: str = "x") -> str:
+    """A ratio for people."""
+    return "n/a" if value is None else f"{value:.3f}{suffix}"
+
+
+def report(db_size: int, full: dict[str, Any], pitr: dict[str, Any] | None,
+           options: argparse.Namespace) -> dict[str, Any]:
+    """Print the tables and ratios; return the machine-readable summary."""
+    rows: dict[str, Row] = full["rows"]
+    print(f"\nFull backups of a {db_size / 1e9:.2f} GB database, PostgreSQL {full['server']} "
+          f"(best of {options.repeat}, interleaved)")
+    show_rows(rows)
+    ratios: dict[str, float | None] = {
+        "ours_vs_pgbackrest_time": ratio(rows["ours"], rows["pgbackrest"], "time"),
+        "ours_vs_pgbackrest_size": ratio(rows["ours"], rows["pgbackrest"], "size"),
+        "cli_vs_pgbackrest_time": ratio(rows["ours_cli"], rows["pgbackrest"], "time"),
+        "cli_vs_pgbackrest_size": ratio(rows["ours_cli"], rows["pgbackrest"], "size"),
+        "ours_vs_bare_pipe_time": ratio(rows["ours"], rows["bare_pipe"], "time"),
+        "ours_vs_bare_pipe_size": ratio(rows["ours"], rows["bare_pipe"], "size"),
+        "ours_vs_bare_z_time": ratio(rows["ours"], rows["bare_z"], "time"),
+        "ours_vs_bare_z_size": ratio(rows["ours"], rows["bare_z"], "size"),
+        "cli_vs_ours_time": ratio(rows["ours_cli"], rows["ours"], "time"),
+    }
+    print("\nratios (best runs):")
+    print(f"  ours direct / pgBackRest: time {fmt(ratios['ours_vs_pgbackrest_time'])} "
+          f"(target < 1), size {fmt(ratios['ours_vs_pgbackrest_size'])} (target ≤ 1.05)")
+    print(f"  ours CLI    / pgBackRest: time {fmt(ratios['cli_vs_pgbackrest_time'])} "
+          f"(target < 1), size {fmt(ratios['cli_vs_pgbackrest_size'])} (target ≤ 1.05)")
+    print(f"  ours direct / bare | zstd -T2 -5: time {fmt(ratios['ours_vs_bare_pipe_time'])}, "
+          f"size {fmt(ratios['ours_vs_bare_pipe_size'])}")
+    print(f"  ours direct / bare -Z client-zstd:5: time {fmt(ratios['ours_vs_bare_z_time'])}, "
+          f"size {fmt(ratios['ours_vs_bare_z_size'])}")
+    print(f"  ours CLI / ours direct (Prefect's share): time {fmt(ratios['cli_vs_ours_time'])}")
+    summary: dict[str, Any] = {
+        "database_bytes": db_size,
+        "full": {"server": full["server"], "repeat": options.repeat,
+                 "rows": {k: r.to_json() for k, r in rows.items()}},
+    }
+    if pitr is not None:
+        prow: dict[str, Row] = pitr["rows"]
+        how = "every Nth row" if options.scattered else "a contiguous id range"
+        print(f"\nIncremental and restore, PostgreSQL {pitr['server']}, the same database "
+              f"built again; change: {options.change_pct}% of the rows of pgbench_accounts and "
+              f"events ({how}, {pitr['change_s']:.1f} s); restore to the end of the chain, "
+              "no WAL streamed (the backups carry their WAL)")
+        show_rows(prow)
+        ratios.update({
+            "ours_incremental_pct_of_full": _pct(prow["ours_inc"], prow["ours_full"]),
+            "cli_incremental_pct_of_full": _pct(prow["cli_inc"], prow["cli_full"]),
+            "bare_incremental_pct_of_full_plain": _pct(prow["bare_inc"], prow["bare_full"]),
+            "ours_inc_vs_bare_inc_z_time": ratio(prow["ours_inc"], prow["bare_inc_z"], "time"),
+            "ours_inc_vs_bare_inc_z_size": ratio(prow["ours_inc"], prow["bare_inc_z"], "size"),
+            "pitr_ours_vs_bare_time": ratio(prow["pitr_ours"], prow["pitr_bare"], "time"),
+        })
+        print("\nratios:")
+        print(f"  incremental size, % of its full: ours "
+              f"{fmt(ratios['ours_incremental_pct_of_full'], '%')}, CLI "
+              f"{fmt(ratios['cli_incremental_pct_of_full'], '%')}, bare plain "
+              f"{fmt(ratios['bare_incremental_pct_of_full_plain'], '%')}")
+        print(f"  ours incremental / bare -Ft -Z client-zstd:5 --incremental: time "
+              f"{fmt(ratios['ours_inc_vs_bare_inc_z_time'])}, size "
+              f"{fmt(ratios['ours_inc_vs_bare_inc_z_size'])}")
+        print(f"  restore ours / bare pg_combinebackup + start: time "
+              f"{fmt(ratios['pitr_ours_vs_bare_time'])}")
+        summary["pitr"] = {
+            "server": pitr["server"], "change_pct": options.change_pct,
+            "scattered": options.scattered, "changed_accounts": pitr["changed_accounts"],
+            "steps_s": pitr["steps_s"], "rows": {k: r.to_json() for k, r in prow.items()},
+        }
+    summary["ratios"] = ratios
+    return summary
+
+
+def _pct(part: Row, whole: Row) -> float | None:
+    if part.size is None or not whole.size:
+        return None
+    return 100.0 * part.size / whole.size
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    """Run the benchmark and print the figures."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=int, default=50, help="pgbench scale (50 ≈ 750 MB)")
+    parser.add_argument("--jsonb-rows", type=int, default=2_500_000)
+    parser.add_argument("--major", type=int, default=15, help="server of the full-backup phase")
+    parser.add_argument("--pitr-major", type=int, default=17,
+                        help="server of the incremental/restore phase (17+; 0 skips it)")
+    parser.add_argument("--repeat", type=int, default=3, help="full-backup rounds; best kept")
+    parser.add_argument("--process-max", type=int, default=2, help="pgBackRest process-max")
+    parser.add_argument("--change-pct", type=float, default=5.0)
+    parser.add_argument("--scattered", action="store_true",
+                        help="change every Nth row instead of a contiguous range")
+    parser.add_argument("--no-cli", action="store_true", help="skip the CLI (Prefect) runs")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    options = parser.parse_args()
+    if options.pitr_major and options.pitr_major < 17:
+        parser.error("--pitr-major must be 17 or newer (incremental backups), or 0 to skip")
+
+    work = Path(tempfile.mkdtemp(prefix="pgbackflow-bench-physical-"))
+    work.chmod(0o755)  # the restored servers' OS user walks down to their data directories
+    key = MasterKey.generate()
+    key_file = work / "bench.key"
+    write_key_file(key_file, key)
+    use_cli = not options.no_cli and cli_available()
+    if not use_cli:
+        print("the CLI runs are skipped"
+              + ("" if options.no_cli else ": pgbackflow physical-backup is not available"))
+
+    try:
+        with contextlib.ExitStack() as stack:
+            cli_env: dict[str, str] | None = None
+            if use_cli:
+                from prefect.settings import PREFECT_API_URL
+                from prefect.testing.utilities import prefect_test_harness
+
+                stack.enter_context(prefect_test_harness(server_startup_timeout=120))
+                cli_env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+                           "PREFECT_LOGGING_LEVEL": "WARNING"}
+            cluster = stack.enter_context(EphemeralCluster(find_toolset(options.major)))
+            print(f"building the database (pgbench -s {options.scale} + {options.jsonb_rows} "
+                  f"jsonb rows) on PostgreSQL {cluster.toolset.version} ...", flush=True)
+            db_size = build_database(cluster, DB, options.scale, options.jsonb_rows)
+            print(f"database: {db_size / 1e9:.2f} GB", flush=True)
+            full = full_phase(cluster, work, key, key_file, options, cli_env)
+            pitr = None
+            if options.pitr_major:
+                if options.pitr_major != options.major:
+                    cluster.stop()
+                    cluster = stack.enter_context(
+                        EphemeralCluster(find_toolset(options.pitr_major)))
+                    print(f"building the same database on PostgreSQL "
+                          f"{cluster.toolset.version} ...", flush=True)
+                    build_database(cluster, DB, options.scale, options.jsonb_rows)
+                pitr = pitr_phase(cluster, work, key, key_file, options, cli_env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    summary = report(db_size, full, pitr, options)
+    if options.json:
+        print("\n" + json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

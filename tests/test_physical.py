@@ -1,0 +1,525 @@
+"""Physical backups, WAL streaming and point-in-time restore against real servers.
+
+Every test gets its own throwaway cluster (physical backups take the whole cluster), real
+pg_basebackup / pg_receivewal / pg_combinebackup, a real storage and the real Prefect API.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from pydantic import SecretStr
+
+from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
+from flows.physical import (
+    ConcurrentBackupError,
+    backup_lock_name,
+    full_backup,
+    incremental_backup,
+    pitr_restore,
+    wal_gaps,
+)
+from tasks.archive import ArchiveError
+from tasks.cluster import EphemeralCluster, resolve_os_user
+from tasks.database import ConnectionSettings
+from tasks.errors import ConfigError, ObjectNotFoundError, ToolsetError
+from tasks.keys import write_key_file
+from tasks.physical import list_physical_backups, physical_db_id
+from tasks.process import Tool
+from tasks.storage import LocalFolderStorage
+from tasks.toolsets import find_toolset
+from tasks.wal import WalIntegrityError, WalShipper, WalStreamer, wal_object_key
+
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg]
+
+CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+
+
+def cluster_or_skip(major: int, pg_majors: tuple[int, ...], **settings: str) -> EphemeralCluster:
+    if major not in pg_majors:
+        pytest.skip(f"PostgreSQL {major} not selected (--pg-majors)")
+    try:
+        toolset = find_toolset(major)
+    except ToolsetError as exc:
+        pytest.skip(str(exc))
+    return EphemeralCluster(toolset, settings={"fsync": "off", **settings})
+
+
+@pytest.fixture
+def work_dir() -> Iterator[Path]:
+    """A folder the server's OS user can reach (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="pgbackflow-test-physical-", dir="/var/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def encryption_key() -> BackupEncryptionKey:
+    return BackupEncryptionKey.generate()
+
+
+def db_block(server: EphemeralCluster, user: str | None = None, password: str | None = None,
+             ) -> PostgresDatabase:
+    return PostgresDatabase(
+        host=server.host, port=server.port, database="postgres", user=user or server.superuser,
+        password=SecretStr(password or server.password), sslmode="disable",
+    )
+
+
+def settings_of(server: EphemeralCluster) -> ConnectionSettings:
+    return ConnectionSettings(host=server.host, port=server.port, user=server.superuser,
+                              password=server.password, sslmode="disable")
+
+
+@contextmanager
+def streaming_wal(server: EphemeralCluster, storage: LocalStorage, key: BackupEncryptionKey,
+                  spool: Path) -> Iterator[WalShipper]:
+    """pg_receivewal on a slot in a thread, partial segments shipped every second."""
+    facts_db_id = physical_db_id(server_sysid(server))
+    shipper = WalShipper(spool, [storage.open()], key.master_key(), facts_db_id,
+                         partial_interval=0.5)
+    streamer = WalStreamer(settings_of(server), server.toolset, shipper, slot="pgbackflow_test",
+                           poll_interval=0.2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            streamer.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield shipper
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+
+
+def server_sysid(server: EphemeralCluster) -> str:
+    with server.connect() as conn:
+        row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wait_shipped(server: EphemeralCluster, storage: LocalStorage, timeout: float = 20) -> None:
+    """Wait until the WAL up to the server's current position is in the storage."""
+    with server.connect() as conn:
+        row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+    assert row is not None
+    segment = str(row[0])
+    db_id = physical_db_id(server_sysid(server))
+    folder = Path(storage.folder)
+    deadline = time.monotonic() + timeout
+    start = time.time()
+    while time.monotonic() < deadline:
+        for name in (segment, segment + ".partial"):
+            path = folder / wal_object_key(db_id, name)
+            if path.exists() and path.stat().st_mtime > start:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"WAL segment {segment} was not shipped within {timeout} s")
+
+
+def committed_at(server: EphemeralCluster, sql: str) -> datetime:
+    with server.connect() as conn:
+        conn.execute(sql)
+        row = conn.execute("SELECT clock_timestamp()").fetchone()
+    assert row is not None
+    return row[0]  # type: ignore[no-any-return]
+
+
+def restored_rows(port: int, server: EphemeralCluster) -> list[str]:
+    with psycopg.connect(host="127.0.0.1", port=port, user=server.superuser,
+                         password=server.password, dbname="postgres") as conn:
+        return [r[0] for r in conn.execute("SELECT v FROM marks ORDER BY id").fetchall()]
+
+
+def stop_restored(directory: Path, server: EphemeralCluster) -> None:
+    Tool(server.toolset.binary("pg_ctl")).run(
+        ["-D", directory, "-m", "immediate", "stop"], user=resolve_os_user(), check=False,
+    )
+
+
+def mark(server: EphemeralCluster, value: str) -> datetime:
+    """Insert one committed row; returns the server time right after the commit."""
+    return committed_at(server, f"INSERT INTO marks (v) VALUES ('{value}')")
+
+
+def prepare_marks(server: EphemeralCluster) -> None:
+    with server.connect() as conn:
+        conn.execute("CREATE TABLE marks (id serial PRIMARY KEY, v text NOT NULL)")
+        conn.execute("CREATE TABLE bulk AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) AS"
+                     " payload FROM generate_series(1, 100000) g")
+
+
+@pytest.mark.parametrize("major", [17, 18])
+def test_chain_and_point_in_time_restore(
+    major: int, pg_majors: tuple[int, ...], work_dir: Path,
+    encryption_key: BackupEncryptionKey,
+) -> None:
+    """full → (a) → incremental → (b) → incremental → (c); PITR inside (b) and to the end."""
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(major, pg_majors) as server:
+        prepare_marks(server)
+        with streaming_wal(server, storage, encryption_key, work_dir / "spool"):
+            full = full_backup(db_block(server), [storage], encryption_key=encryption_key)
+            mark(server, "a1")
+            first = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+            mark(server, "b1")
+            time.sleep(1.0)
+            with server.connect() as conn:
+                row = conn.execute("SELECT clock_timestamp()").fetchone()
+                assert row is not None
+                between: datetime = row[0]
+            time.sleep(1.0)
+            mark(server, "b2")
+            second = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+            mark(server, "c1")
+            wait_shipped(server, storage)
+        assert (full.mode, first.mode, second.mode) == ("full", "incremental", "incremental")
+        assert first.parent_id == full.backup_id and second.parent_id == first.backup_id
+        assert [link.backup_id for link in second.chain] == [
+            full.backup_id, first.backup_id, second.backup_id
+        ]
+
+        inside = work_dir / "inside"
+        report = pitr_restore(storage, str(inside), target_time=between.isoformat(), start=True,
+                              encryption_key=encryption_key)
+        try:
+            assert report.chain == [f"full {full.backup_id}", f"incremental {first.backup_id}"]
+            assert restored_rows(report.port or 0, server) == ["a1", "b1"]
+        finally:
+            stop_restored(inside, server)
+
+        end = work_dir / "end"
+        report = pitr_restore(storage, str(end), target_time="latest", start=True,
+                              encryption_key=encryption_key)
+        try:
+            assert len(report.chain) == 3
+            assert restored_rows(report.port or 0, server) == ["a1", "b1", "b2", "c1"]
+            script = Path(report.script)
+            assert script.exists() and os.access(script, os.X_OK)
+            assert "pitr" in script.read_text() and str(storage.folder) in script.read_text()
+        finally:
+            stop_restored(end, server)
+
+
+def test_incremental_is_a_small_fraction_of_the_full(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """After changing ~5% of a table's blocks, the incremental is far smaller than the full."""
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors) as server:
+        with server.connect() as conn:
+            conn.execute(
+                "CREATE TABLE big AS SELECT g AS id, md5(g::text) || md5((g * 3)::text) || "
+                "md5((g * 5)::text) AS payload FROM generate_series(1, 400000) g"
+            )
+        full = full_backup(db_block(server), [storage], encryption_key=encryption_key)
+        with server.connect() as conn:
+            conn.execute("UPDATE big SET payload = upper(payload) WHERE id <= 20000")
+        inc = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+    assert inc.mode == "incremental"
+    assert full.stored_size > 20_000_000
+    assert inc.stored_size < 0.2 * full.stored_size, (inc.stored_size, full.stored_size)
+
+
+def test_wal_streamer_killed_and_restarted_loses_nothing(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """kill -9 of `pgbackflow wal-stream`, writes meanwhile, restart: no gap, PITR across it."""
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    key_file = work_dir / "key"
+    write_key_file(key_file, encryption_key.master_key())
+    with cluster_or_skip(17, pg_majors) as server:
+        prepare_marks(server)
+        dsn = (f"host={server.host} port={server.port} user={server.superuser} "
+               "dbname=postgres sslmode=disable")
+        env = {**os.environ, "PGPASSWORD": server.password}
+        command = [*CLI, "wal-stream", "--db", dsn, "--to", str(storage.folder), "--key-file",
+                   str(key_file), "--spool-dir", str(work_dir / "spool"),
+                   "--partial-interval", "0.5"]
+        streamer = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            full_backup(db_block(server), [storage], encryption_key=encryption_key)
+            mark(server, "before")
+            wait_shipped(server, storage, timeout=60)
+            os.killpg(streamer.pid, signal.SIGKILL)
+            streamer.wait()
+            # Written while no streamer runs: the slot keeps it on the server.
+            with server.connect() as conn:
+                conn.execute("INSERT INTO bulk SELECT g, md5(g::text) FROM "
+                             "generate_series(200001, 260000) g")
+                conn.execute("SELECT pg_switch_wal()")
+            while_dead = mark(server, "while-dead")
+            time.sleep(1.0)
+            streamer = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, start_new_session=True)
+            time.sleep(1.0)
+            mark(server, "after")
+            wait_shipped(server, storage, timeout=60)
+        finally:
+            os.killpg(streamer.pid, signal.SIGTERM)
+            _, stderr = streamer.communicate(timeout=60)
+        assert streamer.returncode == 0, stderr.decode()
+        db_id = physical_db_id(server_sysid(server))
+        assert wal_gaps(storage.open(), db_id) == []
+
+        target = work_dir / "restored"
+        report = pitr_restore(storage, str(target), target_time=while_dead.isoformat(),
+                              start=True, encryption_key=encryption_key)
+        try:
+            assert restored_rows(report.port or 0, server) == ["before", "while-dead"]
+        finally:
+            stop_restored(target, server)
+
+
+def test_full_wal_and_pitr_on_15(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """No incrementals before 17, but full + WAL + PITR work; an incremental asks for a full."""
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(15, pg_majors) as server:
+        prepare_marks(server)
+        with streaming_wal(server, storage, encryption_key, work_dir / "spool"):
+            full_backup(db_block(server), [storage], encryption_key=encryption_key)
+            mark(server, "one")
+            time.sleep(1.0)
+            between = mark(server, "two")
+            time.sleep(1.0)
+            mark(server, "three")
+            wait_shipped(server, storage)
+        with pytest.raises(ConfigError, match=r"PostgreSQL 15\.\d+ cannot take incremental.*"
+                                              r"a full backup is what this version can do"):
+            incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+        target = work_dir / "restored"
+        report = pitr_restore(storage, str(target), target_time=between.isoformat(), start=True,
+                              encryption_key=encryption_key)
+        try:
+            assert restored_rows(report.port or 0, server) == ["one", "two"]
+        finally:
+            stop_restored(target, server)
+
+
+def test_incremental_on_16_is_refused_clearly(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with (
+        cluster_or_skip(16, pg_majors) as server,
+        pytest.raises(ConfigError, match=r"PostgreSQL 16\.\d+ cannot take incremental"),
+    ):
+        incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+    assert not Path(storage.folder).exists() or not any(Path(storage.folder).rglob("*.json"))
+
+
+def test_summarize_wal_off_says_how_to_fix(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors, summarize_wal="off") as server:
+        full_backup(db_block(server), [storage], encryption_key=encryption_key)
+        with pytest.raises(ConfigError, match=r"summarize_wal is off.*ALTER SYSTEM SET "
+                                              r"summarize_wal = on"):
+            incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+
+
+def test_role_without_replication_is_refused_clearly(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors) as server:
+        with server.connect() as conn:
+            conn.execute("CREATE ROLE plain LOGIN PASSWORD 'plain-pw' IN ROLE pg_monitor")
+        with pytest.raises(ConfigError, match=r"role 'plain' .* lacks the REPLICATION attribute"
+                                              r".*ALTER ROLE \"plain\" REPLICATION"):
+            full_backup(db_block(server, "plain", "plain-pw"), [storage],
+                        encryption_key=encryption_key)
+
+
+def test_target_outside_window_names_the_window(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors) as server:
+        full = full_backup(db_block(server), [storage], encryption_key=encryption_key)
+    too_early = full.started_at - timedelta(hours=1)
+    too_late = datetime.now(UTC) + timedelta(days=1)
+    for moment in (too_early, too_late):
+        with pytest.raises(ConfigError, match=r"outside the recoverable window of cluster-\d+: "
+                                              r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\+00 to "):
+            pitr_restore(storage, str(work_dir / "never"), target_time=moment.isoformat(),
+                         encryption_key=encryption_key)
+    assert not (work_dir / "never").exists()
+
+
+def test_tampered_wal_and_incremental_stop_the_restore(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """A flipped byte, or a valid segment under another name: the error names the object."""
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors) as server:
+        prepare_marks(server)
+        with streaming_wal(server, storage, encryption_key, work_dir / "spool"):
+            full_backup(db_block(server), [storage], encryption_key=encryption_key)
+            mark(server, "x")
+            with server.connect() as conn:
+                conn.execute("SELECT pg_switch_wal()")
+            mark(server, "y")
+            inc = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+            with server.connect() as conn:
+                conn.execute("SELECT pg_switch_wal()")
+            mark(server, "z")
+            wait_shipped(server, storage)
+    folder = Path(storage.folder)
+    db_id = inc.db_id
+    segments = sorted(p for p in (folder / f"physical/{db_id}/wal").glob("*.pgbf")
+                      if len(p.name) == 24 + 5)
+    assert len(segments) >= 2
+    victim = segments[-1]
+    original = victim.read_bytes()
+
+    # 1. a flipped byte inside a WAL object
+    damaged = bytearray(original)
+    damaged[len(damaged) // 2] ^= 0x01
+    victim.write_bytes(bytes(damaged))
+    with pytest.raises(ArchiveError, match=victim.name):
+        pitr_restore(storage, str(work_dir / "r1"), target_time="latest",
+                     encryption_key=encryption_key)
+
+    # 2. a valid segment of this cluster stored under another segment's name
+    shutil.copyfile(segments[-2], victim)
+    with pytest.raises(WalIntegrityError, match=rf"{victim.name}: holds WAL of another position"):
+        pitr_restore(storage, str(work_dir / "r2"), target_time="latest",
+                     encryption_key=encryption_key)
+    victim.write_bytes(original)
+
+    # 3. a flipped byte in the incremental backup
+    base = next(folder.glob(f"physical/{db_id}/base/{inc.backup_id}/base.tar.pgbf"))
+    data = bytearray(base.read_bytes())
+    data[len(data) // 3] ^= 0x80
+    base.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match=rf"base/{inc.backup_id}/base\.tar\.pgbf"):
+        pitr_restore(storage, str(work_dir / "r3"), target_time="latest",
+                     encryption_key=encryption_key)
+
+
+def test_broken_chain_forces_a_full_and_says_why(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors) as server:
+        first = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+        assert first.mode == "full" and "no earlier backup" in (first.full_reason or "")
+        second = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+        assert second.mode == "incremental"
+        # The chain's full disappears: the next incremental cannot build on it.
+        (Path(storage.folder) / f"physical/{first.db_id}/base/{first.backup_id}/manifest.json"
+         ).unlink()
+        third = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
+        assert third.mode == "full"
+        assert f"needs its parent {first.backup_id}" in (third.full_reason or "")
+        backups = list_physical_backups(storage.open(), first.db_id)
+        assert [b.backup_id for b in backups] == [second.backup_id, third.backup_id]
+
+
+def test_backups_of_one_cluster_never_overlap(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """While another backup holds the cluster's slot, a second one waits, then gives up."""
+    from prefect import flow
+    from prefect.concurrency.sync import concurrency
+
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors) as server:
+        db_id = physical_db_id(server_sysid(server))
+        # The first backup creates the limit; then a holder occupies the single slot.
+        full_backup(db_block(server), [storage], encryption_key=encryption_key)
+        held = threading.Event()
+        release = threading.Event()
+
+        @flow
+        def holder() -> None:
+            with concurrency(backup_lock_name(db_id), occupy=1, strict=True):
+                held.set()
+                release.wait(60)
+
+        thread = threading.Thread(target=holder, daemon=True)
+        thread.start()
+        assert held.wait(60)
+        try:
+            with pytest.raises(ConcurrentBackupError, match=f"another backup of cluster {db_id}"):
+                full_backup(db_block(server), [storage], encryption_key=encryption_key,
+                            lock_timeout_s=2)
+        finally:
+            release.set()
+            thread.join(60)
+        assert len(list_physical_backups(storage.open(), db_id)) == 1
+
+
+def test_cli_physical_backup_list_and_pitr(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """The CLI end to end: backup --json, physical-list, pitr errors as one line."""
+    import json
+
+    key_file = work_dir / "key"
+    write_key_file(key_file, encryption_key.master_key())
+    store = work_dir / "store"
+    with cluster_or_skip(17, pg_majors) as server:
+        dsn = (f"host={server.host} port={server.port} user={server.superuser} "
+               "dbname=postgres sslmode=disable")
+        env = {**os.environ, "PGPASSWORD": server.password}
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
+                                  timeout=300, check=False)
+
+        done = cli("physical-backup", "--db", dsn, "--to", str(store), "--key-file",
+                   str(key_file), "--json")
+        assert done.returncode == 0, done.stderr
+        document: dict[str, Any] = json.loads(done.stdout)
+        assert document["mode"] == "full" and document["status"] == "complete"
+        listed = cli("physical-list", "--from", str(store), "--json")
+        assert json.loads(listed.stdout)[0]["backups"][0]["backup_id"] == document["backup_id"]
+        occupied = work_dir / "occupied"
+        occupied.mkdir()
+        (occupied / "keep.txt").write_text("mine")
+        refused = cli("pitr", "--from", str(store), "--target", "latest", "--to-dir",
+                      str(occupied), "--key-file", str(key_file))
+        assert refused.returncode == 1
+        assert "is not empty" in refused.stderr and "Traceback" not in refused.stderr
+        assert (occupied / "keep.txt").read_text() == "mine"
+        restored = cli("pitr", "--from", str(store), "--target", "latest", "--to-dir",
+                       str(work_dir / "fresh"), "--key-file", str(key_file), "--json")
+        assert restored.returncode == 0, restored.stderr
+        assert (work_dir / "fresh" / "PG_VERSION").read_text().strip() == "17"
+
+
+def test_missing_backups_is_a_clear_error(work_dir: Path,
+                                          encryption_key: BackupEncryptionKey) -> None:
+    with pytest.raises(ObjectNotFoundError, match="no physical backups in"):
+        pitr_restore(LocalStorage(folder=str(work_dir)), str(work_dir / "x"),
+                     encryption_key=encryption_key)
+    assert LocalFolderStorage(work_dir).list() == []
