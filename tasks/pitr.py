@@ -302,7 +302,10 @@ def configure_recovery(
         "archive_mode": "off",
     }
     if target is not None:
-        settings["recovery_target_time"] = _show(target)
+        # Full precision: commits within the target's second must land on the right side.
+        settings["recovery_target_time"] = target.astimezone(UTC).strftime(
+            "%Y-%m-%d %H:%M:%S.%f+00"
+        )
     if port is not None:
         settings["port"] = str(port)
         settings["listen_addresses"] = "127.0.0.1"
@@ -320,7 +323,7 @@ def write_restore_script(
 ) -> None:
     """A bash script that redoes this restore by hand: ``restore.sh NEW_EMPTY_DIR``."""
     python = shlex.quote(sys.executable)
-    target = "latest" if plan.target is None else _show(plan.target)
+    target = "latest" if plan.target is None else plan.target.isoformat()
     key_arg = f" --key-file {shlex.quote(str(key_file))}" if key_file else ""
     body = f"""#!/usr/bin/env bash
 # Point-in-time restore of {plan.db_id} to {target}, written by pgbackflow.

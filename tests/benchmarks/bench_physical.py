@@ -164,8 +164,7 @@ def build_database(cluster: EphemeralCluster, name: str, scale: int, jsonb_rows:
     subprocess.run(
         [str(cluster.toolset.binary("pgbench")), "-h", cluster.host, "-p", str(cluster.port),
          "-U", cluster.superuser, "-i", "-q", "-s", str(scale), name],
-        env={**os.environ, "PGPASSWORD": cluster.password}, check=True,
-        stdout=subprocess.DEVNULL,
+        env={**os.environ, "PGPASSWORD": cluster.password}, check=True, capture_output=True,
     )
     with cluster.connect(name) as conn:
         conn.execute(
@@ -430,13 +429,14 @@ def full_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
         rows["pgbackrest"].name = (f"{backrest.version} full (zst:3, "
                                    f"process-max={options.process_max})")
     except (PgBackflowError, subprocess.CalledProcessError, SystemExit) as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        rows["pgbackrest"].note = f"unavailable: {reason[:200]}"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        rows["pgbackrest"].note = f"unavailable: {reason[:160]}"
         print(f"pgBackRest: {rows['pgbackrest'].note}", flush=True)
         backrest = None
 
     settings = settings_of(cluster)
     storage = LocalFolderStorage(work / "ours")
+    raw_bytes = 0
     for round_number in range(1, options.repeat + 1):
         print(f"full backups, round {round_number}/{options.repeat} ...", flush=True)
         if backrest is not None:
@@ -451,6 +451,7 @@ def full_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
         rows["bare_null"].add(bare.pipe(toolset, None, None), None)
         manifest, seconds = ours_backup(settings, toolset, storage, key)
         rows["ours"].add(seconds, manifest.stored_size)
+        raw_bytes = manifest.base.raw_size
         shutil.rmtree(storage.folder)
         if cli_env is not None:
             folder = fresh(work / "ours-cli")
@@ -464,7 +465,7 @@ def full_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
         rows["ours_cli"].note = "not measured: pgbackflow physical-backup is not available"
     if backrest is not None:
         rows["pgbackrest"].note = "no WAL in the set (archive-check=n), not encrypted"
-    return {"server": toolset.version, "rows": rows}
+    return {"server": toolset.version, "rows": rows, "raw_bytes": raw_bytes}
 
 
 # ---------------------------------------------------------------------------------------
@@ -688,9 +689,14 @@ def report(db_size: int, full: dict[str, Any], pitr: dict[str, Any] | None,
     print(f"  ours direct / bare -Z client-zstd:5: time {fmt(ratios['ours_vs_bare_z_time'])}, "
           f"size {fmt(ratios['ours_vs_bare_z_size'])}")
     print(f"  ours CLI / ours direct (Prefect's share): time {fmt(ratios['cli_vs_ours_time'])}")
+    raw = full["raw_bytes"]
+    speeds = {key: raw / 1e6 / rows[key].best for key in ("bare_null", "bare_pipe", "ours")
+              if rows[key].runs}
+    print(f"  pg_basebackup's tar stream: {raw / 1e6:.0f} MB; MB/s: "
+          + ", ".join(f"{rows[key].name} {speed:.0f}" for key, speed in speeds.items()))
     summary: dict[str, Any] = {
         "database_bytes": db_size,
-        "full": {"server": full["server"], "repeat": options.repeat,
+        "full": {"server": full["server"], "repeat": options.repeat, "raw_bytes": raw,
                  "rows": {k: r.to_json() for k, r in rows.items()}},
     }
     if pitr is not None:
@@ -756,6 +762,8 @@ def main() -> int:
     if options.pitr_major and options.pitr_major < 17:
         parser.error("--pitr-major must be 17 or newer (incremental backups), or 0 to skip")
 
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
     work = Path(tempfile.mkdtemp(prefix="pgbackflow-bench-physical-"))
     work.chmod(0o755)  # the restored servers' OS user walks down to their data directories
     key = MasterKey.generate()

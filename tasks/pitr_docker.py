@@ -1,0 +1,733 @@
+"""Point-in-time restore into a Docker volume (``pgbackflow pitr --docker``).
+
+The data directory is built on the host exactly as for ``--to-dir`` (unpack, combine, fetch
+the WAL), then configured for the paths *inside* the container and copied into a named
+volume through a short-lived helper container (a tar stream, so it also works with a remote
+engine). With ``start`` a server container runs from the image of the chain's major with
+the volume as ``PGDATA``, reachable on ``127.0.0.1:<port>``, and the restore waits until
+recovery has finished and the server is promoted. Without ``start`` the volume is left
+ready and the ``docker run`` command a DBA would use is returned.
+
+Networking: on an engine with the default ``bridge`` network the port is published to
+127.0.0.1; engines started with ``--bridge=none`` (CI) share the host's network instead and
+the server itself listens on 127.0.0.1:<port>. The restored ``pg_hba.conf`` is the source's,
+plus one password line for the address the host's connections arrive from (the network's
+gateway when published, 127.0.0.1 with host networking).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import logging
+import queue
+import re
+import shlex
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, cast
+
+from tasks.errors import ConfigError, DatabaseError, PgBackflowError
+from tasks.keys import Keyring
+from tasks.pitr import (
+    PROMOTE_TIMEOUT_S,
+    RESTORE_DIR,
+    WAL_CACHE,
+    PitrPlan,
+    build_data_dir,
+    check_target_dir,
+    fetch_wal,
+    free_port,
+    unpack_backup,
+)
+from tasks.storage import Storage
+from tasks.toolsets import Toolset, find_toolset
+
+# The SDK is untyped, and mypy would resolve "docker" to this repository's docker/ folder
+# (image build scripts); at run time the installed package wins (as in tasks/docker_sandbox).
+docker: Any = importlib.import_module("docker")
+importlib.import_module("docker.errors")
+DockerClient = Any
+
+logger = logging.getLogger("pgbackflow.pitr")
+
+#: Label on the volume and the containers a restore creates (value: the cluster id).
+PITR_LABEL = "pgbackflow.pitr"
+CONTAINER_PORT = 5432
+SOCKET_DIR = "/var/run/postgresql"
+DEFAULT_PGDATA = "/var/lib/postgresql/data"
+HOST_NETWORK = "host"
+DEFAULT_BRIDGE = "bridge"
+#: Where helper containers mount the volume (not PGDATA: nothing of the image is copied up).
+HELPER_MOUNT = "/volume"
+#: Root in a helper needs these to chown the copied tree and to read or empty a volume whose
+#: files belong to postgres; everything else is dropped.
+HELPER_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER"]
+TAR_CHUNK = 1024 * 1024
+TAR_QUEUE_CHUNKS = 8
+POLL_INTERVAL_S = 0.25
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+# PostgreSQL's own message when no transaction followed the target (see tasks/pitr.py).
+_TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
+_LAST_TRANSACTION = "last completed transaction was at log time"
+# Promoted and answering: recovery.signal is gone, pg_control says "in production" (written
+# together with the end of recovery) and the postmaster accepts connections.
+_PROMOTED_PROBE = (
+    'test ! -e "$PGDATA/recovery.signal" '
+    '&& pg_controldata "$PGDATA" | grep -q "in production" '
+    f'&& pg_isready -q -h {SOCKET_DIR} -p "$PORT"'
+)
+
+
+class DockerRestoreError(PgBackflowError):
+    """The Docker engine refused or failed a step of a restore into a volume."""
+
+
+@dataclass(frozen=True)
+class DockerRestoreResult:
+    """A restore into a Docker volume.
+
+    Attributes:
+        volume: The named volume that holds the restored data directory.
+        image: The image the server runs from.
+        pgdata: Where the volume is mounted in the server container (the image's PGDATA).
+        network: ``host`` or the bridge network the port is published from.
+        port: Port on 127.0.0.1 of the started server (or the one ``run_command`` uses).
+        run_command: The ``docker run`` command that starts (or started) the server.
+        container_name: Name of the server container (the one ``run_command`` creates).
+        container_id: Id of the started container; None without ``start``.
+        wal_files: WAL files fetched for the replay.
+        last_transaction: "last completed transaction was at log time …" of the replay.
+        reached_target: False when no transaction followed the target, so replay ran to the
+            end of the WAL (the same data); None without ``start``.
+        created_volume: False when an existing empty volume was filled.
+    """
+
+    volume: str
+    image: str
+    pgdata: str
+    network: str
+    port: int
+    run_command: str
+    container_name: str
+    container_id: str | None
+    wal_files: int
+    last_transaction: str | None
+    reached_target: bool | None
+    created_volume: bool
+
+
+def restore_into_docker_volume(
+    storage: Storage,
+    plan: PitrPlan,
+    keyring: Keyring,
+    *,
+    volume: str,
+    image: str | None = None,
+    start: bool = False,
+    port: int | None = None,
+    network: str | None = None,
+    container_name: str | None = None,
+    toolset: Toolset | None = None,
+    work_dir: Path | None = None,
+    client: DockerClient | None = None,
+    timeout: float = PROMOTE_TIMEOUT_S,
+    on_step: Callable[[str], None] | None = None,
+) -> DockerRestoreResult:
+    """Restore ``plan`` into the named Docker volume and optionally start a server on it.
+
+    Args:
+        storage: Where the backups and WAL are.
+        plan: From :func:`tasks.pitr.plan_pitr`.
+        keyring: Keys to decrypt the backups and WAL.
+        volume: A new (or existing and empty) Docker volume.
+        image: Server image (default ``postgres:<major of the chain>``).
+        start: Start a server container and wait until it is promoted.
+        port: Port on 127.0.0.1 (default: a free one with ``start``, else 5432).
+        network: ``host`` or a bridge network (default: ``bridge`` if the engine has it,
+            else ``host``).
+        container_name: Name of the server container (default: the volume's name).
+        toolset: Host toolset for ``pg_combinebackup`` (default: found for the major; not
+            needed for a chain of one full backup).
+        work_dir: Where the data directory is built before the copy (default: TMPDIR).
+        client: Docker client (default: the local engine).
+        timeout: Seconds to wait for the promotion.
+        on_step: Called with a line per step (progress for logs).
+
+    Raises:
+        ConfigError: Bad names, a missing image, a non-empty volume, a taken container
+            name or port; nothing was created.
+        DatabaseError: The server stopped during recovery or was not promoted in time; what
+            this call created was removed.
+    """
+    step = on_step or (lambda _message: None)
+    major = plan.newest.server_major
+    image = image or f"postgres:{major}"
+    name = container_name or volume
+    _check_name("volume", volume)
+    _check_name("container name", name)
+    own_client = client is None
+    client = client if client is not None else _client()
+    try:
+        return _restore(
+            client, storage, plan, keyring, volume=volume, image=image, name=name,
+            start=start, port=port, network=network, toolset=toolset, work_dir=work_dir,
+            timeout=timeout, step=step,
+        )
+    finally:
+        if own_client:
+            client.close()
+
+
+def _restore(
+    client: DockerClient,
+    storage: Storage,
+    plan: PitrPlan,
+    keyring: Keyring,
+    *,
+    volume: str,
+    image: str,
+    name: str,
+    start: bool,
+    port: int | None,
+    network: str | None,
+    toolset: Toolset | None,
+    work_dir: Path | None,
+    timeout: float,
+    step: Callable[[str], None],
+) -> DockerRestoreResult:
+    """Checks first (nothing created on refusal), then build, copy and optionally start."""
+    major = plan.newest.server_major
+    pgdata = _image_pgdata(client, image, major)
+    network = _choose_network(client, network)
+    if start:
+        _check_container_free(client, name)
+        port = port or free_port()
+        _check_port_free(port)
+    port = port or CONTAINER_PORT
+    existed = _volume_exists(client, volume)
+    if existed and not _volume_is_empty(client, image, volume):
+        raise ConfigError(
+            f"docker volume {volume!r} already holds data: restore into a new or empty volume "
+            "(nothing in it was touched)"
+        )
+    run_args = _server_run_args(volume, pgdata, network, port)
+    run_command = shlex.join(
+        ["docker", "run", "-d", "--name", name, *run_args.cli, image, *run_args.command]
+    )
+    labels = {PITR_LABEL: plan.db_id, f"{PITR_LABEL}.target": _target_text(plan.target)}
+    work = Path(tempfile.mkdtemp(prefix="pgbackflow-pitr-docker-", dir=work_dir))
+    created_volume = False
+    container: Any = None
+    try:
+        data_dir = work / "data"
+        _build(storage, plan, keyring, data_dir, toolset, step)
+        wal_files = fetch_wal(storage, plan, keyring, data_dir / RESTORE_DIR / WAL_CACHE)
+        step(f"fetched {len(wal_files)} WAL files")
+        configure_container_recovery(
+            data_dir, plan.target, pgdata=pgdata,
+            client_address=_client_address(client, network),
+        )
+        if not existed:
+            client.volumes.create(name=volume, labels=labels)
+            created_volume = True
+        step(f"copying the data directory into docker volume {volume}")
+        _copy_into_volume(client, image, volume, data_dir)
+        shutil.rmtree(work, ignore_errors=True)  # the volume has it now: free the disk early
+        if not start:
+            step(f"volume {volume} is ready; start the server with: {run_command}")
+            return DockerRestoreResult(
+                volume, image, pgdata, network, port, run_command, name, None,
+                len(wal_files), None, None, created_volume,
+            )
+        step(f"starting {image} on 127.0.0.1:{port} ({network} network) as {name}")
+        try:
+            container = client.containers.run(
+                image, command=run_args.command, name=name, detach=True, labels=labels,
+                **run_args.sdk,
+            )
+        except docker.errors.APIError as exc:
+            raise DockerRestoreError(
+                f"starting container {name} from {image} failed: {_explain(exc)}"
+            ) from None
+        last, reached = _wait_until_promoted(
+            client, container, image, volume, pgdata, run_args.server_port, timeout
+        )
+        _exec(container, ["rm", "-rf", f"{pgdata}/{RESTORE_DIR}/{WAL_CACHE}"])
+        step(f"server in {name} is promoted; last transaction replayed: {last or 'none'}")
+        return DockerRestoreResult(
+            volume, image, pgdata, network, port, run_command, name, str(container.id),
+            len(wal_files), last, reached, created_volume,
+        )
+    except BaseException:
+        _undo(client, image, volume, container, created_volume=created_volume, existed=existed)
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------
+# Checks before anything is created
+
+
+def _client() -> DockerClient:
+    try:
+        client = docker.from_env()
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise ConfigError(
+            f"no Docker engine reachable ({str(exc).splitlines()[0][:160]}): start Docker, "
+            "or restore into a directory with --to-dir"
+        ) from None
+    return client
+
+
+def _check_name(what: str, name: str) -> None:
+    if not _NAME.fullmatch(name):
+        raise ConfigError(
+            f"{what} {name!r} is not a valid Docker name: use letters, digits, '_', '.' and "
+            "'-', starting with a letter or digit"
+        )
+
+
+def _image_pgdata(client: DockerClient, image: str, major: int) -> str:
+    """PGDATA of ``image`` (which must exist locally and be of ``major``)."""
+    try:
+        found = client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise ConfigError(
+            f"image {image} is not on this Docker engine: build it with "
+            f"`python docker/build_images.py {major}` or pull it"
+        ) from None
+    env = dict(
+        item.split("=", 1) for item in found.attrs["Config"].get("Env") or [] if "=" in item
+    )
+    image_major = env.get("PG_MAJOR", "")
+    if image_major and image_major != str(major):
+        raise ConfigError(
+            f"image {image} holds PostgreSQL {image_major} but the backups are of {major}: use "
+            f"postgres:{major}"
+        )
+    return env.get("PGDATA") or DEFAULT_PGDATA
+
+
+def _choose_network(client: DockerClient, network: str | None) -> str:
+    names = {net.name for net in client.networks.list()}
+    if network is None:
+        return DEFAULT_BRIDGE if DEFAULT_BRIDGE in names else HOST_NETWORK
+    if network == "none":
+        raise ConfigError(
+            "network none leaves the restored server unreachable: use host or a bridge network"
+        )
+    if network not in names:
+        raise ConfigError(
+            f"docker network {network!r} does not exist: create it or use host"
+        )
+    return network
+
+
+def _check_container_free(client: DockerClient, name: str) -> None:
+    with contextlib.suppress(docker.errors.NotFound):
+        client.containers.get(name)
+        raise ConfigError(
+            f"a container named {name!r} already exists: remove it or pick another name"
+        )
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConfigError(
+                f"port {port} on 127.0.0.1 is in use: pick another port (or none for a free one)"
+            ) from None
+
+
+def _volume_exists(client: DockerClient, volume: str) -> bool:
+    try:
+        client.volumes.get(volume)
+    except docker.errors.NotFound:
+        return False
+    return True
+
+
+def _volume_is_empty(client: DockerClient, image: str, volume: str) -> bool:
+    listing = _run_helper(client, image, volume, f"ls -A {HELPER_MOUNT}", read_only=True)
+    return not listing.strip()
+
+
+# ---------------------------------------------------------------------------------------
+# The data directory on the host
+
+
+def _build(
+    storage: Storage,
+    plan: PitrPlan,
+    keyring: Keyring,
+    data_dir: Path,
+    toolset: Toolset | None,
+    step: Callable[[str], None],
+) -> None:
+    """Unpack (and combine) the chain; a lone full backup needs no host toolset."""
+    if len(plan.chain) == 1:
+        check_target_dir(data_dir)
+        step(f"unpacking full backup {plan.newest.backup_id}")
+        unpack_backup(storage, plan.newest, keyring, data_dir)
+        return
+    toolset = toolset or find_toolset(plan.newest.server_major)
+    build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
+
+
+def _target_text(target: datetime | None) -> str:
+    # Full precision: a target between two commits in the same second must stay between them.
+    return "latest" if target is None else target.astimezone(UTC).isoformat(sep=" ")
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def configure_container_recovery(
+    data_dir: Path, target: datetime | None, *, pgdata: str, client_address: str | None
+) -> None:
+    """Write recovery settings for a server that sees ``data_dir`` as ``pgdata``.
+
+    Besides what :func:`tasks.pitr.configure_recovery` writes, settings of the source that
+    name host paths or addresses are replaced by the container's: the port, listen addresses,
+    socket directory, hba/ident files, and the log goes to stderr (``docker logs``).
+    ``client_address`` gets a password line at the end of ``pg_hba.conf``.
+    """
+    wal_dir = f"{pgdata}/{RESTORE_DIR}/{WAL_CACHE}"
+    settings = {
+        "restore_command": f"cp {shlex.quote(wal_dir)}/%f %p",
+        "recovery_target_action": "promote",
+        # The restored server must not push WAL into the source's archive.
+        "archive_mode": "off",
+        "port": str(CONTAINER_PORT),
+        "listen_addresses": "*",
+        "unix_socket_directories": SOCKET_DIR,
+        "hba_file": f"{pgdata}/pg_hba.conf",
+        "ident_file": f"{pgdata}/pg_ident.conf",
+        # log_directory may be a host path; in a container the log is docker logs.
+        "logging_collector": "off",
+    }
+    if target is not None:
+        settings["recovery_target_time"] = _target_text(target)
+    # A source configured outside its data directory (Debian's /etc/postgresql) has none.
+    conf = data_dir / "postgresql.conf"
+    if not conf.exists():
+        conf.write_text("# Written by pgbackflow: the source kept its configuration elsewhere.\n")
+    hba = data_dir / "pg_hba.conf"
+    if not hba.exists():
+        hba.write_text("# Written by pgbackflow: the source had no pg_hba.conf here.\n"
+                       "local all all peer\n")
+    (data_dir / "pg_ident.conf").touch()
+    if client_address:
+        # md5 also accepts SCRAM verifiers (then runs SCRAM), so every role of the source
+        # that could log in with a password still can; appended, so the source's own lines
+        # (including rejects) come first.
+        with hba.open("a") as out:
+            out.write(f"\n# pgbackflow: connections from the Docker host arrive from here.\n"
+                      f"host all all {client_address}/32 md5\n")
+    lines = "".join(f"{key} = {_conf_quote(value)}\n" for key, value in settings.items())
+    auto_conf = data_dir / "postgresql.auto.conf"
+    existing = auto_conf.read_text() if auto_conf.exists() else ""
+    auto_conf.write_text(existing + "\n# Point-in-time restore into Docker by pgbackflow.\n"
+                         + lines)
+    (data_dir / "standby.signal").unlink(missing_ok=True)
+    (data_dir / "recovery.signal").write_text("")
+
+
+def _client_address(client: DockerClient, network: str) -> str | None:
+    """The address the host's connections come from (the bridge's gateway), if known."""
+    if network == HOST_NETWORK:
+        return "127.0.0.1"
+    configs = client.networks.get(network).attrs.get("IPAM", {}).get("Config") or []
+    for config in configs:
+        gateway = str(config.get("Gateway") or "")
+        if gateway and ":" not in gateway:
+            return gateway
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Volume and containers
+
+
+def _tar_chunks(directory: Path) -> Iterator[bytes]:
+    """A tar of ``directory`` (members relative to it) in chunks, at most a few MB in memory.
+
+    A thread writes the tar into a bounded queue; closing the generator early stops it.
+    """
+    chunks: queue.Queue[bytes | BaseException | None] = queue.Queue(TAR_QUEUE_CHUNKS)
+    stop = threading.Event()
+
+    def put(item: bytes | BaseException | None) -> None:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    class Sink:
+        def write(self, data: bytes) -> int:
+            put(bytes(data))
+            return len(data)
+
+    def anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""  # ownership is set in the volume, for the image's user
+        return info
+
+    def produce() -> None:
+        try:
+            # Stream mode ("w|") only ever calls write().
+            sink = cast(IO[bytes], Sink())
+            with tarfile.open(fileobj=sink, mode="w|", bufsize=TAR_CHUNK) as tar:
+                tar.add(str(directory), arcname=".", filter=anonymous)
+            put(None)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the reader, which raises it
+            with contextlib.suppress(_Stopped):
+                put(exc)
+
+    thread = threading.Thread(target=produce, name="pgbackflow-tar", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = chunks.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _Stopped(Exception):
+    """The reader of a tar stream went away."""
+
+
+def _copy_into_volume(client: DockerClient, image: str, volume: str, data_dir: Path) -> None:
+    """Stream ``data_dir`` into the volume; hand it to the image's postgres user, mode 0700."""
+    # By name: the uid differs between images (999 Debian and ours, 70 Alpine).
+    script = f"chown -R postgres:postgres {HELPER_MOUNT} && chmod 700 {HELPER_MOUNT}"
+    _run_helper(client, image, volume, script, archive=_tar_chunks(data_dir))
+
+
+def _run_helper(
+    client: DockerClient,
+    image: str,
+    volume: str,
+    script: str,
+    *,
+    archive: Iterator[bytes] | None = None,
+    read_only: bool = False,
+    user: str = "root",
+) -> str:
+    """Run ``sh -c script`` in a throwaway container with the volume at /volume.
+
+    ``archive`` (a tar stream) is unpacked into the volume before the script runs.
+
+    Returns:
+        The helper's output.
+    """
+    container = client.containers.create(
+        image,
+        entrypoint=["sh", "-c"],
+        command=[script],
+        user=user,
+        network_mode="none",
+        cap_drop=["ALL"],
+        cap_add=HELPER_CAPABILITIES if user == "root" else [],
+        security_opt=["no-new-privileges"],
+        volumes={volume: {"bind": HELPER_MOUNT, "mode": "ro" if read_only else "rw"}},
+        labels={PITR_LABEL: "helper"},
+    )
+    try:
+        if archive is not None:
+            container.put_archive(HELPER_MOUNT, archive)
+        container.start()
+        status = container.wait()
+        output = bytes(container.logs()).decode("utf-8", "replace")
+    except docker.errors.APIError as exc:
+        raise DockerRestoreError(
+            f"helper container for volume {volume} ({image}) failed: {_explain(exc)}"
+        ) from None
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            container.remove(force=True)
+    if int(status.get("StatusCode", 1)) != 0:
+        raise DockerRestoreError(
+            f"helper container for volume {volume} ({image}) failed running {script!r}: "
+            f"{_tail(output)}"
+        )
+    return output
+
+
+@dataclass(frozen=True)
+class _RunArgs:
+    cli: list[str]  # docker run options, for the DBA's command
+    sdk: dict[str, Any]  # the same for containers.run()
+    command: list[str]  # the server's command line
+    server_port: int  # the port the server listens on inside the container
+
+
+def _server_run_args(volume: str, pgdata: str, network: str, port: int) -> _RunArgs:
+    """How the server container runs: as postgres, no capabilities, the volume as PGDATA."""
+    cli = ["--user", "postgres", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+           "-v", f"{volume}:{pgdata}"]
+    sdk: dict[str, Any] = {
+        "user": "postgres",
+        "cap_drop": ["ALL"],
+        "security_opt": ["no-new-privileges"],
+        "volumes": {volume: {"bind": pgdata, "mode": "rw"}},
+    }
+    if network == HOST_NETWORK:
+        # The host's network namespace: the server itself must keep to loopback and the port.
+        return _RunArgs(
+            [*cli, "--network", HOST_NETWORK],
+            {**sdk, "network_mode": HOST_NETWORK},
+            ["postgres", "-c", f"port={port}", "-c", "listen_addresses=127.0.0.1"],
+            port,
+        )
+    if network != DEFAULT_BRIDGE:
+        cli += ["--network", network]
+    cli += ["-p", f"127.0.0.1:{port}:{CONTAINER_PORT}"]
+    sdk.update(network=network, ports={f"{CONTAINER_PORT}/tcp": ("127.0.0.1", port)})
+    return _RunArgs(cli, sdk, ["postgres"], CONTAINER_PORT)
+
+
+def _wait_until_promoted(
+    client: DockerClient,
+    container: Any,
+    image: str,
+    volume: str,
+    pgdata: str,
+    server_port: int,
+    timeout: float,
+) -> tuple[str | None, bool]:
+    """Wait for the promotion; returns (last transaction replayed, target reached).
+
+    When no transaction followed the target, PostgreSQL stops ("recovery ended before
+    configured recovery target was reached"): everything up to the target is replayed, so
+    the target is dropped and the server restarted, replaying to the end of the WAL.
+    """
+    reached = True
+    deadline = time.monotonic() + timeout
+    for attempt in (1, 2):
+        offset = len(bytes(container.logs()))
+        if attempt == 2:
+            container.start()
+        if _poll_promoted(container, pgdata, server_port, deadline):
+            break
+        log = _logs(container, offset)
+        if attempt == 1 and _TARGET_NOT_REACHED in log:
+            _run_helper(
+                client, image, volume,
+                f"sed -i '/^recovery_target_time/d' {HELPER_MOUNT}/postgresql.auto.conf",
+                user="postgres",
+            )
+            reached = False
+            continue
+        raise DatabaseError(
+            f"restored server in container {container.name} stopped during recovery: "
+            f"{_tail(log)}"
+        )
+    last = None
+    for line in _logs(container, 0).splitlines():
+        if _LAST_TRANSACTION in line:
+            last = line.split("log time", 1)[1].strip()
+    return last, reached
+
+
+def _poll_promoted(container: Any, pgdata: str, server_port: int, deadline: float) -> bool:
+    """True once promoted; False when the container stopped first."""
+    environment = {"PGDATA": pgdata, "PORT": str(server_port), "LC_ALL": "C"}
+    while time.monotonic() < deadline:
+        container.reload()
+        if container.status in {"exited", "dead"}:
+            return False
+        with contextlib.suppress(docker.errors.APIError):  # stopped between reload and exec
+            result = container.exec_run(["sh", "-c", _PROMOTED_PROBE], environment=environment)
+            if int(result.exit_code) == 0:
+                return True
+        time.sleep(POLL_INTERVAL_S)
+    raise DatabaseError(
+        f"restored server in container {container.name} did not finish recovery in time: see "
+        f"docker logs {container.name}, or allow a longer timeout"
+    )
+
+
+def _exec(container: Any, command: list[str]) -> None:
+    result = container.exec_run(command)
+    if int(result.exit_code) != 0:
+        raise DockerRestoreError(
+            f"{shlex.join(command)} in container {container.name} failed: "
+            f"{_tail(bytes(result.output).decode('utf-8', 'replace'))}"
+        )
+
+
+def _undo(
+    client: DockerClient,
+    image: str,
+    volume: str,
+    container: Any,
+    *,
+    created_volume: bool,
+    existed: bool,
+) -> None:
+    """Remove what a failed restore created; an existing volume is only emptied again."""
+    # Best effort: the original error is what the caller must see; a failed clean-up is logged.
+    try:
+        if container is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                container.remove(force=True)
+        if created_volume:
+            with contextlib.suppress(docker.errors.NotFound):
+                client.volumes.get(volume).remove(force=True)
+        elif existed:
+            _run_helper(
+                client, image, volume,
+                f"find {HELPER_MOUNT} -mindepth 1 -maxdepth 1 -exec rm -rf {{}} +",
+            )
+    except (docker.errors.APIError, PgBackflowError) as exc:
+        logger.warning("clean-up after the failed restore into volume %s failed: %s", volume, exc)
+
+
+def _logs(container: Any, offset: int) -> str:
+    return bytes(container.logs())[offset:].decode("utf-8", "replace")
+
+
+def _tail(text: str) -> str:
+    important = [
+        line for line in text.splitlines() if any(w in line for w in ("FATAL", "PANIC", "ERROR"))
+    ]
+    lines = important[-3:] or text.strip().splitlines()[-3:]
+    return " | ".join(line.strip() for line in lines) or "no output"
+
+
+def _explain(exc: BaseException) -> str:
+    return str(getattr(exc, "explanation", None) or exc).splitlines()[0][:200]
+
+
+__all__ = [
+    "DockerRestoreError",
+    "DockerRestoreResult",
+    "configure_container_recovery",
+    "restore_into_docker_volume",
+]

@@ -1,0 +1,1024 @@
+"""Physical backup verification: prove a chain restores, replays and holds sound data.
+
+1. Pick the backup (newest of the cluster, or a given id) and plan its chain (full first,
+   then the incrementals) plus every stored WAL file after it: the restore replays to the
+   end of the WAL, the newest state the storage can give.
+2. In a throwaway work directory: unpack and combine the chain, fetch the WAL, configure
+   recovery. The sandbox is made safe and reachable without the source's passwords:
+   ``pg_hba.conf`` is replaced by ``local all all trust``, TCP is off and the only socket
+   lives in a private 0700 directory of the server's OS user; settings that could reach
+   outside the sandbox (preload libraries, pid files, recovery commands, …) are neutralised.
+3. Start the server, wait until recovery ends and it is promoted.
+4. Run ``pg_amcheck`` (heap and B-tree checks) over a deterministic sample or all
+   relations of every database; corruption makes the verification fail, it is not an error.
+5. Count every table's rows in every database.
+6. Stop the server and delete the work directory, whatever happened (also on cancellation).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psycopg
+
+from tasks.budget import disk_budget_from_environment
+from tasks.cluster import resolve_os_user
+from tasks.errors import (
+    ConfigError,
+    DatabaseError,
+    ObjectNotFoundError,
+    PgBackflowError,
+    StorageError,
+)
+from tasks.inventory import take_inventory
+from tasks.keys import Keyring
+from tasks.physical import (
+    PhysicalManifest,
+    chain_of,
+    list_physical_backups,
+    parse_lsn,
+    resolve_db_id,
+)
+from tasks.pitr import (
+    LOG_NAME,
+    WAL_CACHE,
+    PitrPlan,
+    build_data_dir,
+    configure_recovery,
+    fetch_wal,
+    free_port,
+    restore_dir_of,
+    start_and_wait,
+)
+from tasks.process import OsUser, Tool, ToolResult
+from tasks.sandbox import free_disk_bytes
+from tasks.storage import Storage
+from tasks.toolsets import Toolset, find_toolset
+from tasks.wal import WalInventory, read_wal_inventory, segment_name
+
+logger = logging.getLogger("pgbackflow.verify_physical")
+
+AmcheckMode = Literal["all", "sample"]
+Status = Literal["passed", "failed"]
+
+#: Largest user tables per database that "sample" mode checks (plus the system catalogs).
+SAMPLE_TABLES_PER_DATABASE = 20
+#: Free disk kept on top of the chain, the combined directory and the WAL.
+HEADROOM_BYTES = 1024**3
+#: Seconds the replay may take before the verification gives up.
+REPLAY_TIMEOUT_S = 6 * 3600.0
+#: Lines of pg_amcheck output (corruption reports, errors) kept in the report.
+AMCHECK_PROBLEM_LINES = 20
+MAX_AMCHECK_JOBS = 4
+# sun_path holds 108 bytes with the terminating NUL.
+_MAX_SOCKET_PATH = 107
+_SOCKET_FILE = ".s.PGSQL.{port}"
+_STOP_TIMEOUT_S = 60
+_PROGRESS = re.compile(r"(\d+)/(\d+) relations")
+_SINGLE_USER_ROW = re.compile(r'superuser = "([0-9a-f]*)"')
+# The bootstrap superuser has OID 10 in every cluster; hex keeps any name parseable.
+_SUPERUSER_SQL = "SELECT rolname FROM pg_roles WHERE oid = 10"
+_SINGLE_USER_SQL = (
+    "SELECT encode(convert_to(rolname::text, 'UTF8'), 'hex') AS superuser "
+    "FROM pg_authid WHERE oid = 10;"
+)
+# Databases one can connect to; template0 refuses connections, -2 marks a half-dropped one.
+_DATABASES_SQL = """
+SELECT datname FROM pg_database
+WHERE datallowconn AND datname <> 'template0' AND datconnlimit <> -2
+ORDER BY datname
+"""
+_LARGEST_TABLES_SQL = """
+SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'm')
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname !~ '^pg_(toast|temp_|toast_temp_)'
+ORDER BY pg_relation_size(c.oid) DESC, n.nspname, c.relname
+LIMIT %s
+"""
+_TRUST_HBA = "# Written by pgbackflow's physical verification: local trust only.\n" \
+    "local all all trust\n"
+
+
+class PhysicalVerificationError(PgBackflowError):
+    """The chain could not be restored, started or examined."""
+
+
+# ---------------------------------------------------------------------------------------
+# The report
+
+
+@dataclass(frozen=True)
+class AmcheckResult:
+    """What pg_amcheck found.
+
+    Attributes:
+        mode: "all" relations, or a "sample" (largest tables and the system catalogs).
+        heapallindexed: Whether every heap tuple was looked up in its indexes.
+        exit_code: pg_amcheck's exit status (0: no corruption found).
+        relations_checked: Relations checked (tables, indexes, TOAST), from its progress.
+        databases: Databases checked.
+        problems: First lines of corruption reports and errors.
+    """
+
+    mode: AmcheckMode
+    heapallindexed: bool
+    exit_code: int
+    relations_checked: int | None
+    databases: tuple[str, ...]
+    problems: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        """Whether pg_amcheck found nothing wrong."""
+        return self.exit_code == 0
+
+
+@dataclass(frozen=True)
+class DatabaseCounts:
+    """Rows of every table of one restored database.
+
+    Attributes:
+        name: Database name.
+        rows: ``{schema.table: rows}`` (names quoted as ``format('%I.%I')`` does).
+        schema_count: Non-system schemas.
+        size_bytes: ``pg_database_size``.
+    """
+
+    name: str
+    rows: Mapping[str, int]
+    schema_count: int
+    size_bytes: int
+
+    @property
+    def table_count(self) -> int:
+        """Tables counted."""
+        return len(self.rows)
+
+    @property
+    def total_rows(self) -> int:
+        """Rows over all tables."""
+        return sum(self.rows.values())
+
+
+@dataclass(frozen=True)
+class Durations:
+    """Seconds spent per stage (None: the stage was not reached).
+
+    Attributes:
+        restore_s: Unpacking and combining the chain, fetching the WAL.
+        replay_s: Starting the server, WAL replay until promotion, finding the superuser.
+        amcheck_s: pg_amcheck.
+        counts_s: Counting rows.
+        total_s: Everything, teardown included.
+    """
+
+    restore_s: float | None = None
+    replay_s: float | None = None
+    amcheck_s: float | None = None
+    counts_s: float | None = None
+    total_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class PhysicalVerificationReport:
+    """Everything a physical verification found.
+
+    Attributes:
+        status: "passed" or "failed".
+        db_id: The cluster.
+        backup_id: The verified backup (the chain's last link).
+        chain: Backup ids, full first.
+        server_major: Major version of the cluster.
+        server_version: Version of the binaries the sandbox ran.
+        timeline: Timeline of the backup.
+        wal_files: WAL files fetched for replay after the backup.
+        recovered_to: "last completed transaction" time replay reached, from the server log.
+        superuser: The bootstrap superuser the checks ran as.
+        durations: Seconds per stage.
+        stored_bytes: Stored bytes of the chain's backups.
+        restored_bytes: Bytes of the combined data directory (before replay).
+        databases: Row counts, one entry per database.
+        amcheck: pg_amcheck's outcome (None when not reached).
+        problems: Everything that went wrong, one line each.
+        error: Why the verification failed, in one line (None when it passed).
+        work_dir: The work directory used (deleted when this report exists).
+    """
+
+    status: Status
+    db_id: str
+    backup_id: str
+    chain: tuple[str, ...]
+    server_major: int
+    server_version: str | None
+    timeline: int
+    wal_files: int
+    recovered_to: str | None
+    superuser: str | None
+    durations: Durations
+    stored_bytes: int
+    restored_bytes: int | None
+    databases: tuple[DatabaseCounts, ...]
+    amcheck: AmcheckResult | None
+    problems: tuple[str, ...]
+    error: str | None
+    work_dir: str
+
+    @property
+    def passed(self) -> bool:
+        """Whether the chain restored, amcheck found nothing and every table was counted."""
+        return self.status == "passed"
+
+    @property
+    def table_count(self) -> int:
+        """Tables counted over all databases."""
+        return sum(d.table_count for d in self.databases)
+
+    @property
+    def schema_count(self) -> int:
+        """Non-system schemas over all databases."""
+        return sum(d.schema_count for d in self.databases)
+
+    def rows_by_database(self) -> dict[str, dict[str, int]]:
+        """``{database: {schema.table: rows}}``."""
+        return {d.name: dict(d.rows) for d in self.databases}
+
+    def markdown(self) -> str:
+        """Summary for the Prefect UI: the failure first when there is one."""
+        lines = [f"# Physical backup verification: {self.status}", ""]
+        if self.error:
+            lines += [f"**{self.error}**", ""]
+        amcheck = "-"
+        if self.amcheck is not None:
+            amcheck = (
+                f"{self.amcheck.mode}, {self.amcheck.relations_checked} relations, "
+                f"exit code {self.amcheck.exit_code}"
+            )
+        restored = "-" if self.restored_bytes is None else f"{self.restored_bytes / 1e6:.1f} MB"
+        lines += [
+            "| | |",
+            "|---|---|",
+            f"| backup | `{self.backup_id}` of `{self.db_id}` (PostgreSQL {self.server_major}) |",
+            f"| chain | {' → '.join(f'`{b}`' for b in self.chain)} |",
+            f"| WAL files replayed after it | {self.wal_files} |",
+            f"| recovered to | {self.recovered_to or '-'} |",
+            f"| stored / restored | {self.stored_bytes / 1e6:.1f} MB / {restored} |",
+            f"| pg_amcheck | {amcheck} |",
+            f"| databases / schemas / tables | {len(self.databases)} / {self.schema_count} / "
+            f"{self.table_count} |",
+            "",
+            "| database | tables | rows |",
+            "|---|---|---|",
+            *[f"| {d.name} | {d.table_count} | {d.total_rows} |" for d in self.databases],
+        ]
+        if self.problems:
+            lines += ["", "## Problems", *[f"- {p}" for p in self.problems[:50]]]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Findings:
+    """What the run learned so far; frozen into the report at the end."""
+
+    restored_bytes: int | None = None
+    wal_files: int = 0
+    server_version: str | None = None
+    recovered_to: str | None = None
+    superuser: str | None = None
+    databases: list[DatabaseCounts] = field(default_factory=list)
+    amcheck: AmcheckResult | None = None
+    problems: list[str] = field(default_factory=list)
+    error: str | None = None
+    durations: dict[str, float] = field(default_factory=dict)
+
+    def fail(self, message: str) -> None:
+        """Record a problem; the first one becomes the report's error."""
+        self.problems.append(message)
+        if self.error is None:
+            self.error = message
+
+
+# ---------------------------------------------------------------------------------------
+# Picking and planning
+
+
+def pick_backup(storage: Storage, db_id: str, backup_id: str | None) -> PhysicalManifest:
+    """The given backup, or the newest physical backup of the cluster.
+
+    Raises:
+        ObjectNotFoundError: no physical backups, or none with that id.
+    """
+    backups = list_physical_backups(storage, db_id)
+    if not backups:
+        raise ObjectNotFoundError(
+            f"no physical backups of {db_id} in {storage.location}: run pgbackflow "
+            "physical-backup first"
+        )
+    if backup_id is None:
+        return backups[-1]
+    for backup in backups:
+        if backup.backup_id == backup_id:
+            return backup
+    raise ObjectNotFoundError(
+        f"physical backup {backup_id} of {db_id} is not in {storage.location}: list the "
+        "backups with pgbackflow physical-list"
+    )
+
+
+def plan_chain_end(storage: Storage, backup: PhysicalManifest) -> PitrPlan:
+    """Plan a restore of ``backup``'s chain replayed to the end of the stored WAL.
+
+    Unlike :func:`tasks.pitr.plan_pitr`, a broken chain is not replaced by an older
+    complete one: verification must say that *this* backup cannot be restored.
+
+    Raises:
+        ObjectNotFoundError: a backup of the chain, or a WAL file after it, is missing.
+    """
+    backups = list_physical_backups(storage, backup.db_id)
+    chain = chain_of(backup, backups)
+    inventory = read_wal_inventory(storage, backup.db_id, backup.wal_segment_size)
+    names = wal_after(inventory, backup)
+    latest = max([backup.finished_at] + ([inventory.newest] if inventory.newest else []))
+    return PitrPlan(backup.db_id, tuple(chain), None, tuple(names), chain[0].finished_at, latest)
+
+
+def wal_after(inventory: WalInventory, backup: PhysicalManifest) -> list[str]:
+    """WAL files from the backup's end to the newest stored one; gaps refused.
+
+    An empty list means replay ends where the backup itself becomes consistent.
+    """
+    size = backup.wal_segment_size
+    timeline = backup.timeline
+    first = parse_lsn(backup.end_lsn) // size  # the backup carries WAL up to its end LSN
+    last = inventory.last_segment(timeline)
+    if last is None or last < first:
+        return []
+    missing = inventory.gaps(timeline, first, last)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ObjectNotFoundError(
+            f"WAL of {backup.db_id} after backup {backup.backup_id} has gaps "
+            f"({', '.join(missing[:3])}{more} missing): replay cannot reach the end of the "
+            "stored WAL; take a new full backup"
+        )
+    names = [segment_name(timeline, n, size) for n in range(first, last + 1)]
+    names += [f"{t:08X}.history" for t in sorted(inventory.histories) if t > timeline]
+    return names
+
+
+def disk_needed(plan: PitrPlan) -> int:
+    """Bytes a verification of ``plan`` may write: chain, combined copy, WAL, headroom."""
+    unpacked = sum(b.base.raw_size for b in plan.chain)
+    combined = plan.newest.cluster_size if len(plan.chain) > 1 else 0
+    wal = len(plan.wal_segments) * plan.newest.wal_segment_size
+    return unpacked + combined + wal + HEADROOM_BYTES
+
+
+def check_free_disk(plan: PitrPlan, where: Path, budget_bytes: int | None = None) -> None:
+    """Refuse to start without room for the chain, its combined copy and the WAL."""
+    needed = disk_needed(plan)
+    backup_id = plan.newest.backup_id
+    if budget_bytes is not None and needed > budget_bytes:
+        raise StorageError(
+            f"verifying physical backup {backup_id} needs {needed / 1e9:.1f} GB of disk, more "
+            f"than the agent's disk budget of {budget_bytes / 1e9:.1f} GB: raise --max-disk-gb"
+        )
+    free = free_disk_bytes(where)
+    if free < needed:
+        raise StorageError(
+            f"not enough free disk in {where} to verify physical backup {backup_id}: "
+            f"{free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed: free space or pass "
+            "another work directory"
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# The sandbox's directories and configuration
+
+
+def _require_reachable(path: Path, user: OsUser) -> None:
+    """The server's OS user must be able to walk down to ``path`` (checked before work)."""
+    for folder in [path.absolute(), *path.absolute().parents]:
+        info = folder.stat()
+        if info.st_uid == user.uid:
+            allowed = bool(info.st_mode & 0o100)
+        elif info.st_gid == user.gid:
+            allowed = bool(info.st_mode & 0o010)
+        else:
+            allowed = bool(info.st_mode & 0o001)
+        if not allowed:
+            raise ConfigError(
+                f"OS user {user.name!r} that runs the verification server cannot enter "
+                f"{folder}: pass a work directory it can reach, or chmod o+x {folder}"
+            )
+
+
+def make_work_root(parent: Path | None) -> Path:
+    """A fresh work directory (the pid in its name tells whose a leftover was)."""
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    root = Path(
+        tempfile.mkdtemp(prefix=f"pgbackflow-verify-physical-{os.getpid()}-", dir=parent)
+    )
+    # o+x only: the server's OS user walks through to the data directory, lists nothing.
+    root.chmod(0o711)
+    return root
+
+
+def make_socket_dir(root: Path, port: int, user: OsUser) -> tuple[Path, bool]:
+    """A private 0700 socket directory owned by the server's user.
+
+    Returns:
+        The directory, and whether it lies outside ``root`` (then removed separately):
+        a deep work directory would exceed the length limit of socket paths.
+    """
+    candidate = root / "socket"
+    outside = len(f"{candidate}/{_SOCKET_FILE.format(port=port)}") > _MAX_SOCKET_PATH
+    if outside:
+        candidate = Path(tempfile.mkdtemp(prefix="pgbf-sock-", dir="/tmp"))
+    else:
+        candidate.mkdir(mode=0o700)
+    candidate.chmod(0o700)
+    if os.geteuid() == 0:
+        os.chown(candidate, user.uid, user.gid)
+    return candidate, outside
+
+
+def _conf_quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def sandbox_settings(data_dir: Path, socket_dir: Path, major: int) -> dict[str, str]:
+    """Settings that keep the restored server inside the sandbox and reachable by us.
+
+    The source's configuration comes with the backup: anything that reaches outside the
+    data directory (pid files, preload libraries that may be missing here or start the
+    source's background jobs, recovery hooks, TCP, SSL files) is switched off, and the
+    log must stay in the file :func:`tasks.pitr.start_and_wait` reads, in English.
+    """
+    settings = {
+        "listen_addresses": "",
+        "unix_socket_directories": str(socket_dir),
+        "unix_socket_permissions": "0700",
+        "unix_socket_group": "",
+        "hba_file": str(data_dir / "pg_hba.conf"),
+        "ident_file": str(data_dir / "pg_ident.conf"),
+        "external_pid_file": "",
+        "ssl": "off",
+        "shared_preload_libraries": "",
+        "session_preload_libraries": "",
+        "local_preload_libraries": "",
+        "logging_collector": "off",
+        "log_destination": "stderr",
+        "lc_messages": "C",
+        "log_min_messages": "warning",
+        "recovery_end_command": "",
+        "archive_cleanup_command": "",
+        "primary_conninfo": "",
+        "primary_slot_name": "",
+        # No connections during replay: the standby parameter checks cannot refuse a
+        # sandbox that is smaller than the source.
+        "hot_standby": "off",
+        "shared_buffers": "128MB",
+        "huge_pages": "try",
+        "fsync": "off",
+        "synchronous_commit": "off",
+        "autovacuum": "off",
+        "zero_damaged_pages": "off",
+        "cluster_name": "pgbackflow-verify",
+    }
+    if major >= 17:
+        settings["summarize_wal"] = "off"
+        settings["event_triggers"] = "off"  # login triggers must not judge our sessions
+    if major <= 14:
+        settings["stats_temp_directory"] = "pg_stat_tmp"
+    return settings
+
+
+_DATA_DIRECTORY_LINE = re.compile(r"^(\s*data_directory\s*=)", re.MULTILINE)
+
+
+def prepare_sandbox(data_dir: Path, socket_dir: Path, major: int) -> None:
+    """Trust-only local access and :func:`sandbox_settings`, written after the recovery ones."""
+    conf = data_dir / "postgresql.conf"
+    if conf.exists():
+        # A data_directory setting would point the server at the source's real directory.
+        text = conf.read_text()
+        conf.write_text(_DATA_DIRECTORY_LINE.sub(r"# disabled by pgbackflow: \1", text))
+    else:
+        # Clusters configured outside the data directory (Debian) bring no postgresql.conf.
+        conf.write_text("")
+    (data_dir / "pg_hba.conf").write_text(_TRUST_HBA)
+    (data_dir / "pg_ident.conf").write_text("")
+    lines = "".join(
+        f"{key} = {_conf_quote(value)}\n"
+        for key, value in sandbox_settings(data_dir, socket_dir, major).items()
+    )
+    auto_conf = data_dir / "postgresql.auto.conf"
+    existing = auto_conf.read_text() if auto_conf.exists() else ""
+    auto_conf.write_text(existing + "\n# Verification sandbox by pgbackflow.\n" + lines)
+
+
+def directory_bytes(root: Path) -> int:
+    """Bytes of the files under ``root`` (symlinks not followed)."""
+    total = 0
+    for folder, _dirs, files in os.walk(root):
+        for name in files:
+            with suppress(OSError):
+                total += os.lstat(os.path.join(folder, name)).st_size
+    return total
+
+
+# ---------------------------------------------------------------------------------------
+# The running server
+
+
+@dataclass(frozen=True)
+class _Server:
+    """How to reach the sandbox server."""
+
+    data_dir: Path
+    socket_dir: Path
+    port: int
+    toolset: Toolset
+    user: OsUser
+
+    @property
+    def log_path(self) -> Path:
+        return restore_dir_of(self.data_dir) / LOG_NAME
+
+
+def session_options(major: int) -> str:
+    """``-c`` options for our sessions: the source's role/database settings must not cut
+    counts short, forbid installing amcheck, or redirect names."""
+    options = [
+        "statement_timeout=0",
+        "lock_timeout=0",
+        "idle_in_transaction_session_timeout=0",
+        "default_transaction_read_only=off",
+        "search_path=pg_catalog,pg_temp",
+    ]
+    if major >= 17:
+        options.append("transaction_timeout=0")
+    return " ".join(f"-c {option}" for option in options)
+
+
+def _connect(server: _Server, user: str, dbname: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host=str(server.socket_dir), port=server.port, user=user, dbname=dbname,
+        autocommit=True, connect_timeout=30, application_name="pgbackflow-verify",
+        options=session_options(server.toolset.major),
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def superuser_candidates(manifest: PhysicalManifest, user: OsUser) -> list[str]:
+    """Roles likely to exist: the backup's role, ``postgres``, the server's OS user."""
+    source_user = manifest.source.rsplit("@", 1)[0] if "@" in manifest.source else ""
+    names: list[str] = []
+    for name in (source_user, "postgres", user.name):
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def find_superuser(server: _Server, candidates: Sequence[str]) -> str:
+    """The bootstrap superuser's name (the role with OID 10).
+
+    Trust authentication still needs an existing role that may log in. Any role can read
+    ``pg_roles``, so the likely candidates are tried first; when none exists (the backup
+    role was dropped or renamed), the server is stopped and asked in single-user mode,
+    which always runs as the bootstrap superuser, and started again.
+    """
+    for name in candidates:
+        try:
+            with _connect(server, name, "template1") as conn:
+                row = conn.execute(_SUPERUSER_SQL).fetchone()
+        except psycopg.OperationalError as exc:
+            if "FATAL:" in str(exc):
+                # The server refused this role (missing, NOLOGIN, no CONNECT): try the next.
+                continue
+            raise DatabaseError(
+                f"verification server in {server.data_dir} refuses connections: "
+                f"{_first_line(exc)}"
+            ) from None
+        if row is not None:
+            return str(row[0])
+    logger.info("none of the roles %s exist; asking in single-user mode", candidates)
+    stop_server(server)
+    name = superuser_single_user(server)
+    _pg_ctl_start(server)
+    return name
+
+
+def superuser_single_user(server: _Server) -> str:
+    """Read the bootstrap superuser's name with ``postgres --single`` (server stopped)."""
+    # Single-user mode reads its commands from stdin only, and Tool.run gives children
+    # none: a shell (run as the server's user, like postgres itself must) pipes the query.
+    script = 'printf "%s\\n" "$3" | "$0" --single -D "$1" "$2"'
+    result = Tool(Path("/bin/sh"), name="postgres --single").run(
+        ["-c", script, server.toolset.binary("postgres"), server.data_dir, "template1",
+         _SINGLE_USER_SQL],
+        user=server.user, cwd=server.data_dir, timeout=300, check=False,
+    )
+    match = _SINGLE_USER_ROW.search(result.stdout.decode("utf-8", "replace"))
+    if match is None:
+        detail = (result.stderr_tail.strip().splitlines() or ["no output"])[-1]
+        raise PhysicalVerificationError(
+            f"could not read the bootstrap superuser of the restored cluster in "
+            f"{server.data_dir} (postgres --single exit {result.returncode}: {detail})"
+        )
+    return bytes.fromhex(match.group(1)).decode("utf-8", "replace")
+
+
+def _pg_ctl_start(server: _Server) -> None:
+    result = Tool(server.toolset.binary("pg_ctl")).run(
+        ["-D", server.data_dir, "-l", server.log_path, "-w", "-t", "300", "start"],
+        user=server.user, cwd=server.data_dir, timeout=360, check=False,
+    )
+    if result.returncode != 0:
+        raise PhysicalVerificationError(
+            f"verification server in {server.data_dir} did not start again: "
+            f"{(result.stderr_tail.strip().splitlines() or ['no output'])[-1]}"
+        )
+
+
+def stop_server(server: _Server) -> None:
+    """Stop the server: fast, then immediate, then SIGKILL to the postmaster we started."""
+    pid_file = server.data_dir / "postmaster.pid"
+    pg_ctl = Tool(server.toolset.binary("pg_ctl"))
+    for mode in ("fast", "immediate"):
+        if not pid_file.exists():
+            return
+        pg_ctl.run(
+            ["-D", server.data_dir, "-m", mode, "-w", "-t", str(_STOP_TIMEOUT_S), "stop"],
+            user=server.user, cwd=server.data_dir, timeout=_STOP_TIMEOUT_S + 30, check=False,
+        )
+    pid = _postmaster_pid(pid_file)
+    if pid is not None and _runs_in(pid, server.data_dir):
+        logger.warning("postmaster %d of %s ignored pg_ctl stop: killing it", pid,
+                       server.data_dir)
+        with suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+
+
+def _postmaster_pid(pid_file: Path) -> int | None:
+    try:
+        first = pid_file.read_text().splitlines()[0]
+        return int(first)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _runs_in(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` is a server of ``data_dir`` (they chdir there): a stale pid file's
+    number may belong to an unrelated process by now."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir.absolute()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def _timed(findings: _Findings, stage: str) -> Iterator[None]:
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        findings.durations[stage] = time.monotonic() - started
+
+
+# ---------------------------------------------------------------------------------------
+# Checks
+
+
+def list_databases(server: _Server, superuser: str) -> list[str]:
+    """Databases that accept connections (template0 excluded)."""
+    with _connect(server, superuser, "template1") as conn:
+        return [str(row[0]) for row in conn.execute(_DATABASES_SQL).fetchall()]
+
+
+def pattern_part(name: str) -> str:
+    """One part of a pg_amcheck pattern matching exactly ``name`` (quoted: no wildcards)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def sample_patterns(
+    server: _Server, superuser: str, databases: Sequence[str], tables_per_database: int
+) -> list[str]:
+    """``--table`` patterns: each database's largest tables and its system catalogs.
+
+    Largest first (ties by name), so the sample is deterministic and covers most of the
+    data; the catalogs are small and everything else depends on them.
+    """
+    patterns: list[str] = []
+    for database in databases:
+        with _connect(server, superuser, database) as conn:
+            rows = conn.execute(_LARGEST_TABLES_SQL, (tables_per_database,)).fetchall()
+        db = pattern_part(database)
+        patterns.append(f"{db}.{pattern_part('pg_catalog')}.*")
+        patterns += [f"{db}.{pattern_part(s)}.{pattern_part(t)}" for s, t in rows]
+    return patterns
+
+
+def run_amcheck(
+    server: _Server,
+    superuser: str,
+    databases: Sequence[str],
+    *,
+    mode: AmcheckMode,
+    heapallindexed: bool,
+    tables_per_database: int = SAMPLE_TABLES_PER_DATABASE,
+) -> AmcheckResult:
+    """pg_amcheck over every database (sample or all relations); corruption is a result.
+
+    Missing amcheck extensions are installed (into pg_catalog, so no schema appears).
+    """
+    args: list[str | Path] = [
+        "--host", server.socket_dir, "--port", str(server.port), "--username", superuser,
+        "--no-password", "--maintenance-db", "template1", "--all", "--install-missing",
+        "--progress", f"--jobs={min(MAX_AMCHECK_JOBS, os.cpu_count() or 1)}",
+    ]
+    if heapallindexed:
+        args.append("--heapallindexed")
+    if mode == "sample":
+        for pattern in sample_patterns(server, superuser, databases, tables_per_database):
+            args += ["--table", pattern]
+    result = Tool(server.toolset.binary("pg_amcheck")).run(
+        args, env={"PGOPTIONS": session_options(server.toolset.major)},
+        user=server.user, cwd=server.data_dir, timeout=None, check=False,
+    )
+    return AmcheckResult(
+        mode=mode,
+        heapallindexed=heapallindexed,
+        exit_code=result.returncode,
+        relations_checked=_relations_checked(result),
+        databases=tuple(databases),
+        problems=_amcheck_problems(result),
+    )
+
+
+def _relations_checked(result: ToolResult) -> int | None:
+    found = _PROGRESS.findall(result.stderr_tail)
+    return int(found[-1][0]) if found else None
+
+
+def _amcheck_problems(result: ToolResult) -> tuple[str, ...]:
+    """Corruption reports (stdout) first, then errors (stderr), progress lines left out."""
+    lines = [line.rstrip() for line in result.stdout.decode("utf-8", "replace").splitlines()]
+    lines += list(result.stderr_errors)
+    if result.returncode != 0 and not lines:
+        lines = [ln for ln in result.stderr_tail.splitlines() if not _PROGRESS.search(ln)]
+    return tuple(line for line in lines if line.strip())[:AMCHECK_PROBLEM_LINES]
+
+
+def _headline(result: AmcheckResult) -> str:
+    """The first problem in one line: a report's "relation, block, offset:" and its detail."""
+    if not result.problems:
+        return "no output"
+    first = result.problems[0].strip()
+    if first.endswith(":") and len(result.problems) > 1:
+        first = f"{first} {result.problems[1].strip()}"
+    return first
+
+
+def count_rows(
+    server: _Server, superuser: str, databases: Sequence[str], findings: _Findings,
+    step: Callable[[str], None],
+) -> None:
+    """Count every table of every database; a database that cannot be counted fails."""
+    for database in databases:
+        step(f"counting rows in database {database}")
+        try:
+            with _connect(server, superuser, database) as conn:
+                inventory = take_inventory(conn)
+        except psycopg.Error as exc:
+            findings.fail(f"counting the tables of database {database} failed: "
+                          f"{_first_line(exc)}")
+            continue
+        findings.databases.append(DatabaseCounts(
+            name=database, rows=inventory.rows_by_table(),
+            schema_count=inventory.schema_count, size_bytes=inventory.database_size,
+        ))
+
+
+# ---------------------------------------------------------------------------------------
+# The whole verification
+
+
+def verify_physical_backup(
+    storage: Storage,
+    keyring: Keyring,
+    *,
+    db_id: str | None,
+    backup_id: str | None = None,
+    amcheck: AmcheckMode = "sample",
+    heapallindexed: bool = False,
+    sample_tables: int = SAMPLE_TABLES_PER_DATABASE,
+    work_dir: Path | None = None,
+    os_user: str | None = None,
+    replay_timeout_s: float = REPLAY_TIMEOUT_S,
+    on_step: Callable[[str], None] | None = None,
+) -> PhysicalVerificationReport:
+    """Restore a physical chain to the end of the stored WAL in a sandbox and examine it.
+
+    Args:
+        storage: Where the backups and WAL are.
+        keyring: Keys that decrypt them.
+        db_id: The cluster (``cluster-<system identifier>``); None: the only one stored.
+        backup_id: The backup to verify; None: the newest.
+        amcheck: "sample" (the largest tables per database and the catalogs) or "all".
+        heapallindexed: Also check that every heap tuple has its index entries (slower).
+        sample_tables: Tables per database in "sample" mode.
+        work_dir: Parent of the throwaway work directory (default: the temp dir); the
+            server's OS user must be able to enter it.
+        os_user: OS user that runs the server (see :func:`tasks.cluster.resolve_os_user`).
+        replay_timeout_s: Seconds replay may take until the server is promoted.
+        on_step: Called with a line per stage, for progress logs.
+
+    Returns:
+        The report. A chain that cannot be restored, started or counted, or data that
+        pg_amcheck finds corrupt, gives a "failed" report, not an exception.
+
+    Raises:
+        ObjectNotFoundError: there is no such cluster or backup (nothing was verified).
+        ConfigError: several clusters are stored and ``db_id`` is None.
+        KeyboardInterrupt: cancelled (the server is stopped and the work directory
+            deleted first).
+    """
+    started = time.monotonic()
+    step = on_step or (lambda _message: None)
+    cluster = resolve_db_id(storage, db_id)
+    backup = pick_backup(storage, cluster, backup_id)
+    findings = _Findings()
+    chain: tuple[PhysicalManifest, ...] = (backup,)
+    root: Path | None = None
+    try:
+        try:
+            plan = plan_chain_end(storage, backup)
+            chain = plan.chain
+            root = make_work_root(work_dir)
+            _verify_in(root, storage, keyring, plan, findings, step, amcheck=amcheck,
+                       heapallindexed=heapallindexed, sample_tables=sample_tables,
+                       os_user=os_user, replay_timeout_s=replay_timeout_s)
+        except PgBackflowError as exc:
+            findings.fail(str(exc))
+    finally:
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)
+    stages = findings.durations
+    return PhysicalVerificationReport(
+        status="passed" if findings.error is None else "failed",
+        db_id=cluster,
+        backup_id=backup.backup_id,
+        chain=tuple(b.backup_id for b in chain),
+        server_major=backup.server_major,
+        server_version=findings.server_version,
+        timeline=backup.timeline,
+        wal_files=findings.wal_files,
+        recovered_to=findings.recovered_to,
+        superuser=findings.superuser,
+        durations=Durations(
+            restore_s=stages.get("restore"), replay_s=stages.get("replay"),
+            amcheck_s=stages.get("amcheck"), counts_s=stages.get("counts"),
+            total_s=time.monotonic() - started,
+        ),
+        stored_bytes=sum(b.stored_size for b in chain),
+        restored_bytes=findings.restored_bytes,
+        databases=tuple(findings.databases),
+        amcheck=findings.amcheck,
+        problems=tuple(findings.problems),
+        error=findings.error,
+        work_dir=str(root) if root is not None else "",
+    )
+
+
+def _verify_in(
+    root: Path,
+    storage: Storage,
+    keyring: Keyring,
+    plan: PitrPlan,
+    findings: _Findings,
+    step: Callable[[str], None],
+    *,
+    amcheck: AmcheckMode,
+    heapallindexed: bool,
+    sample_tables: int,
+    os_user: str | None,
+    replay_timeout_s: float,
+) -> None:
+    """Restore, start, check and count inside ``root``; the server is stopped on leaving."""
+    backup = plan.newest
+    toolset = find_toolset(backup.server_major)
+    findings.server_version = toolset.version
+    user = resolve_os_user(os_user)
+    _require_reachable(root, user)
+    check_free_disk(plan, root, disk_budget_from_environment())
+    data_dir = root / "data"
+    port = free_port()
+    socket_dir, socket_outside = make_socket_dir(root, port, user)
+    server = _Server(data_dir, socket_dir, port, toolset, user)
+    try:
+        with _timed(findings, "restore"):
+            build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
+            findings.restored_bytes = directory_bytes(data_dir)
+            step(f"fetching {len(plan.wal_segments)} WAL files")
+            fetched = fetch_wal(storage, plan, keyring, restore_dir_of(data_dir) / WAL_CACHE)
+            findings.wal_files = len(fetched)
+            configure_recovery(data_dir, None, port=port)
+            prepare_sandbox(data_dir, socket_dir, toolset.major)
+        with _timed(findings, "replay"):
+            step(f"starting PostgreSQL {toolset.version}: replaying WAL until promotion")
+            started = start_and_wait(data_dir, toolset, user, port, timeout=replay_timeout_s)
+            findings.recovered_to = started.last_transaction
+            findings.superuser = find_superuser(server, superuser_candidates(backup, user))
+        _check_and_count(server, findings.superuser, findings, step, amcheck=amcheck,
+                         heapallindexed=heapallindexed, sample_tables=sample_tables)
+    finally:
+        step("stopping the verification server")
+        try:
+            stop_server(server)
+        finally:
+            if socket_outside:
+                shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _check_and_count(
+    server: _Server,
+    superuser: str,
+    findings: _Findings,
+    step: Callable[[str], None],
+    *,
+    amcheck: AmcheckMode,
+    heapallindexed: bool,
+    sample_tables: int,
+) -> None:
+    try:
+        databases = list_databases(server, superuser)
+    except psycopg.Error as exc:
+        raise PhysicalVerificationError(
+            f"listing the databases of the restored cluster failed: {_first_line(exc)}"
+        ) from None
+    # pg_amcheck first: it is built to read damaged pages safely, a count(*) is not.
+    step(f"checking {amcheck} relations of {len(databases)} databases with pg_amcheck")
+    with _timed(findings, "amcheck"):
+        try:
+            result = run_amcheck(server, superuser, databases, mode=amcheck,
+                                 heapallindexed=heapallindexed,
+                                 tables_per_database=sample_tables)
+        except psycopg.Error as exc:
+            raise PhysicalVerificationError(
+                f"choosing the relations to check failed: {_first_line(exc)}"
+            ) from None
+    findings.amcheck = result
+    if not result.ok:
+        findings.fail(
+            f"pg_amcheck found problems (exit code {result.exit_code}): {_headline(result)}"
+        )
+    with _timed(findings, "counts"):
+        count_rows(server, superuser, databases, findings, step)
+
+
+__all__ = [
+    "AmcheckMode",
+    "AmcheckResult",
+    "DatabaseCounts",
+    "Durations",
+    "PhysicalVerificationError",
+    "PhysicalVerificationReport",
+    "check_free_disk",
+    "disk_needed",
+    "pick_backup",
+    "plan_chain_end",
+    "prepare_sandbox",
+    "sandbox_settings",
+    "verify_physical_backup",
+    "wal_after",
+]
