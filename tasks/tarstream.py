@@ -95,23 +95,30 @@ class TarMemberCapture:
 
 
 class _ChunkReader:
-    """A file-like view of an iterator of byte chunks (what tarfile's stream mode reads)."""
+    """A file-like view of an iterator of byte chunks (what tarfile's stream mode reads).
+
+    Reads may return fewer bytes than asked (tarfile's stream mode loops until it has
+    enough): slicing one chunk at a time keeps unpacking linear in the archive size.
+    """
 
     def __init__(self, chunks: Iterable[bytes]) -> None:
         self._chunks: Iterator[bytes] = iter(chunks)
-        self._buffer = b""
+        self._current = memoryview(b"")
+        self._position = 0
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
-            data = self._buffer + b"".join(self._chunks)
-            self._buffer = b""
-            return data
-        while len(self._buffer) < size:
+            rest = self._current[self._position:].tobytes() + b"".join(self._chunks)
+            self._current, self._position = memoryview(b""), 0
+            return rest
+        while self._position >= len(self._current):
             try:
-                self._buffer += next(self._chunks)
+                self._current, self._position = memoryview(next(self._chunks)), 0
             except StopIteration:
-                break
-        data, self._buffer = self._buffer[:size], self._buffer[size:]
+                return b""
+        end = min(self._position + size, len(self._current))
+        data = self._current[self._position:end].tobytes()
+        self._position = end
         return data
 
     def drain(self) -> None:

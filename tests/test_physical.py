@@ -245,7 +245,8 @@ def test_incremental_is_a_small_fraction_of_the_full(
 
 
 def test_wal_streamer_killed_and_restarted_loses_nothing(
-    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey,
+    prefect_api: str,
 ) -> None:
     """kill -9 of `pgbackflow wal-stream`, writes meanwhile, restart: no gap, PITR across it."""
     storage = LocalStorage(folder=str(work_dir / "store"))
@@ -255,7 +256,7 @@ def test_wal_streamer_killed_and_restarted_loses_nothing(
         prepare_marks(server)
         dsn = (f"host={server.host} port={server.port} user={server.superuser} "
                "dbname=postgres sslmode=disable")
-        env = {**os.environ, "PGPASSWORD": server.password}
+        env = {**os.environ, "PGPASSWORD": server.password, "PREFECT_API_URL": prefect_api}
         command = [*CLI, "wal-stream", "--db", dsn, "--to", str(storage.folder), "--key-file",
                    str(key_file), "--spool-dir", str(work_dir / "spool"),
                    "--partial-interval", "0.5"]
@@ -280,7 +281,8 @@ def test_wal_streamer_killed_and_restarted_loses_nothing(
             mark(server, "after")
             wait_shipped(server, storage, timeout=60)
         finally:
-            os.killpg(streamer.pid, signal.SIGTERM)
+            # What Ctrl-C or a supervisor does: the streamer ships what it has, then exits.
+            streamer.send_signal(signal.SIGTERM)
             _, stderr = streamer.communicate(timeout=60)
         assert streamer.returncode == 0, stderr.decode()
         db_id = physical_db_id(server_sysid(server))
@@ -479,7 +481,8 @@ def test_backups_of_one_cluster_never_overlap(
 
 
 def test_cli_physical_backup_list_and_pitr(
-    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey,
+    prefect_api: str,
 ) -> None:
     """The CLI end to end: backup --json, physical-list, pitr errors as one line."""
     import json
@@ -490,7 +493,7 @@ def test_cli_physical_backup_list_and_pitr(
     with cluster_or_skip(17, pg_majors) as server:
         dsn = (f"host={server.host} port={server.port} user={server.superuser} "
                "dbname=postgres sslmode=disable")
-        env = {**os.environ, "PGPASSWORD": server.password}
+        env = {**os.environ, "PGPASSWORD": server.password, "PREFECT_API_URL": prefect_api}
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,

@@ -277,7 +277,7 @@ def _leftover_helpers(engine: Any) -> list[str]:
 
 
 def test_restores_to_a_time_between_commits_and_starts(
-    source: Source, engine: Any, new_name: NameFn
+    source: Source, engine: Any, new_name: NameFn, tmp_path: Path
 ) -> None:
     """Only the rows committed before the target come back, in a promoted container."""
     volume = new_name()
@@ -286,6 +286,7 @@ def test_restores_to_a_time_between_commits_and_starts(
     steps: list[str] = []
     result = restore_into_docker_volume(
         source.storage, plan, source.keyring, volume=volume, start=True, on_step=steps.append,
+        work_dir=tmp_path,
     )
     assert _rows(result.port, source) == [50001, 60001]
     assert result.reached_target is True
@@ -304,7 +305,7 @@ def test_restores_to_a_time_between_commits_and_starts(
     assert "wal" not in rest  # the WAL cache is dropped after the promotion
     assert any("pg_combinebackup" in s for s in steps) == (len(plan.chain) > 1)
     assert _leftover_helpers(engine) == []
-    assert not list(Path(tempfile.gettempdir()).glob("pgbackflow-pitr-docker-*"))
+    assert list(tmp_path.iterdir()) == []  # the host copy of the data directory is gone
 
 
 def test_bridge_network_publishes_the_port_on_loopback(
