@@ -184,14 +184,9 @@ def _wal_to_fetch(
             "replay cannot pass them; restore to a time before the gap from an older chain, "
             "or take a new full backup"
         )
-    if target is not None:
-        # A segment is uploaded after every record in it was written: segments uploaded
-        # before the target, plus the first one uploaded after it, hold all WAL up to it.
-        for number in range(first, last + 1):
-            uploaded = inventory.uploaded.get((timeline, number))
-            if uploaded is not None and uploaded >= target:
-                last = number
-                break
+    # Every segment to the end of the stored WAL: a segment's upload time says nothing
+    # about when its records were written (a streamer that was down uploads late), and
+    # replay stops at the target by itself.
     names = [segment_name(timeline, n, size) for n in range(first, last + 1)]
     names += [f"{t:08X}.history" for t in sorted(inventory.histories) if t > timeline]
     return names

@@ -144,7 +144,6 @@ class WalInventory:
         partial: Segment numbers shipped as partial, per timeline.
         histories: Timelines with a history file.
         newest: Upload time of the newest WAL object (the end of the coverage window).
-        uploaded: Upload time of each segment (timeline, number); the newest object wins.
         segment_size: Bytes per segment.
     """
 
@@ -153,7 +152,6 @@ class WalInventory:
     partial: dict[int, set[int]] = field(default_factory=dict)
     histories: set[int] = field(default_factory=set)
     newest: datetime | None = None
-    uploaded: dict[tuple[int, int], datetime] = field(default_factory=dict)
 
     def last_segment(self, timeline: int) -> int | None:
         """The newest segment number on a timeline (complete or partial)."""
@@ -199,9 +197,6 @@ def read_wal_inventory(storage: Storage, db_id: str, segment_size: int) -> WalIn
             (inventory.partial if is_partial else inventory.complete).setdefault(
                 timeline, set()
             ).add(number)
-            seen = inventory.uploaded.get((timeline, number))
-            if seen is None or item.modified > seen:
-                inventory.uploaded[(timeline, number)] = item.modified
         elif _HISTORY.match(name):
             inventory.histories.add(int(name[:8], 16))
         else:
