@@ -82,6 +82,7 @@ from tasks.pitr import (
     start_and_wait,
     write_restore_script,
 )
+from tasks.pitr_docker import DockerRestoreResult, restore_into_docker_volume
 from tasks.process import OsUser
 from tasks.reports import (
     ChainLink,
@@ -93,6 +94,11 @@ from tasks.reports import (
 )
 from tasks.storage import Storage
 from tasks.toolsets import Toolset, find_toolset, toolset_for_server
+from tasks.verify_physical import (
+    AmcheckMode,
+    PhysicalVerificationReport,
+    verify_physical_backup,
+)
 from tasks.wal import (
     DEFAULT_PARTIAL_INTERVAL_S,
     DEFAULT_SLOT,
@@ -600,6 +606,25 @@ def start_server_task(to_dir: Path, toolset: Toolset, user: OsUser, port: int) -
     return server
 
 
+@task(name="restore-into-docker-volume", cache_policy=NONE)
+def restore_into_volume_task(
+    storage: Storage,
+    plan: PitrPlan,
+    keyring: Keyring,
+    toolset: Toolset,
+    volume: str,
+    image: str | None,
+    network: str | None,
+    start: bool,
+    port: int | None,
+) -> DockerRestoreResult:
+    """Build the data directory, copy it into the volume and optionally start a container."""
+    return restore_into_docker_volume(
+        storage, plan, keyring, volume=volume, image=image, network=network, start=start,
+        port=port, toolset=toolset, on_step=get_run_logger().info,
+    )
+
+
 @flow(name="pitr-restore", log_prints=False)
 def pitr_restore(
     storage: StorageBlock,
@@ -612,6 +637,9 @@ def pitr_restore(
     storage_ref: str | None = None,
     encryption_key: BackupEncryptionKey | None = None,
     key_file: str | None = None,
+    docker_volume: str | None = None,
+    docker_image: str | None = None,
+    docker_network: str | None = None,
 ) -> PitrReport:
     """Restore a cluster to a point in time into an empty directory.
 
@@ -626,6 +654,9 @@ def pitr_restore(
         storage_ref: How restore.sh names the storage (default: its location).
         encryption_key: Master key block; else ``key_file``; else the default key file.
         key_file: Path of a master key file.
+        docker_volume: Restore into this Docker volume instead of ``to_dir`` (``--docker``).
+        docker_image: Image for the volume's server (default ``postgres:<major>``).
+        docker_network: Docker network for the started container.
     """
     began = time.monotonic()
     source = storage.open()
@@ -633,6 +664,28 @@ def pitr_restore(
     directory = Path(to_dir).absolute()
     plan = plan_restore_task(source, db_id, target_time)
     toolset = choose_toolset(plan.newest.server_major, f"restore of {plan.db_id}")
+    if docker_volume:
+        result = restore_into_volume_task(
+            source, plan, keyring, toolset, docker_volume, docker_image, docker_network, start,
+            port,
+        )
+        report = PitrReport(
+            db_id=plan.db_id,
+            target="latest" if plan.target is None else plan.target.isoformat(),
+            chain=[f"{b.mode} {b.backup_id}" for b in plan.chain],
+            wal_segments=result.wal_files,
+            data_dir=f"docker volume {result.volume} ({result.pgdata})",
+            script=result.run_command,
+            window=plan.window,
+            started=result.container_id is not None,
+            port=result.port if result.container_id else None,
+            last_transaction=result.last_transaction,
+            reached_target=result.reached_target,
+            container=result.container_name if result.container_id else None,
+            duration_s=time.monotonic() - began,
+        )
+        publish_summary("pitr-restore", plan.db_id, report.markdown(), f"restore of {plan.db_id}")
+        return report
     build_data_dir_task(source, plan, keyring, directory, toolset)
     wal_count = fetch_wal_task(source, plan, keyring, directory)
     listen_port = (port or free_port()) if start else None
@@ -663,4 +716,62 @@ def pitr_restore(
         duration_s=time.monotonic() - began,
     )
     publish_summary("pitr-restore", plan.db_id, report.markdown(), f"restore of {plan.db_id}")
+    return report
+
+
+# ---------------------------------------------------------------------------------------
+# Verification
+
+
+class PhysicalVerificationFailed(PgBackflowError):
+    """The chain did not restore, replay or check cleanly (the report says where)."""
+
+
+@task(name="verify-physical-chain", cache_policy=NONE)
+def verify_physical_task(
+    storage: Storage,
+    keyring: Keyring,
+    db_id: str | None,
+    backup_id: str | None,
+    amcheck: AmcheckMode,
+) -> PhysicalVerificationReport:
+    """Combine + replay the chain in a throwaway server, pg_amcheck it, count every table."""
+    return verify_physical_backup(
+        storage, keyring, db_id=db_id, backup_id=backup_id, amcheck=amcheck,
+        on_step=get_run_logger().info,
+    )
+
+
+@flow(name="physical-verification", log_prints=False)
+def physical_verification(
+    storage: StorageBlock,
+    db_id: str | None = None,
+    backup_id: str | None = None,
+    amcheck: AmcheckMode = "sample",
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+) -> PhysicalVerificationReport:
+    """Prove a physical chain restores: replay it to the end, amcheck it, count its rows.
+
+    Args:
+        storage: Where the backups and WAL are.
+        db_id: The cluster; optional if only one is stored.
+        backup_id: A backup id; None verifies the newest.
+        amcheck: "sample" (largest tables + catalogs) or "all" relations.
+        encryption_key: Master key block; else ``key_file``; else the default key file.
+        key_file: Path of a master key file.
+    """
+    source = storage.open()
+    keyring = resolve_keyring(encryption_key, key_file)
+    report = verify_physical_task(source, keyring, db_id, backup_id, amcheck)
+    rows = [
+        {"database": database.name, "table": table, "rows": count}
+        for database in report.databases for table, count in database.rows.items()
+    ]
+    publish_summary("physical-verification", report.db_id, report.markdown(),
+                    f"{report.status}: verification of {report.backup_id}", rows)
+    if not report.passed:
+        raise PhysicalVerificationFailed(
+            f"verification of {report.backup_id} ({report.db_id}) failed: {report.error}"
+        )
     return report

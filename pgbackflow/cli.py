@@ -670,7 +670,9 @@ def wal_stream_command(
 @user_errors
 def pitr(
     source: Annotated[str, typer.Option("--from", help="Storage holding backups and WAL.")],
-    to_dir: Annotated[Path, typer.Option("--to-dir", help="New or empty data directory.")],
+    to_dir: Annotated[
+        Path | None, typer.Option("--to-dir", help="New or empty data directory.")
+    ] = None,
     target_time: Annotated[
         str | None,
         typer.Option("--target-time", help="e.g. '2026-11-21 10:15:30+00', or latest."),
@@ -685,26 +687,39 @@ def pitr(
         bool, typer.Option("--start", help="Start the server and wait until it is promoted.")
     ] = False,
     port: Annotated[int | None, typer.Option("--port", help="Port for --start.")] = None,
+    docker: Annotated[
+        str | None, typer.Option("--docker", help="Restore into this Docker volume instead.")
+    ] = None,
+    image: Annotated[
+        str | None, typer.Option("--image", help="Image for --docker (default postgres:MAJOR).")
+    ] = None,
+    network: Annotated[
+        str | None, typer.Option("--network", help="Docker network for --docker --start.")
+    ] = None,
     key_file: Annotated[Path | None, typer.Option("--key-file", help="Master key file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Point-in-time restore of a cluster into a directory (combine + WAL replay)."""
+    """Point-in-time restore of a cluster into a directory or a Docker volume."""
     if target is not None and target != "latest":
         raise PgBackflowError(f"--target {target!r} is invalid: use --target latest or "
                               "--target-time TIMESTAMP")
     if (target is None) == (target_time is None):
         raise PgBackflowError("name exactly one of --target-time TIMESTAMP or --target latest")
+    if (to_dir is None) == (docker is None):
+        raise PgBackflowError("name exactly one of --to-dir DIR or --docker VOLUME")
     from tasks.pitr import check_target_dir, parse_target_time
 
     parse_target_time(target_time or "latest")
-    check_target_dir(to_dir)
+    if to_dir is not None:
+        check_target_dir(to_dir)
     storage = _storage_block(source, f"--from {source}")
     key_path = _key_file_or_default(key_file)
     from flows.physical import pitr_restore
 
     report = pitr_restore(
-        storage=storage, to_dir=str(to_dir), db_id=db_id, target_time=target_time or "latest",
-        start=start, port=port, storage_ref=source, key_file=key_path,
+        storage=storage, to_dir=str(to_dir or ""), db_id=db_id,
+        target_time=target_time or "latest", start=start, port=port, storage_ref=source,
+        key_file=key_path, docker_volume=docker, docker_image=image, docker_network=network,
     )
     if as_json:
         _print_json(report.model_dump(mode="json"))
@@ -713,11 +728,50 @@ def pitr(
               f"({' → '.join(report.chain)}, {report.wal_segments} WAL files) "
               f"in {report.duration_s:.1f} s")
     if report.started:
-        out.print(f"server running on 127.0.0.1:{report.port}; last transaction "
+        where = f"container {report.container}, " if report.container else ""
+        out.print(f"server running ({where}127.0.0.1:{report.port}); last transaction "
                   f"{report.last_transaction or 'unknown'}")
+    elif docker:
+        out.print(f"start it with: {report.script}")
     else:
         out.print(f"start it with: pg_ctl -D {report.data_dir} start (recovery runs first)")
-    out.print(f"redo by hand: {report.script} NEW_EMPTY_DIR")
+    if not docker:
+        out.print(f"redo by hand: {report.script} NEW_EMPTY_DIR")
+
+
+@app.command("verify-physical")
+@user_errors
+def verify_physical(
+    source: Annotated[str, typer.Option("--from", help="Storage holding backups and WAL.")],
+    db_id: Annotated[
+        str | None, typer.Option("--db-id", help="Cluster id, if the storage holds several.")
+    ] = None,
+    backup_id: Annotated[
+        str | None, typer.Option("--backup-id", help="Backup to verify (default: newest).")
+    ] = None,
+    amcheck: Annotated[
+        str, typer.Option("--amcheck", help="sample (largest tables + catalogs) or all.")
+    ] = "sample",
+    key_file: Annotated[Path | None, typer.Option("--key-file", help="Master key file.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Prove a physical chain restores: replay, pg_amcheck and row counts in a sandbox."""
+    if amcheck not in ("sample", "all"):
+        raise PgBackflowError(f"--amcheck {amcheck!r} is invalid: use sample or all")
+    storage = _storage_block(source, f"--from {source}")
+    key_path = _key_file_or_default(key_file)
+    from flows.physical import physical_verification
+
+    report = physical_verification(
+        storage=storage, db_id=db_id, backup_id=backup_id,
+        amcheck="all" if amcheck == "all" else "sample", key_file=key_path,
+    )
+    if as_json:
+        import dataclasses
+
+        _print_json(dataclasses.asdict(report))
+        return
+    out.print(report.markdown())
 
 
 @app.command("physical-list")

@@ -381,7 +381,7 @@ def start_and_wait(
             ["-D", data_dir, "-l", log_path, "-W", "start"], user=user, timeout=120,
             cwd=data_dir, check=True,
         )
-        outcome = _wait_for_promotion(data_dir, log_path, offset, timeout)
+        outcome = _wait_for_promotion(data_dir, toolset, log_path, offset, timeout)
         if outcome == "promoted":
             break
         log = _read_log(log_path, offset)
@@ -402,17 +402,19 @@ def start_and_wait(
     return StartedServer(port, last, reached)
 
 
-def _wait_for_promotion(data_dir: Path, log_path: Path, offset: int, timeout: float) -> str:
+def _wait_for_promotion(
+    data_dir: Path, toolset: Toolset, log_path: Path, offset: int, timeout: float
+) -> str:
+    """"promoted" or "stopped"; judged from pg_control, not log text (the source's config
+    may send logs elsewhere or in another language)."""
+    pg_controldata = Tool(toolset.binary("pg_controldata"))
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        log = _read_log(log_path, offset)
-        if "database system is ready to accept connections" in log and not (
-            data_dir / "recovery.signal"
-        ).exists():
-            return "promoted"
-        if not (data_dir / "postmaster.pid").exists() and (
-            "FATAL" in log or "PANIC" in log or "shut down" in log
-        ):
+        if not (data_dir / "recovery.signal").exists():
+            state = pg_controldata.run([str(data_dir)], check=False, timeout=30).stdout
+            if b"in production" in state:
+                return "promoted"
+        if not (data_dir / "postmaster.pid").exists():
             return "stopped"
         time.sleep(0.2)
     raise DatabaseError(
