@@ -6,11 +6,15 @@ a 0600 passfile; never in argv, a DSN that gets logged, or an exception text.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
+import stat
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -215,9 +219,149 @@ def _passfile_field(value: str) -> str:
     return value.replace("\\", "\\\\").replace(":", "\\:")
 
 
+# Fallback passfiles are named pgbackflow-<our pid>-<random>.pgpass so a later run can tell a
+# stale one (its pid is dead) from one in use; versions before the memfd passfile used
+# pgbackflow-<random>.pgpass (mkstemp, no pid).
+_PASSFILE_PREFIX = "pgbackflow-"
+_PASSFILE_SUFFIX = ".pgpass"
+_PASSFILE_WITH_PID = re.compile(r"pgbackflow-(\d+)-[A-Za-z0-9_]+\.pgpass")
+_LEGACY_PASSFILE = re.compile(r"pgbackflow-[A-Za-z0-9_]+\.pgpass")
+# A legacy passfile may still be in use by an old version's long-running child
+# (pg_receivewal); only older ones that no live process names in PGPASSFILE are removed.
+_LEGACY_PASSFILE_MIN_AGE_S = 24 * 3600
+
+
+def _passfile_line(settings: ConnectionSettings, password: str) -> bytes:
+    line = ":".join(
+        [_passfile_field(settings.host), str(settings.port), "*",
+         _passfile_field(settings.user), _passfile_field(password)]
+    )
+    return (line + "\n").encode()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: alive, someone else's; else unsure: keep it
+        return True
+    return True
+
+
+def _passfiles_in_use() -> set[bytes] | None:
+    """``PGPASSFILE`` values of the live processes we may inspect; None if we cannot tell.
+
+    Processes we may not read belong to other users and cannot read our 0600 files anyway.
+    """
+    proc = Path("/proc")
+    try:
+        entries = [entry for entry in proc.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return None
+    if not entries:
+        return None
+    in_use: set[bytes] = set()
+    for entry in entries:
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # exited meanwhile, or not ours
+            continue
+        for variable in environ.split(b"\0"):
+            if variable.startswith(b"PGPASSFILE="):
+                in_use.add(variable.removeprefix(b"PGPASSFILE="))
+    return in_use
+
+
+def _sweep_stale_passfiles(directory: Path) -> None:
+    """Delete plaintext passfiles that killed (SIGKILL, OOM) pgbackflow processes left behind.
+
+    Only our own regular files are considered: ``pgbackflow-<pid>-*.pgpass`` whose pid is dead,
+    and legacy ``pgbackflow-*.pgpass`` (no pid) that are a day old and named by no live
+    process's ``PGPASSFILE``. Best effort: a failure here never stops the caller.
+    """
+    try:
+        candidates = list(directory.glob(f"{_PASSFILE_PREFIX}*{_PASSFILE_SUFFIX}"))
+    except OSError:
+        return
+    euid = os.geteuid()
+    now = time.time()
+    in_use: set[bytes] | None = None
+    scanned = False
+    for path in candidates:
+        try:
+            info = path.lstat()
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != euid:
+                continue
+            with_pid = _PASSFILE_WITH_PID.fullmatch(path.name)
+            if with_pid is not None:
+                stale = not _pid_alive(int(with_pid.group(1)))
+            elif (_LEGACY_PASSFILE.fullmatch(path.name) is not None
+                  and now - info.st_mtime > _LEGACY_PASSFILE_MIN_AGE_S):
+                if not scanned:
+                    in_use, scanned = _passfiles_in_use(), True
+                stale = in_use is not None and os.fsencode(path) not in in_use
+            else:
+                stale = False
+            if stale:
+                path.unlink(missing_ok=True)
+        except OSError:
+            continue
+
+
+def _memfd_passfile(content: bytes) -> tuple[int, str] | None:
+    """An anonymous in-memory 0600 passfile and a path other processes of ours can open.
+
+    The path is ``/proc/<our pid>/fd/<fd>``: children started with ``close_fds`` (no fd
+    inheritance needed) open it through our fd table while we live; when we exit, however we
+    die, the kernel frees the memory and nothing is left on any filesystem. libpq ``stat()``s
+    it (following the magic link) and sees a regular file with mode 0600, which it accepts.
+
+    Returns:
+        ``(fd, path)``, or None where memfd or a usable ``/proc`` is missing.
+    """
+    if sys.platform != "linux":
+        return None
+    try:
+        # CLOEXEC: children reach it by path, never by an inherited descriptor.
+        fd = os.memfd_create("pgbackflow-pgpass", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    except OSError:  # e.g. ENOSYS under a seccomp filter
+        return None
+    try:
+        # memfds start 0777; libpq ignores passfiles with any group/world bit.
+        os.fchmod(fd, 0o600)
+        view = memoryview(content)
+        while view:
+            view = view[os.write(fd, view):]
+        with suppress(OSError):  # read-only from now on; merely hardening
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK
+                        | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        ours, seen = os.fstat(fd), os.stat(path)
+        # The path must lead to this very file (a /proc of our pid namespace), and /proc/<pid>
+        # must be ours: a non-dumpable process's /proc entries belong to root, and its children
+        # running as us could not open the path (libpq then silently finds no password).
+        if ((seen.st_dev, seen.st_ino) != (ours.st_dev, ours.st_ino)
+                or not stat.S_ISREG(seen.st_mode) or stat.S_IMODE(seen.st_mode) != 0o600
+                or os.stat(f"/proc/{os.getpid()}/fd").st_uid != os.geteuid()):
+            os.close(fd)
+            return None
+    except OSError:
+        os.close(fd)
+        return None
+    return fd, path
+
+
 @contextmanager
 def libpq_password_env(settings: ConnectionSettings) -> Iterator[dict[str, str]]:
-    """Environment for a libpq child process: the password in a 0600 passfile, removed after.
+    """Environment for a libpq child process: ``PGPASSFILE`` naming a 0600 passfile.
+
+    On Linux the passfile lives only in memory (a memfd reached through
+    ``/proc/<our pid>/fd/<n>``), so even a SIGKILLed or OOM-killed process leaves no password
+    on disk. Elsewhere it is a 0600 temp file ``pgbackflow-<pid>-*.pgpass``, removed on exit;
+    ones left by killed processes are swept on the next call.
+
+    The children must run while the context is open, as our OS user (or root).
 
     Yields:
         Variables to add to the child's environment (empty when there is no password).
@@ -225,16 +369,23 @@ def libpq_password_env(settings: ConnectionSettings) -> Iterator[dict[str, str]]
     if settings.password is None:
         yield {}
         return
-    fd, name = tempfile.mkstemp(prefix="pgbackflow-", suffix=".pgpass")
+    _sweep_stale_passfiles(Path(tempfile.gettempdir()))
+    content = _passfile_line(settings, settings.password)
+    memfd = _memfd_passfile(content)
+    if memfd is not None:
+        fd, proc_path = memfd
+        try:
+            yield {"PGPASSFILE": proc_path}
+        finally:
+            os.close(fd)
+        return
+    # mkstemp creates the file 0600; libpq refuses passfiles readable by others anyway.
+    fd, name = tempfile.mkstemp(prefix=f"{_PASSFILE_PREFIX}{os.getpid()}-",
+                                suffix=_PASSFILE_SUFFIX)
     path = Path(name)
     try:
-        # mkstemp creates the file 0600; libpq refuses passfiles readable by others anyway.
-        line = ":".join(
-            [_passfile_field(settings.host), str(settings.port), "*",
-             _passfile_field(settings.user), _passfile_field(settings.password)]
-        )
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(line + "\n")
+        with os.fdopen(fd, "wb") as out:
+            out.write(content)
         yield {"PGPASSFILE": str(path)}
     finally:
         path.unlink(missing_ok=True)

@@ -53,6 +53,7 @@ SCRIPT_NAME = "restore.sh"
 LOG_NAME = "postgres.log"
 WAL_FETCH_THREADS = 4
 PROMOTE_TIMEOUT_S = 3600.0
+POSTMASTER_START_GRACE_S = 30.0
 _TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 
 
@@ -408,13 +409,17 @@ def _wait_for_promotion(
     """"promoted" or "stopped"; judged from pg_control, not log text (the source's config
     may send logs elsewhere or in another language)."""
     pg_controldata = Tool(toolset.binary("pg_controldata"))
-    deadline = time.monotonic() + timeout
+    began = time.monotonic()
+    deadline = began + timeout
+    seen_running = False
     while time.monotonic() < deadline:
         if not (data_dir / "recovery.signal").exists():
             state = pg_controldata.run([str(data_dir)], check=False, timeout=30).stdout
             if b"in production" in state:
                 return "promoted"
-        if not (data_dir / "postmaster.pid").exists():
+        if (data_dir / "postmaster.pid").exists():
+            seen_running = True
+        elif seen_running or time.monotonic() - began > POSTMASTER_START_GRACE_S:
             return "stopped"
         time.sleep(0.2)
     raise DatabaseError(

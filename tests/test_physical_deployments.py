@@ -1,0 +1,280 @@
+"""Physical backup and WAL stream deployments on a real Prefect API (no workers run)."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+from pydantic import SecretStr
+
+from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
+from deployments.physical import (
+    deploy_physical_backups,
+    deploy_wal_stream,
+    full_deployment_name,
+    incremental_deployment_name,
+    physical_schedule,
+    wal_deployment_name,
+)
+from tasks.errors import ConfigError
+
+LOCAL_SLUG = "pgbackflow-local-storage"
+
+
+def test_schedule_presets_and_cron() -> None:
+    assert physical_schedule("weekly", "01:00", "full") == "0 1 * * 0"
+    assert physical_schedule("hourly", "00:30", "incremental") == "30 * * * *"
+    assert physical_schedule("15 */6 * * *", "01:00", "incremental") == "15 */6 * * *"
+    for bad in ("every sunday", "0 1 * * SUN", "yearly"):
+        with pytest.raises(ConfigError, match=r"^full schedule") as excinfo:
+            physical_schedule(bad, "01:00", "full")
+        assert "\n" not in str(excinfo.value)
+
+
+def test_bad_cron_is_refused_before_anything_is_deployed() -> None:
+    with pytest.raises(ConfigError, match=r"^incremental schedule: cron '0 \* \* \* MON'"):
+        deploy_physical_backups("db", ["/tmp/x"], db_id="cluster-1", pool="p",
+                                incremental="0 * * * MON", key_file="/k")
+    with pytest.raises(ConfigError, match="not a UTC time of day"):
+        deploy_physical_backups("db", ["/tmp/x"], db_id="cluster-1", pool="p",
+                                full_at="25:00", key_file="/k")
+    with pytest.raises(ConfigError, match="db_id 'a/b' is invalid"):
+        deploy_physical_backups("db", ["/tmp/x"], db_id="a/b", pool="p", key_file="/k")
+    with pytest.raises(ConfigError, match="interval 0 s is invalid"):
+        deploy_wal_stream("db", ["/tmp/x"], db_id="cluster-1", pool="p", interval_s=0,
+                          key_file="/k")
+    with pytest.raises(ConfigError, match="replication slot name 'Bad-Slot' is invalid"):
+        deploy_wal_stream("db", ["/tmp/x"], db_id="cluster-1", pool="p", slot="Bad-Slot",
+                          key_file="/k")
+    with pytest.raises(ConfigError, match="spool folder 'spool' is not an absolute path"):
+        deploy_wal_stream("db", ["/tmp/x"], db_id="cluster-1", pool="p", spool_dir="spool",
+                          key_file="/k")
+
+
+@dataclass
+class SavedBlocks:
+    database: PostgresDatabase
+    database_name: str
+    storage: LocalStorage
+    storage_name: str
+    key: BackupEncryptionKey
+    key_name: str
+
+    @staticmethod
+    def block_id(block: Any) -> str:
+        return str(block._block_document_id)
+
+
+@pytest.fixture
+def saved(prefect_api: str, tmp_path: Path) -> SavedBlocks:
+    suffix = secrets.token_hex(3)
+    database = PostgresDatabase(host="db.example", port=5433, user="backup",
+                                password=SecretStr("canary-pw"))
+    storage = LocalStorage(folder=str(tmp_path / "store"))
+    key = BackupEncryptionKey.generate()
+    names = (f"db-{suffix}", f"store-{suffix}", f"key-{suffix}")
+    for block, name in zip((database, storage, key), names, strict=True):
+        block.save(name)
+    return SavedBlocks(database, names[0], storage, names[1], key, names[2])
+
+
+def read(deployment_id: UUID) -> tuple[Any, str]:
+    """The deployment and its flow's name."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment(deployment_id)
+        return deployment, client.read_flow(deployment.flow_id).name
+
+
+def deployments_named(name: str) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        return client.read_deployments(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[name]))
+        )
+
+
+def assert_one_at_a_time(deployment: Any) -> None:
+    from prefect.client.schemas.objects import ConcurrencyLimitStrategy
+
+    assert deployment.global_concurrency_limit is not None
+    assert deployment.global_concurrency_limit.limit == 1
+    assert deployment.concurrency_options is not None
+    assert deployment.concurrency_options.collision_strategy == ConcurrencyLimitStrategy.CANCEL_NEW
+
+
+def test_backup_deployments_carry_schedules_and_block_references(
+    saved: SavedBlocks, tmp_path: Path
+) -> None:
+    from flows.physical import full_backup, incremental_backup
+
+    db_id = f"cluster-{secrets.randbelow(10**18)}"
+    pool = f"physical-{secrets.token_hex(3)}"
+    url_storage = str(tmp_path / "second")
+    ids = deploy_physical_backups(
+        saved.database_name, [f"block:{LOCAL_SLUG}/{saved.storage_name}", url_storage],
+        db_id=db_id, pool=pool, encryption_key_block=saved.key_name,
+    )
+    assert len(ids) == 2
+    (full, full_flow), (incremental, incremental_flow) = read(ids[0]), read(ids[1])
+    assert (full_flow, full.name) == ("full-backup", full_deployment_name(db_id))
+    assert (incremental_flow, incremental.name) == (
+        "incremental-backup", incremental_deployment_name(db_id)
+    )
+    assert full.name == f"full-{db_id}" and incremental.name == f"incremental-{db_id}"
+    for deployment, cron in ((full, "0 1 * * 0"), (incremental, "30 * * * *")):
+        assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [
+            (cron, "UTC")
+        ]
+        assert set(deployment.tags) == {"physical-backup", f"db:{db_id}"}
+        assert deployment.work_pool_name == pool
+        assert_one_at_a_time(deployment)
+        assert deployment.parameters == {
+            "database": {"$ref": {"block_document_id": saved.block_id(saved.database)}},
+            "storages": [
+                {"$ref": {"block_document_id": saved.block_id(saved.storage)}},
+                {"folder": url_storage, "block_type_slug": LOCAL_SLUG},
+            ],
+            "encryption_key": {"$ref": {"block_document_id": saved.block_id(saved.key)}},
+        }
+    assert "canary-pw" not in str(full.parameters)
+
+    # What a worker does with the parameters before the flow runs: real blocks.
+    for flow, deployment in ((full_backup, full), (incremental_backup, incremental)):
+        resolved = flow.validate_parameters(deployment.parameters)
+        assert resolved["database"].settings().password == "canary-pw"
+        assert [type(s) for s in resolved["storages"]] == [LocalStorage, LocalStorage]
+        assert resolved["storages"][1].folder == url_storage
+        assert resolved["encryption_key"].master_key() == saved.key.master_key()
+
+    # Again with other schedules and a key file: the same two deployments, updated.
+    again = deploy_physical_backups(
+        saved.database, [saved.storage], db_id=db_id, pool=pool, full="0 2 * * 6",
+        incremental="daily", incremental_at="04:15", key_file="/etc/pgbackflow/master.key",
+        lock_timeout_s=600,
+    )
+    assert again == ids
+    (full, _), (incremental, _) = read(ids[0]), read(ids[1])
+    assert [s.schedule.cron for s in full.schedules] == ["0 2 * * 6"]
+    assert [s.schedule.cron for s in incremental.schedules] == ["15 4 * * *"]
+    assert full.parameters["key_file"] == "/etc/pgbackflow/master.key"
+    assert "encryption_key" not in full.parameters
+    assert full.parameters["lock_timeout_s"] == 600
+    assert len(deployments_named(full_deployment_name(db_id))) == 1
+    assert len(deployments_named(incremental_deployment_name(db_id))) == 1
+
+    # Without incrementals (PostgreSQL < 17) the incremental deployment goes away.
+    only_full = deploy_physical_backups(saved.database_name, [saved.storage], db_id=db_id,
+                                        pool=pool, incremental=None, key_file="/k/master.key")
+    assert only_full == ids[:1]
+    assert deployments_named(incremental_deployment_name(db_id)) == []
+    assert len(deployments_named(full_deployment_name(db_id))) == 1
+
+
+def test_block_and_key_mistakes_are_one_line_config_errors(saved: SavedBlocks) -> None:
+    storages = [saved.storage]
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"database": "nope"}, "database block pgbackflow-postgres-database/nope does not exist"),
+        ({"database": f"block:{LOCAL_SLUG}/{saved.database_name}"},
+         "is not a PostgresDatabase block"),
+        ({"database": PostgresDatabase(host="h")}, "PostgresDatabase block is not saved"),
+        ({"storages": [f"block:{LOCAL_SLUG}/nope"]}, f"storage block {LOCAL_SLUG}/nope does not"),
+        ({"storages": ["block:other/x"]}, "is not a storage block reference"),
+        ({"storages": [S3Storage(bucket="b", access_key_id="a",
+                                 secret_access_key=SecretStr("s"))]}, "holds a secret key"),
+        ({"storages": []}, "no storage given"),
+        ({"key_file": None}, "need a master key every worker shares"),
+        ({"encryption_key_block": saved.key_name}, "not both"),
+        ({"key_file": "master.key"}, "not an absolute path"),
+    ]
+    for override, message in cases:
+        arguments: dict[str, Any] = {
+            "database": saved.database_name, "storages": storages, "key_file": "/k/master.key",
+            **override,
+        }
+        with pytest.raises(ConfigError, match=message) as excinfo:
+            deploy_physical_backups(db_id="cluster-9", pool="unused", **arguments)
+        assert "\n" not in str(excinfo.value)
+    assert deployments_named(full_deployment_name("cluster-9")) == []
+
+
+@pytest.fixture
+def wal_deployment(saved: SavedBlocks) -> Iterator[tuple[UUID, str]]:
+    db_id = f"cluster-{secrets.randbelow(10**18)}"
+    pool = f"wal-{secrets.token_hex(3)}"
+    deployment_id = deploy_wal_stream(
+        saved.database_name, [f"block:{LOCAL_SLUG}/{saved.storage_name}"], db_id=db_id,
+        pool=pool, spool_dir="/var/lib/pgbackflow/wal-spool/x", key_file="/k/master.key",
+    )
+    yield deployment_id, db_id
+
+
+def test_wal_stream_deployment_keeps_exactly_one_streamer(
+    saved: SavedBlocks, wal_deployment: tuple[UUID, str]
+) -> None:
+    from flows.physical import wal_stream
+
+    deployment_id, db_id = wal_deployment
+    deployment, flow_name = read(deployment_id)
+    assert (flow_name, deployment.name) == ("wal-stream", wal_deployment_name(db_id))
+    assert deployment.name == f"wal-stream-{db_id}"
+    assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=60)]
+    assert set(deployment.tags) == {"wal-stream", f"db:{db_id}"}
+    assert_one_at_a_time(deployment)
+    assert deployment.parameters == {
+        "database": {"$ref": {"block_document_id": saved.block_id(saved.database)}},
+        "storages": [{"$ref": {"block_document_id": saved.block_id(saved.storage)}}],
+        "key_file": "/k/master.key",
+        "slot": "pgbackflow",
+        "partial_interval_s": 30.0,
+        "max_runtime_s": None,
+        "spool_dir": "/var/lib/pgbackflow/wal-spool/x",
+    }
+    resolved = wal_stream.validate_parameters(deployment.parameters)
+    assert resolved["database"].host == "db.example" and resolved["max_runtime_s"] is None
+
+    again = deploy_wal_stream(saved.database, [saved.storage], db_id=db_id,
+                              pool=deployment.work_pool_name, interval_s=30, slot="other_slot",
+                              encryption_key_block=saved.key_name)
+    assert again == deployment_id
+    deployment, _ = read(deployment_id)
+    assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=30)]
+    assert deployment.parameters["slot"] == "other_slot"
+    assert "spool_dir" not in deployment.parameters and "key_file" not in deployment.parameters
+    assert_one_at_a_time(deployment)
+    assert len(deployments_named(wal_deployment_name(db_id))) == 1
+
+
+def test_a_second_streamer_is_cancelled_while_one_runs(wal_deployment: tuple[UUID, str]) -> None:
+    """What a worker does with the next tick's run while a streamer runs, by state changes."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed, Pending, Running
+
+    deployment_id, _ = wal_deployment
+    with get_client(sync_client=True) as client:
+
+        def move(run_id: UUID, state: Any) -> StateType | None:
+            client.set_flow_run_state(run_id, state)
+            run_state = client.read_flow_run(run_id).state
+            return None if run_state is None else run_state.type
+
+        first = client.create_flow_run_from_deployment(deployment_id)
+        second = client.create_flow_run_from_deployment(deployment_id)
+        assert move(first.id, Pending()) == StateType.PENDING
+        assert move(first.id, Running()) == StateType.RUNNING
+        assert move(second.id, Pending()) == StateType.CANCELLED
+        # The streamer crashes: the slot comes free and the next tick's run may start.
+        assert move(first.id, Crashed(message="worker lost")) == StateType.CRASHED
+        third = client.create_flow_run_from_deployment(deployment_id)
+        assert move(third.id, Pending()) == StateType.PENDING
+        client.set_flow_run_state(third.id, Crashed(message="test done"), force=True)
