@@ -68,8 +68,10 @@ tick starts one with the new parameters.
 
 from __future__ import annotations
 
+import io
 import re
 from collections.abc import Sequence
+from contextlib import redirect_stdout
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -402,16 +404,19 @@ def _deploy(
     description: str,
 ) -> UUID:
     source = flow.from_source(source=str(REPO_ROOT), entrypoint=entrypoint)
-    deployment_id = source.deploy(  # type: ignore[union-attr]  # sync in a sync context
-        name=name,
-        work_pool_name=pool,
-        parameters=parameters,
-        schedules=[schedule],
-        concurrency_limit=_ONE_AT_A_TIME,
-        tags=tags,
-        description=description,
-        print_next_steps=False,
-    )
+    # Prefect prints a table of what it deployed on stdout; callers print their own summary.
+    with redirect_stdout(io.StringIO()):
+        deployment_id = source.deploy(  # type: ignore[union-attr]  # sync in a sync context
+            name=name,
+            work_pool_name=pool,
+            parameters=parameters,
+            schedules=[schedule],
+            concurrency_limit=_ONE_AT_A_TIME,
+            tags=tags,
+            description=description,
+            print_next_steps=False,
+            ignore_warnings=True,  # the "process pools need a worker" hint: intended here
+        )
     return UUID(str(deployment_id))
 
 

@@ -392,6 +392,85 @@ def schedule_verification(
               + (f", schedule '{schedule}' UTC" if schedule else ", on demand / after backup"))
 
 
+@app.command("schedule-physical")
+@user_errors
+def schedule_physical(
+    db_id: Annotated[
+        str, typer.Option("--db-id", help="Cluster id (see pgbackflow physical-list).")
+    ],
+    db_block: Annotated[
+        str, typer.Option("--db-block", help="Saved PostgresDatabase block name.")
+    ],
+    to: Annotated[
+        list[str],
+        typer.Option("--to", help="Storage: block:slug/name, or PATH or s3://… (on the workers)."),
+    ],
+    pool: Annotated[str, typer.Option("--pool", help="Work pool of the backup workers.")],
+    full: Annotated[
+        str, typer.Option("--full", help="Fulls: hourly, daily, weekly, monthly or a UTC cron.")
+    ] = "weekly",
+    full_at: Annotated[
+        str, typer.Option("--full-at", help="UTC time of day for the --full preset.")
+    ] = "01:00",
+    incremental: Annotated[
+        str, typer.Option("--incremental", help="Incrementals (PG 17+): preset or UTC cron.")
+    ] = "hourly",
+    incremental_at: Annotated[
+        str, typer.Option("--incremental-at", help="UTC time for its preset (hourly: minute).")
+    ] = "00:30",
+    no_incremental: Annotated[
+        bool, typer.Option("--no-incremental", help="No incrementals (before PostgreSQL 17).")
+    ] = False,
+    wal: Annotated[
+        bool, typer.Option("--wal/--no-wal", help="Also deploy the continuous WAL streamer.")
+    ] = True,
+    wal_interval: Annotated[
+        float, typer.Option("--wal-interval", help="Seconds between checks that one streams.")
+    ] = 60.0,
+    slot: Annotated[str, typer.Option("--slot", help="Physical replication slot.")] = "pgbackflow",
+    spool_dir: Annotated[
+        str | None, typer.Option("--spool-dir", help="Absolute spool path on the workers' disk.")
+    ] = None,
+    partial_interval: Annotated[
+        float, typer.Option("--partial-interval", help="Seconds between partial uploads (RPO).")
+    ] = 30.0,
+    key_file: Annotated[
+        Path | None, typer.Option("--key-file", help="Key file path on the workers.")
+    ] = None,
+    key_block: Annotated[
+        str | None, typer.Option("--key-block", help="BackupEncryptionKey block name.")
+    ] = None,
+) -> None:
+    """Create or update a cluster's physical backup and WAL streaming deployments."""
+    from deployments.physical import (
+        deploy_physical_backups,
+        deploy_wal_stream,
+        physical_schedule,
+    )
+
+    key = str(key_file.absolute()) if key_file else None
+    ids = deploy_physical_backups(
+        db_block, to, db_id=db_id, pool=pool, full=full, full_at=full_at,
+        incremental=None if no_incremental else incremental, incremental_at=incremental_at,
+        key_file=key, encryption_key_block=key_block,
+    )
+    out.print(f"full backups of {db_id}: {ids[0]}, schedule "
+              f"'{physical_schedule(full, full_at, 'full')}' UTC")
+    if no_incremental:
+        out.print(f"incremental backups of {db_id}: none")
+    else:
+        out.print(f"incremental backups of {db_id}: {ids[1]}, schedule "
+                  f"'{physical_schedule(incremental, incremental_at, 'incremental')}' UTC")
+    if wal:
+        wal_id = deploy_wal_stream(
+            db_block, to, db_id=db_id, pool=pool, interval_s=wal_interval, slot=slot,
+            spool_dir=spool_dir, partial_interval_s=partial_interval, key_file=key,
+            encryption_key_block=key_block,
+        )
+        out.print(f"WAL streamer of {db_id}: {wal_id}, slot {slot!r}, started every "
+                  f"{wal_interval:g} s unless one runs")
+
+
 @app.command()
 @user_errors
 def notify(

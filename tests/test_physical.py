@@ -526,3 +526,50 @@ def test_missing_backups_is_a_clear_error(work_dir: Path,
         pitr_restore(LocalStorage(folder=str(work_dir)), str(work_dir / "x"),
                      encryption_key=encryption_key)
     assert LocalFolderStorage(work_dir).list() == []
+
+
+def test_cli_pitr_into_docker_volume_and_verify_physical(
+    pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey,
+    prefect_api: str, docker_engine: Any,
+) -> None:
+    """`pitr --docker VOLUME --start` and `verify-physical` through the CLI and the flows."""
+    import json
+    import secrets
+
+    key_file = work_dir / "key"
+    write_key_file(key_file, encryption_key.master_key())
+    store = work_dir / "store"
+    volume = f"pgbackflow-test-{secrets.token_hex(4)}"
+    storage = LocalStorage(folder=str(store))
+    with cluster_or_skip(17, pg_majors) as server:
+        prepare_marks(server)
+        with streaming_wal(server, storage, encryption_key, work_dir / "spool"):
+            full_backup(db_block(server), [storage], encryption_key=encryption_key)
+            mark(server, "in-volume")
+            wait_shipped(server, storage)
+        env = {**os.environ, "PREFECT_API_URL": prefect_api}
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
+                                  timeout=600, check=False)
+
+        try:
+            done = cli("pitr", "--from", str(store), "--target", "latest", "--docker", volume,
+                       "--start", "--key-file", str(key_file), "--json")
+            assert done.returncode == 0, done.stderr
+            report = json.loads(done.stdout)
+            assert report["started"] and report["container"]
+            assert restored_rows(report["port"], server) == ["in-volume"]
+        finally:
+            for container in docker_engine.containers.list(all=True, filters={"volume": volume}):
+                container.remove(force=True)
+            for leftover in docker_engine.volumes.list(filters={"name": volume}):
+                leftover.remove(force=True)
+
+        verified = cli("verify-physical", "--from", str(store), "--key-file", str(key_file),
+                       "--json")
+        assert verified.returncode == 0, verified.stderr
+        document = json.loads(verified.stdout)
+        assert document["status"] == "passed"
+        rows = {d["name"]: d["rows"] for d in document["databases"]}
+        assert rows["postgres"]["public.marks"] == 1
