@@ -184,7 +184,6 @@ def inspect_cluster(settings: ConnectionSettings) -> ClusterFacts:
     return facts
 
 
-@task(name="choose-toolset", cache_policy=NONE)
 def choose_toolset(major: int, what: str) -> Toolset:
     """Binaries of the server's major (incrementals and combining need exactly it)."""
     try:

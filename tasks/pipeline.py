@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.archive import ArchiveError, ArchiveReader, ArchiveWriter
+from tasks.archive import DEFAULT_ZSTD_LEVEL, ArchiveError, ArchiveReader, ArchiveWriter
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import StoredObjectInfo
 from tasks.process import Tool
@@ -73,12 +73,16 @@ def _write_object(
     compress: bool,
     zstd_threads: int,
     size_hint: int | None,
+    zstd_level: int = DEFAULT_ZSTD_LEVEL,
     progress: ProgressCallback | None,
     tap: Tap | None,
 ) -> ObjectWrite:
     fan_out = FanOutWriter(storages, key, size_hint=size_hint)
     try:
-        archive = ArchiveWriter(fan_out, master_key, compress=compress, zstd_threads=zstd_threads)
+        archive = ArchiveWriter(
+            fan_out, master_key, compress=compress, zstd_threads=zstd_threads,
+            zstd_level=zstd_level,
+        )
         produce(_EncryptingSink(archive, ProgressReporter(progress), tap))
         archive.close()
         outcomes = fan_out.publish()
@@ -101,6 +105,7 @@ def stream_tool_into_storages(
     *,
     compress: bool,
     zstd_threads: int = 0,
+    zstd_level: int = DEFAULT_ZSTD_LEVEL,
     size_hint: int | None = None,
     progress: ProgressCallback | None = None,
     tap: Tap | None = None,
@@ -114,8 +119,9 @@ def stream_tool_into_storages(
         storages: Destinations; the object counts only where its write completed.
         key: Object key.
         master_key: Wraps the object's data key.
-        compress: zstd-compress (level 5) before encrypting.
+        compress: zstd-compress before encrypting.
         zstd_threads: zstd worker threads; 0 compresses on the calling thread.
+        zstd_level: zstd level (default 5).
         size_hint: Expected stored size, for multipart planning.
         progress: Called with the plaintext bytes produced so far.
         tap: Sees every plaintext chunk.
@@ -123,7 +129,7 @@ def stream_tool_into_storages(
     return _write_object(
         lambda sink: tool.stream_out(args, sink, env=env),
         storages, key, master_key, compress=compress, zstd_threads=zstd_threads,
-        size_hint=size_hint, progress=progress, tap=tap,
+        zstd_level=zstd_level, size_hint=size_hint, progress=progress, tap=tap,
     )
 
 
