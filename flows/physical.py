@@ -583,7 +583,14 @@ def build_data_dir_task(
 ) -> None:
     """Unpack (checksums checked) and combine the chain into the target directory."""
     logger = get_run_logger()
-    build_data_dir(storage, plan, keyring, to_dir, toolset, on_step=logger.info)
+    total = sum(b.base.raw_size for b in plan.chain)
+    progress = ProgressArtifact(
+        artifact_key("pitr-progress", plan.db_id), "restore of the backup chain", total
+    )
+    build_data_dir(
+        storage, plan, keyring, to_dir, toolset, on_step=logger.info, progress=progress.update
+    )
+    progress.finish(total)
 
 
 @task(name="fetch-wal", **_RETRYING)

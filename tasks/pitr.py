@@ -21,7 +21,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -40,6 +40,7 @@ from tasks.process import OsUser, Tool
 from tasks.storage import Storage
 from tasks.tarstream import unpack_tar_stream
 from tasks.toolsets import Toolset
+from tasks.transfer import ProgressCallback, ProgressReporter
 from tasks.wal import (
     WalInventory,
     fetch_wal_file,
@@ -210,15 +211,24 @@ def check_target_dir(target_dir: Path) -> None:
 
 
 def unpack_backup(
-    storage: Storage, backup: PhysicalManifest, keyring: Keyring, directory: Path
+    storage: Storage,
+    backup: PhysicalManifest,
+    keyring: Keyring,
+    directory: Path,
+    progress: ProgressReporter | None = None,
 ) -> int:
     """Decrypt (SHA-256 checked) and unpack one backup's tar into ``directory``."""
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return unpack_tar_stream(
-        decrypted_chunks(storage, backup.base, keyring),
-        directory,
-        label=f"{storage.location}/{backup.base.key}",
-    )
+    chunks = decrypted_chunks(storage, backup.base, keyring)
+    if progress is not None:
+        chunks = _counted(chunks, progress)
+    return unpack_tar_stream(chunks, directory, label=f"{storage.location}/{backup.base.key}")
+
+
+def _counted(chunks: Iterator[bytes], progress: ProgressReporter) -> Iterator[bytes]:
+    for chunk in chunks:
+        progress.add(len(chunk))
+        yield chunk
 
 
 def build_data_dir(
@@ -229,13 +239,18 @@ def build_data_dir(
     toolset: Toolset,
     *,
     on_step: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
 ) -> None:
-    """Unpack the chain and combine it into ``target_dir`` (which must be missing or empty)."""
+    """Unpack the chain and combine it into ``target_dir`` (which must be missing or empty).
+
+    ``progress`` is called with the plaintext bytes unpacked so far.
+    """
     check_target_dir(target_dir)
     step = on_step or (lambda _message: None)
+    reporter = ProgressReporter(progress) if progress is not None else None
     if len(plan.chain) == 1:
         step(f"unpacking full backup {plan.newest.backup_id}")
-        unpack_backup(storage, plan.newest, keyring, target_dir)
+        unpack_backup(storage, plan.newest, keyring, target_dir, reporter)
         return
     parent = target_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -244,7 +259,7 @@ def build_data_dir(
         for backup in plan.chain:
             step(f"unpacking {backup.mode} backup {backup.backup_id}")
             directory = Path(work) / backup.backup_id
-            unpack_backup(storage, backup, keyring, directory)
+            unpack_backup(storage, backup, keyring, directory, reporter)
             dirs.append(directory)
         step(f"combining {len(dirs)} backups with pg_combinebackup")
         if target_dir.exists():
