@@ -795,11 +795,12 @@ def pitr(
     key_path = _key_file_or_default(key_file)
     from flows.physical import pitr_restore
 
-    report = pitr_restore(
-        storage=storage, to_dir=str(to_dir or ""), db_id=db_id,
-        target_time=target_time or "latest", start=start, port=port, storage_ref=source,
-        key_file=key_path, docker_volume=docker, docker_image=image, docker_network=network,
-    )
+    with _progress_bar(not as_json):
+        report = pitr_restore(
+            storage=storage, to_dir=str(to_dir or ""), db_id=db_id,
+            target_time=target_time or "latest", start=start, port=port, storage_ref=source,
+            key_file=key_path, docker_volume=docker, docker_image=image, docker_network=network,
+        )
     if as_json:
         _print_json(report.model_dump(mode="json"))
         return
