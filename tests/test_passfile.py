@@ -19,9 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import pytest
 from psycopg import sql
@@ -209,16 +210,13 @@ def test_wrong_password_in_the_memfd_is_refused(canary: Canary) -> None:
     assert "password authentication failed" in result.stderr_tail
 
 
-def _read_line(stream: object, timeout: float) -> str:
-    assert hasattr(stream, "readline") and hasattr(stream, "fileno")
+def _read_line(stream: IO[str], timeout: float) -> str:
     ready, _, _ = select.select([stream], [], [], timeout)
     assert ready, f"no output within {timeout}s"
-    line: str = stream.readline()
-    return line
+    return stream.readline()
 
 
-def _wait_for(condition: object, what: str) -> None:
-    assert callable(condition)
+def _wait_for(condition: Callable[[], bool], what: str) -> None:
     deadline = time.monotonic() + WAIT_S
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
