@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shlex
 import shutil
@@ -53,6 +54,7 @@ WAL_CACHE = "wal"
 SCRIPT_NAME = "restore.sh"
 LOG_NAME = "postgres.log"
 WAL_FETCH_THREADS = 4
+UNPACK_THREADS = 2
 PROMOTE_TIMEOUT_S = 3600.0
 POSTMASTER_START_GRACE_S = 30.0
 _TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
@@ -255,12 +257,19 @@ def build_data_dir(
     parent = target_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pgbackflow-chain-", dir=parent) as work:
-        dirs = []
-        for backup in plan.chain:
-            step(f"unpacking {backup.mode} backup {backup.backup_id}")
-            directory = Path(work) / backup.backup_id
-            unpack_backup(storage, backup, keyring, directory, reporter)
-            dirs.append(directory)
+        dirs = [Path(work) / backup.backup_id for backup in plan.chain]
+        step(f"unpacking {len(dirs)} backups ({', '.join(b.mode for b in plan.chain)})")
+        # In parallel: decryption, decompression and disk writes of the links overlap. Each
+        # worker runs in a copy of our context, so progress reaches the same Prefect API.
+        with ThreadPoolExecutor(UNPACK_THREADS, thread_name_prefix="pgbackflow-unpack") as pool:
+            for done in [
+                pool.submit(
+                    contextvars.copy_context().run,
+                    unpack_backup, storage, backup, keyring, directory, reporter,
+                )
+                for backup, directory in zip(plan.chain, dirs, strict=True)
+            ]:
+                done.result()
         step(f"combining {len(dirs)} backups with pg_combinebackup")
         if target_dir.exists():
             target_dir.rmdir()  # pg_combinebackup creates the output directory itself
