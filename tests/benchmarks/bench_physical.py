@@ -615,6 +615,7 @@ def pitr_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
     steps: dict[str, float] = {}
     print("phase 2: restore with pgbackflow ...", flush=True)
     restored = work / "restore-ours"
+    os.sync()  # untimed: earlier phases' dirty pages must not slow whichever restore runs first
     with stopped_after(restored, toolset, user):
         started = time.perf_counter()
         plan = plan_pitr(storage, full.db_id, None)
@@ -633,6 +634,7 @@ def pitr_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
 
     print("phase 2: restore by hand (pg_combinebackup) ...", flush=True)
     restored = work / "restore-bare"
+    os.sync()
     with stopped_after(restored, toolset, user):
         started = time.perf_counter()
         Tool(toolset.binary("pg_combinebackup")).run(
