@@ -29,7 +29,7 @@ from tasks.errors import ConfigError, DatabaseError
 from tasks.process import OsUser, Tool, ToolResult
 from tasks.toolsets import Toolset
 
-__all__ = ["EphemeralCluster", "OsUser", "resolve_os_user"]
+__all__ = ["EphemeralCluster", "OsUser", "free_port", "resolve_os_user"]
 
 _HOST = "127.0.0.1"
 _NO_SETTINGS: Mapping[str, str] = MappingProxyType({})
@@ -132,7 +132,7 @@ class EphemeralCluster:
         self._toolset = toolset
         self._user = resolve_os_user(os_user)
         self._auto_port = port is None
-        self._port = port if port is not None else _free_port()
+        self._port = port if port is not None else free_port()
         self._superuser = superuser
         self._password = password if password is not None else secrets.token_urlsafe(24)
         self._settings = dict(settings)
@@ -355,7 +355,7 @@ class EphemeralCluster:
             port_taken = "could not bind" in log or "Address already in use" in log
             if port_taken and self._auto_port and attempt < _PORT_ATTEMPTS:
                 # Another process took the port between choosing and binding it.
-                self._port = _free_port()
+                self._port = free_port()
                 continue
             advice = (
                 "pick a free port or pass port=None"
@@ -411,7 +411,8 @@ def _quote(value: str) -> str:
     return f"'{escaped}'"
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((_HOST, 0))
         port: int = sock.getsockname()[1]

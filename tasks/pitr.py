@@ -18,7 +18,6 @@ import contextvars
 import os
 import shlex
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tasks.cluster import free_port
 from tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
 from tasks.keys import Keyring
 from tasks.physical import (
@@ -57,7 +57,8 @@ WAL_FETCH_THREADS = 4
 UNPACK_THREADS = 2
 PROMOTE_TIMEOUT_S = 3600.0
 POSTMASTER_START_GRACE_S = 30.0
-_TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
+TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
+"""PostgreSQL's log line when no transaction followed the target time."""
 
 
 def parse_target_time(text: str) -> datetime | None:
@@ -302,7 +303,8 @@ def fetch_wal(
 # Recovery configuration, the script, starting
 
 
-def _conf_quote(value: str) -> str:
+def conf_quote(value: str) -> str:
+    """A value quoted for postgresql.conf."""
     return "'" + value.replace("'", "''") + "'"
 
 
@@ -330,7 +332,7 @@ def configure_recovery(
         settings["port"] = str(port)
         settings["listen_addresses"] = "127.0.0.1"
         settings["unix_socket_directories"] = "/tmp"
-    lines = "".join(f"{key} = {_conf_quote(value)}\n" for key, value in settings.items())
+    lines = "".join(f"{key} = {conf_quote(value)}\n" for key, value in settings.items())
     auto_conf = data_dir / "postgresql.auto.conf"
     existing = auto_conf.read_text() if auto_conf.exists() else ""
     auto_conf.write_text(existing + "\n# Point-in-time restore by pgbackflow.\n" + lines)
@@ -375,13 +377,6 @@ class StartedServer:
     reached_target: bool
 
 
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def start_and_wait(
     data_dir: Path,
     toolset: Toolset,
@@ -396,7 +391,7 @@ def start_and_wait(
         DatabaseError: the server stopped during recovery (the log tail says why).
     """
     log_path = data_dir / RESTORE_DIR / LOG_NAME
-    _check_reachable(data_dir, user)
+    check_reachable(data_dir.parent, user, "the restored server")
     _chown_tree(data_dir, user)
     pg_ctl = Tool(toolset.binary("pg_ctl"))
     reached = True
@@ -410,7 +405,7 @@ def start_and_wait(
         if outcome == "promoted":
             break
         log = _read_log(log_path, offset)
-        if attempt == 1 and _TARGET_NOT_REACHED in log:
+        if attempt == 1 and TARGET_NOT_REACHED in log:
             # No transaction committed after the target: everything up to it is replayed;
             # replaying to the end of the WAL gives exactly that data.
             _drop_recovery_target(data_dir)
@@ -478,9 +473,17 @@ def _log_tail(log: str) -> str:
     return " | ".join(line.strip() for line in lines) or "no log output"
 
 
-def _check_reachable(data_dir: Path, user: OsUser) -> None:
-    """The server's OS user must be able to walk down to the data directory."""
-    for folder in data_dir.absolute().parents:
+def check_reachable(path: Path, user: OsUser, runs: str) -> None:
+    """The server's OS user must be able to walk down to ``path``.
+
+    Args:
+        path: The data (or work) directory.
+        user: The OS user that runs the server.
+        runs: What that server is, for the message ("the restored server").
+    """
+    for folder in [path.absolute(), *path.absolute().parents]:
+        if not folder.exists():
+            continue
         info = folder.stat()
         if info.st_uid == user.uid:
             allowed = bool(info.st_mode & 0o100)
@@ -490,8 +493,8 @@ def _check_reachable(data_dir: Path, user: OsUser) -> None:
             allowed = bool(info.st_mode & 0o001)
         if not allowed:
             raise ConfigError(
-                f"OS user {user.name!r} that runs the restored server cannot enter {folder}: "
-                f"restore into a directory it can reach, or chmod o+x {folder}"
+                f"OS user {user.name!r} that runs {runs} cannot enter {folder}: use a "
+                f"directory it can reach, or chmod o+x {folder}"
             )
 
 
@@ -521,10 +524,13 @@ def ensure_not_running(data_dir: Path) -> None:
 
 
 __all__ = [
+    "TARGET_NOT_REACHED",
     "PitrPlan",
     "StartedServer",
     "build_data_dir",
+    "check_reachable",
     "check_target_dir",
+    "conf_quote",
     "configure_recovery",
     "fetch_wal",
     "free_port",

@@ -40,10 +40,12 @@ from tasks.keys import Keyring
 from tasks.pitr import (
     PROMOTE_TIMEOUT_S,
     RESTORE_DIR,
+    TARGET_NOT_REACHED,
     WAL_CACHE,
     PitrPlan,
     build_data_dir,
     check_target_dir,
+    conf_quote,
     fetch_wal,
     free_port,
     unpack_backup,
@@ -76,7 +78,6 @@ TAR_QUEUE_CHUNKS = 8
 POLL_INTERVAL_S = 0.25
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 # PostgreSQL's own message when no transaction followed the target (see tasks/pitr.py).
-_TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 _LAST_TRANSACTION = "last completed transaction was at log time"
 # Promoted and answering: recovery.signal is gone, pg_control says "in production" (written
 # together with the end of recovery) and the postmaster accepts connections.
@@ -392,10 +393,6 @@ def _target_text(target: datetime | None) -> str:
     return "latest" if target is None else target.astimezone(UTC).isoformat(sep=" ")
 
 
-def _conf_quote(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def configure_container_recovery(
     data_dir: Path, target: datetime | None, *, pgdata: str, client_address: str | None
 ) -> None:
@@ -438,7 +435,7 @@ def configure_container_recovery(
         with hba.open("a") as out:
             out.write(f"\n# pgbackflow: connections from the Docker host arrive from here.\n"
                       f"host all all {client_address}/32 md5\n")
-    lines = "".join(f"{key} = {_conf_quote(value)}\n" for key, value in settings.items())
+    lines = "".join(f"{key} = {conf_quote(value)}\n" for key, value in settings.items())
     auto_conf = data_dir / "postgresql.auto.conf"
     existing = auto_conf.read_text() if auto_conf.exists() else ""
     auto_conf.write_text(existing + "\n# Point-in-time restore into Docker by pgbackflow.\n"
@@ -636,7 +633,7 @@ def _wait_until_promoted(
         if _poll_promoted(container, pgdata, server_port, deadline):
             break
         log = _logs(container, offset)
-        if attempt == 1 and _TARGET_NOT_REACHED in log:
+        if attempt == 1 and TARGET_NOT_REACHED in log:
             _run_helper(
                 client, image, volume,
                 f"sed -i '/^recovery_target_time/d' {HELPER_MOUNT}/postgresql.auto.conf",

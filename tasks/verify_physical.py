@@ -35,7 +35,6 @@ import psycopg
 from tasks.budget import disk_budget_from_environment
 from tasks.cluster import resolve_os_user
 from tasks.errors import (
-    ConfigError,
     DatabaseError,
     ObjectNotFoundError,
     PgBackflowError,
@@ -55,6 +54,8 @@ from tasks.pitr import (
     WAL_CACHE,
     PitrPlan,
     build_data_dir,
+    check_reachable,
+    conf_quote,
     configure_recovery,
     fetch_wal,
     free_port,
@@ -407,23 +408,6 @@ def check_free_disk(plan: PitrPlan, where: Path, budget_bytes: int | None = None
 # The sandbox's directories and configuration
 
 
-def _require_reachable(path: Path, user: OsUser) -> None:
-    """The server's OS user must be able to walk down to ``path`` (checked before work)."""
-    for folder in [path.absolute(), *path.absolute().parents]:
-        info = folder.stat()
-        if info.st_uid == user.uid:
-            allowed = bool(info.st_mode & 0o100)
-        elif info.st_gid == user.gid:
-            allowed = bool(info.st_mode & 0o010)
-        else:
-            allowed = bool(info.st_mode & 0o001)
-        if not allowed:
-            raise ConfigError(
-                f"OS user {user.name!r} that runs the verification server cannot enter "
-                f"{folder}: pass a work directory it can reach, or chmod o+x {folder}"
-            )
-
-
 def make_work_root(parent: Path | None) -> Path:
     """A fresh work directory (the pid in its name tells whose a leftover was)."""
     if parent is not None:
@@ -453,10 +437,6 @@ def make_socket_dir(root: Path, port: int, user: OsUser) -> tuple[Path, bool]:
     if os.geteuid() == 0:
         os.chown(candidate, user.uid, user.gid)
     return candidate, outside
-
-
-def _conf_quote(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def sandbox_settings(data_dir: Path, socket_dir: Path, major: int) -> dict[str, str]:
@@ -522,7 +502,7 @@ def prepare_sandbox(data_dir: Path, socket_dir: Path, major: int) -> None:
     (data_dir / "pg_hba.conf").write_text(_TRUST_HBA)
     (data_dir / "pg_ident.conf").write_text("")
     lines = "".join(
-        f"{key} = {_conf_quote(value)}\n"
+        f"{key} = {conf_quote(value)}\n"
         for key, value in sandbox_settings(data_dir, socket_dir, major).items()
     )
     auto_conf = data_dir / "postgresql.auto.conf"
@@ -939,7 +919,7 @@ def _verify_in(
     toolset = find_toolset(backup.server_major)
     findings.server_version = toolset.version
     user = resolve_os_user(os_user)
-    _require_reachable(root, user)
+    check_reachable(root, user, "the verification server")
     check_free_disk(plan, root, disk_budget_from_environment())
     data_dir = root / "data"
     port = free_port()
