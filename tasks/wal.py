@@ -424,7 +424,8 @@ def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
                     f"{row[0]} slot: pick another name with --slot"
                 )
             if row[1] is not None:
-                raise ConfigError(
+                # Transient: a streamer that just died may hold it until the server notices.
+                raise TransientDatabaseError(
                     f"replication slot {slot!r} on {settings.host}:{settings.port} is in use by "
                     f"server process {row[1]}: another WAL streamer is running for this cluster;"
                     " stop it or use another --slot"

@@ -279,7 +279,13 @@ def test_wal_streamer_killed_and_restarted_loses_nothing(
                                         stderr=subprocess.PIPE, start_new_session=True)
             time.sleep(1.0)
             mark(server, "after")
-            wait_shipped(server, storage, timeout=60)
+            try:
+                wait_shipped(server, storage, timeout=90)
+            except AssertionError as exc:
+                ended = streamer.poll()
+                output = streamer.communicate(timeout=5)[1].decode() if ended is not None else ""
+                raise AssertionError(f"{exc}; restarted streamer exit {ended}: {output[-2000:]}"
+                                     ) from None
         finally:
             # What Ctrl-C or a supervisor does: the streamer ships what it has, then exits.
             streamer.send_signal(signal.SIGTERM)
