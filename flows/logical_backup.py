@@ -211,24 +211,18 @@ def logical_backup(
     toolset = choose_pg_dump(settings, identity.major)
     backup_id = new_backup_id(started_at)
     prefix = backup_prefix(identity.db_id, backup_id)
-    # The globals dump is small: it runs alongside the main dump instead of after it.
-    globals_future = dump_globals_task.submit(
-        settings, toolset, targets, master_key, prefix + GLOBALS_NAME
+    dump = dump_database_task(
+        settings, toolset, targets, master_key, prefix + DUMP_NAME,
+        artifact_key("backup-progress", identity.db_id),
     )
-    try:
-        dump = dump_database_task(
-            settings, toolset, targets, master_key, prefix + DUMP_NAME,
-            artifact_key("backup-progress", identity.db_id),
-        )
-    except BaseException:
-        globals_future.wait()  # the dump's error is the one to report
-        raise
-    globals_write = globals_future.result()
+    # Only storages that hold a complete dump get the rest of the backup.
+    holding_dump = [s for s in targets if s.location in dump.write.completed_in]
+    globals_write = dump_globals_task(
+        settings, toolset, holding_dump, master_key, prefix + GLOBALS_NAME
+    )
     manifest = _build_manifest(
         backup_id, identity, toolset, master_key, dump, globals_write, started_at
     )
-    # Only storages holding both objects get the manifest.
-    holding_dump = [s for s in targets if s.location in dump.write.completed_in]
     complete = [s for s in holding_dump if s.location in globals_write.completed_in]
     published = {s.location: s for s in publish_manifest(complete, manifest)}
     statuses = [
