@@ -56,6 +56,7 @@ from tasks.physical import (
     ClusterFacts,
     IncrementalChainBroken,
     PhysicalManifest,
+    TablespaceObject,
     backup_prefix,
     chain_of,
     check_physical_source,
@@ -224,19 +225,22 @@ def take_base_backup_task(
     parent: PhysicalManifest | None,
     size_hint: int,
     progress_key: str,
+    tablespaces: bool,
 ) -> BaseBackupResult:
     """Stream pg_basebackup (full, or incremental on ``parent``) into every storage."""
     mode = "incremental" if parent else "full"
     progress = ProgressArtifact(progress_key, f"{mode} backup", size_hint or None)
     if parent is None:
         result = take_base_backup(
-            settings, toolset, storages, master_key, prefix, progress=progress.update
+            settings, toolset, storages, master_key, prefix, progress=progress.update,
+            tablespaces=tablespaces,
         )
     else:
         with parent_manifest_file(storages[0], parent, keyring) as manifest_path:
             result = take_base_backup(
                 settings, toolset, storages, master_key, prefix,
                 incremental_from=manifest_path, progress=progress.update,
+                tablespaces=tablespaces,
             )
     progress.finish(result.base.info.raw_size)
     return result
@@ -295,14 +299,14 @@ def _run_physical_backup(
         try:
             result = take_base_backup_task(
                 settings, toolset, targets, master_key, keyring, prefix, plan.parent,
-                facts.cluster_size, progress_key,
+                facts.cluster_size, progress_key, bool(facts.extra_tablespaces),
             )
         except IncrementalChainBroken as exc:
             plan = BackupPlan("full", full_reason=f"the server cannot build on the chain: {exc}")
             get_run_logger().warning("taking a full backup instead: %s", plan.full_reason)
             result = take_base_backup_task(
                 settings, toolset, targets, master_key, keyring, prefix, None,
-                facts.cluster_size, progress_key,
+                facts.cluster_size, progress_key, bool(facts.extra_tablespaces),
             )
         manifest = PhysicalManifest(
             backup_id=backup_id,
@@ -324,20 +328,22 @@ def _run_physical_backup(
             finished_at=datetime.now(UTC),
             base=result.base.info,
             backup_manifest=result.backup_manifest.info,
+            tablespaces=tuple(
+                TablespaceObject(oid=oid, location=location, object=write.info)
+                for oid, location, write in result.tablespaces
+            ),
             key_id=master_key.key_id_hex,
             cluster_size=facts.cluster_size,
             tool_version=f"pgbackflow {__version__}",
         )
         complete = [
-            s for s in targets
-            if s.location in result.base.completed_in
-            and s.location in result.backup_manifest.completed_in
+            s for s in targets if all(s.location in w.completed_in for w in result.writes)
         ]
         published = {d.location: d for d in publish_physical_manifest(complete, manifest)}
     statuses = []
     for storage in targets:
         errors = [
-            o.error for w in (result.base, result.backup_manifest) for o in w.outcomes
+            o.error for w in result.writes for o in w.outcomes
             if o.location == storage.location and o.error
         ]
         statuses.append(published.get(storage.location) or DestinationStatus(
@@ -360,7 +366,7 @@ def _run_physical_backup(
         end_lsn=manifest.end_lsn,
         started_at=started_at,
         finished_at=manifest.finished_at,
-        raw_size=manifest.base.raw_size,
+        raw_size=manifest.raw_size,
         stored_size=manifest.stored_size,
         cluster_size=facts.cluster_size,
         destinations=statuses,

@@ -4,12 +4,15 @@ Everything runs remotely over the replication protocol. pg_basebackup writes one
 stdout (``-D - -Ft -X fetch``), so each backup is self-contained (it carries the WAL needed
 to reach consistency); the uncompressed stream is compressed with multi-threaded zstd
 (level 3, two threads) and encrypted in our own pipeline. The tar's ``backup_manifest`` is
-picked out on the fly and stored as a second object: the next incremental's input.
+picked out on the fly and stored as a second object: the next incremental's input. A cluster
+with extra tablespaces gets one tar per tablespace, which pg_basebackup writes only into a
+folder: those are spooled to a private temp folder and stored from there.
 
 Layout in a storage::
 
     physical/<db_id>/base/<backup_id>/base.tar.pgbf         data directory tar, encrypted
     physical/<db_id>/base/<backup_id>/backup_manifest.pgbf  pg_basebackup's manifest, encrypted
+    physical/<db_id>/base/<backup_id>/tablespace-<oid>.tar.pgbf  an extra tablespace, encrypted
     physical/<db_id>/base/<backup_id>/manifest.json         our chain metadata, written last
     physical/<db_id>/wal/...                                WAL segments (see tasks.wal)
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import tempfile
@@ -41,7 +45,13 @@ from tasks.errors import (
 )
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import StoredObjectInfo
-from tasks.pipeline import ObjectWrite, decrypted_chunks, store_bytes, stream_tool_into_storages
+from tasks.pipeline import (
+    ObjectWrite,
+    decrypted_chunks,
+    store_bytes,
+    store_file,
+    stream_tool_into_storages,
+)
 from tasks.process import Tool, ToolFailedError
 from tasks.storage import Storage
 from tasks.tarstream import TarMemberCapture
@@ -88,6 +98,14 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class TablespaceObject(_Frozen):
+    """One extra tablespace of a backup, stored as its own tar."""
+
+    oid: int
+    location: str = Field(description="Where it lived on the source server.")
+    object: StoredObjectInfo
+
+
 class PhysicalManifest(_Frozen):
     """One link of a chain: a full backup or an incremental on top of its parent."""
 
@@ -114,6 +132,7 @@ class PhysicalManifest(_Frozen):
     finished_at: datetime = Field(description="Earliest moment a restore can target.")
     base: StoredObjectInfo
     backup_manifest: StoredObjectInfo
+    tablespaces: tuple[TablespaceObject, ...] = ()
     key_id: str
     cluster_size: int
     tool_version: str
@@ -126,7 +145,13 @@ class PhysicalManifest(_Frozen):
     @property
     def stored_size(self) -> int:
         """Bytes this backup occupies in one storage."""
-        return self.base.stored_size + self.backup_manifest.stored_size
+        extra = sum(t.object.stored_size for t in self.tablespaces)
+        return self.base.stored_size + self.backup_manifest.stored_size + extra
+
+    @property
+    def raw_size(self) -> int:
+        """Bytes of tar (data directory and tablespaces) before compression."""
+        return self.base.raw_size + sum(t.object.raw_size for t in self.tablespaces)
 
     def to_json(self) -> bytes:
         """Serialised manifest."""
@@ -308,12 +333,6 @@ def check_physical_source(facts: ClusterFacts, settings: ConnectionSettings) -> 
             f"attribute physical backups need: run ALTER ROLE {_ident(facts.role)} REPLICATION; "
             "and allow it in pg_hba.conf (a 'replication' line)"
         )
-    if facts.extra_tablespaces:
-        raise ConfigError(
-            f"cluster {settings.host}:{settings.port} has extra tablespaces "
-            f"({', '.join(facts.extra_tablespaces)}), which physical backups do not support "
-            "yet: use logical backups (pgbackflow backup) for this cluster"
-        )
 
 
 def _ident(name: str) -> str:
@@ -410,6 +429,12 @@ class BaseBackupResult:
     start_lsn: str
     end_lsn: str
     system_identifier: str
+    tablespaces: tuple[tuple[int, str, ObjectWrite], ...] = ()
+
+    @property
+    def writes(self) -> tuple[ObjectWrite, ...]:
+        """Every object of the backup."""
+        return (self.base, self.backup_manifest, *(t[2] for t in self.tablespaces))
 
 
 class IncrementalChainBroken(PgBackflowError):
@@ -449,6 +474,7 @@ def take_base_backup(
     incremental_from: Path | None = None,
     size_hint: int | None = None,
     progress: ProgressCallback | None = None,
+    tablespaces: bool = False,
 ) -> BaseBackupResult:
     """Run pg_basebackup and stream its tar, encrypted, into ``prefix`` of every storage.
 
@@ -461,11 +487,14 @@ def take_base_backup(
         incremental_from: The parent's backup_manifest for an incremental.
         size_hint: Expected uncompressed size, for progress and multipart planning.
         progress: Called with the bytes received so far.
+        tablespaces: The cluster has extra tablespaces: pg_basebackup writes one tar per
+            tablespace, which it can only do into a folder, so the tars are spooled to a
+            private temp folder (``PGBACKFLOW_SPOOL_DIR`` or the system's) and stored from
+            there; it needs free space for the uncompressed backup.
     """
     pg_basebackup = Tool(toolset.binary("pg_basebackup"))
-    capture = TarMemberCapture(["backup_manifest", "global/pg_control"])
-    args = [
-        "--pgdata=-",
+    capture = TarMemberCapture(["backup_manifest", "global/pg_control", "tablespace_map"])
+    common = [
         "--format=tar",
         "--wal-method=fetch",
         "--checkpoint=fast",
@@ -474,18 +503,88 @@ def take_base_backup(
         f"--dbname={libpq_conninfo(settings)}",
     ]
     if incremental_from is not None:
-        args.append(f"--incremental={incremental_from}")
+        common.append(f"--incremental={incremental_from}")
     with libpq_password_env(settings) as env:
         try:
+            if tablespaces:
+                return _spooled_base_backup(
+                    pg_basebackup, common, env, storages, master_key, prefix, capture, progress,
+                    settings,
+                )
             base = stream_tool_into_storages(
-                pg_basebackup, args, env, storages, prefix + BASE_NAME, master_key,
-                compress=True, zstd_threads=ZSTD_THREADS, zstd_level=ZSTD_LEVEL,
-                size_hint=size_hint,
-                progress=progress, tap=capture,
+                pg_basebackup, ["--pgdata=-", *common], env, storages, prefix + BASE_NAME,
+                master_key, compress=True, zstd_threads=ZSTD_THREADS, zstd_level=ZSTD_LEVEL,
+                size_hint=size_hint, progress=progress, tap=capture,
             )
         except ToolFailedError as exc:
             raise _explain_basebackup_failure(exc, settings) from None
-    manifest_bytes = capture.members.get("backup_manifest")
+    return _finish_base_backup(
+        base, capture.members.get("backup_manifest"), capture, storages, master_key, prefix,
+        settings, (),
+    )
+
+
+def _spooled_base_backup(
+    pg_basebackup: Tool,
+    common: list[str],
+    env: dict[str, str],
+    storages: Sequence[Storage],
+    master_key: MasterKey,
+    prefix: str,
+    capture: TarMemberCapture,
+    progress: ProgressCallback | None,
+    settings: ConnectionSettings,
+) -> BaseBackupResult:
+    spool_parent = os.environ.get("PGBACKFLOW_SPOOL_DIR") or None
+    with tempfile.TemporaryDirectory(prefix="pgbackflow-basebackup-", dir=spool_parent) as tmp:
+        spool = Path(tmp) / "backup"
+        pg_basebackup.run(["--pgdata", str(spool), *common], env=env, timeout=None)
+        base = store_file(
+            spool / "base.tar", storages, prefix + BASE_NAME, master_key,
+            zstd_threads=ZSTD_THREADS, zstd_level=ZSTD_LEVEL, progress=progress, tap=capture,
+        )
+        locations = _tablespace_map(capture.members.get("tablespace_map", b""))
+        written = []
+        for tar in sorted(spool.glob("*.tar")):
+            if tar.name == "base.tar":
+                continue
+            oid = int(tar.stem)
+            write = store_file(
+                tar, storages, prefix + tablespace_object_name(oid), master_key,
+                zstd_threads=ZSTD_THREADS, zstd_level=ZSTD_LEVEL,
+            )
+            written.append((oid, locations.get(oid, ""), write))
+        manifest = (spool / "backup_manifest").read_bytes()
+    return _finish_base_backup(
+        base, manifest, capture, storages, master_key, prefix, settings, tuple(written)
+    )
+
+
+def tablespace_object_name(oid: int) -> str:
+    """Object name of a tablespace's tar inside a backup's prefix."""
+    return f"tablespace-{oid}.tar.pgbf"
+
+
+def _tablespace_map(text: bytes) -> dict[int, str]:
+    """``tablespace_map`` lines are ``<oid> <location>``."""
+    found: dict[int, str] = {}
+    for line in text.decode("utf-8", "replace").splitlines():
+        oid, _, location = line.partition(" ")
+        if oid.isdigit():
+            found[int(oid)] = location
+    return found
+
+
+def _finish_base_backup(
+    base: ObjectWrite,
+    manifest_bytes: bytes | None,
+    capture: TarMemberCapture,
+    storages: Sequence[Storage],
+    master_key: MasterKey,
+    prefix: str,
+    settings: ConnectionSettings,
+    tablespaces: tuple[tuple[int, str, ObjectWrite], ...],
+) -> BaseBackupResult:
     if manifest_bytes is None:
         raise PgBackflowError(
             f"pg_basebackup of {settings.host}:{settings.port} produced no backup_manifest: "
@@ -504,6 +603,7 @@ def take_base_backup(
         start_lsn=str(wal_range[0]["Start-LSN"]),
         end_lsn=str(wal_range[-1]["End-LSN"]),
         system_identifier=system_identifier,
+        tablespaces=tablespaces,
     )
 
 
@@ -545,6 +645,7 @@ __all__ = [
     "ClusterFacts",
     "IncrementalChainBroken",
     "PhysicalManifest",
+    "TablespaceObject",
     "backup_prefix",
     "chain_of",
     "check_physical_source",
@@ -559,6 +660,7 @@ __all__ = [
     "read_cluster_facts",
     "resolve_db_id",
     "stored_cluster_ids",
+    "tablespace_object_name",
     "take_base_backup",
     "write_manifest",
 ]

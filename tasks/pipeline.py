@@ -140,8 +140,12 @@ def store_file(
     master_key: MasterKey,
     *,
     compress: bool = True,
+    zstd_threads: int = 0,
+    zstd_level: int = DEFAULT_ZSTD_LEVEL,
+    progress: ProgressCallback | None = None,
+    tap: Tap | None = None,
 ) -> ObjectWrite:
-    """Encrypt a local file into ``key`` of every storage."""
+    """Encrypt a local file into ``key`` of every storage (options as for a tool's stdout)."""
 
     def produce(sink: _EncryptingSink) -> None:
         with path.open("rb") as source:
@@ -149,8 +153,8 @@ def store_file(
                 sink.write(data)
 
     return _write_object(
-        produce, storages, key, master_key, compress=compress, zstd_threads=0,
-        size_hint=None, progress=None, tap=None,
+        produce, storages, key, master_key, compress=compress, zstd_threads=zstd_threads,
+        zstd_level=zstd_level, size_hint=None, progress=progress, tap=tap,
     )
 
 

@@ -201,8 +201,15 @@ def _wal_to_fetch(
 # Building the data directory
 
 
-def check_target_dir(target_dir: Path) -> None:
-    """A restore writes only into a missing or empty directory."""
+def tablespace_root(data_dir: Path) -> Path:
+    """Where a restore puts the cluster's extra tablespaces: ``<data dir>.tablespaces``."""
+    return data_dir.with_name(data_dir.name + ".tablespaces")
+
+
+def check_target_dir(target_dir: Path, *, tablespaces: bool = False) -> None:
+    """A restore writes only into a missing or empty directory (and tablespace folder)."""
+    if tablespaces:
+        check_target_dir(tablespace_root(target_dir))
     if target_dir.exists():
         if not target_dir.is_dir():
             raise ConfigError(f"--to-dir {target_dir} is a file: name a new or empty directory")
@@ -220,12 +227,39 @@ def unpack_backup(
     directory: Path,
     progress: ProgressReporter | None = None,
 ) -> int:
-    """Decrypt (SHA-256 checked) and unpack one backup's tar into ``directory``."""
+    """Decrypt (SHA-256 checked) and unpack one backup's tars into ``directory``.
+
+    Extra tablespaces go to ``<directory>.tablespaces/<oid>``, linked from
+    ``pg_tblspc/<oid>``; ``tablespace_map`` is dropped, since it names the source's paths
+    and PostgreSQL would recreate the links from it.
+    """
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    chunks = decrypted_chunks(storage, backup.base, keyring)
-    if progress is not None:
-        chunks = _counted(chunks, progress)
-    return unpack_tar_stream(chunks, directory, label=f"{storage.location}/{backup.base.key}")
+    members = 0
+    objects = [(backup.base, directory)]
+    for tablespace in backup.tablespaces:
+        objects.append((tablespace.object, tablespace_root(directory) / str(tablespace.oid)))
+    for info, destination in objects:
+        destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+        chunks = decrypted_chunks(storage, info, keyring)
+        if progress is not None:
+            chunks = _counted(chunks, progress)
+        members += unpack_tar_stream(chunks, destination, label=f"{storage.location}/{info.key}")
+    for tablespace in backup.tablespaces:
+        link = directory / "pg_tblspc" / str(tablespace.oid)
+        link.parent.mkdir(exist_ok=True)
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(tablespace_root(directory) / str(tablespace.oid))
+    if backup.tablespaces:
+        (directory / "tablespace_map").unlink(missing_ok=True)
+    manifest = directory / "backup_manifest"
+    if not manifest.exists():
+        # Spooled backups (extra tablespaces) keep it beside the tars, not inside base.tar;
+        # pg_combinebackup needs it in every input.
+        with manifest.open("wb") as out:
+            for chunk in decrypted_chunks(storage, backup.backup_manifest, keyring):
+                out.write(chunk)
+    return members
 
 
 def _counted(chunks: Iterator[bytes], progress: ProgressReporter) -> Iterator[bytes]:
@@ -248,7 +282,8 @@ def build_data_dir(
 
     ``progress`` is called with the plaintext bytes unpacked so far.
     """
-    check_target_dir(target_dir)
+    with_tablespaces = bool(plan.newest.tablespaces)
+    check_target_dir(target_dir, tablespaces=with_tablespaces)
     step = on_step or (lambda _message: None)
     reporter = ProgressReporter(progress) if progress is not None else None
     if len(plan.chain) == 1:
@@ -274,9 +309,16 @@ def build_data_dir(
         step(f"combining {len(dirs)} backups with pg_combinebackup")
         if target_dir.exists():
             target_dir.rmdir()  # pg_combinebackup creates the output directory itself
+        # Tablespaces move from the newest link's folders to ours next to the output.
+        relocate = [
+            f"--tablespace-mapping={tablespace_root(dirs[-1]) / str(t.oid)}="
+            f"{tablespace_root(target_dir.absolute()) / str(t.oid)}"
+            for t in plan.newest.tablespaces
+        ]
         Tool(toolset.binary("pg_combinebackup")).run(
-            [*map(str, dirs), "--output", str(target_dir)], timeout=None
+            [*map(str, dirs), "--output", str(target_dir), *relocate], timeout=None
         )
+        (target_dir / "tablespace_map").unlink(missing_ok=True)
     target_dir.chmod(0o700)
 
 
@@ -393,6 +435,8 @@ def start_and_wait(
     log_path = data_dir / RESTORE_DIR / LOG_NAME
     check_reachable(data_dir.parent, user, "the restored server")
     _chown_tree(data_dir, user)
+    if tablespace_root(data_dir).exists():
+        _chown_tree(tablespace_root(data_dir), user)
     pg_ctl = Tool(toolset.binary("pg_ctl"))
     reached = True
     for attempt in (1, 2):
@@ -539,6 +583,7 @@ __all__ = [
     "remove_wal_cache",
     "restore_dir_of",
     "start_and_wait",
+    "tablespace_root",
     "unpack_backup",
     "write_restore_script",
 ]

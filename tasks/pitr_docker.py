@@ -170,6 +170,11 @@ def restore_into_docker_volume(
             this call created was removed.
     """
     step = on_step or (lambda _message: None)
+    if plan.newest.tablespaces:
+        raise ConfigError(
+            f"cluster {plan.db_id} has extra tablespaces, which a restore into a Docker volume "
+            "does not place yet: restore with --to-dir instead"
+        )
     major = plan.newest.server_major
     image = image or f"postgres:{major}"
     name = container_name or volume

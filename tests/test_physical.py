@@ -30,6 +30,7 @@ from flows.physical import (
     backup_lock_name,
     full_backup,
     incremental_backup,
+    physical_verification,
     pitr_restore,
     wal_gaps,
 )
@@ -579,3 +580,51 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
         assert document["status"] == "passed"
         rows = {d["name"]: d["rows"] for d in document["databases"]}
         assert rows["postgres"]["public.marks"] == 1
+
+
+@pytest.mark.parametrize("major", [15, 17])
+def test_cluster_with_a_tablespace(
+    major: int, pg_majors: tuple[int, ...], work_dir: Path, encryption_key: BackupEncryptionKey
+) -> None:
+    """Extra tablespaces: tars spooled per tablespace, restored next to the data directory."""
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    location = work_dir / "tablespace"
+    location.mkdir()
+    user = resolve_os_user()
+    os.chown(location, user.uid, user.gid)
+    with cluster_or_skip(major, pg_majors) as server:
+        with server.connect() as conn:
+            conn.execute(f"CREATE TABLESPACE extra LOCATION '{location}'")
+            conn.execute("CREATE TABLE far (id int, v text) TABLESPACE extra")
+            conn.execute("INSERT INTO far SELECT g, md5(g::text) FROM generate_series(1, 5000) g")
+        full = full_backup(db_block(server), [storage], encryption_key=encryption_key)
+        with server.connect() as conn:
+            conn.execute("INSERT INTO far SELECT g, 'later' FROM generate_series(5001, 5100) g")
+        second = (incremental_backup if major >= 17 else full_backup)(
+            db_block(server), [storage], encryption_key=encryption_key
+        )
+    assert second.mode == ("incremental" if major >= 17 else "full")
+    manifests = list_physical_backups(storage.open(), full.db_id)
+    assert all(len(m.tablespaces) == 1 and m.tablespaces[0].location == str(location)
+               for m in manifests)
+    target = work_dir / "restored"
+    report = pitr_restore(storage, str(target), target_time="latest", start=True,
+                          encryption_key=encryption_key)
+    try:
+        link = next((target / "pg_tblspc").iterdir())
+        assert link.is_symlink()
+        assert link.resolve().parent == (work_dir / "restored.tablespaces").resolve()
+        with psycopg.connect(host="127.0.0.1", port=report.port or 0, user=server.superuser,
+                             password=server.password, dbname="postgres") as conn:
+            row = conn.execute("SELECT count(*), count(*) FILTER (WHERE v = 'later') FROM far"
+                               ).fetchone()
+            assert row == (5100, 100)
+            located = conn.execute("SELECT pg_tablespace_location(oid) FROM pg_tablespace "
+                                   "WHERE spcname = 'extra'").fetchone()
+            assert located is not None and "restored.tablespaces" in located[0]
+    finally:
+        stop_restored(target, server)
+    verified = physical_verification(storage, encryption_key=encryption_key, amcheck="all")
+    assert verified.passed
+    rows = {d.name: dict(d.rows) for d in verified.databases}
+    assert rows["postgres"]["public.far"] == 5100
