@@ -624,7 +624,7 @@ def test_cluster_with_a_tablespace(
             assert located is not None and "restored.tablespaces" in located[0]
     finally:
         stop_restored(target, server)
-    with pytest.raises(ConfigError, match="extra tablespaces.*restore with --to-dir"):
+    with pytest.raises(ConfigError, match=r"extra tablespaces.*restore with --to-dir"):
         pitr_restore(storage, str(work_dir / "unused"), target_time="latest",
                      encryption_key=encryption_key, docker_volume="pgbackflow-never-created")
     verified = physical_verification(storage, encryption_key=encryption_key, amcheck="all")
