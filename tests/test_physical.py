@@ -525,6 +525,16 @@ def test_cli_physical_backup_list_and_pitr(
                        str(work_dir / "fresh"), "--key-file", str(key_file), "--json")
         assert restored.returncode == 0, restored.stderr
         assert (work_dir / "fresh" / "PG_VERSION").read_text().strip() == "17"
+        # The written restore.sh redoes the same restore, by hand, into another directory.
+        script = Path(json.loads(restored.stdout)["script"])
+        again = subprocess.run([str(script), str(work_dir / "again")], env=env,
+                               capture_output=True, text=True, timeout=300, check=False)
+        assert again.returncode == 0, again.stderr
+        assert (work_dir / "again" / "PG_VERSION").read_text().strip() == "17"
+        assert (work_dir / "again" / "recovery.signal").exists()
+        refused_again = subprocess.run([str(script), str(occupied)], env=env,
+                                       capture_output=True, text=True, timeout=60, check=False)
+        assert refused_again.returncode != 0 and "not empty" in refused_again.stderr
 
 
 def test_missing_backups_is_a_clear_error(work_dir: Path,
