@@ -23,7 +23,7 @@ from prefect.logging import get_run_logger
 
 from blocks.encryption import BackupEncryptionKey
 from blocks.storage import LocalStorage, S3Storage
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, StorageError
 from tasks.keys import (
     Keyring,
     MasterKey,
@@ -32,6 +32,7 @@ from tasks.keys import (
     load_or_create_key_file,
     new_key_warning,
 )
+from tasks.reports import DestinationStatus
 from tasks.storage import Storage
 
 StorageBlock = LocalStorage | S3Storage
@@ -180,3 +181,18 @@ class ProgressArtifact:
             update_progress_artifact(
                 self._artifact_id, 100.0, description=f"{self.label}: done, {done / 1e6:.1f} MB"
             )
+
+
+class BackupIncompleteError(StorageError):
+    """The backup is complete in some storages but not all."""
+
+
+def raise_if_incomplete(backup_id: str, statuses: Sequence[DestinationStatus]) -> None:
+    """Fail the run when a storage did not get the whole backup (the others keep it)."""
+    failed = [s for s in statuses if s.status == "failed"]
+    if failed:
+        good = ", ".join(s.location for s in statuses if s.status == "complete") or "nowhere"
+        reasons = "; ".join(f"{s.location}: {s.error}" for s in failed)
+        raise BackupIncompleteError(
+            f"backup {backup_id} is complete in {good} but failed in {reasons}"
+        )

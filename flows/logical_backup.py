@@ -28,6 +28,7 @@ from flows.common import (
     artifact_key,
     open_storages,
     publish_summary,
+    raise_if_incomplete,
     resolve_master_key,
     retry_if_transient,
 )
@@ -62,10 +63,6 @@ _RETRYING: dict[str, Any] = {
     "retry_condition_fn": retry_if_transient,
     "cache_policy": NONE,
 }
-
-
-class BackupIncompleteError(StorageError):
-    """The backup is complete in some storages but not all."""
 
 
 @task(name="inspect-source", **_RETRYING)
@@ -234,13 +231,7 @@ def logical_backup(
         [{"table": name, "rows": rows} for name, rows in report.tables.items()],
     )
 
-    failed = [s for s in statuses if s.status == "failed"]
-    if failed:
-        good = ", ".join(s.location for s in statuses if s.status == "complete") or "nowhere"
-        reasons = "; ".join(f"{s.location}: {s.error}" for s in failed)
-        raise BackupIncompleteError(
-            f"backup {backup_id} is complete in {good} but failed in {reasons}"
-        )
+    raise_if_incomplete(backup_id, statuses)
     if verify_after_backup:
         request_verification(report.db_id, report.backup_id)
     return report

@@ -41,6 +41,7 @@ from flows.common import (
     artifact_key,
     open_storages,
     publish_summary,
+    raise_if_incomplete,
     resolve_keyring,
     resolve_master_key,
     retry_if_transient,
@@ -116,10 +117,6 @@ _RETRYING: dict[str, Any] = {
     "cache_policy": NONE,
 }
 DEFAULT_LOCK_TIMEOUT_S = 3600.0
-
-
-class BackupIncompleteError(StorageError):
-    """The backup is complete in some storages but not all."""
 
 
 class ConcurrentBackupError(PgBackflowError):
@@ -274,6 +271,46 @@ def _chain_links(chain: list[PhysicalManifest]) -> list[ChainLink]:
     ]
 
 
+def _build_manifest(
+    backup_id: str,
+    facts: ClusterFacts,
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    master_key: MasterKey,
+    plan: BackupPlan,
+    result: BaseBackupResult,
+    started_at: datetime,
+) -> PhysicalManifest:
+    return PhysicalManifest(
+        backup_id=backup_id,
+        db_id=facts.db_id,
+        mode=plan.mode,
+        parent_id=plan.parent.backup_id if plan.parent else None,
+        full_id=plan.parent.full_id if plan.parent else backup_id,
+        full_reason=plan.full_reason,
+        system_identifier=result.system_identifier,
+        timeline=result.timeline,
+        start_lsn=result.start_lsn,
+        end_lsn=result.end_lsn,
+        wal_segment_size=facts.wal_segment_size,
+        source=f"{settings.user}@{settings.host}:{settings.port}",
+        server_version=facts.version,
+        server_version_num=facts.version_num,
+        pg_basebackup_version=toolset.version,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        base=result.base.info,
+        backup_manifest=result.backup_manifest.info,
+        tablespaces=tuple(
+            TablespaceObject(oid=oid, location=location, object=write.info)
+            for oid, location, write in result.tablespaces
+        ),
+        key_id=master_key.key_id_hex,
+        cluster_size=facts.cluster_size,
+        tool_version=f"pgbackflow {__version__}",
+    )
+
+
 def _run_physical_backup(
     database: PostgresDatabase,
     storages: list[StorageBlock],
@@ -308,33 +345,8 @@ def _run_physical_backup(
                 settings, toolset, targets, master_key, keyring, prefix, None,
                 facts.cluster_size, progress_key, bool(facts.extra_tablespaces),
             )
-        manifest = PhysicalManifest(
-            backup_id=backup_id,
-            db_id=facts.db_id,
-            mode=plan.mode,
-            parent_id=plan.parent.backup_id if plan.parent else None,
-            full_id=plan.parent.full_id if plan.parent else backup_id,
-            full_reason=plan.full_reason,
-            system_identifier=result.system_identifier,
-            timeline=result.timeline,
-            start_lsn=result.start_lsn,
-            end_lsn=result.end_lsn,
-            wal_segment_size=facts.wal_segment_size,
-            source=f"{settings.user}@{settings.host}:{settings.port}",
-            server_version=facts.version,
-            server_version_num=facts.version_num,
-            pg_basebackup_version=toolset.version,
-            started_at=started_at,
-            finished_at=datetime.now(UTC),
-            base=result.base.info,
-            backup_manifest=result.backup_manifest.info,
-            tablespaces=tuple(
-                TablespaceObject(oid=oid, location=location, object=write.info)
-                for oid, location, write in result.tablespaces
-            ),
-            key_id=master_key.key_id_hex,
-            cluster_size=facts.cluster_size,
-            tool_version=f"pgbackflow {__version__}",
+        manifest = _build_manifest(
+            backup_id, facts, settings, toolset, master_key, plan, result, started_at
         )
         complete = [
             s for s in targets if all(s.location in w.completed_in for w in result.writes)
@@ -349,9 +361,9 @@ def _run_physical_backup(
         statuses.append(published.get(storage.location) or DestinationStatus(
             location=storage.location, status="failed", error=errors[0] if errors else None
         ))
-    chain = chain_of(manifest, list_physical_backups(complete[0], facts.db_id)) if complete else [
-        manifest
-    ]
+    chain = [manifest]
+    if complete:
+        chain = chain_of(manifest, list_physical_backups(complete[0], facts.db_id))
     report = PhysicalBackupReport(
         backup_id=backup_id,
         status="complete" if all(s.status == "complete" for s in statuses) else "partial",
@@ -375,13 +387,7 @@ def _run_physical_backup(
     publish_summary("physical-backup", facts.db_id, report.markdown(), f"backup {backup_id}")
     if complete:
         publish_chain_overview(complete[0], facts.db_id)
-    failed = [s for s in statuses if s.status == "failed"]
-    if failed:
-        good = ", ".join(s.location for s in statuses if s.status == "complete") or "nowhere"
-        reasons = "; ".join(f"{s.location}: {s.error}" for s in failed)
-        raise BackupIncompleteError(
-            f"backup {backup_id} is complete in {good} but failed in {reasons}"
-        )
+    raise_if_incomplete(backup_id, statuses)
     return report
 
 
