@@ -221,6 +221,15 @@ def test_chain_and_point_in_time_restore(
             script = Path(report.script)
             assert script.exists() and os.access(script, os.X_OK)
             assert "pitr" in script.read_text() and str(storage.folder) in script.read_text()
+            # The restored cluster was promoted onto a new timeline: same system identifier,
+            # but an incremental on the old chain is impossible, so a full is taken.
+            restored = PostgresDatabase(
+                host="127.0.0.1", port=report.port or 0, database="postgres",
+                user=server.superuser, password=SecretStr(server.password), sslmode="disable",
+            )
+            after = incremental_backup(restored, [storage], encryption_key=encryption_key)
+            assert after.mode == "full" and after.timeline == 2
+            assert "switched from timeline 1" in (after.full_reason or "")
         finally:
             stop_restored(end, server)
 
@@ -641,3 +650,34 @@ def test_cluster_with_a_tablespace(
     assert verified.passed
     rows = {d.name: dict(d.rows) for d in verified.databases}
     assert rows["postgres"]["public.far"] == 5100
+
+
+def test_another_system_identifier_breaks_the_chain() -> None:
+    """Planning is plain data: a newest backup of another cluster can never be a parent."""
+    from tasks.manifest import StoredObjectInfo
+    from tasks.physical import ClusterFacts, PhysicalManifest, plan_backup
+
+    info = StoredObjectInfo(key="k", raw_size=1, stored_size=1, sha256="0" * 64)
+    now = datetime.now(UTC)
+    parent = PhysicalManifest(
+        backup_id="b1", db_id="cluster-1", mode="full", parent_id=None, full_id="b1",
+        system_identifier="111", timeline=1, start_lsn="0/2000028", end_lsn="0/2000100",
+        wal_segment_size=16 * 1024 * 1024, source="u@h:1", server_version="17.6",
+        server_version_num=170006, pg_basebackup_version="17.6", started_at=now,
+        finished_at=now, base=info, backup_manifest=info, key_id="00", cluster_size=1,
+        tool_version="t",
+    )
+    facts = ClusterFacts(
+        system_identifier="222", timeline=1, version_num=170006, version="17.6",
+        wal_segment_size=16 * 1024 * 1024, summarize_wal=True, extra_tablespaces=(),
+        cluster_size=1, can_replicate=True, role="u",
+    )
+    plan = plan_backup(facts, [parent], incremental=True)
+    assert plan.mode == "full" and "another cluster (system identifier 111" in (
+        plan.full_reason or ""
+    )
+    same = plan_backup(
+        ClusterFacts(**{**facts.__dict__, "system_identifier": "111"}), [parent],
+        incremental=True,
+    )
+    assert same.mode == "incremental" and same.parent == parent
