@@ -583,6 +583,7 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
             done = cli("pitr", "--from", str(store), "--target", "latest", "--docker", volume,
                        "--start", "--key-file", str(key_file), "--json")
             assert done.returncode == 0, done.stderr
+            assert done.stdout.strip(), f"no JSON on stdout; stderr: {done.stderr[-3000:]}"
             report = json.loads(done.stdout)
             assert report["started"] and report["container"]
             assert restored_rows(report["port"], server) == ["in-volume"]
