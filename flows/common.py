@@ -32,6 +32,7 @@ from tasks.keys import (
     load_or_create_key_file,
     new_key_warning,
 )
+from tasks.pipeline import ObjectWrite
 from tasks.reports import DestinationStatus
 from tasks.storage import Storage
 
@@ -196,3 +197,33 @@ def raise_if_incomplete(backup_id: str, statuses: Sequence[DestinationStatus]) -
         raise BackupIncompleteError(
             f"backup {backup_id} is complete in {good} but failed in {reasons}"
         )
+
+
+def write_statuses(storages: Sequence[Storage], *writes: ObjectWrite) -> list[DestinationStatus]:
+    """Per storage: complete if every object went through, else the first error."""
+    statuses = []
+    for storage in storages:
+        errors = [o.error for w in writes for o in w.outcomes
+                  if o.location == storage.location and o.error]
+        statuses.append(DestinationStatus(
+            location=storage.location,
+            status="failed" if errors else "complete",
+            error=errors[0] if errors else None,
+        ))
+    return statuses
+
+
+def publish_everywhere(
+    storages: Sequence[Storage], publish: Callable[[Storage], None]
+) -> list[DestinationStatus]:
+    """Write a manifest to each storage; a storage that refuses is reported, not fatal."""
+    statuses = []
+    for storage in storages:
+        try:
+            publish(storage)
+            statuses.append(DestinationStatus(location=storage.location, status="complete"))
+        except StorageError as exc:
+            statuses.append(
+                DestinationStatus(location=storage.location, status="failed", error=str(exc))
+            )
+    return statuses

@@ -27,14 +27,16 @@ from flows.common import (
     StorageBlock,
     artifact_key,
     open_storages,
+    publish_everywhere,
     publish_summary,
     raise_if_incomplete,
     resolve_master_key,
     retry_if_transient,
+    write_statuses,
 )
 from pgbackflow import __version__
 from tasks.database import ConnectionSettings
-from tasks.errors import StorageError, ToolsetError
+from tasks.errors import ToolsetError
 from tasks.inventory import SourceIdentity, read_identity
 from tasks.keys import MasterKey
 from tasks.logical import (
@@ -118,30 +120,7 @@ def dump_globals_task(
 @task(name="publish-manifest", **_RETRYING)
 def publish_manifest(storages: list[Storage], manifest: LogicalManifest) -> list[DestinationStatus]:
     """Write the manifest to every storage where the backup's objects are complete."""
-    statuses = []
-    for storage in storages:
-        try:
-            write_manifest(storage, manifest)
-            statuses.append(DestinationStatus(location=storage.location, status="complete"))
-        except StorageError as exc:
-            statuses.append(
-                DestinationStatus(location=storage.location, status="failed", error=str(exc))
-            )
-    return statuses
-
-
-def _statuses(storages: list[Storage], *writes: ObjectWrite) -> list[DestinationStatus]:
-    """Per storage: complete if every object went through, else the first error."""
-    statuses = []
-    for storage in storages:
-        errors = [o.error for w in writes for o in w.outcomes
-                  if o.location == storage.location and o.error]
-        statuses.append(DestinationStatus(
-            location=storage.location,
-            status="failed" if errors else "complete",
-            error=errors[0] if errors else None,
-        ))
-    return statuses
+    return publish_everywhere(storages, lambda storage: write_manifest(storage, manifest))
 
 
 def _build_manifest(
@@ -223,7 +202,7 @@ def logical_backup(
     complete = [s for s in holding_dump if s.location in globals_write.completed_in]
     published = {s.location: s for s in publish_manifest(complete, manifest)}
     statuses = [
-        published.get(s.location, s) for s in _statuses(targets, dump.write, globals_write)
+        published.get(s.location, s) for s in write_statuses(targets, dump.write, globals_write)
     ]
     report = BackupReport.from_manifest(manifest, statuses)
     publish_summary(

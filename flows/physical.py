@@ -40,15 +40,17 @@ from flows.common import (
     StorageBlock,
     artifact_key,
     open_storages,
+    publish_everywhere,
     publish_summary,
     raise_if_incomplete,
     resolve_keyring,
     resolve_master_key,
     retry_if_transient,
+    write_statuses,
 )
 from pgbackflow import __version__
 from tasks.database import ConnectionSettings
-from tasks.errors import PgBackflowError, StorageError, ToolsetError
+from tasks.errors import PgBackflowError, ToolsetError
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import new_backup_id
 from tasks.physical import (
@@ -247,17 +249,8 @@ def take_base_backup_task(
 def publish_physical_manifest(
     storages: list[Storage], manifest: PhysicalManifest
 ) -> list[DestinationStatus]:
-    """Write the manifest where both objects are complete: the backup exists from now on."""
-    statuses = []
-    for storage in storages:
-        try:
-            write_manifest(storage, manifest)
-            statuses.append(DestinationStatus(location=storage.location, status="complete"))
-        except StorageError as exc:
-            statuses.append(
-                DestinationStatus(location=storage.location, status="failed", error=str(exc))
-            )
-    return statuses
+    """Write the manifest where every object is complete: the backup exists from now on."""
+    return publish_everywhere(storages, lambda storage: write_manifest(storage, manifest))
 
 
 def _chain_links(chain: list[PhysicalManifest]) -> list[ChainLink]:
@@ -352,15 +345,9 @@ def _run_physical_backup(
             s for s in targets if all(s.location in w.completed_in for w in result.writes)
         ]
         published = {d.location: d for d in publish_physical_manifest(complete, manifest)}
-    statuses = []
-    for storage in targets:
-        errors = [
-            o.error for w in result.writes for o in w.outcomes
-            if o.location == storage.location and o.error
-        ]
-        statuses.append(published.get(storage.location) or DestinationStatus(
-            location=storage.location, status="failed", error=errors[0] if errors else None
-        ))
+    statuses = [
+        published.get(s.location, s) for s in write_statuses(targets, *result.writes)
+    ]
     chain = [manifest]
     if complete:
         chain = chain_of(manifest, list_physical_backups(complete[0], facts.db_id))

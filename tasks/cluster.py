@@ -29,7 +29,7 @@ from tasks.errors import ConfigError, DatabaseError
 from tasks.process import OsUser, Tool, ToolResult
 from tasks.toolsets import Toolset
 
-__all__ = ["EphemeralCluster", "OsUser", "free_port", "resolve_os_user"]
+__all__ = ["EphemeralCluster", "OsUser", "free_port", "read_log_from", "resolve_os_user"]
 
 _HOST = "127.0.0.1"
 _NO_SETTINGS: Mapping[str, str] = MappingProxyType({})
@@ -351,7 +351,7 @@ class EphemeralCluster:
             )
             if result.returncode == 0:
                 break
-            log = _read_from(self.log_path, log_offset)
+            log = read_log_from(self.log_path, log_offset)
             port_taken = "could not bind" in log or "Address already in use" in log
             if port_taken and self._auto_port and attempt < _PORT_ATTEMPTS:
                 # Another process took the port between choosing and binding it.
@@ -380,7 +380,7 @@ class EphemeralCluster:
                     raise DatabaseError(
                         f"PostgreSQL {self._toolset.version} on {_HOST}:{self._port} started "
                         f"but refuses connections ({_tail(str(exc))}); server log: "
-                        f"{_tail(_read_from(self.log_path, 0))}"
+                        f"{_tail(read_log_from(self.log_path, 0))}"
                     ) from None
                 time.sleep(0.1)
 
@@ -419,7 +419,8 @@ def free_port() -> int:
         return port
 
 
-def _read_from(path: Path, offset: int) -> str:
+def read_log_from(path: Path, offset: int) -> str:
+    """A log file's text from ``offset`` on ("" when it is missing)."""
     try:
         with path.open("rb") as handle:
             handle.seek(offset)

@@ -23,6 +23,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
+from tasks.process import pid_alive
 
 DEFAULT_CONNECT_TIMEOUT_S = 10
 _SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}
@@ -239,16 +240,6 @@ def _passfile_line(settings: ConnectionSettings, password: str) -> bytes:
     return (line + "\n").encode()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (OSError, OverflowError):  # EPERM: alive, someone else's; else unsure: keep it
-        return True
-    return True
-
-
 def _passfiles_in_use() -> set[bytes] | None:
     """``PGPASSFILE`` values of the live processes we may inspect; None if we cannot tell.
 
@@ -295,7 +286,7 @@ def _sweep_stale_passfiles(directory: Path) -> None:
                 continue
             with_pid = _PASSFILE_WITH_PID.fullmatch(path.name)
             if with_pid is not None:
-                stale = not _pid_alive(int(with_pid.group(1)))
+                stale = not pid_alive(int(with_pid.group(1)))
             elif (_LEGACY_PASSFILE.fullmatch(path.name) is not None
                   and now - info.st_mtime > _LEGACY_PASSFILE_MIN_AGE_S):
                 if not scanned:

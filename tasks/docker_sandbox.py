@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 
 from tasks.database import ConnectionSettings
-from tasks.process import ToolResult
+from tasks.process import ToolResult, pid_alive
 from tasks.sandbox import (
     DEFAULT_IMAGE_TEMPLATE,
     RESTORE_ARGS,
@@ -62,16 +62,6 @@ def docker_client() -> DockerClient:
     return client
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def sweep_leftover_sandboxes(client: DockerClient) -> list[str]:
     """Remove sandbox containers of this host whose owning process is gone.
 
@@ -85,7 +75,7 @@ def sweep_leftover_sandboxes(client: DockerClient) -> list[str]:
         if labels.get("pgbackflow.host") != host:
             continue  # another agent's container: not ours to judge
         owner = int(labels.get("pgbackflow.pid", "0") or 0)
-        if owner and _pid_alive(owner):
+        if owner and pid_alive(owner):
             continue
         container.remove(force=True, v=True)
         removed.append(container.name)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.cluster import free_port
+from tasks.cluster import free_port, read_log_from
 from tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
 from tasks.keys import Keyring
 from tasks.physical import (
@@ -448,7 +448,7 @@ def start_and_wait(
         outcome = _wait_for_promotion(data_dir, toolset, log_path, offset, timeout)
         if outcome == "promoted":
             break
-        log = _read_log(log_path, offset)
+        log = read_log_from(log_path, offset)
         if attempt == 1 and TARGET_NOT_REACHED in log:
             # No transaction committed after the target: everything up to it is replayed;
             # replaying to the end of the WAL gives exactly that data.
@@ -458,7 +458,7 @@ def start_and_wait(
         raise DatabaseError(
             f"restored server in {data_dir} stopped during recovery: {_log_tail(log)}"
         )
-    log = _read_log(log_path, 0)
+    log = read_log_from(log_path, 0)
     last = None
     for line in log.splitlines():
         if "last completed transaction was at log time" in line:
@@ -498,15 +498,6 @@ def _drop_recovery_target(data_dir: Path) -> None:
         if not line.startswith("recovery_target_time")
     ]
     auto_conf.write_text("\n".join(kept) + "\n")
-
-
-def _read_log(path: Path, offset: int) -> str:
-    try:
-        with path.open("rb") as log:
-            log.seek(offset)
-            return log.read().decode("utf-8", "replace")
-    except FileNotFoundError:
-        return ""
 
 
 def _log_tail(log: str) -> str:

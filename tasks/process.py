@@ -321,6 +321,17 @@ class BackgroundTool:
         return result
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (someone else's counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # EPERM: alive, someone else's; else unsure: keep it
+        return True
+    return True
+
+
 def _die_with_parent() -> None:
     """In the child, before exec: ask Linux for SIGTERM when the parent thread exits."""
     import ctypes

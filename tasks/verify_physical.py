@@ -62,7 +62,7 @@ from tasks.pitr import (
     restore_dir_of,
     start_and_wait,
 )
-from tasks.process import OsUser, Tool, ToolResult
+from tasks.process import OsUser, Tool, ToolResult, pid_alive
 from tasks.sandbox import free_disk_bytes
 from tasks.storage import Storage
 from tasks.toolsets import Toolset, find_toolset
@@ -655,7 +655,7 @@ def stop_server(server: _Server) -> None:
         with suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
 
 
@@ -674,16 +674,6 @@ def _runs_in(pid: int, data_dir: Path) -> bool:
         return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir.absolute()
     except OSError:
         return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextmanager
