@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import logging
 import math
 import os
@@ -35,6 +36,8 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
 from urllib.parse import unquote, urlsplit
 
 import boto3
+import botocore
+import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -73,8 +76,11 @@ log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-MIN_PART_SIZE = 8 * MiB
-"""First (and smallest) multipart part; objects up to this size go up as one PUT."""
+MIN_PART_SIZE = 6 * MiB
+"""First (and smallest) multipart part; objects up to this size go up as one PUT.
+
+S3 allows 5 MiB; 6 MiB doubling every 1000 parts still reaches S3's 5 TiB object limit.
+Two part buffers are the S3 writer's whole memory, so smaller is better."""
 MAX_PART_SIZE = 5 * GiB
 """S3's largest allowed part."""
 MAX_PARTS = 10_000
@@ -683,6 +689,7 @@ class S3ObjectStorage(Storage):
             max_pool_connections=10,
         )
         session = boto3.session.Session(
+            botocore_session=_lean_botocore_session(),
             aws_access_key_id=access_key_id or None,
             aws_secret_access_key=secret_access_key or None,
             aws_session_token=session_token or None,
@@ -912,6 +919,46 @@ class S3ObjectStorage(Storage):
         return aborted
 
 
+#: Services whose endpoint entries the lean botocore data keeps (sts: assume-role credentials).
+_ENDPOINT_SERVICES = ("s3", "sts")
+
+
+def _lean_botocore_session() -> botocore.session.Session:
+    """A botocore session that loads a trimmed copy of botocore's ``endpoints.json``.
+
+    Why: for every client botocore loads its legacy endpoint table, every service of every
+    partition: about 7 MB of memory, held as long as the client lives, when we only talk to
+    S3. The trimmed copy (all partitions and regions, only the services above) is written
+    once per botocore version under the user's cache directory. A user's own
+    ``AWS_DATA_PATH`` is left alone, and when the copy cannot be written botocore's own data
+    is used, as before.
+    """
+    session = botocore.session.Session()
+    if session.get_config_variable("data_path"):
+        return session
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    data_dir = cache / "pgbackflow" / f"botocore-{botocore.__version__}"
+    target = data_dir / "endpoints.json"
+    try:
+        if not target.is_file():
+            full = session.get_component("data_loader").load_data("endpoints")
+            for partition in full["partitions"]:
+                partition["services"] = {
+                    name: entry for name, entry in partition["services"].items()
+                    if name in _ENDPOINT_SERVICES
+                }
+            data_dir.mkdir(parents=True, exist_ok=True)
+            partial = data_dir / f".endpoints.{os.getpid()}.tmp"
+            partial.write_text(json.dumps(full))
+            partial.replace(target)
+            session = botocore.session.Session()  # its loader never cached the full table
+    except (OSError, KeyError, TypeError) as exc:
+        log.debug("using botocore's full endpoint data: %s", exc)
+        return session
+    session.set_config_variable("data_path", str(data_dir))
+    return session
+
+
 class _S3Writer(ObjectWriter):
     def __init__(
         self, storage: S3ObjectStorage, key: str, full_key: str, size_hint: int | None
@@ -994,13 +1041,12 @@ class _S3Writer(ObjectWriter):
 
     def _publish(self) -> None:
         if self._upload_id is None:
-            body = bytes(self._buffer)
-            self._buffer = bytearray()
+            body, self._buffer = self._buffer, bytearray()
             self._storage._call(
                 "write",
                 self.key,
                 lambda: self._client.put_object(
-                    Bucket=self._storage.bucket, Key=self._full_key, Body=body
+                    Bucket=self._storage.bucket, Key=self._full_key, Body=cast("bytes", body)
                 ),
             )
             return

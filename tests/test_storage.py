@@ -26,6 +26,7 @@ from tasks.storage import (
     INCOMPLETE_DIR,
     MAX_PART_SIZE,
     MAX_PARTS,
+    MIN_PART_SIZE,
     LocalFolderStorage,
     S3ObjectStorage,
     Storage,
@@ -134,11 +135,12 @@ def test_multipart_object_streams_back_equal(storage: Storage) -> None:
     assert storage.stat("base/big.tar.zst.enc").size == len(data)
     assert incomplete_uploads(storage) == []
     if isinstance(storage, S3ObjectStorage):
-        # A multipart ETag ends in -<parts>: 8 + 8 + the rest.
+        # A multipart ETag ends in -<parts>: full parts + the rest.
         head = storage.client.head_object(
             Bucket=storage.bucket, Key="cluster-a/base/big.tar.zst.enc"
         )
-        assert head["ETag"].strip('"').endswith("-3")
+        parts = -(-len(data) // MIN_PART_SIZE)
+        assert head["ETag"].strip('"').endswith(f"-{parts}")
 
 
 def test_reader_supports_partial_reads(storage: Storage) -> None:
@@ -345,8 +347,8 @@ def test_killed_writer_leaves_no_object(storage: Storage) -> None:
 
 def test_part_size_schedule_without_hint() -> None:
     sizes = [multipart_part_size(n, None) for n in range(1, MAX_PARTS + 1)]
-    assert sizes[:1000] == [8 * MiB] * 1000
-    assert sizes[1000] == 16 * MiB
+    assert sizes[:1000] == [MIN_PART_SIZE] * 1000
+    assert sizes[1000] == 2 * MIN_PART_SIZE
     assert max(sizes) <= MAX_PART_SIZE == 5 * GiB
     assert sizes == sorted(sizes)
     assert sum(sizes) >= 5 * TiB
@@ -357,7 +359,7 @@ def test_part_size_schedule_with_hint(hint: int) -> None:
     sizes = {multipart_part_size(n, hint) for n in (1, 2, 999, 1001, 5000, MAX_PARTS)}
     assert len(sizes) == 1, "a size hint gives constant parts"
     [size] = sizes
-    assert 8 * MiB <= size <= MAX_PART_SIZE
+    assert MIN_PART_SIZE <= size <= MAX_PART_SIZE
     assert size % MiB == 0
     # The hinted size plus 20 % slack fits in 10,000 parts.
     assert size * MAX_PARTS >= hint * 1.2
@@ -369,6 +371,51 @@ def test_part_size_rejects_out_of_range() -> None:
             multipart_part_size(number, None)
     with pytest.raises(ValueError, match="negative"):
         multipart_part_size(1, -1)
+
+
+# --------------------------------------------------------------------------- botocore data
+
+
+def test_s3_client_loads_a_trimmed_endpoint_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("AWS_DATA_PATH", raising=False)
+    endpoints = {
+        region: S3ObjectStorage("bucket", region=region).endpoint
+        for region in ("eu-west-1", "cn-north-1", "us-gov-west-1")
+    }
+    # Region endpoints resolve as with botocore's full table, in every partition.
+    assert endpoints == {
+        "eu-west-1": "https://s3.eu-west-1.amazonaws.com",
+        "cn-north-1": "https://s3.cn-north-1.amazonaws.com.cn",
+        "us-gov-west-1": "https://s3.us-gov-west-1.amazonaws.com",
+    }
+    [trimmed] = tmp_path.glob("pgbackflow/botocore-*/endpoints.json")
+    table = json.loads(trimmed.read_text())
+    services = {name for partition in table["partitions"] for name in partition["services"]}
+    assert services == {"s3", "sts"}
+    assert {p["partition"] for p in table["partitions"]} >= {"aws", "aws-cn", "aws-us-gov"}
+    assert trimmed.stat().st_size < 200_000  # botocore's own table is several MB
+
+
+def test_s3_client_keeps_the_users_aws_data_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("AWS_DATA_PATH", str(tmp_path / "theirs"))
+    assert S3ObjectStorage("bucket", region="eu-west-1").endpoint.endswith("amazonaws.com")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_s3_client_works_when_the_cache_is_unwritable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    monkeypatch.delenv("AWS_DATA_PATH", raising=False)
+    assert S3ObjectStorage("b", region="eu-west-1").endpoint == "https://s3.eu-west-1.amazonaws.com"
 
 
 # --------------------------------------------------------------------------- local only
@@ -423,7 +470,7 @@ def test_missing_folder_is_created_and_incomplete_area_hidden(tmp_path: Path) ->
 def test_object_of_exactly_one_part_is_a_single_put(s3_bucket: S3Bucket) -> None:
     storage = storage_block_from_url(f"s3://{s3_bucket.bucket}").open()
     assert isinstance(storage, S3ObjectStorage)
-    data = os.urandom(8 * MiB)
+    data = os.urandom(MIN_PART_SIZE)
     write_in_slices(storage, "one-part", data)
     head = storage.client.head_object(Bucket=s3_bucket.bucket, Key="one-part")
     assert "-" not in head["ETag"]
