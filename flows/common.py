@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +40,11 @@ from tasks.reports import DestinationStatus
 from tasks.storage import Storage
 
 StorageBlock = LocalStorage | S3Storage
+
+logger = logging.getLogger("pgbackflow.flows")
+
+#: How long a finished progress artifact may take to say "done" before the run goes on.
+PROGRESS_FLUSH_TIMEOUT_S = 30.0
 
 
 def _retry_delays() -> list[float]:
@@ -137,14 +145,29 @@ def publish_summary(
     page shows the latest of each kind for each database. Outside a flow run: nothing."""
     if FlowRunContext.get() is None:
         return
-    create_markdown_artifact(markdown, key=artifact_key(kind, db_id), description=description)
+    table: threading.Thread | None = None
     if rows is not None:
-        create_table_artifact(rows, key=artifact_key(f"{kind}-tables", db_id),
-                              description=description)
+        # Two independent API calls: send them at once (the run's context goes along).
+        table = threading.Thread(
+            target=contextvars.copy_context().run,
+            args=(create_table_artifact, rows),
+            kwargs={"key": artifact_key(f"{kind}-tables", db_id), "description": description},
+            name="pgbackflow-table-artifact",
+        )
+        table.start()
+    try:
+        create_markdown_artifact(markdown, key=artifact_key(kind, db_id), description=description)
+    finally:
+        if table is not None:
+            table.join()
 
 
 class ProgressArtifact:
     """A Prefect progress artifact plus the in-process listeners (the CLI's progress bar).
+
+    The artifact's API calls run on a background thread, newest value first and stale ones
+    dropped, so the data path never waits for the Prefect API; a failing API only loses
+    progress display, never the run.
 
     Args:
         key: Artifact key (shown in the UI's artifacts page).
@@ -155,33 +178,57 @@ class ProgressArtifact:
     def __init__(self, key: str, label: str, total: int | None) -> None:
         self.label = label
         self.total = total
-        self._artifact_id: UUID | None = None
+        self._pending: tuple[float, str] | None = None
+        self._finished = False
+        self._wake = threading.Condition()
+        self._publisher: threading.Thread | None = None
         if FlowRunContext.get() is not None:
-            self._artifact_id = cast(
-                UUID, create_progress_artifact(0.0, key=key, description=f"{label}: starting")
+            self._publisher = threading.Thread(
+                target=contextvars.copy_context().run, args=(self._publish, key),
+                name="pgbackflow-progress", daemon=True,
             )
+            self._publisher.start()
         self.update(0)
 
     def update(self, done: int) -> None:
         """Report ``done`` bytes."""
         for listener in progress_listeners:
             listener(self.label, done, self.total)
-        if self._artifact_id is None:
-            return
         percent = min(99.0, 100.0 * done / self.total) if self.total else 0.0
         estimate = f" of ~{self.total / 1e6:.0f} MB" if self.total else ""
-        update_progress_artifact(
-            self._artifact_id, percent, description=f"{self.label}: {done / 1e6:.0f} MB{estimate}"
-        )
+        self._post(percent, f"{self.label}: {done / 1e6:.0f} MB{estimate}")
 
     def finish(self, done: int) -> None:
-        """Mark complete."""
+        """Mark complete (waits until the artifact says so)."""
         for listener in progress_listeners:
             listener(self.label, done, done)
-        if self._artifact_id is not None:
-            update_progress_artifact(
-                self._artifact_id, 100.0, description=f"{self.label}: done, {done / 1e6:.1f} MB"
+        self._post(100.0, f"{self.label}: done, {done / 1e6:.1f} MB", last=True)
+        if self._publisher is not None:
+            self._publisher.join(timeout=PROGRESS_FLUSH_TIMEOUT_S)
+
+    def _post(self, percent: float, description: str, *, last: bool = False) -> None:
+        if self._publisher is None:
+            return
+        with self._wake:
+            self._pending = (percent, description)
+            self._finished = self._finished or last
+            self._wake.notify()
+
+    def _publish(self, key: str) -> None:
+        try:
+            artifact_id = cast(
+                UUID, create_progress_artifact(0.0, key=key, description=f"{self.label}: starting")
             )
+            while True:
+                with self._wake:
+                    while self._pending is None and not self._finished:
+                        self._wake.wait()
+                    pending, self._pending = self._pending, None
+                if pending is None:
+                    return  # finished and everything sent
+                update_progress_artifact(artifact_id, pending[0], description=pending[1])
+        except Exception as exc:  # progress is display only: never fail the run for it
+            logger.warning("progress artifact %s not updated: %s", key, exc)
 
 
 class BackupIncompleteError(StorageError):

@@ -3,8 +3,9 @@
 1. Look at the source: version and identity.
 2. Pick the pg_dump of the server's major (or the nearest newer).
 3. Dump in an exported snapshot, counting every table's rows in that snapshot, streaming the
-   encrypted archive into every storage.
-4. Dump the globals (roles, memberships, tablespaces) next to it.
+   encrypted archive into every storage; meanwhile capture the globals (roles,
+   memberships, tablespaces).
+4. Store the globals next to the dump.
 5. Write the manifest, last, where both objects are complete.
 6. Publish the summary.
 """
@@ -44,8 +45,9 @@ from tasks.logical import (
     GLOBALS_NAME,
     DumpResult,
     ObjectWrite,
+    capture_globals,
     dump_database,
-    dump_globals,
+    store_globals,
 )
 from tasks.manifest import (
     DatabaseInfo,
@@ -105,16 +107,18 @@ def dump_database_task(
     return result
 
 
-@task(name="dump-globals", **_RETRYING)
-def dump_globals_task(
-    settings: ConnectionSettings,
-    toolset: Toolset,
-    storages: list[Storage],
-    master_key: MasterKey,
-    key: str,
+@task(name="capture-globals", **_RETRYING)
+def capture_globals_task(settings: ConnectionSettings, toolset: Toolset) -> bytes:
+    """Roles, memberships and tablespaces, without passwords (pg_dumpall, in memory)."""
+    return capture_globals(settings, toolset)
+
+
+@task(name="store-globals", **_RETRYING)
+def store_globals_task(
+    script: bytes, storages: list[Storage], master_key: MasterKey, key: str
 ) -> ObjectWrite:
-    """Roles, memberships and tablespaces, without passwords, as a second object."""
-    return dump_globals(settings, toolset, storages, master_key, key)
+    """The globals, encrypted, as the backup's second object."""
+    return store_globals(script, storages, master_key, key)
 
 
 @task(name="publish-manifest", **_RETRYING)
@@ -187,14 +191,16 @@ def logical_backup(
     toolset = choose_pg_dump(settings, identity.major)
     backup_id = new_backup_id(started_at)
     prefix = backup_prefix(identity.db_id, backup_id)
+    # The globals are independent of the dump: take them while it streams.
+    globals_script = capture_globals_task.submit(settings, toolset)
     dump = dump_database_task(
         settings, toolset, targets, master_key, prefix + DUMP_NAME,
         artifact_key("backup-progress", identity.db_id),
     )
     # Only storages that hold a complete dump get the rest of the backup.
     holding_dump = [s for s in targets if s.location in dump.write.completed_in]
-    globals_write = dump_globals_task(
-        settings, toolset, holding_dump, master_key, prefix + GLOBALS_NAME
+    globals_write = store_globals_task(
+        globals_script.result(), holding_dump, master_key, prefix + GLOBALS_NAME
     )
     manifest = _build_manifest(
         backup_id, identity, toolset, master_key, dump, globals_write, started_at

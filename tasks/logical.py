@@ -26,7 +26,7 @@ from tasks.errors import ConfigError, DatabaseError
 from tasks.inventory import Inventory, compare_counts, exported_snapshot, take_inventory
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import LogicalManifest
-from tasks.pipeline import ObjectWrite, decrypted_chunks, stream_tool_into_storages
+from tasks.pipeline import ObjectWrite, decrypted_chunks, store_bytes, stream_tool_into_storages
 from tasks.process import Tool, ToolFailedError, ToolResult
 from tasks.storage import Storage
 from tasks.toolsets import Toolset
@@ -110,6 +110,9 @@ def dump_database(
 
         def count_rows() -> None:
             try:
+                # The count has the whole dump's duration to finish: leave the server's
+                # parallel workers to the application.
+                conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
                 counted["inventory"] = take_inventory(conn)
             except BaseException as exc:  # re-raised in the calling thread
                 count_error.append(exc)
@@ -149,14 +152,12 @@ def dump_database(
     return DumpResult(write, counted["inventory"], snapshot, compression)
 
 
-def dump_globals(
-    settings: ConnectionSettings,
-    toolset: Toolset,
-    storages: Sequence[Storage],
-    master_key: MasterKey,
-    key: str,
-) -> ObjectWrite:
-    """Roles, memberships and tablespaces (no passwords) as a second encrypted object."""
+def capture_globals(settings: ConnectionSettings, toolset: Toolset) -> bytes:
+    """Roles, memberships and tablespaces (no passwords), as pg_dumpall's SQL script.
+
+    Small (kilobytes), so it is held in memory: it is taken while the dump runs and stored
+    after it, so a killed backup never leaves a globals object without its dump.
+    """
     pg_dumpall = Tool(toolset.binary("pg_dumpall"))
     args = [
         "--globals-only",
@@ -167,9 +168,14 @@ def dump_globals(
         f"--dbname={libpq_conninfo(settings)}",
     ]
     with libpq_password_env(settings) as env:
-        return stream_tool_into_storages(
-            pg_dumpall, args, env, storages, key, master_key, compress=True
-        )
+        return pg_dumpall.run(args, env=env).stdout
+
+
+def store_globals(
+    script: bytes, storages: Sequence[Storage], master_key: MasterKey, key: str
+) -> ObjectWrite:
+    """The globals script as the backup's second encrypted object."""
+    return store_bytes(script, storages, key, master_key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -421,13 +427,14 @@ __all__ = [
     "ObjectWrite",
     "RestoreOptions",
     "RestoreReport",
+    "capture_globals",
     "check_restore_target",
     "choose_compression",
     "count_restored",
     "dump_database",
-    "dump_globals",
     "replay_globals",
     "restore_dump",
     "restore_target_database",
+    "store_globals",
 ]
 

@@ -111,7 +111,7 @@ class StoredObject:
 def multipart_part_size(part_number: int, size_hint: int | None) -> int:
     """Return the size of multipart part ``part_number`` (1-based).
 
-    Without a hint, parts start at 8 MiB and double every 1000 parts, so small and medium
+    Without a hint, parts start at 6 MiB and double every 1000 parts, so small and medium
     objects keep small buffers while 10,000 parts still cover more than 5 TiB and no part
     exceeds 5 GiB. With a hint, every part has the same size, large enough for the hinted
     size plus 20 % in 10,000 parts, rounded up to 1 MiB.
