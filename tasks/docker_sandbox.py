@@ -2,10 +2,15 @@
 
 The host reaches the server only through a Unix socket in a bind-mounted directory; the dump
 is handed over read-only in another bind mount and restored by the container's own
-pg_restore (``docker exec``). The container runs with every capability dropped except those
-the official entrypoint needs to drop to the postgres user, ``no-new-privileges``, and the
-job's CPU, memory and pids limits. Labels mark it as ours, so a later run can sweep
-containers a crashed run left behind.
+pg_restore (``docker exec``). The container runs as the image's ``postgres`` user with every
+capability dropped, ``no-new-privileges``, and the job's CPU, memory and pids limits. Labels
+mark it as ours, so a later run can sweep containers a crashed run left behind.
+
+The image's entrypoint is bypassed: it starts as root (needs capabilities to chown and switch
+users) and, for a fresh PGDATA, runs initdb, then a temporary server for its init scripts,
+then stops it and starts the real one. A throwaway sandbox needs none of that: it runs
+``initdb`` and ``postgres`` from the image's PATH on its PGDATA, as the official image's
+contract provides them (binaries on PATH, a ``postgres`` user owning PGDATA or its parent).
 """
 
 from __future__ import annotations
@@ -38,14 +43,16 @@ docker: Any = importlib.import_module("docker")
 importlib.import_module("docker.errors")
 DockerClient = Any
 
-#: What the official entrypoint needs when it starts as root: chown PGDATA and the socket
-#: dir, then switch to the postgres user.
-ENTRYPOINT_CAPABILITIES = ["CHOWN", "DAC_OVERRIDE", "FOWNER", "SETUID", "SETGID"]
+#: Boots the sandbox as the postgres user: a trust-only cluster (no network anyway), not
+#: fsynced (thrown away), then the server with the settings passed as arguments.
+BOOT_SCRIPT = (
+    'initdb --pgdata="$PGDATA" --username=postgres --auth=trust --no-sync --no-instructions'
+    ' >/dev/null && exec postgres "$@"'
+)
 SOCKET_DIR = "/var/run/postgresql"
 RESTORE_DIR = "/restore"
 READY_TIMEOUT_S = 120.0
-# Only the final server gets this; the official entrypoint's temporary init server listens
-# on no address, so readiness is not fooled by it.
+# Set on the command line, so a server answering with it is the one we started.
 _READY_MARK = ("listen_addresses", "localhost")
 
 
@@ -131,8 +138,13 @@ class DockerSandbox(Sandbox):
         # here; the enclosing work dir stays root-only on the host.
         self._socket_dir.mkdir(mode=0o777)
         self._socket_dir.chmod(0o777)
-        settings = {**_settings_for(self.major), _READY_MARK[0]: _READY_MARK[1]}
-        command = ["postgres"] + [arg for k, v in settings.items() for arg in ("-c", f"{k}={v}")]
+        settings = {
+            **_settings_for(self.major),
+            _READY_MARK[0]: _READY_MARK[1],
+            # Images differ in their compiled-in socket directory: name the bind mount.
+            "unix_socket_directories": SOCKET_DIR,
+        }
+        server_args = [arg for k, v in settings.items() for arg in ("-c", f"{k}={v}")]
         labels = {
             SANDBOX_LABEL: "1",
             "pgbackflow.host": socket.gethostname(),
@@ -142,19 +154,15 @@ class DockerSandbox(Sandbox):
         try:
             self._container = client.containers.run(
                 self.image,
-                command=command,
+                entrypoint=["/bin/sh", "-c", BOOT_SCRIPT, "pgbackflow-sandbox"],
+                command=server_args,
+                user="postgres",
                 name=self.container_name,
                 detach=True,
                 labels=labels,
                 # No network at all: the only way in is the socket directory below.
-                environment={
-                    "POSTGRES_HOST_AUTH_METHOD": "trust",
-                    # Throwaway data: initdb need not fsync (the official image passes this on).
-                    "POSTGRES_INITDB_ARGS": "--no-sync",
-                },
                 network_mode="none",
                 cap_drop=["ALL"],
-                cap_add=ENTRYPOINT_CAPABILITIES,
                 security_opt=["no-new-privileges"],
                 pids_limit=self.resources.pids,
                 nano_cpus=int(self.resources.cpus * 1e9),
