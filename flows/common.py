@@ -45,6 +45,8 @@ logger = logging.getLogger("pgbackflow.flows")
 
 #: How long a finished progress artifact may take to say "done" before the run goes on.
 PROGRESS_FLUSH_TIMEOUT_S = 30.0
+#: Least seconds between two updates of a progress artifact (the CLI's bar is not throttled).
+PROGRESS_UPDATE_INTERVAL_S = 10.0
 
 
 def _retry_delays() -> list[float]:
@@ -165,9 +167,9 @@ def publish_summary(
 class ProgressArtifact:
     """A Prefect progress artifact plus the in-process listeners (the CLI's progress bar).
 
-    The artifact's API calls run on a background thread, newest value first and stale ones
-    dropped, so the data path never waits for the Prefect API; a failing API only loses
-    progress display, never the run.
+    The artifact's API calls run on a background thread, at most one update per
+    PROGRESS_UPDATE_INTERVAL_S with the newest value (stale ones dropped), so the data path
+    never waits for the Prefect API; a failing API only loses progress display, never the run.
 
     Args:
         key: Artifact key (shown in the UI's artifacts page).
@@ -227,6 +229,9 @@ class ProgressArtifact:
                 if pending is None:
                     return  # finished and everything sent
                 update_progress_artifact(artifact_id, pending[0], description=pending[1])
+                with self._wake:
+                    # Every update costs the API server too: at most one per interval.
+                    self._wake.wait_for(lambda: self._finished, PROGRESS_UPDATE_INTERVAL_S)
         except Exception as exc:  # progress is display only: never fail the run for it
             logger.warning("progress artifact %s not updated: %s", key, exc)
 

@@ -1,13 +1,13 @@
 """Logical backup: the runbook, as a Prefect flow.
 
-1. Look at the source: version and identity.
-2. Pick the pg_dump of the server's major (or the nearest newer).
-3. Dump in an exported snapshot, counting every table's rows in that snapshot, streaming the
-   encrypted archive into every storage; meanwhile capture the globals (roles,
+1. Look at the source: version and identity; pick the pg_dump of the server's major (or
+   the nearest newer).
+2. Dump in an exported snapshot, streaming the encrypted archive into every storage; while
+   it streams, count every table's rows in that snapshot and capture the globals (roles,
    memberships, tablespaces).
-4. Store the globals next to the dump.
-5. Write the manifest, last, where both objects are complete.
-6. Publish the summary.
+3. Store the globals next to the dump.
+4. Write the manifest, last, where both objects are complete.
+5. Publish the summary.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ from tasks.logical import (
     GLOBALS_NAME,
     DumpResult,
     ObjectWrite,
-    capture_globals,
     dump_database,
     store_globals,
 )
@@ -70,25 +69,18 @@ _RETRYING: dict[str, Any] = {
 
 
 @task(name="inspect-source", **_RETRYING)
-def inspect_source(settings: ConnectionSettings) -> SourceIdentity:
-    """Connect to the source and read its version and identity."""
+def inspect_source(settings: ConnectionSettings) -> tuple[SourceIdentity, Toolset]:
+    """Read the source's version and identity; pick pg_dump of its major (or newer)."""
     identity = read_identity(settings)
-    get_run_logger().info(
-        "source %s: PostgreSQL %s, db id %s", settings.display, identity.server_version,
-        identity.db_id,
-    )
-    return identity
-
-
-@task(name="choose-pg-dump", cache_policy=NONE)
-def choose_pg_dump(settings: ConnectionSettings, server_major: int) -> Toolset:
-    """pg_dump of the server's major, else the nearest newer one; refuse otherwise."""
     try:
-        toolset = toolset_for_server(server_major)
+        toolset = toolset_for_server(identity.major)
     except ToolsetError as exc:
         raise ToolsetError(f"database {settings.display}: {exc}") from None
-    get_run_logger().info("using pg_dump %s from %s", toolset.version, toolset.bin_dir)
-    return toolset
+    get_run_logger().info(
+        "source %s: PostgreSQL %s, db id %s; using pg_dump %s from %s", settings.display,
+        identity.server_version, identity.db_id, toolset.version, toolset.bin_dir,
+    )
+    return identity, toolset
 
 
 @task(name="dump-database", **_RETRYING)
@@ -100,17 +92,12 @@ def dump_database_task(
     key: str,
     progress_key: str,
 ) -> DumpResult:
-    """Stream pg_dump, encrypted, into every storage; count rows in the same snapshot."""
+    """Stream pg_dump, encrypted, into every storage; meanwhile count rows in the same
+    snapshot and capture the globals."""
     progress = ProgressArtifact(progress_key, f"dump of {settings.dbname}", None)
     result = dump_database(settings, toolset, storages, master_key, key, progress=progress.update)
     progress.finish(result.write.info.raw_size)
     return result
-
-
-@task(name="capture-globals", **_RETRYING)
-def capture_globals_task(settings: ConnectionSettings, toolset: Toolset) -> bytes:
-    """Roles, memberships and tablespaces, without passwords (pg_dumpall, in memory)."""
-    return capture_globals(settings, toolset)
 
 
 @task(name="store-globals", **_RETRYING)
@@ -187,12 +174,9 @@ def logical_backup(
     master_key = resolve_master_key(encryption_key, key_file)
     targets = open_storages(storages)
 
-    identity = inspect_source(settings)
-    toolset = choose_pg_dump(settings, identity.major)
+    identity, toolset = inspect_source(settings)
     backup_id = new_backup_id(started_at)
     prefix = backup_prefix(identity.db_id, backup_id)
-    # The globals are independent of the dump: take them while it streams.
-    globals_script = capture_globals_task.submit(settings, toolset)
     dump = dump_database_task(
         settings, toolset, targets, master_key, prefix + DUMP_NAME,
         artifact_key("backup-progress", identity.db_id),
@@ -200,7 +184,7 @@ def logical_backup(
     # Only storages that hold a complete dump get the rest of the backup.
     holding_dump = [s for s in targets if s.location in dump.write.completed_in]
     globals_write = store_globals_task(
-        globals_script.result(), holding_dump, master_key, prefix + GLOBALS_NAME
+        dump.globals_script, holding_dump, master_key, prefix + GLOBALS_NAME
     )
     manifest = _build_manifest(
         backup_id, identity, toolset, master_key, dump, globals_write, started_at

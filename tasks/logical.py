@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import psycopg
 
@@ -37,6 +38,8 @@ from tasks.transfer import (
 DUMP_NAME = "dump.pgbf"
 GLOBALS_NAME = "globals.pgbf"
 ZSTD_LEVEL = 5
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,19 +70,50 @@ def choose_compression(toolset: Toolset) -> DumpCompression:
 
 @dataclass(frozen=True)
 class DumpResult:
-    """The dump object plus what was counted in its snapshot.
+    """The dump object plus what was read from the source alongside it.
 
     Attributes:
         write: The encrypted dump as written.
         inventory: Tables and row counts in the dump's snapshot.
         snapshot: The exported snapshot id pg_dump used.
         compression: How the dump was compressed.
+        globals_script: pg_dumpall's globals (roles, memberships, tablespaces), not yet stored.
     """
 
     write: ObjectWrite
     inventory: Inventory
     snapshot: str
     compression: DumpCompression
+    globals_script: bytes = field(repr=False, default=b"")
+
+
+class _Alongside(Generic[T]):
+    """Runs ``work`` on a thread while the caller streams; ``result`` re-raises its error."""
+
+    def __init__(self, name: str, work: Callable[[], T]) -> None:
+        self._work = work
+        self._value: T | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._work()
+        except BaseException as exc:  # re-raised in the calling thread
+            self.error = exc
+
+    def join(self) -> None:
+        """Wait for the work to end."""
+        self._thread.join()
+
+    def result(self) -> T:
+        """The work's value (after ``join``), or its exception."""
+        self.join()
+        if self.error is not None:
+            raise self.error
+        assert self._value is not None
+        return self._value
 
 
 def dump_database(
@@ -93,6 +127,9 @@ def dump_database(
 ) -> DumpResult:
     """Dump one database into ``key`` of every storage, counting rows in the same snapshot.
 
+    While pg_dump streams, two more readers run: the row count (in pg_dump's snapshot) and
+    pg_dumpall's globals (kept in memory, stored by the caller after the dump).
+
     Args:
         settings: The source database.
         toolset: Whose pg_dump to run (same major as the server, or newer).
@@ -103,23 +140,19 @@ def dump_database(
     """
     compression = choose_compression(toolset)
     pg_dump = Tool(toolset.binary("pg_dump"))
-    counted: dict[str, Inventory] = {}
-    count_error: list[BaseException] = []
 
     with libpq_password_env(settings) as env, exported_snapshot(settings) as (snapshot, conn):
 
-        def count_rows() -> None:
-            try:
-                # The count has the whole dump's duration to finish: leave the server's
-                # parallel workers to the application.
-                conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-                counted["inventory"] = take_inventory(conn)
-            except BaseException as exc:  # re-raised in the calling thread
-                count_error.append(exc)
+        def count_rows() -> Inventory:
+            # The count has the whole dump's duration to finish: leave the server's
+            # parallel workers to the application.
+            conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            return take_inventory(conn)
 
-        # Counting scans every table: do it while pg_dump streams, in the same snapshot.
-        counter = threading.Thread(target=count_rows, name="pgbackflow-row-count", daemon=True)
-        counter.start()
+        counting = _Alongside("pgbackflow-row-count", count_rows)
+        globals_capture = _Alongside(
+            "pgbackflow-globals", lambda: capture_globals(settings, toolset)
+        )
         args = [
             "--format=custom",
             compression.pg_dump_arg,
@@ -135,11 +168,12 @@ def dump_database(
             )
         except BaseException as exc:
             dump_error = exc
-        counter.join()
-    if count_error:
+        counting.join()
+        globals_capture.join()
+    if counting.error is not None:
         # A failed count aborts the snapshot's transaction, so pg_dump then fails too, with
         # a misleading "could not import the requested snapshot": the count error is the cause.
-        error = count_error[0]
+        error = counting.error
         if isinstance(error, psycopg.Error):
             raise DatabaseError(
                 f"database {settings.display}: counting rows failed "
@@ -149,14 +183,16 @@ def dump_database(
         raise error
     if dump_error is not None:
         raise dump_error
-    return DumpResult(write, counted["inventory"], snapshot, compression)
+    return DumpResult(
+        write, counting.result(), snapshot, compression, globals_capture.result()
+    )
 
 
 def capture_globals(settings: ConnectionSettings, toolset: Toolset) -> bytes:
     """Roles, memberships and tablespaces (no passwords), as pg_dumpall's SQL script.
 
-    Small (kilobytes), so it is held in memory: it is taken while the dump runs and stored
-    after it, so a killed backup never leaves a globals object without its dump.
+    Small (kilobytes), so it is held in memory: taken while the dump runs and stored after
+    it, so a killed backup never leaves a globals object without its dump.
     """
     pg_dumpall = Tool(toolset.binary("pg_dumpall"))
     args = [

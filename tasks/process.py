@@ -8,6 +8,7 @@ killed, never orphaned, when the caller fails or is cancelled.
 from __future__ import annotations
 
 import collections
+import fcntl
 import io
 import os
 import signal
@@ -24,6 +25,10 @@ from tasks.errors import PgBackflowError
 STDERR_TAIL_LINES = 20
 STDERR_ERROR_LINES = 500
 READ_SIZE = 1024 * 1024
+#: Pipe buffer for streamed stdin/stdout. Linux's 64 KiB default makes the tool wait
+#: whenever we pause to encrypt and write a chunk (and pg_dump's server session with it);
+#: 1 MiB (the unprivileged maximum) lets it run ahead.
+PIPE_SIZE = 1024 * 1024
 
 
 class ToolFailedError(PgBackflowError):
@@ -205,6 +210,7 @@ class Tool:
             proc, tail,
         ):
             assert isinstance(proc.stdout, io.BufferedReader)
+            _widen_pipe(proc.stdout.fileno())
             while data := proc.stdout.read1(READ_SIZE):
                 sink.write(data)
             return self._finish(proc, tail, b"")
@@ -226,6 +232,7 @@ class Tool:
             proc, tail,
         ):
             assert proc.stdin is not None and proc.stdout is not None
+            _widen_pipe(proc.stdin.fileno())
             output: list[bytes] = []
             stdout = proc.stdout
             reader = threading.Thread(target=lambda: output.append(stdout.read()), daemon=True)
@@ -330,6 +337,12 @@ def pid_alive(pid: int) -> bool:
     except (OSError, OverflowError):  # EPERM: alive, someone else's; else unsure: keep it
         return True
     return True
+
+
+def _widen_pipe(fd: int) -> None:
+    """Give a pipe PIPE_SIZE of buffer; where the system refuses, the default is fine."""
+    with suppress(OSError):
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
 def _die_with_parent() -> None:
