@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import io
-import json
 import logging
 import math
 import os
@@ -36,8 +35,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
 from urllib.parse import unquote, urlsplit
 
 import boto3
-import botocore
-import botocore.session
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
@@ -51,6 +48,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from tasks.botocore_data import lean_session
 from tasks.errors import ConfigError, ObjectNotFoundError, StorageError, TransientStorageError
 
 if TYPE_CHECKING:
@@ -689,7 +687,7 @@ class S3ObjectStorage(Storage):
             max_pool_connections=10,
         )
         session = boto3.session.Session(
-            botocore_session=_lean_botocore_session(),
+            botocore_session=lean_session(),
             aws_access_key_id=access_key_id or None,
             aws_secret_access_key=secret_access_key or None,
             aws_session_token=session_token or None,
@@ -706,7 +704,8 @@ class S3ObjectStorage(Storage):
 
     @property
     def client(self) -> S3Client:
-        """The underlying boto3 client."""
+        """The underlying boto3 client: only the operations pgbackflow calls (see
+        tasks.botocore_data.S3_OPERATIONS)."""
         return self._client
 
     @property
@@ -917,46 +916,6 @@ class S3ObjectStorage(Storage):
                 raise self._error(exc, "abort incomplete upload in", None) from exc
             aborted += 1
         return aborted
-
-
-#: Services whose endpoint entries the lean botocore data keeps (sts: assume-role credentials).
-_ENDPOINT_SERVICES = ("s3", "sts")
-
-
-def _lean_botocore_session() -> botocore.session.Session:
-    """A botocore session that loads a trimmed copy of botocore's ``endpoints.json``.
-
-    Why: for every client botocore loads its legacy endpoint table, every service of every
-    partition: about 7 MB of memory, held as long as the client lives, when we only talk to
-    S3. The trimmed copy (all partitions and regions, only the services above) is written
-    once per botocore version under the user's cache directory. A user's own
-    ``AWS_DATA_PATH`` is left alone, and when the copy cannot be written botocore's own data
-    is used, as before.
-    """
-    session = botocore.session.Session()
-    if session.get_config_variable("data_path"):
-        return session
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    data_dir = cache / "pgbackflow" / f"botocore-{botocore.__version__}"
-    target = data_dir / "endpoints.json"
-    try:
-        if not target.is_file():
-            full = session.get_component("data_loader").load_data("endpoints")
-            for partition in full["partitions"]:
-                partition["services"] = {
-                    name: entry for name, entry in partition["services"].items()
-                    if name in _ENDPOINT_SERVICES
-                }
-            data_dir.mkdir(parents=True, exist_ok=True)
-            partial = data_dir / f".endpoints.{os.getpid()}.tmp"
-            partial.write_text(json.dumps(full))
-            partial.replace(target)
-            session = botocore.session.Session()  # its loader never cached the full table
-    except (OSError, KeyError, TypeError) as exc:
-        log.debug("using botocore's full endpoint data: %s", exc)
-        return session
-    session.set_config_variable("data_path", str(data_dir))
-    return session
 
 
 class _S3Writer(ObjectWriter):

@@ -21,6 +21,7 @@ import boto3
 import pytest
 
 from blocks.storage import storage_block_from_url
+from tasks.botocore_data import S3_OPERATIONS
 from tasks.errors import ConfigError, ObjectNotFoundError, StorageError, TransientStorageError
 from tasks.storage import (
     INCOMPLETE_DIR,
@@ -376,7 +377,7 @@ def test_part_size_rejects_out_of_range() -> None:
 # --------------------------------------------------------------------------- botocore data
 
 
-def test_s3_client_loads_a_trimmed_endpoint_table(
+def test_s3_client_loads_trimmed_botocore_data(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
@@ -391,12 +392,26 @@ def test_s3_client_loads_a_trimmed_endpoint_table(
         "cn-north-1": "https://s3.cn-north-1.amazonaws.com.cn",
         "us-gov-west-1": "https://s3.us-gov-west-1.amazonaws.com",
     }
-    [trimmed] = tmp_path.glob("pgbackflow/botocore-*/endpoints.json")
-    table = json.loads(trimmed.read_text())
+    [data_dir] = tmp_path.glob("pgbackflow/botocore-*-lean*")
+    table = json.loads((data_dir / "endpoints.json").read_text())
     services = {name for partition in table["partitions"] for name in partition["services"]}
     assert services == {"s3", "sts"}
     assert {p["partition"] for p in table["partitions"]} >= {"aws", "aws-cn", "aws-us-gov"}
-    assert trimmed.stat().st_size < 200_000  # botocore's own table is several MB
+    assert (data_dir / "endpoints.json").stat().st_size < 200_000  # botocore's: megabytes
+    # The client knows exactly the operations pgbackflow calls.
+    client = S3ObjectStorage("bucket", region="eu-west-1").client
+    assert set(client.meta.service_model.operation_names) == S3_OPERATIONS
+
+
+def test_trimmed_s3_model_covers_every_call_the_storage_makes() -> None:
+    """Every ``_client.<operation>(`` in tasks/storage.py is in the trimmed model."""
+    from botocore import xform_name
+
+    source = (Path(__file__).parents[1] / "tasks" / "storage.py").read_text()
+    called = set(re.findall(r"_client\.(\w+)\(", source)) - {"get_paginator"}
+    called |= set(re.findall(r'get_paginator\("(\w+)"\)', source))
+    assert "upload_part" in called and "list_objects_v2" in called
+    assert called <= {xform_name(name) for name in S3_OPERATIONS}
 
 
 def test_s3_client_keeps_the_users_aws_data_path(
