@@ -101,10 +101,10 @@ def restore_dump_task(
 
 @task(name="count-rows", cache_policy=NONE)
 def count_rows_task(
-    database: ConnectionSettings, manifest: LogicalManifest
+    database: ConnectionSettings, manifest: LogicalManifest, jobs: int
 ) -> tuple[Inventory, tuple[str, ...], tuple[str, ...]]:
-    """Count the restored tables and compare with the manifest."""
-    inventory, differences, extra = count_restored(database, manifest)
+    """Count the restored tables (over ``jobs`` connections) and compare with the manifest."""
+    inventory, differences, extra = count_restored(database, manifest, jobs)
     logger = get_run_logger()
     for difference in differences:
         logger.error("row count difference: %s", difference)
@@ -152,7 +152,7 @@ def logical_restore(
         source, manifest, keyring, target_settings, toolset, options
     )
     restored_db = restore_target_database(target_settings, manifest, options)
-    inventory, differences, extra = count_rows_task(restored_db, manifest)
+    inventory, differences, extra = count_rows_task(restored_db, manifest, options.jobs)
     if extra:
         warnings += (f"tables not in the backup were left in place: {', '.join(extra[:10])}",)
 

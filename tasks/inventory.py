@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +23,7 @@ from tasks.database import ConnectionSettings, connect
 # Leaf tables only: a partitioned parent ('p') has no rows of its own, its partitions are
 # 'r' and counted one by one; FROM ONLY keeps inheritance parents from counting children.
 _TABLES_SQL = """
-SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname)
+SELECT n.nspname, c.relname, format('%I.%I', n.nspname, c.relname), c.relpages
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r'
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -82,22 +84,66 @@ class Inventory:
         return {t.key: t.rows for t in self.tables}
 
 
-def take_inventory(conn: psycopg.Connection[Any]) -> Inventory:
-    """Count every table's rows in the connection's current transaction/snapshot."""
-    tables: list[TableCount] = []
-    for schema, table, key in conn.execute(_TABLES_SQL).fetchall():
-        query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
-            sql.Identifier(schema), sql.Identifier(table)
-        )
-        row = conn.execute(query).fetchone()
-        tables.append(TableCount(schema, table, int(row[0]) if row else 0, key))
+def _count_rows(conn: psycopg.Connection[Any], schema: str, table: str) -> int:
+    query = sql.SQL("SELECT count(*) FROM ONLY {}.{}").format(
+        sql.Identifier(schema), sql.Identifier(table)
+    )
+    row = conn.execute(query).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _inventory(
+    conn: psycopg.Connection[Any], tables: list[tuple[str, str, str, int]], rows: list[int]
+) -> Inventory:
     schema_row = conn.execute(_SCHEMA_COUNT_SQL).fetchone()
     size_row = conn.execute("SELECT pg_database_size(current_database())").fetchone()
     return Inventory(
-        tables=tuple(tables),
+        tables=tuple(
+            TableCount(schema, table, count, key)
+            for (schema, table, key, _), count in zip(tables, rows, strict=True)
+        ),
         schema_count=int(schema_row[0]) if schema_row else 0,
         database_size=int(size_row[0]) if size_row else 0,
     )
+
+
+def take_inventory(conn: psycopg.Connection[Any]) -> Inventory:
+    """Count every table's rows in the connection's current transaction/snapshot."""
+    tables = conn.execute(_TABLES_SQL).fetchall()
+    rows = [_count_rows(conn, schema, table) for schema, table, _, _ in tables]
+    return _inventory(conn, tables, rows)
+
+
+def take_inventory_of_idle_database(settings: ConnectionSettings, jobs: int) -> Inventory:
+    """Count every table's rows over ``jobs`` connections, largest tables first.
+
+    For a database nothing writes to (a restore target, a verification sandbox): the
+    connections do not share a snapshot.
+    """
+    with connect(settings) as conn:
+        tables = conn.execute(_TABLES_SQL).fetchall()
+        if jobs <= 1 or len(tables) <= 1:
+            rows = [_count_rows(conn, schema, table) for schema, table, _, _ in tables]
+            return _inventory(conn, tables, rows)
+        # Largest first, so no connection is left with a big table at the end.
+        pending = sorted(range(len(tables)), key=lambda i: -tables[i][3])
+        rows_by_index: dict[int, int] = {}
+        take = threading.Lock()
+
+        def count_some() -> None:
+            with connect(settings) as worker:
+                while True:
+                    with take:
+                        if not pending:
+                            return
+                        index = pending.pop(0)
+                    schema, table, _, _ = tables[index]
+                    rows_by_index[index] = _count_rows(worker, schema, table)
+
+        with ThreadPoolExecutor(min(jobs, len(tables)), "pgbackflow-count") as pool:
+            for done in [pool.submit(count_some) for _ in range(min(jobs, len(tables)))]:
+                done.result()
+        return _inventory(conn, tables, [rows_by_index[i] for i in range(len(tables))])
 
 
 def compare_counts(expected: Mapping[str, int], actual: Mapping[str, int]) -> list[str]:

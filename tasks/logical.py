@@ -24,7 +24,13 @@ from tasks.database import (
     libpq_password_env,
 )
 from tasks.errors import ConfigError, DatabaseError
-from tasks.inventory import Inventory, compare_counts, exported_snapshot, take_inventory
+from tasks.inventory import (
+    Inventory,
+    compare_counts,
+    exported_snapshot,
+    take_inventory,
+    take_inventory_of_idle_database,
+)
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import LogicalManifest
 from tasks.pipeline import ObjectWrite, decrypted_chunks, store_bytes, stream_tool_into_storages
@@ -438,7 +444,7 @@ def restore_dump(
 
 
 def count_restored(
-    database: ConnectionSettings, manifest: LogicalManifest
+    database: ConnectionSettings, manifest: LogicalManifest, jobs: int = 1
 ) -> tuple[Inventory, tuple[str, ...], tuple[str, ...]]:
     """Count the restored tables and compare them with the manifest's counts.
 
@@ -446,8 +452,7 @@ def count_restored(
         The inventory, the differences for the backup's tables, and the tables the target
         holds that are not in the backup (kept by a --clean restore; not an error here).
     """
-    with connect(database) as conn:
-        inventory = take_inventory(conn)
+    inventory = take_inventory_of_idle_database(database, jobs)
     restored = inventory.rows_by_table()
     expected = manifest.rows_by_table()
     ours = {name: rows for name, rows in restored.items() if name in expected}

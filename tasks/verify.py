@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from tasks.budget import disk_budget_from_environment
 from tasks.database import connect
 from tasks.errors import PgBackflowError, StorageError
-from tasks.inventory import compare_counts, take_inventory
+from tasks.inventory import compare_counts, take_inventory_of_idle_database
 from tasks.keys import Keyring
 from tasks.logical import replay_globals
 from tasks.manifest import LogicalManifest
@@ -254,8 +254,9 @@ def _restore_and_count(
         report.status = "Failed"
         report.failure = f"pg_restore failed with exit code {result.returncode}: {first}"
 
-    with connect(admin.with_dbname(manifest.database.name)) as conn:
-        inventory = take_inventory(conn)
+    inventory = take_inventory_of_idle_database(
+        admin.with_dbname(manifest.database.name), sandbox.resources.restore_jobs
+    )
     timeline.mark("counted")
     restored = inventory.rows_by_table()
     expected = manifest.rows_by_table()
