@@ -8,7 +8,6 @@ run as an unprivileged OS user (see :func:`resolve_os_user`).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import secrets
@@ -278,9 +277,13 @@ class EphemeralCluster:
         pwfile = root / "pwfile"
         fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.fchown(fd, self._user.uid, self._user.gid)
-            os.write(fd, (self._password + "\n").encode())
-            os.close(fd)
+            try:
+                os.fchown(fd, self._user.uid, self._user.gid)
+                os.write(fd, (self._password + "\n").encode())
+            finally:
+                # Closed exactly once: a second close could hit a descriptor another thread
+                # has opened under the same number meanwhile.
+                os.close(fd)
             result = self._run(
                 "initdb",
                 [
@@ -300,8 +303,6 @@ class EphemeralCluster:
                 cwd=root,
             )
         finally:
-            with contextlib.suppress(OSError):
-                os.close(fd)
             pwfile.unlink(missing_ok=True)
         if result.returncode != 0:
             raise DatabaseError(

@@ -573,7 +573,11 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
             full_backup(db_block(server), [storage], encryption_key=encryption_key)
             mark(server, "in-volume")
             wait_shipped(server, storage)
-        env = {**os.environ, "PREFECT_API_URL": prefect_api}
+        # The run's logs on stderr: this test once saw exit 0 with nothing on stdout, and
+        # they say how far the run got.
+        env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONFAULTHANDLER": "1",
+               **{f"PREFECT_LOGGING_HANDLERS_CONSOLE{part}_LEVEL": "INFO"
+                  for part in ("", "_FLOW_RUNS", "_TASK_RUNS")}}
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
