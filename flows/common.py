@@ -170,6 +170,7 @@ class ProgressArtifact:
     The artifact's API calls run on a background thread, at most one update per
     PROGRESS_UPDATE_INTERVAL_S with the newest value (stale ones dropped), so the data path
     never waits for the Prefect API; a failing API only loses progress display, never the run.
+    Use it as a context manager: a run that fails says where it stopped.
 
     Args:
         key: Artifact key (shown in the UI's artifacts page).
@@ -180,6 +181,8 @@ class ProgressArtifact:
     def __init__(self, key: str, label: str, total: int | None) -> None:
         self.label = label
         self.total = total
+        self._done = 0
+        self._percent = 0.0
         self._pending: tuple[float, str] | None = None
         self._finished = False
         self._wake = threading.Condition()
@@ -192,24 +195,39 @@ class ProgressArtifact:
             self._publisher.start()
         self.update(0)
 
+    def __enter__(self) -> ProgressArtifact:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        """Leaving by an exception before `finish`: the artifact says where it stopped."""
+        if exc_type is not None and not self._finished:
+            self._post(self._percent, f"{self.label}: stopped after {self._done / 1e6:.0f} MB",
+                       last=True)
+            self._join()
+
     def update(self, done: int) -> None:
         """Report ``done`` bytes."""
         for listener in progress_listeners:
             listener(self.label, done, self.total)
-        percent = min(99.0, 100.0 * done / self.total) if self.total else 0.0
+        self._done = done
+        self._percent = min(99.0, 100.0 * done / self.total) if self.total else 0.0
         estimate = f" of ~{self.total / 1e6:.0f} MB" if self.total else ""
-        self._post(percent, f"{self.label}: {done / 1e6:.0f} MB{estimate}")
+        self._post(self._percent, f"{self.label}: {done / 1e6:.0f} MB{estimate}")
 
     def finish(self, done: int) -> None:
         """Mark complete (waits until the artifact says so)."""
         for listener in progress_listeners:
             listener(self.label, done, done)
         self._post(100.0, f"{self.label}: done, {done / 1e6:.1f} MB", last=True)
+        self._join()
+
+    def _join(self) -> None:
         if self._publisher is not None:
             self._publisher.join(timeout=PROGRESS_FLUSH_TIMEOUT_S)
 
     def _post(self, percent: float, description: str, *, last: bool = False) -> None:
         if self._publisher is None:
+            self._finished = self._finished or last
             return
         with self._wake:
             self._pending = (percent, description)

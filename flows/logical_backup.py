@@ -94,9 +94,11 @@ def dump_database_task(
 ) -> DumpResult:
     """Stream pg_dump, encrypted, into every storage; meanwhile count rows in the same
     snapshot and capture the globals."""
-    progress = ProgressArtifact(progress_key, f"dump of {settings.dbname}", None)
-    result = dump_database(settings, toolset, storages, master_key, key, progress=progress.update)
-    progress.finish(result.write.info.raw_size)
+    with ProgressArtifact(progress_key, f"dump of {settings.dbname}", None) as progress:
+        result = dump_database(
+            settings, toolset, storages, master_key, key, progress=progress.update
+        )
+        progress.finish(result.write.info.raw_size)
     return result
 
 

@@ -228,20 +228,20 @@ def take_base_backup_task(
 ) -> BaseBackupResult:
     """Stream pg_basebackup (full, or incremental on ``parent``) into every storage."""
     mode = "incremental" if parent else "full"
-    progress = ProgressArtifact(progress_key, f"{mode} backup", size_hint or None)
-    if parent is None:
-        result = take_base_backup(
-            settings, toolset, storages, master_key, prefix, progress=progress.update,
-            tablespaces=tablespaces,
-        )
-    else:
-        with parent_manifest_file(storages[0], parent, keyring) as manifest_path:
+    with ProgressArtifact(progress_key, f"{mode} backup", size_hint or None) as progress:
+        if parent is None:
             result = take_base_backup(
-                settings, toolset, storages, master_key, prefix,
-                incremental_from=manifest_path, progress=progress.update,
+                settings, toolset, storages, master_key, prefix, progress=progress.update,
                 tablespaces=tablespaces,
             )
-    progress.finish(result.base.info.raw_size)
+        else:
+            with parent_manifest_file(storages[0], parent, keyring) as manifest_path:
+                result = take_base_backup(
+                    settings, toolset, storages, master_key, prefix,
+                    incremental_from=manifest_path, progress=progress.update,
+                    tablespaces=tablespaces,
+                )
+        progress.finish(result.base.info.raw_size)
     return result
 
 
@@ -583,13 +583,14 @@ def build_data_dir_task(
     """Unpack (checksums checked) and combine the chain into the target directory."""
     logger = get_run_logger()
     total = sum(b.base.raw_size for b in plan.chain)
-    progress = ProgressArtifact(
+    with ProgressArtifact(
         artifact_key("pitr-progress", plan.db_id), "restore of the backup chain", total
-    )
-    build_data_dir(
-        storage, plan, keyring, to_dir, toolset, on_step=logger.info, progress=progress.update
-    )
-    progress.finish(total)
+    ) as progress:
+        build_data_dir(
+            storage, plan, keyring, to_dir, toolset, on_step=logger.info,
+            progress=progress.update,
+        )
+        progress.finish(total)
 
 
 @task(name="fetch-wal", **_RETRYING)

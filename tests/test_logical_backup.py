@@ -297,6 +297,12 @@ def test_artifacts_and_pg_dump_errors(
     with pytest.raises(ToolFailedError, match=r"pg_dump failed \(exit code 1\): pg_dump: error:"):
         logical_backup(weak, [storage], encryption_key=encryption_key)
     assert [m.backup_id for m in list_backups(storage.open())] == [report.backup_id]
+    # The failed run's progress artifact says it stopped instead of showing a running dump.
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=[f"backup-progress-{report.db_id.replace('_', '-')}"])))
+        stopped = max(found, key=lambda a: a.updated or a.created)
+    assert "stopped after" in str(stopped.description) and stopped.data != 100.0
 
 
 def test_dump_replaced_by_another_valid_archive_fails_the_checksum(
