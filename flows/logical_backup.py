@@ -46,7 +46,6 @@ from tasks.logical import (
     DumpResult,
     ObjectWrite,
     dump_database,
-    store_globals,
 )
 from tasks.manifest import (
     DatabaseInfo,
@@ -56,6 +55,7 @@ from tasks.manifest import (
     new_backup_id,
     write_manifest,
 )
+from tasks.pipeline import store_bytes
 from tasks.reports import BackupReport, DestinationStatus
 from tasks.storage import Storage
 from tasks.toolsets import Toolset, toolset_for_server
@@ -107,7 +107,7 @@ def store_globals_task(
     script: bytes, storages: list[Storage], master_key: MasterKey, key: str
 ) -> ObjectWrite:
     """The globals, encrypted, as the backup's second object."""
-    return store_globals(script, storages, master_key, key)
+    return store_bytes(script, storages, key, master_key)
 
 
 @task(name="publish-manifest", **_RETRYING)

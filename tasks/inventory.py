@@ -121,10 +121,9 @@ def take_inventory_of_idle_database(settings: ConnectionSettings, jobs: int) -> 
     connections do not share a snapshot.
     """
     with connect(settings) as conn:
+        if jobs <= 1:
+            return take_inventory(conn)
         tables = conn.execute(_TABLES_SQL).fetchall()
-        if jobs <= 1 or len(tables) <= 1:
-            rows = [_count_rows(conn, schema, table) for schema, table, _, _ in tables]
-            return _inventory(conn, tables, rows)
         # Largest first, so no connection is left with a big table at the end.
         pending = sorted(range(len(tables)), key=lambda i: -tables[i][3])
         rows_by_index: dict[int, int] = {}
@@ -140,9 +139,11 @@ def take_inventory_of_idle_database(settings: ConnectionSettings, jobs: int) -> 
                     schema, table, _, _ = tables[index]
                     rows_by_index[index] = _count_rows(worker, schema, table)
 
-        with ThreadPoolExecutor(min(jobs, len(tables)), "pgbackflow-count") as pool:
-            for done in [pool.submit(count_some) for _ in range(min(jobs, len(tables)))]:
-                done.result()
+        workers = min(jobs, len(tables))
+        if workers:
+            with ThreadPoolExecutor(workers, "pgbackflow-count") as pool:
+                for done in [pool.submit(count_some) for _ in range(workers)]:
+                    done.result()
         return _inventory(conn, tables, [rows_by_index[i] for i in range(len(tables))])
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import re
 import tempfile
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Generic, TypeVar
 
 import psycopg
 
@@ -33,7 +32,7 @@ from tasks.inventory import (
 )
 from tasks.keys import Keyring, MasterKey
 from tasks.manifest import LogicalManifest
-from tasks.pipeline import ObjectWrite, decrypted_chunks, store_bytes, stream_tool_into_storages
+from tasks.pipeline import ObjectWrite, decrypted_chunks, stream_tool_into_storages
 from tasks.process import Tool, ToolFailedError, ToolResult
 from tasks.storage import Storage
 from tasks.toolsets import Toolset
@@ -44,8 +43,6 @@ from tasks.transfer import (
 DUMP_NAME = "dump.pgbf"
 GLOBALS_NAME = "globals.pgbf"
 ZSTD_LEVEL = 5
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,36 +87,7 @@ class DumpResult:
     inventory: Inventory
     snapshot: str
     compression: DumpCompression
-    globals_script: bytes = field(repr=False, default=b"")
-
-
-class _Alongside(Generic[T]):
-    """Runs ``work`` on a thread while the caller streams; ``result`` re-raises its error."""
-
-    def __init__(self, name: str, work: Callable[[], T]) -> None:
-        self._work = work
-        self._value: T | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._work()
-        except BaseException as exc:  # re-raised in the calling thread
-            self.error = exc
-
-    def join(self) -> None:
-        """Wait for the work to end."""
-        self._thread.join()
-
-    def result(self) -> T:
-        """The work's value (after ``join``), or its exception."""
-        self.join()
-        if self.error is not None:
-            raise self.error
-        assert self._value is not None
-        return self._value
+    globals_script: bytes = field(repr=False)
 
 
 def dump_database(
@@ -147,7 +115,11 @@ def dump_database(
     compression = choose_compression(toolset)
     pg_dump = Tool(toolset.binary("pg_dump"))
 
-    with libpq_password_env(settings) as env, exported_snapshot(settings) as (snapshot, conn):
+    with (
+        libpq_password_env(settings) as env,
+        exported_snapshot(settings) as (snapshot, conn),
+        ThreadPoolExecutor(2, thread_name_prefix="pgbackflow-alongside") as alongside,
+    ):
 
         def count_rows() -> Inventory:
             # The count has the whole dump's duration to finish: leave the server's
@@ -155,10 +127,8 @@ def dump_database(
             conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
             return take_inventory(conn)
 
-        counting = _Alongside("pgbackflow-row-count", count_rows)
-        globals_capture = _Alongside(
-            "pgbackflow-globals", lambda: capture_globals(settings, toolset)
-        )
+        counting = alongside.submit(count_rows)
+        globals_capture = alongside.submit(capture_globals, settings, toolset)
         args = [
             "--format=custom",
             compression.pg_dump_arg,
@@ -174,12 +144,12 @@ def dump_database(
             )
         except BaseException as exc:
             dump_error = exc
-        counting.join()
-        globals_capture.join()
-    if counting.error is not None:
+        count_error = counting.exception()  # waits for both while the snapshot is open
+        globals_capture.exception()
+    if count_error is not None:
         # A failed count aborts the snapshot's transaction, so pg_dump then fails too, with
         # a misleading "could not import the requested snapshot": the count error is the cause.
-        error = counting.error
+        error = count_error
         if isinstance(error, psycopg.Error):
             raise DatabaseError(
                 f"database {settings.display}: counting rows failed "
@@ -211,13 +181,6 @@ def capture_globals(settings: ConnectionSettings, toolset: Toolset) -> bytes:
     ]
     with libpq_password_env(settings) as env:
         return pg_dumpall.run(args, env=env).stdout
-
-
-def store_globals(
-    script: bytes, storages: Sequence[Storage], master_key: MasterKey, key: str
-) -> ObjectWrite:
-    """The globals script as the backup's second encrypted object."""
-    return store_bytes(script, storages, key, master_key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -476,6 +439,5 @@ __all__ = [
     "replay_globals",
     "restore_dump",
     "restore_target_database",
-    "store_globals",
 ]
 
