@@ -48,7 +48,7 @@ from tasks.errors import PgBackflowError, ToolsetError  # noqa: E402
 from tasks.toolsets import DEFAULT_VERSIONS, Toolset, find_toolset, install_toolset  # noqa: E402
 
 #: Bump to force a rebuild of every image when the layout changes in a way the hash misses.
-IMAGE_FORMAT = "1"
+IMAGE_FORMAT = "2"
 REPOSITORIES = ("pgbackflow-postgres", "postgres")
 LABEL_BUILDER = "org.pgbackflow.builder"
 LABEL_VERSION = "org.pgbackflow.toolset-version"
@@ -87,6 +87,13 @@ _LDD_LINE = re.compile(r"^\s*(?:(\S+)\s+=>\s+)?(\S+|not found)\s*(?:\(0x[0-9a-f]
 
 class BuildError(Exception):
     """An image could not be built; the message says what to do."""
+
+
+def volume_for(major: int) -> str:
+    """The official image's VOLUME: PGDATA up to 17, its parent's parent from 18 on."""
+    if major >= 18:
+        return POSTGRES_HOME
+    return pgdata_for(major)
 
 
 def pgdata_for(major: int) -> str:
@@ -486,6 +493,9 @@ def image_config(toolset: Toolset, digest: str, layer_digest: str) -> bytes:
             "Entrypoint": ["docker-entrypoint.sh"],
             "Cmd": ["postgres"],
             "ExposedPorts": {"5432/tcp": {}},
+            # As in the official image. Besides the contract, it keeps PGDATA off the overlay
+            # filesystem, where initdb alone takes three times as long.
+            "Volumes": {volume_for(major): {}},
             "StopSignal": "SIGINT",
             "Labels": {
                 LABEL_BUILDER: BUILDER,

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Literal, cast
 
-from prefect import flow, tags, task
+from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
@@ -39,8 +39,6 @@ from tasks.manifest import LogicalManifest, find_backup
 from tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
 from tasks.storage import Storage
 from tasks.verify import Timeline, VerificationFailedError, VerificationReport, verify_backup
-
-VERIFICATION_TAG = "verification"
 
 
 class VerificationFailed(VerificationFailedError):
@@ -172,30 +170,29 @@ def restore_verification(
         encryption_key_block: Name of a saved BackupEncryptionKey block.
         timeout_s: Fail (and destroy the sandbox) when the verification takes longer.
     """
-    with tags(VERIFICATION_TAG):
-        if encryption_key is None and encryption_key_block:
-            encryption_key = cast(BackupEncryptionKey,
-                                  BackupEncryptionKey.load(encryption_key_block))
-        keyring = resolve_keyring(encryption_key, key_file)
-        block = storage_block_from_url(storage) if isinstance(storage, str) else storage
-        source = block.open()
-        timeline = Timeline()
-        manifest = pick_backup(source, backup_id, db_id)
-        timeline.mark("picked backup")
-        try:
-            report = restore_and_count(
-                source, manifest, keyring, sandbox, image_template,
-                _resources(cpus, memory_mb), timeline, timeout_s,
-            )
-        except KeyboardInterrupt:
-            # Cancelled (SIGTERM from the worker, Ctrl-C): the sandbox is already gone.
-            timeline.mark("canceled")
-            report = canceled_report(manifest, timeline, sandbox)
-            publish_verification_artifacts(report)
-            return Cancelled(  # type: ignore[return-value]  # Prefect takes a returned state
-                message=f"verification of {manifest.backup_id} canceled; sandbox removed"
-            )
+    if encryption_key is None and encryption_key_block:
+        encryption_key = cast(BackupEncryptionKey,
+                              BackupEncryptionKey.load(encryption_key_block))
+    keyring = resolve_keyring(encryption_key, key_file)
+    block = storage_block_from_url(storage) if isinstance(storage, str) else storage
+    source = block.open()
+    timeline = Timeline()
+    manifest = pick_backup(source, backup_id, db_id)
+    timeline.mark("picked backup")
+    try:
+        report = restore_and_count(
+            source, manifest, keyring, sandbox, image_template,
+            _resources(cpus, memory_mb), timeline, timeout_s,
+        )
+    except KeyboardInterrupt:
+        # Cancelled (SIGTERM from the worker, Ctrl-C): the sandbox is already gone.
+        timeline.mark("canceled")
+        report = canceled_report(manifest, timeline, sandbox)
         publish_verification_artifacts(report)
+        return Cancelled(  # type: ignore[return-value]  # Prefect takes a returned state
+            message=f"verification of {manifest.backup_id} canceled; sandbox removed"
+        )
+    publish_verification_artifacts(report)
     if report.status != "Successful":
         raise VerificationFailed(report)
     return report

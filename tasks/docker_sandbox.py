@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -49,6 +50,8 @@ BOOT_SCRIPT = (
     'initdb --pgdata="$PGDATA" --username=postgres --auth=trust --no-sync --no-instructions'
     ' >/dev/null && exec postgres "$@"'
 )
+#: Contents only: in the official images PGDATA (up to 17) is itself the volume mount point.
+_DELETE_PGDATA = 'rm -rf -- "$PGDATA"/*'
 SOCKET_DIR = "/var/run/postgresql"
 RESTORE_DIR = "/restore"
 READY_TIMEOUT_S = 120.0
@@ -217,6 +220,13 @@ class DockerSandbox(Sandbox):
 
     def _destroy_server(self) -> None:
         if self._container is not None:
+            # Delete the restored data while the server still runs. When the container stops,
+            # its filesystems are unmounted and the kernel writes every dirty page of the
+            # underlying filesystem back first (~0.5 s for a 1 GB restore here); the dirty
+            # pages of files already deleted are simply dropped.
+            shutil.rmtree(self._restore_dir, ignore_errors=True)
+            with contextlib.suppress(docker.errors.APIError):
+                self._container.exec_run(["sh", "-c", _DELETE_PGDATA], user="postgres")
             with contextlib.suppress(docker.errors.NotFound):
                 # v=True: the image's VOLUME (PGDATA) goes too.
                 self._container.remove(force=True, v=True)

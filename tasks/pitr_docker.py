@@ -572,7 +572,7 @@ def _run_helper(
         ) from None
     finally:
         with contextlib.suppress(docker.errors.APIError):
-            container.remove(force=True)
+            container.remove(force=True, v=True)
     if int(status.get("StatusCode", 1)) != 0:
         raise DockerRestoreError(
             f"helper container for volume {volume} ({image}) failed running {script!r}: "
@@ -698,7 +698,7 @@ def _undo(
     try:
         if container is not None:
             with contextlib.suppress(docker.errors.NotFound):
-                container.remove(force=True)
+                container.remove(force=True, v=True)
         if created_volume:
             with contextlib.suppress(docker.errors.NotFound):
                 client.volumes.get(volume).remove(force=True)

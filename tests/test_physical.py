@@ -593,7 +593,7 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
             assert restored_rows(report["port"], server) == ["in-volume"]
         finally:
             for container in docker_engine.containers.list(all=True, filters={"volume": volume}):
-                container.remove(force=True)
+                container.remove(force=True, v=True)
             for leftover in docker_engine.volumes.list(filters={"name": volume}):
                 leftover.remove(force=True)
 

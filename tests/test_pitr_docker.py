@@ -243,9 +243,9 @@ def new_name(engine: Any) -> Iterator[NameFn]:
     errors = pytest.importorskip("docker.errors")
     for name in names:
         with contextlib.suppress(errors.NotFound):
-            engine.containers.get(name).remove(force=True)
+            engine.containers.get(name).remove(force=True, v=True)
     for container in engine.containers.list(all=True, filters={"label": TEST_LABEL}):
-        container.remove(force=True)
+        container.remove(force=True, v=True)
     for name in names:
         with contextlib.suppress(errors.NotFound):
             engine.volumes.get(name).remove(force=True)

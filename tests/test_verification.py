@@ -79,6 +79,7 @@ def test_successful_verification(
 ) -> None:
     """Every table comes back with its rows; the report says so stage by stage."""
     client = request.getfixturevalue("docker_engine") if sandbox == "docker" else None
+    volumes_before = {v.name for v in client.volumes.list()} if client else set()
     with pg_database.connect() as conn:
         load_edge_case_database(conn)
     storage = backup_of(pg_database.server, pg_database.name, tmp_path / "b", encryption_key)
@@ -102,6 +103,8 @@ def test_successful_verification(
     else:
         assert f"postgres:{pg_database.major}" in report.sandbox
         assert our_containers(client) == []
+        # PGDATA lived on the image's anonymous volume: it went with the container.
+        assert {v.name for v in client.volumes.list()} == volumes_before
 
 
 @pytest.mark.usefixtures("no_leftovers")
