@@ -129,7 +129,7 @@ def test_startup_sweep_removes_leftovers_of_a_crashed_run(
             assert orphan.name not in names
             assert foreign.name in names  # another host's agent owns it
     finally:
-        foreign.remove(force=True)
+        foreign.remove(force=True, v=True)
 
 
 def test_disk_budget_is_checked_before_a_job(monkeypatch: pytest.MonkeyPatch) -> None:

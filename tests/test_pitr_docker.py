@@ -234,6 +234,7 @@ NameFn = Callable[[], str]
 def new_name(engine: Any) -> Iterator[NameFn]:
     """Unique volume names; their volumes and same-named containers go after the test."""
     names: list[str] = []
+    volumes_before = {v.name for v in engine.volumes.list()}
 
     def make() -> str:
         names.append(f"pgbackflow-test-{secrets.token_hex(4)}")
@@ -249,6 +250,8 @@ def new_name(engine: Any) -> Iterator[NameFn]:
     for name in names:
         with contextlib.suppress(errors.NotFound):
             engine.volumes.get(name).remove(force=True)
+    # Nothing left behind, anonymous volumes (the image's VOLUME) included.
+    assert {v.name for v in engine.volumes.list()} <= volumes_before
 
 
 def _rows(port: int, source: Source) -> list[int]:
@@ -263,12 +266,18 @@ def _rows(port: int, source: Source) -> list[int]:
 
 def _in_volume(engine: Any, volume: str, script: str) -> str:
     """Output of ``script`` run as root in a throwaway container with the volume at /v."""
-    output = engine.containers.run(
-        "postgres:17", entrypoint=["sh", "-c"], command=[script], remove=True,
+    # Not run(remove=True): that removes the container without its anonymous volume.
+    container = engine.containers.create(
+        "postgres:17", entrypoint=["sh", "-c"], command=[script],
         network_mode="none", volumes={volume: {"bind": "/v", "mode": "rw"}},
         labels={TEST_LABEL: "1"},
     )
-    return bytes(output).decode().strip()
+    try:
+        container.start()
+        assert container.wait()["StatusCode"] == 0, container.logs().decode()
+        return bytes(container.logs(stdout=True, stderr=False)).decode().strip()
+    finally:
+        container.remove(force=True, v=True)
 
 
 def _leftover_helpers(engine: Any) -> list[str]:
@@ -333,7 +342,7 @@ def test_bridge_network_publishes_the_port_on_loopback(
         assert client == (gateway,)
     finally:
         with contextlib.suppress(errors.NotFound):
-            engine.containers.get(name).remove(force=True)
+            engine.containers.get(name).remove(force=True, v=True)
         network.remove()
 
 
