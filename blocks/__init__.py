@@ -3,8 +3,8 @@
 ``prefect block register -m blocks`` registers every block type listed here.
 """
 
-from blocks.database import PostgresDatabase
-from blocks.encryption import BackupEncryptionKey
-from blocks.storage import LocalStorage, S3Storage
+from pgbackflow.blocks.database import PostgresDatabase
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.blocks.storage import LocalStorage, S3Storage
 
 __all__ = ["BackupEncryptionKey", "LocalStorage", "PostgresDatabase", "S3Storage"]

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
-from tasks.database import ConnectionSettings, ServerInfo, check_connection, parse_dsn
+from pgbackflow.tasks.database import ConnectionSettings, ServerInfo, check_connection, parse_dsn
 
 
 class PostgresDatabase(Block):
@@ -23,7 +23,7 @@ class PostgresDatabase(Block):
 
     Example:
         ```python
-        from blocks.database import PostgresDatabase
+        from pgbackflow.blocks.database import PostgresDatabase
 
         postgres_database = PostgresDatabase.load("BLOCK_NAME")
         info = postgres_database.check()
@@ -40,7 +40,7 @@ class PostgresDatabase(Block):
     )
     _code_example: ClassVar[str] = """
 ```python
-from blocks.database import PostgresDatabase
+from pgbackflow.blocks.database import PostgresDatabase
 
 postgres_database = PostgresDatabase.load("BLOCK_NAME")
 info = postgres_database.check()

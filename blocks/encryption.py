@@ -7,8 +7,8 @@ from typing import ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr, field_validator
 
-from tasks.errors import ConfigError
-from tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.keys import Keyring, MasterKey
 
 
 class BackupEncryptionKey(Block):
@@ -20,7 +20,7 @@ class BackupEncryptionKey(Block):
 
     Example:
         ```python
-        from blocks.encryption import BackupEncryptionKey
+        from pgbackflow.blocks.encryption import BackupEncryptionKey
 
         encryption_key = BackupEncryptionKey.load("BLOCK_NAME")
         keyring = encryption_key.keyring()
@@ -38,7 +38,7 @@ class BackupEncryptionKey(Block):
     )
     _code_example: ClassVar[str] = """
 ```python
-from blocks.encryption import BackupEncryptionKey
+from pgbackflow.blocks.encryption import BackupEncryptionKey
 
 encryption_key = BackupEncryptionKey.load("BLOCK_NAME")
 keyring = encryption_key.keyring()

@@ -8,8 +8,8 @@ from typing import ClassVar
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
-from tasks.errors import ConfigError
-from tasks.storage import LocalFolderStorage, S3ObjectStorage, parse_storage_url
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage, parse_storage_url
 
 _DOCS = HttpUrl("https://github.com/pgbackflow/pgbackflow/blob/main/docs/BLOCKS.md")
 
@@ -25,7 +25,7 @@ class LocalStorage(Block):
 
     Example:
         ```python
-        from blocks.storage import LocalStorage
+        from pgbackflow.blocks.storage import LocalStorage
 
         local_storage = LocalStorage.load("BLOCK_NAME")
         local_storage.check()
@@ -40,7 +40,7 @@ class LocalStorage(Block):
     _documentation_url: ClassVar[HttpUrl] = _DOCS
     _code_example: ClassVar[str] = """
 ```python
-from blocks.storage import LocalStorage
+from pgbackflow.blocks.storage import LocalStorage
 
 local_storage = LocalStorage.load("BLOCK_NAME")
 local_storage.check()
@@ -80,7 +80,7 @@ class S3Storage(Block):
 
     Example:
         ```python
-        from blocks.storage import S3Storage
+        from pgbackflow.blocks.storage import S3Storage
 
         s3_storage = S3Storage.load("BLOCK_NAME")
         s3_storage.check()
@@ -96,7 +96,7 @@ class S3Storage(Block):
     _documentation_url: ClassVar[HttpUrl] = _DOCS
     _code_example: ClassVar[str] = """
 ```python
-from blocks.storage import S3Storage
+from pgbackflow.blocks.storage import S3Storage
 
 s3_storage = S3Storage.load("BLOCK_NAME")
 s3_storage.check()

@@ -83,19 +83,25 @@ from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLi
 from prefect.exceptions import ObjectNotFound
 from prefect.schedules import Cron, Interval, Schedule
 
-from blocks.database import PostgresDatabase
-from blocks.encryption import BackupEncryptionKey
-from blocks.storage import LocalStorage, S3Storage, storage_block_from_url
-from deployments.verification import PRESETS, REPO_ROOT, db_tag, ensure_work_pool, schedule_cron
-from tasks.errors import ConfigError
-from tasks.wal import DEFAULT_PARTIAL_INTERVAL_S, DEFAULT_SLOT
+from pgbackflow.blocks.database import PostgresDatabase
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.blocks.storage import LocalStorage, S3Storage, storage_block_from_url
+from pgbackflow.deployments.verification import (
+    PRESETS,
+    REPO_ROOT,
+    db_tag,
+    ensure_work_pool,
+    schedule_cron,
+)
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.wal import DEFAULT_PARTIAL_INTERVAL_S, DEFAULT_SLOT
 
 FULL_FLOW = "full-backup"
 INCREMENTAL_FLOW = "incremental-backup"
 WAL_FLOW = "wal-stream"
-FULL_ENTRYPOINT = "flows/physical.py:full_backup"
-INCREMENTAL_ENTRYPOINT = "flows/physical.py:incremental_backup"
-WAL_ENTRYPOINT = "flows/physical.py:wal_stream"
+FULL_ENTRYPOINT = "pgbackflow.flows.physical:full_backup"
+INCREMENTAL_ENTRYPOINT = "pgbackflow.flows.physical:incremental_backup"
+WAL_ENTRYPOINT = "pgbackflow.flows.physical:wal_stream"
 BACKUP_TAG = "physical-backup"
 WAL_TAG = "wal-stream"
 DEFAULT_WAL_INTERVAL_S = 60.0
@@ -185,7 +191,7 @@ def deploy_physical_backups(
     Raises:
         ConfigError: a bad schedule, db_id, block reference or key choice (one line).
     """
-    from flows.physical import full_backup, incremental_backup
+    from pgbackflow.flows.physical import full_backup, incremental_backup
 
     _check_db_id(db_id)
     full_cron = physical_schedule(full, full_at, "full")
@@ -247,7 +253,7 @@ def deploy_wal_stream(
     Raises:
         ConfigError: a bad interval, slot, spool folder, block reference or key choice.
     """
-    from flows.physical import wal_stream
+    from pgbackflow.flows.physical import wal_stream
 
     _check_db_id(db_id)
     if not interval_s > 0:

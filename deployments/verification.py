@@ -34,11 +34,11 @@ from prefect.events.actions import SendNotification
 from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled
 
-from tasks.errors import ConfigError
+from pgbackflow.tasks.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FLOW_NAME = "restore-verification"
-ENTRYPOINT = "flows/verification.py:restore_verification"
+ENTRYPOINT = "pgbackflow.flows.verification:restore_verification"
 
 PRESETS = {"hourly", "daily", "weekly", "monthly"}
 _CRON_FIELD = re.compile(r"^[\d*/,\-]+$")
@@ -105,7 +105,7 @@ def deploy_verification(
         key_file: Master key file path on the agent hosts.
         encryption_key_block: Name of a BackupEncryptionKey block (instead of a key file).
     """
-    from flows.verification import restore_verification
+    from pgbackflow.flows.verification import restore_verification
 
     parameters: dict[str, Any] = {
         "storage": storage, "db_id": db_id, "sandbox": sandbox, "image_template": image_template,

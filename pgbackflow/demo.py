@@ -15,15 +15,15 @@ from pathlib import Path
 
 from pydantic import SecretStr
 
-from blocks.database import PostgresDatabase
-from blocks.storage import LocalStorage
-from flows.logical_backup import logical_backup
-from flows.logical_restore import logical_restore
-from tasks.cluster import EphemeralCluster
-from tasks.keys import MasterKey, write_key_file
-from tasks.reports import BackupReport, RestoreSummary
-from tasks.sample_data import load_demo_database
-from tasks.toolsets import find_toolset
+from pgbackflow.blocks.database import PostgresDatabase
+from pgbackflow.blocks.storage import LocalStorage
+from pgbackflow.flows.logical_backup import logical_backup
+from pgbackflow.flows.logical_restore import logical_restore
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.keys import MasterKey, write_key_file
+from pgbackflow.tasks.reports import BackupReport, RestoreSummary
+from pgbackflow.tasks.sample_data import load_demo_database
+from pgbackflow.tasks.toolsets import find_toolset
 
 DEMO_MAJOR = 18
 SOURCE_DB = "demo_shop"

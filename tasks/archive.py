@@ -21,8 +21,8 @@ import zstandard
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from tasks.errors import PgBackflowError
-from tasks.keys import KEY_BYTES, Keyring, MasterKey
+from pgbackflow.tasks.errors import PgBackflowError
+from pgbackflow.tasks.keys import KEY_BYTES, Keyring, MasterKey
 
 MAGIC = b"PGBFARCH"
 FORMAT_VERSION = 1

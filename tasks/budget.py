@@ -11,8 +11,8 @@ import math
 import os
 from dataclasses import dataclass
 
-from tasks.errors import ConfigError
-from tasks.sandbox import SandboxResources
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.sandbox import SandboxResources
 
 MIN_CPU_PER_JOB = 1.0
 MIN_MEMORY_MB_PER_JOB = 512

@@ -24,9 +24,9 @@ from typing import Any, Self
 import psycopg
 from psycopg.conninfo import make_conninfo
 
-from tasks.errors import ConfigError, DatabaseError
-from tasks.process import OsUser, Tool, ToolResult
-from tasks.toolsets import Toolset
+from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.process import OsUser, Tool, ToolResult
+from pgbackflow.tasks.toolsets import Toolset
 
 __all__ = ["EphemeralCluster", "OsUser", "free_port", "read_log_from", "resolve_os_user"]
 

@@ -22,8 +22,8 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
-from tasks.process import pid_alive
+from pgbackflow.tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
+from pgbackflow.tasks.process import pid_alive
 
 DEFAULT_CONNECT_TIMEOUT_S = 10
 _SSLMODES = {"disable", "allow", "prefer", "require", "verify-ca", "verify-full"}

@@ -26,9 +26,9 @@ from typing import Any
 
 import psycopg
 
-from tasks.database import ConnectionSettings
-from tasks.process import ToolResult, pid_alive
-from tasks.sandbox import (
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.process import ToolResult, pid_alive
+from pgbackflow.tasks.sandbox import (
     DEFAULT_IMAGE_TEMPLATE,
     RESTORE_ARGS,
     SANDBOX_LABEL,

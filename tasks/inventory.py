@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from tasks.database import ConnectionSettings, connect
+from pgbackflow.tasks.database import ConnectionSettings, connect
 
 # Leaf tables only: a partitioned parent ('p') has no rows of its own, its partitions are
 # 'r' and counted one by one; FROM ONLY keeps inheritance parents from counting children.

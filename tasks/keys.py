@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tasks.errors import ConfigError
+from pgbackflow.tasks.errors import ConfigError
 
 KEY_BYTES = 32
 KEY_ID_BYTES = 8

@@ -16,27 +16,27 @@ from pathlib import Path
 
 import psycopg
 
-from tasks.database import (
+from pgbackflow.tasks.database import (
     ConnectionSettings,
     connect,
     libpq_conninfo,
     libpq_password_env,
 )
-from tasks.errors import ConfigError, DatabaseError
-from tasks.inventory import (
+from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.inventory import (
     Inventory,
     compare_counts,
     exported_snapshot,
     take_inventory,
     take_inventory_of_idle_database,
 )
-from tasks.keys import Keyring, MasterKey
-from tasks.manifest import LogicalManifest
-from tasks.pipeline import ObjectWrite, decrypted_chunks, stream_tool_into_storages
-from tasks.process import Tool, ToolFailedError, ToolResult
-from tasks.storage import Storage
-from tasks.toolsets import Toolset
-from tasks.transfer import (
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import LogicalManifest
+from pgbackflow.tasks.pipeline import ObjectWrite, decrypted_chunks, stream_tool_into_storages
+from pgbackflow.tasks.process import Tool, ToolFailedError, ToolResult
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.toolsets import Toolset
+from pgbackflow.tasks.transfer import (
     ProgressCallback,
 )
 

@@ -21,8 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.errors import ConfigError, ObjectNotFoundError
-from tasks.storage import Storage
+from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError
+from pgbackflow.tasks.storage import Storage
 
 MANIFEST_NAME = "manifest.json"
 LOGICAL_ROOT = "logical"

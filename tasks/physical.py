@@ -35,28 +35,33 @@ from typing import Literal
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tasks.database import ConnectionSettings, connect, libpq_conninfo, libpq_password_env
-from tasks.errors import (
+from pgbackflow.tasks.database import (
+    ConnectionSettings,
+    connect,
+    libpq_conninfo,
+    libpq_password_env,
+)
+from pgbackflow.tasks.errors import (
     ConfigError,
     DatabaseError,
     ObjectNotFoundError,
     PgBackflowError,
     TransientDatabaseError,
 )
-from tasks.keys import Keyring, MasterKey
-from tasks.manifest import StoredObjectInfo
-from tasks.pipeline import (
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import StoredObjectInfo
+from pgbackflow.tasks.pipeline import (
     ObjectWrite,
     decrypted_chunks,
     store_bytes,
     store_file,
     stream_tool_into_storages,
 )
-from tasks.process import Tool, ToolFailedError
-from tasks.storage import Storage
-from tasks.tarstream import TarMemberCapture
-from tasks.toolsets import Toolset
-from tasks.transfer import ProgressCallback
+from pgbackflow.tasks.process import Tool, ToolFailedError
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.tarstream import TarMemberCapture
+from pgbackflow.tasks.toolsets import Toolset
+from pgbackflow.tasks.transfer import ProgressCallback
 
 PHYSICAL_ROOT = "physical"
 BASE_NAME = "base.tar.pgbf"

@@ -10,12 +10,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks.archive import DEFAULT_ZSTD_LEVEL, ArchiveError, ArchiveReader, ArchiveWriter
-from tasks.keys import Keyring, MasterKey
-from tasks.manifest import StoredObjectInfo
-from tasks.process import Tool
-from tasks.storage import Storage
-from tasks.transfer import (
+from pgbackflow.tasks.archive import DEFAULT_ZSTD_LEVEL, ArchiveError, ArchiveReader, ArchiveWriter
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import StoredObjectInfo
+from pgbackflow.tasks.process import Tool
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.transfer import (
     FanOutWriter,
     HashingReader,
     ProgressCallback,

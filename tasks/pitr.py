@@ -27,22 +27,22 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tasks.cluster import free_port, read_log_from
-from tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
-from tasks.keys import Keyring
-from tasks.physical import (
+from pgbackflow.tasks.cluster import free_port, read_log_from
+from pgbackflow.tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
+from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.physical import (
     PhysicalManifest,
     chain_of,
     list_physical_backups,
     parse_lsn,
 )
-from tasks.pipeline import decrypted_chunks
-from tasks.process import OsUser, Tool
-from tasks.storage import Storage
-from tasks.tarstream import unpack_tar_stream
-from tasks.toolsets import Toolset
-from tasks.transfer import ProgressCallback, ProgressReporter
-from tasks.wal import (
+from pgbackflow.tasks.pipeline import decrypted_chunks
+from pgbackflow.tasks.process import OsUser, Tool
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.tarstream import unpack_tar_stream
+from pgbackflow.tasks.toolsets import Toolset
+from pgbackflow.tasks.transfer import ProgressCallback, ProgressReporter
+from pgbackflow.tasks.wal import (
     WalInventory,
     fetch_wal_file,
     read_wal_inventory,

@@ -35,9 +35,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, cast
 
-from tasks.errors import ConfigError, DatabaseError, PgBackflowError
-from tasks.keys import Keyring
-from tasks.pitr import (
+from pgbackflow.tasks.errors import ConfigError, DatabaseError, PgBackflowError
+from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.pitr import (
     PROMOTE_TIMEOUT_S,
     RESTORE_DIR,
     TARGET_NOT_REACHED,
@@ -50,8 +50,8 @@ from tasks.pitr import (
     free_port,
     unpack_backup,
 )
-from tasks.storage import Storage
-from tasks.toolsets import Toolset, find_toolset
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.toolsets import Toolset, find_toolset
 
 # The SDK is untyped, and mypy would resolve "docker" to this repository's docker/ folder
 # (image build scripts); at run time the installed package wins (as in tasks/docker_sandbox).

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from tasks.errors import PgBackflowError
+from pgbackflow.tasks.errors import PgBackflowError
 
 STDERR_TAIL_LINES = 20
 STDERR_ERROR_LINES = 500

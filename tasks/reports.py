@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from tasks.manifest import LogicalManifest
+from pgbackflow.tasks.manifest import LogicalManifest
 
 
 class DestinationStatus(BaseModel):

@@ -17,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.errors import ConfigError, DatabaseError
 
 __all__ = [
     "DEMO_SCHEMAS",

@@ -17,11 +17,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from tasks.cluster import EphemeralCluster
-from tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
-from tasks.errors import ConfigError, PgBackflowError
-from tasks.process import Tool, ToolResult
-from tasks.toolsets import find_toolset
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
+from pgbackflow.tasks.errors import ConfigError, PgBackflowError
+from pgbackflow.tasks.process import Tool, ToolResult
+from pgbackflow.tasks.toolsets import find_toolset
 
 logger = logging.getLogger("pgbackflow.sandbox")
 
@@ -192,7 +192,7 @@ def sandbox_for(kind: str, major: int, resources: SandboxResources,
     if kind == "local":
         return LocalSandbox(major, resources)
     if kind == "docker":
-        from tasks.docker_sandbox import DockerSandbox
+        from pgbackflow.tasks.docker_sandbox import DockerSandbox
 
         sandbox: Sandbox = DockerSandbox(major, resources, image_template=image_template)
         return sandbox

@@ -48,8 +48,13 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
-from tasks.botocore_data import lean_session
-from tasks.errors import ConfigError, ObjectNotFoundError, StorageError, TransientStorageError
+from pgbackflow.tasks.botocore_data import lean_session
+from pgbackflow.tasks.errors import (
+    ConfigError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client

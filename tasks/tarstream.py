@@ -12,7 +12,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tasks.errors import PgBackflowError
+from pgbackflow.tasks.errors import PgBackflowError
 
 BLOCK = 512
 

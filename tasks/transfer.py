@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from tasks.errors import PgBackflowError, StorageError
-from tasks.storage import ObjectWriter, Storage
+from pgbackflow.tasks.errors import PgBackflowError, StorageError
+from pgbackflow.tasks.storage import ObjectWriter, Storage
 
 logger = logging.getLogger("pgbackflow.transfer")
 

@@ -20,16 +20,16 @@ from typing import Literal
 from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
-from tasks.budget import disk_budget_from_environment
-from tasks.database import connect
-from tasks.errors import PgBackflowError, StorageError
-from tasks.inventory import compare_counts, take_inventory_of_idle_database
-from tasks.keys import Keyring
-from tasks.logical import replay_globals
-from tasks.manifest import LogicalManifest
-from tasks.pipeline import decrypted_chunks
-from tasks.sandbox import Sandbox, free_disk_bytes
-from tasks.storage import Storage
+from pgbackflow.tasks.budget import disk_budget_from_environment
+from pgbackflow.tasks.database import connect
+from pgbackflow.tasks.errors import PgBackflowError, StorageError
+from pgbackflow.tasks.inventory import compare_counts, take_inventory_of_idle_database
+from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.logical import replay_globals
+from pgbackflow.tasks.manifest import LogicalManifest
+from pgbackflow.tasks.pipeline import decrypted_chunks
+from pgbackflow.tasks.sandbox import Sandbox, free_disk_bytes
+from pgbackflow.tasks.storage import Storage
 
 HEADROOM_BYTES = 1024**3
 DUMP_FILE = "dump.custom"

@@ -32,24 +32,24 @@ from typing import Any, Literal
 
 import psycopg
 
-from tasks.budget import disk_budget_from_environment
-from tasks.cluster import resolve_os_user
-from tasks.errors import (
+from pgbackflow.tasks.budget import disk_budget_from_environment
+from pgbackflow.tasks.cluster import resolve_os_user
+from pgbackflow.tasks.errors import (
     DatabaseError,
     ObjectNotFoundError,
     PgBackflowError,
     StorageError,
 )
-from tasks.inventory import take_inventory
-from tasks.keys import Keyring
-from tasks.physical import (
+from pgbackflow.tasks.inventory import take_inventory
+from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.physical import (
     PhysicalManifest,
     chain_of,
     list_physical_backups,
     parse_lsn,
     resolve_db_id,
 )
-from tasks.pitr import (
+from pgbackflow.tasks.pitr import (
     LOG_NAME,
     WAL_CACHE,
     PitrPlan,
@@ -62,11 +62,11 @@ from tasks.pitr import (
     restore_dir_of,
     start_and_wait,
 )
-from tasks.process import OsUser, Tool, ToolResult, pid_alive
-from tasks.sandbox import free_disk_bytes
-from tasks.storage import Storage
-from tasks.toolsets import Toolset, find_toolset
-from tasks.wal import WalInventory, read_wal_inventory, segment_name
+from pgbackflow.tasks.process import OsUser, Tool, ToolResult, pid_alive
+from pgbackflow.tasks.sandbox import free_disk_bytes
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.toolsets import Toolset, find_toolset
+from pgbackflow.tasks.wal import WalInventory, read_wal_inventory, segment_name
 
 logger = logging.getLogger("pgbackflow.verify_physical")
 

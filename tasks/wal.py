@@ -34,14 +34,24 @@ from pathlib import Path
 
 import psycopg
 
-from tasks.archive import ArchiveError, ArchiveReader
-from tasks.database import ConnectionSettings, connect, libpq_conninfo, libpq_password_env
-from tasks.errors import ConfigError, DatabaseError, PgBackflowError, TransientDatabaseError
-from tasks.keys import Keyring, MasterKey
-from tasks.pipeline import store_file
-from tasks.process import Tool
-from tasks.storage import Storage
-from tasks.toolsets import Toolset
+from pgbackflow.tasks.archive import ArchiveError, ArchiveReader
+from pgbackflow.tasks.database import (
+    ConnectionSettings,
+    connect,
+    libpq_conninfo,
+    libpq_password_env,
+)
+from pgbackflow.tasks.errors import (
+    ConfigError,
+    DatabaseError,
+    PgBackflowError,
+    TransientDatabaseError,
+)
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.pipeline import store_file
+from pgbackflow.tasks.process import Tool
+from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.toolsets import Toolset
 
 WAL_DIR = "wal"
 OBJECT_SUFFIX = ".pgbf"

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tasks.budget import plan_budget
-from tasks.errors import ConfigError
+from pgbackflow.tasks.budget import plan_budget
+from pgbackflow.tasks.errors import ConfigError
 
 CLI = str(Path(sys.executable).with_name("pgbackflow"))
 
@@ -82,7 +82,7 @@ def test_agent_starts_a_worker_for_the_pool(prefect_api: str) -> None:
 
 def test_container_limits_are_the_per_job_share(pg_servers: Any, docker_engine: Any) -> None:
     """The sandbox container gets exactly the job's share (read back from the Docker API)."""
-    from tasks.docker_sandbox import DockerSandbox
+    from pgbackflow.tasks.docker_sandbox import DockerSandbox
 
     major = max(pg_servers.majors)
     plan = plan_budget(max_cpu=1, max_ram_mb=700, max_disk_gb=5, max_concurrent_jobs=2)
@@ -105,8 +105,8 @@ def test_startup_sweep_removes_leftovers_of_a_crashed_run(
     """A sandbox container whose owner process died is removed by the next sandbox start."""
     import socket
 
-    from tasks.docker_sandbox import DockerSandbox
-    from tasks.sandbox import SANDBOX_LABEL
+    from pgbackflow.tasks.docker_sandbox import DockerSandbox
+    from pgbackflow.tasks.sandbox import SANDBOX_LABEL
 
     major = max(pg_servers.majors)
     dead = subprocess.Popen(["true"])
@@ -135,10 +135,10 @@ def test_startup_sweep_removes_leftovers_of_a_crashed_run(
 def test_disk_budget_is_checked_before_a_job(monkeypatch: pytest.MonkeyPatch) -> None:
     from datetime import UTC, datetime
 
-    from tasks.budget import ENV_MAX_DISK_BYTES, disk_budget_from_environment
-    from tasks.errors import StorageError
-    from tasks.manifest import DatabaseInfo, LogicalManifest, StoredObjectInfo
-    from tasks.verify import check_free_disk
+    from pgbackflow.tasks.budget import ENV_MAX_DISK_BYTES, disk_budget_from_environment
+    from pgbackflow.tasks.errors import StorageError
+    from pgbackflow.tasks.manifest import DatabaseInfo, LogicalManifest, StoredObjectInfo
+    from pgbackflow.tasks.verify import check_free_disk
 
     stored = StoredObjectInfo(key="k", raw_size=1, stored_size=600 * 1024**2, sha256="0" * 64)
     manifest = LogicalManifest(

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pgbackflow import standalone_decrypt
-from tasks.archive import (
+from pgbackflow.tasks.archive import (
     FRAME_HEADER_BYTES,
     HEADER_BYTES,
     TAG_BYTES,
@@ -32,7 +32,7 @@ from tasks.archive import (
     decrypt_stream,
     rewrap_header,
 )
-from tasks.keys import Keyring, MasterKey, write_key_file
+from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
 
 CHUNK = 1024
 

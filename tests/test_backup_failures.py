@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from psycopg import sql
 
-from tasks.archive import DEFAULT_CHUNK_SIZE, FRAME_HEADER_BYTES, HEADER_BYTES, TAG_BYTES
-from tasks.cluster import EphemeralCluster
-from tasks.keys import MasterKey, write_key_file
-from tasks.manifest import LogicalManifest, list_backups
-from tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3ObjectStorage, Storage
-from tasks.toolsets import toolsets_home
+from pgbackflow.tasks.archive import DEFAULT_CHUNK_SIZE, FRAME_HEADER_BYTES, HEADER_BYTES, TAG_BYTES
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.keys import MasterKey, write_key_file
+from pgbackflow.tasks.manifest import LogicalManifest, list_backups
+from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3ObjectStorage, Storage
+from pgbackflow.tasks.toolsets import toolsets_home
 from tests.fixtures.postgres import PgServers, make_database
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 

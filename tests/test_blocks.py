@@ -12,8 +12,8 @@ from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import SecretStr
 
-from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
-from tasks.keys import MasterKey
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
+from pgbackflow.tasks.keys import MasterKey
 
 ALL_BLOCKS: list[type[Block]] = [BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage]
 

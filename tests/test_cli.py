@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.archive import ArchiveWriter
-from tasks.keys import MasterKey, load_key_file, write_key_file
+from pgbackflow.tasks.archive import ArchiveWriter
+from pgbackflow.tasks.keys import MasterKey, load_key_file, write_key_file
 
 CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
 

@@ -7,9 +7,9 @@ import socket
 import pytest
 from pydantic import SecretStr
 
-from blocks import PostgresDatabase
-from tasks.database import parse_dsn
-from tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
+from pgbackflow.blocks import PostgresDatabase
+from pgbackflow.tasks.database import parse_dsn
+from pgbackflow.tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
 
 
 def block_for(server: object, **overrides: object) -> PostgresDatabase:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.manifest import list_backups
-from tasks.sample_data import demo_row_counts
-from tasks.storage import LocalFolderStorage
+from pgbackflow.tasks.manifest import list_backups
+from pgbackflow.tasks.sample_data import demo_row_counts
+from pgbackflow.tasks.storage import LocalFolderStorage
 
 
 def processes_mentioning(text: str) -> list[str]:

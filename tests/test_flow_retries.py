@@ -12,9 +12,9 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.context import get_run_context
 
-from flows.logical_backup import inspect_source
-from tasks.database import ConnectionSettings
-from tasks.errors import DatabaseError, TransientDatabaseError
+from pgbackflow.flows.logical_backup import inspect_source
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import DatabaseError, TransientDatabaseError
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from tasks.database import ConnectionSettings
-from tasks.inventory import take_inventory, take_inventory_of_idle_database
-from tasks.sample_data import demo_row_counts, load_demo_database
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.inventory import take_inventory, take_inventory_of_idle_database
+from pgbackflow.tasks.sample_data import demo_row_counts, load_demo_database
 from tests.fixtures.postgres import PgDatabase
 
 

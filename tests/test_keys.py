@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import ConfigError
-from tasks.keys import (
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.keys import (
     KEY_FILE_ENV,
     Keyring,
     MasterKey,

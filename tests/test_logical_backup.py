@@ -13,16 +13,16 @@ import pytest
 from psycopg import sql
 from pydantic import SecretStr
 
-from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
-from flows.logical_backup import logical_backup
-from flows.logical_restore import logical_restore
-from tasks.archive import ChunkTamperedError
-from tasks.cluster import EphemeralCluster
-from tasks.errors import ConfigError, DatabaseError
-from tasks.logical import RestoreOptions
-from tasks.manifest import list_backups
-from tasks.sample_data import load_edge_case_database
-from tasks.toolsets import find_toolset
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
+from pgbackflow.flows.logical_backup import logical_backup
+from pgbackflow.flows.logical_restore import logical_restore
+from pgbackflow.tasks.archive import ChunkTamperedError
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.logical import RestoreOptions
+from pgbackflow.tasks.manifest import list_backups
+from pgbackflow.tasks.sample_data import load_edge_case_database
+from pgbackflow.tasks.toolsets import find_toolset
 from tests.dbcompare import database_fingerprint, diff_fingerprints, table_row_counts
 from tests.fixtures.postgres import PgDatabase, make_database
 from tests.fixtures.s3 import S3Bucket
@@ -254,7 +254,7 @@ def test_artifacts_and_pg_dump_errors(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.process import ToolFailedError
+    from pgbackflow.tasks.process import ToolFailedError
 
     server: EphemeralCluster = pg_servers.get(18)
     source = create_database(server, "art")
@@ -309,7 +309,7 @@ def test_dump_replaced_by_another_valid_archive_fails_the_checksum(
     pg_servers: Any, tmp_path: Path, encryption_key: BackupEncryptionKey
 ) -> None:
     """Every chunk authenticates, but it is not the object the manifest describes."""
-    from tasks.archive import ArchiveError
+    from pgbackflow.tasks.archive import ArchiveError
 
     server: EphemeralCluster = pg_servers.get(17)
     source = make_database(server, "swap", "CREATE TABLE t AS SELECT generate_series(1, 10) AS id")

@@ -27,10 +27,10 @@ from typing import IO
 import pytest
 from psycopg import sql
 
-import tasks.database
-from tasks.cluster import EphemeralCluster
-from tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
-from tasks.process import Tool
+import pgbackflow.tasks.database
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
+from pgbackflow.tasks.process import Tool
 from tests.fixtures.postgres import PgServers
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="memfd passfiles are Linux-only")
@@ -45,13 +45,13 @@ HOLDER_SCRIPT = """
 import json, sys, time
 from pathlib import Path
 
-import tasks.database
-from tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
-from tasks.process import Tool
+import pgbackflow.tasks.database
+from pgbackflow.tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
+from pgbackflow.tasks.process import Tool
 
 spec = json.loads(sys.stdin.readline())  # the password comes on stdin, never in argv
 if spec["fallback"]:
-    tasks.database._memfd_passfile = lambda content: None
+    pgbackflow.tasks.database._memfd_passfile = lambda content: None
 settings = ConnectionSettings(**spec["settings"])
 with (
     libpq_password_env(settings) as env,
@@ -334,7 +334,7 @@ def test_fallback_passfile_of_a_sigkilled_holder_is_swept(
 def test_fallback_temp_file_works_and_is_removed(
     canary: Canary, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tasks.database, "_memfd_passfile", lambda content: None)
+    monkeypatch.setattr(pgbackflow.tasks.database, "_memfd_passfile", lambda content: None)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     with libpq_password_env(canary.settings) as env:
         path = Path(env["PGPASSFILE"])

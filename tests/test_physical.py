@@ -24,8 +24,8 @@ import psycopg
 import pytest
 from pydantic import SecretStr
 
-from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
-from flows.physical import (
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
+from pgbackflow.flows.physical import (
     ConcurrentBackupError,
     backup_lock_name,
     full_backup,
@@ -34,16 +34,16 @@ from flows.physical import (
     pitr_restore,
     wal_gaps,
 )
-from tasks.archive import ArchiveError
-from tasks.cluster import EphemeralCluster, resolve_os_user
-from tasks.database import ConnectionSettings
-from tasks.errors import ConfigError, ObjectNotFoundError, ToolsetError
-from tasks.keys import write_key_file
-from tasks.physical import list_physical_backups, physical_db_id
-from tasks.process import Tool
-from tasks.storage import LocalFolderStorage
-from tasks.toolsets import find_toolset
-from tasks.wal import WalIntegrityError, WalShipper, WalStreamer, wal_object_key
+from pgbackflow.tasks.archive import ArchiveError
+from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, ToolsetError
+from pgbackflow.tasks.keys import write_key_file
+from pgbackflow.tasks.physical import list_physical_backups, physical_db_id
+from pgbackflow.tasks.process import Tool
+from pgbackflow.tasks.storage import LocalFolderStorage
+from pgbackflow.tasks.toolsets import find_toolset
+from pgbackflow.tasks.wal import WalIntegrityError, WalShipper, WalStreamer, wal_object_key
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg]
 
@@ -659,8 +659,8 @@ def test_cluster_with_a_tablespace(
 
 def test_another_system_identifier_breaks_the_chain() -> None:
     """Planning is plain data: a newest backup of another cluster can never be a parent."""
-    from tasks.manifest import StoredObjectInfo
-    from tasks.physical import ClusterFacts, PhysicalManifest, plan_backup
+    from pgbackflow.tasks.manifest import StoredObjectInfo
+    from pgbackflow.tasks.physical import ClusterFacts, PhysicalManifest, plan_backup
 
     info = StoredObjectInfo(key="k", raw_size=1, stored_size=1, sha256="0" * 64)
     now = datetime.now(UTC)

@@ -13,8 +13,8 @@ from uuid import UUID
 import pytest
 from pydantic import SecretStr
 
-from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
-from deployments.physical import (
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
+from pgbackflow.deployments.physical import (
     deploy_physical_backups,
     deploy_wal_stream,
     full_deployment_name,
@@ -22,7 +22,7 @@ from deployments.physical import (
     physical_schedule,
     wal_deployment_name,
 )
-from tasks.errors import ConfigError
+from pgbackflow.tasks.errors import ConfigError
 
 LOCAL_SLUG = "pgbackflow-local-storage"
 
@@ -115,7 +115,7 @@ def assert_one_at_a_time(deployment: Any) -> None:
 def test_backup_deployments_carry_schedules_and_block_references(
     saved: SavedBlocks, tmp_path: Path
 ) -> None:
-    from flows.physical import full_backup, incremental_backup
+    from pgbackflow.flows.physical import full_backup, incremental_backup
 
     db_id = f"cluster-{secrets.randbelow(10**18)}"
     pool = f"physical-{secrets.token_hex(3)}"
@@ -221,7 +221,7 @@ def wal_deployment(saved: SavedBlocks) -> Iterator[tuple[UUID, str]]:
 def test_wal_stream_deployment_keeps_exactly_one_streamer(
     saved: SavedBlocks, wal_deployment: tuple[UUID, str]
 ) -> None:
-    from flows.physical import wal_stream
+    from pgbackflow.flows.physical import wal_stream
 
     deployment_id, db_id = wal_deployment
     deployment, flow_name = read(deployment_id)

@@ -22,22 +22,22 @@ from pathlib import Path
 
 import pytest
 
-from tasks import physical as ph
-from tasks.cluster import EphemeralCluster, resolve_os_user
-from tasks.database import ConnectionSettings
-from tasks.errors import ObjectNotFoundError, ToolsetError
-from tasks.inventory import take_inventory
-from tasks.keys import Keyring, MasterKey
-from tasks.manifest import new_backup_id
-from tasks.process import Tool
-from tasks.storage import LocalFolderStorage
-from tasks.toolsets import Toolset, find_toolset
-from tasks.verify_physical import (
+from pgbackflow.tasks import physical as ph
+from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import ObjectNotFoundError, ToolsetError
+from pgbackflow.tasks.inventory import take_inventory
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import new_backup_id
+from pgbackflow.tasks.process import Tool
+from pgbackflow.tasks.storage import LocalFolderStorage
+from pgbackflow.tasks.toolsets import Toolset, find_toolset
+from pgbackflow.tasks.verify_physical import (
     PhysicalVerificationReport,
     sandbox_settings,
     verify_physical_backup,
 )
-from tasks.wal import WalShipper, WalStreamer
+from pgbackflow.tasks.wal import WalShipper, WalStreamer
 
 pytestmark = [pytest.mark.pg]
 

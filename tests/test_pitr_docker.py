@@ -30,21 +30,21 @@ from typing import Any
 import psycopg
 import pytest
 
-from tasks import physical as ph
-from tasks import pitr, wal
-from tasks.cluster import EphemeralCluster
-from tasks.database import ConnectionSettings
-from tasks.errors import ConfigError, DatabaseError
-from tasks.keys import Keyring, MasterKey
-from tasks.manifest import new_backup_id
-from tasks.pitr_docker import (
+from pgbackflow.tasks import physical as ph
+from pgbackflow.tasks import pitr, wal
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import new_backup_id
+from pgbackflow.tasks.pitr_docker import (
     PITR_LABEL,
     _tar_chunks,
     configure_container_recovery,
     restore_into_docker_volume,
 )
-from tasks.storage import LocalFolderStorage
-from tasks.toolsets import find_toolset
+from pgbackflow.tasks.storage import LocalFolderStorage
+from pgbackflow.tasks.toolsets import find_toolset
 
 pytestmark = pytest.mark.pg
 

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from psycopg.conninfo import make_conninfo
 
-from tasks.cluster import EphemeralCluster, resolve_os_user
-from tasks.errors import ConfigError, DatabaseError
-from tasks.toolsets import Toolset, find_toolset
+from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
+from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from tests.fixtures.postgres import PgDatabase, PgServers
 
 DEBIAN_15 = Path("/usr/lib/postgresql/15/bin/postgres")

@@ -15,9 +15,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tasks.cluster import EphemeralCluster
-from tasks.errors import ConfigError, DatabaseError
-from tasks.sample_data import (
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.sample_data import (
     EDGE_CASE_LARGE_OBJECTS,
     demo_row_counts,
     load_demo_database,

@@ -20,10 +20,15 @@ from typing import TYPE_CHECKING
 import boto3
 import pytest
 
-from blocks.storage import storage_block_from_url
-from tasks.botocore_data import S3_OPERATIONS
-from tasks.errors import ConfigError, ObjectNotFoundError, StorageError, TransientStorageError
-from tasks.storage import (
+from pgbackflow.blocks.storage import storage_block_from_url
+from pgbackflow.tasks.botocore_data import S3_OPERATIONS
+from pgbackflow.tasks.errors import (
+    ConfigError,
+    ObjectNotFoundError,
+    StorageError,
+    TransientStorageError,
+)
+from pgbackflow.tasks.storage import (
     INCOMPLETE_DIR,
     MAX_PART_SIZE,
     MAX_PARTS,
@@ -257,7 +262,7 @@ def test_check_writable_passes_and_leaves_nothing(storage: Storage) -> None:
 CHILD_WRITER = r"""
 import json, os, sys, time
 from pathlib import Path
-from tasks.storage import LocalFolderStorage, S3ObjectStorage
+from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage
 
 spec = json.loads(sys.argv[1])
 if spec["kind"] == "local":

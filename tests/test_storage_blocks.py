@@ -10,9 +10,9 @@ from prefect.blocks.core import Block
 from prefect.testing.standard_test_suites.blocks import BlockStandardTestSuite
 from pydantic import SecretStr
 
-from blocks.storage import LocalStorage, S3Storage
-from tasks.errors import StorageError
-from tasks.storage import LocalFolderStorage, S3ObjectStorage
+from pgbackflow.blocks.storage import LocalStorage, S3Storage
+from pgbackflow.tasks.errors import StorageError
+from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage
 from tests.fixtures.s3 import S3Bucket
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.errors import ConfigError, ToolsetError
-from tasks.toolsets import (
+from pgbackflow.tasks.errors import ConfigError, ToolsetError
+from pgbackflow.tasks.toolsets import (
     DEFAULT_VERSIONS,
     available_toolsets,
     find_toolset,

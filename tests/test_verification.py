@@ -17,14 +17,14 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
-from flows.logical_backup import logical_backup
-from flows.verification import VerificationFailed, restore_verification
-from tasks.cluster import EphemeralCluster
-from tasks.keys import write_key_file
-from tasks.manifest import find_manifest_key, list_backups
-from tasks.sample_data import load_edge_case_database
-from tasks.toolsets import Toolset, find_toolset
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
+from pgbackflow.flows.logical_backup import logical_backup
+from pgbackflow.flows.verification import VerificationFailed, restore_verification
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.keys import write_key_file
+from pgbackflow.tasks.manifest import find_manifest_key, list_backups
+from pgbackflow.tasks.sample_data import load_edge_case_database
+from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from tests.fixtures.mounts import tmpfs
 from tests.fixtures.postgres import PgDatabase, make_database
 
@@ -66,7 +66,7 @@ def backup_of(server: EphemeralCluster, dbname: str, folder: Path,
 
 
 def our_containers(client: Any) -> list[Any]:
-    from tasks.sandbox import SANDBOX_LABEL
+    from pgbackflow.tasks.sandbox import SANDBOX_LABEL
 
     return list(client.containers.list(all=True, filters={"label": SANDBOX_LABEL}))
 

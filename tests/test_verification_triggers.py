@@ -20,18 +20,18 @@ from uuid import UUID
 import pytest
 from pydantic import SecretStr
 
-from blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
-from deployments.verification import (
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
+from pgbackflow.deployments.verification import (
     configure_notifications,
     deploy_verification,
     deployment_name,
     queue_verification,
     schedule_cron,
 )
-from flows.logical_backup import logical_backup
-from tasks.cluster import EphemeralCluster
-from tasks.errors import ConfigError
-from tasks.keys import write_key_file
+from pgbackflow.flows.logical_backup import logical_backup
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.keys import write_key_file
 from tests.fixtures.postgres import make_database
 
 CLI = str(Path(sys.executable).with_name("pgbackflow"))
@@ -118,7 +118,7 @@ def test_after_backup_trigger_queue_agent_and_notifications(
         DeploymentFilterName,
     )
 
-    from flows.common import artifact_key
+    from pgbackflow.flows.common import artifact_key
 
     server: EphemeralCluster = pg_servers.get(17)
     source = make_database(server, "trig",

@@ -31,8 +31,8 @@ from typing import Any
 import boto3
 from moto.server import ThreadedMotoServer
 
-from tasks.cluster import EphemeralCluster
-from tasks.toolsets import find_toolset
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.toolsets import find_toolset
 
 CHILD = """
 import json, sys, time
@@ -46,8 +46,8 @@ def vm(field):
     return 0.0
 
 from pydantic import SecretStr
-from blocks import LocalStorage, PostgresDatabase, S3Storage
-from flows.logical_backup import logical_backup
+from pgbackflow.blocks import LocalStorage, PostgresDatabase, S3Storage
+from pgbackflow.flows.logical_backup import logical_backup
 args = json.loads(sys.argv[1])
 db = PostgresDatabase(host=args["host"], port=args["port"], database=args["db"],
                       user=args["user"], password=SecretStr(args["password"]), sslmode="disable")
@@ -68,9 +68,9 @@ baseline = vm("VmRSS")
 if args.get("pipeline_only"):
     # The data path without Prefect: pg_dump -> encryption -> storage, counts and globals.
     from pathlib import Path
-    from tasks.keys import load_key_file
-    from tasks.logical import dump_database
-    from tasks.toolsets import toolset_for_server
+    from pgbackflow.tasks.keys import load_key_file
+    from pgbackflow.tasks.logical import dump_database
+    from pgbackflow.tasks.toolsets import toolset_for_server
     settings = db.settings()
     toolset = toolset_for_server(args["major"])
     key = load_key_file(Path(args["key_file"]))
@@ -80,7 +80,7 @@ if args.get("pipeline_only"):
     print(json.dumps({"seconds": elapsed, "rss_mb": vm("VmHWM"), "baseline_mb": baseline,
                       "stored": result.write.info.stored_size}))
     sys.exit(0)
-from flows.common import supervised_by_caller  # as the CLI runs flows
+from pgbackflow.flows.common import supervised_by_caller  # as the CLI runs flows
 with supervised_by_caller():
     started = time.perf_counter()
     report = logical_backup(db, [storage], key_file=args["key_file"])
@@ -144,7 +144,7 @@ def main() -> int:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.keys import MasterKey, write_key_file
+    from pgbackflow.tasks.keys import MasterKey, write_key_file
 
     work = Path(tempfile.mkdtemp(prefix="pgbackflow-bench-"))
     key_file = work / "bench.key"

@@ -64,12 +64,12 @@ from typing import Any
 import psycopg
 
 from pgbackflow import __version__
-from tasks.cluster import EphemeralCluster, resolve_os_user
-from tasks.database import ConnectionSettings
-from tasks.errors import PgBackflowError
-from tasks.keys import Keyring, MasterKey, write_key_file
-from tasks.manifest import new_backup_id
-from tasks.physical import (
+from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.errors import PgBackflowError
+from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
+from pgbackflow.tasks.manifest import new_backup_id
+from pgbackflow.tasks.physical import (
     PhysicalManifest,
     backup_prefix,
     parent_manifest_file,
@@ -77,7 +77,7 @@ from tasks.physical import (
     take_base_backup,
     write_manifest,
 )
-from tasks.pitr import (
+from pgbackflow.tasks.pitr import (
     build_data_dir,
     configure_recovery,
     fetch_wal,
@@ -85,9 +85,9 @@ from tasks.pitr import (
     plan_pitr,
     start_and_wait,
 )
-from tasks.process import OsUser, Tool
-from tasks.storage import LocalFolderStorage
-from tasks.toolsets import Toolset, find_toolset
+from pgbackflow.tasks.process import OsUser, Tool
+from pgbackflow.tasks.storage import LocalFolderStorage
+from pgbackflow.tasks.toolsets import Toolset, find_toolset
 
 DB = "big"
 STANZA = "bench"

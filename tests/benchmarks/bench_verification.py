@@ -25,16 +25,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks.cluster import EphemeralCluster
-from tasks.inventory import take_inventory
-from tasks.sandbox import THROWAWAY_SETTINGS
-from tasks.toolsets import find_toolset
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.inventory import take_inventory
+from pgbackflow.tasks.sandbox import THROWAWAY_SETTINGS
+from pgbackflow.tasks.toolsets import find_toolset
 from tests.benchmarks.bench_logical_backup import build_database, run_child
 
 VERIFY_CHILD = """
 import json, sys, time
-from blocks import LocalStorage
-from flows.verification import restore_verification
+from pgbackflow.blocks import LocalStorage
+from pgbackflow.flows.verification import restore_verification
 from prefect import flow
 
 @flow
@@ -43,7 +43,7 @@ def warm_up():
 
 warm_up()
 args = json.loads(sys.argv[1])
-from flows.common import supervised_by_caller  # as the CLI runs flows
+from pgbackflow.flows.common import supervised_by_caller  # as the CLI runs flows
 with supervised_by_caller():
     started = time.perf_counter()
     report = restore_verification(LocalStorage(folder=args["folder"]), sandbox=args["sandbox"],
@@ -86,10 +86,10 @@ def main() -> int:
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    from tasks.keys import Keyring, MasterKey, write_key_file
-    from tasks.manifest import list_backups
-    from tasks.storage import LocalFolderStorage
-    from tasks.verify import spool_dump
+    from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
+    from pgbackflow.tasks.manifest import list_backups
+    from pgbackflow.tasks.storage import LocalFolderStorage
+    from pgbackflow.tasks.verify import spool_dump
 
     work = Path(tempfile.mkdtemp(prefix="pgbackflow-bench-verify-"))
     key = MasterKey.generate()
