@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar, Literal
 
 from prefect.blocks.core import Block
 from pydantic import Field, HttpUrl, SecretStr
 
 from pgbackflow.tasks.database import ConnectionSettings, ServerInfo, check_connection, parse_dsn
+from pgbackflow.tasks.errors import ConfigError
+
+#: Ids pgbackflow writes into storage keys and tags: no '/', no '..', at most 100 characters.
+DB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+
+
+def checked_db_id(db_id: str, what: str = "db_id") -> str:
+    """``db_id`` if it is a valid id, else a one-line ConfigError naming ``what``."""
+    if not re.fullmatch(DB_ID_PATTERN, db_id):
+        raise ConfigError(
+            f"{what} {db_id!r} is invalid: use up to 100 letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit"
+        )
+    return db_id
 
 
 class PostgresDatabase(Block):
@@ -20,6 +35,9 @@ class PostgresDatabase(Block):
         user: Role to connect as.
         password: Password of that role.
         sslmode: libpq sslmode (disable, allow, prefer, require, verify-ca, verify-full).
+        db_id: Stable id of this database in pgbackflow (its backups' folder in storage, its
+            deployments and run tags). Empty: derived from the server's system identifier and
+            the database name once connected.
 
     Example:
         ```python
@@ -54,6 +72,14 @@ info = postgres_database.check()
     password: SecretStr | None = Field(default=None, description="Password of the role.")
     sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] = Field(
         default="prefer", description="libpq sslmode for the connection."
+    )
+    db_id: str | None = Field(
+        default=None,
+        pattern=DB_ID_PATTERN,
+        description=(
+            "Stable id of this database in pgbackflow: names its backups, deployments and run "
+            "tags. Empty: derived from the server's identity once connected."
+        ),
     )
 
     @classmethod

@@ -11,33 +11,35 @@ Per cluster (``db_id``, e.g. ``cluster-7312…``, as in the backups' manifests):
   summaries) makes the run take a full backup, and its report says why.
 * ``wal-stream/wal-stream-<db_id>``: the ``wal-stream`` flow, see below.
 
-All three are tagged ``db:<db_id>`` (plus ``physical-backup`` or ``wal-stream``) and run on
-a process work pool (created if missing) from this repository's folder, which must exist at
-the same path on the worker hosts. Their parameters reference saved Prefect blocks
+All three are tagged ``db:<db_id>``, ``job:<kind>`` and ``pgbackflow`` and run on a process
+work pool (created if missing) from the installed package (module entrypoints: a worker needs
+``pip install pgbackflow``, no checkout). Their parameters reference saved Prefect blocks
 (``{"$ref": {"block_document_id": ...}}``, resolved when a run starts, so editing a block
 takes effect at the next run); storages given as URLs are stored inline (they hold no
-secrets: credentials come from the worker's environment). Each deployment has a concurrency
-limit of 1 that cancels new runs while one runs: a slow backup that waits for the cluster's
-backup lock is not joined by a pile of further waiting ones.
+secrets: credentials come from the worker's environment). Backup deployments run one at a
+time (new runs wait); the cluster's backup lock serialises fulls and incrementals.
 
-Re-running a deploy function updates the deployments in place (same names); Prefect then
-replaces their schedules and deletes their future scheduled runs, so nothing is duplicated.
+Re-running a deploy function updates the deployments in place (same names) and leaves a
+deployment that is already as asked untouched, so nothing is duplicated.
 ``deploy_physical_backups(..., incremental=None)`` deletes a previously deployed incremental
 deployment of the cluster.
 
 Why the WAL streamer restarts without losing WAL
 ------------------------------------------------
-``wal-stream`` runs until cancelled. Its deployment has an interval schedule (default every
-60 s) and a concurrency limit of 1 with collision strategy CANCEL_NEW: while a streamer runs,
-each new scheduled run is cancelled at once (visible as Cancelled runs in the UI); once it is
-gone, the next tick starts a new one. So exactly one streamer runs, and one that crashed is
-replaced within an interval:
+``wal-stream`` is one long-running flow run per cluster; its deployment has no schedule and a
+concurrency limit of 1 (a second run started meanwhile ends Cancelled at once). Deploying
+starts it. While it runs it emits a ``pgbackflow.wal.alive`` event every minute and with each
+shipment (resource ``pgbackflow.wal-stream.<db_id>``). Two automations per cluster start the
+deployment again:
 
-* the flow process dies or fails (server restart, retries exhausted): its run ends Crashed
-  or Failed, which frees the slot at once;
-* the worker host dies: the run's concurrency lease is no longer renewed and the server
-  revokes it when it expires (5 minutes in Prefect 3.8); the run itself stays "Running" in
-  the UI until marked otherwise.
+* when its run ends Crashed: the flow process was killed, or its worker host was lost (runs
+  send flow-run heartbeats every 30 s; the ``pgbackflow: crash unresponsive runs`` automation
+  marks a run without heartbeats for 2 minutes Crashed);
+* when no alive event came for ``silence_s`` (default 5 minutes): a run that failed (say,
+  the database was down longer than its retries), or one that never started.
+
+So a killed streamer is replaced within seconds, a lost host within about 2.5 minutes, and
+the UI shows one run per streamer lifetime instead of a Cancelled run every minute.
 
 Nothing is lost meanwhile because the streamer uses a physical replication slot: the
 server keeps every WAL segment the streamer has not confirmed (so watch the server's disk
@@ -62,55 +64,59 @@ spool folder, and it resumes after the newest segment it finds there. Hence:
 A second streamer on the same slot (say, the old host comes back during a network split)
 cannot take the slot: it fails with a one-line error naming the running one.
 
-Editing a running streamer's deployment does not restart it: cancel its run and the next
-tick starts one with the new parameters.
+Editing a running streamer's deployment does not restart it: cancel its run (the silence
+automation starts one with the new parameters within ``silence_s``, or start it from the UI).
+``pgbackflow physical-retire`` stops a cluster's streamer for good and drops its slot.
 """
 
 from __future__ import annotations
 
-import io
 import re
 from collections.abc import Sequence
-from contextlib import redirect_stdout
-from datetime import timedelta
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-from prefect import Flow
 from prefect.blocks.core import Block
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+from prefect.client.schemas.filters import (
+    DeploymentFilter,
+    DeploymentFilterId,
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+)
+from prefect.client.schemas.objects import StateType
 from prefect.exceptions import ObjectNotFound
-from prefect.schedules import Cron, Interval, Schedule
 
 from pgbackflow.blocks.database import PostgresDatabase
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.blocks.storage import LocalStorage, S3Storage, storage_block_from_url
-from pgbackflow.deployments.verification import (
-    PRESETS,
-    REPO_ROOT,
-    db_tag,
+from pgbackflow.deployments.apply import (
+    DeploymentSpec,
+    ScheduleSpec,
+    delete_deployment,
     ensure_work_pool,
-    schedule_cron,
+    write_deployment,
 )
+from pgbackflow.deployments.automations import (
+    DEFAULT_WAL_SILENCE_S,
+    apply_automation,
+    wal_restart_automations,
+    zombie_automation,
+)
+from pgbackflow.deployments.verification import PRESETS, db_tag, job_tag, schedule_cron
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.wal import DEFAULT_PARTIAL_INTERVAL_S, DEFAULT_SLOT
 
 FULL_FLOW = "full-backup"
 INCREMENTAL_FLOW = "incremental-backup"
 WAL_FLOW = "wal-stream"
-FULL_ENTRYPOINT = "pgbackflow.flows.physical:full_backup"
-INCREMENTAL_ENTRYPOINT = "pgbackflow.flows.physical:incremental_backup"
-WAL_ENTRYPOINT = "pgbackflow.flows.physical:wal_stream"
 BACKUP_TAG = "physical-backup"
 WAL_TAG = "wal-stream"
-DEFAULT_WAL_INTERVAL_S = 60.0
 
 _DB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _SLOT = re.compile(r"^[a-z0-9_]{1,63}$")
-_ONE_AT_A_TIME = ConcurrencyLimitConfig(
-    limit=1, collision_strategy=ConcurrencyLimitStrategy.CANCEL_NEW
-)
 
 BlockRef = dict[str, Any]
 
@@ -149,6 +155,59 @@ def physical_schedule(spec: str, at: str, what: str) -> str:
         return schedule_cron(None, cron=spec)
     except ConfigError as exc:
         raise ConfigError(f"{what} schedule: {exc}") from None
+
+
+def physical_backup_specs(
+    parameters: dict[str, Any],
+    *,
+    db_id: str,
+    pool: str,
+    full_cron: str,
+    incremental_cron: str | None,
+    tags: Sequence[str] = (),
+) -> list[DeploymentSpec]:
+    """The full (and incremental) backup deployments of a cluster, as specs.
+
+    Args:
+        parameters: Flow parameters (block references, from :func:`backup_parameters`).
+        db_id: The cluster, for deployment names and tags.
+        pool: Process work pool of the backup workers.
+        full_cron: UTC cron of the fulls.
+        incremental_cron: UTC cron of the incrementals, or None for none.
+        tags: More tags (e.g. ``server:<name>``).
+    """
+    from pgbackflow.flows.physical import full_backup, incremental_backup
+
+    specs = [DeploymentSpec(
+        flow=full_backup, name=full_deployment_name(db_id), work_pool=pool,
+        parameters=parameters, schedule=ScheduleSpec(cron=full_cron),
+        tags=(BACKUP_TAG, db_tag(db_id), job_tag("full"), *tags),
+        description=f"Full physical backup of {db_id} (cron '{full_cron}' UTC)",
+    )]
+    if incremental_cron is not None:
+        specs.append(DeploymentSpec(
+            flow=incremental_backup, name=incremental_deployment_name(db_id), work_pool=pool,
+            parameters=parameters, schedule=ScheduleSpec(cron=incremental_cron),
+            tags=(BACKUP_TAG, db_tag(db_id), job_tag("incremental"), *tags),
+            description=(f"Incremental physical backup of {db_id} (cron '{incremental_cron}' "
+                         "UTC; PostgreSQL 17+, a full when the chain is broken)"),
+        ))
+    return specs
+
+
+def wal_stream_spec(
+    parameters: dict[str, Any], *, db_id: str, pool: str, slot: str, tags: Sequence[str] = ()
+) -> DeploymentSpec:
+    """The WAL streamer deployment of a cluster: no schedule, one run at a time."""
+    from pgbackflow.flows.physical import wal_stream
+
+    return DeploymentSpec(
+        flow=wal_stream, name=wal_deployment_name(db_id), work_pool=pool,
+        parameters=parameters, schedule=None, concurrency_limit=1, collision="CANCEL_NEW",
+        tags=(WAL_TAG, db_tag(db_id), job_tag("wal"), *tags),
+        description=(f"Continuous WAL of {db_id} on slot {slot!r}: one long-running run, "
+                     "started again by automations when it crashes or goes silent"),
+    )
 
 
 def deploy_physical_backups(
@@ -191,8 +250,6 @@ def deploy_physical_backups(
     Raises:
         ConfigError: a bad schedule, db_id, block reference or key choice (one line).
     """
-    from pgbackflow.flows.physical import full_backup, incremental_backup
-
     _check_db_id(db_id)
     full_cron = physical_schedule(full, full_at, "full")
     incremental_cron = (
@@ -200,64 +257,21 @@ def deploy_physical_backups(
     )
     if lock_timeout_s is not None and lock_timeout_s <= 0:
         raise ConfigError(f"lock timeout {lock_timeout_s} s is invalid: use seconds > 0")
-    parameters = _common_parameters(database, storages, key_file, encryption_key_block)
+    parameters = backup_parameters(database, storages, key_file, encryption_key_block)
     if lock_timeout_s is not None:
         parameters["lock_timeout_s"] = lock_timeout_s
     ensure_work_pool(pool)
-    ids = [_deploy(
-        full_backup, FULL_ENTRYPOINT, full_deployment_name(db_id), pool, parameters,
-        schedule=Cron(full_cron, timezone="UTC"), tags=[BACKUP_TAG, db_tag(db_id)],
-        description=f"Full physical backup of {db_id} (cron '{full_cron}' UTC)",
-    )]
+    specs = physical_backup_specs(parameters, db_id=db_id, pool=pool, full_cron=full_cron,
+                                  incremental_cron=incremental_cron)
     if incremental_cron is None:
-        _delete_deployment(INCREMENTAL_FLOW, incremental_deployment_name(db_id))
-    else:
-        ids.append(_deploy(
-            incremental_backup, INCREMENTAL_ENTRYPOINT, incremental_deployment_name(db_id), pool,
-            parameters, schedule=Cron(incremental_cron, timezone="UTC"),
-            tags=[BACKUP_TAG, db_tag(db_id)],
-            description=(f"Incremental physical backup of {db_id} (cron '{incremental_cron}' "
-                         "UTC; PostgreSQL 17+, a full when the chain is broken)"),
-        ))
-    return ids
+        delete_deployment(f"{INCREMENTAL_FLOW}/{incremental_deployment_name(db_id)}")
+    return [write_deployment(spec) for spec in specs]
 
 
-def deploy_wal_stream(
-    database: str | PostgresDatabase,
-    storages: Sequence[str | LocalStorage | S3Storage],
-    *,
-    db_id: str,
-    pool: str,
-    interval_s: float = DEFAULT_WAL_INTERVAL_S,
-    slot: str = DEFAULT_SLOT,
-    spool_dir: str | None = None,
-    partial_interval_s: float = DEFAULT_PARTIAL_INTERVAL_S,
-    key_file: str | None = None,
-    encryption_key_block: str | None = None,
-) -> UUID:
-    """Create or update a cluster's WAL streamer deployment: one runs, a dead one is replaced.
-
-    Args:
-        database: A saved PostgresDatabase block (name, ``block:<slug>/<name>`` or object).
-        storages: Where WAL goes (as for :func:`deploy_physical_backups`).
-        db_id: The cluster, for the deployment name and tags.
-        pool: Process work pool of the streaming workers (created if missing).
-        interval_s: Seconds between ticks that start a streamer if none runs.
-        slot: Physical replication slot (created by the flow if missing).
-        spool_dir: Absolute path of pg_receivewal's folder on the worker host (persistent
-            disk); None for the flow's default.
-        partial_interval_s: Seconds between uploads of the segment in progress (the RPO).
-        key_file: Master key file path on the worker hosts.
-        encryption_key_block: Name of a saved BackupEncryptionKey block (instead).
-
-    Raises:
-        ConfigError: a bad interval, slot, spool folder, block reference or key choice.
-    """
-    from pgbackflow.flows.physical import wal_stream
-
-    _check_db_id(db_id)
-    if not interval_s > 0:
-        raise ConfigError(f"WAL stream interval {interval_s} s is invalid: use seconds > 0")
+def wal_stream_parameters(
+    base: dict[str, Any], *, slot: str, spool_dir: str | None, partial_interval_s: float
+) -> dict[str, Any]:
+    """The streamer's flow parameters on top of the block references; validated."""
     if not partial_interval_s > 0:
         raise ConfigError(
             f"partial upload interval {partial_interval_s} s is invalid: use seconds > 0"
@@ -272,18 +286,79 @@ def deploy_wal_stream(
             f"spool folder {spool_dir!r} is not an absolute path: give its path on the worker "
             "hosts' persistent disk"
         )
-    parameters = _common_parameters(database, storages, key_file, encryption_key_block)
+    parameters = dict(base)
     parameters.update(slot=slot, partial_interval_s=partial_interval_s, max_runtime_s=None)
     if spool_dir is not None:
         parameters["spool_dir"] = spool_dir
-    ensure_work_pool(pool)
-    return _deploy(
-        wal_stream, WAL_ENTRYPOINT, wal_deployment_name(db_id), pool, parameters,
-        schedule=Interval(timedelta(seconds=interval_s), timezone="UTC"),
-        tags=[WAL_TAG, db_tag(db_id)],
-        description=(f"Continuous WAL of {db_id} on slot {slot!r}: started every "
-                     f"{interval_s:g} s unless one runs"),
+    return parameters
+
+
+def deploy_wal_stream(
+    database: str | PostgresDatabase,
+    storages: Sequence[str | LocalStorage | S3Storage],
+    *,
+    db_id: str,
+    pool: str,
+    silence_s: float = DEFAULT_WAL_SILENCE_S,
+    slot: str = DEFAULT_SLOT,
+    spool_dir: str | None = None,
+    partial_interval_s: float = DEFAULT_PARTIAL_INTERVAL_S,
+    key_file: str | None = None,
+    encryption_key_block: str | None = None,
+    start: bool = True,
+) -> UUID:
+    """Create or update a cluster's WAL streamer deployment and its restart automations.
+
+    Args:
+        database: A saved PostgresDatabase block (name, ``block:<slug>/<name>`` or object).
+        storages: Where WAL goes (as for :func:`deploy_physical_backups`).
+        db_id: The cluster, for the deployment name and tags.
+        pool: Process work pool of the streaming workers (created if missing).
+        silence_s: Start the streamer again after this long without an alive event.
+        slot: Physical replication slot (created by the flow if missing).
+        spool_dir: Absolute path of pg_receivewal's folder on the worker host (persistent
+            disk); None for the flow's default.
+        partial_interval_s: Seconds between uploads of the segment in progress (the RPO).
+        key_file: Master key file path on the worker hosts.
+        encryption_key_block: Name of a saved BackupEncryptionKey block (instead).
+        start: Start a streamer run now unless one is running or waiting.
+
+    Raises:
+        ConfigError: a bad window, slot, spool folder, block reference or key choice.
+    """
+    _check_db_id(db_id)
+    if not silence_s >= 120:
+        raise ConfigError(
+            f"WAL silence window {silence_s:g} s is invalid: use at least 120 s (the streamer "
+            "sends an alive event every 60 s)"
+        )
+    parameters = wal_stream_parameters(
+        backup_parameters(database, storages, key_file, encryption_key_block),
+        slot=slot, spool_dir=spool_dir, partial_interval_s=partial_interval_s,
     )
+    ensure_work_pool(pool)
+    deployment_id = write_deployment(wal_stream_spec(parameters, db_id=db_id, pool=pool, slot=slot))
+    for automation in [zombie_automation(), *wal_restart_automations(db_id, deployment_id,
+                                                                     silence_s)]:
+        apply_automation(automation)
+    if start:
+        start_streamer(deployment_id)
+    return deployment_id
+
+
+def start_streamer(deployment_id: UUID) -> UUID | None:
+    """Start a run of the WAL deployment unless one is running or waiting; its id if started."""
+    with get_client(sync_client=True) as client:
+        active = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(
+                any_=[StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED]
+            ))),
+            limit=1,
+        )
+        if active:
+            return None
+        return client.create_flow_run_from_deployment(deployment_id).id
 
 
 # ---------------------------------------------------------------------------------------
@@ -298,12 +373,13 @@ def _check_db_id(db_id: str) -> None:
         )
 
 
-def _common_parameters(
+def backup_parameters(
     database: str | PostgresDatabase,
     storages: Sequence[str | LocalStorage | S3Storage],
     key_file: str | None,
     encryption_key_block: str | None,
 ) -> dict[str, Any]:
+    """Block references (database, storages, key) every backup deployment passes its flow."""
     if key_file and encryption_key_block:
         raise ConfigError("give the master key as a key file or as a key block, not both")
     if not key_file and not encryption_key_block:
@@ -395,43 +471,133 @@ def _storage_parameter(storage: str | LocalStorage | S3Storage) -> BlockRef:
 
 
 # ---------------------------------------------------------------------------------------
-# Deployments
+# Retirement
 
 
-def _deploy(
-    flow: Flow[..., Any],
-    entrypoint: str,
-    name: str,
-    pool: str,
-    parameters: dict[str, Any],
-    *,
-    schedule: Schedule,
-    tags: list[str],
-    description: str,
-) -> UUID:
-    source = flow.from_source(source=str(REPO_ROOT), entrypoint=entrypoint)
-    # Prefect prints a table of what it deployed on stdout; callers print their own summary.
-    with redirect_stdout(io.StringIO()):
-        deployment_id = source.deploy(  # type: ignore[union-attr]  # sync in a sync context
-            name=name,
-            work_pool_name=pool,
-            parameters=parameters,
-            schedules=[schedule],
-            concurrency_limit=_ONE_AT_A_TIME,
-            tags=tags,
-            description=description,
-            print_next_steps=False,
-            ignore_warnings=True,  # the "process pools need a worker" hint: intended here
-        )
-    return UUID(str(deployment_id))
+@dataclass(frozen=True)
+class Retirement:
+    """What retiring a cluster stops and drops.
+
+    Attributes:
+        db_id: The cluster.
+        deployments: Full names and ids of its deployments (full, incremental, WAL).
+        database: The server the WAL streamer connects to (from its deployment), if any.
+        slot: The streamer's replication slot, if a streamer is deployed.
+    """
+
+    db_id: str
+    deployments: tuple[tuple[str, UUID], ...]
+    database: PostgresDatabase | None
+    slot: str | None
+
+    def describe(self) -> str:
+        """What will happen, for the confirmation prompt."""
+        lines = [f"retiring cluster {self.db_id}:"]
+        lines += [f"  pause deployment {name} and cancel its waiting or running runs"
+                  for name, _ in self.deployments]
+        lines.append(f"  pause the automations of {self.db_id}")
+        if self.database is not None and self.slot is not None:
+            lines.append(f"  drop replication slot {self.slot!r} on "
+                         f"{self.database.host}:{self.database.port} (its WAL is released)")
+        lines.append("  stored backups and WAL are kept")
+        return "\n".join(lines)
 
 
-def _delete_deployment(flow_name: str, name: str) -> bool:
-    """Delete a deployment if it exists; returns whether it did."""
+def retirement_plan(db_id: str) -> Retirement:
+    """Read what a cluster's deployments are (nothing changes yet).
+
+    Raises:
+        ConfigError: no deployment of this cluster exists.
+    """
+    from prefect.client.schemas.filters import DeploymentFilterTags
+
+    _check_db_id(db_id)
     with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(f"{flow_name}/{name}")
-        except ObjectNotFound:
-            return False
-        client.delete_deployment(deployment.id)
-    return True
+        found = client.read_deployments(
+            deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[db_tag(db_id)]))
+        )
+        deployments = []
+        database: PostgresDatabase | None = None
+        slot: str | None = None
+        for deployment in found:
+            flow_name = client.read_flow(deployment.flow_id).name
+            if flow_name not in (FULL_FLOW, INCREMENTAL_FLOW, WAL_FLOW):
+                continue
+            deployments.append((f"{flow_name}/{deployment.name}", deployment.id))
+            if flow_name == WAL_FLOW:
+                slot = str(deployment.parameters.get("slot", DEFAULT_SLOT))
+                reference = deployment.parameters.get("database", {}).get("$ref", {})
+                document = client.read_block_document(
+                    UUID(str(reference.get("block_document_id"))), include_secrets=True
+                )
+                block = Block._from_block_document(document)
+                assert isinstance(block, PostgresDatabase)
+                database = block
+    if not deployments:
+        raise ConfigError(
+            f"cluster {db_id} has no physical deployments: nothing to retire (see the "
+            "deployments tagged db:<id> in the Prefect UI)"
+        )
+    return Retirement(db_id, tuple(sorted(deployments)), database, slot)
+
+
+def retire_cluster(plan: Retirement, *, slot_wait_s: float = 60.0) -> list[str]:
+    """Pause the cluster's deployments and automations, stop its runs, drop its slot.
+
+    Returns:
+        One line per thing done.
+    """
+    import time
+
+    from prefect.states import Cancelled, Cancelling
+
+    from pgbackflow.deployments.automations import disable_automations_of
+    from pgbackflow.tasks.database import connect
+
+    done = []
+    with get_client(sync_client=True) as client:
+        for name, deployment_id in plan.deployments:
+            client.pause_deployment(deployment_id)
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+                flow_run_filter=FlowRunFilter(state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(any_=[
+                        StateType.RUNNING, StateType.PENDING, StateType.SCHEDULED,
+                        StateType.PAUSED,
+                    ])
+                )),
+            )
+            for run in runs:
+                running = run.state is not None and run.state.type == StateType.RUNNING
+                # A running flow is stopped by its worker (Cancelling); others just end.
+                client.set_flow_run_state(
+                    run.id, Cancelling(message="cluster retired") if running
+                    else Cancelled(message="cluster retired"), force=True,
+                )
+            done.append(f"paused {name}" + (f", cancelled {len(runs)} runs" if runs else ""))
+    done += [f"paused automation {n}" for n in disable_automations_of(plan.db_id)]
+    if plan.database is None or plan.slot is None:
+        return done
+    settings = plan.database.settings()
+    deadline = time.monotonic() + slot_wait_s
+    with connect(settings) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT active_pid, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)"
+                " FROM pg_replication_slots WHERE slot_name = %s", (plan.slot,),
+            ).fetchone()
+            if row is None:
+                done.append(f"replication slot {plan.slot!r} does not exist (already dropped)")
+                return done
+            active_pid, retained = row
+            if active_pid is None:
+                break
+            if time.monotonic() > deadline:
+                # The streamer did not stop (its worker is gone or hung): end its session.
+                conn.execute("SELECT pg_terminate_backend(%s)", (active_pid,))
+                done.append(f"ended the streaming session (pid {active_pid}) still on the slot")
+            time.sleep(1)
+        conn.execute("SELECT pg_drop_replication_slot(%s)", (plan.slot,))
+    done.append(f"dropped replication slot {plan.slot!r} on {settings.display}; "
+                f"{float(retained or 0) / 1e6:.1f} MB of WAL it held are released")
+    return done

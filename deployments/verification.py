@@ -2,9 +2,10 @@
 
 * A deployment per database runs the ``restore-verification`` flow on a work pool served by
   verification agents, on a UTC cron schedule (presets or custom) and/or on demand.
-* After a successful backup, a verification of exactly that backup is queued; still-pending
-  (scheduled, not running) verifications of the same database are cancelled first, so only
-  the newest waits. Running ones finish.
+* After a successful backup, a verification of exactly that backup is queued; verifications
+  queued for an older backup of the same database that still wait (not running) are
+  cancelled first, so only the newest waits. Running ones finish, and the deployment's own
+  scheduled runs (which verify the newest backup when they start) are never touched.
 * Success and failure notifications are Prefect automations with a webhook notification
   block, toggled separately per database (failure on by default).
 """
@@ -12,14 +13,12 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any, cast
 from uuid import UUID
 
 from prefect.automations import Automation, EventTrigger, Posture
 from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterName,
@@ -31,14 +30,14 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.deployments import run_deployment
 from prefect.events.actions import SendNotification
-from prefect.exceptions import ObjectNotFound
 from prefect.states import Cancelled
 
+from pgbackflow.deployments.apply import DeploymentSpec, ScheduleSpec, ensure_work_pool
 from pgbackflow.tasks.errors import ConfigError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FLOW_NAME = "restore-verification"
-ENTRYPOINT = "pgbackflow.flows.verification:restore_verification"
+#: Tag of verification runs queued for one backup (by a backup's --verify-after).
+AFTER_BACKUP_TAG = "after-backup"
 
 PRESETS = {"hourly", "daily", "weekly", "monthly"}
 _CRON_FIELD = re.compile(r"^[\d*/,\-]+$")
@@ -47,6 +46,11 @@ _CRON_FIELD = re.compile(r"^[\d*/,\-]+$")
 def db_tag(db_id: str) -> str:
     """The tag that marks a run as belonging to one database."""
     return f"db:{db_id}"
+
+
+def job_tag(kind: str) -> str:
+    """The tag that marks a run's job kind (logical, full, incremental, wal, verification)."""
+    return f"job:{kind}"
 
 
 def deployment_name(db_id: str) -> str:
@@ -82,6 +86,47 @@ def schedule_cron(preset: str | None, at: str = "03:00", cron: str | None = None
     }[preset]
 
 
+def verification_parameters(
+    db_id: str,
+    storage: str | dict[str, Any],
+    *,
+    sandbox: str = "docker",
+    image_template: str = "postgres:{major}",
+    key_file: str | None = None,
+    encryption_key_block: str | None = None,
+) -> dict[str, Any]:
+    """The verification flow's parameters (a storage URL, block reference or inline block)."""
+    if sandbox not in ("docker", "local"):
+        raise ConfigError(f"verification sandbox {sandbox!r} is unknown: use docker or local")
+    parameters: dict[str, Any] = {
+        "storage": storage, "db_id": db_id, "sandbox": sandbox, "image_template": image_template,
+    }
+    if key_file:
+        parameters["key_file"] = key_file
+    if encryption_key_block:
+        parameters["encryption_key_block"] = encryption_key_block
+    return parameters
+
+
+def verification_spec(
+    db_id: str,
+    parameters: dict[str, Any],
+    pool: str,
+    *,
+    cron: str | None,
+    tags: tuple[str, ...] = (),
+) -> DeploymentSpec:
+    """The verification deployment of one database, as a spec."""
+    from pgbackflow.flows.verification import restore_verification
+
+    return DeploymentSpec(
+        flow=restore_verification, name=deployment_name(db_id), work_pool=pool,
+        parameters=parameters, schedule=ScheduleSpec(cron=cron) if cron else None,
+        tags=("verification", db_tag(db_id), job_tag("verification"), *tags),
+        description=f"Restore verification of {db_id}", concurrency_limit=None,
+    )
+
+
 def deploy_verification(
     db_id: str,
     storage: str,
@@ -105,45 +150,27 @@ def deploy_verification(
         key_file: Master key file path on the agent hosts.
         encryption_key_block: Name of a BackupEncryptionKey block (instead of a key file).
     """
-    from pgbackflow.flows.verification import restore_verification
+    from pgbackflow.deployments.apply import write_deployment
 
-    parameters: dict[str, Any] = {
-        "storage": storage, "db_id": db_id, "sandbox": sandbox, "image_template": image_template,
-    }
-    if key_file:
-        parameters["key_file"] = key_file
-    if encryption_key_block:
-        parameters["encryption_key_block"] = encryption_key_block
-    ensure_work_pool(pool)
-    source = restore_verification.from_source(source=str(REPO_ROOT), entrypoint=ENTRYPOINT)
-    deployment_id = source.deploy(  # type: ignore[union-attr]  # sync in a sync context
-        name=deployment_name(db_id),
-        work_pool_name=pool,
-        parameters=parameters,
-        cron=cron,
-        tags=["verification", db_tag(db_id)],
-        description=f"Restore verification of {db_id}",
-        print_next_steps=False,
+    parameters = verification_parameters(
+        db_id, storage, sandbox=sandbox, image_template=image_template, key_file=key_file,
+        encryption_key_block=encryption_key_block,
     )
-    return UUID(str(deployment_id))
-
-
-def ensure_work_pool(pool: str) -> None:
-    """Create the agents' (process) work pool unless it exists."""
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(pool)
-        except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
+    ensure_work_pool(pool)
+    return write_deployment(verification_spec(db_id, parameters, pool, cron=cron))
 
 
 def cancel_pending_verifications(db_id: str) -> list[UUID]:
-    """Cancel this database's verifications that wait (scheduled or pending), not running ones."""
+    """Cancel this database's after-backup verifications that still wait (not running ones).
+
+    Only runs queued for one (older) backup: the deployment's scheduled runs verify the
+    newest backup when they start, so they stay.
+    """
     cancelled = []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
-                tags=FlowRunFilterTags(all_=["verification", db_tag(db_id)]),
+                tags=FlowRunFilterTags(all_=[AFTER_BACKUP_TAG, db_tag(db_id)]),
                 state=FlowRunFilterState(type=FlowRunFilterStateType(
                     any_=[StateType.SCHEDULED, StateType.PENDING]
                 )),
@@ -154,7 +181,8 @@ def cancel_pending_verifications(db_id: str) -> list[UUID]:
         )
         for run in runs:
             client.set_flow_run_state(
-                run.id, Cancelled(message="a fresher backup of this database is waiting"),
+                run.id,
+                Cancelled(message="a fresher backup of this database is waiting to be verified"),
                 force=True,
             )
             cancelled.append(run.id)
@@ -168,7 +196,7 @@ def queue_verification(db_id: str, backup_id: str) -> UUID:
         f"{FLOW_NAME}/{deployment_name(db_id)}",
         parameters={"backup_id": backup_id},
         timeout=0,
-        tags=["verification", db_tag(db_id), "after-backup"],
+        tags=["verification", db_tag(db_id), job_tag("verification"), AFTER_BACKUP_TAG],
     )
     return run.id  # type: ignore[union-attr]  # sync in a sync context
 

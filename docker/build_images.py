@@ -6,7 +6,8 @@ on (see docker/README.md), so the production code path (``postgres:<major>`` by 
 what the tests exercise. Each image is one layer imported with ``docker import`` from a rootfs
 tarball assembled here:
 
-* the PostgreSQL toolset of the major (``pgbackflow.tasks.toolsets``) under ``/usr/lib/postgresql/<major>``;
+* the PostgreSQL toolset of the major (``pgbackflow.tasks.toolsets``) under
+  ``/usr/lib/postgresql/<major>``;
 * every shared library ``ldd`` lists for its binaries and extensions, plus the dynamic loader;
 * busybox-static for ``/bin/sh`` and the core utilities, a static ``su-exec`` to drop root;
 * ``/etc/passwd`` and ``/etc/group`` with ``postgres`` (uid/gid 999), time zones, C.UTF-8.

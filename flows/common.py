@@ -85,6 +85,39 @@ def supervised_by_caller() -> Iterator[None]:
         yield
 
 
+def run_tags(job: str, db_id: str | None) -> list[str]:
+    """Tags that let automations select runs: ``pgbackflow``, ``job:<kind>``, ``db:<id>``."""
+    tags = ["pgbackflow", f"job:{job}"]
+    if db_id:
+        tags.append(f"db:{db_id}")
+    return tags
+
+
+def tag_run(job: str, db_id: str | None) -> None:
+    """Add the run tags to the current flow run (deployment runs already carry most of them).
+
+    Called first thing with the id the block names, before any connection (so a run that
+    fails on a wrong password is still tagged), and again once a derived id is known. Outside
+    a flow run, or if the API refuses: nothing (tags are for selection, never fail a backup).
+    """
+    context = FlowRunContext.get()
+    if context is None or context.flow_run is None:
+        return
+    wanted = run_tags(job, db_id)
+    current = list(context.flow_run.tags)
+    missing = [tag for tag in wanted if tag not in current]
+    if not missing:
+        return
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(context.flow_run.id, tags=current + missing)
+        context.flow_run.tags = current + missing
+    except Exception as exc:
+        logger.warning("flow run not tagged %s: %s", ", ".join(missing), exc)
+
+
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Prefect retry condition: retry only errors marked transient (see tasks.errors).
 

@@ -12,16 +12,20 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
+from prefect.context import FlowRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
 from pgbackflow import __version__
-from pgbackflow.blocks.database import PostgresDatabase
+from pgbackflow.blocks.database import PostgresDatabase, checked_db_id
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.flows.common import (
     RETRY_DELAYS,
@@ -34,6 +38,7 @@ from pgbackflow.flows.common import (
     raise_if_incomplete,
     resolve_master_key,
     retry_if_transient,
+    tag_run,
     write_statuses,
 )
 from pgbackflow.tasks.database import ConnectionSettings
@@ -57,7 +62,7 @@ from pgbackflow.tasks.manifest import (
 )
 from pgbackflow.tasks.pipeline import store_bytes
 from pgbackflow.tasks.reports import BackupReport, DestinationStatus
-from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.storage import Storage, prepare_backup_storages
 from pgbackflow.tasks.toolsets import Toolset, toolset_for_server
 
 _RETRYING: dict[str, Any] = {
@@ -118,6 +123,7 @@ def publish_manifest(storages: list[Storage], manifest: LogicalManifest) -> list
 
 def _build_manifest(
     backup_id: str,
+    db_id: str,
     identity: SourceIdentity,
     toolset: Toolset,
     master_key: MasterKey,
@@ -129,7 +135,7 @@ def _build_manifest(
     return LogicalManifest(
         backup_id=backup_id,
         database=DatabaseInfo(
-            db_id=identity.db_id, name=identity.dbname, host=identity.host, port=identity.port,
+            db_id=db_id, name=identity.dbname, host=identity.host, port=identity.port,
             system_identifier=identity.system_identifier, database_oid=identity.database_oid,
         ),
         server_version=identity.server_version,
@@ -153,6 +159,34 @@ def _build_manifest(
     )
 
 
+def backup_limit_name(db_id: str) -> str:
+    """The Prefect global concurrency limit (1) that keeps one backup per database at a time."""
+    return f"pgbackflow-backup-{db_id}"
+
+
+def server_limit_name(host: str, port: int) -> str:
+    """The Prefect global concurrency limit of logical backups on one PostgreSQL server."""
+    return "pgbackflow-server-" + re.sub(r"[^A-Za-z0-9._-]+", "-", f"{host}-{port}")
+
+
+@contextmanager
+def backup_slots(db_id: str, database: PostgresDatabase) -> Iterator[None]:
+    """Hold a slot of the database's and of its server's concurrency limits while dumping.
+
+    The limits are created by ``pgbackflow deploy`` (one per database, a per-server count);
+    where they do not exist (a one-off CLI backup against a fresh API) nothing waits. Outside
+    a flow run there is no API to ask.
+    """
+    if FlowRunContext.get() is None:
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    names = [backup_limit_name(db_id), server_limit_name(database.host, database.port)]
+    with concurrency(names, occupy=1, strict=False):
+        yield
+
+
 @flow(name="logical-backup", log_prints=False)
 def logical_backup(
     database: PostgresDatabase,
@@ -160,36 +194,52 @@ def logical_backup(
     encryption_key: BackupEncryptionKey | None = None,
     key_file: str | None = None,
     verify_after_backup: bool = False,
+    database_name: str | None = None,
+    db_id: str | None = None,
 ) -> BackupReport:
     """Back up one database with pg_dump into one or more storages, encrypted.
 
     Args:
-        database: The source database.
+        database: The source database (or its server, with ``database_name``).
         storages: Where to write the backup (all at once, from one dump).
         encryption_key: Master key block; else ``key_file``; else the default key file.
         key_file: Path of a master key file.
         verify_after_backup: Queue a restore verification of this backup on the database's
             verification deployment (older waiting verifications are cancelled).
+        database_name: Back up this database of the block's server instead of the block's.
+        db_id: The database's id in pgbackflow (storage folder, tags); default: the block's,
+            else derived from the server's identity.
     """
     started_at = datetime.now(UTC)
+    if db_id is not None:
+        checked_db_id(db_id)
+    if database_name:
+        database = database.model_copy(update={"database": database_name, "db_id": None})
+    tag_run("logical", db_id or database.db_id)
     settings = database.settings()
     master_key = resolve_master_key(encryption_key, key_file)
     targets = open_storages(storages)
+    # Before anything is written: mistyped folders refused, leftovers of killed runs removed.
+    for level, message in prepare_backup_storages(targets).messages():
+        get_run_logger().log(level, "%s", message)
 
     identity, toolset = inspect_source(settings)
+    db_id = db_id or database.db_id or identity.db_id
+    tag_run("logical", db_id)
     backup_id = new_backup_id(started_at)
-    prefix = backup_prefix(identity.db_id, backup_id)
-    dump = dump_database_task(
-        settings, toolset, targets, master_key, prefix + DUMP_NAME,
-        artifact_key("backup-progress", identity.db_id),
-    )
+    prefix = backup_prefix(db_id, backup_id)
+    with backup_slots(db_id, database):
+        dump = dump_database_task(
+            settings, toolset, targets, master_key, prefix + DUMP_NAME,
+            artifact_key("backup-progress", db_id),
+        )
     # Only storages that hold a complete dump get the rest of the backup.
     holding_dump = [s for s in targets if s.location in dump.write.completed_in]
     globals_write = store_globals_task(
         dump.globals_script, holding_dump, master_key, prefix + GLOBALS_NAME
     )
     manifest = _build_manifest(
-        backup_id, identity, toolset, master_key, dump, globals_write, started_at
+        backup_id, db_id, identity, toolset, master_key, dump, globals_write, started_at
     )
     complete = [s for s in holding_dump if s.location in globals_write.completed_in]
     published = {s.location: s for s in publish_manifest(complete, manifest)}

@@ -29,6 +29,7 @@ from pgbackflow.tasks.inventory import Inventory
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.logical import (
     RestoreOptions,
+    check_archive_database,
     check_restore_target,
     count_restored,
     replay_globals,
@@ -47,9 +48,11 @@ class RowCountMismatchError(PgBackflowError):
 
 @task(name="find-backup", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_if_transient, cache_policy=NONE)
-def find_backup_task(storage: Storage, backup_id: str, db_id: str | None) -> LogicalManifest:
-    """Read the manifest of the requested backup."""
-    manifest = find_backup(storage, backup_id, db_id)
+def find_backup_task(
+    storage: Storage, backup_id: str, db_id: str | None, keyring: Keyring
+) -> LogicalManifest:
+    """Read the manifest of the requested backup; only one whose MAC verifies is used."""
+    manifest = find_backup(storage, backup_id, db_id, keyring)
     get_run_logger().info(
         "restoring backup %s of %s (PostgreSQL %s, %d tables)", manifest.backup_id,
         manifest.database.name, manifest.server_version, manifest.table_count,
@@ -59,12 +62,23 @@ def find_backup_task(storage: Storage, backup_id: str, db_id: str | None) -> Log
 
 @task(name="check-target", cache_policy=NONE)
 def check_target_task(
-    target: ConnectionSettings, manifest: LogicalManifest, options: RestoreOptions
+    target: ConnectionSettings,
+    manifest: LogicalManifest,
+    options: RestoreOptions,
+    storage: Storage,
+    keyring: Keyring,
 ) -> Toolset:
-    """Refuse an older or non-empty target; pick pg_restore for the newer of the two majors."""
+    """Refuse an older or non-empty target; pick pg_restore for the newer of the two majors.
+
+    With --create, also refuse a dump that would create another database than the manifest
+    names (pg_restore takes the name from the dump). Nothing is written before this passes.
+    """
     target_major = check_restore_target(target, manifest, options)
     pg_dump_major = int(manifest.pg_dump_version.split(".")[0])
-    return toolset_for_server(max(target_major, pg_dump_major))
+    toolset = toolset_for_server(max(target_major, pg_dump_major))
+    if options.create:
+        check_archive_database(storage, manifest, keyring, toolset)
+    return toolset
 
 
 @task(name="replay-globals", cache_policy=NONE)
@@ -141,8 +155,8 @@ def logical_restore(
     source = storage.open()
     target_settings = target.settings()
 
-    manifest = find_backup_task(source, backup_id, db_id)
-    toolset = check_target_task(target_settings, manifest, options)
+    manifest = find_backup_task(source, backup_id, db_id, keyring)
+    toolset = check_target_task(target_settings, manifest, options, source, keyring)
     created: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()

@@ -16,6 +16,8 @@ pitr_restore: plan → unpack/combine → fetch WAL → configure recovery → r
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import os
 import signal
 import threading
@@ -47,6 +49,7 @@ from pgbackflow.flows.common import (
     resolve_keyring,
     resolve_master_key,
     retry_if_transient,
+    tag_run,
     write_statuses,
 )
 from pgbackflow.tasks.database import ConnectionSettings
@@ -66,7 +69,7 @@ from pgbackflow.tasks.physical import (
     list_physical_backups,
     parent_manifest_file,
     parse_lsn,
-    plan_backup,
+    plan_backup_in,
     read_cluster_facts,
     resolve_db_id,
     take_base_backup,
@@ -96,7 +99,7 @@ from pgbackflow.tasks.reports import (
     WalStreamReport,
     chain_markdown,
 )
-from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.storage import Storage, prepare_backup_storages
 from pgbackflow.tasks.toolsets import Toolset, find_toolset, toolset_for_server
 from pgbackflow.tasks.verify_physical import (
     AmcheckMode,
@@ -111,6 +114,8 @@ from pgbackflow.tasks.wal import (
     WalStreamer,
     read_wal_inventory,
 )
+
+logger = logging.getLogger("pgbackflow.flows.physical")
 
 _RETRYING: dict[str, Any] = {
     "retries": len(RETRY_DELAYS),
@@ -196,12 +201,12 @@ def choose_toolset(major: int, what: str) -> Toolset:
 
 
 @task(name="plan-backup", **_RETRYING)
-def plan_backup_task(storages: list[Storage], facts: ClusterFacts, incremental: bool) -> BackupPlan:
-    """Full or incremental; every storage must hold the parent, else a full."""
-    plans = [
-        plan_backup(facts, list_physical_backups(s, facts.db_id), incremental=incremental)
-        for s in storages
-    ]
+def plan_backup_task(
+    storages: list[Storage], facts: ClusterFacts, incremental: bool, keyring: Keyring
+) -> BackupPlan:
+    """Full or incremental; every storage must hold the parent (with a manifest that
+    verifies), else a full."""
+    plans = [plan_backup_in(s, facts, keyring, incremental=incremental) for s in storages]
     parents = {p.parent.backup_id if p.parent else None for p in plans}
     if len(parents) > 1:
         return BackupPlan(
@@ -247,10 +252,13 @@ def take_base_backup_task(
 
 @task(name="publish-manifest", **_RETRYING)
 def publish_physical_manifest(
-    storages: list[Storage], manifest: PhysicalManifest
+    storages: list[Storage], manifest: PhysicalManifest, master_key: MasterKey
 ) -> list[DestinationStatus]:
-    """Write the manifest where every object is complete: the backup exists from now on."""
-    return publish_everywhere(storages, lambda storage: write_manifest(storage, manifest))
+    """Write the manifest (sealed with a MAC under ``master_key``) where every object is
+    complete: the backup exists from now on."""
+    return publish_everywhere(
+        storages, lambda storage: write_manifest(storage, manifest, master_key)
+    )
 
 
 def _chain_links(chain: list[PhysicalManifest]) -> list[ChainLink]:
@@ -314,15 +322,21 @@ def _run_physical_backup(
     lock_timeout_s: float,
 ) -> PhysicalBackupReport:
     started_at = datetime.now(UTC)
+    job = "incremental" if incremental else "full"
+    tag_run(job, database.db_id)
     settings = database.settings()
     master_key = resolve_master_key(encryption_key, key_file)
     keyring = resolve_keyring(encryption_key, key_file)
     targets = open_storages(storages)
+    # Before anything is written: mistyped folders refused, leftovers of killed runs removed.
+    for level, message in prepare_backup_storages(targets).messages():
+        get_run_logger().log(level, "%s", message)
 
     facts = inspect_cluster(settings)
+    tag_run(job, facts.db_id)
     toolset = choose_toolset(facts.major, f"database {settings.display}")
     with cluster_backup_lock(facts.db_id, lock_timeout_s):
-        plan = plan_backup_task(targets, facts, incremental)
+        plan = plan_backup_task(targets, facts, incremental, keyring)
         backup_id = new_backup_id()
         prefix = backup_prefix(facts.db_id, backup_id)
         progress_key = artifact_key("physical-backup-progress", facts.db_id)
@@ -344,13 +358,15 @@ def _run_physical_backup(
         complete = [
             s for s in targets if all(s.location in w.completed_in for w in result.writes)
         ]
-        published = {d.location: d for d in publish_physical_manifest(complete, manifest)}
+        published = {
+            d.location: d for d in publish_physical_manifest(complete, manifest, master_key)
+        }
     statuses = [
         published.get(s.location, s) for s in write_statuses(targets, *result.writes)
     ]
     chain = [manifest]
     if complete:
-        chain = chain_of(manifest, list_physical_backups(complete[0], facts.db_id))
+        chain = chain_of(manifest, list_physical_backups(complete[0], facts.db_id, keyring))
     report = PhysicalBackupReport(
         backup_id=backup_id,
         status="complete" if all(s.status == "complete" for s in statuses) else "partial",
@@ -495,11 +511,56 @@ def stream_wal_task(
             status.segments_shipped, status.last_segment, status.partials_shipped,
             status.bytes_shipped / 1e6,
         )
+        emit_wal_alive(db_id, slot, status)
 
     stop = threading.Event()
     streamer = WalStreamer(settings, toolset, shipper, slot=slot, on_status=report)
-    with _stop_on_sigterm(stop):
+    with _stop_on_sigterm(stop), _alive_events(db_id, slot, shipper, stop):
         return streamer.run(stop, max_seconds=max_runtime_s)
+
+
+def emit_wal_alive(db_id: str, slot: str, status: ShippingStatus) -> None:
+    """Tell Prefect this cluster's streamer lives (the restart automation waits for these)."""
+    from prefect.events import emit_event
+
+    from pgbackflow.deployments.automations import WAL_ALIVE_EVENT, wal_resource_id
+
+    emit_event(
+        event=WAL_ALIVE_EVENT,
+        resource={"prefect.resource.id": wal_resource_id(db_id),
+                  "prefect.resource.name": f"WAL of {db_id}", "pgbackflow.slot": slot},
+        payload={"segments_shipped": status.segments_shipped,
+                 "partials_shipped": status.partials_shipped,
+                 "last_segment": status.last_segment, "bytes_shipped": status.bytes_shipped},
+    )
+
+
+@contextmanager
+def _alive_events(
+    db_id: str, slot: str, shipper: WalShipper, stop: threading.Event
+) -> Iterator[None]:
+    """An alive event now and every WAL_ALIVE_S while streaming, even when no WAL is written."""
+    from pgbackflow.deployments.automations import WAL_ALIVE_S
+
+    done = threading.Event()
+
+    def beat() -> None:
+        while True:
+            try:
+                emit_wal_alive(db_id, slot, shipper.status)
+            except Exception as exc:  # events are for supervision: never stop the stream
+                logger.warning("WAL alive event not sent: %s", exc)
+            if done.wait(WAL_ALIVE_S) or stop.is_set():
+                return
+
+    thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,),
+                              name="pgbackflow-wal-alive", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(timeout=5)
 
 
 @flow(name="wal-stream", log_prints=False)
@@ -525,10 +586,12 @@ def wal_stream(
         partial_interval_s: Seconds between uploads of the segment in progress (the RPO).
         max_runtime_s: Stop after this long (None: run until cancelled).
     """
+    tag_run("wal", database.db_id)
     settings = database.settings()
     master_key = resolve_master_key(encryption_key, key_file)
     targets = open_storages(storages)
     facts = inspect_cluster(settings)
+    tag_run("wal", facts.db_id)
     toolset = choose_toolset(facts.major, f"database {settings.display}")
     spool = Path(spool_dir) if spool_dir else default_spool_dir(facts.db_id)
     status = stream_wal_task(
@@ -566,9 +629,14 @@ def wal_gaps(storage: Storage, db_id: str) -> list[str]:
 
 
 @task(name="plan-restore", **_RETRYING)
-def plan_restore_task(storage: Storage, db_id: str | None, target_time: str) -> PitrPlan:
-    """Pick the chain and WAL for the target; refuse targets outside the window."""
-    plan = plan_pitr(storage, resolve_db_id(storage, db_id), parse_target_time(target_time))
+def plan_restore_task(
+    storage: Storage, db_id: str | None, target_time: str, keyring: Keyring
+) -> PitrPlan:
+    """Pick the chain and WAL for the target (only manifests that verify with ``keyring``);
+    refuse targets outside the window."""
+    plan = plan_pitr(
+        storage, resolve_db_id(storage, db_id), parse_target_time(target_time), keyring
+    )
     get_run_logger().info(
         "restoring %s: chain %s, %d WAL files, window %s", plan.db_id,
         " -> ".join(b.backup_id for b in plan.chain), len(plan.wal_segments), plan.window,
@@ -668,7 +736,7 @@ def pitr_restore(
     source = storage.open()
     keyring = resolve_keyring(encryption_key, key_file)
     directory = Path(to_dir).absolute()
-    plan = plan_restore_task(source, db_id, target_time)
+    plan = plan_restore_task(source, db_id, target_time, keyring)
     toolset = choose_toolset(plan.newest.server_major, f"restore of {plan.db_id}")
     if docker_volume:
         result = restore_into_volume_task(

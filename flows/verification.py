@@ -31,6 +31,7 @@ from pgbackflow.flows.common import (
     publish_summary,
     resolve_keyring,
     retry_if_transient,
+    tag_run,
 )
 from pgbackflow.tasks.budget import job_share_from_environment
 from pgbackflow.tasks.errors import PgBackflowError
@@ -56,9 +57,12 @@ class VerificationFailed(VerificationFailedError):
 
 @task(name="pick-backup", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,
       retry_condition_fn=retry_if_transient, cache_policy=NONE)
-def pick_backup(storage: Storage, backup_id: str, db_id: str | None) -> LogicalManifest:
-    """The backup to verify: ``latest`` is the newest complete backup of the database."""
-    manifest = find_backup(storage, backup_id, db_id)
+def pick_backup(
+    storage: Storage, backup_id: str, db_id: str | None, keyring: Keyring
+) -> LogicalManifest:
+    """The backup to verify: ``latest`` is the newest complete backup of the database
+    (only manifests whose MAC verifies with ``keyring`` are considered)."""
+    manifest = find_backup(storage, backup_id, db_id, keyring)
     get_run_logger().info(
         "verifying backup %s of %s (PostgreSQL %s, %d tables, %.1f MB stored)",
         manifest.backup_id, manifest.database.name, manifest.server_version,
@@ -175,6 +179,7 @@ def restore_verification(
         encryption_key_block: Name of a saved BackupEncryptionKey block.
         timeout_s: Fail (and destroy the sandbox) when the verification takes longer.
     """
+    tag_run("verification", db_id)
     if encryption_key is None and encryption_key_block:
         encryption_key = cast(BackupEncryptionKey,
                               BackupEncryptionKey.load(encryption_key_block))
@@ -182,8 +187,9 @@ def restore_verification(
     block = storage_block_from_url(storage) if isinstance(storage, str) else storage
     source = block.open()
     timeline = Timeline()
-    manifest = pick_backup(source, backup_id, db_id)
+    manifest = pick_backup(source, backup_id, db_id, keyring)
     timeline.mark("picked backup")
+    tag_run("verification", manifest.database.db_id)
     try:
         report = restore_and_count(
             source, manifest, keyring, sandbox, image_template,

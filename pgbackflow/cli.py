@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -50,8 +51,9 @@ key_app = typer.Typer(help="The master encryption key.")
 app.add_typer(toolsets_app, name="toolsets")
 app.add_typer(key_app, name="key")
 
-out = Console()
-err = Console(stderr=True)
+# Not a terminal (a pipe, a log file, a test): no 80-column limit, so ids are never cut.
+out = Console(width=None if sys.stdout.isatty() else 250)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
 _state = {"debug": False}
 
 
@@ -71,7 +73,9 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
         except PgBackflowError as exc:
             if _state["debug"]:
                 err.print_exception()
-            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            # The message is text, not markup: "[servers]" in it must print as written.
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
+                      soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted")
@@ -195,6 +199,10 @@ def backup(
     verify_after: Annotated[
         bool, typer.Option("--verify-after", help="Queue a restore verification of it.")
     ] = False,
+    db_id: Annotated[
+        str | None,
+        typer.Option("--db-id", help="Id of the database in pgbackflow (default: derived)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Back up one database (pg_dump, encrypted) into one or more storages."""
@@ -205,7 +213,7 @@ def backup(
 
     with _progress_bar(not as_json):
         report = logical_backup(database=database, storages=storages, key_file=key_path,
-                                verify_after_backup=verify_after)
+                                verify_after_backup=verify_after, db_id=db_id)
     if as_json:
         _print_json(report.model_dump(mode="json"))
         return
@@ -229,28 +237,52 @@ def backup(
 def list_command(
     source: Annotated[str, typer.Option("--from", help="Storage to list.")],
     db_id: Annotated[str | None, typer.Option("--db-id", help="Only this database.")] = None,
+    key_file: Annotated[Path | None, typer.Option(
+        "--key-file", help="Verify each manifest's MAC with this master key (else: unverified).",
+    )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """List the complete backups in a storage, oldest first."""
-    from pgbackflow.tasks.manifest import list_backups
+    """List the complete backups in a storage, oldest first; refused manifests last."""
+    from pgbackflow.tasks.keys import Keyring, load_key_file
+    from pgbackflow.tasks.manifest import scan_backups
 
     storage = _storage_block(source, f"--from {source}").open()
-    backups = list_backups(storage, db_id)
+    keyring = Keyring([load_key_file(key_file)]) if key_file else None
+    catalog = scan_backups(storage, db_id, keyring)
+    rows: list[dict[str, Any]] = []
+    for record in catalog.listing():
+        m = record.manifest if record.accepted(catalog.authenticated) else None
+        rows.append({
+            "backup_id": record.backup_id, "db_id": record.db_id,
+            "database": m.database.name if m else None,
+            "finished_at": m.finished_at.isoformat() if m else None,
+            "server_version": m.server_version if m else None,
+            "stored_size": m.stored_size if m else None,
+            "table_count": m.table_count if m else None, "key_id": m.key_id if m else None,
+            "auth": record.status, "auth_key_id": record.auth_key_id,
+            "problem": None if m else record.problem, "key": record.key,
+        })
     if as_json:
-        _print_json([
-            {"backup_id": m.backup_id, "db_id": m.database.db_id, "database": m.database.name,
-             "finished_at": m.finished_at.isoformat(), "server_version": m.server_version,
-             "stored_size": m.stored_size, "table_count": m.table_count, "key_id": m.key_id}
-            for m in backups
-        ])
+        _print_json(rows)
         return
+    shown = {"verified": "verified", "unverified": "unverified", "no-mac": "no MAC",
+             "failed": "REFUSED"}
+    usable = sum(1 for r in rows if r["problem"] is None)
     table = Table("backup id", "database", "db id", "finished (UTC)", "PostgreSQL", "stored",
-                  "tables", title=f"{len(backups)} backups in {storage.location}")
-    for m in backups:
-        table.add_row(m.backup_id, m.database.name, m.database.db_id,
-                      f"{m.finished_at:%Y-%m-%d %H:%M:%S}", m.server_version,
-                      f"{m.stored_size / 1e6:.1f} MB", str(m.table_count))
+                  "tables", "manifest", title=f"{usable} backups in {storage.location}")
+    for r in rows:
+        table.add_row(r["backup_id"] or "?", r["database"] or "", r["db_id"] or "?",
+                      (r["finished_at"] or "")[:19].replace("T", " "), r["server_version"] or "",
+                      f"{r['stored_size'] / 1e6:.1f} MB" if r["stored_size"] is not None else "",
+                      str(r["table_count"] if r["table_count"] is not None else ""),
+                      shown[r["auth"]] if r["problem"] is None else "REFUSED")
     out.print(table)
+    for r in rows:
+        if r["problem"] is not None:
+            out.print(f"refused: {r['problem']}", highlight=False, markup=False)
+    if keyring is None and rows:
+        out.print("manifests not verified: pass --key-file to check their MACs",
+                  highlight=False)
 
 
 @app.command()
@@ -281,6 +313,7 @@ def restore(
         jobs=jobs, clean=clean, create=create, no_owner=no_owner, with_globals=with_globals
     )
     storage = _storage_block(source, f"--from {source}")
+    storage.open().check_exists()  # a mistyped path is not "no backups"
     database = _database_block(target, "--target")
     key_path = _key_file_or_default(key_file)
     from pgbackflow.flows.logical_restore import logical_restore
@@ -332,6 +365,7 @@ def verify(
     if "{major}" not in image:
         raise PgBackflowError(f"--image {image!r} has no {{major}}: e.g. postgres:{{major}}")
     storage = _storage_block(source, f"--from {source}")
+    storage.open().check_exists()  # a mistyped path is not "no backups"
     key_path = _key_file_or_default(key_file)
     from prefect.exceptions import CancelledRun
 
@@ -424,9 +458,10 @@ def schedule_physical(
     wal: Annotated[
         bool, typer.Option("--wal/--no-wal", help="Also deploy the continuous WAL streamer.")
     ] = True,
-    wal_interval: Annotated[
-        float, typer.Option("--wal-interval", help="Seconds between checks that one streams.")
-    ] = 60.0,
+    wal_silence: Annotated[
+        float,
+        typer.Option("--wal-silence", help="Restart the streamer after this many silent seconds."),
+    ] = 300.0,
     slot: Annotated[str, typer.Option("--slot", help="Physical replication slot.")] = "pgbackflow",
     spool_dir: Annotated[
         str | None, typer.Option("--spool-dir", help="Absolute spool path on the workers' disk.")
@@ -463,12 +498,68 @@ def schedule_physical(
                   f"'{physical_schedule(incremental, incremental_at, 'incremental')}' UTC")
     if wal:
         wal_id = deploy_wal_stream(
-            db_block, to, db_id=db_id, pool=pool, interval_s=wal_interval, slot=slot,
+            db_block, to, db_id=db_id, pool=pool, silence_s=wal_silence, slot=slot,
             spool_dir=spool_dir, partial_interval_s=partial_interval, key_file=key,
             encryption_key_block=key_block,
         )
-        out.print(f"WAL streamer of {db_id}: {wal_id}, slot {slot!r}, started every "
-                  f"{wal_interval:g} s unless one runs")
+        out.print(f"WAL streamer of {db_id}: {wal_id}, slot {slot!r}: one long-running run, "
+                  f"restarted when it crashes or is silent for {wal_silence:g} s")
+
+
+@app.command()
+@user_errors
+def deploy(
+    config: Annotated[
+        Path, typer.Option("--config", help="The deploy config (docs/CONFIG.md).")
+    ] = Path("pgbackflow.toml"),
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan as a diff; change nothing.")
+    ] = False,
+) -> None:
+    """Create or update blocks, work pools, limits, deployments and automations from a config."""
+    from pgbackflow.deployments.config import deploy as deploy_config
+    from pgbackflow.deployments.config import load_config
+
+    settings = load_config(config)
+    with _prefect_api_errors():
+        result = deploy_config(settings, dry_run=dry_run)
+    out.print(result.render(), highlight=False, markup=False)
+    if dry_run:
+        err.print("dry run: nothing was changed")
+
+
+@app.command("physical-retire")
+@user_errors
+def physical_retire(
+    db_id: Annotated[str, typer.Option("--db-id", help="Cluster id of the deployments.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Stop a cluster's WAL streamer for good and drop its replication slot."""
+    from pgbackflow.deployments.physical import retire_cluster, retirement_plan
+
+    with _prefect_api_errors():
+        plan = retirement_plan(db_id)
+        out.print(plan.describe(), highlight=False, markup=False)
+        if not yes and not typer.confirm("retire this cluster?", err=True):
+            raise PgBackflowError("not retired: nothing was changed")
+        for line in retire_cluster(plan):
+            out.print(line, highlight=False, markup=False)
+
+
+@contextmanager
+def _prefect_api_errors() -> Iterator[None]:
+    """An unreachable Prefect API is one line, not a traceback."""
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPError as exc:
+        from prefect.settings import PREFECT_API_URL
+
+        raise PgBackflowError(
+            f"Prefect API at {PREFECT_API_URL.value() or '(temporary local server)'} is not "
+            f"reachable: {exc}; start it (prefect server start) or set PREFECT_API_URL"
+        ) from None
 
 
 @app.command()
@@ -581,11 +672,29 @@ def decrypt(
     source: Annotated[Path, typer.Argument(help="Archive to decrypt ('-' for stdin).")],
     target: Annotated[Path, typer.Argument(help="Where to write the plaintext ('-' for stdout).")],
     key_file: Annotated[Path, typer.Option("--key-file", help="Master key file.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace the output file if it exists.")
+    ] = False,
 ) -> None:
     """Decrypt one pgbackflow archive (a dump, WAL segment, ...) into a plain file."""
+    import tempfile
+
     from pgbackflow.tasks.archive import decrypt_stream
     from pgbackflow.tasks.keys import Keyring, load_key_file
 
+    to_stdout = str(target) == "-"
+
+    def refuse_existing() -> None:
+        if target.is_dir():
+            raise PgBackflowError(f"output '{target}' is a directory: name a file")
+        if os.path.lexists(target) and not force:
+            raise PgBackflowError(
+                f"output '{target}' already exists: pass --force to replace it, or name another "
+                "file (nothing was written)"
+            )
+
+    if not to_stdout:
+        refuse_existing()
     keyring = Keyring([load_key_file(key_file)])
     label = "stdin" if str(source) == "-" else str(source)
     try:
@@ -593,20 +702,28 @@ def decrypt(
     except OSError as exc:
         raise PgBackflowError(f"input '{source}' cannot be read ({exc.strerror})") from None
     with reader:
-        if str(target) == "-":
+        if to_stdout:
             decrypt_stream(reader, sys.stdout.buffer, keyring, label=label)
             return
-        partial = target.with_name(f".{target.name}.partial")
+        partial: Path | None = None
         try:
-            with partial.open("wb") as sink:
+            # A fresh private name (O_EXCL, mode 0600): never a file or link already there.
+            fd, name = tempfile.mkstemp(
+                prefix=f".{target.name}.", suffix=".partial", dir=target.absolute().parent
+            )
+            partial = Path(name)
+            with open(fd, "wb") as sink:
                 size = decrypt_stream(reader, sink, keyring, label=label)
+            refuse_existing()  # it may have appeared while we decrypted
             # Only a fully verified archive gets the real name.
             partial.replace(target)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
+            if partial is not None:
+                partial.unlink(missing_ok=True)
             raise PgBackflowError(f"output '{target}' cannot be written ({exc.strerror})") from None
         except BaseException:
-            partial.unlink(missing_ok=True)
+            if partial is not None:
+                partial.unlink(missing_ok=True)
             raise
     err.print(f"decrypted {size} bytes into {target}")
 
@@ -792,6 +909,7 @@ def pitr(
     if to_dir is not None:
         check_target_dir(to_dir)
     storage = _storage_block(source, f"--from {source}")
+    storage.open().check_exists()  # a mistyped path is not "no backups"
     key_path = _key_file_or_default(key_file)
     from pgbackflow.flows.physical import pitr_restore
 
@@ -859,45 +977,71 @@ def verify_physical(
 def physical_list(
     source: Annotated[str, typer.Option("--from", help="Storage to list.")],
     db_id: Annotated[str | None, typer.Option("--db-id", help="Only this cluster.")] = None,
+    key_file: Annotated[Path | None, typer.Option(
+        "--key-file", help="Verify each manifest's MAC with this master key (else: unverified).",
+    )] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Physical backup chains and WAL coverage (gaps included) in a storage."""
     from pgbackflow.flows.physical import wal_gaps
-    from pgbackflow.tasks.physical import list_physical_backups
+    from pgbackflow.tasks.keys import Keyring, load_key_file
+    from pgbackflow.tasks.physical import scan_physical_backups
     from pgbackflow.tasks.wal import read_wal_inventory
 
     storage = _storage_block(source, f"--from {source}").open()
-    backups = list_physical_backups(storage, db_id)
-    clusters = sorted({b.db_id for b in backups})
+    keyring = Keyring([load_key_file(key_file)]) if key_file else None
+    catalog = scan_physical_backups(storage, db_id, keyring)
+    records = catalog.listing()
     documents: list[dict[str, Any]] = []
-    for cluster in clusters:
-        mine = [b for b in backups if b.db_id == cluster]
-        inventory = read_wal_inventory(storage, cluster, mine[-1].wal_segment_size)
+    for cluster in catalog.db_ids():
+        usable = [r for r in records if r.db_id == cluster and r.accepted(catalog.authenticated)]
+        mine = [r.manifest for r in usable if r.manifest is not None]
+        inventory = (
+            read_wal_inventory(storage, cluster, mine[-1].wal_segment_size) if mine else None
+        )
         documents.append({
             "db_id": cluster,
             "backups": [
                 {"backup_id": b.backup_id, "mode": b.mode, "parent_id": b.parent_id,
                  "finished_at": b.finished_at.isoformat(), "timeline": b.timeline,
-                 "start_lsn": b.start_lsn, "end_lsn": b.end_lsn, "stored_size": b.stored_size}
-                for b in mine
+                 "start_lsn": b.start_lsn, "end_lsn": b.end_lsn, "stored_size": b.stored_size,
+                 "auth": r.status, "auth_key_id": r.auth_key_id}
+                for r, b in zip(usable, mine, strict=True)
             ],
-            "wal_newest_upload": inventory.newest.isoformat() if inventory.newest else None,
-            "wal_gaps": wal_gaps(storage, cluster),
+            "refused": [
+                {"backup_id": r.backup_id, "key": r.key, "auth": r.status, "problem": r.problem}
+                for r in records if r.db_id == cluster and not r.accepted(catalog.authenticated)
+            ],
+            "wal_newest_upload": (
+                inventory.newest.isoformat() if inventory and inventory.newest else None
+            ),
+            "wal_gaps": wal_gaps(storage, cluster) if mine else [],
         })
+    invalid = [r.problem for r in records if r.db_id is None]
     if as_json:
-        _print_json(documents)
+        _print_json(documents + ([{"db_id": None, "refused": invalid}] if invalid else []))
         return
+    shown = {"verified": "verified", "unverified": "unverified", "no-mac": "no MAC"}
     for document in documents:
         table = Table("backup id", "mode", "parent", "finished (UTC)", "TL", "start LSN",
-                      "end LSN", "stored", title=f"cluster {document['db_id']}")
+                      "end LSN", "stored", "manifest", title=f"cluster {document['db_id']}")
         for b in document["backups"]:
             table.add_row(b["backup_id"], b["mode"], b["parent_id"] or "", b["finished_at"][:19],
                           str(b["timeline"]), b["start_lsn"], b["end_lsn"],
-                          f"{b['stored_size'] / 1e6:.1f} MB")
+                          f"{b['stored_size'] / 1e6:.1f} MB", shown[b["auth"]])
+        for r in document["refused"]:
+            table.add_row(r["backup_id"], "", "", "", "", "", "", "", "REFUSED")
         out.print(table)
+        for r in document["refused"]:
+            out.print(f"refused: {r['problem']}", highlight=False, markup=False)
         gaps = document["wal_gaps"]
         out.print(f"WAL uploaded until {document['wal_newest_upload'] or 'never'}; "
                   + (f"gaps: {', '.join(gaps[:10])}" if gaps else "no gaps"))
+    for problem in invalid:
+        out.print(f"refused: {problem}", highlight=False, markup=False)
+    if keyring is None and documents:
+        out.print("manifests not verified: pass --key-file to check their MACs",
+                  highlight=False)
     if not documents:
         out.print(f"no physical backups in {storage.location}")
 

@@ -165,6 +165,25 @@ class EphemeralCluster:
             self._finalizer = None
         self._root = None
 
+    def halt(self) -> None:
+        """Stop the server but keep its files (``resume`` starts it again): an outage.
+
+        Raises:
+            DatabaseError: pg_ctl could not stop it.
+        """
+        result = self._run(
+            "pg_ctl", ["-D", self.data_dir, "-m", "fast", "-w", "-t", "60", "stop"],
+            cwd=self.socket_dir, timeout=90,
+        )
+        if result.returncode != 0:
+            raise DatabaseError(
+                f"PostgreSQL on {_HOST}:{self._port} did not stop ({_tail(_output(result))})"
+            )
+
+    def resume(self) -> None:
+        """Start a halted server again on the same port with the same data."""
+        self._start_server()
+
     def __enter__(self) -> Self:
         return self.start()
 

@@ -5,6 +5,9 @@ A master key is 32 random bytes. Its *key id* is derived from the key itself
 needs without revealing anything about it, and a wrong key is recognised before any
 decryption is attempted.
 
+Keys for other purposes are derived from the master key with HKDF-SHA256 under distinct
+labels (:func:`derive_subkey`), so e.g. the manifest MAC key is never the encryption key.
+
 On disk a key file is text (see docs/FORMAT.md)::
 
     # comment lines
@@ -20,9 +23,13 @@ import hmac
 import os
 import secrets
 import stat
+import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from pgbackflow.tasks.errors import ConfigError
 
@@ -31,11 +38,38 @@ KEY_ID_BYTES = 8
 KEY_TEXT_PREFIX = "pgbackflow-key-v1:"
 _KEY_ID_LABEL = b"pgbackflow master key id v1"
 KEY_FILE_ENV = "PGBACKFLOW_KEY_FILE"
+MANIFEST_MAC_INFO = b"pgbackflow manifest mac v1"
+"""HKDF ``info`` of the key that authenticates manifests (docs/FORMAT.md)."""
+
+# The master keys alive in this process (by object identity: equal copies may die at
+# different times): lets a manifest writer that was only handed the manifest, whose key_id
+# names the key its objects were encrypted with, seal it with that key. Weak references: a
+# key is forgotten as soon as its last user drops it.
+_LOADED: weakref.WeakValueDictionary[int, MasterKey] = weakref.WeakValueDictionary()
 
 
 def derive_key_id(material: bytes) -> bytes:
     """Return the 8-byte id of a master key (a keyed hash: reveals nothing of the key)."""
     return hmac.new(material, _KEY_ID_LABEL, hashlib.sha256).digest()[:KEY_ID_BYTES]
+
+
+def derive_subkey(material: bytes, info: bytes) -> bytes:
+    """A 32-byte key for one purpose, derived from a master key (HKDF-SHA256, no salt).
+
+    Distinct ``info`` labels give independent keys, so a key used to authenticate
+    manifests never doubles as the key that wraps data keys.
+    """
+    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(
+        material
+    )
+
+
+def loaded_key(key_id_hex: str) -> MasterKey | None:
+    """The master key with this id if this process currently holds it, else None."""
+    for key in list(_LOADED.values()):
+        if key.key_id_hex == key_id_hex:
+            return key
+    return None
 
 
 @dataclass(frozen=True)
@@ -57,11 +91,22 @@ class MasterKey:
                 "use a key made by pgbackflow"
             )
         object.__setattr__(self, "key_id", derive_key_id(self.material))
+        _LOADED[id(self)] = self
+
+    def __setstate__(self, state: dict[str, bytes]) -> None:
+        # Unpickled copies (a task run elsewhere) are loaded keys too.
+        self.__dict__.update(state)
+        _LOADED[id(self)] = self
 
     @property
     def key_id_hex(self) -> str:
         """The key id as 16 hex characters, as shown to users."""
         return self.key_id.hex()
+
+    @property
+    def manifest_mac_key(self) -> bytes:
+        """The HMAC-SHA256 key that authenticates manifests (HKDF, ``MANIFEST_MAC_INFO``)."""
+        return derive_subkey(self.material, MANIFEST_MAC_INFO)
 
     @classmethod
     def generate(cls) -> MasterKey:
@@ -126,6 +171,13 @@ class Keyring:
     def find(self, key_id: bytes) -> MasterKey | None:
         """The key with ``key_id``, or None."""
         return self._keys.get(key_id)
+
+    def find_hex(self, key_id_hex: str) -> MasterKey | None:
+        """The key whose id is ``key_id_hex`` (16 hex characters), or None."""
+        try:
+            return self._keys.get(bytes.fromhex(key_id_hex))
+        except ValueError:
+            return None
 
     def key_ids_hex(self) -> list[str]:
         """Ids of all keys held, as hex."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from psycopg import sql
 
 from pgbackflow.tasks.database import (
     ConnectionSettings,
@@ -235,7 +236,8 @@ class RestoreReport:
     inventory: Inventory | None = field(default=None, compare=False)
 
 
-_USER_RELATIONS_SQL = """
+#: Counts a database's own tables, views, sequences (not catalogs, not extensions' objects).
+USER_RELATIONS_SQL = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
   AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -248,8 +250,114 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
 def restore_target_database(
     target: ConnectionSettings, manifest: LogicalManifest, options: RestoreOptions
 ) -> ConnectionSettings:
-    """The database the data ends up in: the target's, or the backup's name with --create."""
+    """The database the data ends up in: the target's, or the backup's name with --create.
+
+    With --create that name is also the one inside the archive: `check_archive_database`
+    refuses a restore where they differ.
+    """
     return target.with_dbname(manifest.database.name) if options.create else target
+
+
+_TOC_DBNAME = re.compile(r"^;\s+dbname: (.*)$")
+_TOC_DATABASE = re.compile(r"^\d+; \d+ \d+ DATABASE - (.*)$")
+
+
+@dataclass(frozen=True)
+class ArchiveDatabase:
+    """What a dump says about the database ``pg_restore --create`` makes from it.
+
+    Attributes:
+        header: The archive header's ``dbname`` (the whole rest of its line).
+        entries: Each DATABASE entry of the table of contents: ``"<name> <owner>"``.
+    """
+
+    header: str | None
+    entries: tuple[str, ...]
+
+    def creates(self, name: str) -> bool:
+        """Whether pg_restore --create makes exactly the database ``name``.
+
+        Entry names and owners are unquoted, so the header (the same name, alone on its
+        line) is needed to tell where the name ends.
+        """
+        return (
+            self.header == name and len(self.entries) == 1
+            and self.entries[0].startswith(name + " ")
+        )
+
+    @property
+    def name(self) -> str | None:
+        """The name the archive creates, for messages (None: no DATABASE entry)."""
+        if not self.entries:
+            return None
+        entry = self.entries[0]
+        if self.header is not None and entry.startswith(self.header + " "):
+            return self.header
+        return entry.rsplit(" ", 1)[0]
+
+
+def archive_database(
+    storage: Storage, manifest: LogicalManifest, keyring: Keyring, toolset: Toolset
+) -> ArchiveDatabase:
+    """The dump's own word on its database, from ``pg_restore --create --list``.
+
+    Only the head of the dump (the table of contents) is decrypted.
+
+    Raises:
+        ArchiveError: The dump does not decrypt (wrong key, damaged).
+        DatabaseError: pg_restore cannot read the table of contents.
+    """
+    chunks = decrypted_chunks(storage, manifest.dump, keyring)
+    try:
+        result = Tool(toolset.binary("pg_restore")).stream_in(
+            ["--create", "--list"], chunks, check=False
+        )
+    finally:
+        chunks.close()  # pg_restore stops after the table of contents: read no further
+    if result.returncode != 0:
+        lines = [line for line in result.stderr_tail.splitlines() if line.strip()]
+        raise DatabaseError(
+            f"backup {manifest.backup_id}: pg_restore cannot read the dump's table of contents "
+            f"({lines[-1] if lines else f'exit code {result.returncode}'}): check the backup "
+            "with pgbackflow verify"
+        )
+    header: str | None = None
+    entries: list[str] = []
+    for line in result.stdout.decode("utf-8", "replace").splitlines():
+        if header is None and (match := _TOC_DBNAME.match(line)):
+            header = match.group(1)
+        elif match := _TOC_DATABASE.match(line):
+            entries.append(match.group(1))
+    return ArchiveDatabase(header, tuple(entries))
+
+
+def check_archive_database(
+    storage: Storage, manifest: LogicalManifest, keyring: Keyring, toolset: Toolset
+) -> None:
+    """Refuse ``--create`` unless the dump creates exactly the database the manifest names.
+
+    pg_restore --create takes the name from the dump, not from our manifest: where they
+    differ, the existence check looked at another database than the one restored into,
+    which could be a live one.
+
+    Raises:
+        ConfigError: No DATABASE entry, or another name than the manifest's.
+    """
+    expected = manifest.database.name
+    found = archive_database(storage, manifest, keyring, toolset)
+    if found.creates(expected):
+        return
+    if found.name is None:
+        raise ConfigError(
+            f"backup {manifest.backup_id}: the dump has no DATABASE entry, so --create cannot "
+            "tell which database it makes: create one yourself and restore into it without "
+            "--create (nothing was written)"
+        )
+    raise ConfigError(
+        f"backup {manifest.backup_id}: the manifest names database '{expected}' but the dump "
+        f"creates '{found.name}': the manifest does not belong to this dump; restore without "
+        "--create into a database you name (nothing was written)"
+    )
 
 
 def check_restore_target(
@@ -271,6 +379,11 @@ def check_restore_target(
                 f"{manifest.server_major} or newer"
             )
         if options.create:
+            if target.dbname == manifest.database.name:
+                raise ConfigError(
+                    f"target {target.display} is the database --create would make: name a "
+                    "maintenance database in --target (e.g. postgres) to restore with --create"
+                )
             exists = conn.execute(
                 "SELECT 1 FROM pg_database WHERE datname = %s", (manifest.database.name,)
             ).fetchone()
@@ -281,7 +394,7 @@ def check_restore_target(
                     "database"
                 )
             return target_major
-        count_row = conn.execute(_USER_RELATIONS_SQL).fetchone()
+        count_row = conn.execute(USER_RELATIONS_SQL).fetchone()
     relations = int(count_row[0]) if count_row else 0
     if relations and not options.clean:
         raise ConfigError(
@@ -391,6 +504,8 @@ def restore_dump(
     """
     pg_restore = Tool(toolset.binary("pg_restore"))
     args = _pg_restore_args(target, options)
+    if options.create:
+        make_room_for_create(target, manifest.database.name, clean=options.clean)
     chunks = decrypted_chunks(storage, manifest.dump, keyring)
     with libpq_password_env(target) as env:
         if options.jobs == 1:
@@ -404,6 +519,41 @@ def restore_dump(
                         out.write(chunk)
                 result = pg_restore.run([*args, str(spool)], env=env, check=False)
     return result.returncode, _judge_pg_restore(result)
+
+
+def make_room_for_create(target: ConnectionSettings, name: str, *, clean: bool) -> None:
+    """Right before ``pg_restore --create``: the database must not exist.
+
+    pg_restore goes on after a failed CREATE DATABASE (or a failed DROP DATABASE of --clean,
+    e.g. while sessions are open) and restores into the database that is there. So with
+    --clean an existing one is dropped here first, and a drop that fails stops the restore.
+
+    Raises:
+        ConfigError: It exists and ``clean`` is off, it is the database ``target`` names,
+            or it cannot be dropped.
+    """
+    if target.dbname == name:
+        raise ConfigError(
+            f"target {target.display} is the database --create would make: name a maintenance "
+            "database in --target (e.g. postgres) to restore with --create"
+        )
+    with connect(target) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+        if not exists:
+            return
+        if not clean:
+            raise ConfigError(
+                f"target {target.display}: database '{name}' already exists: use --clean to "
+                "replace it, or restore without --create into an empty database"
+            )
+        try:
+            conn.execute(sql.SQL("DROP DATABASE {}").format(sql.Identifier(name)))
+        except psycopg.Error as exc:
+            raise ConfigError(
+                f"target {target.display}: database '{name}' cannot be replaced "
+                f"({str(exc).strip().splitlines()[0]}): close its sessions and retry "
+                "(nothing was restored)"
+            ) from None
 
 
 def count_restored(
@@ -426,16 +576,21 @@ def count_restored(
 __all__ = [
     "DUMP_NAME",
     "GLOBALS_NAME",
+    "USER_RELATIONS_SQL",
+    "ArchiveDatabase",
     "DumpCompression",
     "DumpResult",
     "ObjectWrite",
     "RestoreOptions",
     "RestoreReport",
+    "archive_database",
     "capture_globals",
+    "check_archive_database",
     "check_restore_target",
     "choose_compression",
     "count_restored",
     "dump_database",
+    "make_room_for_create",
     "replay_globals",
     "restore_dump",
     "restore_target_database",

@@ -15,6 +15,9 @@ Layout in a storage::
     physical/<db_id>/base/<backup_id>/tablespace-<oid>.tar.pgbf  an extra tablespace, encrypted
     physical/<db_id>/base/<backup_id>/manifest.json         our chain metadata, written last
     physical/<db_id>/wal/...                                WAL segments (see tasks.wal)
+
+Manifests carry a MAC that binds them to their place (see tasks.manifest); restores,
+verifications and incremental planning use only manifests that verify with the keyring.
 """
 
 from __future__ import annotations
@@ -25,15 +28,15 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import psycopg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from pgbackflow.tasks.database import (
     ConnectionSettings,
@@ -49,7 +52,20 @@ from pgbackflow.tasks.errors import (
     TransientDatabaseError,
 )
 from pgbackflow.tasks.keys import Keyring, MasterKey
-from pgbackflow.tasks.manifest import StoredObjectInfo
+from pgbackflow.tasks.manifest import (
+    Catalog,
+    ManifestAuthenticationError,
+    ManifestBinding,
+    ManifestError,
+    ManifestModel,
+    ManifestRecord,
+    SafeId,
+    StoredObjectInfo,
+    check_id,
+    read_manifest_record,
+    seal,
+    signing_key,
+)
 from pgbackflow.tasks.pipeline import (
     ObjectWrite,
     decrypted_chunks,
@@ -111,16 +127,18 @@ class TablespaceObject(_Frozen):
     object: StoredObjectInfo
 
 
-class PhysicalManifest(_Frozen):
+class PhysicalManifest(ManifestModel):
     """One link of a chain: a full backup or an incremental on top of its parent."""
+
+    KIND: ClassVar[str] = "physical"
 
     manifest_version: Literal[1] = 1
     kind: Literal["physical"] = "physical"
-    backup_id: str
-    db_id: str
+    backup_id: SafeId
+    db_id: SafeId
     mode: Mode
-    parent_id: str | None = Field(description="The backup this incremental builds on.")
-    full_id: str = Field(description="The full backup that starts this chain.")
+    parent_id: SafeId | None = Field(description="The backup this incremental builds on.")
+    full_id: SafeId = Field(description="The full backup that starts this chain.")
     full_reason: str | None = Field(
         default=None, description="Why a full was taken when an incremental was asked for."
     )
@@ -158,13 +176,27 @@ class PhysicalManifest(_Frozen):
         """Bytes of tar (data directory and tablespaces) before compression."""
         return self.base.raw_size + sum(t.object.raw_size for t in self.tablespaces)
 
+    def location_ids(self) -> tuple[str, str]:
+        """``(db_id, backup_id)``."""
+        return self.db_id, self.backup_id
+
+    def object_keys(self) -> list[str]:
+        """The data directory tar, pg_basebackup's manifest and the tablespace tars."""
+        return [self.base.key, self.backup_manifest.key, *(t.object.key for t in self.tablespaces)]
+
+    def order(self) -> tuple[datetime, str]:
+        """Oldest first: by finish time, then id."""
+        return self.finished_at, self.backup_id
+
     def to_json(self) -> bytes:
-        """Serialised manifest."""
+        """Serialised manifest without a MAC (what :func:`write_manifest` authenticates)."""
         return self.model_dump_json(indent=2).encode() + b"\n"
 
 
 def backup_prefix(db_id: str, backup_id: str) -> str:
-    """Storage key prefix of one physical backup."""
+    """Storage key prefix of one physical backup (ids checked: they become key segments)."""
+    check_id(db_id, "cluster id")
+    check_id(backup_id, "backup id")
     return f"{PHYSICAL_ROOT}/{db_id}/base/{backup_id}/"
 
 
@@ -173,39 +205,134 @@ def manifest_key(manifest: PhysicalManifest) -> str:
     return backup_prefix(manifest.db_id, manifest.backup_id) + MANIFEST_NAME
 
 
-def write_manifest(storage: Storage, manifest: PhysicalManifest) -> None:
-    """Publish the manifest: the backup exists from this moment on."""
-    with storage.open_write(manifest_key(manifest)) as writer:
-        writer.write(manifest.to_json())
+def physical_binding(db_id: str, backup_id: str) -> ManifestBinding:
+    """What a physical manifest's MAC binds it to."""
+    return ManifestBinding(
+        PhysicalManifest.KIND, db_id, backup_id, backup_prefix(db_id, backup_id) + MANIFEST_NAME
+    )
 
 
-def list_physical_backups(storage: Storage, db_id: str | None = None) -> list[PhysicalManifest]:
-    """All complete physical backups (optionally of one cluster), oldest first."""
+def write_manifest(
+    storage: Storage, manifest: PhysicalManifest, master_key: MasterKey | None = None
+) -> None:
+    """Publish the manifest, sealed with a MAC: the backup exists from this moment on.
+
+    Args:
+        storage: Where the backup's objects are.
+        manifest: The manifest.
+        master_key: Seals it; default: the loaded master key named by ``manifest.key_id``
+            (the key the backup was encrypted with).
+    """
+    binding = physical_binding(manifest.db_id, manifest.backup_id)
+    key = signing_key(manifest.key_id, master_key, f"manifest {binding.storage_key}")
+    data = seal(manifest.model_dump(mode="json"), binding, key)
+    with storage.open_write(binding.storage_key, size_hint=len(data)) as writer:
+        writer.write(data)
+
+
+def scan_physical_backups(
+    storage: Storage, db_id: str | None = None, keyring: Keyring | None = None
+) -> Catalog[PhysicalManifest]:
+    """Every physical manifest (optionally of one cluster), checked with ``keyring``.
+
+    Args:
+        storage: Where to look.
+        db_id: Only this cluster.
+        keyring: Verify MACs with these keys; None: list without verifying.
+    """
+    if db_id is not None:
+        check_id(db_id, "cluster id")
     prefix = f"{PHYSICAL_ROOT}/" + (f"{db_id}/base/" if db_id else "")
-    found: list[PhysicalManifest] = []
+    records: list[ManifestRecord[PhysicalManifest]] = []
     for item in storage.list(prefix):
         parts = item.key.split("/")
         if len(parts) != 5 or parts[2] != "base" or parts[4] != MANIFEST_NAME:
             continue
-        try:
-            data = json.loads(storage.read_bytes(item.key))
-            found.append(PhysicalManifest.model_validate(data))
-        except (ValueError, ValidationError) as exc:
-            reason = str(exc).splitlines()[0]
-            logger.warning("ignoring unreadable manifest %s: %s", item.key, reason)
-    found.sort(key=lambda m: (m.finished_at, m.backup_id))
-    return found
+        record = read_manifest_record(
+            storage, item.key, PhysicalManifest, physical_binding, (parts[1], parts[3]),
+            keyring, size=item.size,
+        )
+        if record is not None:
+            records.append(record)
+    return Catalog(tuple(records), keyring is not None)
+
+
+def list_physical_backups(
+    storage: Storage, db_id: str | None = None, keyring: Keyring | None = None
+) -> list[PhysicalManifest]:
+    """The usable physical backups (optionally of one cluster), oldest first.
+
+    With ``keyring`` only manifests whose MAC verifies; without, every readable one.
+    Refused manifests are logged (one line each).
+    """
+    catalog = scan_physical_backups(storage, db_id, keyring)
+    for record in catalog.refused:
+        logger.warning("%s (not listed)", record.problem)
+    return catalog.accepted
+
+
+def usable_backups(
+    storage: Storage, db_id: str, keyring: Keyring | None, *, newest: bool
+) -> tuple[list[PhysicalManifest], dict[str, str]]:
+    """A cluster's usable backups (oldest first) and ``{backup_id: problem}`` of refused ones.
+
+    Args:
+        storage: Where to look.
+        db_id: The cluster.
+        keyring: Only manifests that verify with it are usable (None: every readable one).
+        newest: The caller restores the newest state: refuse while a manifest that may be
+            newer than the newest usable backup is refused (never fall back silently).
+
+    Raises:
+        ManifestError: ``newest`` and the newest manifest is refused, or no manifest is
+            usable and some are refused (the message names the object and the fault).
+    """
+    catalog = scan_physical_backups(storage, db_id, keyring)
+    if newest or not catalog.accepted:
+        catalog.check_newest(f"picking the newest backup of {db_id}")
+    else:
+        for record in catalog.refused:
+            logger.warning("%s (skipped)", record.problem)
+    return catalog.accepted, catalog.refused_by_id()
+
+
+def authenticate_backup(storage: Storage, manifest: PhysicalManifest, keyring: Keyring) -> None:
+    """Re-read ``manifest`` from ``storage`` and check its MAC before its data is used.
+
+    Restores call this for every backup they unpack, however the backup was picked.
+
+    Raises:
+        ManifestError: the stored manifest does not verify, or differs from ``manifest``.
+    """
+    key = manifest_key(manifest)
+    record = read_manifest_record(
+        storage, key, PhysicalManifest, physical_binding, (manifest.db_id, manifest.backup_id),
+        keyring,
+    )
+    label = f"{storage.location}/{key}"
+    if record is None:
+        raise ManifestError(
+            f"manifest {label} disappeared while restoring backup {manifest.backup_id}: "
+            "someone is changing the storage; retry when it is quiet"
+        )
+    if record.status != "verified":
+        raise record.error()
+    if record.manifest != manifest:
+        raise ManifestAuthenticationError(
+            f"manifest {label} changed since the restore was planned: someone is changing "
+            "the storage; retry when it is quiet"
+        )
 
 
 def stored_cluster_ids(storage: Storage) -> list[str]:
-    """Ids of the clusters with physical backups in ``storage``."""
-    return sorted({m.db_id for m in list_physical_backups(storage)})
+    """Ids of the clusters with physical backups in ``storage`` (usable or not)."""
+    return scan_physical_backups(storage).db_ids()
 
 
 def resolve_db_id(storage: Storage, db_id: str | None) -> str:
     """The given cluster id, or the only one stored; a clear error otherwise."""
     if db_id:
-        return db_id
+        return check_id(db_id, "cluster id")
     ids = stored_cluster_ids(storage)
     if len(ids) == 1:
         return ids[0]
@@ -220,17 +347,36 @@ def resolve_db_id(storage: Storage, db_id: str | None) -> str:
 
 
 def chain_of(
-    backup: PhysicalManifest, backups: Sequence[PhysicalManifest]
+    backup: PhysicalManifest,
+    backups: Sequence[PhysicalManifest],
+    refused: Mapping[str, str] | None = None,
 ) -> list[PhysicalManifest]:
     """The full backup and incrementals that ``backup`` needs, full first.
 
+    Args:
+        backup: The chain's last link.
+        backups: The usable backups.
+        refused: ``{backup_id: problem}`` of backups whose manifests are refused.
+
     Raises:
         ObjectNotFoundError: a parent is missing from the storage.
+        ManifestAuthenticationError: a parent's manifest is refused, or the chain loops.
     """
     by_id = {b.backup_id: b for b in backups}
     chain = [backup]
     while chain[-1].parent_id is not None:
-        parent = by_id.get(chain[-1].parent_id)
+        parent_id = chain[-1].parent_id
+        if refused and parent_id in refused:
+            raise ManifestAuthenticationError(
+                f"backup {chain[-1].backup_id} needs its parent {parent_id}, whose manifest "
+                f"is refused: {refused[parent_id]}"
+            )
+        parent = by_id.get(parent_id)
+        if parent is not None and parent in chain:
+            raise ManifestAuthenticationError(
+                f"backup {parent.backup_id} is its own ancestor (parent ids form a loop): the "
+                "manifests were tampered with; restore from another copy of the storage"
+            )
         if parent is None:
             raise ObjectNotFoundError(
                 f"backup {chain[-1].backup_id} needs its parent {chain[-1].parent_id}, which is "
@@ -377,9 +523,20 @@ class BackupPlan:
 
 
 def plan_backup(
-    facts: ClusterFacts, backups: Sequence[PhysicalManifest], *, incremental: bool
+    facts: ClusterFacts,
+    backups: Sequence[PhysicalManifest],
+    *,
+    incremental: bool,
+    newer_refused: str | None = None,
 ) -> BackupPlan:
     """Full, or incremental on the newest backup; a broken chain forces a full and says why.
+
+    Args:
+        facts: The server.
+        backups: The cluster's usable backups, oldest first.
+        incremental: An incremental was asked for.
+        newer_refused: Why a manifest that may be newer than ``backups[-1]`` is refused:
+            building on an older parent than the newest is not done, a full is taken.
 
     Raises:
         ConfigError: an incremental was asked of a server that can never take one.
@@ -389,6 +546,8 @@ def plan_backup(
     refusal = incremental_refusal(facts)
     if refusal is not None:
         raise ConfigError(refusal)
+    if newer_refused is not None:
+        return BackupPlan("full", full_reason=f"the newest manifest is refused: {newer_refused}")
     if not backups:
         return BackupPlan("full", full_reason="no earlier backup of this cluster to build on")
     parent = backups[-1]
@@ -409,6 +568,18 @@ def plan_backup(
     except ObjectNotFoundError as exc:
         return BackupPlan("full", full_reason=f"the chain is broken: {exc}")
     return BackupPlan("incremental", parent=parent)
+
+
+def plan_backup_in(
+    storage: Storage, facts: ClusterFacts, keyring: Keyring, *, incremental: bool
+) -> BackupPlan:
+    """:func:`plan_backup` on the backups in ``storage`` whose manifests verify."""
+    catalog = scan_physical_backups(storage, facts.db_id, keyring)
+    newer = catalog.newer_refused()
+    return plan_backup(
+        facts, catalog.accepted, incremental=incremental,
+        newer_refused=newer[-1].problem if newer else None,
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -651,6 +822,7 @@ __all__ = [
     "IncrementalChainBroken",
     "PhysicalManifest",
     "TablespaceObject",
+    "authenticate_backup",
     "backup_prefix",
     "chain_of",
     "check_physical_source",
@@ -660,12 +832,16 @@ __all__ = [
     "manifest_key",
     "parent_manifest_file",
     "parse_lsn",
+    "physical_binding",
     "physical_db_id",
     "plan_backup",
+    "plan_backup_in",
     "read_cluster_facts",
     "resolve_db_id",
+    "scan_physical_backups",
     "stored_cluster_ids",
     "tablespace_object_name",
     "take_base_backup",
+    "usable_backups",
     "write_manifest",
 ]

@@ -6,7 +6,7 @@ segment); readers get the plaintext back while the stored bytes' SHA-256 is chec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,8 +170,11 @@ def store_bytes(
 
 def decrypted_chunks(
     storage: Storage, info: StoredObjectInfo, keyring: Keyring
-) -> Iterator[bytes]:
-    """Plaintext of a stored object; raises at the end if its SHA-256 differs from ``info``."""
+) -> Generator[bytes, None, None]:
+    """Plaintext of a stored object; raises at the end if its SHA-256 differs from ``info``.
+
+    Close the generator to stop early (the stored object is closed; nothing is checked).
+    """
     with storage.open_read(info.key) as raw:
         hashed = HashingReader(raw)
         yield from ArchiveReader(hashed, keyring, label=f"{storage.location}/{info.key}")

@@ -30,16 +30,18 @@ from pathlib import Path
 from pgbackflow.tasks.cluster import free_port, read_log_from
 from pgbackflow.tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.manifest import safe_join
 from pgbackflow.tasks.physical import (
     PhysicalManifest,
+    authenticate_backup,
     chain_of,
-    list_physical_backups,
     parse_lsn,
+    usable_backups,
 )
 from pgbackflow.tasks.pipeline import decrypted_chunks
 from pgbackflow.tasks.process import OsUser, Tool
 from pgbackflow.tasks.storage import Storage
-from pgbackflow.tasks.tarstream import unpack_tar_stream
+from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
 from pgbackflow.tasks.toolsets import Toolset
 from pgbackflow.tasks.transfer import ProgressCallback, ProgressReporter
 from pgbackflow.tasks.wal import (
@@ -118,14 +120,22 @@ class PitrPlan:
         return f"{_show(self.earliest)} to {_show(self.latest)}"
 
 
-def plan_pitr(storage: Storage, db_id: str, target: datetime | None) -> PitrPlan:
+def plan_pitr(
+    storage: Storage, db_id: str, target: datetime | None, keyring: Keyring | None = None
+) -> PitrPlan:
     """Choose the chain and the WAL for a restore to ``target`` (None: as late as possible).
+
+    With ``keyring`` only backups whose manifests verify are considered, and ``latest`` is
+    refused while the newest manifest is refused. Without, every readable manifest is
+    planned with; :func:`unpack_backup` authenticates each one before using its data.
 
     Raises:
         ObjectNotFoundError: no backups, or WAL segments the restore needs are missing.
         ConfigError: the target lies outside the recoverable window (which the message names).
+        ManifestError: a manifest the restore would need (or the newest, for latest) is
+            refused.
     """
-    backups = list_physical_backups(storage, db_id)
+    backups, refused = usable_backups(storage, db_id, keyring, newest=target is None)
     fulls = [b for b in backups if b.mode == "full"]
     if not fulls:
         raise ObjectNotFoundError(
@@ -144,19 +154,21 @@ def plan_pitr(storage: Storage, db_id: str, target: datetime | None) -> PitrPlan
             f"{_show(earliest)} to {_show(latest)}; pick a time inside it"
         )
     usable = [b for b in backups if target is None or b.finished_at <= target]
-    chain = _newest_complete_chain(usable, backups)
+    chain = _newest_complete_chain(usable, backups, refused)
     base = chain[-1]
     segments = _wal_to_fetch(inventory, base, target)
     return PitrPlan(db_id, tuple(chain), target, tuple(segments), earliest, latest)
 
 
 def _newest_complete_chain(
-    candidates: Sequence[PhysicalManifest], backups: Sequence[PhysicalManifest]
+    candidates: Sequence[PhysicalManifest],
+    backups: Sequence[PhysicalManifest],
+    refused: dict[str, str],
 ) -> list[PhysicalManifest]:
     problems: list[str] = []
     for backup in reversed(candidates):
         try:
-            return chain_of(backup, backups)
+            return chain_of(backup, backups, refused)
         except ObjectNotFoundError as exc:
             problems.append(str(exc))
     raise ObjectNotFoundError(
@@ -229,27 +241,40 @@ def unpack_backup(
 ) -> int:
     """Decrypt (SHA-256 checked) and unpack one backup's tars into ``directory``.
 
-    Extra tablespaces go to ``<directory>.tablespaces/<oid>``, linked from
+    The backup's stored manifest must verify with ``keyring`` first, however the backup was
+    picked. Extra tablespaces go to ``<directory>.tablespaces/<oid>``, linked from
     ``pg_tblspc/<oid>``; ``tablespace_map`` is dropped, since it names the source's paths
     and PostgreSQL would recreate the links from it.
     """
+    authenticate_backup(storage, backup, keyring)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     members = 0
-    objects = [(backup.base, directory)]
+    # pg_tblspc/<oid> links of the base tar point to our folders, never to the source's paths.
+    locations = {
+        str(t.oid): tablespace_root(directory.absolute()) / str(t.oid) for t in backup.tablespaces
+    }
+    objects = [(backup.base, directory, locations)]
     for tablespace in backup.tablespaces:
-        objects.append((tablespace.object, tablespace_root(directory) / str(tablespace.oid)))
-    for info, destination in objects:
+        objects.append((tablespace.object, locations[str(tablespace.oid)], {}))
+    for info, destination, links in objects:
         destination.mkdir(mode=0o700, parents=True, exist_ok=True)
-        chunks = decrypted_chunks(storage, info, keyring)
+        chunks: Iterator[bytes] = decrypted_chunks(storage, info, keyring)
         if progress is not None:
             chunks = _counted(chunks, progress)
-        members += unpack_tar_stream(chunks, destination, label=f"{storage.location}/{info.key}")
-    for tablespace in backup.tablespaces:
-        link = directory / "pg_tblspc" / str(tablespace.oid)
+        members += unpack_tar_stream(
+            chunks, destination, label=f"{storage.location}/{info.key}", tablespace_links=links
+        )
+    for oid, location in locations.items():
+        link = directory / "pg_tblspc" / oid
         link.parent.mkdir(exist_ok=True)
-        if link.is_symlink() or link.exists():
+        if link.is_symlink():
             link.unlink()
-        link.symlink_to(tablespace_root(directory) / str(tablespace.oid))
+        elif link.exists():
+            raise UnsafeArchiveError(
+                f"{storage.location}/{backup.base.key}: pg_tblspc/{oid} is not a link: the "
+                "archive was tampered with or is not what pgbackflow stores, do not use it"
+            )
+        link.symlink_to(location)
     if backup.tablespaces:
         (directory / "tablespace_map").unlink(missing_ok=True)
     manifest = directory / "backup_manifest"
@@ -293,7 +318,7 @@ def build_data_dir(
     parent = target_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pgbackflow-chain-", dir=parent) as work:
-        dirs = [Path(work) / backup.backup_id for backup in plan.chain]
+        dirs = [safe_join(Path(work), backup.backup_id) for backup in plan.chain]
         step(f"unpacking {len(dirs)} backups ({', '.join(b.mode for b in plan.chain)})")
         # In parallel: decryption, decompression and disk writes of the links overlap. Each
         # worker runs in a copy of our context, so progress reaches the same Prefect API.
@@ -396,7 +421,8 @@ def write_restore_script(
 set -euo pipefail
 DIR="${{1:?usage: {SCRIPT_NAME} NEW_EMPTY_DIR}}"
 if [ -e "$DIR" ] && [ -n "$(ls -A "$DIR")" ]; then echo "$DIR is not empty" >&2; exit 1; fi
-exec {python} -m pgbackflow.cli pitr --from {shlex.quote(storage_url)} --db-id {plan.db_id} \\
+exec {python} -m pgbackflow.cli pitr --from {shlex.quote(storage_url)} \\
+  --db-id {shlex.quote(plan.db_id)} \\
   --target-time {shlex.quote(target)} --to-dir "$DIR"{key_arg}
 """
     path.write_text(body)

@@ -4,9 +4,12 @@ Every backup object (encrypted dumps, base backups, WAL segments, manifests) is 
 read through `Storage`. Writers stream with bounded memory and publish atomically: an object
 is visible to `Storage.list`, `Storage.stat` and readers only once `ObjectWriter.close`
 succeeded. Leaving a writer's ``with`` block by an exception, calling `ObjectWriter.abort` or
-killing the writing process never leaves a listed partial object; the leftovers of killed
-writers are removed by `LocalFolderStorage.sweep_incomplete` and
-`S3ObjectStorage.sweep_incomplete_uploads`.
+killing the writing process never leaves a listed partial object. An aborted write removes
+its temporary at once (also on a full disk: nothing is flushed on abort, S3 uploads are
+aborted). What a killed writer leaves is removed by `sweep_stale_writes`, which every backup
+runs first on its storages (`prepare_backup_storages`): temporaries idle for longer than the
+grace period (``PGBACKFLOW_SWEEP_GRACE_HOURS``, default 24), and at once those of local
+writers on this machine that are gone.
 
 When a writer is the sink of a ``zstandard`` compressor, create the compressor with
 ``closefd=False`` and close it inside the storage writer's ``with`` block: otherwise the
@@ -16,16 +19,19 @@ would publish the half-written object.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import io
 import logging
 import math
 import os
 import re
 import secrets
+import stat
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -61,18 +67,23 @@ if TYPE_CHECKING:
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
 
 __all__ = [
+    "DEFAULT_SWEEP_GRACE",
     "INCOMPLETE_DIR",
     "MAX_PARTS",
     "MAX_PART_SIZE",
     "MIN_PART_SIZE",
+    "SWEEP_GRACE_ENV",
     "LocalFolderStorage",
     "ObjectWriter",
     "S3ObjectStorage",
     "Storage",
     "StorageURL",
     "StoredObject",
+    "SweepReport",
     "multipart_part_size",
     "parse_storage_url",
+    "prepare_backup_storages",
+    "sweep_grace",
 ]
 
 log = logging.getLogger(__name__)
@@ -90,6 +101,11 @@ MAX_PARTS = 10_000
 """S3's largest allowed part number."""
 INCOMPLETE_DIR = ".pgbackflow-incomplete"
 """Folder (inside a local storage folder) holding objects that are still being written."""
+SWEEP_GRACE_ENV = "PGBACKFLOW_SWEEP_GRACE_HOURS"
+"""Hours after which an idle temporary or incomplete upload counts as left behind."""
+DEFAULT_SWEEP_GRACE = timedelta(hours=24)
+LOCAL_WRITE_BUFFER = MiB
+"""Bytes a local writer gathers before writing them to its temporary file."""
 
 _PROBE_PREFIX = ".pgbackflow-probe-"
 _SIZE_HINT_SLACK = 1.2
@@ -354,6 +370,20 @@ class Storage(ABC):
         with self.open_read(key) as reader:
             return reader.read()
 
+    def sweep_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
+        """Remove what killed writers left (temporaries, incomplete uploads).
+
+        Args:
+            older_than: Leftovers idle (local) or started (S3) longer ago than this go.
+
+        Returns:
+            One line per removed leftover, for the log.
+        """
+        return ()
+
+    def check_exists(self) -> None:  # noqa: B027 - a storage without a root has nothing to check
+        """Raise ObjectNotFoundError when the storage itself (folder, bucket) is missing."""
+
     def check_writable(self) -> None:
         """Write, read back and delete a small probe object.
 
@@ -390,9 +420,11 @@ class Storage(ABC):
 class LocalFolderStorage(Storage):
     """Objects as files below a local (or mounted) folder.
 
-    A writer writes to ``<folder>/.pgbackflow-incomplete/<random>`` on the same filesystem,
-    fsyncs it, renames it into place with `os.replace` and fsyncs the parent folder, so the
-    object appears complete or not at all, also after a crash.
+    A writer writes to ``<folder>/.pgbackflow-incomplete/<boot>-<pid>-<random>`` on the same
+    filesystem, fsyncs it, renames it into place with `os.replace` and fsyncs the parent
+    folder, so the object appears complete or not at all, also after a crash. While it
+    writes it holds an exclusive ``flock`` on the temporary: a sweep on the same machine
+    (same boot) tells a live writer from a dead one by that lock and the pid.
     """
 
     def __init__(self, folder: Path | str) -> None:
@@ -441,11 +473,53 @@ class LocalFolderStorage(Storage):
             if self.folder.exists() and not self.folder.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             self.incomplete_folder.mkdir(parents=True, exist_ok=True)
-            temp = self.incomplete_folder / f"{os.getpid()}-{secrets.token_hex(8)}"
-            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            temp = self.incomplete_folder / f"{_BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
+            fd = os.open(
+                temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            )
         except OSError as exc:
             raise self._not_writable(exc) from exc
+        # Where locks are unsupported the writer goes on; sweeps then judge by age alone.
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return _LocalWriter(self, key, temp, final, fd)
+
+    def check_exists(self) -> None:
+        """Raise ObjectNotFoundError when the folder does not exist."""
+        if not self.folder.is_dir():
+            raise ObjectNotFoundError(
+                f"local storage folder '{self.folder}' does not exist: check the path"
+            )
+
+    def check_root(self) -> None:
+        """Refuse a missing folder whose parent is missing too (a mistyped path).
+
+        Raises:
+            ConfigError: Neither the folder nor its parent exists.
+            StorageError: A file is in the way of the folder.
+        """
+        if self.folder.is_dir():
+            return
+        if self.folder.exists() or self.folder.is_symlink():
+            raise self._not_writable(NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR)))
+        parent = self.folder.parent
+        if not parent.is_dir():
+            raise ConfigError(
+                f"local storage folder '{self.folder}' does not exist, nor does its parent "
+                f"'{parent}': create it first (mkdir -p '{self.folder}') or correct the path; "
+                "nothing was written"
+            )
+
+    def create_root(self) -> bool:
+        """Create the folder (not its parents; see `check_root`); True when it was created."""
+        self.check_root()
+        try:
+            self.folder.mkdir()
+        except FileExistsError:
+            return False
+        except OSError as exc:
+            raise self._not_writable(exc) from exc
+        return True
 
     def open_read(self, key: str) -> BinaryIO:
         """Open object ``key`` for streaming reads."""
@@ -537,25 +611,49 @@ class LocalFolderStorage(Storage):
                 break  # not empty (or in use): keep it
             parent = parent.parent
 
-    def sweep_incomplete(self, older_than: timedelta) -> int:
-        """Remove files left by writers that died more than ``older_than`` ago.
+    def sweep_incomplete(self, older_than: timedelta, *, dead_writers: bool = False) -> int:
+        """Remove temporaries not written to for ``older_than``; never a live writer's.
+
+        Args:
+            older_than: Idle time after which a temporary counts as left behind.
+            dead_writers: Also remove, whatever their age, those of writers on this machine
+                that are gone (their pid is dead and their lock free).
 
         Returns:
             The number of files removed.
         """
-        cutoff = time.time() - older_than.total_seconds()
-        removed = 0
+        return len(self._sweep(older_than, dead_writers=dead_writers))
+
+    def sweep_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
+        """Remove idle temporaries and those of dead writers of this machine."""
+        return self._sweep(older_than, dead_writers=True)
+
+    def _sweep(self, older_than: timedelta, *, dead_writers: bool) -> tuple[str, ...]:
+        now = time.time()
+        cutoff = now - older_than.total_seconds()
+        removed: tuple[str, ...] = ()
         try:
-            entries = list(os.scandir(self.incomplete_folder))
+            entries = [*os.scandir(self.incomplete_folder)]
         except FileNotFoundError:
-            return 0
+            return ()
         except OSError as exc:
             raise self._not_writable(exc) from exc
         for entry in entries:
             try:
-                if entry.stat(follow_symlinks=False).st_mtime <= cutoff:
-                    os.unlink(entry.path)
-                    removed += 1
+                info = entry.stat(follow_symlinks=False)
+                if not stat.S_ISREG(info.st_mode):
+                    continue  # writers only ever make regular files
+                writer = _local_writer_state(entry.path, entry.name)
+                if writer == "alive":
+                    continue
+                if info.st_mtime <= cutoff:
+                    reason = f"idle for {(now - info.st_mtime) / 3600:.1f} h"
+                elif dead_writers and writer == "gone":
+                    reason = "its writer is gone"
+                else:
+                    continue
+                os.unlink(entry.path)
+                removed += (f"{entry.path} ({info.st_size} bytes, {reason})",)
             except FileNotFoundError:
                 continue
             except OSError as exc:
@@ -563,7 +661,57 @@ class LocalFolderStorage(Storage):
         return removed
 
 
+def _read_boot_tag() -> str:
+    """This boot of this machine's kernel (shared by its containers), for temp names."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip().replace("-", "")[:12]
+    except OSError:
+        return "unknown"
+
+
+_BOOT_TAG = _read_boot_tag()
+_TEMP_NAME = re.compile(r"(?P<boot>[0-9a-f]{12})-(?P<pid>\d+)-[0-9a-f]{16}")
+
+
+def _local_writer_state(path: str, name: str) -> str:
+    """"alive", "gone" or "unknown" (another machine, an old name, no lock support).
+
+    Alive: its lock is held (by any process of this kernel). Gone: same boot, lock free
+    and the pid in its name does not exist here.
+    """
+    match = _TEMP_NAME.fullmatch(name)
+    if match is None or match["boot"] != _BOOT_TAG:
+        return "unknown"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return "unknown"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "alive"
+    except OSError:
+        return "unknown"
+    finally:
+        os.close(fd)  # also drops the lock we may just have taken
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return "gone"
+    except OSError:
+        pass  # EPERM: a process of someone else has that pid
+    # A pid in use again (or in another pid namespace): judged by age only.
+    return "unknown"
+
+
 class _LocalWriter(ObjectWriter):
+    """Buffers up to LOCAL_WRITE_BUFFER and writes with os.write on a raw descriptor.
+
+    No buffered file object: closing one flushes it, and on a full disk that flush fails
+    again and used to skip the removal of the temporary. Aborting drops the buffer unwritten.
+    """
+
     def __init__(
         self, storage: LocalFolderStorage, key: str, temp: Path, final: Path, fd: int
     ) -> None:
@@ -571,22 +719,38 @@ class _LocalWriter(ObjectWriter):
         self._storage = storage
         self._temp = temp
         self._final = final
-        self._file: BinaryIO | None = open(fd, "wb", buffering=MiB)  # noqa: SIM115
+        self._fd: int | None = fd
+        self._buffer = bytearray()
 
     def _write(self, view: memoryview) -> None:
-        assert self._file is not None
+        if len(self._buffer) + view.nbytes <= LOCAL_WRITE_BUFFER:
+            self._buffer += view
+            return
+        self._write_buffer()
+        if view.nbytes >= LOCAL_WRITE_BUFFER:
+            self._write_all(view)
+        else:
+            self._buffer += view
+
+    def _write_buffer(self) -> None:
+        data, self._buffer = self._buffer, bytearray()
+        self._write_all(memoryview(data))
+
+    def _write_all(self, view: memoryview) -> None:
+        assert self._fd is not None
         try:
-            self._file.write(view)
+            while view:
+                view = view[os.write(self._fd, view) :]
         except OSError as exc:
             raise self._storage._not_writable(exc) from exc
 
     def _publish(self) -> None:
-        assert self._file is not None
+        assert self._fd is not None
+        self._write_buffer()
         try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
-            self._file = None
+            os.fsync(self._fd)
+            fd, self._fd = self._fd, None
+            os.close(fd)
             for attempt in range(3):
                 self._final.parent.mkdir(parents=True, exist_ok=True)
                 try:
@@ -606,10 +770,13 @@ class _LocalWriter(ObjectWriter):
             raise self._storage._not_writable(exc) from exc
 
     def _discard(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self._temp.unlink(missing_ok=True)
+        self._buffer = bytearray()  # never written: a full disk cannot stop the clean-up
+        try:
+            self._temp.unlink(missing_ok=True)
+        finally:
+            if self._fd is not None:
+                fd, self._fd = self._fd, None
+                os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -886,6 +1053,10 @@ class S3ObjectStorage(Storage):
             "delete", key, lambda: self._client.delete_object(Bucket=self.bucket, Key=full_key)
         )
 
+    def check_exists(self) -> None:
+        """Raise StorageError when the bucket does not exist (or cannot be reached)."""
+        self._check_bucket()
+
     def sweep_incomplete_uploads(self, older_than: timedelta) -> int:
         """Abort multipart uploads under the prefix started more than ``older_than`` ago.
 
@@ -895,20 +1066,32 @@ class S3ObjectStorage(Storage):
         Returns:
             The number of uploads aborted.
         """
+        return len(self._abort_stale_uploads(older_than))
+
+    def sweep_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
+        """Abort multipart uploads under the prefix started more than ``older_than`` ago.
+
+        S3 does not say whether an upload's writer still lives: the grace period must be
+        longer than the longest single upload (a base backup) to this prefix.
+        """
+        return self._abort_stale_uploads(older_than)
+
+    def _abort_stale_uploads(self, older_than: timedelta) -> tuple[str, ...]:
         root = f"{self.prefix}/" if self.prefix else ""
         cutoff = datetime.now(UTC) - older_than
 
-        def stale() -> list[tuple[str, str]]:
-            uploads: list[tuple[str, str]] = []
+        def stale() -> list[tuple[str, str, datetime]]:
+            uploads: list[tuple[str, str, datetime]] = []
             paginator = self._client.get_paginator("list_multipart_uploads")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
                 for upload in page.get("Uploads", []):
-                    if upload["Initiated"].astimezone(UTC) <= cutoff:
-                        uploads.append((upload["Key"], upload["UploadId"]))
+                    started = upload["Initiated"].astimezone(UTC)
+                    if started <= cutoff:
+                        uploads.append((upload["Key"], upload["UploadId"], started))
             return uploads
 
-        aborted = 0
-        for full_key, upload_id in self._call("list incomplete uploads in", None, stale):
+        aborted: tuple[str, ...] = ()
+        for full_key, upload_id, started in self._call("list incomplete uploads in", None, stale):
             try:
                 self._client.abort_multipart_upload(
                     Bucket=self.bucket, Key=full_key, UploadId=upload_id
@@ -919,7 +1102,10 @@ class S3ObjectStorage(Storage):
                 raise self._error(exc, "abort incomplete upload in", None) from exc
             except (BotoCoreError, OSError) as exc:
                 raise self._error(exc, "abort incomplete upload in", None) from exc
-            aborted += 1
+            aborted += (
+                f"s3://{self.bucket}/{full_key} (incomplete upload started "
+                f"{started:%Y-%m-%d %H:%M:%S} UTC)",
+            )
         return aborted
 
 
@@ -1152,3 +1338,85 @@ def parse_storage_url(url: str) -> StorageURL:
         )
     return StorageURL("file", str(Path(text).absolute()))
 
+
+# --------------------------------------------------------------------------- before a backup
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What `prepare_backup_storages` did.
+
+    Attributes:
+        created: Storage folders that did not exist and were created.
+        removed: One line per leftover removed (temporary file or incomplete upload).
+        problems: Storages whose sweep failed (the backup goes on; its writes will tell).
+    """
+
+    created: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+
+    def messages(self) -> list[tuple[int, str]]:
+        """(logging level, line) for the run's log; nothing when there was nothing to do."""
+        return [
+            *((logging.INFO, f"storage folder {folder} did not exist: created it")
+              for folder in self.created),
+            *((logging.INFO, f"removed the leftover of an interrupted write: {leftover}")
+              for leftover in self.removed),
+            *((logging.WARNING, problem) for problem in self.problems),
+        ]
+
+
+def sweep_grace(hours: float | None = None) -> timedelta:
+    """The sweep's grace period: ``hours``, else ``PGBACKFLOW_SWEEP_GRACE_HOURS``, else 24 h.
+
+    Raises:
+        ConfigError: Not a number, or negative.
+    """
+    if hours is None:
+        text = os.environ.get(SWEEP_GRACE_ENV, "").strip()
+        if not text:
+            return DEFAULT_SWEEP_GRACE
+        try:
+            hours = float(text)
+        except ValueError:
+            hours = math.nan
+        where = f"{SWEEP_GRACE_ENV}={text!r}"
+    else:
+        where = f"sweep grace {hours!r} h"
+    if not math.isfinite(hours) or hours < 0:
+        raise ConfigError(
+            f"{where} is not a number of hours >= 0: use e.g. 24 (longer than your longest "
+            "backup; the default)"
+        )
+    return timedelta(hours=hours)
+
+
+def prepare_backup_storages(
+    storages: Sequence[Storage], *, grace: timedelta | None = None
+) -> SweepReport:
+    """Before a backup: check local folders, then sweep what killed writers left.
+
+    A local folder that is missing is created when its parent exists; a missing parent is
+    refused (a mistyped path), before anything is written anywhere.
+
+    Args:
+        storages: The backup's destinations.
+        grace: Idle time after which a leftover goes (default: `sweep_grace`).
+
+    Raises:
+        ConfigError: A folder and its parent are missing, or the grace period is invalid.
+    """
+    grace = sweep_grace() if grace is None else grace
+    local = [s for s in storages if isinstance(s, LocalFolderStorage)]
+    for storage in local:
+        storage.check_root()
+    created = tuple(s.location for s in local if s.create_root())
+    removed: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
+    for target in storages:
+        try:
+            removed += target.sweep_stale_writes(grace)
+        except StorageError as exc:
+            problems += (f"sweeping leftovers in {target.location} failed: {exc}",)
+    return SweepReport(created, removed, problems)

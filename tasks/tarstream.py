@@ -3,14 +3,24 @@
 pg_basebackup writing a tar to stdout puts its ``backup_manifest`` (the next incremental's
 input) and ``global/pg_control`` (the system identifier) inside the stream; the backup
 pipeline picks them out on the fly instead of reading the archive back.
+
+Unpacking never trusts the archive: ``tarfile``'s own extraction (even with its filters)
+follows links already written, so a restore writes members itself: regular files and
+directories only, each created fresh below the target through directory descriptors opened
+without following links.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import grp
 import os
+import pwd
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import IO
 
 from pgbackflow.tasks.errors import PgBackflowError
 
@@ -126,31 +136,257 @@ class _ChunkReader:
             pass
 
 
-def unpack_tar_stream(chunks: Iterable[bytes], target: Path, *, label: str) -> int:
+class UnsafeArchiveError(PgBackflowError):
+    """A tar member a restore refuses to write: a link, a device, or a path out of the target."""
+
+
+_READ_SIZE = 1 << 20
+_REGULAR = frozenset({tarfile.REGTYPE, tarfile.AREGTYPE})
+_KINDS = {
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.CHRTYPE: "a character device",
+    tarfile.BLKTYPE: "a block device",
+    tarfile.FIFOTYPE: "a FIFO",
+    tarfile.CONTTYPE: "a contiguous file",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+}
+# Every directory below the target is opened without following links: a directory swapped
+# for a link (by the archive or by anyone else meanwhile) cannot redirect a write.
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_EXCL: a name that exists (file, link, anything) is never opened, truncated or appended.
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _SafeUnpacker:
+    """Writes tar members below one directory, refusing anything that could reach outside.
+
+    Only regular files and directories are written, each created fresh (never an existing
+    name) through descriptors of directories opened without following links. Symbolic links
+    are written only where the caller allows them: ``pg_tblspc/<oid>`` members re-pointed to
+    the restore's own tablespace folders, and (for tool archives) links to a sibling name.
+
+    Args:
+        target: The directory to unpack into (it may itself be a link: the caller chose it).
+        label: The archive, for messages.
+        tablespace_links: ``oid`` → folder for ``pg_tblspc/<oid>`` link members.
+        sibling_links: Allow links whose target is a plain name in the same directory.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        label: str,
+        tablespace_links: Mapping[str, Path],
+        sibling_links: bool,
+    ) -> None:
+        self._target = target
+        self._label = label
+        self._tablespace_links = tablespace_links
+        self._sibling_links = sibling_links
+        self._as_root = os.geteuid() == 0
+        self._owners: dict[tuple[str, int, str, int], tuple[int, int]] = {}
+        self._dirs: dict[tuple[str, ...], int] = {
+            (): os.open(target, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        }
+
+    def close(self) -> None:
+        """Close every directory descriptor."""
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+
+    def refuse(self, member: tarfile.TarInfo, why: str) -> UnsafeArchiveError:
+        """The one-line error for a member that is not written."""
+        return UnsafeArchiveError(
+            f"{self._label}: member {member.name!r} refused ({why}); nothing was written "
+            f"outside {self._target}: the archive was tampered with or is not what pgbackflow "
+            "stores, do not use it"
+        )
+
+    def _parts(self, member: tarfile.TarInfo) -> tuple[str, ...]:
+        name = member.name
+        if name.startswith("/"):
+            raise self.refuse(member, "absolute path")
+        parts = tuple(part for part in name.split("/") if part not in ("", "."))
+        if ".." in parts:
+            raise self.refuse(member, "path with '..'")
+        return parts
+
+    def add(self, member: tarfile.TarInfo, archive: tarfile.TarFile) -> None:
+        """Write one member (or raise UnsafeArchiveError without writing it)."""
+        parts = self._parts(member)
+        if member.isdir():
+            if parts:
+                fd = self._dir(parts, member)
+                # Owner rwx always: later members are written into it.
+                os.fchmod(fd, (member.mode & 0o777) | 0o700)
+                self._chown(member, fd)
+            return
+        if not parts:
+            raise self.refuse(member, "no name")
+        if member.type in _REGULAR:
+            self._file(parts, member, archive)
+        elif member.issym():
+            self._link(parts, member)
+        else:
+            kind = _KINDS.get(member.type, f"tar type {member.type!r}")
+            target = f" to {member.linkname!r}" if member.linkname else ""
+            raise self.refuse(member, f"{kind}{target}")
+
+    def _dir(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> int:
+        """Descriptor of the directory ``parts`` below the target, created when missing."""
+        known = self._dirs.get(parts)
+        if known is not None:
+            return known
+        parent = self._dir(parts[:-1], member)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(parts[-1], 0o700, dir_fd=parent)
+        try:
+            fd = os.open(parts[-1], _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                where = "/".join(parts)
+                raise self.refuse(
+                    member, f"{where!r} in the target is a link or a file, not a directory"
+                ) from None
+            raise
+        self._dirs[parts] = fd
+        return fd
+
+    def _file(
+        self, parts: tuple[str, ...], member: tarfile.TarInfo, archive: tarfile.TarFile
+    ) -> None:
+        parent = self._dir(parts[:-1], member)
+        try:
+            fd = os.open(parts[-1], _FILE_FLAGS, 0o600, dir_fd=parent)
+        except FileExistsError:
+            raise self.refuse(member, "its name already exists in the target") from None
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR):
+                raise self.refuse(member, "its name already exists in the target") from None
+            raise
+        try:
+            source = archive.extractfile(member)
+            assert source is not None  # regular members always have data
+            while data := source.read(_READ_SIZE):
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fchmod(fd, member.mode & 0o777)
+            self._chown(member, fd)
+            os.utime(fd, (member.mtime, member.mtime))
+        finally:
+            os.close(fd)
+
+    def _link(self, parts: tuple[str, ...], member: tarfile.TarInfo) -> None:
+        if len(parts) == 2 and parts[0] == "pg_tblspc" and parts[1] in self._tablespace_links:
+            # Never the archive's own link target: the source's path means nothing here.
+            destination = str(self._tablespace_links[parts[1]])
+        elif self._sibling_links and "/" not in member.linkname and member.linkname not in (
+            "", ".", "..",
+        ):
+            destination = member.linkname
+        else:
+            raise self.refuse(member, f"a symbolic link to {member.linkname!r}")
+        parent = self._dir(parts[:-1], member)
+        try:
+            os.symlink(destination, parts[-1], dir_fd=parent)
+        except FileExistsError:
+            raise self.refuse(member, "its name already exists in the target") from None
+
+    def _chown(self, member: tarfile.TarInfo, fd: int) -> None:
+        """As root, the member's owner (by name, else by id), as tar itself does."""
+        if not self._as_root:
+            return
+        key = (member.uname, member.uid, member.gname, member.gid)
+        ids = self._owners.get(key)
+        if ids is None:
+            uid, gid = member.uid, member.gid
+            with contextlib.suppress(KeyError):
+                uid = pwd.getpwnam(member.uname).pw_uid if member.uname else uid
+            with contextlib.suppress(KeyError):
+                gid = grp.getgrnam(member.gname).gr_gid if member.gname else gid
+            ids = self._owners[key] = (uid, gid)
+        os.fchown(fd, *ids)
+
+
+def unpack_tar_stream(
+    chunks: Iterable[bytes],
+    target: Path,
+    *,
+    label: str,
+    tablespace_links: Mapping[str, Path] | None = None,
+) -> int:
     """Unpack a tar delivered as chunks into ``target``; returns the number of members.
 
-    Members that would land outside ``target`` (absolute paths, ``..``, links pointing out)
-    are refused. The iterator is consumed to its end so checksums over it complete.
+    Only regular files and directories are written, every one inside ``target`` and created
+    fresh; a ``pg_tblspc/<oid>`` link is written only for an oid in ``tablespace_links``,
+    pointing to the folder given there. Anything else (other links, hard links, devices,
+    FIFOs, absolute or ``..`` paths, a name written twice) stops the unpacking with an
+    :class:`UnsafeArchiveError` naming the archive and the member. The iterator is consumed
+    to its end so checksums over it complete.
     """
     reader = _ChunkReader(chunks)
-    count = 0
-    try:
-        with tarfile.open(fileobj=reader, mode="r|") as archive:  # type: ignore[call-overload]
-            for member in archive:
-                archive.extract(member, target, filter="tar")
-                count += 1
-    except (tarfile.TarError, OSError) as exc:
-        if isinstance(exc, PermissionError | FileExistsError):
-            raise PgBackflowError(f"{label}: cannot unpack into {target}: {exc}") from None
-        if isinstance(exc, tarfile.TarError):
-            raise PgBackflowError(
-                f"{label}: not a valid tar archive ({exc}): the backup is damaged"
-            ) from None
-        raise
+    count = _unpack(reader, target, label, tablespace_links or {}, sibling_links=False)
     reader.drain()
-    # tarfile applies the members' modes; the data directory itself must be private.
+    # The data directory itself must be private.
     os.chmod(target, 0o700)
     return count
 
 
-__all__ = ["TarMemberCapture", "unpack_tar_stream"]
+def unpack_tar_file(
+    source: IO[bytes], target: Path, *, label: str, mode: str = "r|*"
+) -> int:
+    """Unpack a tar read from ``source`` (e.g. a toolset's ``.tar.gz``) into ``target``.
+
+    The rules of :func:`unpack_tar_stream`, except that symbolic links to a sibling name
+    (``libpq.so.5 -> libpq.so.5.17``) are allowed: they cannot point out of their directory.
+    """
+    return _unpack(source, target, label, {}, sibling_links=True, mode=mode)
+
+
+def _unpack(
+    source: _ChunkReader | IO[bytes],
+    target: Path,
+    label: str,
+    tablespace_links: Mapping[str, Path],
+    *,
+    sibling_links: bool,
+    mode: str = "r|",
+) -> int:
+    count = 0
+    member_name = ""
+    try:
+        unpacker = _SafeUnpacker(target, label, tablespace_links, sibling_links)
+    except OSError as exc:
+        raise PgBackflowError(
+            f"{label}: cannot unpack into {target} ({exc.strerror}): use an existing, "
+            "writable directory"
+        ) from None
+    try:
+        with tarfile.open(fileobj=source, mode=mode) as archive:  # type: ignore[call-overload]
+            for member in archive:
+                member_name = member.name
+                unpacker.add(member, archive)
+                count += 1
+    except tarfile.TarError as exc:
+        raise PgBackflowError(
+            f"{label}: not a valid tar archive ({exc}): the archive is damaged"
+        ) from None
+    except OSError as exc:
+        raise PgBackflowError(
+            f"{label}: cannot unpack member {member_name!r} into {target} "
+            f"({exc.strerror or exc}): free space or fix the directory's permissions"
+        ) from None
+    finally:
+        unpacker.close()
+    return count
+
+
+__all__ = [
+    "TarMemberCapture",
+    "UnsafeArchiveError",
+    "unpack_tar_file",
+    "unpack_tar_stream",
+]

@@ -21,11 +21,11 @@ from psycopg import sql
 from pydantic import BaseModel, ConfigDict
 
 from pgbackflow.tasks.budget import disk_budget_from_environment
-from pgbackflow.tasks.database import connect
+from pgbackflow.tasks.database import ConnectionSettings, connect
 from pgbackflow.tasks.errors import PgBackflowError, StorageError
 from pgbackflow.tasks.inventory import compare_counts, take_inventory_of_idle_database
 from pgbackflow.tasks.keys import Keyring
-from pgbackflow.tasks.logical import replay_globals
+from pgbackflow.tasks.logical import USER_RELATIONS_SQL, replay_globals
 from pgbackflow.tasks.manifest import LogicalManifest
 from pgbackflow.tasks.pipeline import decrypted_chunks
 from pgbackflow.tasks.sandbox import Sandbox, free_disk_bytes
@@ -226,6 +226,36 @@ def verify_backup(
     return report
 
 
+def prepare_sandbox_database(admin: ConnectionSettings, name: str) -> None:
+    """Make the database ``name`` to restore into, in a fresh sandbox.
+
+    A name the sandbox already has (``postgres``, ``template1``: made by initdb, empty)
+    is restored into as it is, as a restore into such a server would; it must be empty.
+
+    Raises:
+        VerificationFailedError: It exists but takes no connections, or is not empty.
+    """
+    with connect(admin) as conn:
+        row = conn.execute(
+            "SELECT datallowconn FROM pg_database WHERE datname = %s", (name,)
+        ).fetchone()
+        if row is None:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            return
+    if not row[0]:
+        raise VerificationFailedError(
+            f"the sandbox's database '{name}' takes no connections, so the backup of '{name}' "
+            "cannot be restored into it: restore it by hand under another name"
+        )
+    with connect(admin.with_dbname(name)) as conn:
+        count = conn.execute(USER_RELATIONS_SQL).fetchone()
+    if count and count[0]:
+        raise VerificationFailedError(
+            f"the sandbox's database '{name}' already holds {count[0]} relations: the sandbox "
+            "image is not a stock one; use an image whose initdb databases are empty"
+        )
+
+
 def _restore_and_count(
     storage: Storage,
     manifest: LogicalManifest,
@@ -239,8 +269,7 @@ def _restore_and_count(
     # Owners and grants are part of what gets proven: recreate the roles first.
     _, _, warnings = replay_globals(storage, manifest, keyring, admin)
     report.problems.extend(warnings)
-    with connect(admin) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(manifest.database.name)))
+    prepare_sandbox_database(admin, manifest.database.name)
     dump_file = sandbox.dump_dir / DUMP_FILE
     spooled.result()  # raises the archive's integrity error, if any
     result = sandbox.pg_restore(manifest.database.name, dump_file, sandbox.resources.restore_jobs)

@@ -42,12 +42,14 @@ from pgbackflow.tasks.errors import (
 )
 from pgbackflow.tasks.inventory import take_inventory
 from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.manifest import check_id
 from pgbackflow.tasks.physical import (
     PhysicalManifest,
     chain_of,
-    list_physical_backups,
     parse_lsn,
     resolve_db_id,
+    scan_physical_backups,
+    usable_backups,
 )
 from pgbackflow.tasks.pitr import (
     LOG_NAME,
@@ -314,30 +316,42 @@ class _Findings:
 # Picking and planning
 
 
-def pick_backup(storage: Storage, db_id: str, backup_id: str | None) -> PhysicalManifest:
+def pick_backup(
+    storage: Storage, db_id: str, backup_id: str | None, keyring: Keyring | None = None
+) -> PhysicalManifest:
     """The given backup, or the newest physical backup of the cluster.
+
+    With ``keyring`` only manifests whose MAC verifies are considered; the newest is refused
+    while a manifest that may be newer is refused (never a silent fall back to an older one).
 
     Raises:
         ObjectNotFoundError: no physical backups, or none with that id.
+        ManifestError: the requested (or the newest) backup's manifest is refused.
     """
-    backups = list_physical_backups(storage, db_id)
-    if not backups:
+    catalog = scan_physical_backups(storage, db_id, keyring)
+    if not catalog.records:
         raise ObjectNotFoundError(
             f"no physical backups of {db_id} in {storage.location}: run pgbackflow "
             "physical-backup first"
         )
     if backup_id is None:
-        return backups[-1]
-    for backup in backups:
-        if backup.backup_id == backup_id:
-            return backup
+        newest = catalog.newest(f"picking the newest backup of {db_id}")
+        if newest is None:
+            raise ObjectNotFoundError(f"no usable physical backups of {db_id} in "
+                                      f"{storage.location}: run pgbackflow physical-backup")
+        return newest
+    found = catalog.select(check_id(backup_id, "backup id"))
+    if found is not None:
+        return found
     raise ObjectNotFoundError(
         f"physical backup {backup_id} of {db_id} is not in {storage.location}: list the "
         "backups with pgbackflow physical-list"
     )
 
 
-def plan_chain_end(storage: Storage, backup: PhysicalManifest) -> PitrPlan:
+def plan_chain_end(
+    storage: Storage, backup: PhysicalManifest, keyring: Keyring | None = None
+) -> PitrPlan:
     """Plan a restore of ``backup``'s chain replayed to the end of the stored WAL.
 
     Unlike :func:`tasks.pitr.plan_pitr`, a broken chain is not replaced by an older
@@ -346,8 +360,8 @@ def plan_chain_end(storage: Storage, backup: PhysicalManifest) -> PitrPlan:
     Raises:
         ObjectNotFoundError: a backup of the chain, or a WAL file after it, is missing.
     """
-    backups = list_physical_backups(storage, backup.db_id)
-    chain = chain_of(backup, backups)
+    backups, refused = usable_backups(storage, backup.db_id, keyring, newest=False)
+    chain = chain_of(backup, backups, refused)
     inventory = read_wal_inventory(storage, backup.db_id, backup.wal_segment_size)
     names = wal_after(inventory, backup)
     latest = max([backup.finished_at] + ([inventory.newest] if inventory.newest else []))
@@ -846,13 +860,13 @@ def verify_physical_backup(
     started = time.monotonic()
     step = on_step or (lambda _message: None)
     cluster = resolve_db_id(storage, db_id)
-    backup = pick_backup(storage, cluster, backup_id)
+    backup = pick_backup(storage, cluster, backup_id, keyring)
     findings = _Findings()
     chain: tuple[PhysicalManifest, ...] = (backup,)
     root: Path | None = None
     try:
         try:
-            plan = plan_chain_end(storage, backup)
+            plan = plan_chain_end(storage, backup, keyring)
             chain = plan.chain
             root = make_work_root(work_dir)
             _verify_in(root, storage, keyring, plan, findings, step, amcheck=amcheck,

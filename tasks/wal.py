@@ -18,6 +18,15 @@ Objects (encrypted, zstd)::
     physical/<db_id>/wal/<segment>.pgbf           a complete segment
     physical/<db_id>/wal/<segment>.partial.pgbf   the newest state of the segment in progress
     physical/<db_id>/wal/<timeline>.history.pgbf  timeline history files
+
+Every object is its own AES-256-GCM archive (authenticated), but the archive does not name
+the file it holds. So a fetched file is checked against its name: a segment's first page
+header must carry the segment's position, segment size and the cluster's system
+identifier, and a timeline no newer than the name's; a history file may only name older
+timelines. Names read from the storage must match the segment/history patterns exactly.
+There is no WAL index: what these checks cannot see (an older ``.partial`` upload stored
+under the complete segment's name, deleted newest segments) is described in
+docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from pgbackflow.tasks.errors import (
     TransientDatabaseError,
 )
 from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import InvalidIdError, check_id
 from pgbackflow.tasks.pipeline import store_file
 from pgbackflow.tasks.process import Tool
 from pgbackflow.tasks.storage import Storage
@@ -62,9 +72,12 @@ DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_SEGMENT_SIZE = 16 * 1024 * 1024
 SLOT_RELEASE_WAIT_S = 15.0
 
-_SEGMENT = re.compile(r"^[0-9A-F]{24}$")
-_HISTORY = re.compile(r"^[0-9A-F]{8}\.history$")
-_SLOT = re.compile(r"^[a-z0-9_]{1,63}$")
+# Used with fullmatch: '$' would also match before a trailing newline, and a storage key
+# may hold one.
+_SEGMENT = re.compile(r"[0-9A-F]{24}")
+_HISTORY = re.compile(r"[0-9A-F]{8}\.history")
+_SLOT = re.compile(r"[a-z0-9_]{1,63}")
+MAX_HISTORY_BYTES = 16 * 1024 * 1024
 _WAL_MAGIC_MIN = 0xD100  # every supported major's XLOG_PAGE_MAGIC is 0xD1xx
 
 logger = logging.getLogger("pgbackflow.wal")
@@ -75,12 +88,29 @@ class WalIntegrityError(ArchiveError):
 
 
 def wal_prefix(db_id: str) -> str:
-    """Storage prefix of a cluster's WAL."""
+    """Storage prefix of a cluster's WAL (the id is checked: it becomes a key segment)."""
+    check_id(db_id, "cluster id")
     return f"physical/{db_id}/{WAL_DIR}/"
 
 
+def is_wal_file_name(name: str) -> bool:
+    """Whether ``name`` is a segment, a ``<segment>.partial`` or a history file name."""
+    return bool(
+        _SEGMENT.fullmatch(name.removesuffix(PARTIAL)) or _HISTORY.fullmatch(name)
+    )
+
+
 def wal_object_key(db_id: str, file_name: str) -> str:
-    """Storage key of a WAL file (``<segment>``, ``<segment>.partial`` or a history file)."""
+    """Storage key of a WAL file (``<segment>``, ``<segment>.partial`` or a history file).
+
+    Raises:
+        InvalidIdError: ``file_name`` is none of those (it would become a key and a path).
+    """
+    if not is_wal_file_name(file_name):
+        raise InvalidIdError(
+            f"{file_name[:60]!r} is not a WAL file name (24 hex digits, optionally .partial, "
+            "or <8 hex digits>.history): check the name"
+        )
     return wal_prefix(db_id) + file_name + OBJECT_SUFFIX
 
 
@@ -97,7 +127,7 @@ def segment_name(timeline: int, number: int, segment_size: int) -> str:
 
 def parse_segment_name(name: str, segment_size: int) -> tuple[int, int]:
     """``(timeline, segment number)`` of a segment file name."""
-    if not _SEGMENT.match(name):
+    if not _SEGMENT.fullmatch(name):
         raise ConfigError(f"'{name}' is not a WAL segment name (24 hex digits)")
     return int(name[:8], 16), int(name[8:16], 16) * segments_per_id(segment_size) + int(
         name[16:], 16
@@ -122,9 +152,9 @@ def check_segment_start(
     """
     if len(head) < 40:
         raise WalIntegrityError(f"{label}: too short for a WAL segment: the object is damaged")
-    magic, _info, _tli, page_address = struct.unpack_from("<HHIQ", head, 0)
+    magic, _info, page_timeline, page_address = struct.unpack_from("<HHIQ", head, 0)
     sysid, seg_size = struct.unpack_from("<QI", head, 24)
-    _, number = parse_segment_name(name, segment_size)
+    timeline, number = parse_segment_name(name, segment_size)
     if magic < _WAL_MAGIC_MIN or magic > 0xD1FF:
         raise WalIntegrityError(
             f"{label}: not a WAL segment (bad page magic): the object is damaged"
@@ -139,6 +169,42 @@ def check_segment_start(
             f"{label}: WAL of another cluster (system identifier {sysid}, expected "
             f"{system_identifier}): the object was replaced"
         )
+    # A segment on timeline N starts with WAL of N or, where N forked off mid-segment, of
+    # an older timeline; never of a newer one.
+    if page_timeline > timeline:
+        raise WalIntegrityError(
+            f"{label}: holds WAL of timeline {page_timeline} under a timeline {timeline} name: "
+            "the object was replaced"
+        )
+
+
+def check_history(content: bytes, name: str, label: str) -> None:
+    """Check a timeline history file against its name: it may only name older timelines.
+
+    Each line is ``<parent timeline> <switch LSN> <reason>`` (comments and blank lines
+    allowed); parents grow line by line and stay below the file's own timeline.
+
+    Raises:
+        WalIntegrityError: the content is not the history of that timeline.
+    """
+    if not _HISTORY.fullmatch(name):
+        raise InvalidIdError(f"{name[:60]!r} is not a timeline history file name")
+    timeline = int(name[:8], 16)
+    previous = 0
+    for number, line in enumerate(content.decode("ascii", "replace").splitlines(), 1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        try:
+            parent = int(fields[0])
+        except ValueError:
+            parent = -1
+        if len(fields) < 2 or "/" not in fields[1] or not previous < parent < timeline:
+            raise WalIntegrityError(
+                f"{label}: line {number} is not a history entry of an ancestor of timeline "
+                f"{timeline}: the object was replaced"
+            )
+        previous = parent
 
 
 # ---------------------------------------------------------------------------------------
@@ -202,12 +268,12 @@ def read_wal_inventory(storage: Storage, db_id: str, segment_size: int) -> WalIn
         name = name[: -len(OBJECT_SUFFIX)]
         is_partial = name.endswith(PARTIAL)
         base = name.removesuffix(PARTIAL)
-        if _SEGMENT.match(base):
+        if _SEGMENT.fullmatch(base):
             timeline, number = parse_segment_name(base, segment_size)
             (inventory.partial if is_partial else inventory.complete).setdefault(
                 timeline, set()
             ).add(number)
-        elif _HISTORY.match(name):
+        elif _HISTORY.fullmatch(name):
             inventory.histories.add(int(name[:8], 16))
         else:
             continue
@@ -234,7 +300,11 @@ def fetch_wal_file(
     Raises:
         ArchiveError: the object is damaged, truncated or not the segment it claims to be.
     """
-    is_segment = bool(_SEGMENT.match(file_name))
+    is_segment = bool(_SEGMENT.fullmatch(file_name))
+    if not (is_segment or _HISTORY.fullmatch(file_name)):
+        raise InvalidIdError(
+            f"{file_name[:60]!r} is not a WAL segment or history file name: check the name"
+        )
     candidates = [file_name, file_name + PARTIAL] if is_segment else [file_name]
     for candidate in candidates:
         key = wal_object_key(db_id, candidate)
@@ -251,6 +321,13 @@ def fetch_wal_file(
                     f"{label}: {size} bytes instead of a {segment_size}-byte segment: the "
                     "object is damaged"
                 )
+            if not is_segment:
+                if size > MAX_HISTORY_BYTES:
+                    raise WalIntegrityError(
+                        f"{label}: {size} bytes is not a timeline history file: the object "
+                        "was replaced"
+                    )
+                check_history(partial.read_bytes(), file_name, label)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -353,7 +430,7 @@ class WalShipper:
             Names of the complete files uploaded.
         """
         names = sorted(p.name for p in self.spool.iterdir())
-        done = [n for n in names if (_SEGMENT.match(n) or _HISTORY.match(n))]
+        done = [n for n in names if (_SEGMENT.fullmatch(n) or _HISTORY.fullmatch(n))]
         uploaded: list[str] = []
         for name in done:
             if name in self._shipped:
@@ -361,12 +438,14 @@ class WalShipper:
             self._upload(self.spool / name, name)
             self._shipped.add(name)
             uploaded.append(name)
-            if _SEGMENT.match(name):
+            if _SEGMENT.fullmatch(name):
                 self.status.segments_shipped += 1
                 self.status.last_segment = name
                 self._drop_partial_object(name)
-        self._prune([n for n in done if _SEGMENT.match(n)])
-        partials = [n for n in names if n.endswith(PARTIAL) and _SEGMENT.match(n[: -len(PARTIAL)])]
+        self._prune([n for n in done if _SEGMENT.fullmatch(n)])
+        partials = [
+            n for n in names if n.endswith(PARTIAL) and _SEGMENT.fullmatch(n[: -len(PARTIAL)])
+        ]
         if partials:
             self._ship_partial(partials[-1], force=final)
         return uploaded
@@ -410,7 +489,7 @@ def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
     Raises:
         ConfigError: bad slot name, or the slot is in use by another client.
     """
-    if not _SLOT.match(slot):
+    if not _SLOT.fullmatch(slot):
         raise ConfigError(
             f"replication slot name {slot!r} is invalid: use lowercase letters, digits and '_'"
             " (at most 63)"
@@ -543,9 +622,11 @@ __all__ = [
     "WalInventory",
     "WalShipper",
     "WalStreamer",
+    "check_history",
     "check_segment_start",
     "ensure_slot",
     "fetch_wal_file",
+    "is_wal_file_name",
     "parse_segment_name",
     "read_wal_inventory",
     "segment_for_lsn",

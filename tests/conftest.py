@@ -15,6 +15,7 @@ pytest_plugins = [
     "tests.fixtures.postgres",
     "tests.fixtures.s3",
     "tests.fixtures.prefect",
+    "tests.fixtures.prefect_server",
     "tests.fixtures.docker",
     "tests.fixtures.mounts",
 ]

@@ -1,0 +1,179 @@
+"""Prefect automations pgbackflow relies on, created and updated idempotently by name.
+
+* ``pgbackflow: crash unresponsive runs``: a deployment run whose flow-run heartbeats stop
+  (worker host lost, process frozen) is marked Crashed after :data:`ZOMBIE_AFTER_S`, as in
+  Prefect's "detect zombie flows" recipe. Deployments run with heartbeats every
+  :data:`HEARTBEAT_S` (their job variables set it), so a killed run never stays Running.
+* ``pgbackflow wal-stream restart: <db_id>`` (two per cluster): the WAL streamer is one
+  long-running flow run; when it ends Crashed, or when its ``pgbackflow.wal.alive`` events
+  stop for the silence window, the automation starts the deployment again.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, cast
+from uuid import UUID
+
+from prefect.automations import Automation, EventTrigger, Posture
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ActionTypes, ChangeFlowRunState, RunDeployment
+from prefect.events.schemas.events import ResourceSpecification
+
+#: Seconds between flow-run heartbeats of deployment runs (Prefect needs at least 30).
+HEARTBEAT_S = 30
+#: A deployment run without a heartbeat for this long is marked Crashed.
+ZOMBIE_AFTER_S = 120
+ZOMBIE_AUTOMATION = "pgbackflow: crash unresponsive runs"
+#: Event a WAL streamer emits every WAL_ALIVE_S while it runs, and with every shipment.
+WAL_ALIVE_EVENT = "pgbackflow.wal.alive"
+WAL_ALIVE_S = 60.0
+#: Without an alive event for this long, the WAL streamer is started again.
+DEFAULT_WAL_SILENCE_S = 300.0
+
+#: Job variables of every deployment: heartbeats on, so lost runs end Crashed.
+HEARTBEAT_JOB_VARIABLES: dict[str, Any] = {
+    "env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
+}
+
+
+def wal_resource_id(db_id: str) -> str:
+    """The event resource of a cluster's WAL streamer."""
+    return f"pgbackflow.wal-stream.{db_id}"
+
+
+@dataclass(frozen=True)
+class AutomationSpec:
+    """What one automation should be (matched to the API by its unique name)."""
+
+    name: str
+    description: str
+    trigger: EventTrigger
+    actions: tuple[ActionTypes, ...]
+    enabled: bool = True
+
+    def build(self) -> Automation:
+        """The Prefect automation object."""
+        return Automation(
+            name=self.name, description=self.description, enabled=self.enabled,
+            trigger=self.trigger, actions=list(self.actions),
+        )
+
+    def fingerprint(self) -> str:
+        """Comparable text of what the automation does."""
+        return _fingerprint(self.build())
+
+
+def _fingerprint(automation: Any) -> str:
+    document = automation.model_dump(
+        mode="json", include={"description", "enabled", "trigger", "actions"}
+    )
+    document["trigger"].pop("id", None)
+    return json.dumps(document, sort_keys=True)
+
+
+def zombie_automation() -> AutomationSpec:
+    """Mark deployment runs whose heartbeats stopped as Crashed."""
+    return AutomationSpec(
+        name=ZOMBIE_AUTOMATION,
+        description=(f"Marks a flow run Crashed when its heartbeats stop for {ZOMBIE_AFTER_S} s "
+                     "(worker host lost or process frozen), so it does not stay Running"),
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=ZOMBIE_AFTER_S),
+        ),
+        actions=(ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {ZOMBIE_AFTER_S} s: the worker or its host was lost",
+        ),),
+    )
+
+
+def wal_restart_automations(
+    db_id: str, deployment_id: UUID, silence_s: float, *, enabled: bool = True
+) -> list[AutomationSpec]:
+    """Start the WAL streamer again when its run crashes or goes silent."""
+    restart = RunDeployment(source="selected", deployment_id=deployment_id, parameters=None)
+    return [
+        AutomationSpec(
+            name=f"pgbackflow wal-stream restart on crash: {db_id}",
+            description=f"Starts the WAL streamer of {db_id} again when its run ends Crashed",
+            trigger=EventTrigger(
+                expect={"prefect.flow-run.Crashed"},
+                match_related=ResourceSpecification(
+                    {"prefect.resource.id": f"prefect.deployment.{deployment_id}"}
+                ),
+                posture=Posture.Reactive,
+                threshold=1,
+            ),
+            actions=(restart,),
+            enabled=enabled,
+        ),
+        AutomationSpec(
+            name=f"pgbackflow wal-stream restart when silent: {db_id}",
+            description=(f"Starts the WAL streamer of {db_id} again when it sent no "
+                         f"{WAL_ALIVE_EVENT} event for {silence_s:g} s (failed, or never started)"),
+            trigger=EventTrigger(
+                expect={WAL_ALIVE_EVENT},
+                match=ResourceSpecification({"prefect.resource.id": wal_resource_id(db_id)}),
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=silence_s),
+            ),
+            actions=(restart,),
+            enabled=enabled,
+        ),
+    ]
+
+
+def automation_changes(specs: list[AutomationSpec]) -> list[tuple[str, AutomationSpec]]:
+    """``(action, spec)`` per automation: ``+`` create, ``~`` replace, ``=`` as specified."""
+    result = []
+    with get_client(sync_client=True) as client:
+        for spec in specs:
+            existing = client.read_automations_by_name(spec.name)
+            if not existing:
+                result.append(("+", spec))
+            elif len(existing) == 1 and _fingerprint(existing[0]) == spec.fingerprint():
+                result.append(("=", spec))
+            else:
+                result.append(("~", spec))
+    return result
+
+
+def apply_automation(spec: AutomationSpec) -> UUID:
+    """Create the automation, replacing any of the same name that differs."""
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(spec.name)
+        if len(existing) == 1 and _fingerprint(existing[0]) == spec.fingerprint():
+            return existing[0].id
+        for old in existing:
+            client.delete_automation(old.id)
+    created = cast(Automation, spec.build().create())  # sync in a sync context
+    assert created.id is not None
+    return created.id
+
+
+def disable_automations_of(db_id: str) -> list[str]:
+    """Pause every pgbackflow automation of one database or cluster; their names."""
+    paused = []
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            if automation.name.startswith("pgbackflow") and automation.name.endswith(
+                f": {db_id}"
+            ) and automation.enabled:
+                client.pause_automation(automation.id)
+                paused.append(automation.name)
+    return paused

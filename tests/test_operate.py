@@ -1,0 +1,385 @@
+"""Operating pgbackflow from Prefect, end to end, as an operator does it.
+
+A real ``prefect server start`` and a real process worker (started from an empty folder: no
+checkout), a real PostgreSQL 17 whose superuser password is a canary, and the config-driven
+``pgbackflow deploy``. The server's own scheduler must create the runs (with SQLAlchemy 2.1
+it creates none: this is the test that notices), the worker must run them, and the backups
+must be in storage. Runs are triggered with plain HTTP as a user's script would, and a failed
+run is retried the way the UI's Retry button does it.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from psycopg import sql
+
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.keys import MasterKey, write_key_file
+from pgbackflow.tasks.toolsets import find_toolset
+from tests.fixtures.prefect_server import PrefectServer
+
+MAJOR = 17
+POOL = "e2e-backups"
+VERIFY_POOL = "e2e-verify"
+
+pytestmark = [pytest.mark.pg, pytest.mark.slow]
+
+
+@dataclass
+class Site:
+    """What an operator has: a database server, a storage folder, a key, a config."""
+
+    cluster: EphemeralCluster
+    canary: str
+    store: Path
+    key_file: Path
+    config: Path
+    env: dict[str, str]
+    worker_dir: Path
+
+    def write_config(self, *, extra: str = "", shop: bool = True) -> None:
+        shop_entry = textwrap.dedent("""
+            [databases.shop]
+            server = "pg"
+            database = "shop"
+            storages = ["local"]
+            backup = "* * * * *"
+            verify = "daily at 04:00"
+            verify_sandbox = "local"
+        """) if shop else ""
+        self.config.write_text(textwrap.dedent(f"""
+            [prefect]
+            work_pool = "{POOL}"
+            verification_pool = "{VERIFY_POOL}"
+
+            [key]
+            block = "e2e-master-key"
+            file = "{self.key_file}"
+
+            [storages.local]
+            url = "{self.store}"
+
+            [servers.pg]
+            host = "{self.cluster.host}"
+            port = {self.cluster.port}
+            user = "{self.cluster.superuser}"
+            password_env = "E2E_PG_PASSWORD"
+            max_concurrent_backups = 2
+
+            [databases.everything]
+            server = "pg"
+            database = "all"
+            exclude = ["postgres", "skip_*"]
+            storages = ["local"]
+            backup = "daily at 03:00"
+        """) + shop_entry + extra)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("operate")
+    canary = f"canary-{secrets.token_hex(8)}"
+    cluster = EphemeralCluster(find_toolset(MAJOR), password=canary,
+                               settings={"fsync": "off"}).start()
+    try:
+        for name in ("shop", "crm", "skip_me"):
+            with cluster.connect() as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+            with cluster.connect(name) as conn:
+                conn.execute("CREATE TABLE items (id int primary key, note text)")
+                conn.execute(
+                    "INSERT INTO items SELECT g, 'row ' || g FROM generate_series(1, 500) g"
+                )
+        key_file = root / "master.key"
+        write_key_file(key_file, MasterKey.generate())
+        store = root / "store"
+        store.mkdir()
+        yield Site(cluster=cluster, canary=canary, store=store, key_file=key_file,
+                   config=root / "pgbackflow.toml", env={"E2E_PG_PASSWORD": canary},
+                   worker_dir=root / "worker")
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, Any]]:
+    """The config deployed (checked dry run first), and a worker serving the backup pool."""
+    site.write_config()
+    dry = prefect_server.run_cli("deploy", "--config", str(site.config), "--dry-run",
+                                 env=site.env)
+    assert "+ deployment logical-backup/logical-shop" in dry.stdout
+    assert "+ deployment backup-databases/logical-everything" in dry.stdout
+    assert "+ block pgbackflow-postgres-database/pg" in dry.stdout
+    assert "dry run: nothing was changed" in dry.stderr
+    with prefect_server.http() as http:
+        response = http.post("deployments/filter", json={})
+        assert response.json() == [], "a dry run created deployments"
+
+    first = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "0 to update" in first.stdout.splitlines()[-1] or "to create" in first.stdout
+    again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
+
+    with prefect_server.http() as http:
+        deployments = {d["name"]: d for d in http.post("deployments/filter", json={}).json()}
+    assert set(deployments) == {"logical-shop", "logical-everything", "verify-shop"}
+    prefect_server.start_worker(POOL, site.worker_dir)
+    yield deployments
+    prefect_server.stop_workers()
+
+
+def _runs(server: PrefectServer, deployment_id: str) -> list[dict[str, Any]]:
+    with server.http() as http:
+        response = http.post("flow_runs/filter", json={
+            "deployments": {"id": {"any_": [deployment_id]}}, "sort": "EXPECTED_START_TIME_ASC",
+        })
+        response.raise_for_status()
+        runs: list[dict[str, Any]] = response.json()
+        return runs
+
+
+def _run(server: PrefectServer, run_id: str) -> dict[str, Any]:
+    with server.http() as http:
+        response = http.get(f"flow_runs/{run_id}")
+        response.raise_for_status()
+        run: dict[str, Any] = response.json()
+        return run
+
+
+def _wait_state(server: PrefectServer, run_id: str, wanted: str, timeout: float) -> dict[str, Any]:
+    def check() -> dict[str, Any] | None:
+        run = _run(server, run_id)
+        state = run["state"]["type"]
+        if state == wanted:
+            return run
+        if state in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") and state != wanted:
+            pytest.fail(f"run {run_id} ended {state} ({run['state'].get('message')}) instead of "
+                        f"{wanted}", pytrace=False)
+        return None
+
+    result: dict[str, Any] = server.wait_for(f"run {run_id} to be {wanted}", check, timeout)
+    return result
+
+
+def _backups(server: PrefectServer, site: Site) -> list[dict[str, Any]]:
+    result = server.run_cli("list", "--from", str(site.store), "--json")
+    backups: list[dict[str, Any]] = json.loads(result.stdout)
+    return backups
+
+
+def test_schedules_fire_and_the_worker_backs_up(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    shop = deployed["logical-shop"]
+    assert shop["entrypoint"] == "pgbackflow.flows.logical_backup.logical_backup"
+    assert shop["pull_steps"] == [] and shop["path"] is None
+    assert {"db:shop", "job:logical", "pgbackflow"} <= set(shop["tags"])
+
+    # The server's scheduler (not this test) creates the runs of the every-minute schedule.
+    scheduled = prefect_server.wait_for(
+        "the scheduler to create runs of logical-shop",
+        lambda: [r for r in _runs(prefect_server, shop["id"]) if r["auto_scheduled"]], 90,
+    )
+    assert scheduled
+    completed = prefect_server.wait_for(
+        "a scheduled run of logical-shop to complete",
+        lambda: [r for r in _runs(prefect_server, shop["id"])
+                 if r["auto_scheduled"] and r["state"]["type"] == "COMPLETED"], 180, 2,
+    )
+    run = completed[0]
+    assert {"db:shop", "job:logical"} <= set(run["tags"])
+    backups = [b for b in _backups(prefect_server, site) if b["db_id"] == "shop"]
+    assert backups and backups[0]["database"] == "shop"
+
+
+def test_http_trigger_backs_up_every_database(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    everything = deployed["logical-everything"]
+    with prefect_server.http() as http:
+        response = http.post(f"deployments/{everything['id']}/create_flow_run", json={})
+        assert response.status_code == 201, response.text
+        run_id = response.json()["id"]
+    _wait_state(prefect_server, run_id, "COMPLETED", 240)
+    ids = {b["db_id"] for b in _backups(prefect_server, site)}
+    assert {"everything-shop", "everything-crm"} <= ids
+    assert not {i for i in ids if "skip" in i or i == "everything-postgres"}
+
+    # A database created after deploying is picked up by the next run, no redeploy.
+    with site.cluster.connect() as conn:
+        conn.execute("CREATE DATABASE late_one")
+    with prefect_server.http() as http:
+        run_id = http.post(f"deployments/{everything['id']}/create_flow_run", json={}).json()["id"]
+    _wait_state(prefect_server, run_id, "COMPLETED", 240)
+    assert "everything-late_one" in {b["db_id"] for b in _backups(prefect_server, site)}
+    # Each database is its own run, tagged with its id (so automations can select it).
+    with prefect_server.http() as http:
+        late = http.post("flow_runs/filter", json={
+            "flow_runs": {"tags": {"all_": ["db:everything-late_one"]}}
+        }).json()
+    assert [r["state"]["type"] for r in late] == ["COMPLETED"]
+    assert "job:logical" in late[0]["tags"]
+
+
+def test_failed_run_retried_like_the_ui_button(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    shop = deployed["logical-shop"]
+    with prefect_server.http() as http:
+        http.post(f"deployments/{shop['id']}/pause_deployment").raise_for_status()
+    before = {b["backup_id"] for b in _backups(prefect_server, site) if b["db_id"] == "shop"}
+    site.cluster.halt()
+    try:
+        with prefect_server.http() as http:
+            run_id = http.post(f"deployments/{shop['id']}/create_flow_run", json={}).json()["id"]
+        failed = _wait_state(prefect_server, run_id, "FAILED", 180)
+        assert "db:shop" in failed["tags"], "a run that never connected must still be tagged"
+    finally:
+        site.cluster.resume()
+    with prefect_server.http() as http:
+        # What the UI's Retry button sends.
+        response = http.post(f"flow_runs/{run_id}/set_state", json={
+            "state": {"type": "SCHEDULED", "name": "AwaitingRetry",
+                      "message": "Retry from the UI"},
+        })
+        assert response.status_code in (200, 201), response.text
+        assert response.json()["status"] == "ACCEPT", response.json()
+    _wait_state(prefect_server, run_id, "COMPLETED", 180)
+    with prefect_server.http() as http:
+        http.post(f"deployments/{shop['id']}/resume_deployment").raise_for_status()
+    after = {b["backup_id"] for b in _backups(prefect_server, site) if b["db_id"] == "shop"}
+    assert len(after - before) == 1
+    leftovers = [p for p in site.store.rglob("*") if ".pgbackflow-incomplete" in str(p)
+                 and p.is_file()]
+    assert leftovers == []
+
+
+def test_secrets_stay_in_blocks(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    prefect_server.wait_for(
+        "at least one finished backup run",
+        lambda: [r for d in deployed.values() for r in _runs(prefect_server, d["id"])
+                 if r["state"]["type"] in ("COMPLETED", "FAILED")], 240, 2,
+    )
+    key_text = key_secret(site.key_file)
+    with prefect_server.http() as http:
+        responses = [
+            http.post("deployments/filter", json={}).text,
+            http.post("flow_runs/filter", json={}).text,
+            http.post("block_documents/filter", json={}).text,
+            http.post("artifacts/filter", json={}).text,
+            http.post("logs/filter", json={}).text,
+            http.post("events/filter", json={}).text,
+            *(http.get(f"deployments/{d['id']}").text for d in deployed.values()),
+        ]
+        blocks = http.post("block_documents/filter", json={}).json()
+        responses += [http.get(f"block_documents/{b['id']}").text for b in blocks]
+    for text in responses:
+        assert site.canary not in text
+        assert key_text not in text
+    # The secret is in the block (what a worker resolves), so runs can connect at all.
+    with prefect_server.http() as http:
+        block = next(b for b in blocks if b["name"] == "pg")
+        full = http.get(f"block_documents/{block['id']}", params={"include_secrets": True})
+        assert site.canary in full.text
+
+
+def key_secret(path: Path) -> str:
+    """The secret part of a key file."""
+    return path.read_text().strip().rsplit(":", 1)[-1]
+
+
+def test_fresher_backup_cancels_only_older_after_backup_verifications(
+    prefect_server: PrefectServer, deployed: dict[str, Any]
+) -> None:
+    from pgbackflow.deployments.verification import queue_verification
+
+    verify = deployed["verify-shop"]
+    scheduled = prefect_server.wait_for(
+        "the scheduler to create the daily 04:00 verification runs",
+        lambda: [r for r in _runs(prefect_server, verify["id"]) if r["auto_scheduled"]], 90,
+    )
+    with prefect_server.settings():
+        older = queue_verification("shop", "20260101T000000Z-older")
+        newer = queue_verification("shop", "20260101T010000Z-newer")
+    states = {r["id"]: r["state"]["type"] for r in _runs(prefect_server, verify["id"])}
+    assert states[str(older)] == "CANCELLED"
+    assert states[str(newer)] == "SCHEDULED"
+    for run in scheduled:
+        assert states[run["id"]] == "SCHEDULED", "a scheduled verification was cancelled"
+
+
+def test_removed_database_is_paused_not_deleted(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    site.write_config(shop=False)
+    try:
+        dry = prefect_server.run_cli("deploy", "--config", str(site.config), "--dry-run",
+                                     env=site.env)
+        assert "- deployment logical-backup/logical-shop" in dry.stdout
+        assert "- deployment restore-verification/verify-shop" in dry.stdout
+        applied = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+        assert "2 to pause" in applied.stdout, applied.stdout
+        with prefect_server.http() as http:
+            shop = http.get(f"deployments/{deployed['logical-shop']['id']}").json()
+            everything = http.get(f"deployments/{deployed['logical-everything']['id']}").json()
+        assert shop["paused"] is True
+        assert everything["paused"] is False
+    finally:
+        site.write_config()
+        prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+
+
+def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    cases = {
+        '[key]\nblock = "k"\n[storages.s]\nurl = "/x"\n[servers.pg]\nhost = "h"\n'
+        '[databases.shop]\nserver = "pg"\nstorages = ["s"]\nbakup = "daily"\n':
+            "databases.shop.bakup: unknown key; allowed:",
+        '[key]\nblock = "k"\n[storages.s]\nurl = "/x"\n[servers.pg]\nhost = "h"\n'
+        '[databases.shop]\nserver = "pg"\nstorages = ["s"]\nbackup = "dayly at 02:00"\n':
+            "databases.shop.backup: 'dayly at 02:00' is not a schedule",
+        '[key]\nblock = "k"\n[storages.s]\nurl = "/x"\n[servers.pg]\nhost = "h"\n'
+        '[databases.shop]\nserver = "db9"\nstorages = ["s"]\n':
+            "databases.shop.server: no server 'db9' in [servers]",
+        '[key]\nblock = "k"\n[storages.s]\nurl = "/x"\n[servers.PG]\nhost = "h"\n':
+            "servers.PG",
+        '[key]\nblock = "k"\n[storages.s]\nurl = "ftp://x"\n[servers.pg]\nhost = "h"\n':
+            "storages.s: url 'ftp://x' is not",
+        'key = [': "not valid TOML",
+    }
+    for text, message in cases.items():
+        config.write_text(text)
+        result = prefect_server.run_cli("deploy", "--config", str(config), "--dry-run",
+                                        check=False)
+        assert result.returncode == 1, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+        assert str(config) in lines[0] and message in lines[0], lines[0]
+
+
+def test_cli_backup_runs_are_tagged_before_connecting(
+    prefect_server: PrefectServer, site: Site
+) -> None:
+    wrong = (f"postgresql://{site.cluster.superuser}:wrong@{site.cluster.host}:"
+             f"{site.cluster.port}/shop")
+    result = prefect_server.run_cli("backup", "--db", wrong, "--to", str(site.store),
+                                    "--key-file", str(site.key_file), "--db-id", "shop-cli",
+                                    check=False)
+    assert result.returncode == 1
+    assert "password authentication failed" in result.stderr
+    with prefect_server.http() as http:
+        runs = http.post("flow_runs/filter", json={
+            "flow_runs": {"tags": {"all_": ["db:shop-cli"]}}
+        }).json()
+    assert [r["state"]["type"] for r in runs] == ["FAILED"]
+    assert "job:logical" in runs[0]["tags"]
