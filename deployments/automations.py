@@ -4,9 +4,10 @@
   (worker host lost, process frozen) is marked Crashed after :data:`ZOMBIE_AFTER_S`, as in
   Prefect's "detect zombie flows" recipe. Deployments run with heartbeats every
   :data:`HEARTBEAT_S` (their job variables set it), so a killed run never stays Running.
-* ``pgbackflow wal-stream restart: <db_id>`` (two per cluster): the WAL streamer is one
-  long-running flow run; when it ends Crashed, or when its ``pgbackflow.wal.alive`` events
-  stop for the silence window, the automation starts the deployment again.
+* ``pgbackflow wal-stream restart ...: <db_id>`` (three per cluster): the WAL streamer is one
+  long-running flow run; when it ends Crashed (at once) or Failed (after a minute), or when
+  its ``pgbackflow.wal.alive`` events stop for the silence window, the deployment is started
+  again.
 """
 
 from __future__ import annotations
@@ -101,30 +102,53 @@ def zombie_automation() -> AutomationSpec:
     )
 
 
+#: A streamer run that failed (its retries used up) is started again after this long.
+WAL_RESTART_AFTER_FAILURE_S = 60.0
+
+
 def wal_restart_automations(
     db_id: str, deployment_id: UUID, silence_s: float, *, enabled: bool = True
 ) -> list[AutomationSpec]:
-    """Start the WAL streamer again when its run crashes or goes silent."""
-    restart = RunDeployment(source="selected", deployment_id=deployment_id, parameters=None)
+    """Start the WAL streamer again when its run crashes, fails, or goes silent.
+
+    A crash (killed process, lost host) restarts at once. A failure (say, the server was down
+    longer than the run's retries) restarts after WAL_RESTART_AFTER_FAILURE_S, so a streamer
+    that cannot work (wrong password) makes one Failed run every few minutes, not a storm.
+    Silence (no alive event for a whole ``silence_s`` window: never started, stuck) is the
+    backstop; a run started while one streams ends Cancelled at once (limit 1).
+    """
+
+    def restart(after_s: float = 0.0) -> RunDeployment:
+        return RunDeployment(source="selected", deployment_id=deployment_id, parameters=None,
+                             schedule_after=timedelta(seconds=after_s))
+
+    def on_state(state: str) -> EventTrigger:
+        return EventTrigger(
+            expect={f"prefect.flow-run.{state}"},
+            match_related=ResourceSpecification(
+                {"prefect.resource.id": f"prefect.deployment.{deployment_id}"}
+            ),
+            posture=Posture.Reactive,
+            threshold=1,
+        )
+
     return [
         AutomationSpec(
             name=f"pgbackflow wal-stream restart on crash: {db_id}",
             description=f"Starts the WAL streamer of {db_id} again when its run ends Crashed",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Crashed"},
-                match_related=ResourceSpecification(
-                    {"prefect.resource.id": f"prefect.deployment.{deployment_id}"}
-                ),
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=(restart,),
+            trigger=on_state("Crashed"), actions=(restart(),), enabled=enabled,
+        ),
+        AutomationSpec(
+            name=f"pgbackflow wal-stream restart after failure: {db_id}",
+            description=(f"Starts the WAL streamer of {db_id} again "
+                         f"{WAL_RESTART_AFTER_FAILURE_S:g} s after its run ends Failed"),
+            trigger=on_state("Failed"), actions=(restart(WAL_RESTART_AFTER_FAILURE_S),),
             enabled=enabled,
         ),
         AutomationSpec(
             name=f"pgbackflow wal-stream restart when silent: {db_id}",
             description=(f"Starts the WAL streamer of {db_id} again when it sent no "
-                         f"{WAL_ALIVE_EVENT} event for {silence_s:g} s (failed, or never started)"),
+                         f"{WAL_ALIVE_EVENT} event for {silence_s:g} s"),
             trigger=EventTrigger(
                 expect={WAL_ALIVE_EVENT},
                 match=ResourceSpecification({"prefect.resource.id": wal_resource_id(db_id)}),
@@ -132,7 +156,7 @@ def wal_restart_automations(
                 threshold=1,
                 within=timedelta(seconds=silence_s),
             ),
-            actions=(restart,),
+            actions=(restart(),),
             enabled=enabled,
         ),
     ]

@@ -540,10 +540,19 @@ def physical_retire(
     with _prefect_api_errors():
         plan = retirement_plan(db_id)
         out.print(plan.describe(), highlight=False, markup=False)
-        if not yes and not typer.confirm("retire this cluster?", err=True):
-            raise PgBackflowError("not retired: nothing was changed")
+        if not yes and not _confirmed("retire this cluster?"):
+            raise PgBackflowError(f"cluster {db_id} not retired: nothing was changed (confirm, "
+                                  "or pass --yes)")
         for line in retire_cluster(plan):
             out.print(line, highlight=False, markup=False)
+
+
+def _confirmed(question: str) -> bool:
+    """Ask on the terminal; no answer (no terminal, end of input) is a no."""
+    try:
+        return typer.confirm(question, err=True)
+    except typer.Abort:
+        return False
 
 
 @contextmanager

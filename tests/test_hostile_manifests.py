@@ -32,11 +32,9 @@ from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
 from pgbackflow.tasks.manifest import (
     InvalidIdError,
-    LogicalManifest,
     ManifestAuthenticationError,
     ManifestKeyError,
     find_backup,
-    find_manifest_key,
     logical_binding,
     seal,
 )
@@ -447,7 +445,7 @@ def test_an_id_that_escapes_is_refused_where_the_path_is_built(
     )
     plan = PitrPlan(report.db_id, (genuine, hostile), None, (), genuine.finished_at,
                     genuine.finished_at)
-    with pytest.raises(InvalidIdError, match="is not a valid id"):
+    with pytest.raises(InvalidIdError, match=r"path component '\.\./\.\./"):
         build_data_dir(local.storage, plan, Keyring([master_key]), tmp_path / "data",
                        find_toolset(max(pg_majors)))
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
@@ -477,11 +475,11 @@ def test_rollback_and_moved_physical_manifests_are_refused(
     facts = ph.read_cluster_facts(ConnectionSettings(
         host=cluster.host, port=cluster.port, user=cluster.superuser, password=cluster.password,
         sslmode="disable"))
-    plan = ph.plan_backup_in(storage, facts, ring, incremental=True)
-    if plan.mode == "full" and "refused" in (plan.full_reason or ""):
-        assert physical_key(newer) in (plan.full_reason or "")
-    else:  # servers before 17 never build incrementals
-        assert facts.major < 17 and plan.mode == "full"
+    if facts.major >= 17:  # older servers refuse incrementals before looking at the chain
+        plan = ph.plan_backup_in(storage, facts, ring, incremental=True)
+        assert plan.mode == "full" and plan.parent is None
+        assert f"the newest manifest is refused: manifest {storage.location}/" \
+               f"{physical_key(newer)} failed authentication" in (plan.full_reason or "")
     pitr = cli.run("pitr", "--from", local.url, "--target", "latest", "--to-dir",
                    str(Path(local.url).parent / "restored"), "--key-file", str(cli.key_file))
     one_line_error(pitr, physical_key(newer), "failed authentication", older.backup_id)
@@ -511,7 +509,3 @@ def test_rollback_and_moved_physical_manifests_are_refused(
     ]
     assert [r["backup_id"] for r in checked[0]["refused"]] == [newer.backup_id]
     assert "wrong encryption key" in checked[0]["refused"][0]["problem"]
-
-
-def _unused(manifest: LogicalManifest) -> str:  # keeps the import used for type readers
-    return find_manifest_key(manifest)

@@ -55,9 +55,14 @@ REMOVED = "removed the leftover of an interrupted write: "
 # --------------------------------------------------------------------------- helpers
 
 
+#: The flows' INFO logs on the CLI's stderr (it hides them by default).
+SHOW_LOGS = {f"PREFECT_LOGGING_HANDLERS_CONSOLE{part}_LEVEL": "INFO"
+             for part in ("", "_FLOW_RUNS", "_TASK_RUNS")}
+
+
 @dataclass(frozen=True)
 class Cli:
-    """The console script with the session's Prefect API and the flows' logs on stderr."""
+    """The console script with the session's Prefect API."""
 
     prefect_api: str
     key_file: Path
@@ -66,7 +71,6 @@ class Cli:
         env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
         env.update(
             PREFECT_API_URL=self.prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2", DO_NOT_TRACK="1",
-            PREFECT_LOGGING_HANDLERS_CONSOLE_FLOW_RUNS_LEVEL="INFO",
         )
         env.update(extra)
         return env
@@ -286,7 +290,7 @@ def test_kill_9_leftover_is_swept_by_the_next_backup(
     end(proc, signal.SIGKILL)
     [leftover] = temporaries(folder)
 
-    done = cli.backup(small, str(folder))
+    done = cli.backup(small, str(folder), **SHOW_LOGS)
     assert done.returncode == 0, done.stderr
     assert f"{REMOVED}{folder / INCOMPLETE_DIR / leftover} (" in done.stderr
     assert "its writer is gone" in done.stderr
@@ -308,7 +312,7 @@ def test_kill_9_upload_is_aborted_by_the_next_backup_after_the_grace(
     [left] = uploads(s3_bucket)
 
     extra = {SWEEP_GRACE_ENV: grace_hours} if grace_hours else {}
-    done = cli.backup(small, target, **s3_env, **extra)
+    done = cli.backup(small, target, **s3_env, **extra, **SHOW_LOGS)
     assert done.returncode == 0, done.stderr
     if grace_hours is None:
         assert f"{REMOVED}s3://{s3_bucket.bucket}/{left} (incomplete upload started" in done.stderr
@@ -374,7 +378,7 @@ def test_to_a_mistyped_path_is_refused(cli: Cli, small: str, tmp_path: Path) -> 
     assert not typo.parent.exists()
 
     fresh = tmp_path / "fresh"
-    done = cli.backup(small, str(fresh))
+    done = cli.backup(small, str(fresh), **SHOW_LOGS)
     assert done.returncode == 0, done.stderr
     assert f"storage folder {fresh} did not exist: created it" in done.stderr
     assert len(list_backups(LocalFolderStorage(fresh))) == 1

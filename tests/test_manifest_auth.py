@@ -339,8 +339,8 @@ def test_a_segment_under_another_name_is_caught(storage: Storage, tmp_path: Path
     assert fetch(storage, "000000010000000000000002", tmp_path) is not None
     # The genuine, authenticated segment 2 stored as segment 3.
     store_wal(storage, "000000010000000000000003", segment(2))
-    with pytest.raises(WalIntegrityError, match="000000010000000000000003.pgbf: holds WAL of "
-                       "another position"):
+    with pytest.raises(WalIntegrityError, match=r"000000010000000000000003\.pgbf: holds WAL "
+                       "of another position"):
         fetch(storage, "000000010000000000000003", tmp_path)
     # Timeline 2's segment 4 stored as timeline 1's.
     store_wal(storage, "000000010000000000000004", segment(4, timeline=2))
