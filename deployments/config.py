@@ -212,7 +212,7 @@ class ClusterSection(_Strict):
     @field_validator("full", "incremental")
     @classmethod
     def _schedule(cls, value: str | None) -> str | None:
-        return DatabaseSection._schedule(value)
+        return DatabaseSection._schedule(value or None)
 
 
 class DeployConfig(_Strict):

@@ -17,7 +17,8 @@ work pool (created if missing) from the installed package (module entrypoints: a
 (``{"$ref": {"block_document_id": ...}}``, resolved when a run starts, so editing a block
 takes effect at the next run); storages given as URLs are stored inline (they hold no
 secrets: credentials come from the worker's environment). Backup deployments run one at a
-time (new runs wait); the cluster's backup lock serialises fulls and incrementals.
+time (a run due while one runs ends Cancelled: a slow full is not joined by a pile of
+waiting ones); the cluster's backup lock serialises fulls and incrementals.
 
 Re-running a deploy function updates the deployments in place (same names) and leaves a
 deployment that is already as asked untouched, so nothing is duplicated.
@@ -180,7 +181,7 @@ def physical_backup_specs(
 
     specs = [DeploymentSpec(
         flow=full_backup, name=full_deployment_name(db_id), work_pool=pool,
-        parameters=parameters, schedule=ScheduleSpec(cron=full_cron),
+        parameters=parameters, schedule=ScheduleSpec(cron=full_cron), collision="CANCEL_NEW",
         tags=(BACKUP_TAG, db_tag(db_id), job_tag("full"), *tags),
         description=f"Full physical backup of {db_id} (cron '{full_cron}' UTC)",
     )]
@@ -188,6 +189,7 @@ def physical_backup_specs(
         specs.append(DeploymentSpec(
             flow=incremental_backup, name=incremental_deployment_name(db_id), work_pool=pool,
             parameters=parameters, schedule=ScheduleSpec(cron=incremental_cron),
+            collision="CANCEL_NEW",
             tags=(BACKUP_TAG, db_tag(db_id), job_tag("incremental"), *tags),
             description=(f"Incremental physical backup of {db_id} (cron '{incremental_cron}' "
                          "UTC; PostgreSQL 17+, a full when the chain is broken)"),
@@ -332,10 +334,12 @@ def deploy_wal_stream(
             f"WAL silence window {silence_s:g} s is invalid: use at least 120 s (the streamer "
             "sends an alive event every 60 s)"
         )
-    parameters = wal_stream_parameters(
-        backup_parameters(database, storages, key_file, encryption_key_block),
-        slot=slot, spool_dir=spool_dir, partial_interval_s=partial_interval_s,
+    # The streamer's own settings are checked before any block is looked up.
+    streaming = wal_stream_parameters(
+        {}, slot=slot, spool_dir=spool_dir, partial_interval_s=partial_interval_s
     )
+    parameters = {**backup_parameters(database, storages, key_file, encryption_key_block),
+                  **streaming}
     ensure_work_pool(pool)
     deployment_id = write_deployment(wal_stream_spec(parameters, db_id=db_id, pool=pool, slot=slot))
     for automation in [zombie_automation(), *wal_restart_automations(db_id, deployment_id,

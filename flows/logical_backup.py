@@ -116,9 +116,13 @@ def store_globals_task(
 
 
 @task(name="publish-manifest", **_RETRYING)
-def publish_manifest(storages: list[Storage], manifest: LogicalManifest) -> list[DestinationStatus]:
-    """Write the manifest to every storage where the backup's objects are complete."""
-    return publish_everywhere(storages, lambda storage: write_manifest(storage, manifest))
+def publish_manifest(
+    storages: list[Storage], manifest: LogicalManifest, master_key: MasterKey
+) -> list[DestinationStatus]:
+    """Write the manifest, sealed, to every storage where the backup's objects are complete."""
+    return publish_everywhere(
+        storages, lambda storage: write_manifest(storage, manifest, master_key)
+    )
 
 
 def _build_manifest(
@@ -242,7 +246,7 @@ def logical_backup(
         backup_id, db_id, identity, toolset, master_key, dump, globals_write, started_at
     )
     complete = [s for s in holding_dump if s.location in globals_write.completed_in]
-    published = {s.location: s for s in publish_manifest(complete, manifest)}
+    published = {s.location: s for s in publish_manifest(complete, manifest, master_key)}
     statuses = [
         published.get(s.location, s) for s in write_statuses(targets, dump.write, globals_write)
     ]

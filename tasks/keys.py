@@ -23,7 +23,6 @@ import hmac
 import os
 import secrets
 import stat
-import weakref
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +40,6 @@ KEY_FILE_ENV = "PGBACKFLOW_KEY_FILE"
 MANIFEST_MAC_INFO = b"pgbackflow manifest mac v1"
 """HKDF ``info`` of the key that authenticates manifests (docs/FORMAT.md)."""
 
-# The master keys alive in this process (by object identity: equal copies may die at
-# different times): lets a manifest writer that was only handed the manifest, whose key_id
-# names the key its objects were encrypted with, seal it with that key. Weak references: a
-# key is forgotten as soon as its last user drops it.
-_LOADED: weakref.WeakValueDictionary[int, MasterKey] = weakref.WeakValueDictionary()
 
 
 def derive_key_id(material: bytes) -> bytes:
@@ -62,14 +56,6 @@ def derive_subkey(material: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(
         material
     )
-
-
-def loaded_key(key_id_hex: str) -> MasterKey | None:
-    """The master key with this id if this process currently holds it, else None."""
-    for key in list(_LOADED.values()):
-        if key.key_id_hex == key_id_hex:
-            return key
-    return None
 
 
 @dataclass(frozen=True)
@@ -91,12 +77,6 @@ class MasterKey:
                 "use a key made by pgbackflow"
             )
         object.__setattr__(self, "key_id", derive_key_id(self.material))
-        _LOADED[id(self)] = self
-
-    def __setstate__(self, state: dict[str, bytes]) -> None:
-        # Unpickled copies (a task run elsewhere) are loaded keys too.
-        self.__dict__.update(state)
-        _LOADED[id(self)] = self
 
     @property
     def key_id_hex(self) -> str:

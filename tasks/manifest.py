@@ -36,7 +36,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, PgBackflowError
-from pgbackflow.tasks.keys import Keyring, MasterKey, loaded_key
+from pgbackflow.tasks.keys import Keyring, MasterKey
 from pgbackflow.tasks.storage import Storage
 
 MANIFEST_NAME = "manifest.json"
@@ -694,31 +694,27 @@ def logical_binding(db_id: str, backup_id: str) -> ManifestBinding:
     )
 
 
-def signing_key(manifest_key_id: str, master_key: MasterKey | None, what: str) -> MasterKey:
-    """The key a manifest is sealed with: the one given, else the loaded key it names.
+def signing_key(manifest_key_id: str, master_key: MasterKey, what: str) -> MasterKey:
+    """The key a manifest is sealed with: the one that encrypted the backup's objects.
 
     Raises:
-        ConfigError: no key given and the key that encrypted the backup is not loaded.
+        ConfigError: ``master_key`` is not the key the manifest names.
     """
-    key = master_key or loaded_key(manifest_key_id)
-    if key is None:
+    if master_key.key_id_hex != manifest_key_id:
         raise ConfigError(
-            f"cannot authenticate {what}: master key {manifest_key_id} that encrypted the "
-            "backup is not loaded in this process: pass the master key to write_manifest"
+            f"cannot authenticate {what}: it names master key {manifest_key_id}, but key "
+            f"{master_key.key_id_hex} was given: seal it with the key that encrypted the backup"
         )
-    return key
+    return master_key
 
 
-def write_manifest(
-    storage: Storage, manifest: LogicalManifest, master_key: MasterKey | None = None
-) -> None:
+def write_manifest(storage: Storage, manifest: LogicalManifest, master_key: MasterKey) -> None:
     """Publish the manifest, sealed with a MAC: the backup exists from this moment on.
 
     Args:
         storage: Where the backup's objects are.
         manifest: The manifest.
-        master_key: Seals it; default: the loaded master key named by ``manifest.key_id``
-            (the key the backup was encrypted with).
+        master_key: Seals it: the key the backup was encrypted with (``manifest.key_id``).
     """
     db_id, backup_id = manifest.location_ids()
     binding = logical_binding(db_id, backup_id)

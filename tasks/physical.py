@@ -212,16 +212,13 @@ def physical_binding(db_id: str, backup_id: str) -> ManifestBinding:
     )
 
 
-def write_manifest(
-    storage: Storage, manifest: PhysicalManifest, master_key: MasterKey | None = None
-) -> None:
+def write_manifest(storage: Storage, manifest: PhysicalManifest, master_key: MasterKey) -> None:
     """Publish the manifest, sealed with a MAC: the backup exists from this moment on.
 
     Args:
         storage: Where the backup's objects are.
         manifest: The manifest.
-        master_key: Seals it; default: the loaded master key named by ``manifest.key_id``
-            (the key the backup was encrypted with).
+        master_key: Seals it: the key the backup was encrypted with (``manifest.key_id``).
     """
     binding = physical_binding(manifest.db_id, manifest.backup_id)
     key = signing_key(manifest.key_id, master_key, f"manifest {binding.storage_key}")

@@ -181,7 +181,7 @@ def test_traversal_ids_in_a_manifest_fail_at_parse_time(storage: Storage) -> Non
 
 def test_written_manifests_verify_and_list_without_a_key(storage: Storage) -> None:
     write_manifest(storage, logical(OLD), KEY)
-    write_manifest(storage, logical(NEW))  # the loaded key named by the manifest's key_id
+    write_manifest(storage, logical(NEW), KEY)
     verified = scan_backups(storage, keyring=RING)
     assert [(r.backup_id, r.status) for r in verified.records] == [
         (OLD, "verified"), (NEW, "verified")

@@ -46,8 +46,8 @@ def test_bad_cron_is_refused_before_anything_is_deployed() -> None:
                                 full_at="25:00", key_file="/k")
     with pytest.raises(ConfigError, match="db_id 'a/b' is invalid"):
         deploy_physical_backups("db", ["/tmp/x"], db_id="a/b", pool="p", key_file="/k")
-    with pytest.raises(ConfigError, match="interval 0 s is invalid"):
-        deploy_wal_stream("db", ["/tmp/x"], db_id="cluster-1", pool="p", interval_s=0,
+    with pytest.raises(ConfigError, match="silence window 60 s is invalid"):
+        deploy_wal_stream("db", ["/tmp/x"], db_id="cluster-1", pool="p", silence_s=60,
                           key_file="/k")
     with pytest.raises(ConfigError, match="replication slot name 'Bad-Slot' is invalid"):
         deploy_wal_stream("db", ["/tmp/x"], db_id="cluster-1", pool="p", slot="Bad-Slot",
@@ -131,11 +131,16 @@ def test_backup_deployments_carry_schedules_and_block_references(
         "incremental-backup", incremental_deployment_name(db_id)
     )
     assert full.name == f"full-{db_id}" and incremental.name == f"incremental-{db_id}"
-    for deployment, cron in ((full, "0 1 * * 0"), (incremental, "30 * * * *")):
+    for deployment, cron, job in ((full, "0 1 * * 0", "full"),
+                                  (incremental, "30 * * * *", "incremental")):
         assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [
             (cron, "UTC")
         ]
-        assert set(deployment.tags) == {"physical-backup", f"db:{db_id}"}
+        assert set(deployment.tags) == {"physical-backup", f"db:{db_id}", f"job:{job}",
+                                        "pgbackflow"}
+        # Module entrypoints and no pull steps: workers need the package, not a checkout.
+        assert deployment.entrypoint == f"pgbackflow.flows.physical.{job}_backup"
+        assert deployment.pull_steps == [] and deployment.path is None
         assert deployment.work_pool_name == pool
         assert_one_at_a_time(deployment)
         assert deployment.parameters == {
@@ -214,6 +219,7 @@ def wal_deployment(saved: SavedBlocks) -> Iterator[tuple[UUID, str]]:
     deployment_id = deploy_wal_stream(
         saved.database_name, [f"block:{LOCAL_SLUG}/{saved.storage_name}"], db_id=db_id,
         pool=pool, spool_dir="/var/lib/pgbackflow/wal-spool/x", key_file="/k/master.key",
+        start=False,
     )
     yield deployment_id, db_id
 
@@ -227,8 +233,10 @@ def test_wal_stream_deployment_keeps_exactly_one_streamer(
     deployment, flow_name = read(deployment_id)
     assert (flow_name, deployment.name) == ("wal-stream", wal_deployment_name(db_id))
     assert deployment.name == f"wal-stream-{db_id}"
-    assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=60)]
-    assert set(deployment.tags) == {"wal-stream", f"db:{db_id}"}
+    # One long-running run, restarted by automations: no schedule (no Cancelled-run stream).
+    assert deployment.schedules == []
+    assert set(deployment.tags) == {"wal-stream", f"db:{db_id}", "job:wal", "pgbackflow"}
+    assert deployment.job_variables == {"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}}
     assert_one_at_a_time(deployment)
     assert deployment.parameters == {
         "database": {"$ref": {"block_document_id": saved.block_id(saved.database)}},
@@ -243,15 +251,39 @@ def test_wal_stream_deployment_keeps_exactly_one_streamer(
     assert resolved["database"].host == "db.example" and resolved["max_runtime_s"] is None
 
     again = deploy_wal_stream(saved.database, [saved.storage], db_id=db_id,
-                              pool=deployment.work_pool_name, interval_s=30, slot="other_slot",
-                              encryption_key_block=saved.key_name)
+                              pool=deployment.work_pool_name, silence_s=600, slot="other_slot",
+                              encryption_key_block=saved.key_name, start=False)
     assert again == deployment_id
     deployment, _ = read(deployment_id)
-    assert [s.schedule.interval for s in deployment.schedules] == [timedelta(seconds=30)]
+    assert deployment.schedules == []
     assert deployment.parameters["slot"] == "other_slot"
     assert "spool_dir" not in deployment.parameters and "key_file" not in deployment.parameters
     assert_one_at_a_time(deployment)
     assert len(deployments_named(wal_deployment_name(db_id))) == 1
+    assert_restart_automations(db_id, deployment_id, silence_s=600)
+
+
+def assert_restart_automations(db_id: str, deployment_id: UUID, *, silence_s: float) -> None:
+    """Exactly one of each restart automation (re-deploying replaces, never duplicates)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        automations = [a for a in client.read_automations() if a.name.endswith(f": {db_id}")]
+        zombie = client.read_automations_by_name("pgbackflow: crash unresponsive runs")
+    assert len(zombie) == 1
+    by_name = {a.name.split(":")[0]: a for a in automations}
+    assert len(automations) == 3 and set(by_name) == {
+        "pgbackflow wal-stream restart on crash", "pgbackflow wal-stream restart after failure",
+        "pgbackflow wal-stream restart when silent",
+    }
+    for automation in automations:
+        (action,) = automation.actions
+        assert action.type == "run-deployment" and action.deployment_id == deployment_id
+    silent = by_name["pgbackflow wal-stream restart when silent"].trigger
+    assert silent.within == timedelta(seconds=silence_s)
+    assert by_name["pgbackflow wal-stream restart after failure"].actions[0].schedule_after == (
+        timedelta(seconds=60)
+    )
 
 
 def test_a_second_streamer_is_cancelled_while_one_runs(wal_deployment: tuple[UUID, str]) -> None:

@@ -141,7 +141,7 @@ class Source:
             backup_manifest=result.backup_manifest.info, key_id=self.key.key_id_hex,
             cluster_size=facts.cluster_size, tool_version="pgbackflow test",
         )
-        ph.write_manifest(self.storage, manifest)
+        ph.write_manifest(self.storage, manifest, self.key)
         return manifest
 
     def inventories(self) -> dict[str, dict[str, int]]:

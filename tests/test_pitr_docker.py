@@ -110,7 +110,7 @@ def _backup(
         finished_at=datetime.now(UTC), base=result.base.info,
         backup_manifest=result.backup_manifest.info, key_id=key.key_id_hex,
         cluster_size=facts.cluster_size, tool_version="test",
-    ))
+    ), key)
 
 
 def _clock(conn: psycopg.Connection[Any]) -> datetime:

@@ -22,7 +22,7 @@ from pgbackflow.flows.logical_backup import logical_backup
 from pgbackflow.flows.verification import VerificationFailed, restore_verification
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import write_key_file
-from pgbackflow.tasks.manifest import find_manifest_key, list_backups
+from pgbackflow.tasks.manifest import list_backups, write_manifest
 from pgbackflow.tasks.sample_data import load_edge_case_database
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from tests.fixtures.mounts import tmpfs
@@ -196,12 +196,12 @@ def test_counts_disagreeing_with_the_manifest_fail_naming_the_table(
     storage = backup_of(server, source, tmp_path / "b", encryption_key)
     opened = storage.open()
     manifest = list_backups(opened)[-1]
-    path = tmp_path / "b" / find_manifest_key(manifest)
-    document = json.loads(path.read_text())
-    for table in document["tables"]:
-        if table["table"] == "accounts":
-            table["rows"] = 999
-    path.write_text(json.dumps(document))
+    # Counts that disagree in a manifest the key holder sealed (an unsealed edit is refused
+    # before any restore: tests/test_hostile_manifests.py).
+    tables = tuple(t.model_copy(update={"rows": 999}) if t.table == "accounts" else t
+                   for t in manifest.tables)
+    write_manifest(opened, manifest.model_copy(update={"tables": tables}),
+                   encryption_key.master_key())
 
     with pytest.raises(VerificationFailed) as excinfo:
         restore_verification(storage, sandbox="local", encryption_key=encryption_key)

@@ -397,7 +397,7 @@ def ours_backup(settings: ConnectionSettings, toolset: Toolset, storage: LocalFo
         base=result.base.info, backup_manifest=result.backup_manifest.info,
         key_id=key.key_id_hex, cluster_size=facts.cluster_size, tool_version=__version__,
     )
-    write_manifest(storage, manifest)
+    write_manifest(storage, manifest, key)
     return manifest, time.perf_counter() - started
 
 
