@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from psycopg import sql
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
-from tests.fixtures.prefect_server import PrefectServer
+from tests.fixtures.prefect_server import BIN, PrefectServer
 
 MAJOR = 17
 POOL = "e2e-backups"
@@ -113,6 +115,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
 def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, Any]]:
     """The config deployed (checked dry run first), and a worker serving the backup pool."""
     site.write_config()
+    registered = subprocess.run(
+        [str(BIN / "prefect"), "block", "register", "-m", "pgbackflow.blocks"],
+        env=prefect_server.env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert registered.returncode == 0, registered.stdout + registered.stderr
+    assert "Successfully registered 4 blocks" in registered.stdout, registered.stdout
     dry = prefect_server.run_cli("deploy", "--config", str(site.config), "--dry-run",
                                  env=site.env)
     assert "+ deployment logical-backup/logical-shop" in dry.stdout
@@ -219,7 +227,12 @@ def test_http_trigger_backs_up_every_database(
     with prefect_server.http() as http:
         run_id = http.post(f"deployments/{everything['id']}/create_flow_run", json={}).json()["id"]
     _wait_state(prefect_server, run_id, "COMPLETED", 240)
-    assert "everything-late_one" in {b["db_id"] for b in _backups(prefect_server, site)}
+    backups = _backups(prefect_server, site)
+    assert "everything-late_one" in {b["db_id"] for b in backups}
+    # The table (not --json) into a pipe keeps whole ids: nothing is cut at 80 columns.
+    table = prefect_server.run_cli("list", "--from", str(site.store)).stdout
+    for backup in backups:
+        assert backup["backup_id"] in table and backup["db_id"] in table
     # Each database is its own run, tagged with its id (so automations can select it).
     with prefect_server.http() as http:
         late = http.post("flow_runs/filter", json={
@@ -227,6 +240,46 @@ def test_http_trigger_backs_up_every_database(
         }).json()
     assert [r["state"]["type"] for r in late] == ["COMPLETED"]
     assert "job:logical" in late[0]["tags"]
+
+
+def test_backups_wait_for_the_server_limit(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """The per-server and per-database limits exist as Prefect limits, and runs obey them."""
+    from prefect.concurrency.sync import concurrency
+
+    server_limit = f"pgbackflow-server-{site.cluster.host}-{site.cluster.port}"
+    with prefect_server.http() as http:
+        limits = {c["name"]: c["limit"]
+                  for c in http.post("v2/concurrency_limits/filter", json={}).json()}
+    assert limits[server_limit] == 2
+    assert limits["pgbackflow-backup-shop"] == 1
+    with prefect_server.settings(), concurrency(server_limit, occupy=2, strict=True):
+        with prefect_server.http() as http:
+            run_id = http.post(f"deployments/{deployed['logical-shop']['id']}/create_flow_run",
+                               json={}).json()["id"]
+        _wait_state(prefect_server, run_id, "RUNNING", 120)
+        time.sleep(8)  # room for a dump of 500 rows many times over
+        assert _run(prefect_server, run_id)["state"]["type"] == "RUNNING", (
+            "the backup ran while its server's limit was full"
+        )
+    _wait_state(prefect_server, run_id, "COMPLETED", 120)
+
+
+def test_readme_rest_trigger_as_written(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """The two curl lines of README's Operate section, run by a shell as written there."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = readme.split("**8. Trigger a run from the REST API**", 1)[1]
+    script = block.split("```bash\n", 1)[1].split("```", 1)[0]
+    assert "create_flow_run" in script
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], env=prefect_server.env,
+                            capture_output=True, text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    run_id = result.stdout.strip().splitlines()[-1]
+    run = _wait_state(prefect_server, run_id, "COMPLETED", 180)
+    assert run["deployment_id"] == deployed["logical-shop"]["id"]
 
 
 def test_failed_run_retried_like_the_ui_button(
@@ -316,6 +369,26 @@ def test_fresher_backup_cancels_only_older_after_backup_verifications(
     assert states[str(newer)] == "SCHEDULED"
     for run in scheduled:
         assert states[run["id"]] == "SCHEDULED", "a scheduled verification was cancelled"
+    with prefect_server.http() as http:  # its backup id is made up: do not let it run
+        http.post(f"flow_runs/{newer}/set_state", json={
+            "state": {"type": "CANCELLED"}, "force": True,
+        }).raise_for_status()
+
+
+def test_deployed_verification_runs_on_a_worker(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    verify = deployed["verify-shop"]
+    prefect_server.start_worker(VERIFY_POOL, site.worker_dir / "verify", name="verify-worker")
+    with prefect_server.http() as http:
+        run_id = http.post(f"deployments/{verify['id']}/create_flow_run", json={}).json()["id"]
+    run = _wait_state(prefect_server, run_id, "COMPLETED", 240)
+    assert {"db:shop", "job:verification"} <= set(run["tags"])
+    with prefect_server.http() as http:
+        artifacts = http.post("artifacts/filter", json={
+            "artifacts": {"key": {"any_": ["verification-shop"]}}
+        }).json()
+    assert artifacts and "Successful" in artifacts[0]["data"]
 
 
 def test_removed_database_is_paused_not_deleted(
