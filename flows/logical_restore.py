@@ -22,6 +22,7 @@ from pgbackflow.flows.common import (
     publish_summary,
     resolve_keyring,
     retry_if_transient,
+    tag_run,
 )
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import PgBackflowError
@@ -32,6 +33,7 @@ from pgbackflow.tasks.logical import (
     check_archive_database,
     check_restore_target,
     count_restored,
+    create_missing_target,
     replay_globals,
     restore_dump,
     restore_target_database,
@@ -73,6 +75,8 @@ def check_target_task(
     With --create, also refuse a dump that would create another database than the manifest
     names (pg_restore takes the name from the dump). Nothing is written before this passes.
     """
+    if not options.create and create_missing_target(target):
+        get_run_logger().info("target database %s did not exist: created it", target.display)
     target_major = check_restore_target(target, manifest, options)
     pg_dump_major = int(manifest.pg_dump_version.split(".")[0])
     toolset = toolset_for_server(max(target_major, pg_dump_major))
@@ -155,7 +159,9 @@ def logical_restore(
     source = storage.open()
     target_settings = target.settings()
 
+    tag_run("restore", db_id)
     manifest = find_backup_task(source, backup_id, db_id, keyring)
+    tag_run("restore", manifest.database.db_id)
     toolset = check_target_task(target_settings, manifest, options, source, keyring)
     created: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()

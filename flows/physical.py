@@ -736,7 +736,9 @@ def pitr_restore(
     source = storage.open()
     keyring = resolve_keyring(encryption_key, key_file)
     directory = Path(to_dir).absolute()
+    tag_run("pitr", db_id)
     plan = plan_restore_task(source, db_id, target_time, keyring)
+    tag_run("pitr", plan.db_id)
     toolset = choose_toolset(plan.newest.server_major, f"restore of {plan.db_id}")
     if docker_volume:
         result = restore_into_volume_task(
@@ -837,7 +839,9 @@ def physical_verification(
     """
     source = storage.open()
     keyring = resolve_keyring(encryption_key, key_file)
+    tag_run("physical-verification", db_id)
     report = verify_physical_task(source, keyring, db_id, backup_id, amcheck)
+    tag_run("physical-verification", report.db_id)
     rows = [
         {"database": database.name, "table": table, "rows": count}
         for database in report.databases for table, count in database.rows.items()

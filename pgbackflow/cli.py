@@ -247,6 +247,7 @@ def list_command(
     from pgbackflow.tasks.manifest import scan_backups
 
     storage = _storage_block(source, f"--from {source}").open()
+    storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
     catalog = scan_backups(storage, db_id, keyring)
     rows: list[dict[str, Any]] = []
@@ -998,6 +999,7 @@ def physical_list(
     from pgbackflow.tasks.wal import read_wal_inventory
 
     storage = _storage_block(source, f"--from {source}").open()
+    storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
     catalog = scan_physical_backups(storage, db_id, keyring)
     records = catalog.listing()

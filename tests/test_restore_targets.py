@@ -197,6 +197,35 @@ def test_create_restores_under_the_dumps_name(
     assert rows(server, live) == before
 
 
+def test_restore_into_a_new_database_name_creates_it(
+    prefect_api: str, server: EphemeralCluster, live: str, key_file: Path, tmp_path: Path
+) -> None:
+    """README's example: restore into a name that does not exist yet (no --create)."""
+    folder = tmp_path / "backups"
+    backup(prefect_api, server, live, folder, key_file)
+    copy = f"{live}_copy"
+    assert not exists(server, copy)
+    try:
+        done = restore(prefect_api, server, folder, key_file, "--json", target_db=copy)
+        assert done.returncode == 0, done.stderr
+        assert rows(server, copy) == rows(server, live)
+
+        # A role that may not create databases gets one line, and nothing is created.
+        role, password = f"nocreate_{secrets.token_hex(3)}", secrets.token_urlsafe(12)
+        with server.connect() as conn:
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(password)))
+        target = (f"postgresql://{role}:{password}@{server.host}:{server.port}/"
+                  f"{live}_other?sslmode=disable")
+        refused = run_cli(prefect_api, "restore", "latest", "--from", str(folder), "--target",
+                          target, "--key-file", str(key_file))
+        one_line_error(refused, f"{live}_other", "does not exist",
+                       f"role '{role}' may not create it")
+        assert not exists(server, f"{live}_other")
+    finally:
+        drop(server, copy)
+
+
 # --------------------------------------------------------------------------- verification
 
 
