@@ -755,6 +755,30 @@ def key_init(
     out.print(key.key_id_hex)
 
 
+@key_app.command("seal-manifests")
+@user_errors
+def key_seal_manifests(
+    source: Annotated[str, typer.Option("--from", help="Storage holding the backups.")],
+    key_file: Annotated[Path, typer.Option("--key-file", help="Master key file.")],
+    yes: Annotated[bool, typer.Option("--yes", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Seal manifests written before pgbackflow authenticated them (trust on first use)."""
+    from pgbackflow.tasks.keys import load_key_file
+    from pgbackflow.tasks.manifest import seal_legacy_manifests
+
+    key = load_key_file(key_file)
+    storage = _storage_block(source, f"--from {source}").open()
+    storage.check_exists()
+    question = (f"seal every manifest without a MAC in {storage.location} with key "
+                f"{key.key_id_hex}? Only if nobody else could have written to it")
+    if not yes and not _confirmed(question):
+        raise PgBackflowError("nothing sealed (confirm, or pass --yes)")
+    sealed = seal_legacy_manifests(storage, key)
+    for name in sealed:
+        out.print(f"sealed {name}", highlight=False, markup=False)
+    out.print(f"{len(sealed)} manifests sealed", highlight=False)
+
+
 @toolsets_app.command("install")
 @user_errors
 def toolsets_install(

@@ -581,6 +581,12 @@ class Catalog(Generic[M]):
     records: tuple[ManifestRecord[M], ...]
     authenticated: bool
 
+    def listed(self) -> list[M]:
+        """The usable manifests, oldest first; each refused one is logged as one line."""
+        for record in self.refused:
+            logger.warning("%s (not listed)", record.problem)
+        return self.accepted
+
     @property
     def accepted(self) -> list[M]:
         """Usable manifests, oldest first."""
@@ -737,15 +743,41 @@ def scan_backups(
     if db_id is not None:
         check_id(db_id, "database id")
     prefix = f"{LOGICAL_ROOT}/" + (f"{db_id}/" if db_id else "")
-    records: list[ManifestRecord[LogicalManifest]] = []
+
+    def ids_of(parts: list[str]) -> tuple[str, str] | None:
+        # logical/<db_id>/<backup_id>/manifest.json
+        if len(parts) == 4 and parts[0] == LOGICAL_ROOT and parts[3] == MANIFEST_NAME:
+            return parts[1], parts[2]
+        return None
+
+    return scan_manifests(storage, prefix, ids_of, LogicalManifest, logical_binding, keyring)
+
+
+def scan_manifests(
+    storage: Storage,
+    prefix: str,
+    ids_of: Callable[[list[str]], tuple[str, str] | None],
+    model: type[M],
+    binding_of: Callable[[str, str], ManifestBinding],
+    keyring: Keyring | None,
+) -> Catalog[M]:
+    """Every manifest under ``prefix`` whose key ``ids_of`` recognises, read and checked.
+
+    Args:
+        storage: Where to look.
+        prefix: Storage key prefix to list.
+        ids_of: ``(db_id, backup_id)`` from a key split at ``/``, or None for other objects.
+        model: The manifest model.
+        binding_of: What a manifest with these ids must be bound to.
+        keyring: Verify MACs with these keys; None: list without verifying.
+    """
+    records: list[ManifestRecord[M]] = []
     for item in storage.list(prefix):
-        parts = item.key.split("/")
-        if len(parts) != 4 or parts[0] != LOGICAL_ROOT or parts[3] != MANIFEST_NAME:
+        ids = ids_of(item.key.split("/"))
+        if ids is None:
             continue
-        record = read_manifest_record(
-            storage, item.key, LogicalManifest, logical_binding, (parts[1], parts[2]), keyring,
-            size=item.size,
-        )
+        record = read_manifest_record(storage, item.key, model, binding_of, ids, keyring,
+                                      size=item.size)
         if record is not None:
             records.append(record)
     return Catalog(tuple(records), keyring is not None)
@@ -759,10 +791,7 @@ def list_backups(
     With ``keyring`` only manifests whose MAC verifies; without, every readable one.
     Refused manifests are logged (one line each).
     """
-    catalog = scan_backups(storage, db_id, keyring)
-    for record in catalog.refused:
-        logger.warning("%s (not listed)", record.problem)
-    return catalog.accepted
+    return scan_backups(storage, db_id, keyring).listed()
 
 
 def find_backup(

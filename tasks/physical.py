@@ -58,11 +58,11 @@ from pgbackflow.tasks.manifest import (
     ManifestBinding,
     ManifestError,
     ManifestModel,
-    ManifestRecord,
     SafeId,
     StoredObjectInfo,
     check_id,
     read_manifest_record,
+    scan_manifests,
     seal,
     signing_key,
 )
@@ -240,18 +240,14 @@ def scan_physical_backups(
     if db_id is not None:
         check_id(db_id, "cluster id")
     prefix = f"{PHYSICAL_ROOT}/" + (f"{db_id}/base/" if db_id else "")
-    records: list[ManifestRecord[PhysicalManifest]] = []
-    for item in storage.list(prefix):
-        parts = item.key.split("/")
-        if len(parts) != 5 or parts[2] != "base" or parts[4] != MANIFEST_NAME:
-            continue
-        record = read_manifest_record(
-            storage, item.key, PhysicalManifest, physical_binding, (parts[1], parts[3]),
-            keyring, size=item.size,
-        )
-        if record is not None:
-            records.append(record)
-    return Catalog(tuple(records), keyring is not None)
+
+    def ids_of(parts: list[str]) -> tuple[str, str] | None:
+        # physical/<db_id>/base/<backup_id>/manifest.json
+        if len(parts) == 5 and parts[2] == "base" and parts[4] == MANIFEST_NAME:
+            return parts[1], parts[3]
+        return None
+
+    return scan_manifests(storage, prefix, ids_of, PhysicalManifest, physical_binding, keyring)
 
 
 def list_physical_backups(
@@ -262,10 +258,7 @@ def list_physical_backups(
     With ``keyring`` only manifests whose MAC verifies; without, every readable one.
     Refused manifests are logged (one line each).
     """
-    catalog = scan_physical_backups(storage, db_id, keyring)
-    for record in catalog.refused:
-        logger.warning("%s (not listed)", record.problem)
-    return catalog.accepted
+    return scan_physical_backups(storage, db_id, keyring).listed()
 
 
 def usable_backups(

@@ -519,3 +519,33 @@ def test_catalog_orders_and_refuses_in_memory() -> None:
         Catalog((older_bad, good, newer_bad), authenticated=True).newest("picking 'latest'")
     # Without a key a no-MAC manifest is listed (it is readable), the unreadable is not.
     assert [m.backup_id for m in Catalog((older_bad, newer_bad), False).accepted] == [NEW]
+
+
+def test_cli_seals_legacy_manifests_after_confirmation(tmp_path: Path) -> None:
+    """``pgbackflow key seal-manifests``: refused without a yes, then seals what has no MAC."""
+    import subprocess
+    import sys
+
+    from pgbackflow.tasks.keys import write_key_file
+    from pgbackflow.tasks.storage import LocalFolderStorage
+
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    storage = LocalFolderStorage(folder)
+    write_manifest(storage, logical(OLD), KEY)
+    key = find_manifest_key(logical(OLD))
+    document = stored_json(storage, key)
+    del document["auth"]
+    put_json(storage, key, document)
+    key_file = tmp_path / "master.key"
+    write_key_file(key_file, KEY)
+    cli = [str(Path(sys.executable).with_name("pgbackflow")), "key", "seal-manifests",
+           "--from", str(folder), "--key-file", str(key_file)]
+    refused = subprocess.run(cli, capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 1 and "nothing sealed" in refused.stderr
+    assert [r.status for r in scan_backups(storage).records] == ["no-mac"]
+    done = subprocess.run([*cli, "--yes"], capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"sealed {key}" in done.stdout and "1 manifests sealed" in done.stdout
+    assert find_backup(storage, "latest", None, RING).backup_id == OLD
