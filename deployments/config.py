@@ -256,6 +256,8 @@ def load_config(path: Path) -> DeployConfig:
         document = tomllib.loads(path.read_text())
     except OSError as exc:
         raise ConfigError(f"{path}: cannot be read ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid TOML (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     try:
@@ -457,8 +459,8 @@ def build_plan(config: DeployConfig) -> DeployPlan:
             )
             if cluster.enabled:
                 plan.wal_streams.append((db_id, cluster.wal_silence_s))
-    if plan.wal_streams:
-        plan.automations.append(zombie_automation())
+    # Every deployment sends heartbeats: a run whose worker host died is marked Crashed.
+    plan.automations.append(zombie_automation())
     plan.prefect.deployments = [
         replace(spec, tags=(*spec.tags, CONFIG_TAG)) for spec in plan.prefect.deployments
     ]

@@ -28,9 +28,11 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments import run_deployment
 from prefect.events.actions import SendNotification
 from prefect.states import Cancelled
+from pydantic import ValidationError
 
 from pgbackflow.deployments.apply import DeploymentSpec, ScheduleSpec, ensure_work_pool
 from pgbackflow.tasks.errors import ConfigError
@@ -70,6 +72,13 @@ def schedule_cron(preset: str | None, at: str = "03:00", cron: str | None = None
                 f"cron {cron!r} is not a 5-field cron expression: e.g. '0 4 * * 0' "
                 "(Sundays 04:00 UTC)"
             )
+        try:  # values out of range ("61 25 * * *"), steps of 0: what the API would refuse
+            CronSchedule(cron=cron, timezone="UTC")
+        except ValidationError:
+            raise ConfigError(
+                f"cron {cron!r} has a value out of range: minute 0-59, hour 0-23, day 1-31, "
+                "month 1-12, weekday 0-6; e.g. '0 4 * * 0' (Sundays 04:00 UTC)"
+            ) from None
         return cron
     if preset not in PRESETS:
         raise ConfigError(f"schedule preset {preset!r} is unknown: use {', '.join(sorted(PRESETS))}"

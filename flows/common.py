@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import os
@@ -22,6 +23,7 @@ from prefect.artifacts import (
 )
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import FlowRunContext
+from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from pgbackflow.blocks.encryption import BackupEncryptionKey
@@ -36,7 +38,7 @@ from pgbackflow.tasks.keys import (
     new_key_warning,
 )
 from pgbackflow.tasks.pipeline import ObjectWrite
-from pgbackflow.tasks.reports import DestinationStatus
+from pgbackflow.tasks.reports import BackupReport, DestinationStatus
 from pgbackflow.tasks.storage import Storage
 
 StorageBlock = LocalStorage | S3Storage
@@ -65,6 +67,13 @@ RETRY_DELAYS: list[float] = _retry_delays()
 
 # The CLI draws a progress bar from these; flows also feed the Prefect progress artifact.
 progress_listeners: list[Callable[[str, int, int | None], None]] = []
+# The CLI prints these ("database … not reachable (connection refused); retry 1 of 3 in 5 s"):
+# its console shows no Prefect logs, and a retrying run must not look hung.
+retry_listeners: list[Callable[[str], None]] = []
+# The last backup whose manifest this process published (one: a long-lived process must not
+# collect them). When the Prefect API fails after that point the CLI reports the backup
+# complete rather than the run failed.
+published_backups: collections.deque[BackupReport] = collections.deque(maxlen=1)
 
 
 @contextmanager
@@ -121,13 +130,37 @@ def tag_run(job: str, db_id: str | None) -> None:
 def retry_if_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     """Prefect retry condition: retry only errors marked transient (see tasks.errors).
 
-    A wrong password or a missing database fails at once instead of three more times.
+    A wrong password or a missing database fails at once instead of three more times. Each
+    retry says what it waits for (run log and `retry_listeners`): a wrong port otherwise
+    looks like a hang for the minutes the retries take.
     """
     try:
         state.result(raise_on_failure=True)
     except Exception as exc:
-        return bool(getattr(exc, "transient", False))
+        if not getattr(exc, "transient", False):
+            return False
+        _announce_retry(task, task_run, exc)
+        return True
     return False
+
+
+def _announce_retry(task: Task[..., Any], task_run: TaskRun, exc: Exception) -> None:
+    """Log "WHAT; retry N of M in S s" and tell the listeners (the CLI prints it)."""
+    # Prefect asks this condition only while retries remain; run_count is the attempts so far.
+    attempt = max(1, task_run.run_count)
+    delays = task.retry_delay_seconds
+    if isinstance(delays, list):
+        delay = float(delays[min(attempt - 1, len(delays) - 1)]) if delays else 0.0
+    else:
+        delay = float(delays or 0)
+    what = getattr(exc, "waiting_for", None) or str(exc)
+    line = f"{what}; retry {attempt} of {task.retries} in {delay:g} s"
+    try:
+        get_run_logger().warning("%s", line)
+    except MissingContextError:
+        logger.warning("%s", line)
+    for listener in retry_listeners:
+        listener(line)
 
 
 def open_storages(blocks: Sequence[StorageBlock]) -> list[Storage]:
@@ -181,12 +214,22 @@ def publish_summary(
     if FlowRunContext.get() is None:
         return
     table: threading.Thread | None = None
+    table_errors: list[Exception] = []
     if rows is not None:
+        table_rows = rows
+
+        def send_table() -> None:
+            # Kept for the caller: an exception escaping a thread is a traceback on stderr.
+            try:
+                create_table_artifact(
+                    table_rows, key=artifact_key(f"{kind}-tables", db_id), description=description
+                )
+            except Exception as exc:
+                table_errors.append(exc)
+
         # Two independent API calls: send them at once (the run's context goes along).
         table = threading.Thread(
-            target=contextvars.copy_context().run,
-            args=(create_table_artifact, rows),
-            kwargs={"key": artifact_key(f"{kind}-tables", db_id), "description": description},
+            target=contextvars.copy_context().run, args=(send_table,),
             name="pgbackflow-table-artifact",
         )
         table.start()
@@ -195,6 +238,8 @@ def publish_summary(
     finally:
         if table is not None:
             table.join()
+    if table_errors:
+        raise table_errors[0]
 
 
 class ProgressArtifact:

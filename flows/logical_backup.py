@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import psycopg
 from prefect import flow, task
 from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
@@ -35,13 +36,14 @@ from pgbackflow.flows.common import (
     open_storages,
     publish_everywhere,
     publish_summary,
+    published_backups,
     raise_if_incomplete,
     resolve_master_key,
     retry_if_transient,
     tag_run,
     write_statuses,
 )
-from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.database import ConnectionSettings, lost_session_error
 from pgbackflow.tasks.errors import ToolsetError
 from pgbackflow.tasks.inventory import SourceIdentity, read_identity
 from pgbackflow.tasks.keys import MasterKey
@@ -76,7 +78,14 @@ _RETRYING: dict[str, Any] = {
 @task(name="inspect-source", **_RETRYING)
 def inspect_source(settings: ConnectionSettings) -> tuple[SourceIdentity, Toolset]:
     """Read the source's version and identity; pick pg_dump of its major (or newer)."""
-    identity = read_identity(settings)
+    try:
+        identity = read_identity(settings)
+    except psycopg.Error as exc:
+        # A session lost between connecting and reading (a restart) is worth a retry.
+        lost = lost_session_error(settings, "reading its identity", str(exc))
+        if lost is None:
+            raise
+        raise lost from None
     try:
         toolset = toolset_for_server(identity.major)
     except ToolsetError as exc:
@@ -251,6 +260,9 @@ def logical_backup(
         published.get(s.location, s) for s in write_statuses(targets, dump.write, globals_write)
     ]
     report = BackupReport.from_manifest(manifest, statuses)
+    if any(status.status == "complete" for status in published.values()):
+        # From here the backup exists whatever the Prefect API does (see published_backups).
+        published_backups.append(report)
     publish_summary(
         "backup", report.db_id, report.markdown(), f"backup {report.backup_id}",
         [{"table": name, "rows": rows} for name, rows in report.tables.items()],

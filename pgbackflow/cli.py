@@ -7,13 +7,14 @@ to do, and exit non-zero; ``--debug`` shows the traceback as well.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -28,6 +29,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from pgbackflow import __version__
 from pgbackflow.tasks.errors import PgBackflowError
@@ -35,6 +37,7 @@ from pgbackflow.tasks.errors import PgBackflowError
 if TYPE_CHECKING:
     from pgbackflow.blocks.database import PostgresDatabase
     from pgbackflow.blocks.storage import LocalStorage, S3Storage
+    from pgbackflow.tasks.reports import BackupReport
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -54,7 +57,7 @@ app.add_typer(key_app, name="key")
 # Not a terminal (a pipe, a log file, a test): no 80-column limit, so ids are never cut.
 out = Console(width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
-_state = {"debug": False}
+_state = {"debug": False, "api_lost": False}
 
 
 def user_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -65,23 +68,115 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
 
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # Prefect's client retries each failed request 5 times with exponential backoff: a
+        # dead API made a command hang for minutes. Two retries still ride out a busy server.
+        # Set before Prefect is imported (it reads its settings then).
+        os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+        if not _state["debug"]:
+            # Prefect's machinery logs each event it cannot send to a dead API on stderr, and
+            # its API log handler reports each batch it could not send (when raiseExceptions).
+            os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
+            logging.raiseExceptions = False
         try:
-            from pgbackflow.flows.common import supervised_by_caller
+            from pgbackflow.flows.common import retry_listeners, supervised_by_caller
 
-            with supervised_by_caller():
-                return func(*args, **kwargs)
+            def retry_line(line: str) -> None:
+                err.print(escape(line), style="yellow", highlight=False, soft_wrap=True)
+
+            retry_listeners.append(retry_line)
+            try:
+                with supervised_by_caller():
+                    result = func(*args, **kwargs)
+            finally:
+                retry_listeners.remove(retry_line)
+            if _state["api_lost"]:
+                _leave_dead_api(0)
+            return result
         except PgBackflowError as exc:
-            if _state["debug"]:
-                err.print_exception()
-            # The message is text, not markup: "[servers]" in it must print as written.
-            err.print(f"[bold red]error:[/] {escape(str(exc))}", markup=True, highlight=False,
-                      soft_wrap=True)
-            raise typer.Exit(1) from None
+            _fail(str(exc))
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort, TyperException):
+            raise  # typer's own exits and usage errors (typer 0.29 vendors its own click)
+        except Exception as exc:
+            api = _api_failure(exc)
+            if api is not None:
+                _state["api_lost"] = True
+                _fail(_api_unreachable_message(api))
+            first = (str(exc).strip().splitlines() or ["no message"])[0]
+            _fail(f"unexpected {type(exc).__name__}: {first}; rerun with --debug for the "
+                  "traceback")
 
     return wrapper
+
+
+def _fail(message: str) -> NoReturn:
+    """Print ``error: MESSAGE`` (the traceback too with --debug) and exit 1."""
+    if _state["debug"]:
+        err.print_exception()
+    # The message is text, not markup: "[servers]" in it must print as written.
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False,
+              soft_wrap=True)
+    if _state["api_lost"]:
+        _leave_dead_api(1)
+    raise typer.Exit(1) from None
+
+
+def _leave_dead_api(code: int) -> NoReturn:
+    """Exit at once once the Prefect API died under a command that has said its outcome.
+
+    Prefect's exit handlers would try to send every queued event and log line to the dead
+    API, one failing connection each: minutes of hang (181 s measured). The command's work
+    is over (the flow run ended, its temporaries are gone); only that record is dropped.
+    Without PREFECT_API_URL the API is a temporary local server whose exit handler stops it:
+    that exit keeps its handlers.
+    """
+    if not os.environ.get("PREFECT_API_URL"):
+        raise typer.Exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _api_failure(exc: BaseException) -> BaseException | None:
+    """The transport error (refused, reset, timed out) behind ``exc`` if it is the Prefect
+    API's; Prefect wraps some ("Failed to reach API at …") in a RuntimeError."""
+    import httpx
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, httpx.TransportError):
+            return current
+        current = current.__cause__ or current.__context__
+    return exc if "Failed to reach API" in str(exc) else None
+
+
+def _api_unreachable_message(cause: BaseException) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0]
+    return (f"Prefect API at {PREFECT_API_URL.value() or '(temporary local server)'} is not "
+            f"reachable: {reason}; start it or fix PREFECT_API_URL")
+
+
+def _completed_despite_api(exc: Exception) -> BackupReport:
+    """The report of the backup this command published, when only the Prefect API failed
+    after it: the backup is good, and saying "failed" would send someone to redo it."""
+    from pgbackflow.flows.common import published_backups
+
+    api = _api_failure(exc)
+    if api is None or not published_backups:
+        raise exc
+    report = published_backups[-1]
+    _state["api_lost"] = True
+    where = ", ".join(d.location for d in report.destinations if d.status == "complete")
+    err.print(f"[bold yellow]warning:[/] {escape(_api_unreachable_message(api))}; backup "
+              f"{escape(report.backup_id)} is complete in {escape(where)}, but its run is not "
+              "recorded as completed there", markup=True, highlight=False, soft_wrap=True)
+    return report
 
 
 def _version(value: bool) -> None:
@@ -209,11 +304,16 @@ def backup(
     database = _database_block(db, "--db")
     storages = [_storage_block(url, f"--to {url}") for url in to]
     key_path = _key_file_or_default(key_file)
+    from pgbackflow.flows.common import published_backups
     from pgbackflow.flows.logical_backup import logical_backup
 
+    published_backups.clear()  # only this command's backup counts as done despite the API
     with _progress_bar(not as_json):
-        report = logical_backup(database=database, storages=storages, key_file=key_path,
-                                verify_after_backup=verify_after, db_id=db_id)
+        try:
+            report = logical_backup(database=database, storages=storages, key_file=key_path,
+                                    verify_after_backup=verify_after, db_id=db_id)
+        except Exception as exc:
+            report = _completed_despite_api(exc)
     if as_json:
         _print_json(report.model_dump(mode="json"))
         return
@@ -418,6 +518,8 @@ def schedule_verification(
     """Create or update a database's verification deployment (schedule optional)."""
     from pgbackflow.deployments.verification import deploy_verification, schedule_cron
 
+    if preset and cron:
+        raise PgBackflowError(f"--preset {preset} and --cron {cron!r} contradict: name one")
     schedule = schedule_cron(preset, at, cron) if (preset or cron) else None
     deployment_id = deploy_verification(
         db_id, source, pool, cron=schedule, sandbox=sandbox, image_template=image,
@@ -564,12 +666,7 @@ def _prefect_api_errors() -> Iterator[None]:
     try:
         yield
     except httpx.HTTPError as exc:
-        from prefect.settings import PREFECT_API_URL
-
-        raise PgBackflowError(
-            f"Prefect API at {PREFECT_API_URL.value() or '(temporary local server)'} is not "
-            f"reachable: {exc}; start it (prefect server start) or set PREFECT_API_URL"
-        ) from None
+        raise PgBackflowError(_api_unreachable_message(exc)) from None
 
 
 @app.command()
@@ -634,7 +731,8 @@ def agent(
         return
     sys.stdout.flush()
     # The agent becomes the worker: signals (SIGTERM from a supervisor) reach it directly.
-    os.execve(sys.executable, command, {**os.environ, **plan.job_environment()})
+    # Our own interpreter with an argv list we built: no shell, no untrusted program.
+    os.execve(sys.executable, command, {**os.environ, **plan.job_environment()})  # nosec B606
 
 
 @app.command()

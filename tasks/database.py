@@ -113,6 +113,95 @@ def parse_dsn(dsn: str) -> ConnectionSettings:
     )
 
 
+class UnreachableDatabaseError(TransientDatabaseError):
+    """The server cannot be reached (refused, timed out, not accepting connections yet).
+
+    Attributes:
+        waiting_for: What a retry waits for, e.g. "database db1:5432/shop not reachable
+            (connection refused)": the line each retry logs.
+    """
+
+    def __init__(self, message: str, settings: ConnectionSettings, reason: str) -> None:
+        super().__init__(message)
+        self.waiting_for = (
+            f"database {settings.host}:{settings.port}/{settings.dbname} not reachable ({reason})"
+        )
+
+
+# What libpq, psycopg and the server say when a session dies under a running request: a
+# shutdown or restart (fast or immediate), a crash of another backend, pg_terminate_backend,
+# a network failure. Each may pass: the whole request is worth running again. The server's
+# own reason comes first: a client's stderr holds it and the symptom in either order.
+_SESSION_LOST = (
+    re.compile(
+        r"terminating connection due to administrator command"
+        r"|terminating connection because of crash of another server process"
+        r"|the database system is shutting down",
+        re.IGNORECASE,
+    ),
+    re.compile(
+        r"server closed the connection unexpectedly"
+        r"|the connection is lost|the connection is closed|consuming input failed"
+        r"|could not (?:receive|send) data (?:from|to) server|connection reset by peer"
+        r"|SSL SYSCALL error|no connection to the server",
+        re.IGNORECASE,
+    ),
+)
+
+
+def session_lost(text: str) -> str | None:
+    """The phrase of ``text`` (a server or libpq message) saying the session was lost, if any:
+    the server's reason where it gave one, else the client's symptom."""
+    for pattern in _SESSION_LOST:
+        if match := pattern.search(text):
+            return match.group(0)
+    return None
+
+
+class LostSessionError(TransientDatabaseError):
+    """A session died under a running request (shutdown, restart, terminated, network).
+
+    Attributes:
+        waiting_for: The short form for the line each retry logs.
+    """
+
+    def __init__(self, message: str, waiting_for: str) -> None:
+        super().__init__(message)
+        self.waiting_for = waiting_for
+
+
+def lost_session_error(
+    settings: ConnectionSettings, during: str, text: str, *, reader: str | None = None
+) -> TransientDatabaseError | None:
+    """A transient one-line error when ``text`` says the connection was refused or lost.
+
+    Args:
+        settings: The database the session was with.
+        during: What was running, e.g. "the dump".
+        text: The failure's message (psycopg's, or a client tool's stderr).
+        reader: Which client noticed (e.g. "pg_dump"), for the message.
+
+    Returns:
+        The error to raise, or None when ``text`` reports something else.
+    """
+    if "Connection refused" in text:
+        return UnreachableDatabaseError(
+            f"database {settings.display}: connection refused during {during}: check that "
+            "PostgreSQL is running and listening there",
+            settings, "connection refused",
+        )
+    phrase = session_lost(text)
+    if phrase is None:
+        return None
+    detail = f"{reader}: {phrase}" if reader else phrase
+    return LostSessionError(
+        f"database {settings.display}: connection lost during {during} ({detail}): the server "
+        "shut down or restarted, or the network failed; rerun once it accepts connections",
+        f"database {settings.host}:{settings.port}/{settings.dbname} connection lost during "
+        f"{during} ({detail})",
+    )
+
+
 def connection_error(exc: psycopg.Error, settings: ConnectionSettings) -> DatabaseError:
     """Turn a psycopg connection failure into a one-line, actionable error.
 
@@ -144,17 +233,23 @@ def connection_error(exc: psycopg.Error, settings: ConnectionSettings) -> Databa
     if "could not translate host name" in text or "Name or service not known" in text:
         return DatabaseError(f"database {where}: unknown host '{settings.host}': check the host")
     if "Connection refused" in text:
-        return TransientDatabaseError(
+        return UnreachableDatabaseError(
             f"database {where}: connection refused: check host and port and that PostgreSQL "
-            "is running and listening there"
+            "is running and listening there",
+            settings, "connection refused",
         )
     if "timeout expired" in text or "timed out" in text:
-        return TransientDatabaseError(
+        return UnreachableDatabaseError(
             f"database {where}: connection timed out after {DEFAULT_CONNECT_TIMEOUT_S} s: check "
-            "the network path and firewall"
+            "the network path and firewall",
+            settings, f"connection timed out after {DEFAULT_CONNECT_TIMEOUT_S} s",
         )
     if "starting up" in text or "shutting down" in text or "in recovery mode" in text:
-        return TransientDatabaseError(f"database {where}: server is not ready yet: retry later")
+        return UnreachableDatabaseError(
+            f"database {where}: server is not ready yet (starting up or shutting down): retry "
+            "once it accepts connections",
+            settings, "server starting up or shutting down",
+        )
     first_line = text.strip().splitlines()[-1] if text.strip() else type(exc).__name__
     return DatabaseError(f"database {where}: connection failed ({first_line.strip()})")
 

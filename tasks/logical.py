@@ -22,8 +22,9 @@ from pgbackflow.tasks.database import (
     connect,
     libpq_conninfo,
     libpq_password_env,
+    lost_session_error,
 )
-from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
 from pgbackflow.tasks.inventory import (
     Inventory,
     compare_counts,
@@ -114,8 +115,27 @@ def dump_database(
         progress: Called with the bytes pg_dump produced so far.
     """
     compression = choose_compression(toolset)
-    pg_dump = Tool(toolset.binary("pg_dump"))
+    try:
+        return _dump_in_snapshot(settings, toolset, storages, master_key, key, compression,
+                                 progress)
+    except psycopg.Error as exc:
+        # Opening or closing the snapshot's session on a server that went away mid-dump.
+        lost = lost_session_error(settings, "the dump", str(exc))
+        if lost is None:
+            raise
+        raise lost from None
 
+
+def _dump_in_snapshot(
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    storages: Sequence[Storage],
+    master_key: MasterKey,
+    key: str,
+    compression: DumpCompression,
+    progress: ProgressCallback | None,
+) -> DumpResult:
+    pg_dump = Tool(toolset.binary("pg_dump"))
     with (
         libpq_password_env(settings) as env,
         exported_snapshot(settings) as (snapshot, conn),
@@ -147,6 +167,12 @@ def dump_database(
             dump_error = exc
         count_error = counting.exception()  # waits for both while the snapshot is open
         globals_capture.exception()
+    # A server that shut down or restarted fails all three readers: that is the cause, and
+    # it may pass (the task retries it), whichever reader noticed first.
+    for error in (dump_error, count_error, globals_capture.exception()):
+        lost = _lost_session(settings, error)
+        if lost is not None:
+            raise lost from None
     if count_error is not None:
         # A failed count aborts the snapshot's transaction, so pg_dump then fails too, with
         # a misleading "could not import the requested snapshot": the count error is the cause.
@@ -163,6 +189,19 @@ def dump_database(
     return DumpResult(
         write, counting.result(), snapshot, compression, globals_capture.result()
     )
+
+
+def _lost_session(
+    settings: ConnectionSettings, error: BaseException | None
+) -> TransientDatabaseError | None:
+    """The transient error for a reader that failed because its session was refused or lost."""
+    if isinstance(error, ToolFailedError):
+        # pg_dump's last lines: "...: error: ... server closed the connection unexpectedly".
+        text = "\n".join([error.result.stderr_tail, *error.result.stderr_errors])
+        return lost_session_error(settings, "the dump", text, reader=error.result.tool)
+    if isinstance(error, psycopg.Error):
+        return lost_session_error(settings, "the dump", str(error), reader="row count")
+    return None
 
 
 def capture_globals(settings: ConnectionSettings, toolset: Toolset) -> bytes:

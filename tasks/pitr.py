@@ -398,7 +398,8 @@ def configure_recovery(
     if port is not None:
         settings["port"] = str(port)
         settings["listen_addresses"] = "127.0.0.1"
-        settings["unix_socket_directories"] = "/tmp"
+        # PostgreSQL's default socket folder: the server locks its socket and refuses a taken one.
+        settings["unix_socket_directories"] = "/tmp"  # nosec B108
     lines = "".join(f"{key} = {conf_quote(value)}\n" for key, value in settings.items())
     auto_conf = data_dir / "postgresql.auto.conf"
     existing = auto_conf.read_text() if auto_conf.exists() else ""

@@ -1314,7 +1314,13 @@ def parse_storage_url(url: str) -> StorageURL:
         raise ConfigError(
             "storage is empty: use /path, file:///path, s3://bucket/prefix or block:slug/name"
         )
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # "Invalid IPv6 URL": an unbalanced '[' or ']'
+        raise ConfigError(
+            f"storage URL {url!r} is malformed ({exc}): use /path, file:///path, "
+            "s3://bucket/prefix or block:slug/name"
+        ) from None
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ConfigError(f"storage URL {url!r} has no bucket: use s3://bucket/prefix")
@@ -1330,6 +1336,8 @@ def parse_storage_url(url: str) -> StorageURL:
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost"):
             raise ConfigError(f"storage URL {url!r} names a remote host: use file:///absolute/path")
+        if not parts.path.startswith("/"):
+            raise ConfigError(f"storage URL {url!r} has no absolute path: use file:///absolute/path")
         return StorageURL("file", unquote(parts.path))
     if parts.scheme and len(parts.scheme) > 1:
         raise ConfigError(

@@ -444,7 +444,8 @@ def make_socket_dir(root: Path, port: int, user: OsUser) -> tuple[Path, bool]:
     candidate = root / "socket"
     outside = len(f"{candidate}/{_SOCKET_FILE.format(port=port)}") > _MAX_SOCKET_PATH
     if outside:
-        candidate = Path(tempfile.mkdtemp(prefix="pgbf-sock-", dir="/tmp"))
+        # mkdtemp: a new 0700 folder with a random name; /tmp keeps the socket path short.
+        candidate = Path(tempfile.mkdtemp(prefix="pgbf-sock-", dir="/tmp"))  # nosec B108
     else:
         candidate.mkdir(mode=0o700)
     candidate.chmod(0o700)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -107,11 +108,16 @@ class Cli:
         )
 
 
+RETRY_LINE = re.compile(r"; retry \d+ of \d+ in \S+ s$")
+
+
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
     """Assert a failed run printed exactly one ``error:`` line holding ``expected``."""
     assert result.returncode != 0, f"expected failure, got success: {result.stdout}"
     assert "Traceback" not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # Retries of a transient failure each say what they wait for, before the error.
+    lines = [line for line in result.stderr.splitlines()
+             if line.strip() and not RETRY_LINE.search(line)]
     assert len(lines) == 1, f"expected one error line, got:\n{result.stderr}"
     line = lines[0]
     print(line)  # shown by pytest -rP / -s: what the user saw

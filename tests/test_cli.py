@@ -80,3 +80,19 @@ def test_listing_a_missing_folder_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     empty = run("list", "--from", str(tmp_path / "empty"))
     assert empty.returncode == 0 and "0 backups" in empty.stdout
+
+
+def test_typer_exits_pass_through_the_error_wrapper() -> None:
+    """A command's own exit code (wal-stream exits 2 on WAL gaps) is not an "unexpected" error."""
+    import pytest
+    import typer
+
+    from pgbackflow.cli import user_errors
+
+    @user_errors
+    def command() -> None:
+        raise typer.Exit(2)
+
+    with pytest.raises(typer.Exit) as excinfo:
+        command()
+    assert excinfo.value.exit_code == 2

@@ -242,6 +242,32 @@ def test_http_trigger_backs_up_every_database(
     assert "job:logical" in late[0]["tags"]
 
 
+def test_one_failing_database_does_not_stop_the_others(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """A database whose queries all time out fails; the run backs up the rest, then fails."""
+    with site.cluster.connect() as conn:
+        conn.execute("CREATE DATABASE broken_db")
+    try:
+        with site.cluster.connect("broken_db") as conn:
+            conn.execute("CREATE TABLE big AS SELECT g FROM generate_series(1, 300000) g")
+            conn.execute("ALTER DATABASE broken_db SET statement_timeout = '1ms'")
+        before = {b["backup_id"] for b in _backups(prefect_server, site)}
+        with prefect_server.http() as http:
+            run_id = http.post(
+                f"deployments/{deployed['logical-everything']['id']}/create_flow_run", json={}
+            ).json()["id"]
+        failed = _wait_state(prefect_server, run_id, "FAILED", 240)
+        message = failed["state"]["message"]
+        assert "broken_db" in message and "the other backups are complete" in message, message
+        new = {b["db_id"] for b in _backups(prefect_server, site) if b["backup_id"] not in before}
+        assert {"everything-shop", "everything-crm"} <= new
+        assert "everything-broken_db" not in new
+    finally:
+        with site.cluster.connect() as conn:
+            conn.execute("DROP DATABASE broken_db WITH (FORCE)")
+
+
 def test_backups_wait_for_the_server_limit(
     prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
 ) -> None:
@@ -258,7 +284,7 @@ def test_backups_wait_for_the_server_limit(
         with prefect_server.http() as http:
             run_id = http.post(f"deployments/{deployed['logical-shop']['id']}/create_flow_run",
                                json={}).json()["id"]
-        _wait_state(prefect_server, run_id, "RUNNING", 120)
+        _wait_state(prefect_server, run_id, "RUNNING", 240)
         time.sleep(8)  # room for a dump of 500 rows many times over
         assert _run(prefect_server, run_id)["state"]["type"] == "RUNNING", (
             "the backup ran while its server's limit was full"

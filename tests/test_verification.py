@@ -68,7 +68,9 @@ def backup_of(server: EphemeralCluster, dbname: str, folder: Path,
 def our_containers(client: Any) -> list[Any]:
     from pgbackflow.tasks.sandbox import SANDBOX_LABEL
 
-    return list(client.containers.list(all=True, filters={"label": SANDBOX_LABEL}))
+    # ignore_removed: a container may go away between the listing and its inspection.
+    return list(client.containers.list(all=True, filters={"label": SANDBOX_LABEL},
+                                       ignore_removed=True))
 
 
 @pytest.mark.usefixtures("no_leftovers")
