@@ -143,7 +143,8 @@ class Tool:
         if user is not None and os.geteuid() != user.uid:
             # extra_groups=[] drops root's supplementary groups along with its uid.
             switch = {"user": user.uid, "group": user.gid, "extra_groups": []}
-        return subprocess.Popen(
+        # An argv list without a shell; the program is a resolved toolset binary.
+        return subprocess.Popen(  # nosec B603
             [str(self.path), *map(str, args)],
             stdin=stdin,
             stdout=stdout,
