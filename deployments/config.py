@@ -578,7 +578,11 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
         built[block_spec.label] = block
         changes.append(_block_change(block_spec, block))
     for kind, name in plan.referenced_blocks:
-        _block_id(kind, name)  # a one-line error when it does not exist
+        if _block_id(kind, name) is None:
+            raise ConfigError(
+                f"block {kind.get_block_type_slug()}/{name} named in the config does not "
+                "exist: create it in the Prefect UI, or describe it in the config instead"
+            )
     if not dry_run:
         for block_spec in plan.blocks:
             if next(c for c in changes if c.name == block_spec.label).action != "=":

@@ -464,6 +464,15 @@ def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_pa
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert str(config) in lines[0] and message in lines[0], lines[0]
+    # A block the config references (not describes) must exist: one line, nothing changed.
+    config.write_text('[key]\nfile = "/k"\n[storages.s]\nurl = "/x"\n'
+                      '[servers.pg]\nblock = "nope"\n')
+    result = prefect_server.run_cli("deploy", "--config", str(config), check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: block pgbackflow-postgres-database/nope named in the config does not exist: "
+        "create it in the Prefect UI, or describe it in the config instead"
+    )
 
 
 def test_cli_backup_runs_are_tagged_before_connecting(
