@@ -34,7 +34,7 @@ from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.manifest import LogicalManifest, list_backups
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3ObjectStorage, Storage
 from pgbackflow.tasks.toolsets import toolsets_home
-from tests.fixtures.postgres import PgServers, make_database
+from tests.fixtures.postgres import BigDatabase, PgServers, make_database
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ pytestmark = pytest.mark.timeout(300)
 CLI = Path(sys.executable).with_name("pgbackflow")
 CLI_TIMEOUT_S = 180
 PREFERRED_MAJOR = 17
-BIG_ROWS = 2_000_000
 
 
 # --------------------------------------------------------------------------- helpers
@@ -465,20 +464,10 @@ def test_wrong_key_file(
 
 
 @pytest.fixture(scope="module")
-def big_source(server: EphemeralCluster) -> Iterator[Source]:
+def big_source(big_database: BigDatabase) -> Source:
     """Two million rows of hex text (~150 MB): pg_dump streams for seconds."""
-    name = create_database(
-        server,
-        "CREATE TABLE public.big (id int PRIMARY KEY, a text NOT NULL, b text NOT NULL)",
-        "INSERT INTO public.big SELECT g, md5(g::text), md5((g::bigint * 7919)::text) "
-        f"FROM generate_series(1, {BIG_ROWS}) g",
-        "CREATE TABLE public.small (id int PRIMARY KEY)",
-        "INSERT INTO public.small SELECT generate_series(1, 10)",
-    )
-    try:
-        yield Source(server, name, table_counts(server, name, ["public.big", "public.small"]))
-    finally:
-        drop_database(server, name)
+    server, name = big_database.server, big_database.name
+    return Source(server, name, table_counts(server, name, ["public.big", "public.small"]))
 
 
 def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], what: str) -> None:

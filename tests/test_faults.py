@@ -23,15 +23,13 @@ import pytest
 
 from pgbackflow.tasks.cluster import EphemeralCluster, free_port
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage
-from tests.fixtures.postgres import PgServers
+from tests.fixtures.postgres import BIG_ROWS, BigDatabase, PgServers
 from tests.fixtures.prefect_server import BIN, _stop, server_environment
 from tests.test_backup_failures import (
     CLI,
     Cli,
     Source,
     closed_port,
-    create_database,
-    drop_database,
     folder_leftovers,
     one_line_error,
     only_backup,
@@ -42,7 +40,7 @@ pytestmark = pytest.mark.timeout(240)
 
 PREFERRED_MAJOR = 17
 #: Rows of the big table: pg_dump of it takes a few seconds, long enough to hit it mid-way.
-DUMP_ROWS = 2_000_000
+DUMP_ROWS = BIG_ROWS
 #: The whole command, retries included, must end well within this (it hung 181 s before).
 COMMAND_LIMIT_S = 60
 RETRY_LINE = re.compile(r"^database \S+ (not reachable \(.+\)|.+); retry (\d) of (\d) in \S+ s$")
@@ -58,18 +56,10 @@ def server(pg_servers: PgServers, pg_majors: tuple[int, ...]) -> EphemeralCluste
 
 
 @pytest.fixture(scope="module")
-def big_source(server: EphemeralCluster) -> Iterator[Source]:
-    """A database whose dump takes a few seconds."""
-    name = create_database(
-        server,
-        "CREATE TABLE public.big (id int PRIMARY KEY, a text NOT NULL, b text NOT NULL)",
-        "INSERT INTO public.big SELECT g, md5(g::text), md5((g::bigint * 7919)::text) "
-        f"FROM generate_series(1, {DUMP_ROWS}) g",
-    )
-    try:
-        yield Source(server, name, table_counts(server, name, ["public.big"]))
-    finally:
-        drop_database(server, name)
+def big_source(big_database: BigDatabase) -> Source:
+    """A database whose dump takes a few seconds (shared, read-only)."""
+    server, name = big_database.server, big_database.name
+    return Source(server, name, table_counts(server, name, ["public.big"]))
 
 
 @pytest.fixture(scope="module")

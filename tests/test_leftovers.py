@@ -38,7 +38,7 @@ from pgbackflow.tasks.storage import (
     sweep_grace,
 )
 from tests.fixtures.mounts import tmpfs
-from tests.fixtures.postgres import PgServers, make_database
+from tests.fixtures.postgres import BigDatabase, PgServers, make_database
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -188,18 +188,9 @@ def small(server: EphemeralCluster) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def big(server: EphemeralCluster) -> Iterator[str]:
+def big(big_database: BigDatabase) -> str:
     """Two million rows of hex text (~150 MB, ~60 MB dumped): the dump streams for seconds."""
-    name = make_database(
-        server, "big",
-        "CREATE TABLE big (id int PRIMARY KEY, a text NOT NULL, b text NOT NULL)",
-        "INSERT INTO big SELECT g, md5(g::text), md5((g::bigint * 7919)::text) "
-        "FROM generate_series(1, 2000000) g",
-    )
-    try:
-        yield dsn(server, name)
-    finally:
-        drop(server, name)
+    return dsn(big_database.server, big_database.name)
 
 
 @pytest.fixture(scope="module")
