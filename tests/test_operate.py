@@ -142,6 +142,9 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
     prefect_server.start_worker(POOL, site.worker_dir)
     yield deployments
     prefect_server.stop_workers()
+    with prefect_server.http() as http:  # the every-minute schedule stops with the module
+        for deployment in deployments.values():
+            http.post(f"deployments/{deployment['id']}/pause_deployment")
 
 
 def _runs(server: PrefectServer, deployment_id: str) -> list[dict[str, Any]]:
@@ -280,16 +283,27 @@ def test_backups_wait_for_the_server_limit(
                   for c in http.post("v2/concurrency_limits/filter", json={}).json()}
     assert limits[server_limit] == 2
     assert limits["pgbackflow-backup-shop"] == 1
+    shop = deployed["logical-shop"]
+
+    def completed() -> set[str]:
+        return {r["id"] for r in _runs(prefect_server, shop["id"])
+                if r["state"]["type"] == "COMPLETED"}
+
     with prefect_server.settings(), concurrency(server_limit, occupy=2, strict=True):
+        done_before = completed()
         with prefect_server.http() as http:
-            run_id = http.post(f"deployments/{deployed['logical-shop']['id']}/create_flow_run",
+            run_id = http.post(f"deployments/{shop['id']}/create_flow_run",
                                json={}).json()["id"]
-        _wait_state(prefect_server, run_id, "RUNNING", 240)
-        time.sleep(8)  # room for a dump of 500 rows many times over
-        assert _run(prefect_server, run_id)["state"]["type"] == "RUNNING", (
-            "the backup ran while its server's limit was full"
+        # This run, or a scheduled one ahead of it (one run of the deployment at a time),
+        # starts and then waits for the server's limit.
+        prefect_server.wait_for(
+            "a backup of shop to start", lambda: [
+                r for r in _runs(prefect_server, shop["id"]) if r["state"]["type"] == "RUNNING"
+            ], 240,
         )
-    _wait_state(prefect_server, run_id, "COMPLETED", 120)
+        time.sleep(8)  # room for a dump of 500 rows many times over
+        assert completed() == done_before, "a backup ran while its server's limit was full"
+    _wait_state(prefect_server, run_id, "COMPLETED", 240)
 
 
 def test_readme_rest_trigger_as_written(
@@ -308,12 +322,27 @@ def test_readme_rest_trigger_as_written(
     assert run["deployment_id"] == deployed["logical-shop"]["id"]
 
 
+def _quiesce(server: PrefectServer, deployment_id: str) -> None:
+    """Pause a deployment, cancel its waiting runs and let running ones end: the next run
+    of it is the test's own."""
+    with server.http() as http:
+        http.post(f"deployments/{deployment_id}/pause_deployment").raise_for_status()
+        for run in _runs(server, deployment_id):
+            if run["state"]["type"] in ("SCHEDULED", "PENDING"):
+                http.post(f"flow_runs/{run['id']}/set_state", json={
+                    "state": {"type": "CANCELLED", "message": "test: quiet deployment"},
+                    "force": True,
+                }).raise_for_status()
+    server.wait_for("the deployment's runs to end", lambda: not [
+        r for r in _runs(server, deployment_id) if r["state"]["type"] in ("RUNNING", "PENDING")
+    ], 240, 2)
+
+
 def test_failed_run_retried_like_the_ui_button(
     prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
 ) -> None:
     shop = deployed["logical-shop"]
-    with prefect_server.http() as http:
-        http.post(f"deployments/{shop['id']}/pause_deployment").raise_for_status()
+    _quiesce(prefect_server, shop["id"])
     before = {b["backup_id"] for b in _backups(prefect_server, site) if b["db_id"] == "shop"}
     site.cluster.halt()
     try:
