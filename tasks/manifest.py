@@ -27,6 +27,7 @@ import os
 import re
 import secrets
 import struct
+from abc import abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -162,17 +163,17 @@ class ManifestModel(_Frozen):
 
     KIND: ClassVar[str] = ""
 
+    @abstractmethod
     def location_ids(self) -> tuple[str, str]:
         """``(db_id, backup_id)`` as the manifest states them."""
-        raise NotImplementedError
 
+    @abstractmethod
     def object_keys(self) -> list[str]:
         """Storage keys of the backup's objects."""
-        raise NotImplementedError
 
+    @abstractmethod
     def order(self) -> tuple[datetime, str]:
         """Sort key: oldest first."""
-        raise NotImplementedError
 
 
 class StoredObjectInfo(_Frozen):
