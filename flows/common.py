@@ -76,22 +76,84 @@ retry_listeners: list[Callable[[str], None]] = []
 published_backups: collections.deque[BackupReport] = collections.deque(maxlen=1)
 
 
-@contextmanager
-def supervised_by_caller() -> Iterator[None]:
-    """Run flows without Prefect's heartbeat thread: for runs the calling process supervises.
+#: Seconds between flow-run heartbeats (Prefect's minimum); deployments set the same.
+HEARTBEAT_S = 30
 
-    Heartbeats let a Prefect automation mark runs whose process vanished as crashed; they
-    matter for worker-run deployments. A CLI run is watched by the CLI itself, and Prefect
-    3.8 joins the heartbeat thread (which sleeps in 1 s steps) when every run ends, adding
-    up to a second to each command. PGBACKFLOW_CLI_HEARTBEATS=1 keeps them.
+
+def prefect_api_url() -> str | None:
+    """The persistent Prefect API runs report to, or None for Prefect's ephemeral API."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
+
+
+@contextmanager
+def cli_heartbeats() -> Iterator[None]:
+    """Run the command's flows with flow-run heartbeats when they report to a Prefect server.
+
+    Against a persistent API (PREFECT_API_URL set) someone watches the runs in the UI: with
+    heartbeats, the "crash unresponsive runs" automation marks the runs of a command killed
+    with -9 (or of a lost host) Crashed instead of Running forever. The ephemeral API has no
+    automations and dies with the process, so no heartbeats there.
     """
-    if os.environ.get("PGBACKFLOW_CLI_HEARTBEATS") == "1":
-        yield
-        return
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    frequency = HEARTBEAT_S if prefect_api_url() else None
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: frequency}):
         yield
+
+
+def _heartbeats_stopping_at_once() -> None:
+    """Replace Prefect 3.8's flow-run heartbeat thread with one that stops at once.
+
+    Prefect's thread sleeps in 1 s steps and each run's end joins it: up to a second per
+    flow run (a CLI command, and every subflow of a 50-database ``backup-databases`` run).
+    This one waits on its stop event, so the join returns at once. Same events, same
+    interval. ``prefect`` is pinned to 3.8.x; tests/test_heartbeats.py fails if this
+    private hook changes.
+    """
+    import prefect.flow_engine as engine_module
+
+    if getattr(engine_module._send_heartbeats, "stops_at_once", False):
+        return
+
+    @contextmanager
+    def send_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
+        interval = engine.heartbeat_seconds
+        if interval is None:
+            yield
+            return
+        interval = max(interval, engine_module.MINIMUM_HEARTBEAT_INTERVAL)
+        resource, related = engine._build_heartbeat_event_template()
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.is_set():
+                state = engine.flow_run.state if engine.flow_run else None
+                if state is not None and state.is_final():
+                    return
+                try:
+                    engine._emit_flow_run_heartbeat(resource, related)
+                except Exception:
+                    logger.debug("flow-run heartbeat not sent", exc_info=True)
+                stop.wait(interval)
+
+        # The thread must see this context's settings (PREFECT_API_URL), as Prefect's does.
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,),
+                                  daemon=True, name="pgbackflow-heartbeat")
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            if join_on_exit:
+                thread.join(timeout=2)
+
+    send_heartbeats.stops_at_once = True  # type: ignore[attr-defined]
+    engine_module._send_heartbeats = send_heartbeats
+
+
+_heartbeats_stopping_at_once()
 
 
 def run_tags(job: str, db_id: str | None) -> list[str]:
@@ -100,6 +162,40 @@ def run_tags(job: str, db_id: str | None) -> list[str]:
     if db_id:
         tags.append(f"db:{db_id}")
     return tags
+
+
+# API URLs on which this process made sure the lost-run automation exists.
+_lost_run_detection_on: set[str] = set()
+
+
+def ensure_lost_run_detection() -> None:
+    """Create the "crash unresponsive runs" automation if the Prefect server lacks it.
+
+    Heartbeats alone mark nothing: that automation turns their silence into Crashed. It is
+    created by ``pgbackflow deploy``; a server only ever used from the CLI gets it from the
+    first run that sends heartbeats (one lookup per process). One already there, even
+    paused by its operator, is left as it is. Never fails a run.
+    """
+    from prefect.settings import get_current_settings
+
+    url = prefect_api_url()
+    if not url or url in _lost_run_detection_on:
+        return
+    if get_current_settings().flows.heartbeat_frequency is None:
+        return
+    _lost_run_detection_on.add(url)
+    from prefect.client.orchestration import get_client
+
+    from pgbackflow.deployments.automations import zombie_automation
+
+    spec = zombie_automation()
+    try:
+        with get_client(sync_client=True) as client:
+            if client.read_automations_by_name(spec.name):
+                return
+        spec.build().create()
+    except Exception as exc:
+        logger.warning("automation %r not created: %s", spec.name, exc)
 
 
 def tag_run(job: str, db_id: str | None) -> None:
@@ -112,6 +208,8 @@ def tag_run(job: str, db_id: str | None) -> None:
     context = FlowRunContext.get()
     if context is None or context.flow_run is None:
         return
+    if context.flow_run.parent_task_run_id is None:
+        ensure_lost_run_detection()
     wanted = run_tags(job, db_id)
     current = list(context.flow_run.tags)
     missing = [tag for tag in wanted if tag not in current]

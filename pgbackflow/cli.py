@@ -63,7 +63,7 @@ _state = {"debug": False, "api_lost": False}
 def user_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Print pgbackflow errors as one line and exit 1 (traceback only with --debug).
 
-    Flows run by a command are supervised by this process (see supervised_by_caller).
+    Flows run by a command send heartbeats to a Prefect server (see cli_heartbeats).
     """
 
     @wraps(func)
@@ -78,14 +78,14 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
             os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
             logging.raiseExceptions = False
         try:
-            from pgbackflow.flows.common import retry_listeners, supervised_by_caller
+            from pgbackflow.flows.common import cli_heartbeats, retry_listeners
 
             def retry_line(line: str) -> None:
                 err.print(escape(line), style="yellow", highlight=False, soft_wrap=True)
 
             retry_listeners.append(retry_line)
             try:
-                with supervised_by_caller():
+                with cli_heartbeats():
                     result = func(*args, **kwargs)
             finally:
                 retry_listeners.remove(retry_line)
@@ -1148,7 +1148,7 @@ def physical_list(
             "wal_newest_upload": (
                 inventory.newest.isoformat() if inventory and inventory.newest else None
             ),
-            "wal_gaps": wal_gaps(storage, cluster) if mine else [],
+            "wal_gaps": wal_gaps(storage, cluster, keyring) if mine else [],
         })
     invalid = [r.problem for r in records if r.db_id is None]
     if as_json:
@@ -1177,6 +1177,58 @@ def physical_list(
                   highlight=False)
     if not documents:
         out.print(f"no physical backups in {storage.location}")
+
+
+@app.command("retention")
+@user_errors
+def retention_command(
+    source: Annotated[str, typer.Option("--from", help="Storage to expire backups in.")],
+    db_id: Annotated[
+        str | None, typer.Option("--db-id", help="Only this database or cluster.")
+    ] = None,
+    key_file: Annotated[Path | None, typer.Option(
+        "--key-file", help="Master key file (default: the default key file; never created).",
+    )] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan; delete nothing.")
+    ] = False,
+    keep_last: Annotated[
+        int | None, typer.Option("--keep-last", min=1, help="Keep the newest N backups.")
+    ] = None,
+    keep_within: Annotated[str | None, typer.Option(
+        "--keep-within", help="Keep every backup younger than this (36h, 14d, 8w).",
+    )] = None,
+    hourly: Annotated[int, typer.Option("--hourly", min=0, help="GFS: last N hours.")] = 0,
+    daily: Annotated[int, typer.Option("--daily", min=0, help="GFS: last N days.")] = 0,
+    weekly: Annotated[int, typer.Option("--weekly", min=0, help="GFS: last N weeks.")] = 0,
+    monthly: Annotated[int, typer.Option("--monthly", min=0, help="GFS: last N months.")] = 0,
+    yearly: Annotated[int, typer.Option("--yearly", min=0, help="GFS: last N years.")] = 0,
+    grace_hours: Annotated[float | None, typer.Option(
+        "--grace-hours", help="Orphans younger than this stay (default: "
+        "PGBACKFLOW_SWEEP_GRACE_HOURS, else 24).",
+    )] = None,
+) -> None:
+    """Expire backups by policy (safety rules first), then sweep orphans; prints the plan."""
+    from pgbackflow.tasks.keys import Keyring, default_key_file, load_key_file
+    from pgbackflow.tasks.retention import Policy, run_retention
+    from pgbackflow.tasks.storage import sweep_grace
+
+    policy = Policy.build(keep_last=keep_last, keep_within=keep_within, hourly=hourly,
+                          daily=daily, weekly=weekly, monthly=monthly, yearly=yearly)
+    grace = sweep_grace(grace_hours)
+    keyring = Keyring([load_key_file(key_file or default_key_file())])
+    storage = _storage_block(source, f"--from {source}").open()
+
+    def show(line: str) -> None:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    _, result = run_retention(storage, keyring, lambda _db: policy, db_id=db_id,
+                              dry_run=dry_run, grace=grace, show=show)
+    if result is None:
+        err.print("dry run: nothing was deleted")
+        return
+    show(f"deleted {len(result.deleted_backups)} backups, {len(result.deleted_objects)} "
+         f"objects, {result.bytes_freed} bytes; {len(result.temporaries)} temporaries swept")
 
 
 def main() -> None:

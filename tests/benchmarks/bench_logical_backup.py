@@ -80,8 +80,8 @@ if args.get("pipeline_only"):
     print(json.dumps({"seconds": elapsed, "rss_mb": vm("VmHWM"), "baseline_mb": baseline,
                       "stored": result.write.info.stored_size}))
     sys.exit(0)
-from pgbackflow.flows.common import supervised_by_caller  # as the CLI runs flows
-with supervised_by_caller():
+from pgbackflow.flows.common import cli_heartbeats  # as the CLI runs flows
+with cli_heartbeats():
     started = time.perf_counter()
     report = logical_backup(db, [storage], key_file=args["key_file"])
     elapsed = time.perf_counter() - started

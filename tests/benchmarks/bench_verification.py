@@ -43,8 +43,8 @@ def warm_up():
 
 warm_up()
 args = json.loads(sys.argv[1])
-from pgbackflow.flows.common import supervised_by_caller  # as the CLI runs flows
-with supervised_by_caller():
+from pgbackflow.flows.common import cli_heartbeats  # as the CLI runs flows
+with cli_heartbeats():
     started = time.perf_counter()
     report = restore_verification(LocalStorage(folder=args["folder"]), sandbox=args["sandbox"],
                                   cpus=args["cpus"], memory_mb=args["memory_mb"],
