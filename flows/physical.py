@@ -113,6 +113,8 @@ from pgbackflow.tasks.wal import (
     WalShipper,
     WalStreamer,
     read_wal_inventory,
+    route_gaps,
+    stored_route,
 )
 
 logger = logging.getLogger("pgbackflow.flows.physical")
@@ -598,7 +600,7 @@ def wal_stream(
         settings, toolset, targets, master_key, facts.db_id, spool, slot, partial_interval_s,
         max_runtime_s,
     )
-    gaps = wal_gaps(targets[0], facts.db_id)
+    gaps = wal_gaps(targets[0], facts.db_id, resolve_keyring(encryption_key, key_file))
     report = WalStreamReport(
         db_id=facts.db_id, slot=slot, segments_shipped=status.segments_shipped,
         partials_shipped=status.partials_shipped, last_segment=status.last_segment,
@@ -610,18 +612,31 @@ def wal_stream(
     return report
 
 
-def wal_gaps(storage: Storage, db_id: str) -> list[str]:
-    """Segments missing between the newest full backup's start and the newest WAL."""
+def wal_gaps(storage: Storage, db_id: str, keyring: Keyring | None = None) -> list[str]:
+    """Where the stored WAL a restore replays has holes: ``<segment(s)> (LSN a to b)``.
+
+    Coverage starts at the end of the oldest full backup that the stored WAL reaches back
+    to (else the newest full) and follows timeline switches as replay does (with
+    ``keyring`` at the switch points the history files name; without, estimated from the
+    stored segments).
+    """
     backups = list_physical_backups(storage, db_id)
     fulls = [b for b in backups if b.mode == "full"]
     if not fulls:
         return []
+    size = fulls[-1].wal_segment_size
+    inventory = read_wal_inventory(storage, db_id, size)
     base = fulls[-1]
-    inventory = read_wal_inventory(storage, db_id, base.wal_segment_size)
-    first = parse_lsn(base.start_lsn) // base.wal_segment_size
-    if inventory.last_segment(base.timeline) is None:
-        return []
-    return inventory.gaps(base.timeline, first)
+    for full in fulls:
+        stored = inventory.complete.get(full.timeline, set()) | inventory.partial.get(
+            full.timeline, set())
+        if stored and min(stored) <= parse_lsn(full.end_lsn) // size:
+            base = full
+            break
+    route = stored_route(
+        storage, db_id, inventory, base.timeline, parse_lsn(base.end_lsn) // size, keyring
+    )
+    return [gap.describe() for gap in route_gaps(inventory, route)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -48,7 +49,9 @@ from pgbackflow.tasks.wal import (
     WalInventory,
     fetch_wal_file,
     read_wal_inventory,
-    segment_name,
+    route_files,
+    route_gaps,
+    stored_route,
 )
 
 RESTORE_DIR = "pgbackflow_restore"
@@ -59,6 +62,7 @@ WAL_FETCH_THREADS = 4
 UNPACK_THREADS = 2
 PROMOTE_TIMEOUT_S = 3600.0
 POSTMASTER_START_GRACE_S = 30.0
+_SEGMENT_NAME = re.compile(r"[0-9A-F]{24}")
 TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 """PostgreSQL's log line when no transaction followed the target time."""
 
@@ -156,7 +160,7 @@ def plan_pitr(
     usable = [b for b in backups if target is None or b.finished_at <= target]
     chain = _newest_complete_chain(usable, backups, refused)
     base = chain[-1]
-    segments = _wal_to_fetch(inventory, base, target)
+    segments = _wal_to_fetch(storage, inventory, base, target, keyring)
     return PitrPlan(db_id, tuple(chain), target, tuple(segments), earliest, latest)
 
 
@@ -177,35 +181,38 @@ def _newest_complete_chain(
 
 
 def _wal_to_fetch(
-    inventory: WalInventory, base: PhysicalManifest, target: datetime | None
+    storage: Storage,
+    inventory: WalInventory,
+    base: PhysicalManifest,
+    target: datetime | None,
+    keyring: Keyring | None,
 ) -> list[str]:
-    """Segments after the backup's own WAL up to the target (or the newest), gaps refused."""
+    """WAL after the backup's own up to the newest stored, across timeline switches (as
+    replay follows them); gaps refused with the segments and LSNs they cover."""
     size = base.wal_segment_size
-    timeline = base.timeline
     first = parse_lsn(base.end_lsn) // size  # the backup carries WAL up to its end LSN
-    last = inventory.last_segment(timeline)
-    if last is None or last < first:
+    route = stored_route(storage, base.db_id, inventory, base.timeline, first, keyring)
+    names = route_files(inventory, route)
+    if not any(_SEGMENT_NAME.fullmatch(name) for name in names):
         if target is not None and target > base.finished_at:
             raise ObjectNotFoundError(
-                f"no WAL after backup {base.backup_id} on timeline {timeline} is stored, so "
-                f"only its end ({_show(base.finished_at)}) can be restored: run pgbackflow "
+                f"no WAL after backup {base.backup_id} on timeline {base.timeline} is stored, "
+                f"so only its end ({_show(base.finished_at)}) can be restored: run pgbackflow "
                 "wal-stream for this cluster, or target latest"
             )
         return []
-    missing = inventory.gaps(timeline, first, last)
+    missing = route_gaps(inventory, route)
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        shown = ", ".join(missing[:3]) + more
+        more = f" and {len(missing) - 2} more gaps" if len(missing) > 2 else ""
+        shown = "; ".join(gap.describe() for gap in missing[:2]) + more
         raise ObjectNotFoundError(
-            f"WAL of {base.db_id} after backup {base.backup_id} has gaps ({shown} missing): "
-            "replay cannot pass them; restore to a time before the gap from an older chain, "
-            "or take a new full backup"
+            f"WAL of {base.db_id} after backup {base.backup_id} has gaps ({shown} missing from "
+            f"{storage.location}): replay cannot pass them; restore to a time before the gap "
+            "from an older chain, or take a new full backup"
         )
     # Every segment to the end of the stored WAL: a segment's upload time says nothing
     # about when its records were written (a streamer that was down uploads late), and
     # replay stops at the target by itself.
-    names = [segment_name(timeline, n, size) for n in range(first, last + 1)]
-    names += [f"{t:08X}.history" for t in sorted(inventory.histories) if t > timeline]
     return names
 
 
@@ -362,8 +369,15 @@ def fetch_wal(
         return name if key is not None else None
 
     with ThreadPoolExecutor(WAL_FETCH_THREADS, thread_name_prefix="pgbackflow-wal") as pool:
-        fetched = [name for name in pool.map(fetch, plan.wal_segments) if name is not None]
-    return fetched
+        fetched = list(pool.map(fetch, plan.wal_segments))
+    gone = [name for name, got in zip(plan.wal_segments, fetched, strict=True) if got is None]
+    if gone:
+        # Replay would stop before it, silently: that is not the restore that was asked for.
+        raise ObjectNotFoundError(
+            f"WAL file {gone[0]} of {plan.db_id} disappeared from {storage.location} after the "
+            "restore was planned: someone is changing the storage; check it and retry"
+        )
+    return [name for name in fetched if name is not None]
 
 
 # ---------------------------------------------------------------------------------------

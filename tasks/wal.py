@@ -22,11 +22,11 @@ Objects (encrypted, zstd)::
 Every object is its own AES-256-GCM archive (authenticated), but the archive does not name
 the file it holds. So a fetched file is checked against its name: a segment's first page
 header must carry the segment's position, segment size and the cluster's system
-identifier, and a timeline no newer than the name's; a history file may only name older
+identifier, and a timeline no newer than the name's; a complete segment must end finished
+(not a zero-padded older ``.partial`` upload); a history file may only name older
 timelines. Names read from the storage must match the segment/history patterns exactly.
-There is no WAL index: what these checks cannot see (an older ``.partial`` upload stored
-under the complete segment's name, deleted newest segments) is described in
-docs/FORMAT.md.
+Coverage and gaps follow timeline switches as replay does. There is no WAL index: what
+these checks cannot see (deleted newest segments) is described in docs/FORMAT.md.
 """
 
 from __future__ import annotations
@@ -207,6 +207,89 @@ def check_history(content: bytes, name: str, label: str) -> None:
         previous = parent
 
 
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), as PostgreSQL's WAL records use: for short records only."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc = _CRC32C[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+_RECORD_HEADER = 24  # SizeOfXLogRecord: tot_len, xid, prev, info, rmid, 2 pad, crc
+_XLOG_SWITCH = 0x40  # RM_XLOG_ID (0) record that ends a segment early
+_XLP_FIRST_IS_CONTRECORD = 0x0001
+_SHORT_PAGE_HEADER = 24
+
+
+def _is_switch_record(record: bytes) -> bool:
+    """Whether 24 bytes are a WAL segment switch record (header fields and CRC)."""
+    if len(record) != _RECORD_HEADER:
+        return False
+    tot_len, _xid, _prev, info, rmid, _pad, crc = struct.unpack("<IIQBBHI", record)
+    return bool(
+        tot_len == _RECORD_HEADER and rmid == 0 and info & 0xF0 == _XLOG_SWITCH
+        and crc32c(record[:20]) == crc
+    )
+
+
+def check_segment_complete(data: bytes, name: str, segment_size: int, label: str) -> None:
+    """Refuse a segment that ends unfinished: an older ``.partial`` stored under its name.
+
+    pg_receivewal pads the segment in progress with zeros, so an upload of it is full-size
+    and starts with the right page header. A finished segment instead either has a page
+    header on its last page, or ends early with a segment switch record followed only by
+    zeros. Anything else would make replay stop early, silently.
+
+    Raises:
+        WalIntegrityError: the content is not a finished segment.
+    """
+    block = struct.unpack_from("<I", data, 36)[0] if len(data) >= 40 else 0
+    if block < 1024 or segment_size % block or len(data) != segment_size:
+        raise WalIntegrityError(f"{label}: bad WAL page size {block}: the object is damaged")
+    _timeline, number = parse_segment_name(name, segment_size)
+    last_page = len(data) - block
+    magic, _info, _tli, address = struct.unpack_from("<HHIQ", data, last_page)
+    if _WAL_MAGIC_MIN <= magic <= 0xD1FF and address == number * segment_size + last_page:
+        return
+    end = len(data.rstrip(b"\0"))  # one past the last non-zero byte
+    start = (end - 1) & ~7  # records are 8-byte aligned; a CRC may end in zero bytes
+    for offset in range(start, max(start - 32, -1), -8):
+        page = offset - offset % block
+        head = _SHORT_PAGE_HEADER if page else 40
+        if offset < page + head:
+            # The switch record's tail may sit on this page, after a continuation header.
+            info, = struct.unpack_from("<H", data, page + 2)
+            remaining, = struct.unpack_from("<I", data, page + 16)
+            if page and info & _XLP_FIRST_IS_CONTRECORD and 0 < remaining < _RECORD_HEADER:
+                record = data[page - (_RECORD_HEADER - remaining):page] + data[
+                    page + head:page + head + remaining]
+                if _is_switch_record(record) and end <= page + head + remaining:
+                    return
+            continue
+        if offset + _RECORD_HEADER >= end and _is_switch_record(
+            data[offset:offset + _RECORD_HEADER]
+        ):
+            return
+    raise WalIntegrityError(
+        f"{label}: the segment ends unfinished (zeros from byte {end} on, no segment switch "
+        "before them): an older .partial upload was stored under the complete segment's "
+        "name; restore to a time before this segment or from another copy of the storage"
+    )
+
+
 # ---------------------------------------------------------------------------------------
 # What is stored
 
@@ -240,21 +323,207 @@ class WalInventory:
             timeline, set()
         )
 
-    def gaps(self, timeline: int, first: int, last: int | None = None) -> list[str]:
-        """Names of the segments missing between ``first`` and ``last`` (default: newest).
 
-        Only the newest segment may be partial; a partial one before it is a gap.
-        """
-        end = self.last_segment(timeline) if last is None else last
-        if end is None:
-            return [segment_name(timeline, first, self.segment_size)]
-        complete = self.complete.get(timeline, set())
-        missing = []
-        for number in range(first, end + 1):
-            if number in complete or (number == end and self.has(timeline, number)):
+def _lsn(position: int) -> str:
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
+
+
+@dataclass(frozen=True)
+class WalGap:
+    """Consecutive segments missing from the WAL a restore needs.
+
+    Attributes:
+        timeline: The timeline the segments belong to.
+        first: First missing segment number.
+        last: Last missing segment number.
+        segment_size: Bytes per segment.
+    """
+
+    timeline: int
+    first: int
+    last: int
+    segment_size: int
+
+    @property
+    def first_name(self) -> str:
+        """Name of the first missing segment."""
+        return segment_name(self.timeline, self.first, self.segment_size)
+
+    def describe(self) -> str:
+        """``<segment> (LSN a to b)`` or ``<first> to <last> (N segments, LSN a to b)``."""
+        lsn = f"LSN {_lsn(self.first * self.segment_size)} to " + _lsn(
+            (self.last + 1) * self.segment_size
+        )
+        if self.first == self.last:
+            return f"{self.first_name} ({lsn})"
+        last = segment_name(self.timeline, self.last, self.segment_size)
+        return f"{self.first_name} to {last} ({self.last - self.first + 1} segments, {lsn})"
+
+
+@dataclass(frozen=True)
+class TimelineSpan:
+    """The segments replay reads from one timeline.
+
+    Attributes:
+        timeline: The timeline.
+        first: First segment number needed from it.
+        last: Last one (the segment before the next timeline begins); None on the newest
+            timeline, which is read to its newest stored segment.
+    """
+
+    timeline: int
+    first: int
+    last: int | None
+
+
+def parse_history(content: bytes) -> list[tuple[int, int]]:
+    """``[(timeline, switch LSN)]`` of a history file: each ancestor and where it ended."""
+    entries = []
+    for line in content.decode("ascii", "replace").splitlines():
+        fields = line.split()
+        if len(fields) < 2 or fields[0].startswith("#"):
+            continue
+        high, _, low = fields[1].partition("/")
+        entries.append((int(fields[0]), (int(high, 16) << 32) | int(low, 16)))
+    return entries
+
+
+def read_history(
+    storage: Storage, db_id: str, timeline: int, keyring: Keyring
+) -> list[tuple[int, int]]:
+    """The checked, parsed history file of ``timeline`` (see :func:`parse_history`)."""
+    name = f"{timeline:08X}.history"
+    key = wal_object_key(db_id, name)
+    label = f"{storage.location}/{key}"
+    content = b""
+    with storage.open_read(key) as raw:
+        for chunk in ArchiveReader(raw, keyring, label=label):
+            content += chunk
+            if len(content) > MAX_HISTORY_BYTES:
+                raise WalIntegrityError(
+                    f"{label}: too large for a timeline history file: the object was replaced"
+                )
+    check_history(content, name, label)
+    return parse_history(content)
+
+
+def newest_timeline(inventory: WalInventory, timeline: int) -> int:
+    """The timeline replay ends on: like PostgreSQL's ``recovery_target_timeline = latest``,
+    the newest one whose history files follow ``timeline`` without a hole."""
+    while timeline + 1 in inventory.histories:
+        timeline += 1
+    return timeline
+
+
+def timeline_route(
+    inventory: WalInventory,
+    timeline: int,
+    first: int,
+    history: Sequence[tuple[int, int]] | None = None,
+) -> list[TimelineSpan]:
+    """The timelines and segments replay from segment ``first`` of ``timeline`` reads.
+
+    Args:
+        inventory: What is stored.
+        timeline: The base backup's timeline.
+        first: The first segment needed (the backup's end).
+        history: The parsed history file of :func:`newest_timeline` (see
+            :func:`read_history`); None when it cannot be read (no key): each newer
+            timeline is then taken to begin at its oldest stored segment.
+    """
+    target = newest_timeline(inventory, timeline)
+    size = inventory.segment_size
+    begins: list[tuple[int, int]] = [(timeline, first)]
+    if target != timeline:
+        if history is not None:
+            lineage = [tli for tli, _ in history]
+            if timeline not in lineage:
+                return [TimelineSpan(timeline, first, None)]  # recovery will say why
+            at = lineage.index(timeline)
+            # Timeline lineage[i + 1] (or the target) begins where lineage[i] ended.
+            following = [*lineage[at + 1:], target]
+            for tli, (_, end) in zip(following, history[at:], strict=True):
+                begins.append((tli, end // size))
+        else:
+            for tli in range(timeline + 1, target + 1):
+                numbers = inventory.complete.get(tli, set()) | inventory.partial.get(tli, set())
+                if not numbers:
+                    break
+                # The parent's newest segment holds the switch if it is partial (the new
+                # timeline has that segment whole); else the new one begins after it.
+                parent = begins[-1][0]
+                begin = min(numbers)
+                before = inventory.last_segment(parent)
+                if before is not None:
+                    partial = before not in inventory.complete.get(parent, set())
+                    begin = min(begin, before if partial else before + 1)
+                begins.append((tli, begin))
+    spans = []
+    for index, (tli, begin) in enumerate(begins):
+        start = max(begin, first)
+        last = begins[index + 1][1] - 1 if index + 1 < len(begins) else None
+        if last is None or last >= start:
+            spans.append(TimelineSpan(tli, start, last))
+    return spans
+
+
+def stored_route(
+    storage: Storage,
+    db_id: str,
+    inventory: WalInventory,
+    timeline: int,
+    first: int,
+    keyring: Keyring | None,
+) -> list[TimelineSpan]:
+    """:func:`timeline_route` with the newest timeline's history read from the storage
+    (checked with ``keyring``; without one, the switch points are estimated)."""
+    target = newest_timeline(inventory, timeline)
+    history = None
+    if keyring is not None and target != timeline:
+        history = read_history(storage, db_id, target, keyring)
+    return timeline_route(inventory, timeline, first, history)
+
+
+def route_gaps(inventory: WalInventory, spans: Sequence[TimelineSpan]) -> list[WalGap]:
+    """Segments of the route missing from the storage.
+
+    Every segment must be stored complete, except the newest one, which may be partial;
+    nothing stored on the newest timeline at all is the end of the WAL, not a gap.
+    """
+    gaps: list[WalGap] = []
+    for span in spans:
+        complete = inventory.complete.get(span.timeline, set())
+        if span.last is None:
+            end = inventory.last_segment(span.timeline)
+            if end is None or end < span.first:
                 continue
-            missing.append(segment_name(timeline, number, self.segment_size))
-        return missing
+            allowed = {end} & inventory.partial.get(span.timeline, set())
+        else:
+            end, allowed = span.last, set()
+        missing = [n for n in range(span.first, end + 1) if n not in complete | allowed]
+        for number in missing:
+            if gaps and gaps[-1].timeline == span.timeline and gaps[-1].last == number - 1:
+                gaps[-1] = WalGap(span.timeline, gaps[-1].first, number, inventory.segment_size)
+            else:
+                gaps.append(WalGap(span.timeline, number, number, inventory.segment_size))
+    return gaps
+
+
+def route_files(inventory: WalInventory, spans: Sequence[TimelineSpan]) -> list[str]:
+    """The WAL files replay along ``spans`` reads: history files, then segments in order."""
+    names = [
+        f"{t:08X}.history" for t in sorted(inventory.histories)
+        if spans and spans[0].timeline < t <= spans[-1].timeline
+    ]
+    for span in spans:
+        end = inventory.last_segment(span.timeline) if span.last is None else span.last
+        if end is None:
+            continue
+        names += [
+            segment_name(span.timeline, n, inventory.segment_size)
+            for n in range(span.first, end + 1)
+        ]
+    return names
 
 
 def read_wal_inventory(storage: Storage, db_id: str, segment_size: int) -> WalInventory:
@@ -321,6 +590,8 @@ def fetch_wal_file(
                     f"{label}: {size} bytes instead of a {segment_size}-byte segment: the "
                     "object is damaged"
                 )
+            if is_segment and candidate == file_name:
+                check_segment_complete(partial.read_bytes(), file_name, segment_size, label)
             if not is_segment:
                 if size > MAX_HISTORY_BYTES:
                     raise WalIntegrityError(
@@ -618,19 +889,30 @@ class WalStreamer:
 __all__ = [
     "DEFAULT_SLOT",
     "ShippingStatus",
+    "TimelineSpan",
+    "WalGap",
     "WalIntegrityError",
     "WalInventory",
     "WalShipper",
     "WalStreamer",
     "check_history",
+    "check_segment_complete",
     "check_segment_start",
+    "crc32c",
     "ensure_slot",
     "fetch_wal_file",
     "is_wal_file_name",
+    "newest_timeline",
+    "parse_history",
     "parse_segment_name",
+    "read_history",
     "read_wal_inventory",
+    "route_files",
+    "route_gaps",
     "segment_for_lsn",
     "segment_name",
+    "stored_route",
+    "timeline_route",
     "wal_object_key",
     "wal_prefix",
 ]

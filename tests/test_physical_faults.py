@@ -1,0 +1,281 @@
+"""Physical backups under hostile storage and hard faults (issue 16), on real servers:
+WAL gaps (a middle segment, a timeline switch), a swapped segment, the sweep at the start
+of a WAL stream, lost sessions during pg_basebackup and streaming, an interrupted PITR.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage
+from pgbackflow.flows.physical import full_backup, pitr_restore, wal_gaps
+from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.keys import Keyring, write_key_file
+from pgbackflow.tasks.physical import physical_db_id
+from pgbackflow.tasks.toolsets import find_toolset
+from pgbackflow.tasks.wal import WalShipper, WalStreamer, wal_object_key, wal_prefix
+from tests.test_physical import (
+    db_block,
+    mark,
+    prepare_marks,
+    restored_rows,
+    server_sysid,
+    stop_restored,
+    streaming_wal,
+    wait_shipped,
+)
+
+pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg, pytest.mark.timeout(600)]
+
+CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+MAJOR = 17
+
+
+@dataclass
+class Streamed:
+    """A storage holding a full backup and streamed WAL of a (stopped) PostgreSQL 17."""
+
+    root: Path
+    store: Path
+    key: BackupEncryptionKey
+    key_file: Path
+    db_id: str
+    middle: str
+    """A complete segment between the backup's end and the newest WAL."""
+    swapped: str
+    """A complete segment whose earlier .partial upload was kept in ``old_partial``."""
+    old_partial: bytes
+    superuser: str
+    password: str
+    server: EphemeralCluster
+
+    def copy(self, name: str) -> Path:
+        target = self.root / name
+        shutil.copytree(self.store, target)
+        return target
+
+    def segment_path(self, store: Path, name: str) -> Path:
+        return store / wal_object_key(self.db_id, name)
+
+    def cli(self, *args: str, prefect_api: str) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "PREFECT_API_URL": prefect_api}
+        return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+
+def current_segment(conn: psycopg.Connection[tuple[object, ...]]) -> str:
+    row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def wait_for_file(path: Path, newer_than: float, timeout: float = 30) -> bytes:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if path.stat().st_mtime > newer_than:
+                return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"{path} did not appear within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def streamed() -> Iterator[Streamed]:
+    root = Path(tempfile.mkdtemp(prefix="pgbackflow-test-physfaults-", dir="/var/tmp"))
+    root.chmod(0o755)
+    key = BackupEncryptionKey.generate()
+    key_file = root / "key"
+    write_key_file(key_file, key.master_key())
+    storage = LocalStorage(folder=str(root / "store"))
+    server = EphemeralCluster(find_toolset(MAJOR), settings={"fsync": "off"}).start()
+    try:
+        prepare_marks(server)
+        db_id = physical_db_id(server_sysid(server))
+        segments = []
+        with streaming_wal(server, storage, key, root / "spool"):
+            full_backup(db_block(server), [storage], encryption_key=key)
+            mark(server, "after-full")
+            with server.connect() as conn:
+                conn.autocommit = True
+                for _ in range(3):
+                    conn.execute("INSERT INTO bulk SELECT g, md5(g::text) FROM "
+                                 "generate_series(1, 20000) g")
+                    segments.append(current_segment(conn))
+                    conn.execute("SELECT pg_switch_wal()")
+                started = time.time()
+                conn.execute("INSERT INTO marks (v) VALUES ('in-partial')")
+                swapped = current_segment(conn)
+                old_partial = wait_for_file(
+                    root / "store" / wal_object_key(db_id, swapped + ".partial"), started)
+                conn.execute("INSERT INTO bulk SELECT g, md5(g::text) FROM "
+                             "generate_series(1, 5000) g")
+                conn.execute("SELECT pg_switch_wal()")
+            mark(server, "last")
+            wait_shipped(server, storage)
+            wait_for_file(root / "store" / wal_object_key(db_id, swapped), started)
+        yield Streamed(root, root / "store", key, key_file, db_id, segments[1], swapped,
+                       old_partial, server.superuser, server.password, server)
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines, result.stderr
+    return lines[-1]
+
+
+# --------------------------------------------------------------------------- WAL gaps
+
+
+def test_missing_middle_segment_is_listed_and_stops_pitr(streamed: Streamed,
+                                                         prefect_api: str) -> None:
+    pristine = streamed.cli("physical-list", "--from", str(streamed.store), "--key-file",
+                            str(streamed.key_file), prefect_api=prefect_api)
+    assert pristine.returncode == 0, pristine.stderr
+    assert "no gaps" in pristine.stdout
+
+    store = streamed.copy("middle-gap")
+    streamed.segment_path(store, streamed.middle).unlink()
+    number = int(streamed.middle[16:], 16)
+    lsn = f"LSN 0/{number * 0x1000000:X} to 0/{(number + 1) * 0x1000000:X}"
+    for key_args in (["--key-file", str(streamed.key_file)], []):
+        listed = streamed.cli("physical-list", "--from", str(store), *key_args,
+                              prefect_api=prefect_api)
+        assert listed.returncode == 0, listed.stderr
+        assert f"gaps: {streamed.middle} ({lsn})" in listed.stdout, listed.stdout
+        assert "no gaps" not in listed.stdout
+    as_json = streamed.cli("physical-list", "--from", str(store), "--json",
+                           prefect_api=prefect_api)
+    assert json.loads(as_json.stdout)[0]["wal_gaps"] == [f"{streamed.middle} ({lsn})"]
+
+    refused = streamed.cli("pitr", "--from", str(store), "--target-time", "latest",
+                           "--to-dir", str(streamed.root / "into-gap"), "--key-file",
+                           str(streamed.key_file), prefect_api=prefect_api)
+    line = one_line_error(refused)
+    assert f"has gaps ({streamed.middle} ({lsn}) missing" in line, line
+    assert not (streamed.root / "into-gap" / "PG_VERSION").exists()
+
+
+def test_swapped_partial_under_a_complete_name_is_refused(streamed: Streamed,
+                                                          prefect_api: str) -> None:
+    """An older .partial upload (a valid archive under the key) stored under the complete
+    segment's name: its header matches the name, but the segment ends unfinished."""
+    store = streamed.copy("swapped")
+    streamed.segment_path(store, streamed.swapped).write_bytes(streamed.old_partial)
+    refused = streamed.cli("pitr", "--from", str(store), "--target-time", "latest",
+                           "--to-dir", str(streamed.root / "swapped-restore"), "--key-file",
+                           str(streamed.key_file), prefect_api=prefect_api)
+    line = one_line_error(refused)
+    key = wal_object_key(streamed.db_id, streamed.swapped)
+    assert f"{key}: the segment ends unfinished" in line, line
+    assert "older .partial upload" in line
+
+
+@contextmanager
+def streaming_from(settings: ConnectionSettings, storage: LocalStorage,
+                   key: BackupEncryptionKey, db_id: str, spool: Path) -> Iterator[None]:
+    shipper = WalShipper(spool, [storage.open()], key.master_key(), db_id, partial_interval=0.5)
+    streamer = WalStreamer(settings, find_toolset(MAJOR), shipper, slot="pgbackflow_test",
+                           poll_interval=0.2)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            streamer.run(stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(60)
+    assert not errors, errors
+
+
+def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> None:
+    """A restored, promoted copy (timeline 2, same system identifier) streams into the same
+    storage: PITR to latest from the timeline-1 backup follows the switch (it stopped at the
+    switch, silently, before), and a missing timeline-2 segment is a gap."""
+    store = streamed.copy("timelines")
+    storage = LocalStorage(folder=str(store))
+    first = streamed.root / "tl2-server"
+    report = pitr_restore(storage, str(first), target_time="latest", start=True,
+                          encryption_key=streamed.key)
+    assert report.port is not None
+    try:
+        settings = ConnectionSettings(host="127.0.0.1", port=report.port,
+                                      user=streamed.superuser, password=streamed.password,
+                                      sslmode="disable")
+        with streaming_from(settings, storage, streamed.key, streamed.db_id,
+                            streamed.root / "tl2-spool"):
+            with psycopg.connect(host="127.0.0.1", port=report.port, user=streamed.superuser,
+                                 password=streamed.password, dbname="postgres",
+                                 autocommit=True) as conn:
+                conn.execute("INSERT INTO marks (v) VALUES ('on-timeline-2')")
+                conn.execute("INSERT INTO bulk SELECT g, md5(g::text) FROM "
+                             "generate_series(1, 20000) g")
+                segment = current_segment(conn)
+                started = time.time()
+                conn.execute("SELECT pg_switch_wal()")
+                conn.execute("INSERT INTO marks (v) VALUES ('tl2-last')")
+                after = current_segment(conn)
+            assert segment.startswith("00000002")
+            wait_for_file(store / wal_object_key(streamed.db_id, segment), started)
+            wait_for_file(store / wal_object_key(streamed.db_id, after + ".partial"), started)
+    finally:
+        stop_restored(first, streamed.server)
+
+    assert wal_gaps(storage.open(), streamed.db_id, storage_keyring(streamed)) == []
+    second = streamed.root / "tl2-restore"
+    again = pitr_restore(storage, str(second), target_time="latest", start=True,
+                         encryption_key=streamed.key)
+    try:
+        rows = restored_rows(again.port or 0, streamed.server)
+        assert rows[-2:] == ["on-timeline-2", "tl2-last"], rows
+    finally:
+        stop_restored(second, streamed.server)
+
+    # The first timeline-2 segment (it holds the switch) goes missing.
+    tl2 = sorted(p.name for p in (store / wal_prefix(streamed.db_id)).iterdir()
+                 if p.name.startswith("00000002") and ".partial" not in p.name
+                 and "history" not in p.name)
+    switch_segment = tl2[0].removesuffix(".pgbf")
+    (store / wal_object_key(streamed.db_id, switch_segment)).unlink()
+    for key_args in (["--key-file", str(streamed.key_file)], []):
+        listed = streamed.cli("physical-list", "--from", str(store), *key_args,
+                              prefect_api=prefect_api)
+        assert listed.returncode == 0, listed.stderr
+        assert f"gaps: {switch_segment} (LSN " in listed.stdout, listed.stdout
+    refused = streamed.cli("pitr", "--from", str(store), "--target-time", "latest",
+                           "--to-dir", str(streamed.root / "tl2-gap"), "--key-file",
+                           str(streamed.key_file), prefect_api=prefect_api)
+    assert f"has gaps ({switch_segment} (LSN " in one_line_error(refused)
+
+
+def storage_keyring(streamed: Streamed) -> Keyring:
+    return Keyring([streamed.key.master_key()])
