@@ -323,6 +323,23 @@ class WalInventory:
             timeline, set()
         )
 
+    def gaps(self, timeline: int, first: int, last: int | None = None) -> list[str]:
+        """Names of the segments missing between ``first`` and ``last`` (default: newest)
+        on one timeline (see :func:`route_gaps` for gaps across timeline switches).
+
+        Only the newest segment may be partial; a partial one before it is a gap.
+        """
+        end = self.last_segment(timeline) if last is None else last
+        if end is None:
+            return [segment_name(timeline, first, self.segment_size)]
+        complete = self.complete.get(timeline, set())
+        missing = []
+        for number in range(first, end + 1):
+            if number in complete or (number == end and self.has(timeline, number)):
+                continue
+            missing.append(segment_name(timeline, number, self.segment_size))
+        return missing
+
 
 def _lsn(position: int) -> str:
     return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
