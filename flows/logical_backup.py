@@ -43,7 +43,7 @@ from pgbackflow.flows.common import (
     tag_run,
     write_statuses,
 )
-from pgbackflow.tasks.database import ConnectionSettings, lost_session_error
+from pgbackflow.tasks.database import ConnectionSettings, query_error
 from pgbackflow.tasks.errors import ToolsetError
 from pgbackflow.tasks.inventory import SourceIdentity, read_identity
 from pgbackflow.tasks.keys import MasterKey
@@ -82,10 +82,7 @@ def inspect_source(settings: ConnectionSettings) -> tuple[SourceIdentity, Toolse
         identity = read_identity(settings)
     except psycopg.Error as exc:
         # A session lost between connecting and reading (a restart) is worth a retry.
-        lost = lost_session_error(settings, "reading its identity", str(exc))
-        if lost is None:
-            raise
-        raise lost from None
+        raise query_error(settings, "reading its identity", exc) from None
     try:
         toolset = toolset_for_server(identity.major)
     except ToolsetError as exc:

@@ -15,6 +15,7 @@ import fnmatch
 import hashlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
 from prefect import flow, task
 from prefect.cache_policies import NONE
@@ -28,6 +29,19 @@ from pgbackflow.flows.logical_backup import logical_backup
 from pgbackflow.tasks.database import ConnectionSettings, connect
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.reports import BackupReport
+
+
+def failure_reason(state: State[Any]) -> str:
+    """One line for a failed subflow: our error's own message, else Prefect's state message."""
+    try:
+        outcome = state.result(raise_on_failure=False)
+    except Exception as exc:  # the result may be unavailable (a crash): the message says why
+        outcome = exc
+    if isinstance(outcome, PgBackflowError):
+        text = str(outcome)
+    else:
+        text = state.message or state.name or "failed"
+    return (text.strip().splitlines() or ["failed"])[0]
 
 
 class DatabasesFailedError(PgBackflowError):
@@ -106,8 +120,7 @@ def backup_databases(
         if state.is_completed():
             reports.append(state.result())
         else:
-            reason = (state.message or state.name or "failed").strip().splitlines()[0]
-            failures.append(f"{name} ({reason})")
+            failures.append(f"{name} ({failure_reason(state)})")
     if failures:
         raise DatabasesFailedError(
             f"backups of {len(failures)} of {len(names)} databases on {server.host}:"

@@ -202,6 +202,27 @@ def lost_session_error(
     )
 
 
+def query_error(settings: ConnectionSettings, during: str, exc: psycopg.Error) -> DatabaseError:
+    """A one-line error for a query that failed during ``during`` (e.g. "the dump").
+
+    A lost or refused session is transient (see :func:`lost_session_error`); a query the
+    server cancelled (statement_timeout, lock_timeout, an operator's cancel) names the
+    settings to check; anything else names the server's own message.
+    """
+    text = str(exc)
+    lost = lost_session_error(settings, during, text)
+    if lost is not None:
+        return lost
+    first = (text.strip().splitlines() or [type(exc).__name__])[0].strip()
+    if isinstance(exc, (psycopg.errors.QueryCanceled, psycopg.errors.LockNotAvailable)):
+        return DatabaseError(
+            f"database {settings.display}: the server cancelled a query during {during} "
+            f"({first}): check statement_timeout and lock_timeout of the role and database "
+            f"(e.g. ALTER ROLE {settings.user} SET statement_timeout = 0)"
+        )
+    return DatabaseError(f"database {settings.display}: {during} failed ({first})")
+
+
 def connection_error(exc: psycopg.Error, settings: ConnectionSettings) -> DatabaseError:
     """Turn a psycopg connection failure into a one-line, actionable error.
 

@@ -23,6 +23,7 @@ from pgbackflow.tasks.database import (
     libpq_conninfo,
     libpq_password_env,
     lost_session_error,
+    query_error,
 )
 from pgbackflow.tasks.errors import ConfigError, DatabaseError, TransientDatabaseError
 from pgbackflow.tasks.inventory import (
@@ -119,11 +120,8 @@ def dump_database(
         return _dump_in_snapshot(settings, toolset, storages, master_key, key, compression,
                                  progress)
     except psycopg.Error as exc:
-        # Opening or closing the snapshot's session on a server that went away mid-dump.
-        lost = lost_session_error(settings, "the dump", str(exc))
-        if lost is None:
-            raise
-        raise lost from None
+        # Opening or closing the snapshot's session (a server that went away mid-dump).
+        raise query_error(settings, "the dump", exc) from None
 
 
 def _dump_in_snapshot(
@@ -177,12 +175,14 @@ def _dump_in_snapshot(
         # A failed count aborts the snapshot's transaction, so pg_dump then fails too, with
         # a misleading "could not import the requested snapshot": the count error is the cause.
         error = count_error
-        if isinstance(error, psycopg.Error):
+        if isinstance(error, psycopg.errors.InsufficientPrivilege):
             raise DatabaseError(
                 f"database {settings.display}: counting rows failed "
                 f"({str(error).strip().splitlines()[0]}): grant the backup role SELECT on every "
                 "table (e.g. pg_read_all_data)"
             ) from None
+        if isinstance(error, psycopg.Error):
+            raise query_error(settings, "counting rows", error) from None
         raise error
     if dump_error is not None:
         raise dump_error

@@ -331,6 +331,26 @@ def test_unusable_source(
     assert inspect["run_count"] == (2 if case == "unreachable-host" else 1)
 
 
+def test_queries_cancelled_by_the_server(cli: Cli, server: EphemeralCluster,
+                                         tmp_path: Path) -> None:
+    """A database whose statement_timeout cancels our queries: one line that names the
+    setting to check (not psycopg's "QueryCanceled"), nothing stored."""
+    name = create_database(server, "CREATE TABLE t AS SELECT generate_series(1, 300000) id")
+    try:
+        with server.connect() as conn:
+            conn.execute(sql.SQL("ALTER DATABASE {} SET statement_timeout = '1ms'").format(
+                sql.Identifier(name)))
+        folder = tmp_path / "backups"
+        source = Source(server, name, {})
+        result = cli.run("backup", "--db", source.dsn(), "--to", str(folder))
+        line = one_line_error(result, f"/{name}", "the server cancelled a query",
+                              "statement_timeout")
+        assert "QueryCanceled" not in line
+        assert folder_leftovers(folder) == []
+    finally:
+        drop_database(server, name)
+
+
 @pytest.fixture(scope="module")
 def newer_server_run(
     cli: Cli, source: Source, tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str,

@@ -263,6 +263,10 @@ def test_one_failing_database_does_not_stop_the_others(
         failed = _wait_state(prefect_server, run_id, "FAILED", 240)
         message = failed["state"]["message"]
         assert "broken_db" in message and "the other backups are complete" in message, message
+        # The database's own one-line error, not Prefect's "encountered an exception: X".
+        assert "the server cancelled a query" in message, message
+        assert "QueryCanceled" not in message, message
+        assert message.count("encountered an exception") == 1, message  # the parent's only
         new = {b["db_id"] for b in _backups(prefect_server, site) if b["backup_id"] not in before}
         assert {"everything-shop", "everything-crm"} <= new
         assert "everything-broken_db" not in new
