@@ -592,6 +592,10 @@ def wal_stream(
     settings = database.settings()
     master_key = resolve_master_key(encryption_key, key_file)
     targets = open_storages(storages)
+    # Leftovers of killed writers go before streaming starts; a running streamer's uploads
+    # are younger than the grace period (local ones are also locked by their writer).
+    for level, message in prepare_backup_storages(targets).messages():
+        get_run_logger().log(level, "%s", message)
     facts = inspect_cluster(settings)
     tag_run("wal", facts.db_id)
     toolset = choose_toolset(facts.major, f"database {settings.display}")

@@ -20,15 +20,18 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from pydantic import SecretStr
 
-from pgbackflow.blocks import BackupEncryptionKey, LocalStorage
-from pgbackflow.flows.physical import full_backup, pitr_restore, wal_gaps
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, S3Storage
+from pgbackflow.flows.physical import full_backup, pitr_restore, wal_gaps, wal_stream
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.keys import Keyring, write_key_file
 from pgbackflow.tasks.physical import physical_db_id
+from pgbackflow.tasks.storage import INCOMPLETE_DIR, SWEEP_GRACE_ENV
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.wal import WalShipper, WalStreamer, wal_object_key, wal_prefix
+from tests.fixtures.s3 import S3Bucket
 from tests.test_physical import (
     db_block,
     mark,
@@ -279,3 +282,66 @@ def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> N
 
 def storage_keyring(streamed: Streamed) -> Keyring:
     return Keyring([streamed.key.master_key()])
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+@pytest.fixture(scope="module")
+def small_server() -> Iterator[EphemeralCluster]:
+    server = EphemeralCluster(find_toolset(MAJOR), settings={"fsync": "off"}).start()
+    try:
+        prepare_marks(server)
+        yield server
+    finally:
+        server.stop()
+
+
+def test_wal_stream_start_sweeps_stale_temporaries(
+    small_server: EphemeralCluster, tmp_path: Path, s3_bucket: S3Bucket,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Old leftovers go when a WAL stream starts; young ones and a live writer's stay
+    (the grace period protects a running streamer's upload)."""
+    key = BackupEncryptionKey.generate()
+    folder = tmp_path / "store"
+    local = LocalStorage(folder=str(folder))
+    live = local.open().open_write("physical/live/wal/000000010000000000000001.pgbf")
+    live.write(b"x" * 100)  # this process writes it: its lock is held
+    incomplete = folder / INCOMPLETE_DIR
+    old, young = f"{'f' * 12}-2-{'c' * 16}", f"{'f' * 12}-1-{'b' * 16}"
+    for name in (old, young):
+        (incomplete / name).write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(incomplete / old, (two_days_ago, two_days_ago))
+    live_name = next(p.name for p in incomplete.iterdir() if p.name not in (old, young))
+    os.utime(incomplete / live_name, (two_days_ago, two_days_ago))
+    s3 = S3Storage(bucket=s3_bucket.bucket, prefix="pg", endpoint_url=s3_bucket.endpoint_url,
+                   region=s3_bucket.region, access_key_id=s3_bucket.access_key_id,
+                   secret_access_key=SecretStr(s3_bucket.secret_access_key))
+    client = s3_bucket.client()
+    upload_key = "pg/physical/cluster-1/wal/000000010000000000000001.pgbf"
+
+    def uploads() -> list[str]:
+        found = client.list_multipart_uploads(Bucket=s3_bucket.bucket)
+        return [u["Key"] for u in found.get("Uploads", [])]
+
+    def stream() -> None:
+        wal_stream(db_block(small_server), [local, s3], encryption_key=key,
+                   spool_dir=str(tmp_path / "spool"), partial_interval_s=0.5,
+                   max_runtime_s=1.0)
+
+    # moto dates every upload 2010: younger than a grace of 1,000,000 hours.
+    client.create_multipart_upload(Bucket=s3_bucket.bucket, Key=upload_key)
+    monkeypatch.setenv(SWEEP_GRACE_ENV, "1000000")
+    stream()
+    assert uploads() == [upload_key]
+    assert sorted(p.name for p in incomplete.iterdir()) == sorted([old, young, live_name])
+
+    monkeypatch.setenv(SWEEP_GRACE_ENV, "24")
+    stream()
+    assert uploads() == []
+    assert sorted(p.name for p in incomplete.iterdir()) == sorted([young, live_name])
+    live.close()  # the live writer publishes as if nothing happened
+    assert local.open().read_bytes("physical/live/wal/000000010000000000000001.pgbf") == (
+        b"x" * 100)
