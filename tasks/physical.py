@@ -43,6 +43,7 @@ from pgbackflow.tasks.database import (
     connect,
     libpq_conninfo,
     libpq_password_env,
+    lost_session_error,
 )
 from pgbackflow.tasks.errors import (
     ConfigError,
@@ -778,6 +779,11 @@ def _explain_basebackup_failure(
 ) -> PgBackflowError:
     text = "\n".join([exc.result.stderr_tail, *exc.result.stderr_errors])
     where = f"{settings.host}:{settings.port}"
+    # A restart, shutdown or network failure mid-copy: transient, the task retries it (the
+    # aborted objects were never published).
+    lost = lost_session_error(settings, "the base backup", text, reader="pg_basebackup")
+    if lost is not None:
+        return lost
     if _SUMMARIES_MISSING.search(text):
         first = next((line for line in text.splitlines() if "summar" in line.lower()), text)
         return IncrementalChainBroken(f"pg_basebackup on {where}: {first.strip()}")

@@ -49,6 +49,7 @@ from pgbackflow.tasks.database import (
     connect,
     libpq_conninfo,
     libpq_password_env,
+    lost_session_error,
 )
 from pgbackflow.tasks.errors import (
     ConfigError,
@@ -77,6 +78,8 @@ SLOT_RELEASE_WAIT_S = 15.0
 _SEGMENT = re.compile(r"[0-9A-F]{24}")
 _HISTORY = re.compile(r"[0-9A-F]{8}\.history")
 _SLOT = re.compile(r"[a-z0-9_]{1,63}")
+# pg_receivewal's last word when the server ended the stream (a shutdown or restart).
+_DISCONNECTED = re.compile(r"error: disconnected|unexpected termination of replication stream")
 MAX_HISTORY_BYTES = 16 * 1024 * 1024
 _WAL_MAGIC_MIN = 0xD100  # every supported major's XLOG_PAGE_MAGIC is 0xD1xx
 
@@ -885,6 +888,15 @@ class WalStreamer:
                 if ended is not None:
                     self._scan(final=True)
                     tail = (ended.stderr_tail.strip().splitlines() or ["no message"])[-1]
+                    # A restart, shutdown or network failure: the retry resumes from the slot.
+                    text = "\n".join([ended.stderr_tail, *ended.stderr_errors])
+                    if _DISCONNECTED.search(text):  # the server ended the stream (shutdown)
+                        text += "\nserver closed the connection unexpectedly"
+                    lost = lost_session_error(
+                        self.settings, "WAL streaming", text, reader="pg_receivewal"
+                    )
+                    if lost is not None:
+                        raise lost
                     raise TransientDatabaseError(
                         f"pg_receivewal for {self.settings.host}:{self.settings.port} stopped "
                         f"(exit {ended.returncode}: {tail}); restarting resumes from slot "
