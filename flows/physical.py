@@ -78,9 +78,11 @@ from pgbackflow.tasks.physical import (
 from pgbackflow.tasks.pitr import (
     PitrPlan,
     StartedServer,
+    allow_recovery_start,
     build_data_dir,
     configure_recovery,
     fetch_wal,
+    finish_restore,
     free_port,
     parse_target_time,
     plan_pitr,
@@ -675,7 +677,7 @@ def build_data_dir_task(
     ) as progress:
         build_data_dir(
             storage, plan, keyring, to_dir, toolset, on_step=logger.info,
-            progress=progress.update,
+            progress=progress.update, mark_incomplete=True,
         )
         progress.finish(total)
 
@@ -795,7 +797,9 @@ def pitr_restore(
         from pgbackflow.tasks.cluster import resolve_os_user
 
         assert listen_port is not None
+        allow_recovery_start(directory)
         server = start_server_task(directory, toolset, resolve_os_user(os_user), listen_port)
+    finish_restore(directory)
     report = PitrReport(
         db_id=plan.db_id,
         target="latest" if plan.target is None else plan.target.isoformat(),

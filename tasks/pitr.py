@@ -10,6 +10,14 @@
 4. Configure recovery (``recovery.signal``, target time, ``promote``), write ``restore.sh``
    (the same restore, by hand, with one command) and optionally start the server and wait
    until it is promoted.
+
+Until a ``pitr`` into a directory has finished, the directory holds
+``pgbackflow-restore-incomplete``, included from its postgresql.conf so that PostgreSQL
+refuses to start it (the include is neutralised just before pgbackflow itself starts
+recovery), and ``pitr`` refuses the directory with a one-line error saying to delete it.
+A full backup is unpacked under a hidden sibling name and moved into place once marked; a
+chain is combined in the work folder and moved likewise: a restore killed while unpacking
+leaves the target as it was.
 """
 
 from __future__ import annotations
@@ -55,6 +63,20 @@ from pgbackflow.tasks.wal import (
 )
 
 RESTORE_DIR = "pgbackflow_restore"
+INCOMPLETE_MARKER = "pgbackflow-restore-incomplete"
+"""In a PITR target until the restore finished: pitr refuses the directory, and while it
+is included from postgresql.conf, PostgreSQL refuses to start it."""
+_MARKER_HEADER = (
+    "# pgbackflow: this point-in-time restore did not finish: do not use this directory.\n"
+    "# Delete it and run pgbackflow pitr again (into a new or empty directory).\n"
+)
+_MARKER_BLOCK = (
+    "# PostgreSQL refuses to start while postgresql.conf includes this file:\n"
+    "pgbackflow_restore_incomplete = 'delete this directory and rerun pgbackflow pitr'\n"
+)
+_MARKER_INCLUDE = (
+    f"include_if_exists = '{INCOMPLETE_MARKER}'  # pgbackflow: until the restore finished\n"
+)
 WAL_CACHE = "wal"
 SCRIPT_NAME = "restore.sh"
 LOG_NAME = "postgres.log"
@@ -232,6 +254,12 @@ def check_target_dir(target_dir: Path, *, tablespaces: bool = False) -> None:
     if target_dir.exists():
         if not target_dir.is_dir():
             raise ConfigError(f"--to-dir {target_dir} is a file: name a new or empty directory")
+        if (target_dir / INCOMPLETE_MARKER).exists():
+            raise ConfigError(
+                f"--to-dir {target_dir} holds an interrupted restore ({INCOMPLETE_MARKER}): "
+                f"do not use it; stop any server in it, delete it (rm -rf {target_dir}) and "
+                "rerun, or restore into another directory"
+            )
         if any(target_dir.iterdir()):
             raise ConfigError(
                 f"--to-dir {target_dir} is not empty: restore into a new or empty directory "
@@ -309,10 +337,14 @@ def build_data_dir(
     *,
     on_step: Callable[[str], None] | None = None,
     progress: ProgressCallback | None = None,
+    mark_incomplete: bool = False,
 ) -> None:
     """Unpack the chain and combine it into ``target_dir`` (which must be missing or empty).
 
-    ``progress`` is called with the plaintext bytes unpacked so far.
+    ``progress`` is called with the plaintext bytes unpacked so far. With
+    ``mark_incomplete`` the directory holds :data:`INCOMPLETE_MARKER` (included from
+    postgresql.conf, so PostgreSQL refuses to start it) from before its first file until
+    :func:`finish_restore`: a restore killed half-way is never taken for a good one.
     """
     with_tablespaces = bool(plan.newest.tablespaces)
     check_target_dir(target_dir, tablespaces=with_tablespaces)
@@ -320,7 +352,30 @@ def build_data_dir(
     reporter = ProgressReporter(progress) if progress is not None else None
     if len(plan.chain) == 1:
         step(f"unpacking full backup {plan.newest.backup_id}")
-        unpack_backup(storage, plan.newest, keyring, target_dir, reporter)
+        if not mark_incomplete:
+            unpack_backup(storage, plan.newest, keyring, target_dir, reporter)
+        elif with_tablespaces:  # its pg_tblspc links name the directory: unpack in place
+            _write_marker(target_dir)
+            unpack_backup(storage, plan.newest, keyring, target_dir, reporter)
+            _include_marker(target_dir)
+        else:
+            # Unpacked under a hidden name and moved into place once marked: a kill
+            # mid-unpack leaves the target as it was (a rerun just works).
+            parent = target_dir.absolute().parent
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(
+                prefix=f".{target_dir.name}.pgbackflow-restoring-", dir=parent))
+            try:
+                _write_marker(staging)
+                unpack_backup(storage, plan.newest, keyring, staging, reporter)
+                _include_marker(staging)
+                if target_dir.exists():
+                    target_dir.rmdir()
+                staging.rename(target_dir)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+            target_dir.chmod(0o700)
         return
     parent = target_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -339,8 +394,11 @@ def build_data_dir(
             ]:
                 done.result()
         step(f"combining {len(dirs)} backups with pg_combinebackup")
-        if target_dir.exists():
-            target_dir.rmdir()  # pg_combinebackup creates the output directory itself
+        # pg_combinebackup creates its output itself: into the work folder, moved into
+        # place once marked, so the target never holds an unmarked partial directory.
+        output = Path(work) / "combined" if mark_incomplete else target_dir
+        if target_dir.exists() and not mark_incomplete:
+            target_dir.rmdir()
         # Tablespaces move from the newest link's folders to ours next to the output.
         relocate = [
             f"--tablespace-mapping={tablespace_root(dirs[-1]) / str(t.oid)}="
@@ -348,10 +406,49 @@ def build_data_dir(
             for t in plan.newest.tablespaces
         ]
         Tool(toolset.binary("pg_combinebackup")).run(
-            [*map(str, dirs), "--output", str(target_dir), *relocate], timeout=None
+            [*map(str, dirs), "--output", str(output), *relocate], timeout=None
         )
-        (target_dir / "tablespace_map").unlink(missing_ok=True)
+        (output / "tablespace_map").unlink(missing_ok=True)
+        if mark_incomplete:
+            _write_marker(output)
+            _include_marker(output)
+            if target_dir.exists():
+                target_dir.rmdir()
+            output.rename(target_dir)
     target_dir.chmod(0o700)
+
+
+def _write_marker(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    marker = data_dir / INCOMPLETE_MARKER
+    with marker.open("w") as out:
+        out.write(_MARKER_HEADER + _MARKER_BLOCK)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _include_marker(data_dir: Path) -> None:
+    """Make PostgreSQL refuse to start the directory while the marker exists."""
+    with (data_dir / "postgresql.conf").open("a") as conf:
+        conf.write("\n" + _MARKER_INCLUDE)
+
+
+def allow_recovery_start(data_dir: Path) -> None:
+    """Before pgbackflow starts the server for recovery: the marker stays (the restore is
+    not finished), but no longer stops PostgreSQL."""
+    marker = data_dir / INCOMPLETE_MARKER
+    if marker.exists():
+        marker.write_text(_MARKER_HEADER + "# Recovery was started by pgbackflow.\n")
+
+
+def finish_restore(data_dir: Path) -> None:
+    """The restore is complete: drop the include line, then the marker."""
+    conf = data_dir / "postgresql.conf"
+    if conf.exists():
+        text = conf.read_text()
+        if _MARKER_INCLUDE in text:
+            conf.write_text(text.replace("\n" + _MARKER_INCLUDE, "").replace(_MARKER_INCLUDE, ""))
+    (data_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
 
 
 def fetch_wal(
@@ -600,15 +697,18 @@ def ensure_not_running(data_dir: Path) -> None:
 
 
 __all__ = [
+    "INCOMPLETE_MARKER",
     "TARGET_NOT_REACHED",
     "PitrPlan",
     "StartedServer",
+    "allow_recovery_start",
     "build_data_dir",
     "check_reachable",
     "check_target_dir",
     "conf_quote",
     "configure_recovery",
     "fetch_wal",
+    "finish_restore",
     "free_port",
     "parse_target_time",
     "plan_pitr",

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,13 +26,16 @@ from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, S3Storage
 from pgbackflow.flows.physical import full_backup, pitr_restore, wal_gaps, wal_stream
-from pgbackflow.tasks.cluster import EphemeralCluster
+from pgbackflow.tasks.cluster import EphemeralCluster, free_port, resolve_os_user
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.keys import Keyring, write_key_file
 from pgbackflow.tasks.physical import physical_db_id
+from pgbackflow.tasks.pitr import INCOMPLETE_MARKER
+from pgbackflow.tasks.process import Tool
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, SWEEP_GRACE_ENV
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.wal import WalShipper, WalStreamer, wal_object_key, wal_prefix
+from tests.fixtures.postgres import BigDatabase
 from tests.fixtures.s3 import S3Bucket
 from tests.test_physical import (
     db_block,
@@ -260,6 +265,9 @@ def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> N
     try:
         rows = restored_rows(again.port or 0, streamed.server)
         assert rows[-2:] == ["on-timeline-2", "tl2-last"], rows
+        # A finished restore is not marked.
+        assert not (second / INCOMPLETE_MARKER).exists()
+        assert INCOMPLETE_MARKER not in (second / "postgresql.conf").read_text()
     finally:
         stop_restored(second, streamed.server)
 
@@ -345,3 +353,194 @@ def test_wal_stream_start_sweeps_stale_temporaries(
     live.close()  # the live writer publishes as if nothing happened
     assert local.open().read_bytes("physical/live/wal/000000010000000000000001.pgbf") == (
         b"x" * 100)
+
+
+# --------------------------------------------------------------------------- interrupted PITR
+
+
+def test_pitr_killed_after_pg_control_leaves_a_marked_unstartable_dir(
+    streamed: Streamed, prefect_api: str
+) -> None:
+    """kill -9 of `pgbackflow pitr --start` once global/pg_control is written: the directory
+    is marked, PostgreSQL refuses to start it, and a rerun into it is refused in one line."""
+    target = streamed.root / "killed-restore"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen(
+        [*CLI, "pitr", "--from", str(streamed.store), "--target-time", "latest", "--to-dir",
+         str(target), "--key-file", str(streamed.key_file), "--start"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (target / "global" / "pg_control").exists():
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "pg_control never appeared"
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    pg_ctl = Tool(find_toolset(MAJOR).binary("pg_ctl"))
+    try:
+        assert (target / INCOMPLETE_MARKER).exists()
+        assert "did not finish" in (target / INCOMPLETE_MARKER).read_text()
+        if not (target / "postmaster.pid").exists():
+            # Someone tries to use it by hand: PostgreSQL refuses.
+            user = resolve_os_user()
+            for folder, dirs, files in os.walk(target):
+                for name in [*dirs, *files, "."]:
+                    os.chown(os.path.join(folder, name), user.uid, user.gid,
+                             follow_symlinks=False)
+            log = target / "killed-start.log"
+            started = pg_ctl.run(["-D", target, "-l", log, "-w", "-t", "30", "start",
+                                  "-o", f"-p {free_port()} -k /tmp"], user=user, cwd=target,
+                                 check=False)
+            assert started.returncode != 0
+            assert "pgbackflow_restore_incomplete" in log.read_text(), log.read_text()
+        rerun = streamed.cli("pitr", "--from", str(streamed.store), "--target-time", "latest",
+                             "--to-dir", str(target), "--key-file", str(streamed.key_file),
+                             prefect_api=prefect_api)
+        line = one_line_error(rerun)
+        assert f"--to-dir {target} holds an interrupted restore ({INCOMPLETE_MARKER})" in line
+        assert f"rm -rf {target}" in line
+    finally:
+        pg_ctl.run(["-D", target, "-m", "immediate", "stop"], user=resolve_os_user(),
+                   check=False)
+
+
+# --------------------------------------------------------------------------- lost sessions
+
+RETRY_LINE = re.compile(r"^database \S+ (not reachable \(.+\)|connection lost during .+); "
+                        r"retry (\d) of (\d) in \S+ s$")
+
+
+def run_env(prefect_api: str, server: EphemeralCluster) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": prefect_api, "PGPASSWORD": server.password,
+            "PGBACKFLOW_RETRY_DELAYS": "1,2"}
+
+
+def dsn_of(server: EphemeralCluster) -> str:
+    return (f"host={server.host} port={server.port} user={server.superuser} dbname=postgres "
+            "sslmode=disable")
+
+
+def retry_lines(stderr: str) -> list[re.Match[str]]:
+    return [m for line in stderr.splitlines() if (m := RETRY_LINE.match(line.strip()))]
+
+
+def basebackup_streamed(server: EphemeralCluster) -> int:
+    try:
+        with server.connect() as conn:
+            row = conn.execute("SELECT coalesce(max(backup_streamed), 0) FROM "
+                               "pg_stat_progress_basebackup").fetchone()
+    except psycopg.OperationalError:
+        return 0
+    return int(row[0]) if row else 0
+
+
+def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_mid_copy(server: EphemeralCluster, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while basebackup_streamed(server) < 30_000_000:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "pg_basebackup never got going"
+        time.sleep(0.05)
+
+
+def leftovers(folder: Path) -> list[str]:
+    incomplete = folder / INCOMPLETE_DIR
+    return sorted(p.name for p in incomplete.iterdir()) if incomplete.exists() else []
+
+
+def manifests(folder: Path) -> list[Path]:
+    return sorted(folder.glob("physical/*/base/*/manifest.json"))
+
+
+@pytest.mark.parametrize("outage", ["restart", "shutdown"])
+def test_pg_basebackup_loses_its_session(
+    outage: str, big_database: BigDatabase, prefect_api: str, tmp_path: Path
+) -> None:
+    """The server restarts (or shuts down) while pg_basebackup copies a ~300 MB cluster:
+    the retry line, then a complete backup (or a one-line error); never a partial one."""
+    server = big_database.server
+    key_file = tmp_path / "key"
+    write_key_file(key_file, BackupEncryptionKey.generate().master_key())
+    folder = tmp_path / "store"
+    proc = start_cli(run_env(prefect_api, server), "physical-backup", "--db", dsn_of(server),
+                     "--to", str(folder), "--key-file", str(key_file))
+    try:
+        wait_mid_copy(server, proc)
+        server.halt()
+        if outage == "restart":
+            server.resume()
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if not server.running or outage == "shutdown":
+            with suppress(Exception):
+                server.resume()
+    lines = retry_lines(stderr)
+    assert lines, stderr[-3000:]
+    assert "connection lost during the base backup (pg_basebackup: " in lines[0].group(0)
+    assert leftovers(folder) == []
+    if outage == "restart":
+        assert proc.returncode == 0, stderr[-3000:]
+        assert len(manifests(folder)) == 1
+    else:
+        assert proc.returncode == 1, stderr[-3000:]
+        assert "Traceback" not in stderr
+        last = [line for line in stderr.splitlines() if line.strip()][-1]
+        assert last.startswith("error: "), last
+        assert f"{server.host}:{server.port}" in last and "retry" not in last
+        assert manifests(folder) == []
+        assert list(folder.glob("physical/*/base/*/*")) == []
+
+
+@pytest.mark.parametrize("outage", ["restart", "shutdown"])
+def test_wal_stream_loses_its_session(
+    outage: str, small_server: EphemeralCluster, prefect_api: str, tmp_path: Path
+) -> None:
+    """The server restarts (or shuts down) under `pgbackflow wal-stream`: the retry line,
+    then streaming resumes without a gap (or a one-line error)."""
+    server = small_server
+    key = BackupEncryptionKey.generate()
+    key_file = tmp_path / "key"
+    write_key_file(key_file, key.master_key())
+    folder = tmp_path / "store"
+    storage = LocalStorage(folder=str(folder))
+    full_backup(db_block(server), [storage], encryption_key=key)
+    proc = start_cli(run_env(prefect_api, server), "wal-stream", "--db", dsn_of(server),
+                     "--to", str(folder), "--key-file", str(key_file), "--spool-dir",
+                     str(tmp_path / "spool"), "--partial-interval", "0.5",
+                     "--slot", f"lost_{outage}")
+    try:
+        mark(server, f"before-{outage}")
+        wait_shipped(server, storage, timeout=90)
+        server.halt()
+        if outage == "restart":
+            server.resume()
+            time.sleep(4)  # the retries reconnect
+            mark(server, "after-restart")
+            wait_shipped(server, storage, timeout=90)
+            proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        if outage == "shutdown":
+            server.resume()
+    lines = retry_lines(stderr)
+    assert lines, stderr[-3000:]
+    assert "Traceback" not in stderr
+    if outage == "restart":
+        assert proc.returncode == 0, stderr[-3000:]
+        db_id = physical_db_id(server_sysid(server))
+        assert wal_gaps(storage.open(), db_id, Keyring([key.master_key()])) == []
+    else:
+        assert proc.returncode == 1, stderr[-3000:]
+        last = [line for line in stderr.splitlines() if line.strip()][-1]
+        assert last.startswith("error: "), last
+        assert f"{server.host}:{server.port}" in last and "retry" not in last
+    assert leftovers(folder) == []
