@@ -319,10 +319,14 @@ CLUSTER = "cluster-" + SYSID
 
 
 def segment(number: int, timeline: int = 1) -> bytes:
-    """A synthetic WAL segment: a long page header, then zeros."""
+    """A synthetic, finished WAL segment: a long page header, zeros, and a header on the last
+    page (without it, it looks like a zero-padded .partial and is refused)."""
     header = struct.pack("<HHIQII", 0xD116, 0x0002, timeline, number * SEGMENT_SIZE, 0, 0)
     header += struct.pack("<QII", int(SYSID), SEGMENT_SIZE, 8192)
-    return header + bytes(SEGMENT_SIZE - len(header))
+    data = bytearray(header + bytes(SEGMENT_SIZE - len(header)))
+    last = SEGMENT_SIZE - 8192
+    struct.pack_into("<HHIQ", data, last, 0xD116, 0, timeline, number * SEGMENT_SIZE + last)
+    return bytes(data)
 
 
 def store_wal(storage: Storage, name: str, data: bytes) -> None:
