@@ -65,6 +65,7 @@ from pgbackflow.deployments.verification import (
     verification_spec,
 )
 from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.retention import RetentionSettings
 from pgbackflow.tasks.wal import DEFAULT_PARTIAL_INTERVAL_S, DEFAULT_SLOT
 
 _NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -130,6 +131,12 @@ class StorageSection(_Strict):
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key_env: str | None = None
+    maintenance: str = "daily at 03:30"
+
+    @field_validator("maintenance")
+    @classmethod
+    def _maintenance(cls, value: str) -> str:
+        return DatabaseSection._schedule(value or None) or ""
 
     @model_validator(mode="after")
     def _one_of(self) -> StorageSection:
@@ -171,6 +178,7 @@ class DatabaseSection(_Strict):
     backup: str = "daily at 01:00"
     verify: str | None = None
     verify_sandbox: Literal["docker", "local"] = "docker"
+    retention: RetentionSettings | None = None
     enabled: bool = True
 
     @field_validator("backup", "verify")
@@ -207,6 +215,7 @@ class ClusterSection(_Strict):
     spool_dir: str | None = None
     partial_interval_s: float = Field(default=DEFAULT_PARTIAL_INTERVAL_S, gt=0)
     wal_silence_s: float = Field(default=DEFAULT_WAL_SILENCE_S, ge=120)
+    retention: RetentionSettings | None = None
     enabled: bool = True
 
     @field_validator("full", "incremental")
@@ -295,9 +304,11 @@ def _allowed_keys(location: tuple[Any, ...]) -> list[str]:
             continue
         annotation = field_info.annotation
         inner = getattr(annotation, "__args__", None)
-        candidate = inner[-1] if inner else annotation
-        if isinstance(candidate, type) and issubclass(candidate, BaseModel):
-            model = candidate
+        # dict[K, Model]: the value model; Model | None: the model.
+        for candidate in reversed(inner) if inner else (annotation,):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                model = candidate
+                break
     return sorted(model.model_fields)
 
 
@@ -459,12 +470,47 @@ def build_plan(config: DeployConfig) -> DeployPlan:
             )
             if cluster.enabled:
                 plan.wal_streams.append((db_id, cluster.wal_silence_s))
+    plan.prefect.deployments += _maintenance_specs(config, storage_refs, key_parameters, pool)
     # Every deployment sends heartbeats: a run whose worker host died is marked Crashed.
     plan.automations.append(zombie_automation())
     plan.prefect.deployments = [
         replace(spec, tags=(*spec.tags, CONFIG_TAG)) for spec in plan.prefect.deployments
     ]
     return plan
+
+
+def _maintenance_specs(
+    config: DeployConfig, storage_refs: dict[str, dict[str, Any]],
+    key_parameters: dict[str, Any], pool: str,
+) -> list[DeploymentSpec]:
+    """One scheduled ``maintenance`` deployment per storage: the retention policies of the
+    databases and clusters stored there (``database = "all"``: by id pattern ``<id>-*``)."""
+    from pgbackflow.flows.maintenance import maintenance
+
+    specs = []
+    for name, storage in config.storages.items():
+        if not storage.maintenance:
+            continue
+        policies: dict[str, Any] = {}
+        entries: list[tuple[str, DatabaseSection | ClusterSection]] = [
+            *config.databases.items(), *config.clusters.items()]
+        for entry_id, entry in entries:
+            if name not in entry.storages or entry.retention is None:
+                continue
+            every = isinstance(entry, DatabaseSection) and entry.database == "all"
+            policies[f"{entry_id}-*" if every else entry_id] = entry.retention.model_dump(
+                exclude_defaults=True)
+        schedule = ScheduleSpec(cron=parse_schedule(storage.maintenance))
+        specs.append(DeploymentSpec(
+            flow=maintenance, name=f"maintenance-{name}", work_pool=pool,
+            parameters={"storage": storage_refs[name], "policies": policies,
+                        **key_parameters},
+            schedule=schedule, collision="CANCEL_NEW",
+            tags=(job_tag("maintenance"), f"storage:{name}"),
+            description=(f"Retention and orphan sweep of storage {name} "
+                         f"({schedule.describe()}; {len(policies)} policies)"),
+        ))
+    return specs
 
 
 def _server_limit(server: ServerSection) -> str:

@@ -26,7 +26,7 @@ import botocore.session
 log = logging.getLogger(__name__)
 
 #: Bump when the trimming changes, so older copies are not reused.
-LEAN_FORMAT = 1
+LEAN_FORMAT = 2
 
 #: Services whose endpoint entries are kept (sts: assume-role credentials).
 ENDPOINT_SERVICES = frozenset({"s3", "sts"})
@@ -37,6 +37,7 @@ S3_OPERATIONS = frozenset({
     "CompleteMultipartUpload",
     "CreateMultipartUpload",
     "DeleteObject",
+    "DeleteObjects",
     "GetObject",
     "HeadBucket",
     "HeadObject",

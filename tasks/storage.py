@@ -359,6 +359,11 @@ class Storage(ABC):
     def delete(self, key: str) -> None:
         """Delete object ``key``; deleting a missing object does nothing."""
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete several objects (S3: batched requests); missing objects are no error."""
+        for key in keys:
+            self.delete(key)
+
     def write_bytes(self, key: str, data: bytes) -> StoredObject:
         """Write a small object in one call and return its description."""
         with self.open_write(key, size_hint=len(data)) as writer:
@@ -379,6 +384,10 @@ class Storage(ABC):
         Returns:
             One line per removed leftover, for the log.
         """
+        return ()
+
+    def list_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
+        """What `sweep_stale_writes` would remove now; nothing is removed."""
         return ()
 
     def check_exists(self) -> None:  # noqa: B027 - a storage without a root has nothing to check
@@ -628,7 +637,13 @@ class LocalFolderStorage(Storage):
         """Remove idle temporaries and those of dead writers of this machine."""
         return self._sweep(older_than, dead_writers=True)
 
-    def _sweep(self, older_than: timedelta, *, dead_writers: bool) -> tuple[str, ...]:
+    def list_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
+        """The temporaries `sweep_stale_writes` would remove now; nothing is removed."""
+        return self._sweep(older_than, dead_writers=True, remove=False)
+
+    def _sweep(
+        self, older_than: timedelta, *, dead_writers: bool, remove: bool = True
+    ) -> tuple[str, ...]:
         now = time.time()
         cutoff = now - older_than.total_seconds()
         removed: tuple[str, ...] = ()
@@ -652,7 +667,8 @@ class LocalFolderStorage(Storage):
                     reason = "its writer is gone"
                 else:
                     continue
-                os.unlink(entry.path)
+                if remove:
+                    os.unlink(entry.path)
                 removed += (f"{entry.path} ({info.st_size} bytes, {reason})",)
             except FileNotFoundError:
                 continue
@@ -1076,7 +1092,39 @@ class S3ObjectStorage(Storage):
         """
         return self._abort_stale_uploads(older_than)
 
-    def _abort_stale_uploads(self, older_than: timedelta) -> tuple[str, ...]:
+    def list_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
+        """The incomplete uploads `sweep_stale_writes` would abort now; nothing is aborted."""
+        return self._abort_stale_uploads(older_than, abort=False)
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete objects with DeleteObjects, up to 1000 keys per request.
+
+        Raises:
+            StorageError: a request failed, or the server refused some keys (the first
+                refusal is named).
+        """
+        for start in range(0, len(keys), 1000):
+            batch = list(keys[start : start + 1000])
+            objects: Any = [{"Key": self._full_key(key)} for key in batch]
+
+            def request(objects: Any = objects) -> Any:
+                return self._client.delete_objects(
+                    Bucket=self.bucket, Delete={"Objects": objects, "Quiet": True}
+                )
+
+            response = self._call("delete objects in", None, request)
+            errors = [e for e in response.get("Errors", []) if e.get("Code") != "NoSuchKey"]
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"deleting s3://{self.bucket}/{first.get('Key')} failed "
+                    f"({first.get('Code')}: {first.get('Message')}) ({len(errors)} keys not "
+                    "deleted): check the bucket's permissions"
+                )
+
+    def _abort_stale_uploads(
+        self, older_than: timedelta, *, abort: bool = True
+    ) -> tuple[str, ...]:
         root = f"{self.prefix}/" if self.prefix else ""
         cutoff = datetime.now(UTC) - older_than
 
@@ -1092,6 +1140,10 @@ class S3ObjectStorage(Storage):
 
         aborted: tuple[str, ...] = ()
         for full_key, upload_id, started in self._call("list incomplete uploads in", None, stale):
+            if not abort:
+                aborted += (f"s3://{self.bucket}/{full_key} (incomplete upload started "
+                            f"{started:%Y-%m-%d %H:%M:%S} UTC)",)
+                continue
             try:
                 self._client.abort_multipart_upload(
                     Bucket=self.bucket, Key=full_key, UploadId=upload_id

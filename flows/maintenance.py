@@ -1,0 +1,181 @@
+"""Storage maintenance as a Prefect flow: expire backups by policy, sweep orphans.
+
+maintenance:
+1. Read the storage's catalog (manifests authenticated with the key).
+2. Find which backups a restore verification proved (the verification artifacts).
+3. Plan: the retention rules per database, then the safety rules (tasks/retention.py).
+4. Publish the plan (markdown + table artifact) and one "backups of <db>" table per database.
+5. Unless it is a dry run, delete: per batch a sealed journal, manifests, objects; then WAL,
+   orphans past the grace period and the killed writers' temporaries. Every deleted object
+   is logged.
+
+`pgbackflow deploy` creates one scheduled ``maintenance/maintenance-<storage>`` deployment
+per storage of the config; ``pgbackflow retention`` runs the same functions without Prefect.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any, cast
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+from prefect.context import FlowRunContext
+from prefect.logging import get_run_logger
+
+from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.blocks.storage import storage_block_from_url
+from pgbackflow.flows.common import (
+    RETRY_DELAYS,
+    StorageBlock,
+    artifact_key,
+    publish_summary,
+    resolve_keyring,
+    retry_if_transient,
+    tag_run,
+)
+from pgbackflow.tasks.catalog import StorageCatalog, backup_rows, read_catalog
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.retention import (
+    RetentionPlan,
+    RetentionResult,
+    RetentionSettings,
+    execute_plan,
+    plan_retention,
+    policy_lookup,
+)
+from pgbackflow.tasks.storage import Storage, sweep_grace
+
+_RETRYING: dict[str, Any] = {
+    "retries": len(RETRY_DELAYS),
+    "retry_delay_seconds": RETRY_DELAYS,
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NONE,
+}
+_VERIFIED = re.compile(r"^Successful: verification of (?P<backup_id>\S+)$")
+
+
+@task(name="read-catalog", **_RETRYING)
+def read_catalog_task(storage: Storage, keyring: Keyring, db_id: str | None,
+                      grace_hours: float | None) -> StorageCatalog:
+    """Everything the storage holds, per database; manifests authenticated."""
+    storage.check_exists()
+    catalog = read_catalog(storage, keyring, db_id=db_id, grace=sweep_grace(grace_hours))
+    get_run_logger().info(
+        "%s: %d databases/clusters, %d backups", storage.location, len(catalog.databases),
+        sum(len(d.backups) for d in catalog.databases),
+    )
+    return catalog
+
+
+def verified_backups(db_ids: Iterable[str]) -> dict[str, set[str]]:
+    """``{db_id: backup ids}`` whose restore verification succeeded, from the verification
+    summaries the Prefect API keeps (artifact ``verification-<db_id>``, every version).
+    The API failing is no reason to fail a maintenance run: nothing counts as verified."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    found: dict[str, set[str]] = {}
+    wanted = {artifact_key("verification", db_id): db_id for db_id in db_ids}
+    if not wanted:
+        return found
+    try:
+        with get_client(sync_client=True) as client:
+            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=list(wanted))))
+    except Exception as exc:
+        get_run_logger().warning("verification history unavailable (%s): no backup counts as "
+                                 "verified", str(exc).splitlines()[0] if str(exc) else exc)
+        return found
+    for artifact in artifacts:
+        match = _VERIFIED.match(artifact.description or "")
+        if match and artifact.key in wanted:
+            found.setdefault(wanted[artifact.key], set()).add(match["backup_id"])
+    return found
+
+
+@task(name="plan-retention", cache_policy=NONE)
+def plan_retention_task(catalog: StorageCatalog, policies: dict[str, RetentionSettings],
+                        grace_hours: float | None, prefer_verified: bool) -> RetentionPlan:
+    """What goes and why, what stays and by which rule."""
+    verified = (verified_backups(d.db_id for d in catalog.databases)
+                if prefer_verified and FlowRunContext.get() else {})
+    plan = plan_retention(catalog, policy_lookup(policies), grace=sweep_grace(grace_hours),
+                          verified=verified)
+    get_run_logger().info("%s", plan.render())
+    for entry in catalog.databases:
+        db_plan = next(p for p in plan.databases if p.catalog is entry)
+        rows = backup_rows(entry, db_plan.kept_reasons(), verified.get(entry.db_id, ()))
+        publish_summary("backups", entry.db_id, _backups_markdown(entry.db_id, rows),
+                        f"backups of {entry.db_id}", rows)
+    publish_summary("retention", catalog.location, "```\n" + plan.render() + "\n```",
+                    f"retention plan for {catalog.location}", plan.rows())
+    return plan
+
+
+def _backups_markdown(db_id: str, rows: list[dict[str, Any]]) -> str:
+    lines = [f"# Backups of {db_id}", "", "| id | kind | finished (UTC) | stored | verified | "
+             "kept because |", "|---|---|---|---:|---|---|"]
+    lines += [f"| {r['backup_id']} | {r['kind']} | {r['finished_at']} | {r['stored_bytes']} | "
+              f"{r['verified']} | {r['kept_because']} |" for r in rows]
+    return "\n".join(lines)
+
+
+@task(name="delete-expired", **_RETRYING)
+def delete_expired_task(storage: Storage, plan: RetentionPlan,
+                        master_key: MasterKey) -> RetentionResult:
+    """Carry the plan out; one log line per deleted object. A retry re-reads nothing: what
+    is already gone is skipped by the storage (deleting a missing object is no error)."""
+    logger = get_run_logger()
+    return execute_plan(storage, plan, master_key, logger.info)
+
+
+@flow(name="maintenance", log_prints=False)
+def maintenance(
+    storage: StorageBlock | str,
+    policies: dict[str, RetentionSettings] | None = None,
+    db_id: str | None = None,
+    dry_run: bool = False,
+    grace_hours: float | None = None,
+    prefer_verified: bool = True,
+    encryption_key: BackupEncryptionKey | None = None,
+    key_file: str | None = None,
+    encryption_key_block: str | None = None,
+) -> dict[str, Any]:
+    """Expire backups by policy (the safety rules first), sweep orphans, publish the plan.
+
+    Args:
+        storage: A storage block, or a URL / ``block:slug/name`` resolved where the run runs.
+        policies: Retention settings per database id or pattern (``db1-all-*``); databases
+            without one keep everything.
+        db_id: Only this database or cluster.
+        dry_run: Plan and publish; delete nothing.
+        grace_hours: Orphans younger than this stay (default: PGBACKFLOW_SWEEP_GRACE_HOURS,
+            else 24).
+        prefer_verified: In a GFS period keep the newest verified backup (see
+            tasks/retention.py).
+        encryption_key: Master key block; else ``key_file``; else the default key file.
+        key_file: Path of a master key file.
+        encryption_key_block: Name of a saved BackupEncryptionKey block.
+    """
+    tag_run("maintenance", db_id)
+    if encryption_key is None and encryption_key_block:
+        encryption_key = cast(BackupEncryptionKey, BackupEncryptionKey.load(encryption_key_block))
+    keyring = resolve_keyring(encryption_key, key_file)
+    block = storage_block_from_url(storage) if isinstance(storage, str) else storage
+    source = block.open()
+    catalog = read_catalog_task(source, keyring, db_id, grace_hours)
+    plan = plan_retention_task(catalog, dict(policies or {}), grace_hours, prefer_verified)
+    summary: dict[str, Any] = {"storage": source.location, "dry_run": dry_run,
+                               "planned_bytes_freed": plan.bytes_freed}
+    if dry_run:
+        return summary
+    result = delete_expired_task(source, plan, keyring.current)
+    summary.update(deleted_backups=result.deleted_backups,
+                   deleted_objects=len(result.deleted_objects), bytes_freed=result.bytes_freed,
+                   temporaries=len(result.temporaries))
+    return summary
+
+
+__all__ = ["maintenance", "verified_backups"]

@@ -1,0 +1,646 @@
+"""One catalog of what a storage holds, per database: backups, chains, WAL, orphans.
+
+:func:`read_catalog` lists a storage once (``logical/`` and ``physical/``), reads every
+manifest with the existing reader (:func:`pgbackflow.tasks.manifest.read_manifest_record`:
+MAC, ids and placement checked) and sorts every other object into the backup it belongs to,
+the WAL of its cluster, or the orphans. Nothing here deletes; :mod:`pgbackflow.tasks.retention`
+plans and carries out deletions from a catalog.
+
+Manifests are untrusted input. Only a manifest whose MAC verifies with the keyring makes a
+backup (its objects are then the ones it names, in its own folder). A folder whose manifest
+is refused (wrong key, MAC fails, malformed) is *left alone*: neither a backup to keep nor
+objects to sweep, since a refusal may as well mean "written with a key you did not pass".
+Objects of a folder without any manifest are orphans (an interrupted or running backup):
+they go only once older than the sweep's grace period.
+
+A retention run records which backups it is about to delete in a journal
+(``<root>/<db_id>/deleting-<run id>.json``, sealed like a manifest, see
+:func:`journal_binding`) before it deletes their manifests; a folder without a manifest
+whose backup a verified journal names is an unfinished deletion that the next run completes
+at once, whatever the objects' age.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from pgbackflow.tasks.errors import ObjectNotFoundError
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.manifest import (
+    LOGICAL_ROOT,
+    MANIFEST_NAME,
+    LogicalManifest,
+    ManifestBinding,
+    ManifestModel,
+    ManifestRecord,
+    check_id,
+    is_valid_id,
+    logical_binding,
+    open_manifest,
+    read_manifest_record,
+    seal,
+)
+from pgbackflow.tasks.physical import (
+    PHYSICAL_ROOT,
+    PhysicalManifest,
+    parse_lsn,
+    physical_binding,
+)
+from pgbackflow.tasks.storage import LocalFolderStorage, Storage, StoredObject
+from pgbackflow.tasks.wal import (
+    DEFAULT_SEGMENT_SIZE,
+    OBJECT_SUFFIX,
+    PARTIAL,
+    WAL_DIR,
+    WalInventory,
+    is_wal_file_name,
+    parse_segment_name,
+    segment_name,
+)
+
+JOURNAL_PREFIX = "deleting-"
+"""Deletion journals: ``<root>/<db_id>/deleting-<run id>.json``, sealed, written before a
+batch of manifests is deleted and removed once the batch is gone."""
+MANIFEST_READERS = 8
+"""Manifests read at once (S3 round trips dominate a large catalog)."""
+
+Kind = Literal["logical", "physical"]
+
+
+# ---------------------------------------------------------------------------------------
+# Entries
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One usable backup: its verified manifest and the objects found in its folder.
+
+    Attributes:
+        kind: "logical" or "physical".
+        db_id: Database (logical) or cluster (physical) id.
+        manifest: The verified manifest.
+        manifest_key: Storage key of the manifest.
+        objects: Every object in the backup's folder (manifest and marker included).
+        missing: Objects the manifest names that are not stored (an incomplete backup).
+    """
+
+    kind: Kind
+    db_id: str
+    manifest: LogicalManifest | PhysicalManifest
+    manifest_key: str
+    objects: tuple[StoredObject, ...]
+    missing: tuple[str, ...] = ()
+
+    @property
+    def backup_id(self) -> str:
+        """The backup id."""
+        return self.manifest.backup_id
+
+    @property
+    def finished_at(self) -> datetime:
+        """When the backup finished (the time retention rules look at)."""
+        return self.manifest.finished_at
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes of every object in the folder."""
+        return sum(o.size for o in self.objects)
+
+    @property
+    def parent_id(self) -> str | None:
+        """The backup an incremental builds on (None for full and logical backups)."""
+        return self.manifest.parent_id if isinstance(self.manifest, PhysicalManifest) else None
+
+    @property
+    def mode(self) -> str:
+        """"logical", "full" or "incremental"."""
+        return self.manifest.mode if isinstance(self.manifest, PhysicalManifest) else "logical"
+
+    @property
+    def physical(self) -> PhysicalManifest | None:
+        """The physical manifest, or None for a logical backup."""
+        return self.manifest if isinstance(self.manifest, PhysicalManifest) else None
+
+
+@dataclass(frozen=True)
+class RefusedFolder:
+    """A backup folder whose manifest is refused: left alone by retention and sweeps.
+
+    Attributes:
+        key: The manifest's key.
+        backup_id: The id in the key (None when not a valid id).
+        problem: Why the manifest is refused (one line).
+        objects: Every object of the folder.
+    """
+
+    key: str
+    backup_id: str | None
+    problem: str
+    objects: tuple[StoredObject, ...]
+
+
+@dataclass(frozen=True)
+class WalFile:
+    """One WAL object of a cluster.
+
+    Attributes:
+        key: Storage key.
+        name: WAL file name (``<segment>``, ``<segment>.partial`` or ``<tl>.history``).
+        kind: "segment", "partial" or "history".
+        timeline: Its timeline.
+        number: Segment number (None for history files).
+        size: Stored bytes.
+        modified: Upload time.
+    """
+
+    key: str
+    name: str
+    kind: Literal["segment", "partial", "history"]
+    timeline: int
+    number: int | None
+    size: int
+    modified: datetime
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """An object no usable backup or WAL needs.
+
+    Attributes:
+        key: Storage key.
+        size: Bytes.
+        modified: Last write (age is judged by it).
+        reason: Why it is an orphan.
+        unfinished_deletion: Part of a backup a retention run was deleting (verified
+            marker, manifest gone): removed at once, whatever its age.
+    """
+
+    key: str
+    size: int
+    modified: datetime
+    reason: str
+    unfinished_deletion: bool = False
+
+
+@dataclass(frozen=True)
+class Journal:
+    """A verified deletion journal: backups a retention run set out to delete.
+
+    Attributes:
+        key: Its storage key.
+        run_id: The run's id (in the key).
+        backup_ids: The backups it names.
+    """
+
+    key: str
+    run_id: str
+    backup_ids: frozenset[str]
+
+
+@dataclass(frozen=True)
+class DatabaseCatalog:
+    """What a storage holds for one database (logical) or cluster (physical).
+
+    Attributes:
+        kind: "logical" or "physical".
+        db_id: The id.
+        backups: Usable backups, oldest first.
+        refused: Folders whose manifest is refused (left alone).
+        wal: WAL objects (physical only), by key.
+        wal_gaps: Segments missing on the newest backup's timeline between the oldest
+            backup's start and the newest WAL.
+        segment_size: WAL segment size (from the backups; the default without).
+        orphans: Objects nothing needs.
+        journals: Verified deletion journals (unverified ones are orphans).
+    """
+
+    kind: Kind
+    db_id: str
+    backups: tuple[Backup, ...] = ()
+    refused: tuple[RefusedFolder, ...] = ()
+    wal: tuple[WalFile, ...] = ()
+    wal_gaps: tuple[str, ...] = ()
+    segment_size: int = DEFAULT_SEGMENT_SIZE
+    orphans: tuple[Orphan, ...] = ()
+    journals: tuple[Journal, ...] = ()
+
+    @property
+    def newest(self) -> Backup | None:
+        """The newest usable backup."""
+        return self.backups[-1] if self.backups else None
+
+    def by_id(self) -> dict[str, Backup]:
+        """Usable backups by id."""
+        return {b.backup_id: b for b in self.backups}
+
+    def ancestors(self, backup: Backup) -> list[Backup]:
+        """The usable backups ``backup`` builds on, nearest first (stops at a missing,
+        refused or looping parent: such a chain is reported by :meth:`broken_chains`)."""
+        by_id = self.by_id()
+        found: list[Backup] = []
+        current = backup
+        while current.parent_id is not None:
+            parent = by_id.get(current.parent_id)
+            if parent is None or parent is backup or parent in found:
+                break
+            found.append(parent)
+            current = parent
+        return found
+
+    def broken_chains(self) -> dict[str, str]:
+        """``{backup_id: problem}`` of incrementals whose chain is not complete."""
+        by_id = self.by_id()
+        refused = {r.backup_id for r in self.refused if r.backup_id}
+        problems: dict[str, str] = {}
+        for backup in self.backups:
+            seen = {backup.backup_id}
+            current = backup
+            while current.parent_id is not None:
+                parent_id = current.parent_id
+                if parent_id in refused:
+                    problems[backup.backup_id] = f"parent {parent_id}'s manifest is refused"
+                    break
+                if parent_id in seen:
+                    problems[backup.backup_id] = "parent ids form a loop"
+                    break
+                parent = by_id.get(parent_id)
+                if parent is None:
+                    problems[backup.backup_id] = f"parent {parent_id} is not in the storage"
+                    break
+                seen.add(parent_id)
+                current = parent
+        return problems
+
+    def wal_inventory(self) -> WalInventory:
+        """The WAL as :class:`pgbackflow.tasks.wal.WalInventory` (gaps, newest segment)."""
+        return _inventory(self.wal, self.segment_size)
+
+    @property
+    def stored_size(self) -> int:
+        """Bytes of every object of this database in the storage."""
+        return (sum(b.stored_size for b in self.backups) + sum(w.size for w in self.wal)
+                + sum(o.size for o in self.orphans)
+                + sum(sum(x.size for x in r.objects) for r in self.refused))
+
+
+@dataclass(frozen=True)
+class StorageCatalog:
+    """Everything a storage holds, per database.
+
+    Attributes:
+        location: The storage's location.
+        databases: One entry per (kind, id), logical first, by id.
+        orphans: Objects under ``logical/`` or ``physical/`` outside any database folder.
+        temporaries: Leftovers of killed writers older than the grace period (one line each).
+        read_at: When the listing was taken.
+    """
+
+    location: str
+    databases: tuple[DatabaseCatalog, ...]
+    orphans: tuple[Orphan, ...] = ()
+    temporaries: tuple[str, ...] = ()
+    read_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def database(self, db_id: str, kind: Kind | None = None) -> DatabaseCatalog | None:
+        """The entry of ``db_id`` (of ``kind`` when given)."""
+        for entry in self.databases:
+            if entry.db_id == db_id and (kind is None or entry.kind == kind):
+                return entry
+        return None
+
+
+# ---------------------------------------------------------------------------------------
+# Deletion journals
+
+
+def journal_binding(kind: Kind, db_id: str, run_id: str) -> ManifestBinding:
+    """What a deletion journal's MAC binds it to (its own kind: never a manifest)."""
+    check_id(db_id, "database id")
+    check_id(run_id, "run id")
+    root = LOGICAL_ROOT if kind == "logical" else PHYSICAL_ROOT
+    return ManifestBinding(f"{kind}-deletion", db_id, run_id,
+                           f"{root}/{db_id}/{JOURNAL_PREFIX}{run_id}.json")
+
+
+def seal_journal(kind: Kind, db_id: str, run_id: str, backup_ids: Sequence[str],
+                 master_key: MasterKey) -> tuple[str, bytes]:
+    """``(key, bytes)`` of a deletion journal naming ``backup_ids``."""
+    binding = journal_binding(kind, db_id, run_id)
+    body = {"kind": kind, "db_id": db_id, "run_id": run_id, "backup_ids": list(backup_ids),
+            "written_at": datetime.now(UTC).isoformat()}
+    return binding.storage_key, seal(body, binding, master_key)
+
+
+def _read_journal(storage: Storage, item: StoredObject, kind: Kind, db_id: str,
+                  keyring: Keyring) -> Journal | None:
+    """The journal at ``item`` if its name is a journal's and its MAC verifies."""
+    name = item.key.rsplit("/", 1)[1]
+    run_id = name.removeprefix(JOURNAL_PREFIX).removesuffix(".json")
+    if not (name.startswith(JOURNAL_PREFIX) and name.endswith(".json")
+            and is_valid_id(run_id)) or item.size > 16 * 1024 * 1024:
+        return None
+    try:
+        raw = storage.read_bytes(item.key)
+    except ObjectNotFoundError:
+        return None
+    opened = open_manifest(raw, journal_binding(kind, db_id, run_id), keyring,
+                           f"{storage.location}/{item.key}")
+    ids = opened.body.get("backup_ids") if opened.body else None
+    if opened.status != "verified" or not isinstance(ids, list):
+        return None
+    return Journal(item.key, run_id, frozenset(i for i in ids if is_valid_id(i)))
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+def _backup_prefix(kind: Kind, db_id: str, backup_id: str) -> str:
+    check_id(db_id, "database id")
+    check_id(backup_id, "backup id")
+    if kind == "logical":
+        return f"{LOGICAL_ROOT}/{db_id}/{backup_id}/"
+    return f"{PHYSICAL_ROOT}/{db_id}/base/{backup_id}/"
+
+
+def _binding_of(kind: Kind) -> Callable[[str, str], ManifestBinding]:
+    return logical_binding if kind == "logical" else physical_binding
+
+
+def _model_of(kind: Kind) -> type[ManifestModel]:
+    return LogicalManifest if kind == "logical" else PhysicalManifest
+
+
+@dataclass
+class _Db:
+    kind: Kind
+    db_id: str
+    folders: dict[str, list[StoredObject]] = field(default_factory=lambda: defaultdict(list))
+    wal: list[StoredObject] = field(default_factory=list)
+    stray: list[StoredObject] = field(default_factory=list)
+
+
+def _group(objects: Iterable[StoredObject]) -> tuple[dict[tuple[Kind, str], _Db],
+                                                     list[StoredObject]]:
+    """Objects by database and backup folder; what fits nowhere goes to the second list."""
+    dbs: dict[tuple[Kind, str], _Db] = {}
+    outside: list[StoredObject] = []
+
+    def db(kind: Kind, db_id: str) -> _Db:
+        return dbs.setdefault((kind, db_id), _Db(kind, db_id))
+
+    for item in objects:
+        parts = item.key.split("/")
+        if parts[0] == LOGICAL_ROOT and len(parts) >= 2 and is_valid_id(parts[1]):
+            if len(parts) == 4 and is_valid_id(parts[2]):
+                db("logical", parts[1]).folders[parts[2]].append(item)
+            else:
+                db("logical", parts[1]).stray.append(item)
+        elif parts[0] == PHYSICAL_ROOT and len(parts) >= 2 and is_valid_id(parts[1]):
+            if len(parts) == 5 and parts[2] == "base" and is_valid_id(parts[3]):
+                db("physical", parts[1]).folders[parts[3]].append(item)
+            elif len(parts) == 4 and parts[2] == WAL_DIR:
+                db("physical", parts[1]).wal.append(item)
+            else:
+                db("physical", parts[1]).stray.append(item)
+        else:
+            outside.append(item)
+    return dbs, outside
+
+
+def read_catalog(
+    storage: Storage,
+    keyring: Keyring,
+    *,
+    db_id: str | None = None,
+    grace: timedelta | None = None,
+) -> StorageCatalog:
+    """Read ``storage`` into a catalog; manifests authenticated with ``keyring``.
+
+    Args:
+        storage: Where to look.
+        keyring: Only manifests whose MAC verifies with one of these keys make backups.
+        db_id: Only this database or cluster.
+        grace: A ``timedelta``: also list the killed writers' temporaries older than it.
+    """
+    if db_id is not None:
+        check_id(db_id, "database id")
+    read_at = datetime.now(UTC)
+    objects: list[StoredObject] = []
+    for root in (LOGICAL_ROOT, PHYSICAL_ROOT):
+        objects += storage.list(f"{root}/" + (f"{db_id}/" if db_id else ""))
+    dbs, outside = _group(objects)
+    manifests: list[tuple[Kind, str, str, StoredObject]] = []
+    for (kind, found_id), entry in dbs.items():
+        for backup_id, items in entry.folders.items():
+            manifests += [(kind, found_id, backup_id, o) for o in items
+                          if o.key.rsplit("/", 1)[1] == MANIFEST_NAME]
+
+    def read(job: tuple[Kind, str, str, StoredObject]) -> ManifestRecord[Any] | None:
+        kind, found_id, backup_id, item = job
+        return read_manifest_record(storage, item.key, _model_of(kind), _binding_of(kind),
+                                    (found_id, backup_id), keyring, size=item.size)
+
+    keys = [(m[0], m[1], m[2]) for m in manifests]
+    if isinstance(storage, LocalFolderStorage):  # no round trips to overlap
+        records = dict(zip(keys, map(read, manifests), strict=True))
+    else:
+        with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pgbackflow-catalog") as pool:
+            records = dict(zip(keys, pool.map(read, manifests), strict=True))
+    databases = [
+        _database(storage, keyring, entry, records)
+        for _, entry in sorted(dbs.items(), key=lambda kv: (kv[0][0] != "logical", kv[0][1]))
+    ]
+    stray = tuple(Orphan(o.key, o.size, o.modified, "not inside a database folder")
+                  for o in outside)
+    temporaries = storage.list_stale_writes(grace) if grace is not None else ()
+    return StorageCatalog(storage.location, tuple(databases), stray, temporaries, read_at)
+
+
+def _database(
+    storage: Storage,
+    keyring: Keyring,
+    entry: _Db,
+    records: dict[tuple[Kind, str, str], ManifestRecord[Any] | None],
+) -> DatabaseCatalog:
+    kind, db_id = entry.kind, entry.db_id
+    backups: list[Backup] = []
+    refused: list[RefusedFolder] = []
+    orphans: list[Orphan] = []
+    journals: list[Journal] = []
+    for item in entry.stray:
+        journal = _read_journal(storage, item, kind, db_id, keyring)
+        if journal is not None:
+            journals.append(journal)
+        else:
+            orphans.append(Orphan(item.key, item.size, item.modified,
+                                  "not inside a backup folder"))
+    doomed = set().union(*(j.backup_ids for j in journals))
+    for backup_id, items in sorted(entry.folders.items()):
+        prefix = _backup_prefix(kind, db_id, backup_id)
+        manifest_key = prefix + MANIFEST_NAME
+        record = records.get((kind, db_id, backup_id))
+        if record is not None and record.accepted(True) and record.manifest is not None:
+            manifest = record.manifest
+            named = set(manifest.object_keys()) | {manifest_key}
+            listed = {o.key for o in items}
+            backups.append(Backup(
+                kind, db_id, manifest, manifest_key, tuple(items),
+                tuple(k for k in manifest.object_keys() if k not in listed),
+            ))
+            orphans += [Orphan(o.key, o.size, o.modified,
+                               f"in backup {backup_id}'s folder but not named by its manifest")
+                        for o in items if o.key not in named]
+        elif record is not None:
+            refused.append(RefusedFolder(record.key, record.backup_id,
+                                         record.problem or "refused", tuple(items)))
+        elif backup_id in doomed:
+            orphans += [Orphan(o.key, o.size, o.modified,
+                               f"left by an unfinished deletion of backup {backup_id}",
+                               unfinished_deletion=True) for o in items]
+        else:
+            orphans += [Orphan(o.key, o.size, o.modified,
+                               f"backup folder {backup_id} has no manifest (a backup that "
+                               "failed, was killed, or is still running)") for o in items]
+    backups.sort(key=lambda b: b.manifest.order())
+    segment_size = DEFAULT_SEGMENT_SIZE
+    physical = [b.physical for b in backups if b.physical is not None]
+    if physical:
+        segment_size = physical[-1].wal_segment_size
+    wal, wal_orphans = _wal_files(entry.wal, db_id, segment_size)
+    gaps = _gaps(physical, wal, segment_size)
+    return DatabaseCatalog(
+        kind, db_id, tuple(backups), tuple(refused), tuple(wal), tuple(gaps), segment_size,
+        tuple(orphans + wal_orphans), tuple(journals),
+    )
+
+
+def _wal_files(items: Sequence[StoredObject], db_id: str,
+               segment_size: int) -> tuple[list[WalFile], list[Orphan]]:
+    prefix = f"{PHYSICAL_ROOT}/{db_id}/{WAL_DIR}/"
+    files: list[WalFile] = []
+    orphans: list[Orphan] = []
+    for item in items:
+        name = item.key[len(prefix):].removesuffix(OBJECT_SUFFIX)
+        if not item.key.endswith(OBJECT_SUFFIX) or not is_wal_file_name(name):
+            orphans.append(Orphan(item.key, item.size, item.modified,
+                                  "not a WAL file name (foreign object)"))
+            continue
+        if name.endswith(".history"):
+            files.append(WalFile(item.key, name, "history", int(name[:8], 16), None,
+                                 item.size, item.modified))
+            continue
+        partial = name.endswith(PARTIAL)
+        timeline, number = parse_segment_name(name.removesuffix(PARTIAL), segment_size)
+        files.append(WalFile(item.key, name, "partial" if partial else "segment", timeline,
+                             number, item.size, item.modified))
+    complete = {(f.timeline, f.number) for f in files if f.kind == "segment"}
+    kept: list[WalFile] = []
+    for wal_file in files:
+        if wal_file.kind == "partial" and (wal_file.timeline, wal_file.number) in complete:
+            orphans.append(Orphan(wal_file.key, wal_file.size, wal_file.modified,
+                                  "partial upload of a segment stored complete (superseded)"))
+        else:
+            kept.append(wal_file)
+    return kept, orphans
+
+
+def _inventory(wal: Iterable[WalFile], segment_size: int) -> WalInventory:
+    inventory = WalInventory(segment_size)
+    for wal_file in wal:
+        if wal_file.kind == "history":
+            inventory.histories.add(wal_file.timeline)
+        else:
+            assert wal_file.number is not None
+            target = inventory.partial if wal_file.kind == "partial" else inventory.complete
+            target.setdefault(wal_file.timeline, set()).add(wal_file.number)
+        if inventory.newest is None or wal_file.modified > inventory.newest:
+            inventory.newest = wal_file.modified
+    return inventory
+
+
+def _gaps(physical: Sequence[PhysicalManifest], wal: Sequence[WalFile],
+          segment_size: int) -> list[str]:
+    if not physical or not wal:
+        return []
+    timeline = physical[-1].timeline
+    on_timeline = [p for p in physical if p.timeline == timeline]
+    first = min(parse_lsn(p.start_lsn) // segment_size for p in on_timeline)
+    inventory = _inventory(wal, segment_size)
+    if inventory.last_segment(timeline) is None:
+        return []
+    return inventory.gaps(timeline, first)
+
+
+# ---------------------------------------------------------------------------------------
+# Views
+
+
+def backup_rows(entry: DatabaseCatalog, kept: dict[str, str] | None = None,
+                verified: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """One row per backup (the "backups of <db>" table): id, kind, time, size, verified?,
+    kept because ...; refused folders last."""
+    verified_ids = set(verified)
+    rows: list[dict[str, Any]] = []
+    for backup in reversed(entry.backups):
+        rows.append({
+            "backup_id": backup.backup_id, "kind": backup.mode,
+            "finished_at": backup.finished_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),
+            "stored_bytes": backup.stored_size,
+            "verified": "yes" if backup.backup_id in verified_ids else "",
+            "kept_because": (kept or {}).get(backup.backup_id, ""),
+        })
+    for folder in entry.refused:
+        rows.append({"backup_id": folder.backup_id or "?", "kind": "REFUSED",
+                     "finished_at": "", "stored_bytes": sum(o.size for o in folder.objects),
+                     "verified": "", "kept_because": f"left alone: {folder.problem}"})
+    return rows
+
+
+def describe_wal(entry: DatabaseCatalog) -> str:
+    """One line: WAL objects, the newest segment and the gaps."""
+    if not entry.wal:
+        return "no WAL stored"
+    segments = [w for w in entry.wal if w.number is not None]
+    newest = max(segments, key=lambda w: (w.timeline, w.number or 0)) if segments else None
+    last = (segment_name(newest.timeline, newest.number or 0, entry.segment_size)
+            if newest else "none")
+    gaps = f"gaps: {', '.join(entry.wal_gaps[:5])}" if entry.wal_gaps else "no gaps"
+    return f"{len(entry.wal)} WAL objects, newest segment {last}; {gaps}"
+
+
+def catalog_json(catalog: StorageCatalog) -> list[dict[str, Any]]:
+    """A JSON-able summary, one document per database."""
+    return [
+        {"db_id": e.db_id, "kind": e.kind,
+         "backups": [{"backup_id": b.backup_id, "mode": b.mode, "parent_id": b.parent_id,
+                      "finished_at": b.finished_at.isoformat(), "stored_size": b.stored_size,
+                      "missing": list(b.missing)} for b in e.backups],
+         "refused": [{"key": r.key, "problem": r.problem} for r in e.refused],
+         "wal_objects": len(e.wal), "wal_gaps": list(e.wal_gaps),
+         "orphans": [{"key": o.key, "reason": o.reason} for o in e.orphans]}
+        for e in catalog.databases
+    ]
+
+
+__all__ = [
+    "JOURNAL_PREFIX",
+    "Backup",
+    "DatabaseCatalog",
+    "Journal",
+    "Orphan",
+    "RefusedFolder",
+    "StorageCatalog",
+    "WalFile",
+    "backup_rows",
+    "catalog_json",
+    "describe_wal",
+    "journal_binding",
+    "read_catalog",
+    "seal_journal",
+]

@@ -1,0 +1,758 @@
+"""Retention: which backups, WAL and orphans go, why, and deleting them safely.
+
+Policies are rules; each rule is one small frozen class that says which backups it keeps and
+why (:class:`KeepLast`, :class:`KeepWithin`, :class:`KeepGFS`). A backup is kept if any rule
+keeps it. Then the safety rules, which no policy overrides, add to what is kept:
+
+- the newest backup of each database (the newest whose manifest verifies) is kept;
+- nothing that finished less than :data:`MIN_AGE` (1 hour) ago is deleted;
+- every full and incremental a kept incremental builds on is kept;
+- WAL: every segment from the start LSN of the oldest kept physical backup on is kept
+  (each kept backup's window runs from its start LSN to the next kept backup, and for the
+  newest one to the newest WAL, so together they cover everything from the oldest kept
+  backup's start); a cluster without a kept physical backup keeps all its WAL (a streamer
+  whose first backup has not come yet: its window is open), and so does one with a refused
+  manifest (its window cannot be known); history files always stay, and so does WAL
+  uploaded less than 1 hour ago.
+
+"Verified preferred": in a GFS bucket (an hour, day, week, month or year) the backup kept is
+the newest one whose restore verification succeeded, and only when none did the newest one.
+Reason: GFS keeps one backup to stand for a whole period, and a backup that is proven to
+restore stands for it better than one a few hours newer that is not; the newest backup of
+the database is kept by the safety rule anyway, so nothing recent is lost. ``KeepLast`` and
+``KeepWithin`` are about recency and ignore verification.
+
+Without any rule nothing is deleted (orphans are still swept). :func:`execute_plan` deletes
+in batches: a sealed journal naming the batch's backups, then their manifests, then their
+objects, then the journal; incrementals before the backups they build on. A run killed at
+any point leaves every listed backup complete, and the next run finishes the journalled
+deletions at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from fnmatch import fnmatchcase
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pgbackflow.tasks.catalog import (
+    Backup,
+    DatabaseCatalog,
+    Orphan,
+    StorageCatalog,
+    WalFile,
+    seal_journal,
+)
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.physical import parse_lsn
+from pgbackflow.tasks.storage import Storage
+
+MIN_AGE = timedelta(hours=1)
+"""Nothing younger than this is deleted, whatever the policy."""
+BATCH = 500
+"""Backups deleted per journal (and per batch of manifest deletions)."""
+
+logger = logging.getLogger("pgbackflow.retention")
+
+
+# ---------------------------------------------------------------------------------------
+# Rules
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """What a rule sees of a backup.
+
+    Attributes:
+        backup_id: Its id.
+        finished_at: When it finished.
+        verified: A restore verification of it succeeded.
+    """
+
+    backup_id: str
+    finished_at: datetime
+    verified: bool = False
+
+
+class Rule(ABC):
+    """One retention rule: which backups it keeps, and why."""
+
+    @abstractmethod
+    def keep(self, backups: Sequence[Candidate], now: datetime) -> dict[str, str]:
+        """``{backup_id: reason}`` of the backups this rule keeps (``backups`` newest first)."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """The rule as text."""
+
+
+@dataclass(frozen=True)
+class KeepLast(Rule):
+    """Keep the newest ``count`` backups."""
+
+    count: int
+
+    def __post_init__(self) -> None:
+        if self.count < 1:
+            raise ConfigError(f"keep-last {self.count} is not a count >= 1")
+
+    def keep(self, backups: Sequence[Candidate], now: datetime) -> dict[str, str]:
+        """The newest ``count``."""
+        return {b.backup_id: f"one of the last {self.count} (#{i + 1})"
+                for i, b in enumerate(backups[: self.count])}
+
+    def describe(self) -> str:
+        """``last N``."""
+        return f"last {self.count}"
+
+
+@dataclass(frozen=True)
+class KeepWithin(Rule):
+    """Keep every backup younger than ``period``."""
+
+    period: timedelta
+
+    def keep(self, backups: Sequence[Candidate], now: datetime) -> dict[str, str]:
+        """Those that finished after ``now - period``."""
+        cutoff = now - self.period
+        return {b.backup_id: f"younger than {format_period(self.period)}"
+                for b in backups if b.finished_at > cutoff}
+
+    def describe(self) -> str:
+        """``within P``."""
+        return f"within {format_period(self.period)}"
+
+
+def _hour(moment: datetime) -> tuple[int, ...]:
+    return (moment.year, moment.month, moment.day, moment.hour)
+
+
+def _day(moment: datetime) -> tuple[int, ...]:
+    return (moment.year, moment.month, moment.day)
+
+
+def _week(moment: datetime) -> tuple[int, ...]:
+    iso = moment.isocalendar()
+    return (iso.year, iso.week)
+
+
+def _month(moment: datetime) -> tuple[int, ...]:
+    return (moment.year, moment.month)
+
+
+def _year(moment: datetime) -> tuple[int, ...]:
+    return (moment.year,)
+
+
+def _bucket_label(unit: str, bucket: tuple[int, ...]) -> str:
+    if unit == "hour":
+        return f"{bucket[0]:04d}-{bucket[1]:02d}-{bucket[2]:02d} {bucket[3]:02d}h"
+    if unit == "day":
+        return f"{bucket[0]:04d}-{bucket[1]:02d}-{bucket[2]:02d}"
+    if unit == "week":
+        return f"{bucket[0]:04d}-W{bucket[1]:02d}"
+    if unit == "month":
+        return f"{bucket[0]:04d}-{bucket[1]:02d}"
+    return f"{bucket[0]:04d}"
+
+
+@dataclass(frozen=True)
+class KeepGFS(Rule):
+    """Grandfather-father-son: the newest backup of each of the last H hours, D days, W
+    weeks (ISO), M months and Y years, in UTC.
+
+    "The last N days" are the N most recent days *that have a backup* (as restic and borg
+    count them), so a pause in backups never expires older ones by itself. In each period
+    the newest verified backup is kept, else the newest.
+    """
+
+    hours: int = 0
+    days: int = 0
+    weeks: int = 0
+    months: int = 0
+    years: int = 0
+
+    UNITS: ClassVar[tuple[tuple[str, str, Callable[[datetime], tuple[int, ...]]], ...]] = (
+        ("hours", "hour", _hour), ("days", "day", _day), ("weeks", "week", _week),
+        ("months", "month", _month), ("years", "year", _year),
+    )
+
+    def __post_init__(self) -> None:
+        for name, _, _ in self.UNITS:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"GFS {name} = {getattr(self, name)} is not a count >= 0")
+
+    def keep(self, backups: Sequence[Candidate], now: datetime) -> dict[str, str]:
+        """The representative of each of the last buckets of every unit."""
+        kept: dict[str, list[str]] = {}
+        for name, unit, bucket_of in self.UNITS:
+            wanted = int(getattr(self, name))
+            if not wanted:
+                continue
+            buckets: dict[tuple[int, ...], list[Candidate]] = {}
+            for backup in backups:  # newest first: buckets in order, newest first
+                bucket = bucket_of(backup.finished_at.astimezone(UTC))
+                if bucket not in buckets:
+                    if len(buckets) == wanted:
+                        break
+                    buckets[bucket] = []
+                buckets[bucket].append(backup)
+            for bucket, members in buckets.items():
+                verified = [b for b in members if b.verified]
+                chosen = (verified or members)[0]
+                label = "newest verified" if verified else "newest"
+                kept.setdefault(chosen.backup_id, []).append(
+                    f"{label} of {unit} {_bucket_label(unit, bucket)} (GFS {wanted} {name})"
+                )
+        return {backup_id: "; ".join(reasons) for backup_id, reasons in kept.items()}
+
+    def describe(self) -> str:
+        """``GFS 24h 7d 4w 12m 2y``."""
+        parts = [f"{getattr(self, n)}{n[0]}" for n, _, _ in self.UNITS if getattr(self, n)]
+        return "GFS " + " ".join(parts)
+
+
+_PERIOD = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
+_UNIT = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
+
+
+def parse_period(text: str) -> timedelta:
+    """``36h``, ``14d``, ``8w`` → timedelta.
+
+    Raises:
+        ConfigError: anything else.
+    """
+    match = _PERIOD.match(text)
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError(
+            f"period {text!r} is not a number with a unit: use e.g. 36h, 14d or 8w"
+        )
+    return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+def format_period(period: timedelta) -> str:
+    """The shortest exact form: ``8w``, ``14d``, ``36h``."""
+    hours = int(period.total_seconds() // 3600)
+    if hours % (24 * 7) == 0:
+        return f"{hours // (24 * 7)}w"
+    if hours % 24 == 0:
+        return f"{hours // 24}d"
+    return f"{hours}h"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The rules of one database; a backup is kept if any rule keeps it."""
+
+    rules: tuple[Rule, ...] = ()
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        keep_last: int | None = None,
+        keep_within: str | None = None,
+        hourly: int = 0,
+        daily: int = 0,
+        weekly: int = 0,
+        monthly: int = 0,
+        yearly: int = 0,
+    ) -> Policy:
+        """A policy from settings (CLI flags, the deploy config)."""
+        rules: list[Rule] = []
+        if keep_last is not None:
+            rules.append(KeepLast(keep_last))
+        if keep_within:
+            rules.append(KeepWithin(parse_period(keep_within)))
+        gfs = KeepGFS(hourly, daily, weekly, monthly, yearly)
+        if any((hourly, daily, weekly, monthly, yearly)):
+            rules.append(gfs)
+        return cls(tuple(rules))
+
+    def describe(self) -> str:
+        """The rules, or "no policy"."""
+        return ", ".join(r.describe() for r in self.rules) or "no policy: everything kept"
+
+
+class RetentionSettings(BaseModel):
+    """A policy as written in the deploy config and in flow parameters (docs/CONFIG.md)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    keep_last: int | None = Field(default=None, ge=1, description="Keep the newest N.")
+    keep_within: str | None = Field(
+        default=None, description="Keep every backup younger than this: 36h, 14d, 8w."
+    )
+    hourly: int = Field(default=0, ge=0, description="GFS: the newest of each of N hours.")
+    daily: int = Field(default=0, ge=0, description="GFS: days.")
+    weekly: int = Field(default=0, ge=0, description="GFS: ISO weeks.")
+    monthly: int = Field(default=0, ge=0, description="GFS: months.")
+    yearly: int = Field(default=0, ge=0, description="GFS: years.")
+
+    @field_validator("keep_within")
+    @classmethod
+    def _period(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse_period(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    def policy(self) -> Policy:
+        """The rules."""
+        return Policy.build(**self.model_dump())
+
+
+def policy_lookup(settings: Mapping[str, RetentionSettings | Mapping[str, Any]],
+                  ) -> Callable[[str], Policy]:
+    """``db_id → Policy`` from settings keyed by database id or by a pattern such as
+    ``db1-all-*`` (the databases a ``database = "all"`` entry backs up); none: no policy."""
+    policies = {
+        key: (value if isinstance(value, RetentionSettings)
+              else RetentionSettings.model_validate(value)).policy()
+        for key, value in settings.items()
+    }
+
+    def lookup(db_id: str) -> Policy:
+        if db_id in policies:
+            return policies[db_id]
+        for pattern, policy in policies.items():
+            if fnmatchcase(db_id, pattern):
+                return policy
+        return Policy()
+
+    return lookup
+
+
+# ---------------------------------------------------------------------------------------
+# Plan
+
+
+@dataclass(frozen=True)
+class BackupDecision:
+    """Keep or delete one backup, and why.
+
+    Attributes:
+        backup: The backup.
+        keep: Whether it stays.
+        reasons: Why it stays (every rule that keeps it), or why it goes.
+    """
+
+    backup: Backup
+    keep: bool
+    reasons: tuple[str, ...]
+
+    @property
+    def why(self) -> str:
+        """The reasons as one text."""
+        return "; ".join(self.reasons)
+
+
+@dataclass(frozen=True)
+class DatabasePlan:
+    """The plan for one database or cluster.
+
+    Attributes:
+        catalog: What is stored.
+        policy: Its rules.
+        decisions: One per usable backup, oldest first.
+        wal_delete: WAL objects that go.
+        wal_note: Why the WAL that stays stays.
+        orphans_delete: Orphans that go (past the grace period, or an unfinished deletion).
+        orphans_waiting: Orphans still inside the grace period.
+        journals: Deletion journals of earlier runs (removed once their backups are gone).
+    """
+
+    catalog: DatabaseCatalog
+    policy: Policy
+    decisions: tuple[BackupDecision, ...]
+    wal_delete: tuple[WalFile, ...] = ()
+    wal_note: str = ""
+    orphans_delete: tuple[Orphan, ...] = ()
+    orphans_waiting: tuple[Orphan, ...] = ()
+    journals: tuple[str, ...] = ()
+
+    @property
+    def deleted(self) -> list[BackupDecision]:
+        """Decisions to delete."""
+        return [d for d in self.decisions if not d.keep]
+
+    @property
+    def kept(self) -> list[BackupDecision]:
+        """Decisions to keep."""
+        return [d for d in self.decisions if d.keep]
+
+    @property
+    def bytes_freed(self) -> int:
+        """Stored bytes this plan frees."""
+        return (sum(d.backup.stored_size for d in self.deleted)
+                + sum(w.size for w in self.wal_delete)
+                + sum(o.size for o in self.orphans_delete))
+
+    def kept_reasons(self) -> dict[str, str]:
+        """``{backup_id: kept because ...}``."""
+        return {d.backup.backup_id: d.why for d in self.kept}
+
+
+@dataclass(frozen=True)
+class RetentionPlan:
+    """What a retention run will delete and keep in one storage.
+
+    Attributes:
+        location: The storage.
+        now: The moment the plan was made for.
+        grace: Orphans younger than this stay.
+        databases: One plan per database/cluster.
+        orphans_delete: Objects outside any database folder, past the grace period.
+        orphans_waiting: The same, inside the grace period.
+        temporaries: Killed writers' temporaries past the grace period.
+    """
+
+    location: str
+    now: datetime
+    grace: timedelta
+    databases: tuple[DatabasePlan, ...]
+    orphans_delete: tuple[Orphan, ...] = ()
+    orphans_waiting: tuple[Orphan, ...] = ()
+    temporaries: tuple[str, ...] = ()
+
+    @property
+    def bytes_freed(self) -> int:
+        """Stored bytes the plan frees (temporaries not counted)."""
+        return (sum(d.bytes_freed for d in self.databases)
+                + sum(o.size for o in self.orphans_delete))
+
+    def render(self) -> str:
+        """The plan for people: per database what goes and why, what stays and by which rule."""
+        lines = [f"retention plan for {self.location} at {self.now:%Y-%m-%d %H:%M:%S} UTC "
+                 f"(orphan grace {self.grace.total_seconds() / 3600:g} h)"]
+        for plan in self.databases:
+            entry = plan.catalog
+            lines.append(f"{entry.kind} {entry.db_id}: policy {plan.policy.describe()}; "
+                         f"{len(plan.kept)} backups kept, {len(plan.deleted)} deleted, "
+                         f"{_size(plan.bytes_freed)} freed")
+            for decision in reversed(plan.decisions):
+                backup = decision.backup
+                verb = "keep  " if decision.keep else "DELETE"
+                lines.append(f"  {verb} {backup.mode:<11} {backup.backup_id} "
+                             f"{backup.finished_at:%Y-%m-%d %H:%M} {_size(backup.stored_size)}"
+                             f": {'kept because ' if decision.keep else ''}{decision.why}")
+            for folder in entry.refused:
+                lines.append(f"  leave  refused     {folder.backup_id or folder.key}: "
+                             f"{folder.problem}")
+            if entry.kind == "physical":
+                freed = sum(w.size for w in plan.wal_delete)
+                lines.append(f"  WAL: {len(plan.wal_delete)} of {len(entry.wal)} objects "
+                             f"deleted ({_size(freed)}); {plan.wal_note}")
+            for orphan in plan.orphans_delete:
+                lines.append(f"  DELETE orphan {orphan.key} ({_size(orphan.size)}): "
+                             f"{orphan.reason}")
+            for orphan in plan.orphans_waiting:
+                lines.append(f"  wait   orphan {orphan.key}: {orphan.reason}; younger than "
+                             "the grace period")
+        for orphan in self.orphans_delete:
+            lines.append(f"DELETE orphan {orphan.key} ({_size(orphan.size)}): {orphan.reason}")
+        for orphan in self.orphans_waiting:
+            lines.append(f"wait   orphan {orphan.key}: {orphan.reason}; younger than the "
+                         "grace period")
+        for line in self.temporaries:
+            lines.append(f"DELETE temporary {line}")
+        lines.append(f"total: {_size(self.bytes_freed)} freed")
+        return "\n".join(lines)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per backup, WAL summary and orphan (a table artifact)."""
+        rows: list[dict[str, Any]] = []
+        for plan in self.databases:
+            for decision in reversed(plan.decisions):
+                rows.append({"db_id": plan.catalog.db_id, "item": decision.backup.backup_id,
+                             "kind": decision.backup.mode,
+                             "action": "keep" if decision.keep else "delete",
+                             "bytes": decision.backup.stored_size, "why": decision.why})
+            if plan.catalog.kind == "physical":
+                rows.append({"db_id": plan.catalog.db_id, "item": "WAL", "kind": "wal",
+                             "action": f"delete {len(plan.wal_delete)}",
+                             "bytes": sum(w.size for w in plan.wal_delete),
+                             "why": plan.wal_note})
+            for orphan in plan.orphans_delete:
+                rows.append({"db_id": plan.catalog.db_id, "item": orphan.key, "kind": "orphan",
+                             "action": "delete", "bytes": orphan.size, "why": orphan.reason})
+        return rows
+
+
+def _size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def decide(
+    entry: DatabaseCatalog,
+    policy: Policy,
+    now: datetime,
+    verified: Iterable[str] = (),
+    min_age: timedelta = MIN_AGE,
+) -> tuple[BackupDecision, ...]:
+    """Keep or delete each usable backup of one database: the rules, then the safety rules."""
+    verified_ids = set(verified)
+    newest_first = list(reversed(entry.backups))
+    candidates = [Candidate(b.backup_id, b.finished_at, b.backup_id in verified_ids)
+                  for b in newest_first]
+    reasons: dict[str, list[str]] = {b.backup_id: [] for b in entry.backups}
+    if not policy.rules:
+        for backup in entry.backups:
+            reasons[backup.backup_id].append("no retention policy for this database")
+    for rule in policy.rules:
+        for backup_id, why in rule.keep(candidates, now).items():
+            reasons[backup_id].append(why)
+    if newest_first:
+        reasons[newest_first[0].backup_id].append(
+            "it is the newest backup of the database (safety)")
+    for backup in entry.backups:
+        if backup.finished_at > now - min_age:
+            reasons[backup.backup_id].append(
+                f"younger than {format_period(min_age)} (safety)")
+    # Chains: every backup a kept incremental builds on stays (newest first, so a parent
+    # kept only for a child passes it on to its own parent).
+    for backup in newest_first:
+        if reasons[backup.backup_id]:
+            for parent in entry.ancestors(backup):
+                if not any("builds on it" in r for r in reasons[parent.backup_id]):
+                    reasons[parent.backup_id].append(
+                        f"kept incremental {backup.backup_id} builds on it (safety)")
+    decisions = []
+    for backup in entry.backups:
+        kept = reasons[backup.backup_id]
+        if kept:
+            decisions.append(BackupDecision(backup, True, tuple(kept)))
+        else:
+            decisions.append(BackupDecision(backup, False, (
+                f"no rule keeps it ({policy.describe()})",)))
+    return tuple(decisions)
+
+
+def wal_to_delete(
+    entry: DatabaseCatalog, kept: Sequence[Backup], now: datetime,
+    min_age: timedelta = MIN_AGE,
+) -> tuple[tuple[WalFile, ...], str]:
+    """The WAL outside every kept backup's recovery window, and why the rest stays."""
+    if not entry.wal:
+        return (), "none stored"
+    if entry.refused:
+        return (), (f"all kept: {len(entry.refused)} manifest(s) of this cluster are refused, "
+                    "so their recovery windows are unknown")
+    physical = [b.physical for b in kept if b.physical is not None]
+    if not physical:
+        return (), "all kept: no physical backup is kept, the WAL streamer's window is open"
+    oldest = min(physical, key=lambda p: parse_lsn(p.start_lsn))
+    first = parse_lsn(oldest.start_lsn) // entry.segment_size
+    young = now - min_age
+    doomed = tuple(
+        w for w in entry.wal
+        if w.kind != "history" and w.number is not None and w.number < first
+        and w.modified <= young
+    )
+    return doomed, (f"kept from the start of backup {oldest.backup_id} ({oldest.start_lsn}, "
+                    "the oldest kept) to the newest WAL; history files and WAL younger than "
+                    f"{format_period(min_age)} always")
+
+
+def plan_retention(
+    catalog: StorageCatalog,
+    policies: Mapping[str, Policy] | Callable[[str], Policy],
+    *,
+    now: datetime | None = None,
+    grace: timedelta,
+    verified: Mapping[str, Iterable[str]] | None = None,
+    min_age: timedelta = MIN_AGE,
+) -> RetentionPlan:
+    """The retention plan for a catalog.
+
+    Args:
+        catalog: What the storage holds.
+        policies: The policy of each database id (missing: no policy, everything kept).
+        now: The moment to plan for (default: the catalog's listing time).
+        grace: Orphans younger than this stay.
+        verified: ``{db_id: backup ids whose restore verification succeeded}``.
+        min_age: Nothing younger is deleted (tests only shorten nothing: keep 1 h).
+    """
+    moment = now or catalog.read_at
+    cutoff = moment - grace
+
+    def policy_of(db_id: str) -> Policy:
+        if callable(policies):
+            return policies(db_id)
+        return policies.get(db_id, Policy())
+
+    plans = []
+    for entry in catalog.databases:
+        decisions = decide(entry, policy_of(entry.db_id), moment,
+                           (verified or {}).get(entry.db_id, ()), min_age)
+        kept = [d.backup for d in decisions if d.keep]
+        wal, note = wal_to_delete(entry, kept, moment, min_age)
+        go = tuple(o for o in entry.orphans if o.unfinished_deletion or o.modified <= cutoff)
+        wait = tuple(o for o in entry.orphans if o not in go)
+        journals = tuple(j.key for j in entry.journals)
+        plans.append(DatabasePlan(entry, policy_of(entry.db_id), decisions, wal, note, go,
+                                  wait, journals))
+    go = tuple(o for o in catalog.orphans if o.modified <= cutoff)
+    wait = tuple(o for o in catalog.orphans if o.modified > cutoff)
+    return RetentionPlan(catalog.location, moment, grace, tuple(plans), go, wait,
+                         catalog.temporaries)
+
+
+# ---------------------------------------------------------------------------------------
+# Carrying it out
+
+
+@dataclass
+class RetentionResult:
+    """What a retention run deleted.
+
+    Attributes:
+        deleted_backups: ``db_id/backup_id`` of the backups deleted.
+        deleted_objects: Every object key deleted (manifests, data, WAL, orphans).
+        bytes_freed: Stored bytes deleted.
+        temporaries: Temporaries swept (one line each).
+    """
+
+    deleted_backups: list[str] = field(default_factory=list)
+    deleted_objects: list[str] = field(default_factory=list)
+    bytes_freed: int = 0
+    temporaries: list[str] = field(default_factory=list)
+
+
+def execute_plan(
+    storage: Storage,
+    plan: RetentionPlan,
+    master_key: MasterKey,
+    log: Callable[[str], None] = logger.info,
+) -> RetentionResult:
+    """Delete what ``plan`` says, in an order that survives being killed at any point.
+
+    Per batch of backups: a sealed journal naming them, their manifests (they are no longer
+    listed), their objects, the journal. Incrementals go before the backups they build on.
+    Then WAL, orphans (unfinished deletions of earlier runs among them), those runs'
+    journals, temporaries. Every deleted object is logged (one line each).
+
+    Args:
+        storage: The storage the plan was made for.
+        plan: From :func:`plan_retention`.
+        master_key: Seals the deletion markers.
+        log: Called with one line per deleted object.
+    """
+    result = RetentionResult()
+
+    def drop(keys: Sequence[str], sizes: Mapping[str, int], why: str | Mapping[str, str]) -> None:
+        if not keys:
+            return
+        storage.delete_many(keys)
+        for key in keys:
+            reason = why if isinstance(why, str) else why.get(key, "orphan")
+            log(f"deleted {storage.location}/{key} ({reason})")
+            result.deleted_objects.append(key)
+            result.bytes_freed += sizes.get(key, 0)
+
+    run_id = f"{plan.now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    for db_plan in plan.databases:
+        entry = db_plan.catalog
+        # Newest first: an incremental goes before its parent, so a kill in between never
+        # leaves a listed incremental whose parent is gone.
+        doomed = sorted(db_plan.deleted, key=lambda d: d.backup.manifest.order(), reverse=True)
+        for number, start in enumerate(range(0, len(doomed), BATCH)):
+            batch = doomed[start : start + BATCH]
+            journal, data = seal_journal(entry.kind, entry.db_id, f"{run_id}-{number}",
+                                         [d.backup.backup_id for d in batch], master_key)
+            storage.write_bytes(journal, data)
+            sizes = {o.key: o.size for d in batch for o in d.backup.objects}
+            drop([d.backup.manifest_key for d in batch], sizes,
+                 {d.backup.manifest_key: f"manifest of backup {d.backup.backup_id}: {d.why}"
+                  for d in batch})
+            objects = {o.key: f"backup {d.backup.backup_id}" for d in batch
+                       for o in d.backup.objects if o.key != d.backup.manifest_key}
+            drop(list(objects), sizes, objects)
+            drop([journal], {}, "deletion journal: its batch is gone")
+            result.deleted_backups += [f"{entry.db_id}/{d.backup.backup_id}" for d in batch]
+        drop([w.key for w in db_plan.wal_delete], {w.key: w.size for w in db_plan.wal_delete},
+             "WAL before the oldest kept backup")
+        drop([o.key for o in db_plan.orphans_delete],
+             {o.key: o.size for o in db_plan.orphans_delete},
+             {o.key: f"orphan: {o.reason}" for o in db_plan.orphans_delete})
+        # Journals of earlier runs last: a kill before leaves them for the next run.
+        drop(list(db_plan.journals), {}, "deletion journal of an earlier run: its work is done")
+    drop([o.key for o in plan.orphans_delete], {o.key: o.size for o in plan.orphans_delete},
+         {o.key: f"orphan: {o.reason}" for o in plan.orphans_delete})
+    for line in storage.sweep_stale_writes(plan.grace):
+        log(f"removed the leftover of an interrupted write: {line}")
+        result.temporaries.append(line)
+    return result
+
+
+__all__ = [
+    "MIN_AGE",
+    "BackupDecision",
+    "Candidate",
+    "DatabasePlan",
+    "KeepGFS",
+    "KeepLast",
+    "KeepWithin",
+    "Policy",
+    "RetentionPlan",
+    "RetentionResult",
+    "RetentionSettings",
+    "Rule",
+    "decide",
+    "execute_plan",
+    "format_period",
+    "parse_period",
+    "plan_retention",
+    "policy_lookup",
+    "run_retention",
+    "wal_to_delete",
+]
+
+
+def run_retention(
+    storage: Storage,
+    keyring: Keyring,
+    policies: Mapping[str, Policy] | Callable[[str], Policy],
+    *,
+    db_id: str | None = None,
+    dry_run: bool = False,
+    grace: timedelta,
+    verified: Mapping[str, Iterable[str]] | None = None,
+    show: Callable[[str], None] = logger.info,
+) -> tuple[RetentionPlan, RetentionResult | None]:
+    """Read the catalog, plan, show the plan and (unless ``dry_run``) carry it out.
+
+    Args:
+        storage: The storage.
+        keyring: Manifests are authenticated with it; its current key seals the deletion
+            markers.
+        policies: Policy per database id.
+        db_id: Only this database or cluster.
+        dry_run: Plan and show only.
+        grace: Orphans and temporaries younger than this stay.
+        verified: Backups whose restore verification succeeded, per database.
+        show: Called with the plan, then one line per deleted object.
+    """
+    from pgbackflow.tasks.catalog import read_catalog
+
+    storage.check_exists()
+    catalog = read_catalog(storage, keyring, db_id=db_id, grace=grace)
+    plan = plan_retention(catalog, policies, grace=grace, verified=verified)
+    show(plan.render())
+    if dry_run:
+        return plan, None
+    return plan, execute_plan(storage, plan, keyring.current, show)

@@ -1,0 +1,200 @@
+"""Retention from Prefect and on real backups: the deploy config, the maintenance flow, and a
+real chain + WAL expired and then restored to a point in time."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from pgbackflow.blocks import BackupEncryptionKey, LocalStorage
+from pgbackflow.deployments.config import build_plan, load_config
+from pgbackflow.flows.common import artifact_key
+from pgbackflow.flows.physical import full_backup, incremental_backup, pitr_restore
+from pgbackflow.tasks.catalog import read_catalog
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.keys import Keyring, write_key_file
+from pgbackflow.tasks.physical import parse_lsn
+from pgbackflow.tasks.retention import (
+    KeepLast,
+    Policy,
+    RetentionSettings,
+    execute_plan,
+    plan_retention,
+)
+from pgbackflow.tasks.storage import LocalFolderStorage
+from tests.test_physical import (
+    cluster_or_skip,
+    committed_at,
+    db_block,
+    mark,
+    prepare_marks,
+    restored_rows,
+    stop_restored,
+    streaming_wal,
+    wait_shipped,
+    work_dir,
+)
+from tests.test_retention import DB, KEY, RING, Writer, write_logical
+
+__all__ = ["work_dir"]  # a fixture, used by name
+
+CONFIG = """
+[key]
+file = "/etc/pgbackflow/master.key"
+[storages.nas]
+url = "/srv/backups"
+[storages.offsite]
+url = "s3://bucket/prod"
+maintenance = "weekly at 04:00"
+[storages.scratch]
+url = "/srv/scratch"
+maintenance = ""
+[servers.db1]
+host = "db1.internal"
+[databases.shop]
+server = "db1"
+storages = ["nas", "offsite"]
+retention = { keep_last = 3, daily = 7, weekly = 4 }
+[databases.db1-all]
+server = "db1"
+database = "all"
+storages = ["nas"]
+retention = { keep_within = "14d" }
+[clusters.db1]
+server = "db1"
+storages = ["offsite"]
+[clusters.db1.retention]
+monthly = 3
+"""
+
+
+def test_deploy_config_makes_one_maintenance_deployment_per_storage(tmp_path: Path) -> None:
+    path = tmp_path / "pgbackflow.toml"
+    path.write_text(CONFIG)
+    plan = build_plan(load_config(path))
+    specs = {s.name: s for s in plan.prefect.deployments if s.flow.name == "maintenance"}
+    assert set(specs) == {"maintenance-nas", "maintenance-offsite"}
+    nas, offsite = specs["maintenance-nas"], specs["maintenance-offsite"]
+    assert nas.parameters["policies"] == {
+        "shop": {"keep_last": 3, "daily": 7, "weekly": 4}, "db1-all-*": {"keep_within": "14d"}}
+    assert offsite.parameters["policies"] == {
+        "shop": {"keep_last": 3, "daily": 7, "weekly": 4}, "db1": {"monthly": 3}}
+    assert nas.schedule is not None and nas.schedule.cron == "30 3 * * *"
+    assert offsite.schedule is not None and offsite.schedule.cron == "0 4 * * 0"
+    assert nas.parameters["key_file"] == "/etc/pgbackflow/master.key"
+    assert "job:maintenance" in nas.tags and "storage:nas" in nas.tags
+
+    for bad, message in (
+        ("kep_last = 3,", "databases.shop.retention.kep_last: unknown key; allowed: daily, "
+                          "hourly, keep_last, keep_within, monthly, weekly, yearly"),
+        ("keep_last = 0,", "databases.shop.retention.keep_last: Input should be greater than or "
+                           "equal to 1"),
+        ("keep_within = \"2 moons\",", "databases.shop.retention.keep_within: period '2 moons' "
+                                       "is not a number with a unit: use e.g. 36h, 14d or 8w"),
+    ):
+        path.write_text(CONFIG.replace("keep_last = 3,", bad))
+        with pytest.raises(ConfigError) as caught:
+            load_config(path)
+        assert str(caught.value) == f"{path}: {message}"
+    path.write_text(CONFIG.replace('"weekly at 04:00"', '"fortnightly"'))
+    with pytest.raises(ConfigError, match=r"storages\.offsite\.maintenance: 'fortnightly' is not "
+                                          "a schedule"):
+        load_config(path)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_maintenance_flow_prefers_verified_publishes_and_deletes(tmp_path: Path) -> None:
+    from prefect import flow
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pgbackflow.flows.maintenance import maintenance
+
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=3)
+    morning, noon, evening = (write_logical(writer, day + timedelta(hours=h), h)
+                              for h in (6, 12, 18))
+    newest = write_logical(writer, day + timedelta(days=2), 30)
+
+    @flow
+    def verifications() -> None:  # what restore-verification publishes
+        create_markdown_artifact("ok", key=f"verification-{DB}",
+                                 description=f"Successful: verification of {noon}")
+        create_markdown_artifact("bad", key=f"verification-{DB}",
+                                 description=f"Failed: verification of {evening}")
+
+    verifications()
+    key_file = tmp_path / "master.key"
+    write_key_file(key_file, KEY)
+
+    summary = maintenance(storage=LocalStorage(folder=str(storage.folder)),
+                          policies={DB: RetentionSettings(daily=2)}, key_file=str(key_file))
+    left = [b.backup_id for b in read_catalog(storage, RING).databases[0].backups]
+    assert left == [noon, newest]
+    assert sorted(summary["deleted_backups"]) == sorted(f"{DB}/{b}" for b in (morning, evening))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[f"backups-tables-{DB}", artifact_key("retention", storage.location)])))
+    table = next(a for a in artifacts if a.key == f"backups-tables-{DB}")
+    assert "newest verified of day" in str(table.data) and noon in str(table.data)
+    plan = next(a for a in artifacts if a.key == artifact_key("retention", storage.location))
+    assert f"DELETE logical     {morning}" in str(plan.data)
+
+
+@pytest.mark.pg
+@pytest.mark.usefixtures("prefect_api")
+def test_real_chain_expired_then_point_in_time_restore(
+    pg_majors: tuple[int, ...], work_dir: Path
+) -> None:
+    """full1 → a → full2 → b → (target) → c → incremental → d; keep-last 1 keeps the
+    incremental and full2 (its parent), deletes full1 and the WAL before full2; a PITR to the
+    target still restores a and b."""
+    key = BackupEncryptionKey.generate()
+    storage = LocalStorage(folder=str(work_dir / "store"))
+    with cluster_or_skip(17, pg_majors) as server:
+        prepare_marks(server)
+        with streaming_wal(server, storage, key, work_dir / "spool"):
+            first = full_backup(db_block(server), [storage], encryption_key=key)
+            mark(server, "a")
+            second = full_backup(db_block(server), [storage], encryption_key=key)
+            mark(server, "b")
+            time.sleep(1.0)
+            target = committed_at(server, "SELECT 1")
+            time.sleep(1.0)
+            mark(server, "c")
+            third = incremental_backup(db_block(server), [storage], encryption_key=key)
+            mark(server, "d")
+            wait_shipped(server, storage)
+        assert third.parent_id == second.backup_id
+
+        backend = storage.open()
+        keyring = Keyring([key.master_key()])
+        catalog = read_catalog(backend, keyring)
+        later = datetime.now(UTC) + timedelta(hours=2)  # past the 1-hour safety age
+        plan = plan_retention(catalog, lambda _db: Policy((KeepLast(1),)), now=later,
+                              grace=timedelta(hours=24))
+        (cluster_plan,) = plan.databases
+        assert [d.backup.backup_id for d in cluster_plan.deleted] == [first.backup_id]
+        kept = {d.backup.backup_id: d.why for d in cluster_plan.kept}
+        assert "builds on it" in kept[second.backup_id]
+        second_start = parse_lsn(second.start_lsn) // (16 * 1024 * 1024)
+        assert cluster_plan.wal_delete
+        assert all((w.number or 0) < second_start for w in cluster_plan.wal_delete)
+        execute_plan(backend, plan, key.master_key())
+
+        after = read_catalog(backend, keyring)
+        assert [b.backup_id for b in after.databases[0].backups] == [second.backup_id,
+                                                                     third.backup_id]
+        restored = work_dir / "restored"
+        report = pitr_restore(storage, str(restored), target_time=target.isoformat(),
+                              start=True, encryption_key=key)
+        try:
+            assert report.chain == [f"full {second.backup_id}"]
+            assert restored_rows(report.port or 0, server) == ["a", "b"]
+        finally:
+            stop_restored(restored, server)
