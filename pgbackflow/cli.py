@@ -877,6 +877,34 @@ def key_seal_manifests(
     out.print(f"{len(sealed)} manifests sealed", highlight=False)
 
 
+@key_app.command("rotate")
+@user_errors
+def key_rotate(
+    source: Annotated[str, typer.Option("--from", help="Storage holding the backups.")],
+    old_key_files: Annotated[list[Path], typer.Option(
+        "--old-key-file", help="Key file the objects are wrapped with now (repeatable).",
+    )],
+    new_key_file: Annotated[Path, typer.Option("--new-key-file", help="The new master key.")],
+) -> None:
+    """Re-wrap every backup and WAL object under a new master key (no re-encryption);
+    resumable: run it again after an interruption."""
+    from pgbackflow.tasks.keys import Keyring, load_key_file
+    from pgbackflow.tasks.rotation import rotate_storage
+
+    old = Keyring([load_key_file(path) for path in old_key_files])
+    new = load_key_file(new_key_file)
+    storage = _storage_block(source, f"--from {source}").open()
+
+    def show(line: str) -> None:
+        out.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    report = rotate_storage(storage, old, new, show)
+    for line in report.left:
+        show(line)
+    show(f"{report.rotated} objects re-wrapped, {report.skipped} already under key "
+         f"{new.key_id_hex}, {report.backups} manifests rewritten, {len(report.left)} left")
+
+
 @toolsets_app.command("install")
 @user_errors
 def toolsets_install(

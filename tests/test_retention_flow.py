@@ -24,6 +24,7 @@ from pgbackflow.tasks.retention import (
     execute_plan,
     plan_retention,
 )
+from pgbackflow.tasks.rotation import rotate_storage
 from pgbackflow.tasks.storage import LocalFolderStorage
 from tests.test_physical import (
     cluster_or_skip,
@@ -152,8 +153,8 @@ def test_real_chain_expired_then_point_in_time_restore(
     pg_majors: tuple[int, ...], work_dir: Path
 ) -> None:
     """full1 → a → full2 → b → (target) → c → incremental → d; keep-last 1 keeps the
-    incremental and full2 (its parent), deletes full1 and the WAL before full2; a PITR to the
-    target still restores a and b."""
+    incremental and full2 (its parent), deletes full1 and the WAL before full2; after a key
+    rotation a PITR to the target with only the new key still restores a and b."""
     key = BackupEncryptionKey.generate()
     storage = LocalStorage(folder=str(work_dir / "store"))
     with cluster_or_skip(17, pg_majors) as server:
@@ -190,9 +191,14 @@ def test_real_chain_expired_then_point_in_time_restore(
         after = read_catalog(backend, keyring)
         assert [b.backup_id for b in after.databases[0].backups] == [second.backup_id,
                                                                      third.backup_id]
+        # Then the key is rotated (backups and WAL): the restore needs only the new key.
+        new_key = BackupEncryptionKey.generate()
+        rotation = rotate_storage(backend, keyring, new_key.master_key())
+        assert rotation.backups == 2 and not rotation.left
+        assert rotation.rotated == 4 + len(after.databases[0].wal)
         restored = work_dir / "restored"
         report = pitr_restore(storage, str(restored), target_time=target.isoformat(),
-                              start=True, encryption_key=key)
+                              start=True, encryption_key=new_key)
         try:
             assert report.chain == [f"full {second.backup_id}"]
             assert restored_rows(report.port or 0, server) == ["a", "b"]
