@@ -54,6 +54,7 @@ from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
 from pgbackflow.tasks.toolsets import Toolset
 from pgbackflow.tasks.transfer import ProgressCallback, ProgressReporter
 from pgbackflow.tasks.wal import (
+    TimelineSpan,
     WalInventory,
     fetch_wal_file,
     read_wal_inventory,
@@ -211,11 +212,11 @@ def _wal_to_fetch(
 ) -> list[str]:
     """WAL after the backup's own up to the newest stored, across timeline switches (as
     replay follows them); gaps refused with the segments and LSNs they cover."""
-    size = base.wal_segment_size
-    first = parse_lsn(base.end_lsn) // size  # the backup carries WAL up to its end LSN
-    route = stored_route(storage, base.db_id, inventory, base.timeline, first, keyring)
-    names = route_files(inventory, route)
-    if not any(_SEGMENT_NAME.fullmatch(name) for name in names):
+    route = plan_wal_route(
+        storage, inventory, base, keyring,
+        advice="restore to a time before the gap from an older chain, or take a new full backup",
+    )
+    if not route.segments:
         if target is not None and target > base.finished_at:
             raise ObjectNotFoundError(
                 f"no WAL after backup {base.backup_id} on timeline {base.timeline} is stored, "
@@ -223,19 +224,75 @@ def _wal_to_fetch(
                 "wal-stream for this cluster, or target latest"
             )
         return []
-    missing = route_gaps(inventory, route)
+    # Every segment to the end of the stored WAL: a segment's upload time says nothing
+    # about when its records were written (a streamer that was down uploads late), and
+    # replay stops at the target by itself.
+    return list(route.files)
+
+
+@dataclass(frozen=True)
+class WalRoute:
+    """The stored WAL replay reads after a base backup, across timeline switches.
+
+    Attributes:
+        spans: The timelines and segments replay reads (see :func:`tasks.wal.stored_route`).
+        files: History files, then segments in replay order (empty: no WAL after the
+            backup is stored, replay ends where the backup becomes consistent).
+        base_timeline: The backup's timeline.
+    """
+
+    spans: tuple[TimelineSpan, ...]
+    files: tuple[str, ...]
+    base_timeline: int
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        """The segment names of :attr:`files`."""
+        return tuple(name for name in self.files if _SEGMENT_NAME.fullmatch(name))
+
+    @property
+    def end_timeline(self) -> int:
+        """The timeline of the newest segment replayed (the backup's when none is)."""
+        return int(self.segments[-1][:8], 16) if self.segments else self.base_timeline
+
+    @property
+    def end_segment(self) -> str | None:
+        """The newest segment replayed (None when none is)."""
+        return self.segments[-1] if self.segments else None
+
+
+def plan_wal_route(
+    storage: Storage,
+    inventory: WalInventory,
+    base: PhysicalManifest,
+    keyring: Keyring | None,
+    *,
+    advice: str,
+) -> WalRoute:
+    """The WAL from ``base``'s end to the newest stored, following timeline switches like
+    PostgreSQL's ``recovery_target_timeline = latest`` (pitr and verification share it).
+
+    Args:
+        advice: What to do about a gap, the end of the error's line.
+
+    Raises:
+        ObjectNotFoundError: a segment on the route is missing (the message names the gaps
+            with their segments and LSNs).
+    """
+    first = parse_lsn(base.end_lsn) // base.wal_segment_size  # the backup carries its WAL
+    spans = stored_route(storage, base.db_id, inventory, base.timeline, first, keyring)
+    route = WalRoute(tuple(spans), tuple(route_files(inventory, spans)), base.timeline)
+    if not route.segments:
+        return WalRoute(route.spans, (), base.timeline)
+    missing = route_gaps(inventory, spans)
     if missing:
         more = f" and {len(missing) - 2} more gaps" if len(missing) > 2 else ""
         shown = "; ".join(gap.describe() for gap in missing[:2]) + more
         raise ObjectNotFoundError(
             f"WAL of {base.db_id} after backup {base.backup_id} has gaps ({shown} missing from "
-            f"{storage.location}): replay cannot pass them; restore to a time before the gap "
-            "from an older chain, or take a new full backup"
+            f"{storage.location}): replay cannot pass them; {advice}"
         )
-    # Every segment to the end of the stored WAL: a segment's upload time says nothing
-    # about when its records were written (a streamer that was down uploads late), and
-    # replay stops at the target by itself.
-    return names
+    return route
 
 
 # ---------------------------------------------------------------------------------------
@@ -701,6 +758,7 @@ __all__ = [
     "TARGET_NOT_REACHED",
     "PitrPlan",
     "StartedServer",
+    "WalRoute",
     "allow_recovery_start",
     "build_data_dir",
     "check_reachable",
@@ -712,6 +770,7 @@ __all__ = [
     "free_port",
     "parse_target_time",
     "plan_pitr",
+    "plan_wal_route",
     "remove_wal_cache",
     "restore_dir_of",
     "start_and_wait",

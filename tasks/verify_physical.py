@@ -1,8 +1,10 @@
 """Physical backup verification: prove a chain restores, replays and holds sound data.
 
 1. Pick the backup (newest of the cluster, or a given id) and plan its chain (full first,
-   then the incrementals) plus every stored WAL file after it: the restore replays to the
-   end of the WAL, the newest state the storage can give.
+   then the incrementals) plus every stored WAL file after it, across timeline switches
+   as PostgreSQL follows them (``recovery_target_timeline = latest``): the restore replays
+   to the end of the newest timeline, the newest state the storage can give; a missing
+   segment on that route fails the verification, naming the segments.
 2. In a throwaway work directory: unpack and combine the chain, fetch the WAL, configure
    recovery. The sandbox is made safe and reachable without the source's passwords:
    ``pg_hba.conf`` is replaced by ``local all all trust``, TCP is off and the only socket
@@ -46,7 +48,6 @@ from pgbackflow.tasks.manifest import check_id
 from pgbackflow.tasks.physical import (
     PhysicalManifest,
     chain_of,
-    parse_lsn,
     resolve_db_id,
     scan_physical_backups,
     usable_backups,
@@ -55,12 +56,14 @@ from pgbackflow.tasks.pitr import (
     LOG_NAME,
     WAL_CACHE,
     PitrPlan,
+    WalRoute,
     build_data_dir,
     check_reachable,
     conf_quote,
     configure_recovery,
     fetch_wal,
     free_port,
+    plan_wal_route,
     restore_dir_of,
     start_and_wait,
 )
@@ -68,7 +71,7 @@ from pgbackflow.tasks.process import OsUser, Tool, ToolResult, pid_alive
 from pgbackflow.tasks.sandbox import free_disk_bytes
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
-from pgbackflow.tasks.wal import WalInventory, read_wal_inventory, segment_name
+from pgbackflow.tasks.wal import read_wal_inventory
 
 logger = logging.getLogger("pgbackflow.verify_physical")
 
@@ -207,6 +210,10 @@ class PhysicalVerificationReport:
         server_version: Version of the binaries the sandbox ran.
         timeline: Timeline of the backup.
         wal_files: WAL files fetched for replay after the backup.
+        wal_timeline: Timeline replay ended on: the newest one whose history follows the
+            backup's (a promoted copy streaming into the same storage switches timelines),
+            the backup's own when no switch followed.
+        wal_end: The newest WAL segment replayed (None: none after the backup's own).
         recovered_to: "last completed transaction" time replay reached, from the server log.
         superuser: The bootstrap superuser the checks ran as.
         durations: Seconds per stage.
@@ -227,6 +234,8 @@ class PhysicalVerificationReport:
     server_version: str | None
     timeline: int
     wal_files: int
+    wal_timeline: int
+    wal_end: str | None
     recovered_to: str | None
     superuser: str | None
     durations: Durations
@@ -275,6 +284,9 @@ class PhysicalVerificationReport:
             f"| backup | `{self.backup_id}` of `{self.db_id}` (PostgreSQL {self.server_major}) |",
             f"| chain | {' → '.join(f'`{b}`' for b in self.chain)} |",
             f"| WAL files replayed after it | {self.wal_files} |",
+            f"| replayed to | {self.wal_end or 'the backup end'}, timeline {self.wal_timeline}"
+            f"{'' if self.wal_timeline == self.timeline else f' (from timeline {self.timeline})'}"
+            " |",
             f"| recovered to | {self.recovered_to or '-'} |",
             f"| stored / restored | {self.stored_bytes / 1e6:.1f} MB / {restored} |",
             f"| pg_amcheck | {amcheck} |",
@@ -351,45 +363,30 @@ def pick_backup(
 
 def plan_chain_end(
     storage: Storage, backup: PhysicalManifest, keyring: Keyring | None = None
-) -> PitrPlan:
+) -> tuple[PitrPlan, WalRoute]:
     """Plan a restore of ``backup``'s chain replayed to the end of the stored WAL.
 
     Unlike :func:`tasks.pitr.plan_pitr`, a broken chain is not replaced by an older
-    complete one: verification must say that *this* backup cannot be restored.
+    complete one: verification must say that *this* backup cannot be restored. The WAL
+    follows timeline switches as replay does (:func:`tasks.pitr.plan_wal_route`): after a
+    promoted copy streamed into the same storage, replay ends on the newest timeline.
 
     Raises:
-        ObjectNotFoundError: a backup of the chain, or a WAL file after it, is missing.
+        ObjectNotFoundError: a backup of the chain, or a WAL segment on the route after it,
+            is missing (the message names the segments and LSNs).
     """
     backups, refused = usable_backups(storage, backup.db_id, keyring, newest=False)
     chain = chain_of(backup, backups, refused)
     inventory = read_wal_inventory(storage, backup.db_id, backup.wal_segment_size)
-    names = wal_after(inventory, backup)
+    route = plan_wal_route(
+        storage, inventory, backup, keyring,
+        advice="this backup cannot be restored to the end of the stored WAL; find the "
+        "missing segments or take a new full backup",
+    )
     latest = max([backup.finished_at] + ([inventory.newest] if inventory.newest else []))
-    return PitrPlan(backup.db_id, tuple(chain), None, tuple(names), chain[0].finished_at, latest)
-
-
-def wal_after(inventory: WalInventory, backup: PhysicalManifest) -> list[str]:
-    """WAL files from the backup's end to the newest stored one; gaps refused.
-
-    An empty list means replay ends where the backup itself becomes consistent.
-    """
-    size = backup.wal_segment_size
-    timeline = backup.timeline
-    first = parse_lsn(backup.end_lsn) // size  # the backup carries WAL up to its end LSN
-    last = inventory.last_segment(timeline)
-    if last is None or last < first:
-        return []
-    missing = inventory.gaps(timeline, first, last)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ObjectNotFoundError(
-            f"WAL of {backup.db_id} after backup {backup.backup_id} has gaps "
-            f"({', '.join(missing[:3])}{more} missing): replay cannot reach the end of the "
-            "stored WAL; take a new full backup"
-        )
-    names = [segment_name(timeline, n, size) for n in range(first, last + 1)]
-    names += [f"{t:08X}.history" for t in sorted(inventory.histories) if t > timeline]
-    return names
+    plan = PitrPlan(backup.db_id, tuple(chain), None, route.files, chain[0].finished_at,
+                    latest)
+    return plan, route
 
 
 def disk_needed(plan: PitrPlan) -> int:
@@ -864,11 +861,15 @@ def verify_physical_backup(
     backup = pick_backup(storage, cluster, backup_id, keyring)
     findings = _Findings()
     chain: tuple[PhysicalManifest, ...] = (backup,)
+    route: WalRoute | None = None
     root: Path | None = None
     try:
         try:
-            plan = plan_chain_end(storage, backup, keyring)
+            plan, route = plan_chain_end(storage, backup, keyring)
             chain = plan.chain
+            if route.end_timeline != backup.timeline:
+                step(f"replaying WAL across timeline switches: timeline {backup.timeline} to "
+                     f"{route.end_timeline} ({route.end_segment})")
             root = make_work_root(work_dir)
             _verify_in(root, storage, keyring, plan, findings, step, amcheck=amcheck,
                        heapallindexed=heapallindexed, sample_tables=sample_tables,
@@ -888,6 +889,8 @@ def verify_physical_backup(
         server_version=findings.server_version,
         timeline=backup.timeline,
         wal_files=findings.wal_files,
+        wal_timeline=route.end_timeline if route is not None else backup.timeline,
+        wal_end=route.end_segment if route is not None else None,
         recovered_to=findings.recovered_to,
         superuser=findings.superuser,
         durations=Durations(
@@ -1005,5 +1008,4 @@ __all__ = [
     "prepare_sandbox",
     "sandbox_settings",
     "verify_physical_backup",
-    "wal_after",
 ]

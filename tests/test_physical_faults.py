@@ -1,6 +1,7 @@
 """Physical backups under hostile storage and hard faults (issue 16), on real servers:
-WAL gaps (a middle segment, a timeline switch), a swapped segment, the sweep at the start
-of a WAL stream, lost sessions during pg_basebackup and streaming, an interrupted PITR.
+WAL gaps (a middle segment, a timeline switch; PITR and verification), a swapped segment,
+the sweep at the start of a WAL stream, lost sessions during pg_basebackup and streaming,
+an interrupted PITR.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from pgbackflow.tasks.pitr import INCOMPLETE_MARKER
 from pgbackflow.tasks.process import Tool
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, SWEEP_GRACE_ENV
 from pgbackflow.tasks.toolsets import find_toolset
+from pgbackflow.tasks.verify_physical import verify_physical_backup
 from pgbackflow.tasks.wal import WalShipper, WalStreamer, wal_object_key, wal_prefix
 from tests.fixtures.postgres import BigDatabase
 from tests.fixtures.s3 import S3Bucket
@@ -225,13 +227,36 @@ def streaming_from(settings: ConnectionSettings, storage: LocalStorage,
     assert not errors, errors
 
 
-def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> None:
-    """A restored, promoted copy (timeline 2, same system identifier) streams into the same
-    storage: PITR to latest from the timeline-1 backup follows the switch (it stopped at the
-    switch, silently, before), and a missing timeline-2 segment is a gap."""
-    store = streamed.copy("timelines")
+@dataclass
+class Switched:
+    """A copy of the streamed storage after a timeline switch: a restored, promoted copy
+    (timeline 2, same system identifier) streamed its WAL into it."""
+
+    store: Path
+    """Keep it as it is: tests that change it work on a copy (:meth:`copy`)."""
+    marks: int
+    """Rows of ``marks`` at the end of timeline 2 (its last one is in a .partial segment)."""
+    bulk: int
+    """Rows of ``bulk`` there."""
+
+    def copy(self, streamed: Streamed, name: str) -> Path:
+        target = streamed.root / name
+        shutil.copytree(self.store, target)
+        return target
+
+    def switch_segment(self, streamed: Streamed, store: Path) -> str:
+        """The first complete timeline-2 segment (it holds the switch)."""
+        tl2 = sorted(p.name for p in (store / wal_prefix(streamed.db_id)).iterdir()
+                     if p.name.startswith("00000002") and ".partial" not in p.name
+                     and "history" not in p.name)
+        return tl2[0].removesuffix(".pgbf")
+
+
+def build_timeline_switch(streamed: Streamed, store: Path) -> Switched:
+    """PITR the newest backup of ``store`` to latest, start it (promoted: timeline 2) and
+    stream its WAL into ``store`` while it writes."""
     storage = LocalStorage(folder=str(store))
-    first = streamed.root / "tl2-server"
+    first = streamed.root / f"{store.name}-tl2-server"
     report = pitr_restore(storage, str(first), target_time="latest", start=True,
                           encryption_key=streamed.key)
     assert report.port is not None
@@ -240,7 +265,7 @@ def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> N
                                       user=streamed.superuser, password=streamed.password,
                                       sslmode="disable")
         with streaming_from(settings, storage, streamed.key, streamed.db_id,
-                            streamed.root / "tl2-spool"):
+                            streamed.root / f"{store.name}-tl2-spool"):
             with psycopg.connect(host="127.0.0.1", port=report.port, user=streamed.superuser,
                                  password=streamed.password, dbname="postgres",
                                  autocommit=True) as conn:
@@ -252,12 +277,29 @@ def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> N
                 conn.execute("SELECT pg_switch_wal()")
                 conn.execute("INSERT INTO marks (v) VALUES ('tl2-last')")
                 after = current_segment(conn)
+                counts = conn.execute("SELECT (SELECT count(*) FROM marks), "
+                                      "(SELECT count(*) FROM bulk)").fetchone()
+            assert counts is not None
             assert segment.startswith("00000002")
             wait_for_file(store / wal_object_key(streamed.db_id, segment), started)
             wait_for_file(store / wal_object_key(streamed.db_id, after + ".partial"), started)
     finally:
         stop_restored(first, streamed.server)
+        shutil.rmtree(first, ignore_errors=True)
+    return Switched(store, int(counts[0]), int(counts[1]))
 
+
+@pytest.fixture(scope="module")
+def switched(streamed: Streamed, prefect_api: str) -> Switched:
+    return build_timeline_switch(streamed, streamed.copy("timelines"))
+
+
+def test_wal_across_a_timeline_switch(streamed: Streamed, switched: Switched,
+                                      prefect_api: str) -> None:
+    """A restored, promoted copy (timeline 2, same system identifier) streams into the same
+    storage: PITR to latest from the timeline-1 backup follows the switch (it stopped at the
+    switch, silently, before), and a missing timeline-2 segment is a gap."""
+    storage = LocalStorage(folder=str(switched.store))
     assert wal_gaps(storage.open(), streamed.db_id, storage_keyring(streamed)) == []
     second = streamed.root / "tl2-restore"
     again = pitr_restore(storage, str(second), target_time="latest", start=True,
@@ -272,10 +314,8 @@ def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> N
         stop_restored(second, streamed.server)
 
     # The first timeline-2 segment (it holds the switch) goes missing.
-    tl2 = sorted(p.name for p in (store / wal_prefix(streamed.db_id)).iterdir()
-                 if p.name.startswith("00000002") and ".partial" not in p.name
-                 and "history" not in p.name)
-    switch_segment = tl2[0].removesuffix(".pgbf")
+    store = switched.copy(streamed, "tl2-gap-store")
+    switch_segment = switched.switch_segment(streamed, store)
     (store / wal_object_key(streamed.db_id, switch_segment)).unlink()
     for key_args in (["--key-file", str(streamed.key_file)], []):
         listed = streamed.cli("physical-list", "--from", str(store), *key_args,
@@ -286,6 +326,35 @@ def test_wal_across_a_timeline_switch(streamed: Streamed, prefect_api: str) -> N
                            "--to-dir", str(streamed.root / "tl2-gap"), "--key-file",
                            str(streamed.key_file), prefect_api=prefect_api)
     assert f"has gaps ({switch_segment} (LSN " in one_line_error(refused)
+
+
+def test_verification_replays_across_a_timeline_switch(
+    streamed: Streamed, switched: Switched, prefect_api: str
+) -> None:
+    """verify-physical of the timeline-1 backup replays to the end of timeline 2 (it stopped
+    at the end of timeline 1, silently, before) and says so; a missing segment on the route
+    fails it in one line naming the segment (it passed before)."""
+    work = streamed.root / "verify-work"
+    work.mkdir(mode=0o755, exist_ok=True)
+    storage = LocalStorage(folder=str(switched.store)).open()
+    report = verify_physical_backup(storage, storage_keyring(streamed), db_id=streamed.db_id,
+                                    work_dir=work)
+    assert report.passed, report.error
+    rows = report.rows_by_database()["postgres"]
+    assert (rows["public.marks"], rows["public.bulk"]) == (switched.marks, switched.bulk)
+    assert report.timeline == 1 and report.wal_timeline == 2
+    assert report.wal_end is not None and report.wal_end.startswith("00000002"), report.wal_end
+    assert f"{report.wal_end}, timeline 2 (from timeline 1)" in report.markdown()
+
+    store = switched.copy(streamed, "verify-gap-store")
+    switch_segment = switched.switch_segment(streamed, store)
+    (store / wal_object_key(streamed.db_id, switch_segment)).unlink()
+    refused = streamed.cli("verify-physical", "--from", str(store), "--key-file",
+                           str(streamed.key_file), prefect_api=prefect_api)
+    line = one_line_error(refused)
+    assert f"has gaps ({switch_segment} (LSN " in line, line
+    assert "cannot be restored to the end of the stored WAL" in line, line
+    assert list(work.iterdir()) == []
 
 
 def storage_keyring(streamed: Streamed) -> Keyring:
