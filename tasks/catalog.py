@@ -22,12 +22,16 @@ at once, whatever the objects' age.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
 
 from pgbackflow.tasks.errors import ObjectNotFoundError
 from pgbackflow.tasks.keys import Keyring, MasterKey
@@ -51,7 +55,7 @@ from pgbackflow.tasks.physical import (
     parse_lsn,
     physical_binding,
 )
-from pgbackflow.tasks.storage import LocalFolderStorage, Storage, StoredObject
+from pgbackflow.tasks.storage import LocalFolderStorage, ObjectWriter, Storage, StoredObject
 from pgbackflow.tasks.wal import (
     DEFAULT_SEGMENT_SIZE,
     OBJECT_SUFFIX,
@@ -68,6 +72,8 @@ JOURNAL_PREFIX = "deleting-"
 batch of manifests is deleted and removed once the batch is gone."""
 MANIFEST_READERS = 8
 """Manifests read at once (S3 round trips dominate a large catalog)."""
+CACHE_ENV = "PGBACKFLOW_CACHE_DIR"
+"""Where remote storages' manifests are cached (default: ~/.cache/pgbackflow); "off": never."""
 
 Kind = Literal["logical", "physical"]
 
@@ -360,6 +366,102 @@ def _read_journal(storage: Storage, item: StoredObject, kind: Kind, db_id: str,
 # Reading
 
 
+class ManifestCache:
+    """Raw manifest bytes of a remote storage, kept locally by key, size and upload time.
+
+    A manifest is written once; one whose size or upload time changed is fetched again.
+    Cached bytes are authenticated on every read like fetched ones (the MAC is checked
+    after the cache), so the cache saves round trips and trusts nothing. Entries of
+    manifests no longer listed are removed by :meth:`prune`.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @classmethod
+    def for_storage(cls, storage: Storage) -> ManifestCache | None:
+        """The cache of ``storage``; None for local folders or when switched off."""
+        setting = os.environ.get(CACHE_ENV, "")
+        if isinstance(storage, LocalFolderStorage) or setting == "off":
+            return None
+        root = Path(setting) if setting else Path.home() / ".cache" / "pgbackflow"
+        digest = hashlib.sha256(storage.location.encode()).hexdigest()[:24]
+        return cls(root / "manifests" / digest)
+
+    def _path(self, item: StoredObject) -> Path:
+        name = hashlib.sha256(item.key.encode()).hexdigest()
+        return self.folder / f"{name}-{item.size}-{int(item.modified.timestamp() * 1e6)}"
+
+    def get(self, item: StoredObject) -> bytes | None:
+        """The cached bytes of ``item`` (same key, size and upload time), or None."""
+        try:
+            data = self._path(item).read_bytes()
+        except OSError:
+            return None
+        return data if len(data) == item.size else None
+
+    def put(self, item: StoredObject, data: bytes) -> None:
+        """Keep ``data``; a cache that cannot be written is no error."""
+        path = self._path(item)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temporary = path.with_name(path.name + f".{os.getpid()}.tmp")
+            temporary.write_bytes(data)
+            temporary.replace(path)
+        except OSError:
+            pass
+
+    def prune(self, listed: Iterable[StoredObject]) -> None:
+        """Remove the entries of manifests that are gone or changed."""
+        wanted = {self._path(item).name for item in listed}
+        try:
+            entries = list(os.scandir(self.folder))
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name not in wanted:
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+
+
+class _CachedReads(Storage):
+    """``storage`` whose ``read_bytes`` of listed manifests goes through the cache."""
+
+    def __init__(self, storage: Storage, cache: ManifestCache,
+                 listed: dict[str, StoredObject]) -> None:
+        self._storage = storage
+        self._cache = cache
+        self._listed = listed
+
+    @property
+    def location(self) -> str:
+        return self._storage.location
+
+    def read_bytes(self, key: str) -> bytes:
+        item = self._listed.get(key)
+        if item is not None and (data := self._cache.get(item)) is not None:
+            return data
+        data = self._storage.read_bytes(key)
+        if item is not None and len(data) == item.size:
+            self._cache.put(item, data)
+        return data
+
+    def open_write(self, key: str, *, size_hint: int | None = None) -> ObjectWriter:
+        return self._storage.open_write(key, size_hint=size_hint)
+
+    def open_read(self, key: str) -> BinaryIO:
+        return self._storage.open_read(key)
+
+    def list(self, prefix: str = "") -> list[StoredObject]:
+        return self._storage.list(prefix)
+
+    def stat(self, key: str) -> StoredObject:
+        return self._storage.stat(key)
+
+    def delete(self, key: str) -> None:
+        self._storage.delete(key)
+
+
 def _backup_prefix(kind: Kind, db_id: str, backup_id: str) -> str:
     check_id(db_id, "database id")
     check_id(backup_id, "backup id")
@@ -447,11 +549,21 @@ def read_catalog(
                                     (found_id, backup_id), keyring, size=item.size)
 
     keys = [(m[0], m[1], m[2]) for m in manifests]
-    if isinstance(storage, LocalFolderStorage):  # no round trips to overlap
+    cache = ManifestCache.for_storage(storage)
+    if cache is None:  # a local folder: no round trips to overlap
         records = dict(zip(keys, map(read, manifests), strict=True))
     else:
+        reader: Storage = _CachedReads(storage, cache, {m[3].key: m[3] for m in manifests})
+
+        def read_cached(job: tuple[Kind, str, str, StoredObject]) -> ManifestRecord[Any] | None:
+            kind, found_id, backup_id, item = job
+            return read_manifest_record(reader, item.key, _model_of(kind), _binding_of(kind),
+                                        (found_id, backup_id), keyring, size=item.size)
+
         with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pgbackflow-catalog") as pool:
-            records = dict(zip(keys, pool.map(read, manifests), strict=True))
+            records = dict(zip(keys, pool.map(read_cached, manifests), strict=True))
+        if db_id is None:
+            cache.prune(m[3] for m in manifests)
     databases = [
         _database(storage, keyring, entry, records)
         for _, entry in sorted(dbs.items(), key=lambda kv: (kv[0][0] != "logical", kv[0][1]))

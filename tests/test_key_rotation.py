@@ -42,6 +42,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
         yield LocalFolderStorage(tmp_path / "store")
         return
     bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    request.getfixturevalue("monkeypatch").setenv("PGBACKFLOW_CACHE_DIR", str(tmp_path / "cache"))
     yield S3ObjectStorage(bucket.bucket, "pg", endpoint_url=bucket.endpoint_url,
                           region=bucket.region)
 

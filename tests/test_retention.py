@@ -259,6 +259,7 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]
         yield LocalFolderStorage(tmp_path / "store")
         return
     bucket: S3Bucket = request.getfixturevalue("s3_bucket")
+    request.getfixturevalue("monkeypatch").setenv("PGBACKFLOW_CACHE_DIR", str(tmp_path / "cache"))
     yield S3ObjectStorage(bucket.bucket, "pg", endpoint_url=bucket.endpoint_url,
                           region=bucket.region)
 
@@ -273,8 +274,10 @@ def test_gfs_plan_on_two_years_keeps_exactly_the_expected_set(tmp_path: Path) ->
     check_plan_and_execution(storage, data, execute=False)
 
 
-def test_gfs_plan_on_s3(s3_bucket: S3Bucket) -> None:
+def test_gfs_plan_on_s3(s3_bucket: S3Bucket, tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The same on S3 (a shorter history: moto stores every object over HTTP)."""
+    monkeypatch.setenv("PGBACKFLOW_CACHE_DIR", str(tmp_path / "cache"))
     storage = S3ObjectStorage(s3_bucket.bucket, "pg", endpoint_url=s3_bucket.endpoint_url,
                               region=s3_bucket.region)
     data = build(storage, datetime.now(UTC), logical_hours=4 * 24, physical_days=75)
@@ -580,3 +583,44 @@ def test_cli_errors_are_one_line(tmp_path: Path, key_file: Path) -> None:
                   key_file=key_file)
     assert bad.returncode == 1 and "36h, 14d or 8w" in bad.stderr
     assert bad.stderr.count("\n") == 1
+
+
+def test_manifest_cache_of_a_remote_storage_trusts_nothing(
+    s3_bucket: S3Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cached manifests save round trips; a changed manifest is fetched again (and refused
+    when it fails its MAC); entries of deleted manifests go."""
+    monkeypatch.setenv("PGBACKFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    storage = S3ObjectStorage(s3_bucket.bucket, "pg", endpoint_url=s3_bucket.endpoint_url,
+                              region=s3_bucket.region)
+    writer = Writer(storage)
+    now = datetime.now(UTC)
+    ids = [write_logical(writer, now - timedelta(hours=h), h) for h in (1, 2, 3)]
+    first = read_catalog(storage, RING)
+    assert len(first.databases[0].backups) == 3
+    entries = list((tmp_path / "cache" / "manifests").glob("*/*"))
+    assert len(entries) == 3
+
+    fetched: list[str] = []
+    original = S3ObjectStorage.read_bytes
+
+    def counting(self: S3ObjectStorage, key: str) -> bytes:
+        fetched.append(key)
+        return original(self, key)
+
+    monkeypatch.setattr(S3ObjectStorage, "read_bytes", counting)
+    assert len(read_catalog(storage, RING).databases[0].backups) == 3
+    assert fetched == []  # every manifest came from the cache
+
+    tampered = f"logical/{DB}/{ids[0]}/manifest.json"
+    document = json.loads(storage.read_bytes(tampered))
+    document["tool_version"] = "tampered, and longer than before"
+    storage.write_bytes(tampered, json.dumps(document).encode())
+    storage.delete(f"logical/{DB}/{ids[1]}/manifest.json")
+    fetched.clear()
+    entry = read_catalog(storage, RING).databases[0]
+    assert fetched == [tampered]
+    assert [b.backup_id for b in entry.backups] == [ids[2]]
+    assert [r.backup_id for r in entry.refused] == [ids[0]]
+    assert "failed authentication" in entry.refused[0].problem
+    assert len(list((tmp_path / "cache" / "manifests").glob("*/*"))) == 2
