@@ -17,12 +17,16 @@ refuses to start it (the include is neutralised just before pgbackflow itself st
 recovery), and ``pitr`` refuses the directory with a one-line error saying to delete it.
 A full backup is unpacked under a hidden sibling name and moved into place once marked; a
 chain is combined in the work folder and moved likewise: a restore killed while unpacking
-leaves the target as it was.
+leaves the target as it was. Those hidden folders (``.<dir>.pgbackflow-restoring-…``,
+``.pgbackflow-chain-…``) carry their owner's machine (boot id) and pid in the name and are
+locked (flock) while it works on them; the next restore into the same parent folder removes
+those whose owner is gone (same boot, lock free, pid gone), never a live one's.
 """
 
 from __future__ import annotations
 
 import contextvars
+import fcntl
 import os
 import re
 import shlex
@@ -32,6 +36,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,7 +53,7 @@ from pgbackflow.tasks.physical import (
     usable_backups,
 )
 from pgbackflow.tasks.pipeline import decrypted_chunks
-from pgbackflow.tasks.process import OsUser, Tool
+from pgbackflow.tasks.process import OsUser, Tool, pid_alive
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
 from pgbackflow.tasks.toolsets import Toolset
@@ -385,6 +390,90 @@ def _counted(chunks: Iterator[bytes], progress: ProgressReporter) -> Iterator[by
         yield chunk
 
 
+def _read_boot_tag() -> str:
+    """This boot of this machine's kernel (its containers share it): pids of an owner
+    recorded under another boot (or another machine sharing the folder) mean nothing here."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip().replace("-", "")[:12]
+    except OSError:
+        return "unknown"
+
+
+_BOOT_TAG = _read_boot_tag()
+_RESTORING = ".pgbackflow-restoring-"
+_CHAIN = ".pgbackflow-chain-"
+_STAGING_NAME = re.compile(
+    r"(?:\..+\.pgbackflow-restoring|\.pgbackflow-chain)-"
+    r"(?P<boot>[0-9a-z]{12}|unknown)-(?P<pid>\d+)-[0-9a-z_]+"
+)
+
+
+@contextmanager
+def _staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
+    """A hidden work folder in ``parent`` named after this machine's boot and our pid, and
+    locked while we hold it (the lock goes with us, even on kill -9). Removed on leaving
+    unless it was moved away."""
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{_BOOT_TAG}-{os.getpid()}-", dir=parent))
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        with suppress(OSError):  # no lock support (some network file systems): pid only
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield path
+    finally:
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+
+
+def _staging_owner(path: Path, boot: str, pid: int) -> str:
+    """"alive", "gone" or "unknown" (another boot or machine, no lock support): gone only
+    when the boot is this one, nobody holds the lock and the pid does not exist."""
+    if boot != _BOOT_TAG or boot == "unknown":
+        return "unknown"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return "unknown"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "alive"
+    except OSError:
+        return "unknown"
+    finally:
+        os.close(fd)  # also drops the lock we may just have taken
+    return "alive" if pid_alive(pid) else "gone"
+
+
+def sweep_interrupted_restores(parent: Path) -> list[str]:
+    """Remove the hidden work folders of restores into ``parent`` whose owner is gone.
+
+    Returns:
+        One line per removed folder, for the log.
+    """
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        match = _STAGING_NAME.fullmatch(entry.name)
+        if match is None or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(match["pid"])
+        if _staging_owner(Path(entry.path), match["boot"], pid) != "gone":
+            continue
+        shutil.rmtree(entry.path, ignore_errors=True)
+        if not os.path.lexists(entry.path):
+            removed.append(
+                f"removed {entry.path}: left by an interrupted restore (pid {pid} on this "
+                "machine is gone)"
+            )
+    return removed
+
+
 def build_data_dir(
     storage: Storage,
     plan: PitrPlan,
@@ -402,10 +491,14 @@ def build_data_dir(
     ``mark_incomplete`` the directory holds :data:`INCOMPLETE_MARKER` (included from
     postgresql.conf, so PostgreSQL refuses to start it) from before its first file until
     :func:`finish_restore`: a restore killed half-way is never taken for a good one.
+    Work folders of earlier restores into the same parent folder whose owner is gone are
+    removed first (one ``on_step`` line each).
     """
     with_tablespaces = bool(plan.newest.tablespaces)
-    check_target_dir(target_dir, tablespaces=with_tablespaces)
     step = on_step or (lambda _message: None)
+    for line in sweep_interrupted_restores(target_dir.absolute().parent):
+        step(line)
+    check_target_dir(target_dir, tablespaces=with_tablespaces)
     reporter = ProgressReporter(progress) if progress is not None else None
     if len(plan.chain) == 1:
         step(f"unpacking full backup {plan.newest.backup_id}")
@@ -420,24 +513,19 @@ def build_data_dir(
             # mid-unpack leaves the target as it was (a rerun just works).
             parent = target_dir.absolute().parent
             parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(
-                prefix=f".{target_dir.name}.pgbackflow-restoring-", dir=parent))
-            try:
+            with _staging_dir(parent, f".{target_dir.name}{_RESTORING}") as staging:
                 _write_marker(staging)
                 unpack_backup(storage, plan.newest, keyring, staging, reporter)
                 _include_marker(staging)
                 if target_dir.exists():
                     target_dir.rmdir()
                 staging.rename(target_dir)
-            except BaseException:
-                shutil.rmtree(staging, ignore_errors=True)
-                raise
             target_dir.chmod(0o700)
         return
     parent = target_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pgbackflow-chain-", dir=parent) as work:
-        dirs = [safe_join(Path(work), backup.backup_id) for backup in plan.chain]
+    with _staging_dir(parent, _CHAIN) as work:
+        dirs = [safe_join(work, backup.backup_id) for backup in plan.chain]
         step(f"unpacking {len(dirs)} backups ({', '.join(b.mode for b in plan.chain)})")
         # In parallel: decryption, decompression and disk writes of the links overlap. Each
         # worker runs in a copy of our context, so progress reaches the same Prefect API.
@@ -453,7 +541,7 @@ def build_data_dir(
         step(f"combining {len(dirs)} backups with pg_combinebackup")
         # pg_combinebackup creates its output itself: into the work folder, moved into
         # place once marked, so the target never holds an unmarked partial directory.
-        output = Path(work) / "combined" if mark_incomplete else target_dir
+        output = work / "combined" if mark_incomplete else target_dir
         if target_dir.exists() and not mark_incomplete:
             target_dir.rmdir()
         # Tablespaces move from the newest link's folders to ours next to the output.
@@ -774,6 +862,7 @@ __all__ = [
     "remove_wal_cache",
     "restore_dir_of",
     "start_and_wait",
+    "sweep_interrupted_restores",
     "tablespace_root",
     "unpack_backup",
     "write_restore_script",

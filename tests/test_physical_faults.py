@@ -31,7 +31,7 @@ from pgbackflow.tasks.cluster import EphemeralCluster, free_port, resolve_os_use
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.keys import Keyring, write_key_file
 from pgbackflow.tasks.physical import physical_db_id
-from pgbackflow.tasks.pitr import INCOMPLETE_MARKER
+from pgbackflow.tasks.pitr import INCOMPLETE_MARKER, sweep_interrupted_restores
 from pgbackflow.tasks.process import Tool
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, SWEEP_GRACE_ENV
 from pgbackflow.tasks.toolsets import find_toolset
@@ -472,6 +472,90 @@ def test_pitr_killed_after_pg_control_leaves_a_marked_unstartable_dir(
     finally:
         pg_ctl.run(["-D", target, "-m", "immediate", "stop"], user=resolve_os_user(),
                    check=False)
+
+
+def boot_tag() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
+
+
+def gone_pid() -> int:
+    """The pid of a process that has exited."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+HOLD_LOCK = """
+import fcntl, os, sys, tempfile, time
+path = tempfile.mkdtemp(prefix=sys.argv[1] + str(os.getpid()) + "-", dir=sys.argv[2])
+fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print(path, flush=True)
+time.sleep(600)
+"""
+
+
+def test_pitr_killed_mid_unpack_leaves_a_folder_the_next_pitr_removes(
+    streamed: Streamed, prefect_api: str
+) -> None:
+    """kill -9 of `pgbackflow pitr` while it unpacks: the target is untouched and the hidden
+    work folder stays; the next pitr into the same parent removes it and a killed chain's
+    folder (one log line each), but not a live restore's, nor one of another machine, nor
+    one whose pid still runs."""
+    parent = streamed.root / "unpack-kill"
+    parent.mkdir()
+    target = parent / "restore"
+    args = ["pitr", "--from", str(streamed.store), "--target-time", "latest", "--to-dir",
+            str(target), "--key-file", str(streamed.key_file)]
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    proc = subprocess.Popen([*CLI, *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 120
+    staging: list[Path] = []
+    while not staging or len(list(staging[0].iterdir())) < 3:
+        assert proc.poll() is None, proc.communicate()[1].decode()[-2000:]
+        assert time.monotonic() < deadline, "the unpack never started"
+        staging = [p for p in parent.iterdir() if ".pgbackflow-restoring-" in p.name]
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed = staging[0]
+    assert killed.name.startswith(f".restore.pgbackflow-restoring-{boot_tag()}-{proc.pid}-")
+    assert not target.exists(), "the kill came after the unpack (raise the data size)"
+    assert (killed / INCOMPLETE_MARKER).exists()
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, f".other.pgbackflow-restoring-{boot_tag()}-",
+         str(parent)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None
+        live = Path(holder.stdout.readline().strip())
+        dead_chain = parent / f".pgbackflow-chain-{boot_tag()}-{gone_pid()}-abcd_123"
+        elsewhere = parent / f".pgbackflow-chain-{'0' * 12}-{gone_pid()}-abcd_123"
+        running = parent / f".pgbackflow-chain-{boot_tag()}-{os.getpid()}-abcd_123"
+        for folder in (dead_chain, elsewhere, running):
+            (folder / "base").mkdir(parents=True)
+        # The run's log lines (in the Prefect UI) on the console too.
+        rerun = subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300,
+                               env={**env, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL":
+                                    "INFO"}, check=False)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        output = rerun.stdout + rerun.stderr
+        for folder, pid in ((killed, proc.pid), (dead_chain, int(dead_chain.name.split("-")[3]))):
+            line = f"removed {folder}: left by an interrupted restore (pid {pid} on this " \
+                   "machine is gone)"
+            assert output.count(line) == 1, output[-3000:]
+            assert not folder.exists()
+        assert sorted(p.name for p in parent.iterdir()) == sorted(
+            [live.name, elsewhere.name, running.name, "restore"])
+        assert (target / "PG_VERSION").exists() and not (target / INCOMPLETE_MARKER).exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # Once its owner is gone, the live one goes too.
+    assert sweep_interrupted_restores(parent) == [
+        f"removed {live}: left by an interrupted restore (pid {holder.pid} on this machine is "
+        "gone)"]
 
 
 # --------------------------------------------------------------------------- lost sessions
