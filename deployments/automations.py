@@ -4,10 +4,23 @@
   (worker host lost, process frozen) is marked Crashed after :data:`ZOMBIE_AFTER_S`, as in
   Prefect's "detect zombie flows" recipe. Deployments run with heartbeats every
   :data:`HEARTBEAT_S` (their job variables set it), so a killed run never stays Running.
+* ``pgbackflow wal-stream crash when lost at start: <db_id>``: the heartbeat automation only
+  watches a run once the server has *received* a heartbeat of it (its trigger starts
+  ``after`` one). A streamer whose host is lost between its Running state and its first
+  heartbeat reaching the server (the engine sends it ~0.2 s after Running, over a websocket
+  it opens then) would stay Running for ever and hold the deployment's only slot; this one
+  starts watching at the Running state and marks the run Crashed when neither a heartbeat
+  nor a final state follows within :data:`ZOMBIE_AFTER_S`.
+* ``pgbackflow wal-stream crash when silent: <db_id>``: independent of heartbeats, a streamer
+  run whose ``pgbackflow.wal.alive`` events (every :data:`WAL_ALIVE_S`) stop for the silence
+  window is marked Crashed too. A backstop: if the heartbeat automation's state change is
+  lost (the SQLite-backed server answers "database is locked" at times, and Prefect does not
+  retry a failed action), the frozen run would otherwise keep the deployment's only slot.
+  On a run already ended its state change is refused (no second restart).
 * ``pgbackflow wal-stream restart ...: <db_id>`` (three per cluster): the WAL streamer is one
   long-running flow run; when it ends Crashed (at once) or Failed (after a minute), or when
-  its ``pgbackflow.wal.alive`` events stop for the silence window, the deployment is started
-  again.
+  no streamer sent an alive event for the silence window (none started), the deployment is
+  started again.
 """
 
 from __future__ import annotations
@@ -76,6 +89,13 @@ def _fingerprint(automation: Any) -> str:
     return json.dumps(document, sort_keys=True)
 
 
+#: What ends the wait for a run's next heartbeat: a heartbeat or a final state.
+_HEARTBEAT_OR_FINAL = frozenset({
+    "prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed",
+})
+
+
 def zombie_automation() -> AutomationSpec:
     """Mark deployment runs whose heartbeats stopped as Crashed."""
     return AutomationSpec(
@@ -84,11 +104,7 @@ def zombie_automation() -> AutomationSpec:
                      "(worker host lost or process frozen), so it does not stay Running"),
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={
-                "prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
-                "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
-                "prefect.flow-run.Crashed",
-            },
+            expect=set(_HEARTBEAT_OR_FINAL),
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
@@ -115,24 +131,74 @@ def wal_restart_automations(
     longer than the run's retries) restarts after WAL_RESTART_AFTER_FAILURE_S, so a streamer
     that cannot work (wrong password) makes one Failed run every few minutes, not a storm.
     Silence (no alive event for a whole ``silence_s`` window: never started, stuck) is the
-    backstop; a run started while one streams ends Cancelled at once (limit 1).
+    backstop; a run started while one streams ends Cancelled at once (limit 1). A lost host
+    is noticed by heartbeats (:func:`zombie_automation`, and the "lost at start" automation
+    here for the first seconds of a run), and by the silence of its alive events.
     """
 
     def restart(after_s: float = 0.0) -> RunDeployment:
         return RunDeployment(source="selected", deployment_id=deployment_id, parameters=None,
                              schedule_after=timedelta(seconds=after_s))
 
+    of_deployment = ResourceSpecification(
+        {"prefect.resource.id": f"prefect.deployment.{deployment_id}"}
+    )
+
     def on_state(state: str) -> EventTrigger:
         return EventTrigger(
             expect={f"prefect.flow-run.{state}"},
-            match_related=ResourceSpecification(
-                {"prefect.resource.id": f"prefect.deployment.{deployment_id}"}
-            ),
+            match_related=of_deployment,
             posture=Posture.Reactive,
             threshold=1,
         )
 
     return [
+        AutomationSpec(
+            name=f"pgbackflow wal-stream crash when lost at start: {db_id}",
+            description=(f"Marks a WAL streamer run of {db_id} Crashed when no heartbeat (nor a "
+                         f"final state) follows its Running state within {ZOMBIE_AFTER_S} s: "
+                         "its host was lost before the first heartbeat arrived"),
+            trigger=EventTrigger(
+                after={"prefect.flow-run.Running"},
+                expect=set(_HEARTBEAT_OR_FINAL),
+                match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+                match_related=of_deployment,
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=ZOMBIE_AFTER_S),
+            ),
+            actions=(ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=(f"no heartbeat within {ZOMBIE_AFTER_S} s of Running: the worker or "
+                         "its host was lost"),
+            ),),
+            enabled=enabled,
+        ),
+        AutomationSpec(
+            name=f"pgbackflow wal-stream crash when silent: {db_id}",
+            description=(f"Marks the WAL streamer run of {db_id} Crashed when it sent no "
+                         f"{WAL_ALIVE_EVENT} event for {silence_s:g} s (its host was lost, or "
+                         "it is stuck), so the restart on crash replaces it"),
+            trigger=EventTrigger(
+                # Each alive event starts a new wait for the next one (as heartbeats do for
+                # the heartbeat automation); the run is the one the last alive event names.
+                after={WAL_ALIVE_EVENT},
+                expect={WAL_ALIVE_EVENT},
+                match=ResourceSpecification({"prefect.resource.id": wal_resource_id("*")}),
+                match_related=of_deployment,
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive,
+                threshold=1,
+                within=timedelta(seconds=silence_s),
+            ),
+            actions=(ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no {WAL_ALIVE_EVENT} event for {silence_s:g} s: the streamer or its "
+                        "host was lost",
+            ),),
+            enabled=enabled,
+        ),
         AutomationSpec(
             name=f"pgbackflow wal-stream restart on crash: {db_id}",
             description=f"Starts the WAL streamer of {db_id} again when its run ends Crashed",
@@ -151,7 +217,11 @@ def wal_restart_automations(
                          f"{WAL_ALIVE_EVENT} event for {silence_s:g} s"),
             trigger=EventTrigger(
                 expect={WAL_ALIVE_EVENT},
-                match=ResourceSpecification({"prefect.resource.id": wal_resource_id(db_id)}),
+                # By the deployment its run belongs to (Prefect relates an event sent in a
+                # run to the run, its flow and deployment): the event's own resource names
+                # the cluster by its system identifier, ``db_id`` may be the config's name.
+                match=ResourceSpecification({"prefect.resource.id": wal_resource_id("*")}),
+                match_related=of_deployment,
                 posture=Posture.Proactive,
                 threshold=1,
                 within=timedelta(seconds=silence_s),

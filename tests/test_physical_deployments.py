@@ -272,13 +272,17 @@ def assert_restart_automations(db_id: str, deployment_id: UUID, *, silence_s: fl
         zombie = client.read_automations_by_name("pgbackflow: crash unresponsive runs")
     assert len(zombie) == 1
     by_name = {a.name.split(":")[0]: a for a in automations}
-    assert len(automations) == 3 and set(by_name) == {
+    assert len(automations) == 5 and set(by_name) == {
         "pgbackflow wal-stream restart on crash", "pgbackflow wal-stream restart after failure",
         "pgbackflow wal-stream restart when silent",
+        "pgbackflow wal-stream crash when lost at start", "pgbackflow wal-stream crash when silent",
     }
     for automation in automations:
         (action,) = automation.actions
-        assert action.type == "run-deployment" and action.deployment_id == deployment_id
+        if automation.name.startswith("pgbackflow wal-stream crash"):
+            assert action.type == "change-flow-run-state" and action.state == "CRASHED"
+        else:
+            assert action.type == "run-deployment" and action.deployment_id == deployment_id
     silent = by_name["pgbackflow wal-stream restart when silent"].trigger
     assert silent.within == timedelta(seconds=silence_s)
     assert by_name["pgbackflow wal-stream restart after failure"].actions[0].schedule_after == (
