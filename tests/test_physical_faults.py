@@ -593,9 +593,10 @@ def start_cli(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
-def wait_mid_copy(server: EphemeralCluster, proc: subprocess.Popen[str]) -> None:
+def wait_mid_copy(server: EphemeralCluster, proc: subprocess.Popen[str],
+                  streamed_bytes: int = 30_000_000) -> None:
     deadline = time.monotonic() + 120
-    while basebackup_streamed(server) < 30_000_000:
+    while basebackup_streamed(server) < streamed_bytes:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "pg_basebackup never got going"
         time.sleep(0.05)
@@ -649,6 +650,46 @@ def test_pg_basebackup_loses_its_session(
         assert f"{server.host}:{server.port}" in last and "retry" not in last
         assert manifests(folder) == []
         assert list(folder.glob("physical/*/base/*/*")) == []
+
+
+def test_incremental_pg_basebackup_loses_its_session(prefect_api: str, tmp_path: Path) -> None:
+    """PostgreSQL 17 restarts while `physical-backup --incremental` copies ~150 MB of pages
+    written since the full backup: the retry line, then one complete incremental backup on
+    the full (nothing partial left)."""
+    server = EphemeralCluster(find_toolset(MAJOR), settings={"fsync": "off"}).start()
+    try:
+        key = BackupEncryptionKey.generate()
+        key_file = tmp_path / "key"
+        write_key_file(key_file, key.master_key())
+        folder = tmp_path / "store"
+        full = full_backup(db_block(server), [LocalStorage(folder=str(folder))],
+                           encryption_key=key)  # a small cluster: fast
+        with server.connect() as conn:  # new pages only the incremental copies
+            conn.execute("CREATE TABLE changed AS SELECT g AS id, md5(g::text) AS a, "
+                         "md5((g * 7)::text) AS b FROM generate_series(1, 1500000) g")
+        proc = start_cli(run_env(prefect_api, server), "physical-backup", "--incremental",
+                         "--db", dsn_of(server), "--to", str(folder), "--key-file",
+                         str(key_file), "--json")
+        try:
+            wait_mid_copy(server, proc, streamed_bytes=10_000_000)
+            server.halt()
+            server.resume()
+            stdout, stderr = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        lines = retry_lines(stderr)
+        assert lines, stderr[-3000:]
+        assert "connection lost during the base backup (pg_basebackup: " in lines[0].group(0)
+        assert proc.returncode == 0, stderr[-3000:]
+        report = json.loads(stdout)
+        assert (report["mode"], report["parent_id"]) == ("incremental", full.backup_id), report
+        assert report["raw_size"] > 100_000_000, report  # the changed pages, not a full copy
+        assert leftovers(folder) == []
+        stored = [json.loads(m.read_text()) for m in manifests(folder)]
+        assert sorted(m["mode"] for m in stored) == ["full", "incremental"]
+    finally:
+        server.stop()
 
 
 @pytest.mark.parametrize("outage", ["restart", "shutdown"])
