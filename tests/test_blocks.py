@@ -9,22 +9,22 @@ from typing import Any
 
 import pytest
 from prefect.blocks.core import Block
-from prefect.testing.standard_test_suites import BlockStandardTestSuite
 from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
 from pgbackflow.tasks.keys import MasterKey
+from tests.fixtures.prefect import BlockStandards
 
 ALL_BLOCKS: list[type[Block]] = [BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage]
 
 
-class TestBackupEncryptionKeyStandards(BlockStandardTestSuite):
+class TestBackupEncryptionKeyStandards(BlockStandards):
     @pytest.fixture
     def block(self) -> type[Block]:
         return BackupEncryptionKey
 
 
-class TestPostgresDatabaseStandards(BlockStandardTestSuite):
+class TestPostgresDatabaseStandards(BlockStandards):
     @pytest.fixture
     def block(self) -> type[Block]:
         return PostgresDatabase

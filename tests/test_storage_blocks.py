@@ -7,24 +7,24 @@ from pathlib import Path
 
 import pytest
 from prefect.blocks.core import Block
-from prefect.testing.standard_test_suites.blocks import BlockStandardTestSuite
 from pydantic import SecretStr
 
 from pgbackflow.blocks.storage import LocalStorage, S3Storage
 from pgbackflow.tasks.errors import StorageError
 from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage
+from tests.fixtures.prefect import BlockStandards
 from tests.fixtures.s3 import S3Bucket
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
 
 
-class TestLocalStorageBlock(BlockStandardTestSuite):
+class TestLocalStorageBlock(BlockStandards):
     @pytest.fixture
     def block(self) -> type[Block]:
         return LocalStorage
 
 
-class TestS3StorageBlock(BlockStandardTestSuite):
+class TestS3StorageBlock(BlockStandards):
     @pytest.fixture
     def block(self) -> type[Block]:
         return S3Storage
