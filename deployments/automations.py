@@ -9,8 +9,8 @@
   ``after`` one). A streamer whose host is lost between its Running state and its first
   heartbeat reaching the server (the engine sends it ~0.2 s after Running, over a websocket
   it opens then) would stay Running for ever and hold the deployment's only slot; this one
-  starts watching at the Running state and marks the run Crashed when neither a heartbeat
-  nor a final state follows within :data:`ZOMBIE_AFTER_S`.
+  starts watching at the Running state and marks the run Crashed when no heartbeat follows
+  within :data:`ZOMBIE_AFTER_S` (a run already ended is refused the change).
 * ``pgbackflow wal-stream crash when silent: <db_id>``: independent of heartbeats, a streamer
   run whose ``pgbackflow.wal.alive`` events (every :data:`WAL_ALIVE_S`) stop for the silence
   window is marked Crashed too. A backstop: if the heartbeat automation's state change is
@@ -155,12 +155,17 @@ def wal_restart_automations(
     return [
         AutomationSpec(
             name=f"pgbackflow wal-stream crash when lost at start: {db_id}",
-            description=(f"Marks a WAL streamer run of {db_id} Crashed when no heartbeat (nor a "
-                         f"final state) follows its Running state within {ZOMBIE_AFTER_S} s: "
-                         "its host was lost before the first heartbeat arrived"),
+            description=(f"Marks a WAL streamer run of {db_id} Crashed when no heartbeat "
+                         f"follows its Running state within {ZOMBIE_AFTER_S} s: its host was "
+                         "lost before the first heartbeat arrived"),
             trigger=EventTrigger(
+                # Only the heartbeat ends the wait: a run that ends before its first heartbeat
+                # is refused the state change (final states are kept). Not expecting final
+                # states spares a bucket write per final state event: on SQLite a write that
+                # meets "database is locked" makes the server evaluate the whole event again,
+                # and reactive automations already evaluated for it fire a second time.
                 after={"prefect.flow-run.Running"},
-                expect=set(_HEARTBEAT_OR_FINAL),
+                expect={"prefect.flow-run.heartbeat"},
                 match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
                 match_related=of_deployment,
                 for_each={"prefect.resource.id"},
