@@ -53,7 +53,7 @@ from pgbackflow.tasks.physical import (
     usable_backups,
 )
 from pgbackflow.tasks.pipeline import decrypted_chunks
-from pgbackflow.tasks.process import OsUser, Tool, pid_alive
+from pgbackflow.tasks.process import BOOT_TAG, OsUser, Tool, owner_state
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
 from pgbackflow.tasks.toolsets import Toolset
@@ -390,17 +390,6 @@ def _counted(chunks: Iterator[bytes], progress: ProgressReporter) -> Iterator[by
         yield chunk
 
 
-def _read_boot_tag() -> str:
-    """This boot of this machine's kernel (its containers share it): pids of an owner
-    recorded under another boot (or another machine sharing the folder) mean nothing here."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            return handle.read().strip().replace("-", "")[:12]
-    except OSError:
-        return "unknown"
-
-
-_BOOT_TAG = _read_boot_tag()
 _RESTORING = ".pgbackflow-restoring-"
 _CHAIN = ".pgbackflow-chain-"
 _STAGING_NAME = re.compile(
@@ -414,7 +403,7 @@ def _staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
     """A hidden work folder in ``parent`` named after this machine's boot and our pid, and
     locked while we hold it (the lock goes with us, even on kill -9). Removed on leaving
     unless it was moved away."""
-    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{_BOOT_TAG}-{os.getpid()}-", dir=parent))
+    path = Path(tempfile.mkdtemp(prefix=f"{prefix}{BOOT_TAG}-{os.getpid()}-", dir=parent))
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with suppress(OSError):  # no lock support (some network file systems): pid only
@@ -425,26 +414,6 @@ def _staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
             shutil.rmtree(path, ignore_errors=True)
         finally:
             os.close(fd)
-
-
-def _staging_owner(path: Path, boot: str, pid: int) -> str:
-    """"alive", "gone" or "unknown" (another boot or machine, no lock support): gone only
-    when the boot is this one, nobody holds the lock and the pid does not exist."""
-    if boot != _BOOT_TAG or boot == "unknown":
-        return "unknown"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return "unknown"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return "alive"
-    except OSError:
-        return "unknown"
-    finally:
-        os.close(fd)  # also drops the lock we may just have taken
-    return "alive" if pid_alive(pid) else "gone"
 
 
 def sweep_interrupted_restores(parent: Path) -> list[str]:
@@ -463,7 +432,7 @@ def sweep_interrupted_restores(parent: Path) -> list[str]:
         if match is None or not entry.is_dir(follow_symlinks=False):
             continue
         pid = int(match["pid"])
-        if _staging_owner(Path(entry.path), match["boot"], pid) != "gone":
+        if owner_state(entry.path, match["boot"], pid) != "gone":
             continue
         shutil.rmtree(entry.path, ignore_errors=True)
         if not os.path.lexists(entry.path):

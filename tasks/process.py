@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Any, Literal, Protocol
 
 from pgbackflow.tasks.errors import PgBackflowError
 
@@ -338,6 +338,44 @@ def pid_alive(pid: int) -> bool:
     except (OSError, OverflowError):  # EPERM: alive, someone else's; else unsure: keep it
         return True
     return True
+
+
+def _read_boot_tag() -> str:
+    """This boot of this machine's kernel (shared by its containers): a pid recorded under
+    another boot (or by another machine sharing the folder) means nothing here."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as handle:
+            return handle.read().strip().replace("-", "")[:12]
+    except OSError:
+        return "unknown"
+
+
+#: Put into the names of work files and folders, with the owner's pid (see owner_state).
+BOOT_TAG = _read_boot_tag()
+
+
+def owner_state(path: str, boot: str, pid: int) -> Literal["alive", "gone", "unknown"]:
+    """Whether the process that made ``path`` (and holds a flock on it while it works) lives.
+
+    Alive: the lock is held (by any process of this kernel). Gone: made in this boot, lock
+    free, and no process has its pid. Unknown otherwise (another boot or machine, no lock
+    support, or the pid is in use again): callers judge by age, or keep it.
+    """
+    if boot != BOOT_TAG or boot == "unknown":
+        return "unknown"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return "unknown"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "alive"
+    except OSError:
+        return "unknown"
+    finally:
+        os.close(fd)  # also drops the lock we may just have taken
+    return "unknown" if pid_alive(pid) else "gone"
 
 
 def _widen_pipe(fd: int) -> None:

@@ -61,6 +61,7 @@ from pgbackflow.tasks.errors import (
     StorageError,
     TransientStorageError,
 )
+from pgbackflow.tasks.process import BOOT_TAG, owner_state
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -482,7 +483,7 @@ class LocalFolderStorage(Storage):
             if self.folder.exists() and not self.folder.is_dir():
                 raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
             self.incomplete_folder.mkdir(parents=True, exist_ok=True)
-            temp = self.incomplete_folder / f"{_BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
+            temp = self.incomplete_folder / f"{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
             fd = os.open(
                 temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
             )
@@ -677,48 +678,16 @@ class LocalFolderStorage(Storage):
         return removed
 
 
-def _read_boot_tag() -> str:
-    """This boot of this machine's kernel (shared by its containers), for temp names."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as handle:
-            return handle.read().strip().replace("-", "")[:12]
-    except OSError:
-        return "unknown"
-
-
-_BOOT_TAG = _read_boot_tag()
 _TEMP_NAME = re.compile(r"(?P<boot>[0-9a-f]{12})-(?P<pid>\d+)-[0-9a-f]{16}")
 
 
 def _local_writer_state(path: str, name: str) -> str:
-    """"alive", "gone" or "unknown" (another machine, an old name, no lock support).
-
-    Alive: its lock is held (by any process of this kernel). Gone: same boot, lock free
-    and the pid in its name does not exist here.
-    """
+    """"alive", "gone" or "unknown" (another machine, an old name, no lock support): see
+    :func:`owner_state`; the temporary's name holds the writer's boot and pid."""
     match = _TEMP_NAME.fullmatch(name)
-    if match is None or match["boot"] != _BOOT_TAG:
+    if match is None:
         return "unknown"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return "unknown"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return "alive"
-    except OSError:
-        return "unknown"
-    finally:
-        os.close(fd)  # also drops the lock we may just have taken
-    try:
-        os.kill(int(match["pid"]), 0)
-    except ProcessLookupError:
-        return "gone"
-    except OSError:
-        pass  # EPERM: a process of someone else has that pid
-    # A pid in use again (or in another pid namespace): judged by age only.
-    return "unknown"
+    return owner_state(path, match["boot"], int(match["pid"]))
 
 
 class _LocalWriter(ObjectWriter):
