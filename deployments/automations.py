@@ -86,6 +86,10 @@ def _fingerprint(automation: Any) -> str:
         mode="json", include={"description", "enabled", "trigger", "actions"}
     )
     document["trigger"].pop("id", None)
+    # Sets (a trigger's events and for_each) dump in each process's hash order: sort them.
+    for field in ("expect", "after", "for_each"):
+        if isinstance(document["trigger"].get(field), list):
+            document["trigger"][field] = sorted(document["trigger"][field])
     return json.dumps(document, sort_keys=True)
 
 

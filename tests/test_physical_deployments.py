@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -314,3 +316,17 @@ def test_a_second_streamer_is_cancelled_while_one_runs(wal_deployment: tuple[UUI
         third = client.create_flow_run_from_deployment(deployment_id)
         assert move(third.id, Pending()) == StateType.PENDING
         client.set_flow_run_state(third.id, Crashed(message="test done"), force=True)
+
+
+def test_automation_fingerprints_do_not_depend_on_hash_order() -> None:
+    """A trigger's event sets dump in each process's hash order; deploy compares fingerprints
+    made in two processes (the one that created the automation, the one deploying now), so
+    an unchanged automation must not look changed ("~ automation ..." on a second deploy)."""
+    script = ("from pgbackflow.deployments.automations import zombie_automation;"
+              "print(zombie_automation().fingerprint())")
+    prints = {
+        subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       check=True, env={"PYTHONHASHSEED": str(seed)}).stdout
+        for seed in range(6)
+    }
+    assert len(prints) == 1, prints
