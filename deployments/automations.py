@@ -1,16 +1,18 @@
 """Prefect automations pgbackflow relies on, created and updated idempotently by name.
 
-* ``pgbackflow: crash unresponsive runs``: a deployment run whose flow-run heartbeats stop
-  (worker host lost, process frozen) is marked Crashed after :data:`ZOMBIE_AFTER_S`, as in
-  Prefect's "detect zombie flows" recipe. Deployments run with heartbeats every
-  :data:`HEARTBEAT_S` (their job variables set it), so a killed run never stays Running.
-* ``pgbackflow wal-stream crash when lost at start: <db_id>``: the heartbeat automation only
-  watches a run once the server has *received* a heartbeat of it (its trigger starts
-  ``after`` one). A streamer whose host is lost between its Running state and its first
-  heartbeat reaching the server (the engine sends it ~0.2 s after Running, over a websocket
-  it opens then) would stay Running for ever and hold the deployment's only slot; this one
-  starts watching at the Running state and marks the run Crashed when no heartbeat follows
-  within :data:`ZOMBIE_AFTER_S` (a run already ended is refused the change).
+* ``pgbackflow: crash unresponsive runs``: a run of a pgbackflow flow whose flow-run
+  heartbeats stop (worker host lost, process frozen, CLI killed) is marked Crashed after
+  :data:`ZOMBIE_AFTER_S`, as in Prefect's "detect zombie flows" recipe. Deployments run with
+  heartbeats every :data:`HEARTBEAT_S` (their job variables set it), CLI runs against a
+  server too, so a killed run never stays Running.
+* ``pgbackflow: crash runs lost at start``: the heartbeat automation only watches a run once
+  the server has *received* a heartbeat of it (its trigger starts ``after`` one). A run whose
+  host is lost between its Running state and its first heartbeat reaching the server (the
+  engine sends it ~0.2 s after Running, over a websocket it opens then) would stay Running
+  for ever (a WAL streamer would hold its deployment's only slot); this one starts watching
+  at the Running state and marks the run Crashed when no heartbeat follows within
+  :data:`ZOMBIE_AFTER_S` (a run already ended is refused the change).
+* Both watch runs of :data:`FLOW_NAMES` only (other flows keep Prefect's default heartbeat).
 * ``pgbackflow wal-stream crash when silent: <db_id>``: independent of heartbeats, a streamer
   run whose ``pgbackflow.wal.alive`` events (every :data:`WAL_ALIVE_S`) stop for the silence
   window is marked Crashed too. A backstop: if the heartbeat automation's state change is
@@ -93,6 +95,20 @@ def _fingerprint(automation: Any) -> str:
     return json.dumps(document, sort_keys=True)
 
 
+#: pgbackflow's flows. The lost-run automations watch runs of these only: other flows on the
+#: same server send heartbeats at Prefect's default (every 180 s, longer than ZOMBIE_AFTER_S)
+#: and must not be marked Crashed. Matched by the flow the events relate (heartbeats and
+#: state changes name it), which also covers CLI runs and subflows (they carry no tags yet
+#: when their first events are sent). tests/test_physical_deployments.py checks the list.
+FLOW_NAMES = (
+    "backup-databases", "full-backup", "incremental-backup", "logical-backup",
+    "logical-restore", "maintenance", "physical-verification", "pitr-restore",
+    "restore-verification", "wal-stream",
+)
+_OF_OUR_FLOWS = ResourceSpecification(
+    {"prefect.resource.role": "flow", "prefect.resource.name": list(FLOW_NAMES)}
+)
+
 #: What ends the wait for a run's next heartbeat: a heartbeat or a final state.
 _HEARTBEAT_OR_FINAL = frozenset({
     "prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
@@ -101,7 +117,7 @@ _HEARTBEAT_OR_FINAL = frozenset({
 
 
 def zombie_automation() -> AutomationSpec:
-    """Mark deployment runs whose heartbeats stopped as Crashed."""
+    """Mark pgbackflow runs whose heartbeats stopped as Crashed."""
     return AutomationSpec(
         name=ZOMBIE_AUTOMATION,
         description=(f"Marks a flow run Crashed when its heartbeats stop for {ZOMBIE_AFTER_S} s "
@@ -110,6 +126,7 @@ def zombie_automation() -> AutomationSpec:
             after={"prefect.flow-run.heartbeat"},
             expect=set(_HEARTBEAT_OR_FINAL),
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            match_related=_OF_OUR_FLOWS,
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
@@ -120,6 +137,44 @@ def zombie_automation() -> AutomationSpec:
             message=f"no heartbeat for {ZOMBIE_AFTER_S} s: the worker or its host was lost",
         ),),
     )
+
+
+LOST_AT_START_AUTOMATION = "pgbackflow: crash runs lost at start"
+
+
+def lost_at_start_automation() -> AutomationSpec:
+    """Mark pgbackflow runs whose first heartbeat never arrived as Crashed."""
+    return AutomationSpec(
+        name=LOST_AT_START_AUTOMATION,
+        description=(f"Marks a pgbackflow run Crashed when no heartbeat follows its "
+                     f"Running state within {ZOMBIE_AFTER_S} s: its host was lost before the "
+                     "first heartbeat arrived"),
+        trigger=EventTrigger(
+            # Only the heartbeat ends the wait: a run that ends before its first heartbeat
+            # is refused the state change (final states are kept). Not expecting final
+            # states spares a bucket write per final state event: on SQLite a write that
+            # meets "database is locked" makes the server evaluate the whole event again,
+            # and reactive automations already evaluated for it fire a second time.
+            after={"prefect.flow-run.Running"},
+            expect={"prefect.flow-run.heartbeat"},
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=_OF_OUR_FLOWS,
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=ZOMBIE_AFTER_S),
+        ),
+        actions=(ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=(f"no heartbeat within {ZOMBIE_AFTER_S} s of Running: the worker or its "
+                     "host was lost"),
+        ),),
+    )
+
+
+def lost_run_automations() -> list[AutomationSpec]:
+    """The automations that end the runs of lost hosts Crashed (every deploy makes them)."""
+    return [zombie_automation(), lost_at_start_automation()]
 
 
 #: A streamer run that failed (its retries used up) is started again after this long.
@@ -136,8 +191,8 @@ def wal_restart_automations(
     that cannot work (wrong password) makes one Failed run every few minutes, not a storm.
     Silence (no alive event for a whole ``silence_s`` window: never started, stuck) is the
     backstop; a run started while one streams ends Cancelled at once (limit 1). A lost host
-    is noticed by heartbeats (:func:`zombie_automation`, and the "lost at start" automation
-    here for the first seconds of a run), and by the silence of its alive events.
+    is noticed by heartbeats (:func:`lost_run_automations`, also for the first second of a
+    run), and by the silence of its alive events.
     """
 
     def restart(after_s: float = 0.0) -> RunDeployment:
@@ -157,33 +212,6 @@ def wal_restart_automations(
         )
 
     return [
-        AutomationSpec(
-            name=f"pgbackflow wal-stream crash when lost at start: {db_id}",
-            description=(f"Marks a WAL streamer run of {db_id} Crashed when no heartbeat "
-                         f"follows its Running state within {ZOMBIE_AFTER_S} s: its host was "
-                         "lost before the first heartbeat arrived"),
-            trigger=EventTrigger(
-                # Only the heartbeat ends the wait: a run that ends before its first heartbeat
-                # is refused the state change (final states are kept). Not expecting final
-                # states spares a bucket write per final state event: on SQLite a write that
-                # meets "database is locked" makes the server evaluate the whole event again,
-                # and reactive automations already evaluated for it fire a second time.
-                after={"prefect.flow-run.Running"},
-                expect={"prefect.flow-run.heartbeat"},
-                match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-                match_related=of_deployment,
-                for_each={"prefect.resource.id"},
-                posture=Posture.Proactive,
-                threshold=1,
-                within=timedelta(seconds=ZOMBIE_AFTER_S),
-            ),
-            actions=(ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=(f"no heartbeat within {ZOMBIE_AFTER_S} s of Running: the worker or "
-                         "its host was lost"),
-            ),),
-            enabled=enabled,
-        ),
         AutomationSpec(
             name=f"pgbackflow wal-stream crash when silent: {db_id}",
             description=(f"Marks the WAL streamer run of {db_id} Crashed when it sent no "

@@ -47,8 +47,8 @@ from pgbackflow.deployments.automations import (
     apply_automation,
     automation_changes,
     disable_automations_of,
+    lost_run_automations,
     wal_restart_automations,
-    zombie_automation,
 )
 from pgbackflow.deployments.physical import (
     physical_backup_specs,
@@ -472,7 +472,7 @@ def build_plan(config: DeployConfig) -> DeployPlan:
                 plan.wal_streams.append((db_id, cluster.wal_silence_s))
     plan.prefect.deployments += _maintenance_specs(config, storage_refs, key_parameters, pool)
     # Every deployment sends heartbeats: a run whose worker host died is marked Crashed.
-    plan.automations.append(zombie_automation())
+    plan.automations += lost_run_automations()
     plan.prefect.deployments = [
         replace(spec, tags=(*spec.tags, CONFIG_TAG)) for spec in plan.prefect.deployments
     ]

@@ -103,8 +103,8 @@ from pgbackflow.deployments.apply import (
 from pgbackflow.deployments.automations import (
     DEFAULT_WAL_SILENCE_S,
     apply_automation,
+    lost_run_automations,
     wal_restart_automations,
-    zombie_automation,
 )
 from pgbackflow.deployments.verification import PRESETS, db_tag, job_tag, schedule_cron
 from pgbackflow.tasks.errors import ConfigError
@@ -342,8 +342,8 @@ def deploy_wal_stream(
                   **streaming}
     ensure_work_pool(pool)
     deployment_id = write_deployment(wal_stream_spec(parameters, db_id=db_id, pool=pool, slot=slot))
-    for automation in [zombie_automation(), *wal_restart_automations(db_id, deployment_id,
-                                                                     silence_s)]:
+    for automation in [*lost_run_automations(),
+                       *wal_restart_automations(db_id, deployment_id, silence_s)]:
         apply_automation(automation)
     if start:
         start_streamer(deployment_id)

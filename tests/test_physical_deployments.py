@@ -16,6 +16,7 @@ import pytest
 from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
+from pgbackflow.deployments.automations import FLOW_NAMES
 from pgbackflow.deployments.physical import (
     deploy_physical_backups,
     deploy_wal_stream,
@@ -272,12 +273,16 @@ def assert_restart_automations(db_id: str, deployment_id: UUID, *, silence_s: fl
     with get_client(sync_client=True) as client:
         automations = [a for a in client.read_automations() if a.name.endswith(f": {db_id}")]
         zombie = client.read_automations_by_name("pgbackflow: crash unresponsive runs")
-    assert len(zombie) == 1
+        lost_at_start = client.read_automations_by_name("pgbackflow: crash runs lost at start")
+    assert len(zombie) == 1 and len(lost_at_start) == 1
+    assert lost_at_start[0].trigger.after == {"prefect.flow-run.Running"}
+    for automation in (zombie[0], lost_at_start[0]):  # pgbackflow's runs only
+        assert automation.trigger.match_related.model_dump() == {
+            "prefect.resource.role": "flow", "prefect.resource.name": list(FLOW_NAMES)}
     by_name = {a.name.split(":")[0]: a for a in automations}
-    assert len(automations) == 5 and set(by_name) == {
+    assert len(automations) == 4 and set(by_name) == {
         "pgbackflow wal-stream restart on crash", "pgbackflow wal-stream restart after failure",
-        "pgbackflow wal-stream restart when silent",
-        "pgbackflow wal-stream crash when lost at start", "pgbackflow wal-stream crash when silent",
+        "pgbackflow wal-stream restart when silent", "pgbackflow wal-stream crash when silent",
     }
     for automation in automations:
         (action,) = automation.actions
@@ -330,3 +335,19 @@ def test_automation_fingerprints_do_not_depend_on_hash_order() -> None:
         for seed in range(6)
     }
     assert len(prints) == 1, prints
+
+
+def test_the_lost_run_automations_know_every_flow() -> None:
+    """They watch runs of FLOW_NAMES only: a flow missing there would stay Running when lost."""
+    import importlib
+    import pkgutil
+
+    from prefect import Flow
+
+    import pgbackflow.flows
+
+    names = set()
+    for module in pkgutil.iter_modules(pgbackflow.flows.__path__):
+        loaded = importlib.import_module(f"pgbackflow.flows.{module.name}")
+        names |= {value.name for value in vars(loaded).values() if isinstance(value, Flow)}
+    assert names == set(FLOW_NAMES)

@@ -23,27 +23,12 @@ import pytest
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
-from tests.fixtures.prefect_server import PrefectServer, running_prefect_server
+from tests.fixtures.prefect_server import PrefectServer, flow_run_pids, running_prefect_server
 
 POOL = "e2e-wal"
 DB_ID = "walcluster"
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
-
-
-def _flow_run_pids(run_id: str) -> list[int]:
-    """Processes started for a flow run (the worker passes its id in the environment)."""
-    marker = f"PREFECT__FLOW_RUN_ID={run_id}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    return pids
 
 
 def _streamer_runs(server: PrefectServer, deployment_id: str) -> list[dict[str, Any]]:
@@ -146,7 +131,7 @@ def test_killed_or_failed_streamer_is_started_again(
     )
 
     # kill -9 of the flow process (pg_receivewal dies with it: parent-death signal).
-    pids = _flow_run_pids(first["id"])
+    pids = flow_run_pids(first["id"])
     assert pids, "the streamer's process was not found"
     killed_at = time.monotonic()
     for pid in pids:
@@ -230,7 +215,7 @@ def test_a_frozen_streamer_host_is_noticed_and_replaced(
     # Streaming for a while (heartbeats sent), as a host that is lost in normal operation.
     time.sleep(35)
     earlier = {r["id"] for r in _streamer_runs(wal_server, deployment["id"])}
-    pids = _flow_run_pids(running["id"])
+    pids = flow_run_pids(running["id"])
     assert pids, "the streamer's processes were not found"
     frozen_at = time.monotonic()
     for pid in pids:
@@ -266,7 +251,7 @@ def test_a_frozen_streamer_host_is_noticed_and_replaced(
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
     wal_server.wait_for("the frozen processes to be gone",
-                        lambda: not _flow_run_pids(running["id"]), 30)
+                        lambda: not flow_run_pids(running["id"]), 30)
 
 
 def test_retire_drops_the_slot(
