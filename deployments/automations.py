@@ -116,15 +116,16 @@ _HEARTBEAT_OR_FINAL = frozenset({
 })
 
 
-def zombie_automation() -> AutomationSpec:
-    """Mark pgbackflow runs whose heartbeats stopped as Crashed."""
+def _crash_unless_heartbeat(
+    name: str, description: str, after: str, expect: set[str], message: str
+) -> AutomationSpec:
+    """Mark a pgbackflow run Crashed when ``expect`` does not follow ``after`` in time."""
     return AutomationSpec(
-        name=ZOMBIE_AUTOMATION,
-        description=(f"Marks a flow run Crashed when its heartbeats stop for {ZOMBIE_AFTER_S} s "
-                     "(worker host lost or process frozen), so it does not stay Running"),
+        name=name,
+        description=description,
         trigger=EventTrigger(
-            after={"prefect.flow-run.heartbeat"},
-            expect=set(_HEARTBEAT_OR_FINAL),
+            after={after},
+            expect=expect,
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             match_related=_OF_OUR_FLOWS,
             for_each={"prefect.resource.id"},
@@ -132,10 +133,18 @@ def zombie_automation() -> AutomationSpec:
             threshold=1,
             within=timedelta(seconds=ZOMBIE_AFTER_S),
         ),
-        actions=(ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=f"no heartbeat for {ZOMBIE_AFTER_S} s: the worker or its host was lost",
-        ),),
+        actions=(ChangeFlowRunState(state=StateType.CRASHED, message=message),),
+    )
+
+
+def zombie_automation() -> AutomationSpec:
+    """Mark pgbackflow runs whose heartbeats stopped as Crashed."""
+    return _crash_unless_heartbeat(
+        ZOMBIE_AUTOMATION,
+        f"Marks a flow run Crashed when its heartbeats stop for {ZOMBIE_AFTER_S} s "
+        "(worker host lost or process frozen), so it does not stay Running",
+        after="prefect.flow-run.heartbeat", expect=set(_HEARTBEAT_OR_FINAL),
+        message=f"no heartbeat for {ZOMBIE_AFTER_S} s: the worker or its host was lost",
     )
 
 
@@ -144,31 +153,18 @@ LOST_AT_START_AUTOMATION = "pgbackflow: crash runs lost at start"
 
 def lost_at_start_automation() -> AutomationSpec:
     """Mark pgbackflow runs whose first heartbeat never arrived as Crashed."""
-    return AutomationSpec(
-        name=LOST_AT_START_AUTOMATION,
-        description=(f"Marks a pgbackflow run Crashed when no heartbeat follows its "
-                     f"Running state within {ZOMBIE_AFTER_S} s: its host was lost before the "
-                     "first heartbeat arrived"),
-        trigger=EventTrigger(
-            # Only the heartbeat ends the wait: a run that ends before its first heartbeat
-            # is refused the state change (final states are kept). Not expecting final
-            # states spares a bucket write per final state event: on SQLite a write that
-            # meets "database is locked" makes the server evaluate the whole event again,
-            # and reactive automations already evaluated for it fire a second time.
-            after={"prefect.flow-run.Running"},
-            expect={"prefect.flow-run.heartbeat"},
-            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=_OF_OUR_FLOWS,
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=ZOMBIE_AFTER_S),
-        ),
-        actions=(ChangeFlowRunState(
-            state=StateType.CRASHED,
-            message=(f"no heartbeat within {ZOMBIE_AFTER_S} s of Running: the worker or its "
-                     "host was lost"),
-        ),),
+    # Only the heartbeat ends the wait: a run that ends before its first heartbeat is
+    # refused the state change (final states are kept). Not expecting final states spares a
+    # bucket write per final state event: on SQLite a write that meets "database is locked"
+    # makes the server evaluate the whole event again, and reactive automations already
+    # evaluated for it fire a second time.
+    return _crash_unless_heartbeat(
+        LOST_AT_START_AUTOMATION,
+        f"Marks a pgbackflow run Crashed when no heartbeat follows its Running state within "
+        f"{ZOMBIE_AFTER_S} s: its host was lost before the first heartbeat arrived",
+        after="prefect.flow-run.Running", expect={"prefect.flow-run.heartbeat"},
+        message=f"no heartbeat within {ZOMBIE_AFTER_S} s of Running: the worker or its host "
+                "was lost",
     )
 
 
