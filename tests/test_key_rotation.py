@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -26,9 +25,8 @@ from pgbackflow.tasks.physical import PhysicalManifest
 from pgbackflow.tasks.physical import write_manifest as write_physical_manifest
 from pgbackflow.tasks.pipeline import decrypted_chunks, store_bytes
 from pgbackflow.tasks.rotation import rotate_storage
-from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage, Storage
+from pgbackflow.tasks.storage import LocalFolderStorage, Storage
 from pgbackflow.tasks.wal import segment_name, wal_object_key
-from tests.fixtures.s3 import S3Bucket
 from tests.test_retention import CLI
 
 OLD = MasterKey.generate()
@@ -36,15 +34,9 @@ NEW = MasterKey.generate()
 CLUSTER = "cluster-7312"
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    if request.param == "local":
-        yield LocalFolderStorage(tmp_path / "store")
-        return
-    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
-    request.getfixturevalue("monkeypatch").setenv("PGBACKFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    yield S3ObjectStorage(bucket.bucket, "pg", endpoint_url=bucket.endpoint_url,
-                          region=bucket.region)
+@pytest.fixture
+def storage(either_storage: Storage) -> Storage:
+    return either_storage
 
 
 def logical_backup(storage: Storage, serial: int, payload: dict[str, bytes]) -> str:

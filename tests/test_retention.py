@@ -15,7 +15,7 @@ import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -253,15 +253,9 @@ LOGICAL_POLICY = {"hours": 24, "days": 7, "weeks": 4, "months": 12, "years": 2}
 PHYSICAL_POLICY = {"days": 3, "weeks": 3, "months": 2}
 
 
-@pytest.fixture(params=["local", "s3"])
-def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
-    if request.param == "local":
-        yield LocalFolderStorage(tmp_path / "store")
-        return
-    bucket: S3Bucket = request.getfixturevalue("s3_bucket")
-    request.getfixturevalue("monkeypatch").setenv("PGBACKFLOW_CACHE_DIR", str(tmp_path / "cache"))
-    yield S3ObjectStorage(bucket.bucket, "pg", endpoint_url=bucket.endpoint_url,
-                          region=bucket.region)
+@pytest.fixture
+def storage(either_storage: Storage) -> Storage:
+    return either_storage
 
 
 def test_gfs_plan_on_two_years_keeps_exactly_the_expected_set(tmp_path: Path) -> None:
