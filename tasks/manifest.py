@@ -144,6 +144,11 @@ def safe_join(base: Path, *ids: str) -> Path:
     return joined
 
 
+def _id_second(backup_id: str) -> str:
+    """The start-time part of a backup id (``20261130T005750Z``), which sorts by time."""
+    return backup_id.split("-", 1)[0]
+
+
 def new_backup_id(now: datetime | None = None) -> str:
     """A sortable, unique backup id: ``20261121T101530Z-3fa9c2``."""
     moment = (now or datetime.now(UTC)).astimezone(UTC)
@@ -618,15 +623,16 @@ class Catalog(Generic[M]):
     def newer_refused(self) -> list[ManifestRecord[M]]:
         """Refused manifests that may be newer than the newest usable one, newest last.
 
-        Backup ids start with their start time, so an id sorting after the newest usable
-        backup's is a later backup; a refused manifest without a valid id could be
-        anything and counts as newer.
+        Backup ids start with their start time to the second, so an id whose time is
+        later than the newest usable backup's is a later backup. Ids of the same second
+        cannot be ordered (the rest is random), so those count as newer too, as does a
+        refused manifest without a valid id: it could be anything.
         """
         usable = self.accepted
-        newest = usable[-1].location_ids()[1] if usable else None
+        newest = _id_second(usable[-1].location_ids()[1]) if usable else None
         newer = [
             r for r in self.refused
-            if newest is None or r.backup_id is None or r.backup_id > newest
+            if newest is None or r.backup_id is None or _id_second(r.backup_id) >= newest
         ]
         newer.sort(key=lambda r: r.backup_id or "\U0010ffff")
         return newer

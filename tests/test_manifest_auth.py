@@ -223,6 +223,23 @@ def test_any_edit_fails_authentication(storage: Storage, change: str) -> None:
     assert find_backup(storage, OLD, None, RING).backup_id == OLD
 
 
+def test_a_refused_manifest_of_the_same_second_counts_as_newer(storage: Storage) -> None:
+    # Two backups started in the same second: the random part of their ids says nothing
+    # about which is newer (seen in CI: the newer one's id sorted first).
+    earlier, later = "20260102T000000Z-ffffff", "20260102T000000Z-000000"
+    write_manifest(storage, logical(earlier, finished=datetime(2026, 1, 2, 0, 0, 1, tzinfo=UTC)),
+                   KEY)
+    write_manifest(storage, logical(later, finished=datetime(2026, 1, 2, 0, 0, 2, tzinfo=UTC)),
+                   KEY)
+    assert find_backup(storage, "latest", None, RING).backup_id == later
+    key = find_manifest_key(logical(later))
+    put_json(storage, key, stored_json(storage, find_manifest_key(logical(earlier))))
+    with pytest.raises(ManifestAuthenticationError, match=f"falling back to the older backup "
+                       f"{earlier}"):
+        find_backup(storage, "latest", None, RING)
+    assert find_backup(storage, earlier, None, RING).backup_id == earlier
+
+
 @pytest.mark.parametrize("where", ["newer_backup", "new_backup_id", "other_database"])
 def test_a_valid_manifest_moved_elsewhere_is_refused(storage: Storage, where: str) -> None:
     write_manifest(storage, logical(OLD), KEY)
