@@ -5,6 +5,7 @@
 
 from pgbackflow.blocks.database import PostgresDatabase
 from pgbackflow.blocks.encryption import BackupEncryptionKey
+from pgbackflow.blocks.notifications import SmtpEmail
 from pgbackflow.blocks.storage import LocalStorage, S3Storage
 
-__all__ = ["BackupEncryptionKey", "LocalStorage", "PostgresDatabase", "S3Storage"]
+__all__ = ["BackupEncryptionKey", "LocalStorage", "PostgresDatabase", "S3Storage", "SmtpEmail"]

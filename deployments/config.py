@@ -50,6 +50,7 @@ from pgbackflow.deployments.automations import (
     lost_run_automations,
     wal_restart_automations,
 )
+from pgbackflow.deployments.notifications import ClusterNotify, DatabaseNotify, NotifyDefaults
 from pgbackflow.deployments.physical import (
     physical_backup_specs,
     wal_deployment_name,
@@ -179,6 +180,7 @@ class DatabaseSection(_Strict):
     verify: str | None = None
     verify_sandbox: Literal["docker", "local"] = "docker"
     retention: RetentionSettings | None = None
+    notify: DatabaseNotify | None = None
     enabled: bool = True
 
     @field_validator("backup", "verify")
@@ -216,6 +218,7 @@ class ClusterSection(_Strict):
     partial_interval_s: float = Field(default=DEFAULT_PARTIAL_INTERVAL_S, gt=0)
     wal_silence_s: float = Field(default=DEFAULT_WAL_SILENCE_S, ge=120)
     retention: RetentionSettings | None = None
+    notify: ClusterNotify | None = None
     enabled: bool = True
 
     @field_validator("full", "incremental")
@@ -233,6 +236,7 @@ class DeployConfig(_Strict):
     servers: dict[Name, ServerSection] = Field(min_length=1)
     databases: dict[DbId, DatabaseSection] = Field(default_factory=dict)
     clusters: dict[DbId, ClusterSection] = Field(default_factory=dict)
+    notify: NotifyDefaults | None = None
 
     @model_validator(mode="after")
     def _references(self) -> DeployConfig:
@@ -343,6 +347,9 @@ class DeployPlan:
     wal_streams: list[tuple[str, float]] = field(default_factory=list)
     #: ``db:<id>`` tags of everything the config holds (others are paused).
     db_tags: set[str] = field(default_factory=set)
+    #: Ids whose notification automations the config manages (ones it no longer wants are
+    #: paused).
+    notify_scope: set[str] = field(default_factory=set)
 
 
 def _ref(kind: type[Block], name: str) -> dict[str, Any]:
@@ -473,6 +480,10 @@ def build_plan(config: DeployConfig) -> DeployPlan:
     plan.prefect.deployments += _maintenance_specs(config, storage_refs, key_parameters, pool)
     # Every deployment sends heartbeats: a run whose worker host died is marked Crashed.
     plan.automations += lost_run_automations()
+    from pgbackflow.deployments.notifications import config_automations, config_scope
+
+    plan.automations += config_automations(config)
+    plan.notify_scope = config_scope(config)
     plan.prefect.deployments = [
         replace(spec, tags=(*spec.tags, CONFIG_TAG)) for spec in plan.prefect.deployments
     ]
@@ -637,9 +648,14 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     deployment_changes = plan_changes(plan.prefect, keep_tags=plan.db_tags)
     changes += deployment_changes
     result = DeployResult(changes)
+    from pgbackflow.deployments.notifications import pause_automations, stale_automations
+
+    stale = stale_automations([s.name for s in plan.automations], plan.notify_scope)
     if dry_run:
         for action, spec in automation_changes(plan.automations):
             changes.append(Change(action, "automation", spec.name))  # type: ignore[arg-type]
+        changes += [Change("-", "automation", name, ("paused: no longer in the config",))
+                    for name, _ in stale]
         return result
     ids = apply_plan(plan.prefect, deployment_changes)
     automations = list(plan.automations)
@@ -649,6 +665,9 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     for action, spec in automation_changes(automations):
         changes.append(Change(action, "automation", spec.name))  # type: ignore[arg-type]
         apply_automation(spec)
+    changes += [Change("-", "automation", name, ("paused: no longer in the config",))
+                for name, _ in stale]
+    pause_automations(stale)
     for change in deployment_changes:
         if change.action == "-":
             for tag in _db_tags_of(change.name):

@@ -43,6 +43,7 @@ from pgbackflow.flows.common import (
     tag_run,
     write_statuses,
 )
+from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.database import ConnectionSettings, query_error
 from pgbackflow.tasks.errors import ToolsetError
 from pgbackflow.tasks.inventory import SourceIdentity, read_identity
@@ -197,7 +198,7 @@ def backup_slots(db_id: str, database: PostgresDatabase) -> Iterator[None]:
         yield
 
 
-@flow(name="logical-backup", log_prints=False)
+@flow(name="logical-backup", log_prints=False, on_completion=[announce_success])
 def logical_backup(
     database: PostgresDatabase,
     storages: list[StorageBlock],

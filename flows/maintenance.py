@@ -35,6 +35,7 @@ from pgbackflow.flows.common import (
     retry_if_transient,
     tag_run,
 )
+from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.catalog import StorageCatalog, backup_rows, read_catalog
 from pgbackflow.tasks.keys import Keyring, MasterKey
 from pgbackflow.tasks.retention import (
@@ -131,7 +132,7 @@ def delete_expired_task(storage: Storage, plan: RetentionPlan,
     return execute_plan(storage, plan, master_key, logger.info)
 
 
-@flow(name="maintenance", log_prints=False)
+@flow(name="maintenance", log_prints=False, on_completion=[announce_success])
 def maintenance(
     storage: StorageBlock | str,
     policies: dict[str, RetentionSettings] | None = None,

@@ -52,6 +52,7 @@ from pgbackflow.flows.common import (
     tag_run,
     write_statuses,
 )
+from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import PgBackflowError, ToolsetError
 from pgbackflow.tasks.keys import Keyring, MasterKey
@@ -416,7 +417,7 @@ def publish_chain_overview(storage: Storage, db_id: str) -> None:
     )
 
 
-@flow(name="full-backup", log_prints=False)
+@flow(name="full-backup", log_prints=False, on_completion=[announce_success])
 def full_backup(
     database: PostgresDatabase,
     storages: list[StorageBlock],
@@ -439,7 +440,7 @@ def full_backup(
     )
 
 
-@flow(name="incremental-backup", log_prints=False)
+@flow(name="incremental-backup", log_prints=False, on_completion=[announce_success])
 def incremental_backup(
     database: PostgresDatabase,
     storages: list[StorageBlock],
@@ -841,7 +842,7 @@ def verify_physical_task(
     )
 
 
-@flow(name="physical-verification", log_prints=False)
+@flow(name="physical-verification", log_prints=False, on_completion=[announce_success])
 def physical_verification(
     storage: StorageBlock,
     db_id: str | None = None,

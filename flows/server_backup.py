@@ -26,6 +26,7 @@ from pgbackflow.blocks.database import PostgresDatabase, checked_db_id
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.flows.common import RETRY_DELAYS, StorageBlock, retry_if_transient, tag_run
 from pgbackflow.flows.logical_backup import logical_backup
+from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.database import ConnectionSettings, connect
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.reports import BackupReport
@@ -80,7 +81,7 @@ def discover_databases(settings: ConnectionSettings, exclude: list[str]) -> list
     return chosen
 
 
-@flow(name="backup-databases", log_prints=False)
+@flow(name="backup-databases", log_prints=False, on_completion=[announce_success])
 def backup_databases(
     server: PostgresDatabase,
     storages: list[StorageBlock],

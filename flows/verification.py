@@ -33,6 +33,7 @@ from pgbackflow.flows.common import (
     retry_if_transient,
     tag_run,
 )
+from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.budget import job_share_from_environment
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.keys import Keyring
@@ -148,7 +149,7 @@ def _run_name() -> str:
     return f"verify-{params.get('db_id') or 'db'}-{params.get('backup_id', 'latest')}"
 
 
-@flow(name="restore-verification", flow_run_name=_run_name)
+@flow(name="restore-verification", flow_run_name=_run_name, on_completion=[announce_success])
 def restore_verification(
     storage: StorageBlock | str,
     backup_id: str = "latest",

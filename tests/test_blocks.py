@@ -11,11 +11,18 @@ import pytest
 from prefect.blocks.core import Block
 from pydantic import SecretStr
 
-from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
+from pgbackflow.blocks import (
+    BackupEncryptionKey,
+    LocalStorage,
+    PostgresDatabase,
+    S3Storage,
+    SmtpEmail,
+)
 from pgbackflow.tasks.keys import MasterKey
 from tests.fixtures.prefect import BlockStandards
 
-ALL_BLOCKS: list[type[Block]] = [BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage]
+ALL_BLOCKS: list[type[Block]] = [BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage,
+                                 SmtpEmail]
 
 
 class TestBackupEncryptionKeyStandards(BlockStandards):
@@ -28,6 +35,12 @@ class TestPostgresDatabaseStandards(BlockStandards):
     @pytest.fixture
     def block(self) -> type[Block]:
         return PostgresDatabase
+
+
+class TestSmtpEmailStandards(BlockStandards):
+    @pytest.fixture
+    def block(self) -> type[Block]:
+        return SmtpEmail
 
 
 def test_encryption_key_block_rejects_a_bad_key() -> None:
@@ -89,6 +102,7 @@ def test_block_register_makes_block_types_visible(prefect_api: str) -> None:
         BackupEncryptionKey: {"key", "retired_keys"},
         PostgresDatabase: {"password"},
         S3Storage: {"secret_access_key"},
+        SmtpEmail: {"password"},
     }
     for block, expected in secret_fields.items():
         declared = set(block.model_json_schema()["secret_fields"])

@@ -120,7 +120,7 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
         env=prefect_server.env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert registered.returncode == 0, registered.stdout + registered.stderr
-    assert "Successfully registered 4 blocks" in registered.stdout, registered.stdout
+    assert "Successfully registered 5 blocks" in registered.stdout, registered.stdout
     dry = prefect_server.run_cli("deploy", "--config", str(site.config), "--dry-run",
                                  env=site.env)
     assert "+ deployment logical-backup/logical-shop" in dry.stdout

@@ -1,0 +1,113 @@
+"""What a finished job tells Prefect's automations: one ``pgbackflow.run.succeeded`` event.
+
+Failures need nothing from the run: Prefect itself emits ``prefect.flow-run.Failed`` and
+``…Crashed`` (also for a killed process), and the notification automations read the run's
+state message and duration from the API. A success carries what only the run knows — the
+backup id and the size — so every pgbackflow flow has :func:`announce_success` as its
+``on_completion`` hook. The event relates the run, its flow, deployment and tags (Prefect adds
+them from the run context), which is what the automations match (``db:<id>``, ``job:<kind>``);
+the missed-backup automations wait for the same event.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import Flow
+from prefect.client.schemas.objects import FlowRun, State
+
+#: The event every successful pgbackflow run emits when it ends Completed.
+SUCCEEDED_EVENT = "pgbackflow.run.succeeded"
+
+logger = logging.getLogger("pgbackflow.flows")
+
+
+def human_size(size: int | None) -> str:
+    """``123.4 MB`` (decimal units, as pgbackflow prints sizes everywhere)."""
+    if size is None:
+        return "-"
+    value = float(size)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float | None) -> str:
+    """``2 h 03 min``, ``4 min 05 s``, ``12.3 s``."""
+    if seconds is None:
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def outcome_facts(result: Any) -> dict[str, Any]:
+    """Backup id, size and a one-line summary of a flow's return value (any pgbackflow report)."""
+    if isinstance(result, list):  # backup-databases: one report per database
+        sizes = [_size_of(item) for item in result]
+        return {
+            "backup_id": ", ".join(str(getattr(item, "backup_id", "")) for item in result) or "-",
+            "size_bytes": sum(s for s in sizes if s is not None),
+            "summary": f"{len(result)} databases backed up",
+        }
+    if isinstance(result, dict):  # maintenance
+        freed = result.get("bytes_freed", result.get("planned_bytes_freed"))
+        return {"backup_id": "-", "size_bytes": freed,
+                "summary": f"{result.get('deleted_backups', 0)} backups expired, "
+                           f"{human_size(freed)} freed"}
+    summary = getattr(result, "summary_line", None)
+    return {
+        "backup_id": str(getattr(result, "backup_id", None) or "-"),
+        "size_bytes": _size_of(result),
+        "summary": summary() if callable(summary) else "",
+    }
+
+
+def _size_of(result: Any) -> int | None:
+    sizes = getattr(result, "sizes", None)
+    if sizes is not None and hasattr(sizes, "stored"):
+        return int(sizes.stored)  # logical backup: bytes stored per storage
+    for name in ("stored_size", "source_size"):
+        value = getattr(result, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _duration_s(flow_run: FlowRun, ended: datetime) -> float | None:
+    """Seconds since the run started Running (read from the API: the engine's copy lacks it)."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        start = client.read_flow_run(flow_run.id).start_time
+    return (ended - start).total_seconds() if start else None
+
+
+def announce_success(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
+    """``on_completion`` hook: emit :data:`SUCCEEDED_EVENT` with the job's facts.
+
+    Never fails the run: a notification is not worth a backup.
+    """
+    from prefect.events import emit_event
+
+    try:
+        facts = outcome_facts(state.result(raise_on_failure=False))
+        duration = _duration_s(flow_run, state.timestamp or datetime.now(UTC))
+        emit_event(
+            event=SUCCEEDED_EVENT,
+            resource={"prefect.resource.id": f"pgbackflow.run.{flow_run.id}",
+                      "prefect.resource.name": flow_run.name or str(flow_run.id),
+                      "pgbackflow.flow": flow.name},
+            payload={**facts, "size": human_size(facts["size_bytes"]),
+                     "duration_s": duration, "duration": human_duration(duration)},
+        )
+    except Exception as exc:
+        logger.warning("success event of %s not sent: %s", flow_run.name, exc)

@@ -1,0 +1,351 @@
+"""Notifications and missed-backup alerts, end to end, as an operator sets them up.
+
+A real ``prefect server start``, a real process worker, a real PostgreSQL 17, and two real
+receivers on loopback: an HTTP server behind a Prefect ``CustomWebhookNotificationBlock``
+(its token kept in the block's secrets) and an SMTP server (aiosmtpd) behind pgbackflow's
+``SmtpEmail`` block, which the Prefect *server* loads to send (the ``prefect.collections``
+entry point). The deploy config names both blocks; ``pgbackflow deploy`` makes the
+automations; runs are started over plain HTTP as a user's script would.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import json
+import re
+import secrets
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+
+from pgbackflow.tasks.cluster import EphemeralCluster, free_port
+from pgbackflow.tasks.keys import MasterKey, write_key_file
+from pgbackflow.tasks.toolsets import find_toolset
+from tests.fixtures.prefect_server import PrefectServer
+
+MAJOR = 17
+POOL = "ntf-backups"
+#: A notification must arrive this soon after its run ended (the issue's bar).
+DELIVERY_S = 5.0
+
+pytestmark = [pytest.mark.pg, pytest.mark.slow]
+
+
+@dataclass
+class Message:
+    """One notification as a receiver got it."""
+
+    at: float
+    subject: str
+    body: str
+    via: str
+
+
+@dataclass
+class Inbox:
+    """Everything the receivers got, in arrival order."""
+
+    messages: list[Message] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, message: Message) -> None:
+        with self.lock:
+            self.messages.append(message)
+
+    def about(self, text: str, via: str | None = None) -> list[Message]:
+        with self.lock:
+            return [m for m in self.messages
+                    if text in m.subject + "\n" + m.body and (via is None or m.via == via)]
+
+
+class _Hook(BaseHTTPRequestHandler):
+    inbox: Inbox
+    token: str
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length", 0))
+        document = json.loads(self.rfile.read(length))
+        ok = self.path == f"/hook/{self.token}"
+        if ok:
+            self.inbox.add(Message(time.time(), document["subject"], document["body"], "webhook"))
+        self.send_response(200 if ok else 403)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+class _Smtp:
+    def __init__(self, inbox: Inbox) -> None:
+        self.inbox = inbox
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        mail = email.message_from_bytes(envelope.content, policy=email.policy.default)
+        body = mail.get_body(("plain",))
+        text = body.get_content() if body is not None else ""
+        self.inbox.add(Message(time.time(), str(mail["Subject"]), text, "smtp"))
+        return "250 OK"
+
+
+@dataclass
+class Site:
+    cluster: EphemeralCluster
+    store: Path
+    key_file: Path
+    config: Path
+    env: dict[str, str]
+    worker_dir: Path
+    token: str
+    inbox: Inbox
+
+    def write_config(self, *, shop_success: bool = True) -> None:
+        success = '["logical"]' if shop_success else "false"
+        self.config.write_text(textwrap.dedent(f"""
+            [prefect]
+            work_pool = "{POOL}"
+
+            [key]
+            file = "{self.key_file}"
+
+            [storages.local]
+            url = "{self.store}"
+            maintenance = ""
+
+            [servers.pg]
+            host = "{self.cluster.host}"
+            port = {self.cluster.port}
+            user = "{self.cluster.superuser}"
+            password_env = "NTF_PG_PASSWORD"
+
+            [notify]
+            block = ["custom-webhook/ntf-hook", "pgbackflow-smtp-email/ntf-mail"]
+            on_failure = true
+            on_success = ["logical"]
+
+            [databases.ntf-shop]
+            server = "pg"
+            database = "shop"
+            storages = ["local"]
+            backup = "daily at 02:00"
+            notify = {{ on_success = {success} }}
+
+            [databases.ntf-broken]
+            server = "pg"
+            database = "no_such_database"
+            storages = ["local"]
+            backup = "daily at 02:00"
+
+            [databases.ntf-quiet]
+            server = "pg"
+            database = "no_such_database"
+            storages = ["local"]
+            backup = "daily at 02:00"
+            notify = {{ on_failure = false, on_success = false, missed_backup = "off" }}
+
+            [databases.ntf-idle]
+            server = "pg"
+            database = "shop"
+            storages = ["local"]
+            backup = "hourly at :17"
+            notify = {{ missed_backup = "20s" }}
+        """))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    root = tmp_path_factory.mktemp("notify")
+    password = f"canary-pw-{secrets.token_hex(6)}"
+    cluster = EphemeralCluster(find_toolset(MAJOR), password=password,
+                               settings={"fsync": "off"}).start()
+    inbox = Inbox()
+    token = f"canary-token-{secrets.token_hex(8)}"
+    _Hook.inbox, _Hook.token = inbox, token
+    http = ThreadingHTTPServer(("127.0.0.1", free_port()), _Hook)
+    threading.Thread(target=http.serve_forever, daemon=True).start()
+    smtp = Controller(_Smtp(inbox), hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    try:
+        with cluster.connect() as conn:
+            conn.execute("CREATE DATABASE shop")
+        with cluster.connect("shop") as conn:
+            conn.execute("CREATE TABLE items AS SELECT g AS id FROM generate_series(1, 500) g")
+        key_file = root / "master.key"
+        write_key_file(key_file, MasterKey.generate())
+        store = root / "store"
+        store.mkdir()
+        site = Site(cluster=cluster, store=store, key_file=key_file,
+                    config=root / "pgbackflow.toml", env={"NTF_PG_PASSWORD": password},
+                    worker_dir=root / "worker", token=token, inbox=inbox)
+        site.hook_port = http.server_address[1]  # type: ignore[attr-defined]
+        site.smtp_port = smtp.port  # type: ignore[attr-defined]
+        yield site
+    finally:
+        smtp.stop()
+        http.shutdown()
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, Any]]:
+    """Blocks made as README shows, the config deployed, a worker serving the pool."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from pydantic import SecretStr
+
+    from pgbackflow.blocks.notifications import SmtpEmail
+
+    with prefect_server.settings():
+        CustomWebhookNotificationBlock(
+            name="ntf-hook", url=f"http://127.0.0.1:{site.hook_port}/hook/{{{{token}}}}",  # type: ignore[attr-defined]
+            json_data={"subject": "{{subject}}", "body": "{{body}}"},
+            secrets={"token": site.token},  # type: ignore[arg-type]
+        ).save("ntf-hook", overwrite=True)
+        SmtpEmail(smtp_server="127.0.0.1", smtp_port=site.smtp_port,  # type: ignore[attr-defined]
+                  security="none", username=None, password=SecretStr("unused"),
+                  from_address="pgbackflow@localhost", to=["dba@localhost"],
+                  ).save("ntf-mail", overwrite=True)
+    site.write_config()
+    first = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "+ automation pgbackflow notify logical failed: ntf-shop" in first.stdout
+    assert "+ automation pgbackflow missed logical: ntf-idle" in first.stdout
+    assert "ntf-quiet" not in "\n".join(
+        line for line in first.stdout.splitlines() if "automation" in line), first.stdout
+    again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
+    assert not [line for line in again.stdout.splitlines() if line.startswith(("+", "~", "-"))]
+    with prefect_server.http() as http:
+        deployments = {d["name"]: d for d in http.post("deployments/filter", json={
+            "deployments": {"tags": {"all_": ["pgbackflow-config"]}}}).json()
+            if d["name"].startswith("logical-ntf-")}
+        automations = http.post("automations/filter", json={}).json()
+    # The webhook's token and the password live in blocks only.
+    dumped = json.dumps([deployments, automations, first.stdout, first.stderr])
+    assert site.token not in dumped and site.env["NTF_PG_PASSWORD"] not in dumped
+    prefect_server.start_worker(POOL, site.worker_dir, name="ntf-worker")
+    yield deployments
+    prefect_server.stop_workers()
+
+
+def _start(server: PrefectServer, deployment: dict[str, Any]) -> str:
+    with server.http() as http:
+        response = http.post(f"deployments/{deployment['id']}/create_flow_run", json={})
+        assert response.status_code == 201, response.text
+        run_id: str = response.json()["id"]
+        return run_id
+
+
+def _wait_end(server: PrefectServer, run_id: str, timeout: float = 180) -> dict[str, Any]:
+    def ended() -> dict[str, Any] | None:
+        with server.http() as http:
+            run: dict[str, Any] = http.get(f"flow_runs/{run_id}").json()
+        return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED",
+                                               "CANCELLED") else None
+
+    run: dict[str, Any] = server.wait_for(f"run {run_id} to end", ended, timeout, 0.5)
+    return run
+
+
+def _ended_at(run: dict[str, Any]) -> float:
+    return datetime.fromisoformat(run["end_time"]).timestamp()
+
+
+def _wait_messages(server: PrefectServer, what: str, check: Callable[[], list[Message]],
+                   timeout: float) -> list[Message]:
+    found: list[Message] = server.wait_for(what, check, timeout, 0.2)
+    return found
+
+
+def test_failure_reaches_webhook_and_smtp_within_5_s(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    run = _wait_end(prefect_server, _start(prefect_server, deployed["logical-ntf-broken"]))
+    assert run["state"]["type"] == "FAILED", run["state"]
+    ended = _ended_at(run)
+    for via in ("webhook", "smtp"):
+        (message,) = _wait_messages(
+            prefect_server, f"the failure of ntf-broken over {via}",
+            lambda via=via: site.inbox.about("logical backup of ntf-broken", via), 30)
+        assert message.at - ended <= DELIVERY_S, f"{via}: {message.at - ended:.1f} s after the end"
+        assert message.subject == "pgbackflow: logical backup of ntf-broken failed"
+        lines = dict(line.split(": ", 1) for line in message.body.strip().splitlines())
+        assert lines["database"] == "ntf-broken"
+        assert lines["job"] == "logical backup"
+        assert lines["outcome"] == "Failed"
+        assert re.fullmatch(r"\d+(\.\d+)? s", lines["duration"]), lines["duration"]
+        assert "no_such_database" in lines["error"] and "\n" not in lines["error"]
+        assert lines["run"] == (f"{run['name']} {prefect_server.api_url.removesuffix('/api')}"
+                                f"/runs/flow-run/{run['id']}")
+    assert not site.inbox.about("ntf-broken succeeded")
+
+
+def test_success_says_backup_id_and_size(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    run = _wait_end(prefect_server, _start(prefect_server, deployed["logical-ntf-shop"]))
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    ended = _ended_at(run)
+    listed = json.loads(prefect_server.run_cli("list", "--from", str(site.store), "--json",
+                                               "--db-id", "ntf-shop").stdout)
+    backup_id = listed[0]["backup_id"]
+    for via in ("webhook", "smtp"):
+        messages = _wait_messages(
+            prefect_server, f"the success of ntf-shop over {via}",
+            lambda via=via: site.inbox.about(backup_id, via), 30)
+        (message,) = messages
+        assert message.at - ended <= DELIVERY_S, f"{via}: {message.at - ended:.1f} s after the end"
+        assert message.subject == "pgbackflow: logical backup of ntf-shop succeeded"
+        lines = dict(line.split(": ", 1) for line in message.body.strip().splitlines())
+        assert lines["outcome"] == "succeeded" and lines["backup id"] == backup_id
+        assert re.fullmatch(r"\d+(\.\d)? (B|kB|MB)", lines["size"]), lines["size"]
+        assert re.fullmatch(r"\d+\.\d s|\d+ min \d\d s", lines["duration"]), lines["duration"]
+        assert lines["run"].endswith(f"/runs/flow-run/{run['id']}")
+    assert not site.inbox.about("ntf-shop failed")
+
+
+def test_paused_schedule_alerts_missed_backup(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """ntf-idle never runs (its schedule paused, as an operator might forget it): the
+    proactive automation notices the absence of successes within its 20 s window."""
+    with prefect_server.http() as http:
+        response = http.post(f"deployments/{deployed['logical-ntf-idle']['id']}/pause_deployment")
+        assert response.status_code < 300, response.text
+    for via in ("webhook", "smtp"):
+        messages = _wait_messages(
+            prefect_server, f"the missed-backup alert of ntf-idle over {via}",
+            lambda via=via: site.inbox.about("no successful logical backup of ntf-idle", via),
+            60)
+        assert "deployment: logical-backup/logical-ntf-idle" in messages[0].body
+        assert "within 20.0 s" in messages[0].subject
+    # Databases that back up as scheduled (or whose alert is off) get none.
+    assert not site.inbox.about("no successful logical backup of ntf-shop")
+    assert not site.inbox.about("ntf-quiet")
+
+
+def test_toggled_off_outcomes_send_nothing(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    # ntf-quiet has failures off: its failed run notifies nobody.
+    run = _wait_end(prefect_server, _start(prefect_server, deployed["logical-ntf-quiet"]))
+    assert run["state"]["type"] == "FAILED"
+    # Successes of ntf-shop switched off: the deploy pauses that automation.
+    site.write_config(shop_success=False)
+    result = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "- automation pgbackflow notify logical succeeded: ntf-shop" in result.stdout
+    before = len(site.inbox.about("ntf-shop succeeded"))
+    shop = _wait_end(prefect_server, _start(prefect_server, deployed["logical-ntf-shop"]))
+    assert shop["state"]["type"] == "COMPLETED"
+    time.sleep(DELIVERY_S + 3)
+    assert not site.inbox.about("ntf-quiet")
+    assert len(site.inbox.about("ntf-shop succeeded")) == before
+    again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
