@@ -228,8 +228,9 @@ def plan_changes(plan: PrefectPlan, keep_tags: Iterable[str] = ()) -> list[Chang
 
     Args:
         plan: The wanted state.
-        keep_tags: ``db:<id>`` tags still in the config; config-made deployments with a
-            ``db:`` tag outside this set (and not in the plan) are to be paused.
+        keep_tags: ``db:<id>`` and ``storage:<name>`` tags still in the config; config-made
+            deployments with such a tag outside this set (and not in the plan) are to be
+            paused.
     """
     changes: list[Change] = []
     with get_client(sync_client=True) as client:
@@ -265,11 +266,12 @@ def plan_changes(plan: PrefectPlan, keep_tags: Iterable[str] = ()) -> list[Chang
         keep = set(keep_tags)
         for stale in _managed_deployments(client):
             name = _full_name(client, stale)
-            db_tags = {t for t in stale.tags if t.startswith("db:")}
-            if name in wanted or stale.paused or not db_tags or db_tags & keep:
+            scope = {t for t in stale.tags if t.startswith(("db:", "storage:"))}
+            if name in wanted or stale.paused or not scope or scope & keep:
                 continue
+            what = "storage" if any(t.startswith("storage:") for t in scope) else "database"
             changes.append(Change("-", "deployment", name,
-                                  ("paused: its database is no longer in the config",)))
+                                  (f"paused: its {what} is no longer in the config",)))
     return changes
 
 

@@ -345,7 +345,8 @@ class DeployPlan:
     automations: list[AutomationSpec] = field(default_factory=list)
     #: Clusters whose WAL streamer deployment is wanted: (db_id, silence_s).
     wal_streams: list[tuple[str, float]] = field(default_factory=list)
-    #: ``db:<id>`` tags of everything the config holds (others are paused).
+    #: ``db:<id>`` and ``storage:<name>`` tags of everything the config holds (others are
+    #: paused).
     db_tags: set[str] = field(default_factory=set)
     #: Ids whose notification automations the config manages (ones it no longer wants are
     #: paused).
@@ -477,7 +478,12 @@ def build_plan(config: DeployConfig) -> DeployPlan:
             )
             if cluster.enabled:
                 plan.wal_streams.append((db_id, cluster.wal_silence_s))
-    plan.prefect.deployments += _maintenance_specs(config, storage_refs, key_parameters, pool)
+    maintenance_specs = _maintenance_specs(config, storage_refs, server_refs, key_parameters,
+                                           pool)
+    plan.prefect.deployments += maintenance_specs
+    # A storage dropped from the config (or its maintenance switched off): paused.
+    plan.db_tags |= {t for spec in maintenance_specs for t in spec.tags
+                     if t.startswith("storage:")}
     # Every deployment sends heartbeats: a run whose worker host died is marked Crashed.
     plan.automations += lost_run_automations()
     from pgbackflow.deployments.notifications import config_automations, config_scope
@@ -492,10 +498,11 @@ def build_plan(config: DeployConfig) -> DeployPlan:
 
 def _maintenance_specs(
     config: DeployConfig, storage_refs: dict[str, dict[str, Any]],
-    key_parameters: dict[str, Any], pool: str,
+    server_refs: dict[str, dict[str, Any]], key_parameters: dict[str, Any], pool: str,
 ) -> list[DeploymentSpec]:
     """One scheduled ``maintenance`` deployment per storage: the retention policies of the
-    databases and clusters stored there (``database = "all"``: by id pattern ``<id>-*``)."""
+    databases and clusters stored there (``database = "all"``: by id pattern ``<id>-*``),
+    and the servers of those clusters (their inactive replication slots are reported)."""
     from pgbackflow.flows.maintenance import maintenance
 
     specs = []
@@ -511,11 +518,14 @@ def _maintenance_specs(
             every = isinstance(entry, DatabaseSection) and entry.database == "all"
             policies[f"{entry_id}-*" if every else entry_id] = entry.retention.model_dump(
                 exclude_defaults=True)
+        clusters = {cluster_id: server_refs[cluster.server]
+                    for cluster_id, cluster in config.clusters.items()
+                    if name in cluster.storages}
         schedule = ScheduleSpec(cron=parse_schedule(storage.maintenance))
         specs.append(DeploymentSpec(
             flow=maintenance, name=f"maintenance-{name}", work_pool=pool,
             parameters={"storage": storage_refs[name], "policies": policies,
-                        **key_parameters},
+                        **({"clusters": clusters} if clusters else {}), **key_parameters},
             schedule=schedule, collision="CANCEL_NEW",
             tags=(job_tag("maintenance"), f"storage:{name}"),
             description=(f"Retention and orphan sweep of storage {name} "

@@ -38,12 +38,15 @@ from pgbackflow.flows.common import (
     publish_summary,
     published_backups,
     raise_if_incomplete,
+    resolve_keyring,
     resolve_master_key,
     retry_if_transient,
     tag_run,
     write_statuses,
 )
+from pgbackflow.flows.maintenance import refresh_backups_table
 from pgbackflow.flows.outcome import announce_success
+from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.database import ConnectionSettings, query_error
 from pgbackflow.tasks.errors import ToolsetError
 from pgbackflow.tasks.inventory import SourceIdentity, read_identity
@@ -265,6 +268,11 @@ def logical_backup(
         "backup", report.db_id, report.markdown(), f"backup {report.backup_id}",
         [{"table": name, "rows": rows} for name, rows in report.tables.items()],
     )
+    holding = [s for s in complete if published[s.location].status == "complete"]
+    if holding:
+        refresh_backups_table(report.db_id, lambda: read_catalog(
+            holding[0], resolve_keyring(encryption_key, key_file), db_id=report.db_id,
+            kinds=("logical",)).database(report.db_id, "logical"))
 
     raise_if_incomplete(backup_id, statuses)
     if verify_after_backup:

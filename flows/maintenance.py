@@ -16,7 +16,7 @@ per storage of the config; ``pgbackflow retention`` runs the same functions with
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from prefect import flow, task
@@ -24,6 +24,7 @@ from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
+from pgbackflow.blocks.database import PostgresDatabase
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.blocks.storage import storage_block_from_url
 from pgbackflow.flows.common import (
@@ -36,9 +37,10 @@ from pgbackflow.flows.common import (
     tag_run,
 )
 from pgbackflow.flows.outcome import announce_success
-from pgbackflow.tasks.catalog import StorageCatalog, backup_rows, read_catalog
+from pgbackflow.tasks.catalog import DatabaseCatalog, StorageCatalog, backup_rows, read_catalog
 from pgbackflow.tasks.keys import Keyring, MasterKey
 from pgbackflow.tasks.retention import (
+    RetentionLock,
     RetentionPlan,
     RetentionResult,
     RetentionSettings,
@@ -98,38 +100,118 @@ def verified_backups(db_ids: Iterable[str]) -> dict[str, set[str]]:
 
 @task(name="plan-retention", cache_policy=NONE)
 def plan_retention_task(catalog: StorageCatalog, policies: dict[str, RetentionSettings],
-                        grace_hours: float | None, prefer_verified: bool) -> RetentionPlan:
-    """What goes and why, what stays and by which rule."""
+                        grace_hours: float | None, prefer_verified: bool,
+                        appendix: str = "") -> tuple[RetentionPlan, dict[str, set[str]]]:
+    """What goes and why, what stays and by which rule; and the verified backups."""
     verified = (verified_backups(d.db_id for d in catalog.databases)
                 if prefer_verified and FlowRunContext.get() else {})
     plan = plan_retention(catalog, policy_lookup(policies), grace=sweep_grace(grace_hours),
                           verified=verified)
     get_run_logger().info("%s", plan.render())
-    for entry in catalog.databases:
-        db_plan = next(p for p in plan.databases if p.catalog is entry)
-        rows = backup_rows(entry, db_plan.kept_reasons(), verified.get(entry.db_id, ()))
-        publish_summary("backups", entry.db_id, _backups_markdown(entry.db_id, rows),
-                        f"backups of {entry.db_id}", rows)
-    publish_summary("retention", catalog.location, "```\n" + plan.render() + "\n```",
+    publish_summary("retention", catalog.location, "```\n" + plan.render() + "\n```" + appendix,
                     f"retention plan for {catalog.location}", plan.rows())
-    return plan
+    return plan, verified
 
 
-def _backups_markdown(db_id: str, rows: list[dict[str, Any]]) -> str:
-    lines = [f"# Backups of {db_id}", "", "| id | kind | finished (UTC) | stored | verified | "
-             "kept because |", "|---|---|---|---:|---|---|"]
+def _publish_tables(plan: RetentionPlan, verified: dict[str, set[str]],
+                    deleted: Iterable[str] | None) -> None:
+    """After the run, one "backups of <db>" table per database: what is left and why it was
+    kept (``deleted``: ``db/backup`` ids gone); a dry run lists what it would delete too."""
+    gone = set(deleted or ())
+    for db_plan in plan.databases:
+        entry = db_plan.catalog
+        reasons = db_plan.kept_reasons()
+        if deleted is None:
+            reasons |= {d.backup.backup_id: f"to be deleted: {d.why}" for d in db_plan.deleted}
+        publish_backups_table(entry, reasons, verified.get(entry.db_id, ()),
+                              {b.split("/", 1)[1] for b in gone
+                               if b.split("/", 1)[0] == entry.db_id})
+
+
+def publish_backups_table(entry: DatabaseCatalog, kept: dict[str, str] | None = None,
+                          verified: Iterable[str] = (), exclude: Iterable[str] = ()) -> None:
+    """The "backups of <db>" artifacts (markdown + table ``backups-tables-<db>``): id, kind,
+    time, size, verified?, kept because (filled in by retention runs); ``exclude``: ids of
+    backups no longer there."""
+    rows = backup_rows(entry, kept, verified, exclude)
+    lines = [f"# Backups of {entry.db_id}", "", "| id | kind | finished (UTC) | stored | "
+             "verified | kept because |", "|---|---|---|---:|---|---|"]
     lines += [f"| {r['backup_id']} | {r['kind']} | {r['finished_at']} | {r['stored_bytes']} | "
               f"{r['verified']} | {r['kept_because']} |" for r in rows]
-    return "\n".join(lines)
+    if kept is None:
+        lines += ["", "*kept because*: decided by the storage's next maintenance run."]
+    publish_summary("backups", entry.db_id, "\n".join(lines), f"backups of {entry.db_id}", rows)
+
+
+def refresh_backups_table(db_id: str, read: Callable[[], DatabaseCatalog | None]) -> None:
+    """After a backup: the database's "backups of <db>" table from the catalog entry
+    ``read()`` returns (of a storage that holds the backup). Outside a flow run nothing; a
+    failure is a warning, never the backup's failure (the backup is already published)."""
+    if FlowRunContext.get() is None:
+        return
+    try:
+        entry = read()
+        if entry is not None:
+            publish_backups_table(entry, None, verified_backups([db_id]).get(db_id, ()))
+    except Exception as exc:
+        get_run_logger().warning("backups table of %s not refreshed: %s", db_id,
+                                 str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
 @task(name="delete-expired", **_RETRYING)
-def delete_expired_task(storage: Storage, plan: RetentionPlan,
-                        master_key: MasterKey) -> RetentionResult:
+def delete_expired_task(storage: Storage, plan: RetentionPlan, master_key: MasterKey,
+                        lock: RetentionLock) -> RetentionResult:
     """Carry the plan out; one log line per deleted object. A retry re-reads nothing: what
     is already gone is skipped by the storage (deleting a missing object is no error)."""
     logger = get_run_logger()
-    return execute_plan(storage, plan, master_key, logger.info)
+    return execute_plan(storage, plan, master_key, logger.info, lock)
+
+
+_SLOTS_QUERY = """
+SELECT slot_name, slot_type, pg_wal_lsn_diff(
+         CASE WHEN pg_is_in_recovery() THEN pg_last_wal_receive_lsn()
+              ELSE pg_current_wal_lsn() END, restart_lsn)::bigint
+  FROM pg_replication_slots WHERE NOT active ORDER BY slot_name"""
+
+
+@task(name="check-replication-slots", cache_policy=NONE)
+def inactive_slots_task(clusters: dict[str, PostgresDatabase]) -> list[dict[str, Any]]:
+    """Inactive replication slots of the deployed clusters and the WAL each keeps on its
+    server (an inactive slot holds WAL back until the disk fills). One warning line per
+    slot; an unreachable server is one warning too, never the run's failure."""
+    from pgbackflow.tasks.database import connect
+
+    logger = get_run_logger()
+    found: list[dict[str, Any]] = []
+    for db_id, database in sorted(clusters.items()):
+        settings = database.settings()
+        try:
+            with connect(settings) as conn:
+                rows = conn.execute(_SLOTS_QUERY).fetchall()
+        except Exception as exc:
+            logger.warning("cluster %s: replication slots not checked (%s)", db_id,
+                           str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            continue
+        for name, kind, retained in rows:
+            slot = {"db_id": db_id, "server": settings.display, "slot": name, "type": kind,
+                    "retained_bytes": int(retained or 0)}
+            found.append(slot)
+            logger.warning(
+                "cluster %s: replication slot %r (%s) on %s is inactive and keeps %.1f MB of WAL "
+                "on the server: restart its WAL streamer, or drop the slot if nothing uses it "
+                "(pgbackflow physical-retire)", db_id, name, kind, settings.display,
+                slot["retained_bytes"] / 1e6)
+    return found
+
+
+def _slots_markdown(slots: list[dict[str, Any]]) -> str:
+    lines = ["", "## Inactive replication slots", ""]
+    if not slots:
+        return "\n".join([*lines, "none"])
+    lines += ["| cluster | server | slot | type | WAL retained |", "|---|---|---|---|---:|"]
+    lines += [f"| {s['db_id']} | {s['server']} | {s['slot']} | {s['type']} | "
+              f"{s['retained_bytes'] / 1e6:.1f} MB |" for s in slots]
+    return "\n".join(lines)
 
 
 @flow(name="maintenance", log_prints=False, on_completion=[announce_success])
@@ -143,8 +225,10 @@ def maintenance(
     encryption_key: BackupEncryptionKey | None = None,
     key_file: str | None = None,
     encryption_key_block: str | None = None,
+    clusters: dict[str, PostgresDatabase] | None = None,
 ) -> dict[str, Any]:
-    """Expire backups by policy (the safety rules first), sweep orphans, publish the plan.
+    """Expire backups by policy (the safety rules first), sweep orphans, publish the plan,
+    and report the inactive replication slots of the deployed clusters.
 
     Args:
         storage: A storage block, or a URL / ``block:slug/name`` resolved where the run runs.
@@ -159,6 +243,8 @@ def maintenance(
         encryption_key: Master key block; else ``key_file``; else the default key file.
         key_file: Path of a master key file.
         encryption_key_block: Name of a saved BackupEncryptionKey block.
+        clusters: ``{cluster id: server}`` of the clusters stored here, whose inactive
+            replication slots are reported with the WAL they keep.
     """
     tag_run("maintenance", db_id)
     if encryption_key is None and encryption_key_block:
@@ -166,17 +252,33 @@ def maintenance(
     keyring = resolve_keyring(encryption_key, key_file)
     block = storage_block_from_url(storage) if isinstance(storage, str) else storage
     source = block.open()
-    catalog = read_catalog_task(source, keyring, db_id, grace_hours)
-    plan = plan_retention_task(catalog, dict(policies or {}), grace_hours, prefer_verified)
-    summary: dict[str, Any] = {"storage": source.location, "dry_run": dry_run,
-                               "planned_bytes_freed": plan.bytes_freed}
-    if dry_run:
-        return summary
-    result = delete_expired_task(source, plan, keyring.current)
+    run = FlowRunContext.get()
+    name = run.flow_run.name if run is not None and run.flow_run is not None else "?"
+    lock = RetentionLock(source, f"maintenance run {name}")
+    if not dry_run:  # one deleting run per storage, from the catalog read to the last delete
+        source.check_exists()
+        lock.acquire()
+    try:
+        catalog = read_catalog_task(source, keyring, db_id, grace_hours)
+        slots = inactive_slots_task(clusters or {})
+        plan, verified = plan_retention_task(catalog, dict(policies or {}), grace_hours,
+                                             prefer_verified, _slots_markdown(slots))
+        summary: dict[str, Any] = {"storage": source.location, "dry_run": dry_run,
+                                   "planned_bytes_freed": plan.bytes_freed,
+                                   "inactive_slots": slots}
+        if dry_run:
+            _publish_tables(plan, verified, None)
+            return summary
+        result = delete_expired_task(source, plan, keyring.current, lock)
+        _publish_tables(plan, verified, result.deleted_backups)
+    finally:
+        if not dry_run:
+            lock.release()
     summary.update(deleted_backups=result.deleted_backups,
                    deleted_objects=len(result.deleted_objects), bytes_freed=result.bytes_freed,
                    temporaries=len(result.temporaries))
     return summary
 
 
-__all__ = ["maintenance", "verified_backups"]
+__all__ = ["maintenance", "publish_backups_table", "refresh_backups_table",
+           "verified_backups"]

@@ -52,7 +52,9 @@ from pgbackflow.flows.common import (
     tag_run,
     write_statuses,
 )
+from pgbackflow.flows.maintenance import refresh_backups_table
 from pgbackflow.flows.outcome import announce_success
+from pgbackflow.tasks.catalog import DatabaseCatalog, read_catalog
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import PgBackflowError, ToolsetError
 from pgbackflow.tasks.keys import Keyring, MasterKey
@@ -67,9 +69,7 @@ from pgbackflow.tasks.physical import (
     backup_prefix,
     chain_of,
     check_physical_source,
-    list_physical_backups,
     parent_manifest_file,
-    parse_lsn,
     plan_backup_in,
     read_cluster_facts,
     resolve_db_id,
@@ -115,9 +115,6 @@ from pgbackflow.tasks.wal import (
     ShippingStatus,
     WalShipper,
     WalStreamer,
-    read_wal_inventory,
-    route_gaps,
-    stored_route,
 )
 
 logger = logging.getLogger("pgbackflow.flows.physical")
@@ -370,8 +367,11 @@ def _run_physical_backup(
         published.get(s.location, s) for s in write_statuses(targets, *result.writes)
     ]
     chain = [manifest]
-    if complete:
-        chain = chain_of(manifest, list_physical_backups(complete[0], facts.db_id, keyring))
+    stored = (read_catalog(complete[0], keyring, db_id=facts.db_id, kinds=("physical",))
+              .database(facts.db_id, "physical") if complete else None)
+    if stored is not None:
+        chain = chain_of(manifest, [b.manifest for b in stored.backups
+                                    if isinstance(b.manifest, PhysicalManifest)])
     report = PhysicalBackupReport(
         backup_id=backup_id,
         status="complete" if all(s.status == "complete" for s in statuses) else "partial",
@@ -393,19 +393,21 @@ def _run_physical_backup(
         chain=_chain_links(chain),
     )
     publish_summary("physical-backup", facts.db_id, report.markdown(), f"backup {backup_id}")
-    if complete:
-        publish_chain_overview(complete[0], facts.db_id)
+    if stored is not None:
+        publish_chain_overview(stored)
+        refresh_backups_table(facts.db_id, lambda: stored)
     raise_if_incomplete(backup_id, statuses)
     return report
 
 
-def publish_chain_overview(storage: Storage, db_id: str) -> None:
+def publish_chain_overview(entry: DatabaseCatalog) -> None:
     """The newest chain (full + incrementals, sizes, LSNs) and the WAL coverage window."""
-    backups = list_physical_backups(storage, db_id)
+    db_id = entry.db_id
+    backups = [b.manifest for b in entry.backups if isinstance(b.manifest, PhysicalManifest)]
     if not backups:
         return
     chain = chain_of(backups[-1], backups)
-    inventory = read_wal_inventory(storage, db_id, backups[-1].wal_segment_size)
+    inventory = entry.wal_inventory()
     fulls = [b for b in backups if b.mode == "full"]
     window = None
     if fulls:
@@ -607,7 +609,9 @@ def wal_stream(
         settings, toolset, targets, master_key, facts.db_id, spool, slot, partial_interval_s,
         max_runtime_s,
     )
-    gaps = wal_gaps(targets[0], facts.db_id, resolve_keyring(encryption_key, key_file))
+    stored = read_catalog(targets[0], resolve_keyring(encryption_key, key_file),
+                          db_id=facts.db_id, kinds=("physical",)).database(facts.db_id)
+    gaps = list(stored.wal_gaps) if stored else []
     report = WalStreamReport(
         db_id=facts.db_id, slot=slot, segments_shipped=status.segments_shipped,
         partials_shipped=status.partials_shipped, last_segment=status.last_segment,
@@ -615,35 +619,17 @@ def wal_stream(
     )
     if gaps:
         get_run_logger().warning("WAL of %s has gaps: %s", facts.db_id, ", ".join(gaps[:5]))
-    publish_chain_overview(targets[0], facts.db_id)
+    if stored is not None:
+        publish_chain_overview(stored)
     return report
 
 
 def wal_gaps(storage: Storage, db_id: str, keyring: Keyring | None = None) -> list[str]:
-    """Where the stored WAL a restore replays has holes: ``<segment(s)> (LSN a to b)``.
-
-    Coverage starts at the end of the oldest full backup that the stored WAL reaches back
-    to (else the newest full) and follows timeline switches as replay does (with
-    ``keyring`` at the switch points the history files name; without, estimated from the
-    stored segments).
-    """
-    backups = list_physical_backups(storage, db_id)
-    fulls = [b for b in backups if b.mode == "full"]
-    if not fulls:
-        return []
-    size = fulls[-1].wal_segment_size
-    inventory = read_wal_inventory(storage, db_id, size)
-    base = fulls[-1]
-    for full in fulls:
-        stored = inventory.complete.get(full.timeline, set()) | inventory.partial.get(
-            full.timeline, set())
-        if stored and min(stored) <= parse_lsn(full.end_lsn) // size:
-            base = full
-            break
-    route = stored_route(
-        storage, db_id, inventory, base.timeline, parse_lsn(base.end_lsn) // size, keyring
-    )
-    return [gap.describe() for gap in route_gaps(inventory, route)]
+    """Where the stored WAL a restore replays has holes: ``<segment(s)> (LSN a to b)``
+    (the catalog's :attr:`~pgbackflow.tasks.catalog.DatabaseCatalog.wal_gaps`: from the
+    oldest full the WAL reaches back to, across timeline switches as replay follows them)."""
+    entry = read_catalog(storage, keyring, db_id=db_id, kinds=("physical",)).database(db_id)
+    return list(entry.wal_gaps) if entry else []
 
 
 # ---------------------------------------------------------------------------------------

@@ -343,13 +343,13 @@ def list_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """List the complete backups in a storage, oldest first; refused manifests last."""
+    from pgbackflow.tasks.catalog import read_catalog
     from pgbackflow.tasks.keys import Keyring, load_key_file
-    from pgbackflow.tasks.manifest import scan_backups
 
     storage = _storage_block(source, f"--from {source}").open()
     storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
-    catalog = scan_backups(storage, db_id, keyring)
+    catalog = read_catalog(storage, keyring, db_id=db_id, kinds=("logical",)).manifests("logical")
     rows: list[dict[str, Any]] = []
     for record in catalog.listing():
         m = record.manifest if record.accepted(catalog.authenticated) else None
@@ -1143,23 +1143,21 @@ def physical_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
     """Physical backup chains and WAL coverage (gaps included) in a storage."""
-    from pgbackflow.flows.physical import wal_gaps
+    from pgbackflow.tasks.catalog import read_catalog
     from pgbackflow.tasks.keys import Keyring, load_key_file
-    from pgbackflow.tasks.physical import scan_physical_backups
-    from pgbackflow.tasks.wal import read_wal_inventory
 
     storage = _storage_block(source, f"--from {source}").open()
     storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
-    catalog = scan_physical_backups(storage, db_id, keyring)
+    stored = read_catalog(storage, keyring, db_id=db_id, kinds=("physical",))
+    catalog = stored.manifests("physical")
     records = catalog.listing()
     documents: list[dict[str, Any]] = []
     for cluster in catalog.db_ids():
         usable = [r for r in records if r.db_id == cluster and r.accepted(catalog.authenticated)]
         mine = [r.manifest for r in usable if r.manifest is not None]
-        inventory = (
-            read_wal_inventory(storage, cluster, mine[-1].wal_segment_size) if mine else None
-        )
+        entry = stored.database(cluster, "physical")
+        newest_wal = max((w.modified for w in entry.wal), default=None) if entry else None
         documents.append({
             "db_id": cluster,
             "backups": [
@@ -1173,10 +1171,8 @@ def physical_list(
                 {"backup_id": r.backup_id, "key": r.key, "auth": r.status, "problem": r.problem}
                 for r in records if r.db_id == cluster and not r.accepted(catalog.authenticated)
             ],
-            "wal_newest_upload": (
-                inventory.newest.isoformat() if inventory and inventory.newest else None
-            ),
-            "wal_gaps": wal_gaps(storage, cluster, keyring) if mine else [],
+            "wal_newest_upload": newest_wal.isoformat() if mine and newest_wal else None,
+            "wal_gaps": list(entry.wal_gaps) if entry else [],
         })
     invalid = [r.problem for r in records if r.db_id is None]
     if as_json:

@@ -33,11 +33,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
-from pgbackflow.tasks.errors import ObjectNotFoundError
+from pgbackflow.tasks.errors import ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring, MasterKey
 from pgbackflow.tasks.manifest import (
     LOGICAL_ROOT,
     MANIFEST_NAME,
+    Catalog,
     LogicalManifest,
     ManifestBinding,
     ManifestModel,
@@ -64,7 +65,9 @@ from pgbackflow.tasks.wal import (
     WalInventory,
     is_wal_file_name,
     parse_segment_name,
+    route_gaps,
     segment_name,
+    stored_route,
 )
 
 JOURNAL_PREFIX = "deleting-"
@@ -150,7 +153,7 @@ class RefusedFolder:
     objects: tuple[StoredObject, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WalFile:
     """One WAL object of a cluster.
 
@@ -173,7 +176,7 @@ class WalFile:
     modified: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Orphan:
     """An object no usable backup or WAL needs.
 
@@ -218,11 +221,16 @@ class DatabaseCatalog:
         backups: Usable backups, oldest first.
         refused: Folders whose manifest is refused (left alone).
         wal: WAL objects (physical only), by key.
-        wal_gaps: Segments missing on the newest backup's timeline between the oldest
-            backup's start and the newest WAL.
+        wal_gaps: Holes in the WAL a restore replays (``<segment(s)> (LSN a to b)``): from
+            the end of the oldest full backup the stored WAL reaches back to (else the newest
+            full) to the newest WAL, across timeline switches as replay follows them
+            (:func:`pgbackflow.tasks.wal.stored_route`, the route PITR takes).
         segment_size: WAL segment size (from the backups; the default without).
         orphans: Objects nothing needs.
         journals: Verified deletion journals (unverified ones are orphans).
+        records: Every manifest of this database, usable or not (what ``list`` shows).
+        authenticated: Manifests were checked with a keyring (else: listed unverified, and
+            no retention may be planned from it).
     """
 
     kind: Kind
@@ -234,6 +242,8 @@ class DatabaseCatalog:
     segment_size: int = DEFAULT_SEGMENT_SIZE
     orphans: tuple[Orphan, ...] = ()
     journals: tuple[Journal, ...] = ()
+    records: tuple[ManifestRecord[Any], ...] = ()
+    authenticated: bool = True
 
     @property
     def newest(self) -> Backup | None:
@@ -304,6 +314,9 @@ class StorageCatalog:
         orphans: Objects under ``logical/`` or ``physical/`` outside any database folder.
         temporaries: Leftovers of killed writers older than the grace period (one line each).
         read_at: When the listing was taken.
+        invalid: ``(kind, record)`` of objects named like a manifest whose key holds an
+            invalid id (refused unread; their objects are among ``orphans``).
+        authenticated: Manifests were checked with a keyring.
     """
 
     location: str
@@ -311,6 +324,15 @@ class StorageCatalog:
     orphans: tuple[Orphan, ...] = ()
     temporaries: tuple[str, ...] = ()
     read_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    invalid: tuple[tuple[Kind, ManifestRecord[Any]], ...] = ()
+    authenticated: bool = True
+
+    def manifests(self, kind: Kind) -> Catalog[Any]:
+        """The manifests of ``kind`` as a :class:`pgbackflow.tasks.manifest.Catalog`: what
+        the pickers (``latest``, a backup id, a cluster's chain) and ``list`` work on."""
+        records = [r for e in self.databases if e.kind == kind for r in e.records]
+        records += [r for k, r in self.invalid if k == kind]
+        return Catalog(tuple(records), self.authenticated)
 
     def database(self, db_id: str, kind: Kind | None = None) -> DatabaseCatalog | None:
         """The entry of ``db_id`` (of ``kind`` when given)."""
@@ -515,28 +537,66 @@ def _group(objects: Iterable[StoredObject]) -> tuple[dict[tuple[Kind, str], _Db]
     return dbs, outside
 
 
+def _manifest_ids(parts: Sequence[str]) -> tuple[Kind, str, str] | None:
+    """``(kind, db_id, backup_id)`` of a key split at ``/`` that is named like a manifest
+    (ids not checked), else None."""
+    if len(parts) == 4 and parts[0] == LOGICAL_ROOT and parts[3] == MANIFEST_NAME:
+        return "logical", parts[1], parts[2]
+    if (len(parts) == 5 and parts[0] == PHYSICAL_ROOT and parts[2] == "base"
+            and parts[4] == MANIFEST_NAME):
+        return "physical", parts[1], parts[3]
+    return None
+
+
 def read_catalog(
     storage: Storage,
-    keyring: Keyring,
+    keyring: Keyring | None,
     *,
     db_id: str | None = None,
     grace: timedelta | None = None,
+    kinds: Sequence[Kind] = ("logical", "physical"),
+    wal: bool = True,
 ) -> StorageCatalog:
     """Read ``storage`` into a catalog; manifests authenticated with ``keyring``.
 
     Args:
         storage: Where to look.
-        keyring: Only manifests whose MAC verifies with one of these keys make backups.
+        keyring: Only manifests whose MAC verifies with one of these keys make backups;
+            None lists every readable manifest unverified (``list`` without a key; no
+            retention can be planned from such a catalog).
         db_id: Only this database or cluster.
         grace: A ``timedelta``: also list the killed writers' temporaries older than it.
+        kinds: Only these kinds of backup.
+        wal: Also list the clusters' WAL (with ``db_id``: False lists only its backups).
     """
     if db_id is not None:
         check_id(db_id, "database id")
     read_at = datetime.now(UTC)
-    objects: list[StoredObject] = []
-    for root in (LOGICAL_ROOT, PHYSICAL_ROOT):
-        objects += storage.list(f"{root}/" + (f"{db_id}/" if db_id else ""))
-    dbs, outside = _group(objects)
+    prefixes = [
+        f"{root}/" + (f"{db_id}/" + ("base/" if kind == "physical" and not wal else "")
+                      if db_id else "")
+        for root, kind in ((LOGICAL_ROOT, "logical"), (PHYSICAL_ROOT, "physical"))
+        if kind in kinds
+    ]
+    cache = ManifestCache.for_storage(storage)
+    if cache is None or len(prefixes) == 1:
+        listings = [storage.list(prefix) for prefix in prefixes]
+    else:  # remote: both listings' round trips at once
+        with ThreadPoolExecutor(len(prefixes), thread_name_prefix="pgbackflow-list") as pool:
+            listings = list(pool.map(storage.list, prefixes))
+    dbs, outside = _group(o for listing in listings for o in listing)
+    del listings
+    if not wal:
+        for entry in dbs.values():
+            entry.wal.clear()
+    invalid: list[tuple[Kind, ManifestRecord[Any]]] = []
+    for item in outside + [o for entry in dbs.values() for o in entry.stray]:
+        ids = _manifest_ids(item.key.split("/"))
+        if ids is not None and not (is_valid_id(ids[1]) and is_valid_id(ids[2])):
+            record = read_manifest_record(storage, item.key, _model_of(ids[0]),
+                                          _binding_of(ids[0]), (ids[1], ids[2]), keyring)
+            assert record is not None  # refused from its key alone: nothing read
+            invalid.append((ids[0], record))
     manifests: list[tuple[Kind, str, str, StoredObject]] = []
     for (kind, found_id), entry in dbs.items():
         for backup_id, items in entry.folders.items():
@@ -549,7 +609,6 @@ def read_catalog(
                                     (found_id, backup_id), keyring, size=item.size)
 
     keys = [(m[0], m[1], m[2]) for m in manifests]
-    cache = ManifestCache.for_storage(storage)
     if cache is None:  # a local folder: no round trips to overlap
         records = dict(zip(keys, map(read, manifests), strict=True))
     else:
@@ -562,7 +621,7 @@ def read_catalog(
 
         with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pgbackflow-catalog") as pool:
             records = dict(zip(keys, pool.map(read_cached, manifests), strict=True))
-        if db_id is None:
+        if db_id is None and len(kinds) == 2:
             cache.prune(m[3] for m in manifests)
     databases = [
         _database(storage, keyring, entry, records)
@@ -571,22 +630,25 @@ def read_catalog(
     stray = tuple(Orphan(o.key, o.size, o.modified, "not inside a database folder")
                   for o in outside)
     temporaries = storage.list_stale_writes(grace) if grace is not None else ()
-    return StorageCatalog(storage.location, tuple(databases), stray, temporaries, read_at)
+    return StorageCatalog(storage.location, tuple(databases), stray, temporaries, read_at,
+                          tuple(invalid), keyring is not None)
 
 
 def _database(
     storage: Storage,
-    keyring: Keyring,
+    keyring: Keyring | None,
     entry: _Db,
     records: dict[tuple[Kind, str, str], ManifestRecord[Any] | None],
 ) -> DatabaseCatalog:
     kind, db_id = entry.kind, entry.db_id
     backups: list[Backup] = []
+    found: list[ManifestRecord[Any]] = []
     refused: list[RefusedFolder] = []
     orphans: list[Orphan] = []
     journals: list[Journal] = []
+    authenticated = keyring is not None
     for item in entry.stray:
-        journal = _read_journal(storage, item, kind, db_id, keyring)
+        journal = _read_journal(storage, item, kind, db_id, keyring) if keyring else None
         if journal is not None:
             journals.append(journal)
         else:
@@ -597,7 +659,9 @@ def _database(
         prefix = _backup_prefix(kind, db_id, backup_id)
         manifest_key = prefix + MANIFEST_NAME
         record = records.get((kind, db_id, backup_id))
-        if record is not None and record.accepted(True) and record.manifest is not None:
+        if record is not None:
+            found.append(record)
+        if record is not None and record.accepted(authenticated) and record.manifest is not None:
             manifest = record.manifest
             named = set(manifest.object_keys()) | {manifest_key}
             listed = {o.key for o in items}
@@ -625,10 +689,10 @@ def _database(
     if physical:
         segment_size = physical[-1].wal_segment_size
     wal, wal_orphans = _wal_files(entry.wal, db_id, segment_size)
-    gaps = _gaps(physical, wal, segment_size)
+    gaps = _gaps(storage, keyring, db_id, physical, _inventory(wal, segment_size))
     return DatabaseCatalog(
         kind, db_id, tuple(backups), tuple(refused), tuple(wal), tuple(gaps), segment_size,
-        tuple(orphans + wal_orphans), tuple(journals),
+        tuple(orphans + wal_orphans), tuple(journals), tuple(found), authenticated,
     )
 
 
@@ -676,17 +740,29 @@ def _inventory(wal: Iterable[WalFile], segment_size: int) -> WalInventory:
     return inventory
 
 
-def _gaps(physical: Sequence[PhysicalManifest], wal: Sequence[WalFile],
-          segment_size: int) -> list[str]:
-    if not physical or not wal:
+def _gaps(storage: Storage, keyring: Keyring | None, db_id: str,
+          physical: Sequence[PhysicalManifest], inventory: WalInventory) -> list[str]:
+    """The holes on the route replay takes from the oldest full the WAL reaches back to
+    (else the newest full) to the newest WAL, following timeline switches at the points
+    the newest timeline's history file names (read and authenticated with ``keyring``;
+    without a key, or when it cannot be read, estimated from the stored segments)."""
+    fulls = [p for p in physical if p.mode == "full"]
+    if not fulls or inventory.newest is None:
         return []
-    timeline = physical[-1].timeline
-    on_timeline = [p for p in physical if p.timeline == timeline]
-    first = min(parse_lsn(p.start_lsn) // segment_size for p in on_timeline)
-    inventory = _inventory(wal, segment_size)
-    if inventory.last_segment(timeline) is None:
-        return []
-    return inventory.gaps(timeline, first)
+    size = inventory.segment_size
+    base = fulls[-1]
+    for full in fulls:
+        stored = inventory.complete.get(full.timeline, set()) | inventory.partial.get(
+            full.timeline, set())
+        if stored and min(stored) <= parse_lsn(full.end_lsn) // size:
+            base = full
+            break
+    first = parse_lsn(base.end_lsn) // size
+    try:
+        route = stored_route(storage, db_id, inventory, base.timeline, first, keyring)
+    except PgBackflowError:  # a damaged history file: PITR says so; here, estimate
+        route = stored_route(storage, db_id, inventory, base.timeline, first, None)
+    return [gap.describe() for gap in route_gaps(inventory, route)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -694,12 +770,14 @@ def _gaps(physical: Sequence[PhysicalManifest], wal: Sequence[WalFile],
 
 
 def backup_rows(entry: DatabaseCatalog, kept: dict[str, str] | None = None,
-                verified: Iterable[str] = ()) -> list[dict[str, Any]]:
+                verified: Iterable[str] = (), exclude: Iterable[str] = ()) -> list[dict[str, Any]]:
     """One row per backup (the "backups of <db>" table): id, kind, time, size, verified?,
-    kept because ...; refused folders last."""
-    verified_ids = set(verified)
+    kept because ...; refused folders last; backups in ``exclude`` (deleted) left out."""
+    verified_ids, gone = set(verified), set(exclude)
     rows: list[dict[str, Any]] = []
     for backup in reversed(entry.backups):
+        if backup.backup_id in gone:
+            continue
         rows.append({
             "backup_id": backup.backup_id, "kind": backup.mode,
             "finished_at": backup.finished_at.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S"),

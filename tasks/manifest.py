@@ -740,54 +740,17 @@ def write_manifest(storage: Storage, manifest: LogicalManifest, master_key: Mast
 def scan_backups(
     storage: Storage, db_id: str | None = None, keyring: Keyring | None = None
 ) -> Catalog[LogicalManifest]:
-    """Every logical manifest in ``storage`` (optionally of one database), checked.
+    """Every logical manifest in ``storage`` (optionally of one database), checked: the
+    logical view of the storage's catalog (:func:`pgbackflow.tasks.catalog.read_catalog`).
 
     Args:
         storage: Where to look.
         db_id: Only this database.
         keyring: Verify MACs with these keys; None: list without verifying.
     """
-    if db_id is not None:
-        check_id(db_id, "database id")
-    prefix = f"{LOGICAL_ROOT}/" + (f"{db_id}/" if db_id else "")
+    from pgbackflow.tasks.catalog import read_catalog
 
-    def ids_of(parts: list[str]) -> tuple[str, str] | None:
-        # logical/<db_id>/<backup_id>/manifest.json
-        if len(parts) == 4 and parts[0] == LOGICAL_ROOT and parts[3] == MANIFEST_NAME:
-            return parts[1], parts[2]
-        return None
-
-    return scan_manifests(storage, prefix, ids_of, LogicalManifest, logical_binding, keyring)
-
-
-def scan_manifests(
-    storage: Storage,
-    prefix: str,
-    ids_of: Callable[[list[str]], tuple[str, str] | None],
-    model: type[M],
-    binding_of: Callable[[str, str], ManifestBinding],
-    keyring: Keyring | None,
-) -> Catalog[M]:
-    """Every manifest under ``prefix`` whose key ``ids_of`` recognises, read and checked.
-
-    Args:
-        storage: Where to look.
-        prefix: Storage key prefix to list.
-        ids_of: ``(db_id, backup_id)`` from a key split at ``/``, or None for other objects.
-        model: The manifest model.
-        binding_of: What a manifest with these ids must be bound to.
-        keyring: Verify MACs with these keys; None: list without verifying.
-    """
-    records: list[ManifestRecord[M]] = []
-    for item in storage.list(prefix):
-        ids = ids_of(item.key.split("/"))
-        if ids is None:
-            continue
-        record = read_manifest_record(storage, item.key, model, binding_of, ids, keyring,
-                                      size=item.size)
-        if record is not None:
-            records.append(record)
-    return Catalog(tuple(records), keyring is not None)
+    return read_catalog(storage, keyring, db_id=db_id, kinds=("logical",)).manifests("logical")
 
 
 def list_backups(

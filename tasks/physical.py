@@ -63,7 +63,6 @@ from pgbackflow.tasks.manifest import (
     StoredObjectInfo,
     check_id,
     read_manifest_record,
-    scan_manifests,
     seal,
     signing_key,
 )
@@ -231,24 +230,20 @@ def write_manifest(storage: Storage, manifest: PhysicalManifest, master_key: Mas
 def scan_physical_backups(
     storage: Storage, db_id: str | None = None, keyring: Keyring | None = None
 ) -> Catalog[PhysicalManifest]:
-    """Every physical manifest (optionally of one cluster), checked with ``keyring``.
+    """Every physical manifest (optionally of one cluster), checked with ``keyring``: the
+    physical view of the storage's catalog (:func:`pgbackflow.tasks.catalog.read_catalog`).
 
     Args:
         storage: Where to look.
         db_id: Only this cluster.
         keyring: Verify MACs with these keys; None: list without verifying.
     """
+    from pgbackflow.tasks.catalog import read_catalog
+
     if db_id is not None:
         check_id(db_id, "cluster id")
-    prefix = f"{PHYSICAL_ROOT}/" + (f"{db_id}/base/" if db_id else "")
-
-    def ids_of(parts: list[str]) -> tuple[str, str] | None:
-        # physical/<db_id>/base/<backup_id>/manifest.json
-        if len(parts) == 5 and parts[2] == "base" and parts[4] == MANIFEST_NAME:
-            return parts[1], parts[3]
-        return None
-
-    return scan_manifests(storage, prefix, ids_of, PhysicalManifest, physical_binding, keyring)
+    return read_catalog(storage, keyring, db_id=db_id, kinds=("physical",),
+                        wal=False).manifests("physical")
 
 
 def list_physical_backups(

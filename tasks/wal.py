@@ -520,7 +520,8 @@ def route_gaps(inventory: WalInventory, spans: Sequence[TimelineSpan]) -> list[W
             allowed = {end} & inventory.partial.get(span.timeline, set())
         else:
             end, allowed = span.last, set()
-        missing = [n for n in range(span.first, end + 1) if n not in complete | allowed]
+        stored = complete | allowed  # once: per segment it made long routes quadratic
+        missing = [n for n in range(span.first, end + 1) if n not in stored]
         for number in missing:
             if gaps and gaps[-1].timeline == span.timeline and gaps[-1].last == number - 1:
                 gaps[-1] = WalGap(span.timeline, gaps[-1].first, number, inventory.segment_size)

@@ -38,10 +38,13 @@ from pgbackflow.tasks.manifest import (
 )
 from pgbackflow.tasks.physical import PhysicalManifest, format_lsn, physical_binding
 from pgbackflow.tasks.retention import (
+    LOCK_KEY,
     MIN_AGE,
     KeepGFS,
     KeepLast,
     Policy,
+    RetentionBusyError,
+    RetentionLock,
     execute_plan,
     plan_retention,
     run_retention,
@@ -618,3 +621,143 @@ def test_manifest_cache_of_a_remote_storage_trusts_nothing(
     assert [r.backup_id for r in entry.refused] == [ids[0]]
     assert "failed authentication" in entry.refused[0].problem
     assert len(list((tmp_path / "cache" / "manifests").glob("*/*"))) == 2
+
+
+# ---------------------------------------------------------------------------------------
+# One deleting run per storage
+
+
+def _cli_target(storage: Storage, bucket: S3Bucket | None) -> tuple[str, dict[str, str]]:
+    """``--from`` and the environment a user's shell would have for ``storage``."""
+    if bucket is None:
+        assert isinstance(storage, LocalFolderStorage)
+        return str(storage.folder), {}
+    return f"s3://{bucket.bucket}/pg", {
+        "AWS_ENDPOINT_URL": bucket.endpoint_url, "AWS_DEFAULT_REGION": bucket.region,
+        "AWS_ACCESS_KEY_ID": bucket.access_key_id,
+        "AWS_SECRET_ACCESS_KEY": bucket.secret_access_key}
+
+
+HOLD_LOCK = """
+import sys, time
+from pgbackflow.tasks.retention import RetentionLock
+from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage
+if sys.argv[1].startswith("s3://"):
+    bucket, _, prefix = sys.argv[1][5:].partition("/")
+    storage = S3ObjectStorage(bucket, prefix, endpoint_url=sys.argv[2], region="us-east-1")
+else:
+    storage = LocalFolderStorage(sys.argv[1])
+RetentionLock(storage, "a maintenance run").acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_one_deleting_run_per_storage(
+    storage: Storage, key_file: Path, request: pytest.FixtureRequest
+) -> None:
+    """A retention run while another holds the storage's lock (another process, as a
+    maintenance run on a worker would) is one line and deletes nothing; the lock of a
+    killed holder on this machine is taken over at once, another host's once its lease
+    lapsed; a run that lost its lock stops before its next deletion."""
+    bucket = request.getfixturevalue("s3_bucket") if isinstance(storage, S3ObjectStorage) \
+        else None
+    source, env = _cli_target(storage, bucket)
+    writer = Writer(storage)
+    now = datetime.now(UTC)
+    ids = [write_logical(writer, now - timedelta(days=5 - i), i) for i in range(4)]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, source, bucket.endpoint_url if bucket else ""],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        busy = run_cli("--from", source, "--keep-last", "1", key_file=key_file, env=env)
+        assert busy.returncode == 1, busy.stdout
+        assert busy.stderr.count("\n") == 1 and "Traceback" not in busy.stderr
+        assert busy.stderr.startswith(f"error: storage {storage.location} is busy: another "
+                                      "retention run holds its lock retention.lock (a "
+                                      "maintenance run on host "), busy.stderr
+        assert f"pid {holder.pid}" in busy.stderr and "lapses at" in busy.stderr
+        assert len(read_catalog(storage, RING).databases[0].backups) == 4
+        # A dry run deletes nothing and needs no lock.
+        assert run_cli("--from", source, "--keep-last", "1", "--dry-run", key_file=key_file,
+                       env=env).returncode == 0
+    finally:
+        holder.kill()
+        holder.wait(30)
+    # The holder was killed: its lock names a pid of this boot that is gone.
+    assert storage.exists(LOCK_KEY)
+    taken = run_cli("--from", source, "--keep-last", "1", key_file=key_file, env=env)
+    assert taken.returncode == 0, taken.stderr
+    assert [b.backup_id for b in read_catalog(storage, RING).databases[0].backups] == ids[-1:]
+    assert not storage.exists(LOCK_KEY), "a finished run leaves its lock behind"
+
+    # Another host's lock: busy while its lease runs, taken over once it lapsed.
+    def foreign(expires: datetime) -> None:
+        storage.write_bytes(LOCK_KEY, json.dumps({
+            "owner": "maintenance run elsewhere", "host": "db-backup-2", "boot": "otherboot",
+            "pid": 1, "token": "0123", "renewed_at": now.isoformat(),
+            "expires_at": expires.isoformat()}).encode())
+
+    foreign(datetime.now(UTC) + timedelta(minutes=5))
+    busy = run_cli("--from", source, key_file=key_file, env=env)
+    assert busy.returncode == 1 and "on host db-backup-2, pid 1" in busy.stderr, busy.stderr
+    foreign(datetime.now(UTC) - timedelta(seconds=1))
+    lapsed = run_cli("--from", source, key_file=key_file, env=env)
+    assert lapsed.returncode == 0, lapsed.stderr
+    assert not storage.exists(LOCK_KEY)
+
+    # A holder whose lock was taken over stops before it deletes anything more.
+    more = [write_logical(writer, now - timedelta(days=3, hours=i), 10 + i) for i in range(2)]
+    lock = RetentionLock(storage, "this test")
+    lock.acquire()
+    try:
+        plan = plan_retention(read_catalog(storage, RING), {DB: Policy((KeepLast(1),))},
+                              grace=GRACE)
+        assert {d.backup.backup_id for d in plan.databases[0].deleted} == set(more)
+        foreign(datetime.now(UTC) + timedelta(minutes=5))
+        with pytest.raises(RetentionBusyError, match="this run lost the retention lock"):
+            execute_plan(storage, plan, KEY, lock=lock)
+    finally:
+        lock.release()
+    assert storage.exists(LOCK_KEY), "released a lock that was not its own"
+    assert len(read_catalog(storage, RING).databases[0].backups) == 3
+
+
+# ---------------------------------------------------------------------------------------
+# WAL gaps across a timeline switch
+
+
+def test_catalog_wal_gaps_follow_the_timeline_switch(storage: Storage, key_file: Path,
+                                                     request: pytest.FixtureRequest) -> None:
+    """A full on timeline 1, a switch to timeline 2 at segment 5 (the authenticated history
+    file says so): a hole on timeline 2 is a gap, timeline 1's abandoned segments after the
+    switch are not needed, and physical-list (a view of the catalog) says the same."""
+    from pgbackflow.tasks.pipeline import store_bytes
+
+    writer = Writer(storage)
+    moment = datetime.now(UTC) - timedelta(hours=3)
+    write_physical(writer, moment, 1, 2, None, None)
+    for timeline, number in ((1, 2), (1, 3), (1, 4), (1, 6), (2, 5), (2, 7), (2, 8)):
+        writer.put(wal_object_key(CLUSTER, segment_name(timeline, number, SEG)), b"w", moment)
+    store_bytes(b"1\t0/5000000\tno recovery target specified\n", [storage],
+                wal_object_key(CLUSTER, "00000002.history"), KEY)
+    tl2_gap = "000000020000000000000006 (LSN 0/6000000 to 0/7000000)"
+    entry = read_catalog(storage, RING).database(CLUSTER, "physical")
+    assert entry is not None and entry.wal_gaps == (tl2_gap,)
+
+    storage.delete(wal_object_key(CLUSTER, segment_name(1, 3, SEG)))
+    tl1_gap = "000000010000000000000003 (LSN 0/3000000 to 0/4000000)"
+    entry = read_catalog(storage, RING).database(CLUSTER, "physical")
+    assert entry is not None and entry.wal_gaps == (tl1_gap, tl2_gap)
+
+    bucket = request.getfixturevalue("s3_bucket") if isinstance(storage, S3ObjectStorage) \
+        else None
+    source, env = _cli_target(storage, bucket)
+    listed = subprocess.run([*CLI, "physical-list", "--from", source, "--key-file",
+                             str(key_file), "--json"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, **env}, check=False)
+    assert listed.returncode == 0, listed.stderr
+    (document,) = json.loads(listed.stdout)
+    assert document["wal_gaps"] == [tl1_gap, tl2_gap]
+    assert [b["auth"] for b in document["backups"]] == ["verified"]

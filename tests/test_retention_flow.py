@@ -86,6 +86,10 @@ def test_deploy_config_makes_one_maintenance_deployment_per_storage(tmp_path: Pa
     assert nas.schedule is not None and nas.schedule.cron == "30 3 * * *"
     assert offsite.schedule is not None and offsite.schedule.cron == "0 4 * * 0"
     assert nas.parameters["key_file"] == "/etc/pgbackflow/master.key"
+    # The clusters stored there: their inactive replication slots are reported.
+    assert offsite.parameters["clusters"] == {
+        "db1": {"$pgbackflow_block": "pgbackflow-postgres-database/db1"}}
+    assert "clusters" not in nas.parameters
     assert "job:maintenance" in nas.tags and "storage:nas" in nas.tags
 
     for bad, message in (
@@ -204,3 +208,38 @@ def test_real_chain_expired_then_point_in_time_restore(
             assert restored_rows(report.port or 0, server) == ["a", "b"]
         finally:
             stop_restored(restored, server)
+
+
+@pytest.mark.pg
+@pytest.mark.usefixtures("prefect_api")
+def test_maintenance_reports_inactive_replication_slots(tmp_path: Path) -> None:
+    """An inactive slot on a deployed cluster is reported with the WAL it keeps on the server
+    (published and in the result); an unreachable cluster is a warning, not a failure."""
+    from pgbackflow.flows.maintenance import maintenance
+    from pgbackflow.tasks.cluster import EphemeralCluster, free_port
+    from pgbackflow.tasks.toolsets import find_toolset
+
+    server = EphemeralCluster(find_toolset(17), settings={"fsync": "off"}).start()
+    try:
+        with server.connect() as conn:
+            conn.execute("SELECT pg_create_physical_replication_slot('left_behind', true)")
+            conn.execute("CREATE TABLE filler AS SELECT g, repeat('x', 200) AS pad "
+                         "FROM generate_series(1, 100000) g")
+            conn.execute("SELECT pg_switch_wal()")
+            expected = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint "
+                "FROM pg_replication_slots WHERE slot_name = 'left_behind'").fetchone()
+        assert expected is not None and expected[0] > 16 * 1024 * 1024
+        key_file = tmp_path / "master.key"
+        write_key_file(key_file, KEY)
+        (tmp_path / "store").mkdir()
+        gone = db_block(server).model_copy(update={"port": free_port()})
+        summary = maintenance(storage=LocalStorage(folder=str(tmp_path / "store")),
+                              key_file=str(key_file), dry_run=True,
+                              clusters={"c17": db_block(server), "gone": gone})
+    finally:
+        server.stop()
+    (slot,) = summary["inactive_slots"]
+    assert slot["db_id"] == "c17" and slot["slot"] == "left_behind"
+    assert slot["type"] == "physical"
+    assert expected[0] <= slot["retained_bytes"] < expected[0] + 16 * 1024 * 1024

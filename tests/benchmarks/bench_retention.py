@@ -2,12 +2,13 @@
 
 Populates a moto S3 bucket with hourly logical backups (3 objects each: dump, globals, a
 sealed manifest), daily physical backups (3 objects each) and WAL segments, in the
-proportions of a busy storage, then times ``read_catalog`` (one listing, every manifest read
-and authenticated, 8 at a time) plus ``plan_retention`` (GFS 24h 7d 4w 12m 2y), and measures
-the planning's peak Python memory (tracemalloc, a third pass) at several catalog sizes. The
-first pass reads every manifest (cold cache), the second finds them in the local manifest
-cache (tasks/catalog.py: a manifest is fetched again when its size or upload time changed;
-cached bytes are authenticated like fetched ones).
+proportions of a busy storage, then times the listing alone (``list_s``: the floor, moto's
+time to build the pages plus ours to parse them), ``read_catalog`` (the listing, every
+manifest read and authenticated, 8 at a time) plus ``plan_retention`` (GFS 24h 7d 4w 12m
+2y), and measures the planning's peak Python memory (tracemalloc, a third pass) at several
+catalog sizes. The first pass reads every manifest (cold cache), the second finds them in
+the local manifest cache (tasks/catalog.py: a manifest is fetched again when its size or
+upload time changed; cached bytes are authenticated like fetched ones).
 
 Usage: .venv/bin/python -m tests.benchmarks.bench_retention [--objects 100000 50000 25000]
 Target (issue 12): plan in under 10 s for 100,000 objects.
@@ -34,7 +35,7 @@ import boto3
 from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.cluster import free_port
 from pgbackflow.tasks.retention import KeepGFS, Policy, plan_retention
-from pgbackflow.tasks.storage import S3ObjectStorage, Storage
+from pgbackflow.tasks.storage import S3ObjectStorage, _parse_listing
 from tests.test_retention import (
     CLUSTER,
     DB,
@@ -84,8 +85,52 @@ def populate(storage: S3ObjectStorage, objects: int, now: datetime) -> dict[str,
     return {"logical_backups": logical, "physical_backups": physical, "wal_segments": wal}
 
 
-def measure(storage: Storage) -> dict[str, Any]:
+def listing_breakdown(storage: S3ObjectStorage) -> dict[str, Any]:
+    """Where a listing's time goes: the server building its pages (raw GETs of presigned
+    ListObjectsV2 URLs, nothing parsed), our parser, and botocore's generic one on the same
+    pages."""
+    import urllib3
+    from botocore.parsers import RestXMLParser
+
+    http = urllib3.PoolManager()
+    pages: list[bytes] = []
+    started = time.perf_counter()
+    for root in ("logical/", "physical/"):
+        token: str | None = None
+        while True:
+            params = {"Bucket": storage.bucket, "Prefix": f"{storage.prefix}/{root}",
+                      **({"ContinuationToken": token} if token else {})}
+            url = storage.client.generate_presigned_url("list_objects_v2", Params=params)
+            body = http.request("GET", url).data
+            pages.append(body)
+            parsed: dict[str, Any] = {}
+            _parse_listing({"status_code": 200, "body": body}, parsed)
+            token = parsed.get("NextContinuationToken")
+            if not parsed.get("IsTruncated"):
+                break
+    server_s = time.perf_counter() - started
+    started = time.perf_counter()
+    for body in pages:
+        _parse_listing({"status_code": 200, "body": body}, {})
+    ours_s = time.perf_counter() - started
+    shape = storage.client.meta.service_model.operation_model("ListObjectsV2").output_shape
+    assert shape is not None
+    started = time.perf_counter()
+    for body in pages:
+        RestXMLParser().parse({"body": body, "headers": {}, "status_code": 200}, shape)
+    botocore_s = time.perf_counter() - started
+    return {"pages": len(pages), "server_pages_s": round(server_s, 2),
+            "parse_ours_s": round(ours_s, 2), "parse_botocore_s": round(botocore_s, 2)}
+
+
+def measure(storage: S3ObjectStorage) -> dict[str, Any]:
     policies = {DB: GFS, CLUSTER: GFS}
+    breakdown = listing_breakdown(storage)
+    # The listing alone (both roots at once, as read_catalog lists them).
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as pool:
+        listed = sum(map(len, pool.map(storage.list, ("logical/", "physical/"))))
+    list_s = round(time.perf_counter() - started, 2)
     timings = []
     for _ in ("cold cache", "warm cache"):
         started = time.perf_counter()
@@ -98,8 +143,8 @@ def measure(storage: Storage) -> dict[str, Any]:
     plan_retention(catalog, policies, grace=GRACE)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    listed = sum(len(storage.list(root)) for root in ("logical/", "physical/"))
-    return {"objects": listed, "cold_catalog_s": timings[0][0], "cold_plan_s": timings[0][1],
+    return {"objects": listed, **breakdown, "list_s": list_s,
+            "cold_catalog_s": timings[0][0], "cold_plan_s": timings[0][1],
             "warm_catalog_s": timings[1][0], "warm_plan_s": timings[1][1],
             "peak_mb": round(peak / 1e6, 1),
             "deleted": sum(len(p.deleted) for p in plan.databases),
