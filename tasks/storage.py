@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO, Self, cast
 from urllib.parse import unquote, unquote_plus, urlsplit
-from xml.etree import ElementTree
+from xml.etree import ElementTree  # nosec B405 - see _parse_listing
 
 import boto3
 from botocore.config import Config
@@ -833,8 +833,12 @@ def _parse_listing(response_dict: dict[str, Any], customized_response_dict: dict
     body = response_dict.get("body")
     if response_dict.get("status_code") != 200 or not isinstance(body, bytes):
         return
+    if b"<!" in body:
+        return  # S3 sends no DTD, entity or CDATA: botocore's parser decides on such a page
     try:
-        root = ElementTree.fromstring(body)
+        # Without a DTD there are no entities to expand (and expat >= 2.4 bounds expansion
+        # anyway); ElementTree never fetches external resources.
+        root = ElementTree.fromstring(body)  # nosec B314 - no DTD (checked above)
     except ElementTree.ParseError:
         return  # botocore reports it
     ns = _S3_XMLNS if root.tag.startswith(_S3_XMLNS) else ""
