@@ -25,6 +25,7 @@ import psycopg
 from psycopg.conninfo import make_conninfo
 
 from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.pgconf import settings_block
 from pgbackflow.tasks.process import OsUser, Tool, ToolResult
 from pgbackflow.tasks.toolsets import Toolset
 
@@ -346,9 +347,8 @@ class EphemeralCluster:
             port=str(self._port),
             unix_socket_directories=str(self.socket_dir),
         )
-        lines = [f"{key} = {_quote(value)}" for key, value in settings.items()]
         # Appended, so these win over initdb's defaults above them.
-        block = "\n# Written by pgbackflow's EphemeralCluster.\n" + "\n".join(lines) + "\n"
+        block = settings_block("Written by pgbackflow's EphemeralCluster.", settings)
         (self.data_dir / "postgresql.conf").write_text(self._base_conf + block)
 
     def _run(
@@ -423,12 +423,6 @@ def _teardown(pg_ctl: Path, root: Path, user: OsUser) -> None:
                     break
     finally:
         shutil.rmtree(root, ignore_errors=True)
-
-
-def _quote(value: str) -> str:
-    """Quote a postgresql.conf value; quoted values are valid for every setting type."""
-    escaped = str(value).replace("\\", "\\\\").replace("'", "''")
-    return f"'{escaped}'"
 
 
 def free_port() -> int:

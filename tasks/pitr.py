@@ -45,6 +45,7 @@ from pgbackflow.tasks.cluster import free_port, read_log_from
 from pgbackflow.tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.manifest import safe_join
+from pgbackflow.tasks.pgconf import append_settings, request_recovery
 from pgbackflow.tasks.physical import (
     PhysicalManifest,
     authenticate_backup,
@@ -595,11 +596,6 @@ def fetch_wal(
 # Recovery configuration, the script, starting
 
 
-def conf_quote(value: str) -> str:
-    """A value quoted for postgresql.conf."""
-    return "'" + value.replace("'", "''") + "'"
-
-
 def configure_recovery(
     data_dir: Path, target: datetime | None, *, port: int | None = None
 ) -> None:
@@ -625,12 +621,8 @@ def configure_recovery(
         settings["listen_addresses"] = "127.0.0.1"
         # PostgreSQL's default socket folder: the server locks its socket and refuses a taken one.
         settings["unix_socket_directories"] = "/tmp"  # nosec B108
-    lines = "".join(f"{key} = {conf_quote(value)}\n" for key, value in settings.items())
-    auto_conf = data_dir / "postgresql.auto.conf"
-    existing = auto_conf.read_text() if auto_conf.exists() else ""
-    auto_conf.write_text(existing + "\n# Point-in-time restore by pgbackflow.\n" + lines)
-    (data_dir / "standby.signal").unlink(missing_ok=True)
-    (data_dir / "recovery.signal").write_text("")
+    append_settings(data_dir, "Point-in-time restore by pgbackflow.", settings)
+    request_recovery(data_dir)
 
 
 def write_restore_script(
@@ -820,7 +812,6 @@ __all__ = [
     "build_data_dir",
     "check_reachable",
     "check_target_dir",
-    "conf_quote",
     "configure_recovery",
     "fetch_wal",
     "finish_restore",

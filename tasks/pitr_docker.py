@@ -37,6 +37,7 @@ from typing import IO, Any, cast
 
 from pgbackflow.tasks.errors import ConfigError, DatabaseError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring
+from pgbackflow.tasks.pgconf import append_settings, request_recovery
 from pgbackflow.tasks.pitr import (
     PROMOTE_TIMEOUT_S,
     RESTORE_DIR,
@@ -45,7 +46,6 @@ from pgbackflow.tasks.pitr import (
     PitrPlan,
     build_data_dir,
     check_target_dir,
-    conf_quote,
     fetch_wal,
     free_port,
     unpack_backup,
@@ -440,13 +440,8 @@ def configure_container_recovery(
         with hba.open("a") as out:
             out.write(f"\n# pgbackflow: connections from the Docker host arrive from here.\n"
                       f"host all all {client_address}/32 md5\n")
-    lines = "".join(f"{key} = {conf_quote(value)}\n" for key, value in settings.items())
-    auto_conf = data_dir / "postgresql.auto.conf"
-    existing = auto_conf.read_text() if auto_conf.exists() else ""
-    auto_conf.write_text(existing + "\n# Point-in-time restore into Docker by pgbackflow.\n"
-                         + lines)
-    (data_dir / "standby.signal").unlink(missing_ok=True)
-    (data_dir / "recovery.signal").write_text("")
+    append_settings(data_dir, "Point-in-time restore into Docker by pgbackflow.", settings)
+    request_recovery(data_dir)
 
 
 def _client_address(client: DockerClient, network: str) -> str | None:

@@ -45,6 +45,7 @@ from pgbackflow.tasks.errors import (
 from pgbackflow.tasks.inventory import take_inventory
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.manifest import check_id
+from pgbackflow.tasks.pgconf import append_settings
 from pgbackflow.tasks.physical import (
     PhysicalManifest,
     chain_of,
@@ -59,7 +60,6 @@ from pgbackflow.tasks.pitr import (
     WalRoute,
     build_data_dir,
     check_reachable,
-    conf_quote,
     configure_recovery,
     fetch_wal,
     free_port,
@@ -513,13 +513,8 @@ def prepare_sandbox(data_dir: Path, socket_dir: Path, major: int) -> None:
         conf.write_text("")
     (data_dir / "pg_hba.conf").write_text(_TRUST_HBA)
     (data_dir / "pg_ident.conf").write_text("")
-    lines = "".join(
-        f"{key} = {conf_quote(value)}\n"
-        for key, value in sandbox_settings(data_dir, socket_dir, major).items()
-    )
-    auto_conf = data_dir / "postgresql.auto.conf"
-    existing = auto_conf.read_text() if auto_conf.exists() else ""
-    auto_conf.write_text(existing + "\n# Verification sandbox by pgbackflow.\n" + lines)
+    append_settings(data_dir, "Verification sandbox by pgbackflow.",
+                    sandbox_settings(data_dir, socket_dir, major))
 
 
 def directory_bytes(root: Path) -> int:
