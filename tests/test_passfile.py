@@ -111,12 +111,27 @@ def canary(pg_servers: PgServers) -> Iterator[Canary]:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
-def passfiles_on_disk() -> set[Path]:
-    """Every ``*.pgpass`` under the scanned directories."""
+def passfiles_on_disk(canary: Canary, *pids: int) -> set[Path]:
+    """The ``*.pgpass`` files under the scanned directories that are this test's: holding the
+    canary's password, or named after this process or one of ``pids`` (the fallback's
+    ``pgbackflow-<pid>-*.pgpass``). Tests in other pytest workers write passfiles of their own
+    meanwhile; theirs hold neither."""
+    prefixes = tuple(f"pgbackflow-{pid}-" for pid in (os.getpid(), *pids))
     found: set[Path] = set()
     for top in SCANNED_DIRS:
         for root, _dirs, files in os.walk(top):
-            found.update(Path(root, name) for name in files if name.endswith(".pgpass"))
+            for name in files:
+                if not name.endswith(".pgpass"):
+                    continue
+                path = Path(root, name)
+                if name.startswith(prefixes):
+                    found.add(path)
+                    continue
+                try:
+                    if canary.token.encode() in path.read_bytes():
+                        found.add(path)
+                except OSError:
+                    continue  # gone meanwhile (another worker's), or not a file
     return found
 
 
@@ -140,8 +155,9 @@ def files_containing(needle: str, since: float) -> list[Path]:
     return hits
 
 
-def assert_nothing_on_disk(canary: Canary, since: float, passfiles_before: set[Path]) -> None:
-    assert passfiles_on_disk() - passfiles_before == set()
+def assert_nothing_on_disk(canary: Canary, since: float, passfiles_before: set[Path],
+                           *pids: int) -> None:
+    assert passfiles_on_disk(canary, *pids) - passfiles_before == set()
     assert files_containing(canary.token, since) == []
 
 
@@ -175,7 +191,7 @@ def test_no_password_no_passfile() -> None:
 
 def test_pg17_clients_authenticate_through_the_memfd(canary: Canary, tmp_path: Path) -> None:
     since = time.time()
-    passfiles_before = passfiles_on_disk()
+    passfiles_before = passfiles_on_disk(canary)
     settings = canary.settings
     conninfo = libpq_conninfo(settings)
     with libpq_password_env(settings) as env:
@@ -274,7 +290,7 @@ def _proc_bytes(pid: int, name: str) -> bytes:
 
 def test_sigkilled_holder_leaves_no_password_anywhere(canary: Canary, tmp_path: Path) -> None:
     since = time.time()
-    passfiles_before = passfiles_on_disk()
+    passfiles_before = passfiles_on_disk(canary)
     holder, env, psql_pid = _start_holder(canary, tmp_path, fallback=False)
     try:
         passfile = env["PGPASSFILE"]
@@ -288,7 +304,7 @@ def test_sigkilled_holder_leaves_no_password_anywhere(canary: Canary, tmp_path: 
             assert canary.token.encode() not in _proc_bytes(pid, "cmdline")
             assert canary.token.encode() not in _proc_bytes(pid, "environ")
         assert f"PGPASSFILE={passfile}".encode() in _proc_bytes(psql_pid, "environ").split(b"\0")
-        assert_nothing_on_disk(canary, since, passfiles_before)
+        assert_nothing_on_disk(canary, since, passfiles_before, holder.pid, psql_pid)
 
         holder.send_signal(signal.SIGKILL)
         holder.wait(WAIT_S)
@@ -296,7 +312,7 @@ def test_sigkilled_holder_leaves_no_password_anywhere(canary: Canary, tmp_path: 
         # The memfd died with its only holder; psql got SIGTERM from its parent's death.
         assert not os.path.exists(passfile)
         _wait_for(lambda: not Path(f"/proc/{psql_pid}").exists(), "psql to exit")
-        assert_nothing_on_disk(canary, since, passfiles_before)
+        assert_nothing_on_disk(canary, since, passfiles_before, holder.pid, psql_pid)
     finally:
         _reap(holder)
 
