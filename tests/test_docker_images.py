@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import os
 import secrets
 import subprocess
 import sys
@@ -23,6 +24,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TEST_LABEL = "pgbackflow.test"
+#: The label's value: this test process, so parallel pytest processes on one engine leave
+#: each other's containers alone.
+OWNER = str(os.getpid())
 #: Capabilities the entrypoint needs when started as root with the image's own PGDATA: switch
 #: to uid/gid 999 (su-exec). A PGDATA mount owned by someone else (tmpfs) also needs CHOWN.
 ROOT_CAPS = ("SETUID", "SETGID")
@@ -35,7 +39,8 @@ StartFn = Callable[..., Container]
 
 
 def _remove_test_containers(client: Any) -> None:
-    for container in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}=1"}):
+    for container in client.containers.list(all=True,
+                                             filters={"label": f"{TEST_LABEL}={OWNER}"}):
         container.remove(force=True, v=True)
 
 
@@ -93,7 +98,7 @@ def start(docker_client: Any, images: dict[int, str]) -> Iterator[StartFn]:
             "pids_limit": 256,
             "mem_limit": "512m",
             "nano_cpus": 1_000_000_000,
-            "labels": {TEST_LABEL: "1"},
+            "labels": {TEST_LABEL: OWNER},
             **options,
         }
         container = docker_client.containers.run(images[major], command, detach=True, **kwargs)

@@ -11,7 +11,9 @@ covers the published-port path. Every volume, container and network is removed a
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
+import os
 import secrets
 import shlex
 import shutil
@@ -45,12 +47,16 @@ from pgbackflow.tasks.pitr_docker import (
 )
 from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.toolsets import find_toolset
+from tests.fixtures.docker import volumes_mounted
 
 pytestmark = pytest.mark.pg
 
 REPO = Path(__file__).resolve().parent.parent
 BASE_ROWS = 1000
 TEST_LABEL = "pgbackflow.test"
+#: The label's value: this test process, so parallel pytest processes on one engine leave
+#: each other's containers alone.
+OWNER = str(os.getpid())
 
 
 @dataclass(frozen=True)
@@ -215,7 +221,7 @@ def source17(sources: Callable[[int], Source]) -> Source:
 
 
 def _ensure_image(engine: Any, major: int) -> None:
-    errors = pytest.importorskip("docker.errors")
+    errors = importlib.import_module("docker.errors")
     try:
         engine.images.get(f"postgres:{major}")
     except errors.ImageNotFound:
@@ -234,24 +240,27 @@ NameFn = Callable[[], str]
 def new_name(engine: Any) -> Iterator[NameFn]:
     """Unique volume names; their volumes and same-named containers go after the test."""
     names: list[str] = []
-    volumes_before = {v.name for v in engine.volumes.list()}
+    started = time.time()
 
     def make() -> str:
         names.append(f"pgbackflow-test-{secrets.token_hex(4)}")
         return names[-1]
 
     yield make
-    errors = pytest.importorskip("docker.errors")
+    errors = importlib.import_module("docker.errors")
     for name in names:
         with contextlib.suppress(errors.NotFound):
             engine.containers.get(name).remove(force=True, v=True)
-    for container in engine.containers.list(all=True, filters={"label": TEST_LABEL}):
+    for container in engine.containers.list(all=True,
+                                            filters={"label": f"{TEST_LABEL}={OWNER}"}):
         container.remove(force=True, v=True)
     for name in names:
         with contextlib.suppress(errors.NotFound):
             engine.volumes.get(name).remove(force=True)
-    # Nothing left behind, anonymous volumes (the image's VOLUME) included.
-    assert {v.name for v in engine.volumes.list()} <= volumes_before
+    # Nothing left behind, anonymous volumes (the image's VOLUME) included: every volume a
+    # container on one of our volumes mounted (other test processes use the engine meanwhile).
+    mounted = volumes_mounted(engine, started, label=f"{TEST_LABEL}={OWNER}", names=names)
+    assert mounted & {v.name for v in engine.volumes.list()} == set()
 
 
 def _rows(port: int, source: Source) -> list[int]:
@@ -270,7 +279,7 @@ def _in_volume(engine: Any, volume: str, script: str) -> str:
     container = engine.containers.create(
         "postgres:17", entrypoint=["sh", "-c"], command=[script],
         network_mode="none", volumes={volume: {"bind": "/v", "mode": "rw"}},
-        labels={TEST_LABEL: "1"},
+        labels={TEST_LABEL: OWNER},
     )
     try:
         container.start()
@@ -280,8 +289,10 @@ def _in_volume(engine: Any, volume: str, script: str) -> str:
         container.remove(force=True, v=True)
 
 
-def _leftover_helpers(engine: Any) -> list[str]:
-    return [c.name for c in engine.containers.list(all=True, filters={"label": PITR_LABEL})
+def _leftover_helpers(engine: Any, volume: str) -> list[str]:
+    """Helper containers left on this test's volume (other tests restore meanwhile)."""
+    return [c.name for c in engine.containers.list(
+                all=True, filters={"label": PITR_LABEL, "volume": volume})
             if c.labels.get(PITR_LABEL) == "helper"]
 
 
@@ -313,7 +324,7 @@ def test_restores_to_a_time_between_commits_and_starts(
     assert owner == "999:999" and rest[0] == "700", out  # the image's postgres, mode 0700
     assert "wal" not in rest  # the WAL cache is dropped after the promotion
     assert any("pg_combinebackup" in s for s in steps) == (len(plan.chain) > 1)
-    assert _leftover_helpers(engine) == []
+    assert _leftover_helpers(engine, volume) == []
     assert list(tmp_path.iterdir()) == []  # the host copy of the data directory is gone
 
 
@@ -321,12 +332,12 @@ def test_bridge_network_publishes_the_port_on_loopback(
     source17: Source, engine: Any, new_name: NameFn
 ) -> None:
     """On a bridge the port is published to 127.0.0.1 and the gateway may log in."""
-    errors = pytest.importorskip("docker.errors")
+    errors = importlib.import_module("docker.errors")
     name = new_name()
     try:
-        network = engine.networks.create(name, driver="bridge", labels={TEST_LABEL: "1"})
+        network = engine.networks.create(name, driver="bridge", labels={TEST_LABEL: OWNER})
     except errors.APIError as exc:
-        pytest.skip(f"this engine cannot create a bridge network: {exc}")
+        pytest.fail(f"this engine cannot create a bridge network: {exc}", pytrace=False)
     try:
         plan = pitr.plan_pitr(source17.storage, source17.db_id, None)
         result = restore_into_docker_volume(
@@ -363,7 +374,8 @@ def test_without_start_the_printed_command_starts_the_server(
 ) -> None:
     """start=False leaves a ready volume; the returned ``docker run`` command recovers it."""
     if shutil.which("docker") is None:
-        pytest.skip("no docker CLI to run the printed command")
+        pytest.fail("no docker CLI to run the printed command (bash .ci/docker-engine.sh "
+                    "installs it)", pytrace=False)
     volume = new_name()
     plan = pitr.plan_pitr(source17.storage, source17.db_id, source17.between)
     result = restore_into_docker_volume(
@@ -371,7 +383,7 @@ def test_without_start_the_printed_command_starts_the_server(
         port=pitr.free_port(),
     )
     assert result.container_id is None and result.reached_target is None
-    with pytest.raises(pytest.importorskip("docker.errors").NotFound):
+    with pytest.raises(importlib.import_module("docker.errors").NotFound):
         engine.containers.get(volume)
     assert _in_volume(engine, volume, "cat /v/PG_VERSION; test -e /v/recovery.signal && echo y") \
         == "17\ny"
@@ -399,13 +411,13 @@ def test_non_empty_volume_is_refused_and_left_alone(
             source17.storage, plan, source17.keyring, volume=volume, start=True,
         )
     assert _in_volume(engine, volume, "ls -A /v; cat /v/marker") == "marker\nprecious"
-    assert _leftover_helpers(engine) == []
+    assert _leftover_helpers(engine, volume) == []
 
 
 def test_missing_image_is_refused_before_anything_is_created(
     source17: Source, engine: Any, new_name: NameFn
 ) -> None:
-    errors = pytest.importorskip("docker.errors")
+    errors = importlib.import_module("docker.errors")
     volume = new_name()
     plan = pitr.plan_pitr(source17.storage, source17.db_id, None)
     with pytest.raises(ConfigError, match=r"build it with `python docker/build_images.py 17`"):
@@ -426,7 +438,7 @@ def test_failure_removes_what_the_restore_created(
     source17: Source, engine: Any, new_name: NameFn, existing: bool
 ) -> None:
     """A restore that fails after creating things removes them; a volume it found stays."""
-    errors = pytest.importorskip("docker.errors")
+    errors = importlib.import_module("docker.errors")
     volume = new_name()
     if existing:
         engine.volumes.create(name=volume)
@@ -442,7 +454,7 @@ def test_failure_removes_what_the_restore_created(
     else:
         with pytest.raises(errors.NotFound):
             engine.volumes.get(volume)
-    assert _leftover_helpers(engine) == []
+    assert _leftover_helpers(engine, volume) == []
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from pgbackflow.tasks.keys import write_key_file
 from pgbackflow.tasks.manifest import list_backups, write_manifest
 from pgbackflow.tasks.sample_data import load_edge_case_database
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
+from tests.fixtures.docker import volumes_mounted
 from tests.fixtures.mounts import tmpfs
 from tests.fixtures.postgres import PgDatabase, make_database
 
@@ -65,11 +67,14 @@ def backup_of(server: EphemeralCluster, dbname: str, folder: Path,
     return storage
 
 
-def our_containers(client: Any) -> list[Any]:
+def our_containers(client: Any, owner: int | None = None) -> list[Any]:
+    """Sandbox containers of ``owner`` (the process that ran the sandbox; default this one):
+    other test processes run sandboxes of their own on the same engine meanwhile."""
     from pgbackflow.tasks.sandbox import SANDBOX_LABEL
 
     # ignore_removed: a container may go away between the listing and its inspection.
-    return list(client.containers.list(all=True, filters={"label": SANDBOX_LABEL},
+    labels = [SANDBOX_LABEL, f"pgbackflow.pid={owner or os.getpid()}"]
+    return list(client.containers.list(all=True, filters={"label": labels},
                                        ignore_removed=True))
 
 
@@ -81,7 +86,7 @@ def test_successful_verification(
 ) -> None:
     """Every table comes back with its rows; the report says so stage by stage."""
     client = request.getfixturevalue("docker_engine") if sandbox == "docker" else None
-    volumes_before = {v.name for v in client.volumes.list()} if client else set()
+    started = time.time()
     with pg_database.connect() as conn:
         load_edge_case_database(conn)
     storage = backup_of(pg_database.server, pg_database.name, tmp_path / "b", encryption_key)
@@ -106,7 +111,9 @@ def test_successful_verification(
         assert f"postgres:{pg_database.major}" in report.sandbox
         assert our_containers(client) == []
         # PGDATA lived on the image's anonymous volume: it went with the container.
-        assert {v.name for v in client.volumes.list()} == volumes_before
+        mounted = volumes_mounted(client, started, label=f"pgbackflow.pid={os.getpid()}")
+        assert mounted, "the sandbox mounted no volume: PGDATA's volume cannot be checked"
+        assert mounted & {v.name for v in client.volumes.list()} == set()
 
 
 @pytest.mark.usefixtures("no_leftovers")
@@ -304,7 +311,7 @@ def test_cancel_during_restore_removes_the_container(
     deadline = time.monotonic() + 120
     restoring = False
     while time.monotonic() < deadline and not restoring:
-        for container in our_containers(docker_engine):
+        for container in our_containers(docker_engine, proc.pid):
             try:
                 top = container.top() if container.status == "running" else {}
             except Exception:  # the container went away between list and top
@@ -316,7 +323,7 @@ def test_cancel_during_restore_removes_the_container(
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in stderr, stderr[-3000:]
-    assert our_containers(docker_engine) == []
+    assert our_containers(docker_engine, proc.pid) == []
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=["restore-verification"])),
