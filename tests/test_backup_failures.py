@@ -364,7 +364,9 @@ def newer_server_run(
         if p.name.isdigit() and int(p.name) < major and (p / "bin" / "pg_dump").exists()
     )
     if not older:
-        pytest.skip(f"no toolset older than PostgreSQL {major} in {home}")
+        pytest.fail(f"no toolset older than PostgreSQL {major} in {home} (CI installs 14-18: "
+                    "`python -m pgbackflow.tasks.toolsets install 14 15 16 17 18`)",
+                    pytrace=False)
     staged = tmp_path_factory.mktemp("old-toolsets")
     for old in older:
         (staged / str(old)).symlink_to(home / str(old), target_is_directory=True)

@@ -155,7 +155,8 @@ def test_port_taken_before_start_is_retried(newest_toolset: Toolset) -> None:
 @pytest.mark.pg
 def test_debian_toolset_runs_a_cluster(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     if not DEBIAN_15.exists():
-        pytest.skip(f"Debian PostgreSQL 15 is not installed ({DEBIAN_15} missing)")
+        pytest.fail(f"Debian PostgreSQL 15 is not installed ({DEBIAN_15} missing; .ci/run "
+                    "installs postgresql-15)", pytrace=False)
     # An empty toolsets home makes discovery fall through to Debian's install.
     monkeypatch.setenv("PGBACKFLOW_TOOLSETS", str(tmp_path))
     toolset = find_toolset(15)
