@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 # No network beyond loopback: keep Prefect from phoning home.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -18,4 +20,22 @@ pytest_plugins = [
     "tests.fixtures.prefect_server",
     "tests.fixtures.docker",
     "tests.fixtures.mounts",
+    "tests.fixtures.parallel",
 ]
+
+#: Left out of the fast tier (``pytest -m "not slow" --pg-majors 17``, README): modules whose
+#: tests take minutes (real Prefect servers and workers, automations waiting for deadlines,
+#: kill -9 mid-transfer, every CLI subprocess paying Prefect's import, Docker images).
+SLOW_MODULES = frozenset({
+    "test_operate.py", "test_wal_operate.py", "test_cli_heartbeats.py", "test_faults.py",
+    "test_demo.py", "test_bad_inputs.py", "test_physical_faults.py", "test_pitr_docker.py",
+    "test_docker_images.py", "test_verification_triggers.py", "test_physical_deployments.py",
+    "test_leftovers.py", "test_backup_failures.py", "test_hostile_manifests.py",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
