@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar, Literal
 
 from prefect.blocks.core import Block
@@ -10,6 +12,7 @@ from pydantic import Field, HttpUrl, SecretStr
 
 from pgbackflow.tasks.database import ConnectionSettings, ServerInfo, check_connection, parse_dsn
 from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.tunnel import SshBastion, open_tunnel
 
 #: Ids pgbackflow writes into storage keys and tags: no '/', no '..', at most 100 characters.
 DB_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
@@ -38,6 +41,13 @@ class PostgresDatabase(Block):
         db_id: Stable id of this database in pgbackflow (its backups' folder in storage, its
             deployments and run tags). Empty: derived from the server's system identifier and
             the database name once connected.
+        ssh_host: An SSH bastion every connection goes through (closed networks); ``host``
+            and ``port`` are then as the bastion sees the server. Empty: direct connections.
+        ssh_port: The bastion's SSH port.
+        ssh_user: Login on the bastion (port forwarding only; no shell needed).
+        ssh_private_key: That login's private key (no passphrase).
+        ssh_host_key: The bastion's public host key(s), as ``ssh-keyscan`` prints them: any
+            other key is refused.
 
     Example:
         ```python
@@ -82,6 +92,26 @@ info = postgres_database.check()
         ),
     )
 
+    ssh_host: str | None = Field(
+        default=None,
+        description=(
+            "SSH bastion every connection goes through (closed networks); host and port are "
+            "then as the bastion sees the server. Empty: connect directly."
+        ),
+    )
+    ssh_port: int = Field(default=22, ge=1, le=65535, description="SSH port of the bastion.")
+    ssh_user: str | None = Field(default=None, description="Login on the bastion.")
+    ssh_private_key: SecretStr | None = Field(
+        default=None, description="Private key of that login (OpenSSH or PEM, no passphrase)."
+    )
+    ssh_host_key: str | None = Field(
+        default=None,
+        description=(
+            "The bastion's public host key(s), one per line as ssh-keyscan prints them; any "
+            "other key is refused."
+        ),
+    )
+
     @classmethod
     def from_dsn(cls, dsn: str) -> PostgresDatabase:
         """Build the block from a libpq URI or key=value DSN."""
@@ -96,7 +126,52 @@ info = postgres_database.check()
         )
 
     def settings(self) -> ConnectionSettings:
-        """Plain connection settings for the tasks that connect."""
+        """Plain connection settings for the tasks that connect.
+
+        Raises:
+            ConfigError: the block names an SSH bastion: connect through
+                :meth:`connection_settings`, which opens the tunnel.
+        """
+        if self.ssh_host:
+            raise ConfigError(
+                f"database {self.host}:{self.port}/{self.database} is reached through ssh "
+                f"bastion {self.ssh_host}: open it with connection_settings()"
+            )
+        return self._direct_settings()
+
+    def bastion(self) -> SshBastion | None:
+        """The SSH bastion the database is reached through, if any.
+
+        Raises:
+            ConfigError: ``ssh_host`` is set but the user or the private key is missing.
+        """
+        if not self.ssh_host:
+            return None
+        if not self.ssh_user or self.ssh_private_key is None:
+            raise ConfigError(
+                f"ssh bastion {self.ssh_host} of database {self.host}:{self.port}: give "
+                "ssh_user and ssh_private_key too"
+            )
+        return SshBastion(
+            host=self.ssh_host, port=self.ssh_port, user=self.ssh_user,
+            private_key=self.ssh_private_key.get_secret_value(),
+            host_key=self.ssh_host_key or "",
+        )
+
+    @contextmanager
+    def connection_settings(self) -> Iterator[ConnectionSettings]:
+        """Settings to connect with, through the SSH bastion's tunnel when there is one.
+
+        The tunnel is open until the block exits (see tasks/tunnel.py).
+        """
+        bastion = self.bastion()
+        if bastion is None:
+            yield self._direct_settings()
+            return
+        with open_tunnel(self._direct_settings(), bastion) as settings:
+            yield settings
+
+    def _direct_settings(self) -> ConnectionSettings:
         return ConnectionSettings(
             host=self.host,
             port=self.port,
@@ -112,4 +187,5 @@ info = postgres_database.check()
         Raises:
             DatabaseError: with a one-line reason (wrong password, unreachable, ...).
         """
-        return check_connection(self.settings())
+        with self.connection_settings() as settings:
+            return check_connection(settings)

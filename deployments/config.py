@@ -148,6 +148,45 @@ class StorageSection(_Strict):
         return self
 
 
+class SshSection(_Strict):
+    """An SSH bastion every connection to the server goes through (tasks/tunnel.py)."""
+
+    host: str
+    port: int = Field(default=22, ge=1, le=65535)
+    user: str
+    private_key_file: str | None = None
+    private_key_env: str | None = None
+    host_key: str
+
+    @model_validator(mode="after")
+    def _one_key(self) -> SshSection:
+        if (self.private_key_file is None) == (self.private_key_env is None):
+            raise ValueError(
+                "give exactly one of private_key_file = PATH or private_key_env = VARIABLE"
+            )
+        if not self.host_key.strip():
+            raise ValueError(
+                f"host_key is empty: put the bastion's public host key there "
+                f"(ssh-keyscan -p {self.port} {self.host}, checked with its administrator)"
+            )
+        return self
+
+    def private_key(self, where: str) -> SecretStr:
+        """The private key, read at deploy time (it is stored in the block only)."""
+        if self.private_key_env is not None:
+            secret = _env_secret(self.private_key_env, f"{where}.private_key_env")
+            assert secret is not None
+            return secret
+        assert self.private_key_file is not None
+        try:
+            return SecretStr(Path(self.private_key_file).read_text())
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not a text file"
+            raise ConfigError(
+                f"{where}.private_key_file: {self.private_key_file} cannot be read ({reason})"
+            ) from None
+
+
 class ServerSection(_Strict):
     """A PostgreSQL server: an existing PostgresDatabase block, or connection details."""
 
@@ -161,11 +200,14 @@ class ServerSection(_Strict):
         "prefer"
     )
     max_concurrent_backups: int = Field(default=2, ge=1, le=1000)
+    ssh: SshSection | None = None
 
     @model_validator(mode="after")
     def _one_of(self) -> ServerSection:
         if (self.block is None) == (self.host is None):
             raise ValueError("give exactly one of host = ... or block = ...")
+        if self.block is not None and self.ssh is not None:
+            raise ValueError("ssh is for servers described here: set it in the block instead")
         return self
 
 
@@ -585,10 +627,16 @@ def _storage_block(
 def _server_maker(name: str, server: ServerSection) -> Callable[[], Block]:
     def make() -> Block:
         assert server.host is not None
+        ssh = server.ssh
         return PostgresDatabase(
             host=server.host, port=server.port, user=server.user,
             database=server.maintenance_database, sslmode=server.sslmode,
             password=_env_secret(server.password_env, f"servers.{name}.password_env"),
+            **({} if ssh is None else {
+                "ssh_host": ssh.host, "ssh_port": ssh.port, "ssh_user": ssh.user,
+                "ssh_private_key": ssh.private_key(f"servers.{name}.ssh"),
+                "ssh_host_key": ssh.host_key,
+            }),
         )
 
     return make

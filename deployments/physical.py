@@ -582,9 +582,8 @@ def retire_cluster(plan: Retirement, *, slot_wait_s: float = 60.0) -> list[str]:
     done += [f"paused automation {n}" for n in disable_automations_of(plan.db_id)]
     if plan.database is None or plan.slot is None:
         return done
-    settings = plan.database.settings()
     deadline = time.monotonic() + slot_wait_s
-    with connect(settings) as conn:
+    with plan.database.connection_settings() as settings, connect(settings) as conn:
         while True:
             row = conn.execute(
                 "SELECT active_pid, pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)"

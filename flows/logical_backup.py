@@ -230,23 +230,25 @@ def logical_backup(
     if database_name:
         database = database.model_copy(update={"database": database_name, "db_id": None})
     tag_run("logical", db_id or database.db_id)
-    settings = database.settings()
     master_key = resolve_master_key(encryption_key, key_file)
     targets = open_storages(storages)
     # Before anything is written: mistyped folders refused, leftovers of killed runs removed.
     for level, message in prepare_backup_storages(targets).messages():
         get_run_logger().log(level, "%s", message)
 
-    identity, toolset = inspect_source(settings)
-    db_id = db_id or database.db_id or identity.db_id
-    tag_run("logical", db_id)
-    backup_id = new_backup_id(started_at)
-    prefix = backup_prefix(db_id, backup_id)
-    with backup_slots(db_id, database):
-        dump = dump_database_task(
-            settings, toolset, targets, master_key, prefix + DUMP_NAME,
-            artifact_key("backup-progress", db_id),
-        )
+    # Every connection (the identity query, pg_dump, pg_dumpall) goes through the database's
+    # SSH tunnel when it names a bastion.
+    with database.connection_settings() as settings:
+        identity, toolset = inspect_source(settings)
+        db_id = db_id or database.db_id or identity.db_id
+        tag_run("logical", db_id)
+        backup_id = new_backup_id(started_at)
+        prefix = backup_prefix(db_id, backup_id)
+        with backup_slots(db_id, database):
+            dump = dump_database_task(
+                settings, toolset, targets, master_key, prefix + DUMP_NAME,
+                artifact_key("backup-progress", db_id),
+            )
     # Only storages that hold a complete dump get the rest of the backup.
     holding_dump = [s for s in targets if s.location in dump.write.completed_in]
     globals_write = store_globals_task(

@@ -157,22 +157,24 @@ def logical_restore(
     options = options or RestoreOptions()
     keyring = resolve_keyring(encryption_key, key_file)
     source = storage.open()
-    target_settings = target.settings()
 
     tag_run("restore", db_id)
     manifest = find_backup_task(source, backup_id, db_id, keyring)
     tag_run("restore", manifest.database.db_id)
-    toolset = check_target_task(target_settings, manifest, options, source, keyring)
     created: tuple[str, ...] = ()
     kept: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
-    if options.with_globals:
-        created, kept, warnings = replay_globals_task(source, manifest, keyring, target_settings)
-    exit_code, missing_roles = restore_dump_task(
-        source, manifest, keyring, target_settings, toolset, options
-    )
-    restored_db = restore_target_database(target_settings, manifest, options)
-    inventory, differences, extra = count_rows_task(restored_db, manifest, options.jobs)
+    # Through the target's SSH tunnel when it names a bastion (psql, pg_restore, counts).
+    with target.connection_settings() as target_settings:
+        toolset = check_target_task(target_settings, manifest, options, source, keyring)
+        if options.with_globals:
+            created, kept, warnings = replay_globals_task(
+                source, manifest, keyring, target_settings)
+        exit_code, missing_roles = restore_dump_task(
+            source, manifest, keyring, target_settings, toolset, options
+        )
+        restored_db = restore_target_database(target_settings, manifest, options)
+        inventory, differences, extra = count_rows_task(restored_db, manifest, options.jobs)
     if extra:
         warnings += (f"tables not in the backup were left in place: {', '.join(extra[:10])}",)
 

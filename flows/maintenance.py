@@ -184,9 +184,8 @@ def inactive_slots_task(clusters: dict[str, PostgresDatabase]) -> list[dict[str,
     logger = get_run_logger()
     found: list[dict[str, Any]] = []
     for db_id, database in sorted(clusters.items()):
-        settings = database.settings()
         try:
-            with connect(settings) as conn:
+            with database.connection_settings() as settings, connect(settings) as conn:
                 rows = conn.execute(_SLOTS_QUERY).fetchall()
         except Exception as exc:
             logger.warning("cluster %s: replication slots not checked (%s)", db_id,

@@ -326,7 +326,6 @@ def _run_physical_backup(
     started_at = datetime.now(UTC)
     job = "incremental" if incremental else "full"
     tag_run(job, database.db_id)
-    settings = database.settings()
     master_key = resolve_master_key(encryption_key, key_file)
     keyring = resolve_keyring(encryption_key, key_file)
     targets = open_storages(storages)
@@ -334,10 +333,10 @@ def _run_physical_backup(
     for level, message in prepare_backup_storages(targets).messages():
         get_run_logger().log(level, "%s", message)
 
-    facts = inspect_cluster(settings)
-    tag_run(job, facts.db_id)
-    toolset = choose_toolset(facts.major, f"database {settings.display}")
-    with cluster_backup_lock(facts.db_id, lock_timeout_s):
+    # Every connection (the facts query, pg_basebackup) goes through the database's SSH
+    # tunnel when it names a bastion.
+    with database.connection_settings() as settings, \
+            _locked_cluster(settings, job, lock_timeout_s) as (facts, toolset):
         plan = plan_backup_task(targets, facts, incremental, keyring)
         backup_id = new_backup_id()
         prefix = backup_prefix(facts.db_id, backup_id)
@@ -398,6 +397,18 @@ def _run_physical_backup(
         refresh_backups_table(facts.db_id, lambda: stored)
     raise_if_incomplete(backup_id, statuses)
     return report
+
+
+@contextmanager
+def _locked_cluster(
+    settings: ConnectionSettings, job: str, lock_timeout_s: float
+) -> Iterator[tuple[ClusterFacts, Toolset]]:
+    """The cluster's facts and toolset, holding its backup lock (one backup at a time)."""
+    facts = inspect_cluster(settings)
+    tag_run(job, facts.db_id)
+    toolset = choose_toolset(facts.major, f"database {settings.display}")
+    with cluster_backup_lock(facts.db_id, lock_timeout_s):
+        yield facts, toolset
 
 
 def publish_chain_overview(entry: DatabaseCatalog) -> None:
@@ -594,21 +605,22 @@ def wal_stream(
         max_runtime_s: Stop after this long (None: run until cancelled).
     """
     tag_run("wal", database.db_id)
-    settings = database.settings()
     master_key = resolve_master_key(encryption_key, key_file)
     targets = open_storages(storages)
     # Leftovers of killed writers go before streaming starts; a running streamer's uploads
     # are younger than the grace period (local ones are also locked by their writer).
     for level, message in prepare_backup_storages(targets).messages():
         get_run_logger().log(level, "%s", message)
-    facts = inspect_cluster(settings)
-    tag_run("wal", facts.db_id)
-    toolset = choose_toolset(facts.major, f"database {settings.display}")
-    spool = Path(spool_dir) if spool_dir else default_spool_dir(facts.db_id)
-    status = stream_wal_task(
-        settings, toolset, targets, master_key, facts.db_id, spool, slot, partial_interval_s,
-        max_runtime_s,
-    )
+    # pg_receivewal and the slot's queries go through the SSH tunnel when there is one.
+    with database.connection_settings() as settings:
+        facts = inspect_cluster(settings)
+        tag_run("wal", facts.db_id)
+        toolset = choose_toolset(facts.major, f"database {settings.display}")
+        spool = Path(spool_dir) if spool_dir else default_spool_dir(facts.db_id)
+        status = stream_wal_task(
+            settings, toolset, targets, master_key, facts.db_id, spool, slot,
+            partial_interval_s, max_runtime_s,
+        )
     stored = read_catalog(targets[0], resolve_keyring(encryption_key, key_file),
                           db_id=facts.db_id, kinds=("physical",)).database(facts.db_id)
     gaps = list(stored.wal_gaps) if stored else []

@@ -107,7 +107,8 @@ def backup_databases(
     """
     checked_db_id(id_prefix, "id prefix")
     tag_run("logical", id_prefix)
-    names = discover_databases(server.settings(), list(exclude or []))
+    with server.connection_settings() as settings:  # through its SSH tunnel, if any
+        names = discover_databases(settings, list(exclude or []))
     reports: list[BackupReport] = []
     failures: list[str] = []
     for name in names:

@@ -40,6 +40,9 @@ class ConnectionSettings:
         user: Role to log in as.
         password: Password (kept out of repr), or None for passwordless/peer auth.
         sslmode: libpq sslmode.
+        via: Where libpq really connects when it is not ``host:port``: the local end of an
+            SSH tunnel (tasks/tunnel.py). ``host`` and ``port`` stay the server's own, for
+            messages, identities and TLS host name checks.
     """
 
     host: str
@@ -48,6 +51,7 @@ class ConnectionSettings:
     user: str = "postgres"
     password: str | None = field(default=None, repr=False)
     sslmode: str = "prefer"
+    via: TunnelEnd | None = None
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -59,8 +63,10 @@ class ConnectionSettings:
 
     @property
     def display(self) -> str:
-        """``user@host:port/dbname``: safe for logs and messages."""
-        return f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+        """``user@host:port/dbname`` (and the bastion it is reached through): safe for logs
+        and messages."""
+        where = f"{self.user}@{self.host}:{self.port}/{self.dbname}"
+        return f"{where} via ssh {self.via.bastion}" if self.via else where
 
     def with_dbname(self, dbname: str) -> ConnectionSettings:
         """The same server and role, another database."""
@@ -79,7 +85,24 @@ class ConnectionSettings:
         }
         if self.password is not None:
             kwargs["password"] = self.password
+        if self.via is not None:
+            kwargs.update(hostaddr=self.via.address, port=self.via.port)
         return kwargs
+
+
+@dataclass(frozen=True)
+class TunnelEnd:
+    """The local end of an SSH tunnel that libpq connects to instead of the server.
+
+    Attributes:
+        address: Local address (``127.0.0.1``), passed to libpq as ``hostaddr``.
+        port: Local port.
+        bastion: ``user@host:port`` of the bastion, for messages.
+    """
+
+    address: str
+    port: int
+    bastion: str
 
 
 def parse_dsn(dsn: str) -> ConnectionSettings:
@@ -321,14 +344,16 @@ def check_connection(settings: ConnectionSettings) -> ServerInfo:
 
 def libpq_conninfo(settings: ConnectionSettings) -> str:
     """A conninfo string for child processes' argv: everything but the password."""
+    where = {"hostaddr": settings.via.address, "port": str(settings.via.port)} if settings.via \
+        else {"port": str(settings.port)}
     return make_conninfo(
         host=settings.host,
-        port=str(settings.port),
         dbname=settings.dbname,
         user=settings.user,
         sslmode=settings.sslmode,
         application_name="pgbackflow",
         connect_timeout=str(DEFAULT_CONNECT_TIMEOUT_S),
+        **where,
     )
 
 
@@ -341,7 +366,7 @@ def _passfile_field(value: str) -> str:
 # pgbackflow-<random>.pgpass (mkstemp, no pid).
 _PASSFILE_PREFIX = "pgbackflow-"
 _PASSFILE_SUFFIX = ".pgpass"
-_PASSFILE_WITH_PID = re.compile(r"pgbackflow-(\d+)-[A-Za-z0-9_]+\.pgpass")
+_PASSFILE_WITH_PID = re.compile(r"pgbackflow-(\d+)-[A-Za-z0-9_]+\.(?:pgpass|sshkey)")
 _LEGACY_PASSFILE = re.compile(r"pgbackflow-[A-Za-z0-9_]+\.pgpass")
 # A legacy passfile may still be in use by an old version's long-running child
 # (pg_receivewal); only older ones that no live process names in PGPASSFILE are removed.
@@ -349,10 +374,10 @@ _LEGACY_PASSFILE_MIN_AGE_S = 24 * 3600
 
 
 def _passfile_line(settings: ConnectionSettings, password: str) -> bytes:
-    line = ":".join(
-        [_passfile_field(settings.host), str(settings.port), "*",
-         _passfile_field(settings.user), _passfile_field(password)]
-    )
+    # Through a tunnel libpq matches the local port (the passfile serves this child only).
+    host, port = ("*", str(settings.via.port)) if settings.via else (
+        _passfile_field(settings.host), str(settings.port))
+    line = ":".join([host, port, "*", _passfile_field(settings.user), _passfile_field(password)])
     return (line + "\n").encode()
 
 
@@ -388,7 +413,8 @@ def _sweep_stale_passfiles(directory: Path) -> None:
     process's ``PGPASSFILE``. Best effort: a failure here never stops the caller.
     """
     try:
-        candidates = list(directory.glob(f"{_PASSFILE_PREFIX}*{_PASSFILE_SUFFIX}"))
+        candidates = [path for suffix in (_PASSFILE_SUFFIX, ".sshkey")
+                      for path in directory.glob(f"{_PASSFILE_PREFIX}*{suffix}")]
     except OSError:
         return
     euid = os.geteuid()
@@ -476,23 +502,33 @@ def libpq_password_env(settings: ConnectionSettings) -> Iterator[dict[str, str]]
     if settings.password is None:
         yield {}
         return
+    with private_file(_passfile_line(settings, settings.password)) as path:
+        yield {"PGPASSFILE": path}
+
+
+@contextmanager
+def private_file(content: bytes, suffix: str = _PASSFILE_SUFFIX) -> Iterator[str]:
+    """A 0600 file holding a secret (a passfile, an SSH key) for our child processes: its path.
+
+    In memory where possible (see :func:`_memfd_passfile`: nothing on disk even after
+    SIGKILL); else a temp file ``pgbackflow-<pid>-*<suffix>`` (``.pgpass`` or ``.sshkey``),
+    removed on exit, and swept by a later call once its process is gone.
+    """
     _sweep_stale_passfiles(Path(tempfile.gettempdir()))
-    content = _passfile_line(settings, settings.password)
     memfd = _memfd_passfile(content)
     if memfd is not None:
         fd, proc_path = memfd
         try:
-            yield {"PGPASSFILE": proc_path}
+            yield proc_path
         finally:
             os.close(fd)
         return
-    # mkstemp creates the file 0600; libpq refuses passfiles readable by others anyway.
-    fd, name = tempfile.mkstemp(prefix=f"{_PASSFILE_PREFIX}{os.getpid()}-",
-                                suffix=_PASSFILE_SUFFIX)
+    # mkstemp creates the file 0600; libpq and ssh refuse files readable by others anyway.
+    fd, name = tempfile.mkstemp(prefix=f"{_PASSFILE_PREFIX}{os.getpid()}-", suffix=suffix)
     path = Path(name)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(content)
-        yield {"PGPASSFILE": str(path)}
+        yield str(path)
     finally:
         path.unlink(missing_ok=True)
