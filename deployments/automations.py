@@ -101,7 +101,7 @@ def _fingerprint(automation: Any) -> str:
 #: state changes name it), which also covers CLI runs and subflows (they carry no tags yet
 #: when their first events are sent). tests/test_physical_deployments.py checks the list.
 FLOW_NAMES = (
-    "backup-databases", "full-backup", "incremental-backup", "logical-backup",
+    "backup-databases", "full-backup", "health-check", "incremental-backup", "logical-backup",
     "logical-restore", "maintenance", "physical-verification", "pitr-restore",
     "restore-verification", "wal-stream",
 )

@@ -50,7 +50,12 @@ from pgbackflow.deployments.automations import (
     lost_run_automations,
     wal_restart_automations,
 )
-from pgbackflow.deployments.notifications import ClusterNotify, DatabaseNotify, NotifyDefaults
+from pgbackflow.deployments.notifications import (
+    ClusterNotify,
+    DatabaseNotify,
+    HealthInterval,
+    NotifyDefaults,
+)
 from pgbackflow.deployments.physical import (
     physical_backup_specs,
     wal_deployment_name,
@@ -223,6 +228,7 @@ class DatabaseSection(_Strict):
     verify_sandbox: Literal["docker", "local"] = "docker"
     retention: RetentionSettings | None = None
     notify: DatabaseNotify | None = None
+    health_check: HealthInterval = "1m"
     enabled: bool = True
 
     @field_validator("backup", "verify")
@@ -261,6 +267,7 @@ class ClusterSection(_Strict):
     wal_silence_s: float = Field(default=DEFAULT_WAL_SILENCE_S, ge=120)
     retention: RetentionSettings | None = None
     notify: ClusterNotify | None = None
+    health_check: HealthInterval = "1m"
     enabled: bool = True
 
     @field_validator("full", "incremental")
@@ -528,10 +535,15 @@ def build_plan(config: DeployConfig) -> DeployPlan:
                      if t.startswith("storage:")}
     # Every deployment sends heartbeats: a run whose worker host died is marked Crashed.
     plan.automations += lost_run_automations()
-    from pgbackflow.deployments.notifications import config_automations, config_scope
+    from pgbackflow.deployments.notifications import (
+        config_automations,
+        config_scope,
+        health_specs,
+    )
 
     plan.automations += config_automations(config)
     plan.notify_scope = config_scope(config)
+    plan.prefect.deployments += health_specs(config, server_refs, pool)
     plan.prefect.deployments = [
         replace(spec, tags=(*spec.tags, CONFIG_TAG)) for spec in plan.prefect.deployments
     ]

@@ -27,16 +27,17 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from prefect.automations import EventTrigger, Posture
 from prefect.events.actions import SendNotification
 from prefect.events.schemas.events import ResourceSpecification
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from pgbackflow.deployments.automations import AutomationSpec
-from pgbackflow.flows.outcome import SUCCEEDED_EVENT, human_duration
+from pgbackflow.flows.outcome import SUCCEEDED_EVENT
 from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.units import human_duration
 
 JobKind = Literal["logical", "full", "incremental", "wal", "verification", "maintenance",
                   "health"]
@@ -75,6 +76,10 @@ def _window_or_off(value: str | None) -> str | None:
     return value
 
 
+#: ``health_check`` of a database or cluster: an interval (``1m``, ``30s``) or ``off``.
+HealthInterval = Annotated[str, AfterValidator(_window_or_off)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -97,6 +102,19 @@ class NotifyDefaults(_Strict):
                     "e.g. slack-webhook/ops-alerts"
                 )
         return value
+
+    @field_validator("on_failure", "on_success", mode="before")
+    @classmethod
+    def _toggle(cls, value: Any) -> Any:
+        allowed = ", ".join(JOB_LABELS)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            unknown = [v for v in value if v not in JOB_LABELS]
+            if not unknown:
+                return value
+            raise ValueError(f"unknown job {unknown[0]!r}: use true, false or a list of {allowed}")
+        raise ValueError(f"{value!r} is not a toggle: use true, false or a list of {allowed}")
 
     def blocks(self) -> list[str]:
         """``slug/name`` of each target block."""
@@ -507,3 +525,40 @@ def config_automations(config: Any) -> list[AutomationSpec]:
 def config_scope(config: Any) -> set[str]:
     """Every id whose notification automations the config manages."""
     return {*config.databases, *config.clusters, *config.storages}
+
+
+def health_specs(config: Any, server_refs: dict[str, dict[str, Any]], pool: str) -> list[Any]:
+    """The ``health-check`` deployment of every database and cluster (``health_check``
+    interval, default 1 min; ``"off"``: none): one run at a time, a run due while one runs
+    ends Cancelled."""
+    from pgbackflow.deployments.apply import DeploymentSpec, ScheduleSpec
+    from pgbackflow.deployments.verification import db_tag, job_tag
+    from pgbackflow.flows.health import health_check
+
+    specs = []
+    entries: list[tuple[str, Any, dict[str, Any]]] = []
+    for db_id, database in config.databases.items():
+        # database = "all": the server's maintenance database (the block's) answers.
+        name = None if database.database == "all" else database.database or db_id
+        entries.append((db_id, database, {"database_name": name, "backup_jobs": ["logical"]}))
+    for db_id, cluster in config.clusters.items():
+        notify: ClusterNotify = cluster.notify or ClusterNotify()
+        jobs = ["full", "incremental"] if cluster.incremental else ["full"]
+        extra: dict[str, Any] = {"backup_jobs": jobs}
+        if cluster.wal:
+            extra.update(slot=cluster.slot, slot_retained_gb=notify.slot_retained_gb,
+                         wal_stalled_minutes=notify.wal_stalled_minutes)
+        entries.append((db_id, cluster, extra))
+    for db_id, entry, extra in entries:
+        if entry.health_check == "off":
+            continue
+        schedule = ScheduleSpec(interval_s=parse_window(entry.health_check).total_seconds())
+        specs.append(DeploymentSpec(
+            flow=health_check, name=f"health-{db_id}", work_pool=pool,
+            parameters={"database": server_refs[entry.server], "db_id": db_id, **extra},
+            schedule=schedule, collision="CANCEL_NEW", paused=not entry.enabled,
+            tags=(db_tag(db_id), job_tag("health"), f"server:{entry.server}"),
+            description=f"Health check of {db_id} ({schedule.describe()}): down after "
+                        "3 failed checks, up again, slot and WAL, age of the last backup",
+        ))
+    return specs

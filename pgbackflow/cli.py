@@ -693,6 +693,33 @@ def notify(
 
 @app.command()
 @user_errors
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """The fleet status: every database's health as its last health check saw it."""
+    from pgbackflow.flows.common import prefect_api_url
+    from pgbackflow.flows.health import load_states
+    from pgbackflow.tasks.errors import ConfigError
+    from pgbackflow.tasks.health import fleet_rows
+
+    if not prefect_api_url():
+        raise ConfigError("status reads the health checks from a Prefect server: set "
+                          "PREFECT_API_URL (deploy health checks with pgbackflow deploy)")
+    rows = fleet_rows(load_states())
+    if as_json:
+        _print_json(rows)
+        return
+    if not rows:
+        out.print("no health checks have run yet (pgbackflow deploy makes them)")
+        return
+    table = Table(*rows[0], title=f"fleet status: {len(rows)} databases")
+    for row in rows:
+        table.add_row(*(str(value) for value in row.values()))
+    out.print(table)
+
+
+@app.command()
+@user_errors
 def agent(
     pool: Annotated[str, typer.Option("--pool", help="Prefect work pool to serve.")],
     max_cpu: Annotated[float, typer.Option("--max-cpu", help="CPU cores for all jobs.")] = 2,

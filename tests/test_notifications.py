@@ -10,28 +10,26 @@ automations; runs are started over plain HTTP as a user's script would.
 
 from __future__ import annotations
 
-import email
-import email.policy
 import json
 import re
 import secrets
 import textwrap
-import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiosmtpd.controller import Controller
 
-from pgbackflow.tasks.cluster import EphemeralCluster, free_port
+from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
+from tests.fixtures.deploy_config import config_head
+from tests.fixtures.notify import Inbox, Message, Receivers, running_receivers, save_blocks
 from tests.fixtures.prefect_server import PrefectServer
+from tests.test_bad_inputs import CONFIG
 
 MAJOR = 17
 POOL = "ntf-backups"
@@ -42,62 +40,6 @@ pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
 
 @dataclass
-class Message:
-    """One notification as a receiver got it."""
-
-    at: float
-    subject: str
-    body: str
-    via: str
-
-
-@dataclass
-class Inbox:
-    """Everything the receivers got, in arrival order."""
-
-    messages: list[Message] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def add(self, message: Message) -> None:
-        with self.lock:
-            self.messages.append(message)
-
-    def about(self, text: str, via: str | None = None) -> list[Message]:
-        with self.lock:
-            return [m for m in self.messages
-                    if text in m.subject + "\n" + m.body and (via is None or m.via == via)]
-
-
-class _Hook(BaseHTTPRequestHandler):
-    inbox: Inbox
-    token: str
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("Content-Length", 0))
-        document = json.loads(self.rfile.read(length))
-        ok = self.path == f"/hook/{self.token}"
-        if ok:
-            self.inbox.add(Message(time.time(), document["subject"], document["body"], "webhook"))
-        self.send_response(200 if ok else 403)
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-class _Smtp:
-    def __init__(self, inbox: Inbox) -> None:
-        self.inbox = inbox
-
-    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        mail = email.message_from_bytes(envelope.content, policy=email.policy.default)
-        body = mail.get_body(("plain",))
-        text = body.get_content() if body is not None else ""
-        self.inbox.add(Message(time.time(), str(mail["Subject"]), text, "smtp"))
-        return "250 OK"
-
-
-@dataclass
 class Site:
     cluster: EphemeralCluster
     store: Path
@@ -105,28 +47,16 @@ class Site:
     config: Path
     env: dict[str, str]
     worker_dir: Path
-    token: str
-    inbox: Inbox
+    receivers: Receivers
+
+    @property
+    def inbox(self) -> Inbox:
+        return self.receivers.inbox
 
     def write_config(self, *, shop_success: bool = True) -> None:
         success = '["logical"]' if shop_success else "false"
-        self.config.write_text(textwrap.dedent(f"""
-            [prefect]
-            work_pool = "{POOL}"
-
-            [key]
-            file = "{self.key_file}"
-
-            [storages.local]
-            url = "{self.store}"
-            maintenance = ""
-
-            [servers.pg]
-            host = "{self.cluster.host}"
-            port = {self.cluster.port}
-            user = "{self.cluster.superuser}"
-            password_env = "NTF_PG_PASSWORD"
-
+        self.config.write_text(config_head(POOL, self.key_file, self.store, self.cluster,
+                                           "NTF_PG_PASSWORD") + textwrap.dedent(f"""
             [notify]
             block = ["custom-webhook/ntf-hook", "pgbackflow-smtp-email/ntf-mail"]
             on_failure = true
@@ -136,6 +66,7 @@ class Site:
             server = "pg"
             database = "shop"
             storages = ["local"]
+            health_check = "off"
             backup = "daily at 02:00"
             notify = {{ on_success = {success} }}
 
@@ -143,12 +74,14 @@ class Site:
             server = "pg"
             database = "no_such_database"
             storages = ["local"]
+            health_check = "off"
             backup = "daily at 02:00"
 
             [databases.ntf-quiet]
             server = "pg"
             database = "no_such_database"
             storages = ["local"]
+            health_check = "off"
             backup = "daily at 02:00"
             notify = {{ on_failure = false, on_success = false, missed_backup = "off" }}
 
@@ -156,6 +89,7 @@ class Site:
             server = "pg"
             database = "shop"
             storages = ["local"]
+            health_check = "off"
             backup = "hourly at :17"
             notify = {{ missed_backup = "20s" }}
         """))
@@ -167,13 +101,6 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     password = f"canary-pw-{secrets.token_hex(6)}"
     cluster = EphemeralCluster(find_toolset(MAJOR), password=password,
                                settings={"fsync": "off"}).start()
-    inbox = Inbox()
-    token = f"canary-token-{secrets.token_hex(8)}"
-    _Hook.inbox, _Hook.token = inbox, token
-    http = ThreadingHTTPServer(("127.0.0.1", free_port()), _Hook)
-    threading.Thread(target=http.serve_forever, daemon=True).start()
-    smtp = Controller(_Smtp(inbox), hostname="127.0.0.1", port=free_port())
-    smtp.start()
     try:
         with cluster.connect() as conn:
             conn.execute("CREATE DATABASE shop")
@@ -183,36 +110,19 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         write_key_file(key_file, MasterKey.generate())
         store = root / "store"
         store.mkdir()
-        site = Site(cluster=cluster, store=store, key_file=key_file,
-                    config=root / "pgbackflow.toml", env={"NTF_PG_PASSWORD": password},
-                    worker_dir=root / "worker", token=token, inbox=inbox)
-        site.hook_port = http.server_address[1]  # type: ignore[attr-defined]
-        site.smtp_port = smtp.port  # type: ignore[attr-defined]
-        yield site
+        with running_receivers() as receivers:
+            yield Site(cluster=cluster, store=store, key_file=key_file,
+                       config=root / "pgbackflow.toml", env={"NTF_PG_PASSWORD": password},
+                       worker_dir=root / "worker", receivers=receivers)
     finally:
-        smtp.stop()
-        http.shutdown()
         cluster.stop()
 
 
 @pytest.fixture(scope="module")
 def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, Any]]:
     """Blocks made as README shows, the config deployed, a worker serving the pool."""
-    from prefect.blocks.notifications import CustomWebhookNotificationBlock
-    from pydantic import SecretStr
-
-    from pgbackflow.blocks.notifications import SmtpEmail
-
     with prefect_server.settings():
-        CustomWebhookNotificationBlock(
-            name="ntf-hook", url=f"http://127.0.0.1:{site.hook_port}/hook/{{{{token}}}}",  # type: ignore[attr-defined]
-            json_data={"subject": "{{subject}}", "body": "{{body}}"},
-            secrets={"token": site.token},  # type: ignore[arg-type]
-        ).save("ntf-hook", overwrite=True)
-        SmtpEmail(smtp_server="127.0.0.1", smtp_port=site.smtp_port,  # type: ignore[attr-defined]
-                  security="none", username=None, password=SecretStr("unused"),
-                  from_address="pgbackflow@localhost", to=["dba@localhost"],
-                  ).save("ntf-mail", overwrite=True)
+        save_blocks(site.receivers, "ntf-hook", "ntf-mail")
     site.write_config()
     first = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     assert "+ automation pgbackflow notify logical failed: ntf-shop" in first.stdout
@@ -229,7 +139,7 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
         automations = http.post("automations/filter", json={}).json()
     # The webhook's token and the password live in blocks only.
     dumped = json.dumps([deployments, automations, first.stdout, first.stderr])
-    assert site.token not in dumped and site.env["NTF_PG_PASSWORD"] not in dumped
+    assert site.receivers.token not in dumped and site.env["NTF_PG_PASSWORD"] not in dumped
     prefect_server.start_worker(POOL, site.worker_dir, name="ntf-worker")
     yield deployments
     prefect_server.stop_workers()
@@ -276,7 +186,7 @@ def test_failure_reaches_webhook_and_smtp_within_5_s(
             lambda via=via: site.inbox.about("logical backup of ntf-broken", via), 30)
         assert message.at - ended <= DELIVERY_S, f"{via}: {message.at - ended:.1f} s after the end"
         assert message.subject == "pgbackflow: logical backup of ntf-broken failed"
-        lines = dict(line.split(": ", 1) for line in message.body.strip().splitlines())
+        lines = message.fields()
         assert lines["database"] == "ntf-broken"
         assert lines["job"] == "logical backup"
         assert lines["outcome"] == "Failed"
@@ -303,7 +213,7 @@ def test_success_says_backup_id_and_size(
         (message,) = messages
         assert message.at - ended <= DELIVERY_S, f"{via}: {message.at - ended:.1f} s after the end"
         assert message.subject == "pgbackflow: logical backup of ntf-shop succeeded"
-        lines = dict(line.split(": ", 1) for line in message.body.strip().splitlines())
+        lines = message.fields()
         assert lines["outcome"] == "succeeded" and lines["backup id"] == backup_id
         assert re.fullmatch(r"\d+(\.\d)? (B|kB|MB)", lines["size"]), lines["size"]
         assert re.fullmatch(r"\d+\.\d s|\d+ min \d\d s", lines["duration"]), lines["duration"]
@@ -349,3 +259,42 @@ def test_toggled_off_outcomes_send_nothing(
     assert len(site.inbox.about("ntf-shop succeeded")) == before
     again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
+
+
+@pytest.mark.parametrize(("entry", "message"), [
+    ('notify = { on_failure = ["logicl"] }',
+     "databases.shop.notify.on_failure: unknown job 'logicl': use true, false or a list of "
+     "logical, full, incremental, wal, verification, maintenance, health"),
+    ('notify = { block = "slack" }',
+     "databases.shop.notify.block: 'slack' is not a block reference: use "
+     "<block-type-slug>/<block-name>, e.g. slack-webhook/ops-alerts"),
+    ('notify = { missed_backup = "soon" }',
+     "databases.shop.notify.missed_backup: 'soon' is not a duration: use e.g. 90m, 36h, 3d "
+     "or 2w, or \"off\""),
+    ('notify = { missed_full = "1d" }',
+     "databases.shop.notify.missed_full: unknown key; allowed: block, missed_backup, "
+     "missed_verification, on_failure, on_success"),
+    ('health_check = "5s"', "databases.shop.health_check: '5s' is shorter than 10 s"),
+])
+def test_notify_config_mistakes_are_one_line(tmp_path: Path, entry: str, message: str) -> None:
+    from pgbackflow.deployments.config import load_config
+    from pgbackflow.tasks.errors import ConfigError
+
+    path = tmp_path / "pgbackflow.toml"
+    path.write_text(CONFIG + entry + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert str(caught.value) == f"{path}: {message}"
+
+
+def test_missed_window_follows_the_schedule() -> None:
+    from datetime import timedelta
+
+    from pgbackflow.deployments.notifications import missed_window
+
+    assert missed_window("0 2 * * *", None) == timedelta(hours=36)
+    assert missed_window("30 * * * *", None) == timedelta(hours=2)
+    assert missed_window("0 1 * * 0", None) == timedelta(days=10, hours=12)
+    assert missed_window("0 1 * * 1-5", None) == timedelta(days=4, hours=12)  # weekend gap
+    assert missed_window("0 1 * * *", "90m") == timedelta(minutes=90)
+    assert missed_window("0 1 * * *", "off") is None

@@ -139,7 +139,7 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
     with prefect_server.http() as http:
         deployments = {d["name"]: d for d in http.post("deployments/filter", json={}).json()}
     assert set(deployments) == {"logical-shop", "logical-everything", "verify-shop",
-                                "maintenance-local"}
+                                "maintenance-local", "health-shop", "health-everything"}
     prefect_server.start_worker(POOL, site.worker_dir)
     yield deployments
     prefect_server.stop_workers()

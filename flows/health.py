@@ -1,0 +1,203 @@
+"""The ``health-check`` flow: is the database there, and are its backups current?
+
+One run per database every minute (a deployment per database and cluster, made by
+``pgbackflow deploy``): probe the server, look up the last successful backup and
+verification in the Prefect API, update the database's remembered state (a Prefect Variable),
+announce a transition (down after three failed checks in a row, up again, a WAL problem, its
+end) as one event each, and publish the "fleet status" table of every database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import replace
+from datetime import datetime
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_table_artifact
+from prefect.cache_policies import NONE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.logging import get_run_logger
+
+from pgbackflow.blocks.database import PostgresDatabase, checked_db_id
+from pgbackflow.flows.common import tag_run
+from pgbackflow.tasks.health import (
+    DOWN_AFTER,
+    HealthState,
+    Probe,
+    Transition,
+    WalLimits,
+    fleet_rows,
+    next_state,
+    probe,
+)
+
+#: Prefix of the Prefect Variables that hold each database's health state.
+VARIABLE_PREFIX = "pgbackflow_health_"
+#: Key of the fleet status table artifact.
+FLEET_ARTIFACT = "fleet-status"
+
+
+def variable_name(db_id: str) -> str:
+    """The Variable of one database (lowercase letters, digits, ``_``; unique per id)."""
+    clean = re.sub(r"[^a-z0-9_]", "_", db_id.lower())
+    if clean != db_id:
+        clean += "_" + hashlib.sha256(db_id.encode()).hexdigest()[:8]
+    return VARIABLE_PREFIX + clean
+
+
+def load_states() -> list[HealthState]:
+    """The remembered state of every database with a health check."""
+    with get_client(sync_client=True) as client:
+        variables = client.read_variables()
+    return [HealthState.from_json(v.value, str(v.value.get("db_id")))
+            for v in variables if v.name.startswith(VARIABLE_PREFIX)
+            and isinstance(v.value, dict) and v.value.get("db_id")]
+
+
+def _load_state(db_id: str) -> HealthState:
+    with get_client(sync_client=True) as client:
+        variable = client.read_variable_by_name(variable_name(db_id))
+    return HealthState.from_json(variable.value if variable else None, db_id)
+
+
+def _save_state(state: HealthState) -> None:
+    from prefect.variables import Variable
+
+    Variable.set(variable_name(state.db_id), state.to_json(), overwrite=True)
+
+
+def last_success(db_id: str, jobs: list[str]) -> str | None:
+    """End time (ISO) of the newest Completed run of these jobs of this database."""
+    newest: datetime | None = None
+    with get_client(sync_client=True) as client:
+        for job in jobs:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[f"db:{db_id}", f"job:{job}"]),
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
+                ),
+                sort=FlowRunSort.END_TIME_DESC, limit=1,
+            )
+            if runs and runs[0].end_time and (newest is None or runs[0].end_time > newest):
+                newest = runs[0].end_time
+    return newest.isoformat() if newest else None
+
+
+@task(name="probe-database", cache_policy=NONE)
+def probe_task(database: PostgresDatabase, database_name: str | None, slot: str | None) -> Probe:
+    """Connect, ``select 1``, version, replication slot."""
+    settings = database.settings()
+    if database_name:
+        settings = settings.with_dbname(database_name)
+    return probe(settings, slot)
+
+
+@task(name="read-last-successes", cache_policy=NONE)
+def last_successes_task(db_id: str, backup_jobs: list[str]) -> tuple[str | None, str | None]:
+    """The last successful backup and verification (from the Prefect API)."""
+    return last_success(db_id, backup_jobs), last_success(db_id, ["verification"])
+
+
+@task(name="update-health-state", cache_policy=NONE)
+def update_state_task(
+    db_id: str, check: Probe, last_backup: str | None, last_verification: str | None,
+    down_after: int, wal: WalLimits | None,
+) -> tuple[HealthState, list[Transition]]:
+    """Remember this check; the transitions to announce."""
+    state, transitions = next_state(_load_state(db_id), check, down_after=down_after, wal=wal)
+    state = replace(state, last_backup=last_backup, last_verification=last_verification)
+    _save_state(state)
+    return state, transitions
+
+
+def announce(state: HealthState, transitions: list[Transition]) -> None:
+    """One event per transition (the health and WAL notification automations react)."""
+    from prefect.events import emit_event
+
+    from pgbackflow.deployments.notifications import (
+        HEALTH_DOWN_EVENT,
+        HEALTH_UP_EVENT,
+        WAL_PROBLEM_EVENT,
+        WAL_RECOVERED_EVENT,
+    )
+
+    events = {"down": HEALTH_DOWN_EVENT, "up": HEALTH_UP_EVENT,
+              "wal-problem": WAL_PROBLEM_EVENT, "wal-recovered": WAL_RECOVERED_EVENT}
+    slot = state.slot or {}
+    retained = slot.get("retained_bytes")
+    (row,) = fleet_rows([state])
+    for transition in transitions:
+        get_run_logger().warning("%s: %s", state.db_id, transition)
+        emit_event(
+            event=events[transition],
+            resource={"prefect.resource.id": f"pgbackflow.db.{state.db_id}",
+                      "prefect.resource.name": state.db_id},
+            payload={"db_id": state.db_id, "state": state.state, "since": state.since,
+                     "failures": state.failures, "error": state.error,
+                     "last_backup": row["last backup"], "problem": state.wal_problem or
+                     "recovered", "slot": slot.get("name"), "slot_active": slot.get("active"),
+                     "retained": "-" if retained is None else f"{retained / 1e6:.1f} MB"},
+        )
+
+
+def publish_fleet_status() -> list[dict[str, Any]]:
+    """The "fleet status" table: every database's state, one row each."""
+    rows = fleet_rows(load_states())
+    create_table_artifact(rows, key=FLEET_ARTIFACT,
+                          description="pgbackflow fleet status: every database's health")
+    return rows
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    return f"health-{flow_run.parameters.get('db_id', 'database')}"
+
+
+@flow(name="health-check", flow_run_name=_run_name, log_prints=False)
+def health_check(
+    database: PostgresDatabase,
+    db_id: str,
+    database_name: str | None = None,
+    backup_jobs: list[str] | None = None,
+    slot: str | None = None,
+    slot_retained_gb: float = 50.0,
+    wal_stalled_minutes: float = 15.0,
+    down_after: int = DOWN_AFTER,
+) -> dict[str, Any]:
+    """Check one database (or cluster) and publish the fleet status.
+
+    Args:
+        database: The server's block.
+        db_id: The database's id (its tags, its state).
+        database_name: Connect to this database of the server (default: the block's).
+        backup_jobs: Jobs whose last success counts as "last backup" (``logical``, ``full``,
+            ``incremental``).
+        slot: The replication slot of a streamed cluster (its state and retained WAL).
+        slot_retained_gb: A slot retaining more is a WAL problem.
+        wal_stalled_minutes: WAL the server wrote but the slot did not confirm for this
+            long is a WAL problem.
+        down_after: Failed checks in a row before the database counts as down.
+    """
+    checked_db_id(db_id)
+    tag_run("health", db_id)
+    check = probe_task(database, database_name, slot)
+    last_backup, last_verification = last_successes_task(db_id, backup_jobs or ["logical"])
+    wal = WalLimits(int(slot_retained_gb * 1e9), wal_stalled_minutes * 60) if slot else None
+    state, transitions = update_state_task(db_id, check, last_backup, last_verification,
+                                           down_after, wal)
+    announce(state, transitions)
+    publish_fleet_status()
+    return state.to_json()
