@@ -625,10 +625,45 @@ def deploy(
 
     settings = load_config(config)
     with _prefect_api_errors():
+        _security_warnings()
         result = deploy_config(settings, dry_run=dry_run)
     out.print(result.render(), highlight=False, markup=False)
     if dry_run:
         err.print("dry run: nothing was changed")
+
+
+def _security_warnings() -> None:
+    """The doctor's warnings about the Prefect side, one line each on stderr (deploy)."""
+    from pgbackflow.deployments.security import check_prefect_security
+
+    for finding in check_prefect_security(scheduled=True):
+        if finding.level == "warning":
+            err.print(escape(finding.line()), style="yellow", highlight=False, soft_wrap=True)
+
+
+@app.command()
+@user_errors
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Check the Prefect side: API authentication, the server's encryption key, its database.
+
+    One line per check (ok, warning, or note when it cannot be checked from here); exit 1
+    when there is a warning. Run it where the Prefect server runs, with its environment, to
+    check the server's own settings.
+    """
+    from pgbackflow.deployments.security import check_prefect_security
+
+    with _prefect_api_errors():
+        findings = check_prefect_security()
+    if as_json:
+        _print_json([{"check": f.check, "level": f.level, "message": f.message}
+                     for f in findings])
+    else:
+        for finding in findings:
+            out.print(escape(finding.line()), highlight=False, soft_wrap=True)
+    if any(f.level == "warning" for f in findings):
+        raise typer.Exit(1)
 
 
 @app.command("physical-retire")
