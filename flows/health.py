@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, task
@@ -31,6 +31,7 @@ from prefect.logging import get_run_logger
 
 from pgbackflow.blocks.database import PostgresDatabase, checked_db_id
 from pgbackflow.flows.common import tag_run
+from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.health import (
     DOWN_AFTER,
     HealthState,
@@ -97,11 +98,14 @@ def last_success(db_id: str, jobs: list[str]) -> str | None:
 
 @task(name="probe-database", cache_policy=NONE)
 def probe_task(database: PostgresDatabase, database_name: str | None, slot: str | None) -> Probe:
-    """Connect, ``select 1``, version, replication slot."""
-    settings = database.settings()
+    """Connect, ``select 1``, version, replication slot (through its SSH tunnel, if any)."""
     if database_name:
-        settings = settings.with_dbname(database_name)
-    return probe(settings, slot)
+        database = database.model_copy(update={"database": database_name})
+    try:
+        with database.connection_settings() as settings:
+            return probe(settings, slot)
+    except PgBackflowError as exc:  # the tunnel did not open: a failed check, not a crash
+        return Probe(False, datetime.now(UTC), error=str(exc).splitlines()[0])
 
 
 @task(name="read-last-successes", cache_policy=NONE)

@@ -524,3 +524,43 @@ def test_deployed_backup_through_the_tunnel_keeps_the_key_out_of_prefect(
         assert closed.bastion.private_key.splitlines()[2].encode() not in raw
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_health_probe_goes_through_the_tunnel(closed: ClosedNetwork, tmp_path: Path) -> None:
+    from pgbackflow.flows.health import probe_task
+
+    assert probe_task.fn(closed.block(), None, None).ok
+    mismatch = closed.block(ssh_host_key=other_host_key(tmp_path, "ed25519"))
+    failed = probe_task.fn(mismatch, None, None)
+    assert not failed.ok and failed.error is not None and "host key mismatch" in failed.error
+    assert our_ssh_processes() == []
+
+
+def test_deploy_config_ssh_mistakes_are_one_line(tmp_path: Path) -> None:
+    from pgbackflow.deployments.config import load_config
+
+    def error(ssh: str) -> str:
+        config = tmp_path / "pgbackflow.toml"
+        config.write_text(textwrap.dedent("""
+            [key]
+            file = "/etc/pgbackflow/master.key"
+            [storages.local]
+            url = "/srv/backups"
+            [servers.db1]
+            host = "db1.internal"
+            [servers.db1.ssh]
+        """) + textwrap.dedent(ssh))
+        with pytest.raises(ConfigError) as caught:
+            load_config(config)
+        assert "\n" not in str(caught.value)
+        return str(caught.value).removeprefix(f"{config}: ")
+
+    base = 'host = "bastion"\nuser = "tunnel"\nhost_key = "ssh-ed25519 AAAA"\n'
+    assert error(base) == ("servers.db1.ssh: give exactly one of private_key_file = PATH or "
+                           "private_key_env = VARIABLE")
+    assert error(base + 'private_key_env = "K"\nhostkey = "x"\n') == (
+        "servers.db1.ssh.hostkey: unknown key; allowed: host, host_key, port, "
+        "private_key_env, private_key_file, user")
+    assert error('host = "bastion"\nuser = "t"\nhost_key = " "\nprivate_key_env = "K"\n') == (
+        "servers.db1.ssh: host_key is empty: put the bastion's public host key there "
+        "(ssh-keyscan -p 22 bastion, checked with its administrator)")
