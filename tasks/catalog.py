@@ -389,9 +389,9 @@ def _read_journal(storage: Storage, item: StoredObject, kind: Kind, db_id: str,
 
 
 class ManifestCache:
-    """Raw manifest bytes of a remote storage, kept locally by key, size and upload time.
+    """Raw manifest bytes of a remote storage, kept locally by key, ETag, size and upload time.
 
-    A manifest is written once; one whose size or upload time changed is fetched again.
+    A manifest is written once; one whose ETag, size or upload time changed is fetched again.
     Cached bytes are authenticated on every read like fetched ones (the MAC is checked
     after the cache), so the cache saves round trips and trusts nothing. Entries of
     manifests no longer listed are removed by :meth:`prune`.
@@ -411,7 +411,9 @@ class ManifestCache:
         return cls(root / "manifests" / digest)
 
     def _path(self, item: StoredObject) -> Path:
-        name = hashlib.sha256(item.key.encode()).hexdigest()
+        # The ETag too: S3 upload times have one-second steps, so a manifest rewritten with
+        # the same size within a second is told apart only by its content's fingerprint.
+        name = hashlib.sha256(f"{item.key}\0{item.etag or ''}".encode()).hexdigest()
         return self.folder / f"{name}-{item.size}-{int(item.modified.timestamp() * 1e6)}"
 
     def get(self, item: StoredObject) -> bytes | None:
@@ -726,6 +728,12 @@ def _wal_files(items: Sequence[StoredObject], db_id: str,
     return kept, orphans
 
 
+def wal_inventory(items: Sequence[StoredObject], db_id: str, segment_size: int) -> WalInventory:
+    """The :class:`~pgbackflow.tasks.wal.WalInventory` of a listing of ``db_id``'s WAL folder
+    (foreign names and partials of segments stored complete left out)."""
+    return _inventory(_wal_files(items, db_id, segment_size)[0], segment_size)
+
+
 def _inventory(wal: Iterable[WalFile], segment_size: int) -> WalInventory:
     inventory = WalInventory(segment_size)
     for wal_file in wal:
@@ -833,4 +841,5 @@ __all__ = [
     "journal_binding",
     "read_catalog",
     "seal_journal",
+    "wal_inventory",
 ]

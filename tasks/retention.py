@@ -676,15 +676,22 @@ class RetentionLock:
         return body if isinstance(body, dict) else {}
 
     def _stale(self, body: dict[str, Any]) -> bool:
+        """Lapsed: by the storage's own write time plus the lease, whatever the lock says
+        (a forged ``expires_at`` far ahead blocks no longer than a real lock), or earlier
+        when its ``expires_at`` says so; or its owner ran here and its process is gone."""
+        try:
+            written = self.storage.stat(LOCK_KEY).modified
+        except ObjectNotFoundError:
+            return True
+        now = datetime.now(UTC)
+        if written + self.lease < now:
+            return True
         try:
             expires = datetime.fromisoformat(str(body["expires_at"]))
-        except (KeyError, ValueError):
-            try:  # unreadable: judged by its age
-                return self.storage.stat(LOCK_KEY).modified + self.lease < datetime.now(UTC)
-            except ObjectNotFoundError:
+            if expires.tzinfo is None or expires < now:
                 return True
-        if expires.tzinfo is None or expires < datetime.now(UTC):
-            return True
+        except (KeyError, ValueError):
+            return False  # unreadable: judged by its age alone
         pid = body.get("pid")
         return body.get("boot") == BOOT_TAG and isinstance(pid, int) and not pid_alive(pid)
 
@@ -692,6 +699,11 @@ class RetentionLock:
         """Take the lock, or raise :class:`RetentionBusyError` naming its holder."""
         for _ in range(3):
             if self.storage.create_new(LOCK_KEY, self._body()):
+                # An S3-compatible server that ignores If-None-Match overwrites instead:
+                # whoever's token is there now holds it (the other one stops at check()).
+                body = self._read()
+                if body is None or body.get("token") != self.token:
+                    continue
                 self._thread = threading.Thread(target=self._renew, daemon=True,
                                                 name="pgbackflow-retention-lock")
                 self._thread.start()

@@ -33,7 +33,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
@@ -122,11 +122,14 @@ class StoredObject:
         key: The '/'-separated key relative to the storage's root.
         size: Size in bytes.
         modified: Last modification time, timezone-aware UTC.
+        etag: The server's fingerprint of the content where a listing gives one (S3's
+            ETag); not part of equality.
     """
 
     key: str
     size: int
     modified: datetime
+    etag: str | None = field(default=None, compare=False)
 
 
 def multipart_part_size(part_number: int, size_hint: int | None) -> int:
@@ -852,7 +855,8 @@ def _parse_listing(response_dict: dict[str, Any], customized_response_dict: dict
         if key is None or size is None or modified is None:
             return  # not what S3 sends: botocore's parser decides
         contents.append({"Key": decode(key), "Size": int(size),
-                         "LastModified": datetime.fromisoformat(modified)})
+                         "LastModified": datetime.fromisoformat(modified),
+                         "ETag": item.findtext(f"{ns}ETag")})
     customized_response_dict.update(
         Contents=contents, KeyCount=len(contents),
         IsTruncated=root.findtext(f"{ns}IsTruncated") == "true")
@@ -1111,6 +1115,7 @@ class S3ObjectStorage(Storage):
                                 full[len(root) :],
                                 int(item["Size"]),
                                 item["LastModified"].astimezone(UTC),
+                                item.get("ETag"),
                             )
                         )
             self._bucket_seen = True

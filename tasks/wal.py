@@ -548,28 +548,10 @@ def route_files(inventory: WalInventory, spans: Sequence[TimelineSpan]) -> list[
 
 
 def read_wal_inventory(storage: Storage, db_id: str, segment_size: int) -> WalInventory:
-    """List a cluster's WAL objects."""
-    inventory = WalInventory(segment_size)
-    prefix = wal_prefix(db_id)
-    for item in storage.list(prefix):
-        name = item.key[len(prefix):]
-        if not name.endswith(OBJECT_SUFFIX):
-            continue
-        name = name[: -len(OBJECT_SUFFIX)]
-        is_partial = name.endswith(PARTIAL)
-        base = name.removesuffix(PARTIAL)
-        if _SEGMENT.fullmatch(base):
-            timeline, number = parse_segment_name(base, segment_size)
-            (inventory.partial if is_partial else inventory.complete).setdefault(
-                timeline, set()
-            ).add(number)
-        elif _HISTORY.fullmatch(name):
-            inventory.histories.add(int(name[:8], 16))
-        else:
-            continue
-        if inventory.newest is None or item.modified > inventory.newest:
-            inventory.newest = item.modified
-    return inventory
+    """List a cluster's WAL objects (read as the catalog reads them: tasks/catalog.py)."""
+    from pgbackflow.tasks.catalog import wal_inventory
+
+    return wal_inventory(storage.list(wal_prefix(db_id)), db_id, segment_size)
 
 
 def fetch_wal_file(

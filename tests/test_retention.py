@@ -706,6 +706,15 @@ def test_one_deleting_run_per_storage(
     lapsed = run_cli("--from", source, key_file=key_file, env=env)
     assert lapsed.returncode == 0, lapsed.stderr
     assert not storage.exists(LOCK_KEY)
+    # A forged lock "valid" for decades lapses by the storage's write time plus the lease.
+    foreign(datetime(2099, 1, 1, tzinfo=UTC))
+    with pytest.raises(RetentionBusyError, match="on host db-backup-2"):
+        RetentionLock(storage, "this test").acquire()
+    time.sleep(2.5)  # S3 upload times have a one-second resolution
+    short = RetentionLock(storage, "this test", lease=timedelta(seconds=1))
+    short.acquire()
+    short.release()
+    assert not storage.exists(LOCK_KEY)
 
     # A holder whose lock was taken over stops before it deletes anything more.
     more = [write_logical(writer, now - timedelta(days=3, hours=i), 10 + i) for i in range(2)]

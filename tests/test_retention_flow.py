@@ -3,9 +3,11 @@ real chain + WAL expired and then restored to a point in time."""
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -243,3 +245,44 @@ def test_maintenance_reports_inactive_replication_slots(tmp_path: Path) -> None:
     assert slot["db_id"] == "c17" and slot["slot"] == "left_behind"
     assert slot["type"] == "physical"
     assert expected[0] <= slot["retained_bytes"] < expected[0] + 16 * 1024 * 1024
+
+
+@pytest.mark.pg
+@pytest.mark.usefixtures("prefect_api")
+def test_each_backup_refreshes_its_backups_table(tmp_path: Path) -> None:
+    """The "backups of <db>" table is published after every logical and physical backup
+    (not only by retention runs): the newest backup first, what exists in the storage."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pgbackflow.flows.logical_backup import logical_backup
+    from pgbackflow.tasks.cluster import EphemeralCluster
+    from pgbackflow.tasks.toolsets import find_toolset
+
+    key = BackupEncryptionKey.generate()
+    storage = LocalStorage(folder=str(tmp_path / "store"))
+    server = EphemeralCluster(find_toolset(17), settings={"fsync": "off"}).start()
+    try:
+        first = logical_backup(db_block(server), [storage], encryption_key=key)
+        second = logical_backup(db_block(server), [storage], encryption_key=key)
+        full = full_backup(db_block(server), [storage], encryption_key=key)
+    finally:
+        server.stop()
+
+    def table(db_id: str) -> list[dict[str, Any]]:
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=[f"backups-tables-{db_id}"])))
+        newest = max(found, key=lambda a: a.created or datetime.min.replace(tzinfo=UTC))
+        assert newest.description == f"backups of {db_id}"
+        data = newest.data
+        rows = json.loads(data) if isinstance(data, str) else data
+        assert isinstance(rows, list)
+        return rows
+
+    logical_rows = table(first.db_id)
+    assert [r["backup_id"] for r in logical_rows] == [second.backup_id, first.backup_id]
+    assert {r["kind"] for r in logical_rows} == {"logical"}
+    assert all(r["stored_bytes"] > 0 and r["kept_because"] == "" for r in logical_rows)
+    physical_rows = table(full.db_id)
+    assert [(r["backup_id"], r["kind"]) for r in physical_rows] == [(full.backup_id, "full")]

@@ -23,6 +23,7 @@ import pytest
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
+from tests.fixtures.deploy_config import config_head
 from tests.fixtures.prefect_server import PrefectServer, flow_run_pids, running_prefect_server
 
 POOL = "e2e-wal"
@@ -77,18 +78,8 @@ def wal_site(
     write_key_file(key_file, MasterKey.generate())
     (root / "store").mkdir()
     config = root / "pgbackflow.toml"
-    config.write_text(textwrap.dedent(f"""
-        [prefect]
-        work_pool = "{POOL}"
-        [key]
-        file = "{key_file}"
-        [storages.local]
-        url = "{root / 'store'}"
-        [servers.pg]
-        host = "{cluster.host}"
-        port = {cluster.port}
-        user = "{cluster.superuser}"
-        password_env = "E2E_WAL_PASSWORD"
+    config.write_text(config_head(POOL, key_file, root / "store", cluster, "E2E_WAL_PASSWORD")
+                      + textwrap.dedent(f"""
         [clusters.{DB_ID}]
         server = "pg"
         storages = ["local"]
