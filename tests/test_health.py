@@ -217,3 +217,80 @@ def test_slot_problems_are_announced_once_and_their_end_too() -> None:
     assert recovered[:2] == (21, "wal-recovered")
     assert retaining[:2] == (22, "wal-problem") and "retains 2.00 GB" in str(retaining[2])
     assert recovered_again[:2] == (23, "wal-recovered")
+
+
+def test_slot_retaining_too_much_wal_notifies_once_and_its_recovery_once(
+    prefect_server: PrefectServer, site: Site, tmp_path: Path
+) -> None:
+    """A streamed cluster whose slot keeps more WAL than allowed (its streamer is not
+    running: this config's pool has no worker): the deploy makes the WAL automations, the
+    health check (run here as its deployment would run it) sees the slot, and one problem
+    and one recovery notification arrive, however many checks run."""
+    from pgbackflow.blocks.database import PostgresDatabase
+    from pgbackflow.flows.health import health_check
+
+    cluster_id, slot = "hc-cluster", "hc_slot"
+    config = tmp_path / "cluster.toml"
+    config.write_text(config_head("hc-no-worker", tmp_path / "k", tmp_path, site.cluster,
+                                  "HC_PG_PASSWORD") + textwrap.dedent(f"""
+        [notify]
+        block = ["custom-webhook/hc-hook", "pgbackflow-smtp-email/hc-mail"]
+        on_failure = ["wal"]
+        on_success = ["wal"]
+        [clusters.{cluster_id}]
+        server = "pg"
+        storages = ["local"]
+        incremental = ""
+        slot = "{slot}"
+        health_check = "off"
+        notify = {{ slot_retained_gb = 0.02 }}
+    """))
+    write_key_file(tmp_path / "k", MasterKey.generate())
+    result = prefect_server.run_cli("deploy", "--config", str(config), env=site.env)
+    assert f"+ automation pgbackflow health wal problem: {cluster_id}" in result.stdout
+    with site.cluster.connect() as conn:
+        conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
+        conn.execute("CREATE TABLE wal_filler AS SELECT g, repeat('x', 200) AS pad "
+                     "FROM generate_series(1, 150000) g")
+        conn.execute("SELECT pg_switch_wal()")
+    database = PostgresDatabase(host=site.cluster.host, port=site.cluster.port,
+                                user=site.cluster.superuser,
+                                password=site.env["HC_PG_PASSWORD"])  # type: ignore[arg-type]
+
+    def check() -> dict[str, Any]:
+        with prefect_server.settings():
+            return health_check(database=database, db_id=cluster_id, slot=slot,
+                                slot_retained_gb=0.02, backup_jobs=["full"])
+
+    def about(via: str) -> list[Message]:
+        return site.receivers.inbox.about(f"WAL of {cluster_id}", via)
+
+    try:
+        assert "retains" in str(check()["wal_problem"])
+        for via in ("webhook", "smtp"):
+            (problem,) = prefect_server.wait_for(f"the WAL problem over {via}",
+                                                 lambda via=via: about(via), 30, 0.5)
+            assert "slot hc_slot retains" in problem.subject
+            assert problem.fields()["slot"] == f"{slot} (active: False)"
+        check()  # still too much: nothing new
+        with site.cluster.connect() as conn:  # a streamer caught up: the slot moves on
+            conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())",
+                         (slot,))
+        assert check()["wal_problem"] is None
+        for via in ("webhook", "smtp"):
+            prefect_server.wait_for(f"the WAL recovery over {via}",
+                                    lambda via=via: len(about(via)) == 2, 30, 0.5)
+        check()
+        time.sleep(5)
+        for via in ("webhook", "smtp"):
+            assert [m.subject for m in about(via)] == [
+                f"pgbackflow: WAL of {cluster_id}: slot {slot} retains "
+                f"{about(via)[0].subject.split(' retains ')[1]}",
+                f"pgbackflow: WAL of {cluster_id} recovered"]
+    finally:
+        with site.cluster.connect() as conn:
+            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        with prefect_server.http() as http:
+            for deployment in http.post("deployments/filter", json={"deployments": {
+                    "tags": {"all_": [f"db:{cluster_id}"]}}}).json():
+                http.post(f"deployments/{deployment['id']}/pause_deployment")
