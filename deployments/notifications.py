@@ -466,53 +466,46 @@ def config_automations(config: Any) -> list[AutomationSpec]:
             resolved[refs] = resolve_targets(refs, where)
         return resolved[refs]
 
+    def entry_specs(kind: str, db_id: str, entry: Any,
+                    jobs: dict[str, tuple[str, str | None, str]]) -> list[AutomationSpec]:
+        """One database's or cluster's automations; ``jobs``: job → (cron, missed window
+        override, deployment)."""
+        settings = merged(defaults, entry.notify)
+        if not settings.blocks():
+            return []
+        own = entry.notify is not None and "block" in entry.notify.model_fields_set
+        targets = targets_of(settings, f"{kind}.{db_id}.notify.block" if own else "notify.block")
+        enabled = entry.enabled
+        result: list[AutomationSpec] = []
+        for job, (cron, override, deployment) in jobs.items():
+            result += outcome_automations(db_id, job, settings, targets, enabled=enabled)
+            window = missed_window(cron, override)
+            if window is not None:
+                result.append(missed_automation(db_id, job, window, targets,
+                                                deployment=deployment, enabled=enabled))
+        if getattr(entry, "wal", False):
+            result += outcome_automations(db_id, "wal", settings, targets, enabled=enabled)
+            result += wal_automations(db_id, settings, targets, enabled=enabled)
+        return result + health_automations(db_id, settings, targets, enabled=enabled)
+
     specs: list[AutomationSpec] = []
     for db_id, database in config.databases.items():
-        settings = merged(defaults, database.notify)
-        if not settings.blocks():
-            continue
-        where = f"databases.{db_id}.notify.block" if database.notify and \
-            "block" in database.notify.model_fields_set else "notify.block"
-        targets = targets_of(settings, where)
         notify: DatabaseNotify = database.notify or DatabaseNotify()
-        enabled = database.enabled
         jobs = {"logical": (parse_schedule(database.backup), notify.missed_backup,
                             f"logical-backup/logical-{db_id}")}
         if database.verify is not None:
             jobs["verification"] = (parse_schedule(database.verify), notify.missed_verification,
                                     f"restore-verification/verify-{db_id}")
-        for job, (cron, override, deployment) in jobs.items():
-            specs += outcome_automations(db_id, job, settings, targets, enabled=enabled)
-            window = missed_window(cron, override)
-            if window is not None:
-                specs.append(missed_automation(db_id, job, window, targets,
-                                               deployment=deployment, enabled=enabled))
-        specs += health_automations(db_id, settings, targets, enabled=enabled)
+        specs += entry_specs("databases", db_id, database, jobs)
     for db_id, cluster in config.clusters.items():
-        settings = merged(defaults, cluster.notify)
-        if not settings.blocks():
-            continue
-        where = f"clusters.{db_id}.notify.block" if cluster.notify and \
-            "block" in cluster.notify.model_fields_set else "notify.block"
-        targets = targets_of(settings, where)
         cluster_notify: ClusterNotify = cluster.notify or ClusterNotify()
-        enabled = cluster.enabled
         jobs = {"full": (parse_schedule(cluster.full), cluster_notify.missed_full,
                          f"full-backup/full-{db_id}")}
         if cluster.incremental:
             jobs["incremental"] = (parse_schedule(cluster.incremental),
                                    cluster_notify.missed_incremental,
                                    f"incremental-backup/incremental-{db_id}")
-        for job, (cron, override, deployment) in jobs.items():
-            specs += outcome_automations(db_id, job, settings, targets, enabled=enabled)
-            window = missed_window(cron, override)
-            if window is not None:
-                specs.append(missed_automation(db_id, job, window, targets,
-                                               deployment=deployment, enabled=enabled))
-        if cluster.wal:
-            specs += outcome_automations(db_id, "wal", settings, targets, enabled=enabled)
-            specs += wal_automations(db_id, settings, targets, enabled=enabled)
-        specs += health_automations(db_id, settings, targets, enabled=enabled)
+        specs += entry_specs("clusters", db_id, cluster, jobs)
     if defaults is not None and defaults.blocks():
         targets = targets_of(defaults, "notify.block")
         for name, storage in config.storages.items():
