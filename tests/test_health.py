@@ -25,7 +25,7 @@ from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
 from tests.fixtures.deploy_config import config_head
 from tests.fixtures.notify import Message, Receivers, running_receivers, save_blocks
-from tests.fixtures.prefect_server import PrefectServer
+from tests.fixtures.prefect_server import PrefectServer, postgres_backed_prefect_server
 
 MAJOR = 17
 POOL = "hc-checks"
@@ -46,6 +46,14 @@ class Site:
     env: dict[str, str]
     worker_dir: Path
     receivers: Receivers
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """This module's own server, on PostgreSQL: notifications must arrive within seconds,
+    and a loaded SQLite-backed server delays or drops the events they react to."""
+    with postgres_backed_prefect_server(tmp_path_factory.mktemp("health-prefect-home")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
