@@ -625,8 +625,9 @@ def deploy(
 
     settings = load_config(config)
     with _prefect_api_errors():
-        _security_warnings()
         result = deploy_config(settings, dry_run=dry_run)
+        # After the deploy: a config error stays the one line it is.
+        _security_warnings()
     out.print(result.render(), highlight=False, markup=False)
     if dry_run:
         err.print("dry run: nothing was changed")

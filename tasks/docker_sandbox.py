@@ -80,15 +80,19 @@ def sweep_leftover_sandboxes(client: DockerClient) -> list[str]:
     """
     removed = []
     host = socket.gethostname()
-    for container in client.containers.list(all=True, filters={"label": SANDBOX_LABEL}):
+    # Other agents' sandboxes come and go meanwhile: one removed between the listing and
+    # its inspection (or our removal) is not an error.
+    for container in client.containers.list(all=True, filters={"label": SANDBOX_LABEL},
+                                            ignore_removed=True):
         labels = container.labels
         if labels.get("pgbackflow.host") != host:
             continue  # another agent's container: not ours to judge
         owner = int(labels.get("pgbackflow.pid", "0") or 0)
         if owner and pid_alive(owner):
             continue
-        container.remove(force=True, v=True)
-        removed.append(container.name)
+        with contextlib.suppress(docker.errors.NotFound):
+            container.remove(force=True, v=True)
+            removed.append(container.name)
     return removed
 
 

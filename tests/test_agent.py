@@ -125,7 +125,7 @@ def test_startup_sweep_removes_leftovers_of_a_crashed_run(
     )
     try:
         with DockerSandbox(major):
-            names = {c.name for c in docker_engine.containers.list(all=True)}
+            names = {c.name for c in docker_engine.containers.list(all=True, ignore_removed=True)}
             assert orphan.name not in names
             assert foreign.name in names  # another host's agent owns it
     finally:

@@ -460,8 +460,9 @@ def test_removed_database_is_paused_not_deleted(
                                      env=site.env)
         assert "- deployment logical-backup/logical-shop" in dry.stdout
         assert "- deployment restore-verification/verify-shop" in dry.stdout
+        assert "- deployment health-check/health-shop" in dry.stdout
         applied = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
-        assert "2 to pause" in applied.stdout, applied.stdout
+        assert "3 to pause" in applied.stdout, applied.stdout
         with prefect_server.http() as http:
             shop = http.get(f"deployments/{deployed['logical-shop']['id']}").json()
             everything = http.get(f"deployments/{deployed['logical-everything']['id']}").json()
