@@ -24,7 +24,11 @@ from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
 from tests.fixtures.deploy_config import config_head
-from tests.fixtures.prefect_server import PrefectServer, flow_run_pids, running_prefect_server
+from tests.fixtures.prefect_server import (
+    PrefectServer,
+    flow_run_pids,
+    postgres_backed_prefect_server,
+)
 
 POOL = "e2e-wal"
 DB_ID = "walcluster"
@@ -51,19 +55,10 @@ def _slot(cluster: EphemeralCluster) -> tuple[Any, ...] | None:
 def wal_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """A server of its own, on PostgreSQL as in production (README "Operate"): its timing
     (heartbeats, automations) is not skewed by earlier tests, nor by SQLite's "database is
-    locked", on which the server drops or delays the events the restarts react to."""
-    backend = EphemeralCluster(find_toolset(17), settings={"fsync": "off"}).start()
-    try:
-        server_env = {"PREFECT_API_DATABASE_CONNECTION_URL": (
-            f"postgresql+asyncpg://{backend.superuser}:{backend.password}@{backend.host}:"
-            f"{backend.port}/postgres")}
-        if level := os.environ.get("PGBACKFLOW_TEST_SERVER_LOG_LEVEL"):  # debugging
-            server_env["PREFECT_SERVER_LOGGING_LEVEL"] = level
-        with running_prefect_server(tmp_path_factory.mktemp("wal-prefect-home"),
-                                    server_env) as server:
-            yield server
-    finally:
-        backend.stop()
+    locked", on which the server drops or delays the events the restarts react to (a
+    66 s restart after kill -9 was seen in CI)."""
+    with postgres_backed_prefect_server(tmp_path_factory.mktemp("wal-prefect-home")) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
