@@ -476,6 +476,9 @@ class _CachedReads(Storage):
     def open_read(self, key: str) -> BinaryIO:
         return self._storage.open_read(key)
 
+    def create_new(self, key: str, data: bytes) -> bool:
+        return self._storage.create_new(key, data)
+
     def list(self, prefix: str = "") -> list[StoredObject]:
         return self._storage.list(prefix)
 

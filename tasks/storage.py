@@ -380,13 +380,13 @@ class Storage(ABC):
         with self.open_read(key) as reader:
             return reader.read()
 
+    @abstractmethod
     def create_new(self, key: str, data: bytes) -> bool:
         """Write a small object only if ``key`` does not exist, atomically (locks).
 
         Returns:
             False when an object is already there (nothing was written).
         """
-        raise NotImplementedError(f"{type(self).__name__} cannot create objects exclusively")
 
     def sweep_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
         """Remove what killed writers left (temporaries, incomplete uploads).
