@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import BinaryIO, Protocol
+from typing import Protocol
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -518,17 +518,6 @@ class ArchiveReader:
                 f"{self._label}: compressed payload ends early: the archive was written "
                 "incorrectly"
             )
-
-
-def encrypt_stream(
-    source: BinaryIO, sink: Sink, key: MasterKey, *, compress: bool, read_size: int = 1 << 20
-) -> ArchiveWriter:
-    """Encrypt everything ``source`` yields into ``sink``; returns the closed writer."""
-    writer = ArchiveWriter(sink, key, compress=compress)
-    with writer:
-        while data := source.read(read_size):
-            writer.write(data)
-    return writer
 
 
 def decrypt_stream(source: Source, sink: Sink, keyring: Keyring, *, label: str = "archive") -> int:

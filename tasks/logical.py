@@ -250,31 +250,6 @@ class RestoreOptions:
             raise ConfigError(f"--jobs {self.jobs} is invalid: use 1 or more")
 
 
-@dataclass(frozen=True)
-class RestoreReport:
-    """What a restore did.
-
-    Attributes:
-        database: Name of the database restored into.
-        exit_code: pg_restore's exit code.
-        missing_roles: Roles the archive names that the target lacks (owners/grants skipped).
-        roles_created: Roles created from the backup's globals.
-        roles_kept: Roles that already existed and were left untouched.
-        warnings: Other notes for the user.
-        count_differences: Tables whose restored row count differs from the manifest.
-        inventory: The restored database's tables and counts.
-    """
-
-    database: str
-    exit_code: int
-    missing_roles: tuple[str, ...] = ()
-    roles_created: tuple[str, ...] = ()
-    roles_kept: tuple[str, ...] = ()
-    warnings: tuple[str, ...] = ()
-    count_differences: tuple[str, ...] = ()
-    inventory: Inventory | None = field(default=None, compare=False)
-
-
 #: Counts a database's own tables, views, sequences (not catalogs, not extensions' objects).
 USER_RELATIONS_SQL = """
 SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -650,7 +625,6 @@ __all__ = [
     "DumpResult",
     "ObjectWrite",
     "RestoreOptions",
-    "RestoreReport",
     "archive_database",
     "capture_globals",
     "check_archive_database",

@@ -137,11 +137,6 @@ def parse_segment_name(name: str, segment_size: int) -> tuple[int, int]:
     )
 
 
-def segment_for_lsn(timeline: int, lsn: int, segment_size: int) -> str:
-    """Name of the segment holding ``lsn``."""
-    return segment_name(timeline, lsn // segment_size, segment_size)
-
-
 def check_segment_start(
     head: bytes, name: str, segment_size: int, system_identifier: str | None, label: str
 ) -> None:
@@ -921,7 +916,6 @@ __all__ = [
     "read_wal_inventory",
     "route_files",
     "route_gaps",
-    "segment_for_lsn",
     "segment_name",
     "stored_route",
     "timeline_route",
