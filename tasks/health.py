@@ -193,7 +193,7 @@ def _wal_problem(
     assert state.slot_lsn_since is not None
     still = (now - datetime.fromisoformat(state.slot_lsn_since)).total_seconds()
     if retained > limits.segment_bytes and still >= limits.stalled_s:
-        return state, (f"no WAL received for {still / 60:.0f} min while the server wrote "
+        return state, (f"no WAL received for {human_duration(still)} while the server wrote "
                        f"{retained / 1e6:.0f} MB (slot {slot.name}, active: {slot.active})")
     return state, None
 

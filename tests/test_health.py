@@ -10,9 +10,9 @@ however many checks fail or pass around them.
 from __future__ import annotations
 
 import json
+import os
 import secrets
-import subprocess
-import sys
+import signal
 import textwrap
 import time
 from collections.abc import Iterator
@@ -229,92 +229,183 @@ def test_slot_problems_are_announced_once_and_their_end_too() -> None:
     assert recovered_again[:2] == (23, "wal-recovered")
 
 
-_RUN_HEALTH_CHECK = """
-import json, os, sys
-from pgbackflow.blocks.database import PostgresDatabase
-from pgbackflow.flows.health import health_check
-where = json.loads(sys.argv[1])
-database = PostgresDatabase(host=where["host"], port=where["port"], user=where["user"],
-                            password=os.environ["HC_PG_PASSWORD"])
-print(json.dumps(health_check(database=database, db_id=where["db_id"], slot=where["slot"],
-                              slot_retained_gb=0.02, backup_jobs=["full"]), default=str))
-"""
+WAL_ID = "hc-wal"
+#: The WAL thresholds of this test's cluster (its deploy config): a slot retaining more than
+#: 50 MB, or more than a segment (16 MB) of WAL the streamer did not confirm for 15 s.
+RETAINED_LIMIT = 50_000_000
+STALLED_MINUTES = 0.25
 
 
-def test_slot_retaining_too_much_wal_notifies_once_and_its_recovery_once(
-    prefect_server: PrefectServer, site: Site, tmp_path: Path
-) -> None:
-    """A streamed cluster whose slot keeps more WAL than allowed (its streamer is not
-    running: this config's pool has no worker): the deploy makes the WAL automations, the
-    health check (run here as its deployment would run it) sees the slot, and one problem
-    and one recovery notification arrive, however many checks run."""
-    cluster_id, slot = "hc-cluster", "hc_slot"
-    config = tmp_path / "cluster.toml"
-    config.write_text(config_head("hc-no-worker", tmp_path / "k", tmp_path, site.cluster,
-                                  "HC_PG_PASSWORD") + textwrap.dedent(f"""
+def _receivewal_pids(spool: Path) -> list[int]:
+    """The pg_receivewal processes writing into ``spool`` (the streamer's child)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(b"pg_receivewal") and \
+                f"--directory={spool}".encode() in argv:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _retained(cluster: EphemeralCluster) -> int:
+    """Bytes of WAL the streamer's slot keeps (the server's WAL position - restart_lsn)."""
+    with cluster.connect() as conn:
+        row = conn.execute("SELECT (pg_current_wal_lsn() - restart_lsn)::bigint, active "
+                           "FROM pg_replication_slots WHERE slot_name = 'pgbackflow'").fetchone()
+    assert row is not None and row[1], "the streamer does not hold its slot"
+    return int(row[0])
+
+
+def _write_wal(cluster: EphemeralCluster, until_retained: int) -> int:
+    """Write WAL on the server (rows into a table) until the slot retains that much."""
+    with cluster.connect() as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS wal_filler (g int, pad text)")
+    while (retained := _retained(cluster)) <= until_retained:
+        with cluster.connect() as conn:
+            conn.execute("INSERT INTO wal_filler SELECT g, repeat('x', 200) "
+                         "FROM generate_series(1, 20000) g")
+    return retained
+
+
+@pytest.fixture
+def wal_cluster(prefect_server: PrefectServer, deployed: dict[str, Any],
+                tmp_path: Path) -> Iterator[tuple[EphemeralCluster, Path]]:
+    """A streamed cluster deployed as an operator would (the WAL streamer runs on the
+    module's worker), and retired at the end (streamer stopped, slot dropped)."""
+    cluster = EphemeralCluster(find_toolset(MAJOR), settings={
+        "fsync": "off", "wal_sender_timeout": "5min"}).start()
+    spool = tmp_path / "spool"
+    write_key_file(tmp_path / "k", MasterKey.generate())
+    (tmp_path / "store").mkdir()
+    config, limit_gb = tmp_path / "cluster.toml", RETAINED_LIMIT / 1e9
+    config.write_text(config_head(POOL, tmp_path / "k", tmp_path / "store", cluster,
+                                  "HC_WAL_PASSWORD") + textwrap.dedent(f"""
         [notify]
         block = ["custom-webhook/hc-hook", "pgbackflow-smtp-email/hc-mail"]
         on_failure = ["wal"]
         on_success = ["wal"]
-        [clusters.{cluster_id}]
+        [clusters.{WAL_ID}]
         server = "pg"
         storages = ["local"]
+        full = "monthly"
         incremental = ""
-        slot = "{slot}"
-        health_check = "off"
-        notify = {{ slot_retained_gb = 0.02 }}
+        spool_dir = "{spool}"
+        health_check = "1h"
+        notify = {{ slot_retained_gb = {limit_gb}, wal_stalled_minutes = {STALLED_MINUTES} }}
     """))
-    write_key_file(tmp_path / "k", MasterKey.generate())
-    result = prefect_server.run_cli("deploy", "--config", str(config), env=site.env)
-    assert f"+ automation pgbackflow health wal problem: {cluster_id}" in result.stdout
-    with site.cluster.connect() as conn:
-        conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
-        conn.execute("CREATE TABLE wal_filler AS SELECT g, repeat('x', 200) AS pad "
-                     "FROM generate_series(1, 150000) g")
-        conn.execute("SELECT pg_switch_wal()")
-    where = {"host": site.cluster.host, "port": site.cluster.port,
-             "user": site.cluster.superuser, "db_id": cluster_id, "slot": slot}
+    env = {"HC_WAL_PASSWORD": cluster.password}
+    try:
+        result = prefect_server.run_cli("deploy", "--config", str(config), env=env)
+        assert f"started WAL streamer {WAL_ID}" in result.stdout, result.stdout
+        assert f"+ automation pgbackflow health wal problem: {WAL_ID}" in result.stdout
+        assert f"+ automation pgbackflow health wal recovered: {WAL_ID}" in result.stdout
+        prefect_server.wait_for("the WAL streamer's pg_receivewal",
+                                lambda: _receivewal_pids(spool), 120, 0.5)
+        yield cluster, spool
+    finally:
+        for pid in _receivewal_pids(spool):
+            os.kill(pid, signal.SIGCONT)
+        prefect_server.run_cli("physical-retire", "--db-id", WAL_ID, "--yes", timeout=180,
+                               check=False)
+        cluster.stop()
 
-    def check() -> dict[str, Any]:
-        # In a process of its own, as a deployment run is: this process's Prefect event
-        # client may still be bound to a server an earlier test on this worker used.
-        done = subprocess.run(
-            [sys.executable, "-c", _RUN_HEALTH_CHECK, json.dumps(where)],
-            env={**prefect_server.env, **site.env}, capture_output=True, text=True,
-            timeout=300, check=False)
-        assert done.returncode == 0, done.stderr[-3000:]
-        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
-        return result
+
+def _run_check(server: PrefectServer) -> dict[str, Any]:
+    """One run of the cluster's health-check deployment (with the config's thresholds),
+    started now rather than by its hourly schedule; its end state."""
+    with server.http() as http:
+        deployment = http.get(f"deployments/name/health-check/health-{WAL_ID}").json()
+    for _ in range(3):  # a run due by the schedule at the same moment cancels ours
+        with server.http() as http:
+            created = http.post(f"deployments/{deployment['id']}/create_flow_run", json={})
+            assert created.status_code == 201, created.text
+            run_id = created.json()["id"]
+
+        def ended(run_id: str = run_id) -> dict[str, Any] | None:
+            with server.http() as http:
+                run: dict[str, Any] = http.get(f"flow_runs/{run_id}").json()
+            return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED",
+                                                   "CANCELLED") else None
+
+        run: dict[str, Any] = server.wait_for(f"health check {run_id}", ended, CHECK_S, 0.5)
+        if run["state"]["type"] != "CANCELLED":
+            assert run["state"]["type"] == "COMPLETED", run["state"]
+            return run
+    pytest.fail("three health checks of the WAL cluster were cancelled", pytrace=False)
+
+
+def test_stalled_wal_and_a_slot_retaining_too_much_notify_once_and_their_recovery_once(
+    prefect_server: PrefectServer, site: Site,
+    wal_cluster: tuple[EphemeralCluster, Path],
+) -> None:
+    """The real WAL streamer deployment stops receiving (its pg_receivewal frozen) while
+    the test writes WAL on the server: the health check (its deployment, the config's
+    thresholds) reports the stall once, and its end once when the streamer goes on; then
+    the slot retains more than the limit: once, and its end once. Four messages per
+    receiver, however many checks run."""
+    cluster, spool = wal_cluster
 
     def about(via: str) -> list[Message]:
-        return site.receivers.inbox.about(f"WAL of {cluster_id}", via)
+        return site.receivers.inbox.about(f"WAL of {WAL_ID}", via)
 
+    def expect(count: int, what: str) -> None:
+        for via in ("webhook", "smtp"):
+            prefect_server.wait_for(f"{what} over {via}",
+                                    lambda via=via: len(about(via)) >= count, 30, 0.2)
+
+    def caught_up() -> None:
+        prefect_server.wait_for("the streamer to catch up",
+                                lambda: _retained(cluster) < 16 * 1024 * 1024, 60, 0.5)
+
+    _run_check(prefect_server)  # the slot moves: nothing to say
+    assert not about("webhook")
+
+    (receivewal,) = _receivewal_pids(spool)
+    os.kill(receivewal, signal.SIGSTOP)
     try:
-        assert "retains" in str(check()["wal_problem"])
-        for via in ("webhook", "smtp"):
-            (problem,) = prefect_server.wait_for(f"the WAL problem over {via}",
-                                                 lambda via=via: about(via), 30, 0.5)
-            assert "slot hc_slot retains" in problem.subject
-            assert problem.fields()["slot"] == f"{slot} (active: False)"
-        check()  # still too much: nothing new
-        with site.cluster.connect() as conn:  # a streamer caught up: the slot moves on
-            conn.execute("SELECT pg_replication_slot_advance(%s, pg_current_wal_lsn())",
-                         (slot,))
-        assert check()["wal_problem"] is None
-        for via in ("webhook", "smtp"):
-            prefect_server.wait_for(f"the WAL recovery over {via}",
-                                    lambda via=via: len(about(via)) == 2, 30, 0.5)
-        check()
-        time.sleep(5)
-        for via in ("webhook", "smtp"):
-            assert [m.subject for m in about(via)] == [
-                f"pgbackflow: WAL of {cluster_id}: slot {slot} retains "
-                f"{about(via)[0].subject.split(' retains ')[1]}",
-                f"pgbackflow: WAL of {cluster_id} recovered"]
+        stopped = time.monotonic()
+        retained = _write_wal(cluster, 20_000_000)
+        assert retained < RETAINED_LIMIT, retained
+        _run_check(prefect_server)  # remembers where the slot stands (and since when)
+        time.sleep(max(0.0, STALLED_MINUTES * 60 + 1 - (time.monotonic() - stopped)))
+        _run_check(prefect_server)
+        expect(1, "the stalled-WAL notification")
+        _run_check(prefect_server)  # still stalled: nothing new
     finally:
-        with site.cluster.connect() as conn:
-            conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        with prefect_server.http() as http:
-            for deployment in http.post("deployments/filter", json={"deployments": {
-                    "tags": {"all_": [f"db:{cluster_id}"]}}}).json():
-                http.post(f"deployments/{deployment['id']}/pause_deployment")
+        os.kill(receivewal, signal.SIGCONT)
+    for via in ("webhook", "smtp"):
+        (stalled,) = about(via)
+        assert stalled.subject.startswith(f"pgbackflow: WAL of {WAL_ID}: no WAL received "
+                                          "for "), stalled.subject
+        assert "while the server wrote" in stalled.subject
+        assert stalled.fields()["slot"] == "pgbackflow (active: True)"
+    caught_up()
+    _run_check(prefect_server)
+    expect(2, "the WAL recovery notification")
+
+    os.kill(receivewal, signal.SIGSTOP)
+    try:
+        assert _write_wal(cluster, RETAINED_LIMIT + 10_000_000) > RETAINED_LIMIT
+        _run_check(prefect_server)
+        expect(3, "the retained-WAL notification")
+    finally:
+        os.kill(receivewal, signal.SIGCONT)
+    caught_up()
+    _run_check(prefect_server)
+    expect(4, "the second WAL recovery notification")
+    _run_check(prefect_server)  # all well: nothing new
+    time.sleep(3)
+    for via in ("webhook", "smtp"):
+        subjects = [m.subject for m in about(via)]
+        assert len(subjects) == 4, subjects
+        assert subjects[1] == subjects[3] == f"pgbackflow: WAL of {WAL_ID} recovered"
+        assert subjects[2].startswith(f"pgbackflow: WAL of {WAL_ID}: slot pgbackflow "
+                                      "retains 0.0"), subjects[2]
+        assert "(limit 0.05 GB)" in subjects[2]
+    # The same streamer run shipped on: pg_receivewal was only paused.
+    assert _receivewal_pids(spool) == [receivewal]
