@@ -22,11 +22,13 @@ at once, whatever the objects' age.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import os
+from array import array
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -67,6 +69,7 @@ from pgbackflow.tasks.wal import (
     parse_segment_name,
     route_gaps,
     segment_name,
+    segments_per_id,
     stored_route,
 )
 
@@ -176,6 +179,103 @@ class WalFile:
     modified: datetime
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND = timedelta(microseconds=1)
+
+
+def _micros(moment: datetime) -> int:
+    """Exact microseconds since the epoch (what :class:`WalRun` keeps per segment)."""
+    return (moment - _EPOCH) // _MICROSECOND
+
+
+def _moment(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+@dataclass(frozen=True, slots=True)
+class WalRun:
+    """Complete segments ``first`` .. ``last`` of one timeline, stored without a hole.
+
+    The catalog keeps a cluster's complete segments as runs, not as one object each: per
+    segment only its size and upload time (16 bytes in two arrays: what retention's byte
+    count and its one-hour rule need) instead of a listed object (~1.5 kB), so a catalog's
+    memory grows with its backups and WAL gaps, not with its WAL. A segment's key is a
+    function of its name, so keys are computed, not kept.
+
+    Attributes:
+        db_id: The cluster.
+        timeline: The timeline.
+        first: Number of the first segment.
+        segment_size: Bytes per segment (numbers and names depend on it).
+        sizes: Stored bytes of each segment, from ``first`` on.
+        modified_us: Upload time of each segment, microseconds since the epoch (UTC).
+    """
+
+    db_id: str
+    timeline: int
+    first: int
+    segment_size: int
+    sizes: array[int]
+    modified_us: array[int]
+
+    @property
+    def last(self) -> int:
+        """Number of the last segment."""
+        return self.first + len(self.sizes) - 1
+
+    @property
+    def count(self) -> int:
+        """Segments in the run."""
+        return len(self.sizes)
+
+    @property
+    def size(self) -> int:
+        """Stored bytes of the run."""
+        return sum(self.sizes)
+
+    @property
+    def newest(self) -> datetime:
+        """Upload time of the run's newest segment."""
+        return _moment(max(self.modified_us))
+
+    def key(self, number: int) -> str:
+        """Storage key of segment ``number``."""
+        return (f"{PHYSICAL_ROOT}/{self.db_id}/{WAL_DIR}/"
+                f"{segment_name(self.timeline, number, self.segment_size)}{OBJECT_SUFFIX}")
+
+    def keys(self) -> Iterator[str]:
+        """The run's keys, in order."""
+        return (self.key(number) for number in range(self.first, self.last + 1))
+
+    def files(self) -> Iterator[WalFile]:
+        """The run's segments as :class:`WalFile` (one object each: for small runs or
+        callers that need them one by one)."""
+        for index, size in enumerate(self.sizes):
+            number = self.first + index
+            yield WalFile(self.key(number), segment_name(self.timeline, number,
+                                                         self.segment_size),
+                          "segment", self.timeline, number, size,
+                          _moment(self.modified_us[index]))
+
+    def select(self, below: int, uploaded_by: datetime) -> list[WalRun]:
+        """The parts of the run numbered below ``below`` and uploaded at or before
+        ``uploaded_by`` (what retention may delete), as runs."""
+        limit = _micros(uploaded_by)
+        parts: list[WalRun] = []
+        start: int | None = None
+        stop = min(self.count, max(0, below - self.first))
+        for index in range(stop + 1):
+            fits = index < stop and self.modified_us[index] <= limit
+            if fits and start is None:
+                start = index
+            elif not fits and start is not None:
+                parts.append(WalRun(self.db_id, self.timeline, self.first + start,
+                                    self.segment_size, self.sizes[start:index],
+                                    self.modified_us[start:index]))
+                start = None
+        return parts
+
+
 @dataclass(frozen=True, slots=True)
 class Orphan:
     """An object no usable backup or WAL needs.
@@ -220,7 +320,9 @@ class DatabaseCatalog:
         db_id: The id.
         backups: Usable backups, oldest first.
         refused: Folders whose manifest is refused (left alone).
-        wal: WAL objects (physical only), by key.
+        wal_runs: Complete WAL segments (physical only) as runs without holes, by
+            timeline and number (:class:`WalRun`; :attr:`wal` gives them one by one).
+        wal_files: The other WAL objects: history files and partial segments, by key.
         wal_gaps: Holes in the WAL a restore replays (``<segment(s)> (LSN a to b)``): from
             the end of the oldest full backup the stored WAL reaches back to (else the newest
             full) to the newest WAL, across timeline switches as replay follows them
@@ -237,7 +339,8 @@ class DatabaseCatalog:
     db_id: str
     backups: tuple[Backup, ...] = ()
     refused: tuple[RefusedFolder, ...] = ()
-    wal: tuple[WalFile, ...] = ()
+    wal_runs: tuple[WalRun, ...] = ()
+    wal_files: tuple[WalFile, ...] = ()
     wal_gaps: tuple[str, ...] = ()
     segment_size: int = DEFAULT_SEGMENT_SIZE
     orphans: tuple[Orphan, ...] = ()
@@ -294,12 +397,36 @@ class DatabaseCatalog:
 
     def wal_inventory(self) -> WalInventory:
         """The WAL as :class:`pgbackflow.tasks.wal.WalInventory` (gaps, newest segment)."""
-        return _inventory(self.wal, self.segment_size)
+        return _inventory(self.wal_runs, self.wal_files, self.segment_size)
+
+    @property
+    def wal(self) -> tuple[WalFile, ...]:
+        """Every WAL object, one :class:`WalFile` each, by key (built on each call: a
+        cluster's WAL can be large; prefer :attr:`wal_runs`, :attr:`wal_count`,
+        :attr:`wal_newest`)."""
+        files = [f for run in self.wal_runs for f in run.files()] + list(self.wal_files)
+        return tuple(sorted(files, key=lambda f: f.key))
+
+    @property
+    def wal_count(self) -> int:
+        """WAL objects stored (segments, partials, history files)."""
+        return sum(run.count for run in self.wal_runs) + len(self.wal_files)
+
+    @property
+    def wal_size(self) -> int:
+        """Stored bytes of the WAL."""
+        return sum(run.size for run in self.wal_runs) + sum(f.size for f in self.wal_files)
+
+    @property
+    def wal_newest(self) -> datetime | None:
+        """Upload time of the newest WAL object."""
+        return max([run.newest for run in self.wal_runs]
+                   + [f.modified for f in self.wal_files], default=None)
 
     @property
     def stored_size(self) -> int:
         """Bytes of every object of this database in the storage."""
-        return (sum(b.stored_size for b in self.backups) + sum(w.size for w in self.wal)
+        return (sum(b.stored_size for b in self.backups) + self.wal_size
                 + sum(o.size for o in self.orphans)
                 + sum(sum(x.size for x in r.objects) for r in self.refused))
 
@@ -505,12 +632,45 @@ def _model_of(kind: Kind) -> type[ManifestModel]:
     return LogicalManifest if kind == "logical" else PhysicalManifest
 
 
+class _WalPacker:
+    """A cluster's WAL folder while it is listed: complete segments packed per timeline as
+    they come (name as one 64-bit number, size, upload time: 24 bytes a segment), the rest
+    (history files, partial segments, foreign names) kept as listed. Runs are cut once the
+    segment size is known (:func:`_wal_runs`): it is in the manifests, read after the
+    listing."""
+
+    __slots__ = ("db_id", "other", "prefix", "segments")
+
+    def __init__(self, db_id: str) -> None:
+        self.db_id = db_id
+        self.prefix = f"{PHYSICAL_ROOT}/{db_id}/{WAL_DIR}/"
+        self.segments: dict[int, tuple[array[int], array[int], array[int]]] = {}
+        self.other: list[StoredObject] = []
+
+    def add(self, item: StoredObject) -> None:
+        stem = item.key[len(self.prefix):].removesuffix(OBJECT_SUFFIX)
+        if len(stem) != 24 or not item.key.endswith(OBJECT_SUFFIX) or not is_wal_file_name(
+                stem):
+            self.other.append(item)
+            return
+        packed = self.segments.get(int(stem[:8], 16))
+        if packed is None:
+            packed = self.segments[int(stem[:8], 16)] = (array("Q"), array("q"), array("q"))
+        packed[0].append(int(stem[8:], 16))
+        packed[1].append(item.size)
+        packed[2].append(_micros(item.modified))
+
+    def clear(self) -> None:
+        self.segments.clear()
+        self.other.clear()
+
+
 @dataclass
 class _Db:
     kind: Kind
     db_id: str
     folders: dict[str, list[StoredObject]] = field(default_factory=lambda: defaultdict(list))
-    wal: list[StoredObject] = field(default_factory=list)
+    wal: _WalPacker | None = None
     stray: list[StoredObject] = field(default_factory=list)
 
 
@@ -534,7 +694,10 @@ def _group(objects: Iterable[StoredObject]) -> tuple[dict[tuple[Kind, str], _Db]
             if len(parts) == 5 and parts[2] == "base" and is_valid_id(parts[3]):
                 db("physical", parts[1]).folders[parts[3]].append(item)
             elif len(parts) == 4 and parts[2] == WAL_DIR:
-                db("physical", parts[1]).wal.append(item)
+                entry = db("physical", parts[1])
+                if entry.wal is None:
+                    entry.wal = _WalPacker(parts[1])
+                entry.wal.add(item)
             else:
                 db("physical", parts[1]).stray.append(item)
         else:
@@ -584,16 +747,23 @@ def read_catalog(
         if kind in kinds
     ]
     cache = ManifestCache.for_storage(storage)
+
+    def group(prefix: str) -> tuple[dict[tuple[Kind, str], _Db], list[StoredObject]]:
+        # Page by page: the WAL is packed as it comes, never held as a listing.
+        return _group(storage.iter_list(prefix))
+
     if cache is None or len(prefixes) == 1:
-        listings = [storage.list(prefix) for prefix in prefixes]
-    else:  # remote: both listings' round trips at once
+        grouped = [group(prefix) for prefix in prefixes]
+    else:  # remote: both listings' round trips at once (their databases are disjoint)
         with ThreadPoolExecutor(len(prefixes), thread_name_prefix="pgbackflow-list") as pool:
-            listings = list(pool.map(storage.list, prefixes))
-    dbs, outside = _group(o for listing in listings for o in listing)
-    del listings
+            grouped = list(pool.map(group, prefixes))
+    dbs = {key: entry for found, _ in grouped for key, entry in found.items()}
+    outside = [o for _, stray in grouped for o in stray]
+    del grouped
     if not wal:
         for entry in dbs.values():
-            entry.wal.clear()
+            if entry.wal is not None:
+                entry.wal.clear()
     invalid: list[tuple[Kind, ManifestRecord[Any]]] = []
     for item in outside + [o for entry in dbs.values() for o in entry.stray]:
         ids = _manifest_ids(item.key.split("/"))
@@ -693,21 +863,47 @@ def _database(
     physical = [b.physical for b in backups if b.physical is not None]
     if physical:
         segment_size = physical[-1].wal_segment_size
-    wal, wal_orphans = _wal_files(entry.wal, db_id, segment_size)
-    gaps = _gaps(storage, keyring, db_id, physical, _inventory(wal, segment_size))
+    runs, wal_files, wal_orphans = _wal_runs(entry.wal or _WalPacker(db_id), segment_size)
+    gaps = _gaps(storage, keyring, db_id, physical, _inventory(runs, wal_files, segment_size))
     return DatabaseCatalog(
-        kind, db_id, tuple(backups), tuple(refused), tuple(wal), tuple(gaps), segment_size,
-        tuple(orphans + wal_orphans), tuple(journals), tuple(found), authenticated,
+        kind, db_id, tuple(backups), tuple(refused), tuple(runs), tuple(wal_files),
+        tuple(gaps), segment_size, tuple(orphans + wal_orphans), tuple(journals), tuple(found),
+        authenticated,
     )
 
 
-def _wal_files(items: Sequence[StoredObject], db_id: str,
-               segment_size: int) -> tuple[list[WalFile], list[Orphan]]:
-    prefix = f"{PHYSICAL_ROOT}/{db_id}/{WAL_DIR}/"
+def _wal_runs(packer: _WalPacker,
+             segment_size: int) -> tuple[list[WalRun], list[WalFile], list[Orphan]]:
+    """A listed WAL folder as runs of complete segments, the other WAL files (history
+    files, partial segments not superseded) and the orphans (foreign names, partial
+    uploads of a segment stored complete). Empties ``packer``."""
+    per_id = segments_per_id(segment_size)
+    runs: list[WalRun] = []
+    loose: list[StoredObject] = []  # a low half past the segment count: no server names so
+    for timeline in sorted(packer.segments):
+        names, sizes, times = packer.segments.pop(timeline)
+        order: Iterable[int] = range(len(names))
+        if any(names[i] >= names[i + 1] for i in range(len(names) - 1)):
+            order = sorted(order, key=names.__getitem__)  # listings come sorted; be sure
+        run: WalRun | None = None
+        for index in order:
+            packed = names[index]
+            if packed & 0xFFFFFFFF >= per_id:
+                loose.append(StoredObject(
+                    f"{packer.prefix}{timeline:08X}{packed:016X}{OBJECT_SUFFIX}", sizes[index],
+                    _moment(times[index])))
+                continue
+            number = (packed >> 32) * per_id + (packed & 0xFFFFFFFF)
+            if run is None or number != run.last + 1:
+                run = WalRun(packer.db_id, timeline, number, segment_size, array("q"),
+                             array("q"))
+                runs.append(run)
+            run.sizes.append(sizes[index])
+            run.modified_us.append(times[index])
     files: list[WalFile] = []
     orphans: list[Orphan] = []
-    for item in items:
-        name = item.key[len(prefix):].removesuffix(OBJECT_SUFFIX)
+    for item in sorted(packer.other + loose, key=lambda o: o.key):
+        name = item.key[len(packer.prefix):].removesuffix(OBJECT_SUFFIX)
         if not item.key.endswith(OBJECT_SUFFIX) or not is_wal_file_name(name):
             orphans.append(Orphan(item.key, item.size, item.modified,
                                   "not a WAL file name (foreign object)"))
@@ -720,34 +916,55 @@ def _wal_files(items: Sequence[StoredObject], db_id: str,
         timeline, number = parse_segment_name(name.removesuffix(PARTIAL), segment_size)
         files.append(WalFile(item.key, name, "partial" if partial else "segment", timeline,
                              number, item.size, item.modified))
-    complete = {(f.timeline, f.number) for f in files if f.kind == "segment"}
+    packer.clear()
+    loose_complete = {(f.timeline, f.number) for f in files if f.kind == "segment"}
     kept: list[WalFile] = []
     for wal_file in files:
-        if wal_file.kind == "partial" and (wal_file.timeline, wal_file.number) in complete:
+        if wal_file.kind == "partial" and (
+                (wal_file.timeline, wal_file.number) in loose_complete
+                or _in_runs(runs, wal_file.timeline, wal_file.number)):
             orphans.append(Orphan(wal_file.key, wal_file.size, wal_file.modified,
                                   "partial upload of a segment stored complete (superseded)"))
         else:
             kept.append(wal_file)
-    return kept, orphans
+    return runs, kept, orphans
+
+
+def _in_runs(runs: Sequence[WalRun], timeline: int, number: int | None) -> bool:
+    """Whether segment ``number`` of ``timeline`` is in one of ``runs`` (sorted)."""
+    if number is None:
+        return False
+    index = bisect.bisect_right(runs, (timeline, number), key=lambda r: (r.timeline, r.first))
+    return index > 0 and runs[index - 1].timeline == timeline and runs[index - 1].last >= number
 
 
 def wal_inventory(items: Sequence[StoredObject], db_id: str, segment_size: int) -> WalInventory:
     """The :class:`~pgbackflow.tasks.wal.WalInventory` of a listing of ``db_id``'s WAL folder
     (foreign names and partials of segments stored complete left out)."""
-    return _inventory(_wal_files(items, db_id, segment_size)[0], segment_size)
+    packer = _WalPacker(db_id)
+    for item in items:
+        packer.add(item)
+    runs, files, _ = _wal_runs(packer, segment_size)
+    return _inventory(runs, files, segment_size)
 
 
-def _inventory(wal: Iterable[WalFile], segment_size: int) -> WalInventory:
+def _inventory(runs: Iterable[WalRun], files: Iterable[WalFile],
+               segment_size: int) -> WalInventory:
     inventory = WalInventory(segment_size)
-    for wal_file in wal:
+    newest: list[datetime] = []
+    for run in runs:
+        inventory.complete.setdefault(run.timeline, set()).update(
+            range(run.first, run.last + 1))
+        newest.append(run.newest)
+    for wal_file in files:
         if wal_file.kind == "history":
             inventory.histories.add(wal_file.timeline)
         else:
             assert wal_file.number is not None
             target = inventory.partial if wal_file.kind == "partial" else inventory.complete
             target.setdefault(wal_file.timeline, set()).add(wal_file.number)
-        if inventory.newest is None or wal_file.modified > inventory.newest:
-            inventory.newest = wal_file.modified
+        newest.append(wal_file.modified)
+    inventory.newest = max(newest, default=None)
     return inventory
 
 
@@ -805,14 +1022,14 @@ def backup_rows(entry: DatabaseCatalog, kept: dict[str, str] | None = None,
 
 def describe_wal(entry: DatabaseCatalog) -> str:
     """One line: WAL objects, the newest segment and the gaps."""
-    if not entry.wal:
+    if not entry.wal_count:
         return "no WAL stored"
-    segments = [w for w in entry.wal if w.number is not None]
-    newest = max(segments, key=lambda w: (w.timeline, w.number or 0)) if segments else None
-    last = (segment_name(newest.timeline, newest.number or 0, entry.segment_size)
-            if newest else "none")
+    segments = [(run.timeline, run.last) for run in entry.wal_runs] + [
+        (w.timeline, w.number) for w in entry.wal_files if w.number is not None]
+    newest = max(segments) if segments else None
+    last = segment_name(newest[0], newest[1], entry.segment_size) if newest else "none"
     gaps = f"gaps: {', '.join(entry.wal_gaps[:5])}" if entry.wal_gaps else "no gaps"
-    return f"{len(entry.wal)} WAL objects, newest segment {last}; {gaps}"
+    return f"{entry.wal_count} WAL objects, newest segment {last}; {gaps}"
 
 
 def catalog_json(catalog: StorageCatalog) -> list[dict[str, Any]]:
@@ -823,7 +1040,7 @@ def catalog_json(catalog: StorageCatalog) -> list[dict[str, Any]]:
                       "finished_at": b.finished_at.isoformat(), "stored_size": b.stored_size,
                       "missing": list(b.missing)} for b in e.backups],
          "refused": [{"key": r.key, "problem": r.problem} for r in e.refused],
-         "wal_objects": len(e.wal), "wal_gaps": list(e.wal_gaps),
+         "wal_objects": e.wal_count, "wal_gaps": list(e.wal_gaps),
          "orphans": [{"key": o.key, "reason": o.reason} for o in e.orphans]}
         for e in catalog.databases
     ]
@@ -838,6 +1055,7 @@ __all__ = [
     "RefusedFolder",
     "StorageCatalog",
     "WalFile",
+    "WalRun",
     "backup_rows",
     "catalog_json",
     "describe_wal",

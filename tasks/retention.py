@@ -53,6 +53,7 @@ from pgbackflow.tasks.catalog import (
     Orphan,
     StorageCatalog,
     WalFile,
+    WalRun,
     seal_journal,
 )
 from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, PgBackflowError
@@ -371,21 +372,40 @@ class DatabasePlan:
         catalog: What is stored.
         policy: Its rules.
         decisions: One per usable backup, oldest first.
-        wal_delete: WAL objects that go.
+        wal_runs_delete: Complete WAL segments that go, as runs (:class:`WalRun`).
         wal_note: Why the WAL that stays stays.
         orphans_delete: Orphans that go (past the grace period, or an unfinished deletion).
         orphans_waiting: Orphans still inside the grace period.
         journals: Deletion journals of earlier runs (removed once their backups are gone).
+        wal_files_delete: Partial WAL segments that go.
     """
 
     catalog: DatabaseCatalog
     policy: Policy
     decisions: tuple[BackupDecision, ...]
-    wal_delete: tuple[WalFile, ...] = ()
+    wal_runs_delete: tuple[WalRun, ...] = ()
     wal_note: str = ""
     orphans_delete: tuple[Orphan, ...] = ()
     orphans_waiting: tuple[Orphan, ...] = ()
     journals: tuple[str, ...] = ()
+    wal_files_delete: tuple[WalFile, ...] = ()
+
+    @property
+    def wal_delete(self) -> tuple[WalFile, ...]:
+        """The WAL objects that go, one :class:`WalFile` each (built on each call)."""
+        return tuple(f for run in self.wal_runs_delete for f in run.files()) + tuple(
+            self.wal_files_delete)
+
+    @property
+    def wal_delete_count(self) -> int:
+        """WAL objects that go."""
+        return sum(run.count for run in self.wal_runs_delete) + len(self.wal_files_delete)
+
+    @property
+    def wal_delete_size(self) -> int:
+        """Stored bytes of the WAL that goes."""
+        return (sum(run.size for run in self.wal_runs_delete)
+                + sum(f.size for f in self.wal_files_delete))
 
     @property
     def deleted(self) -> list[BackupDecision]:
@@ -401,7 +421,7 @@ class DatabasePlan:
     def bytes_freed(self) -> int:
         """Stored bytes this plan frees."""
         return (sum(d.backup.stored_size for d in self.deleted)
-                + sum(w.size for w in self.wal_delete)
+                + self.wal_delete_size
                 + sum(o.size for o in self.orphans_delete))
 
     def kept_reasons(self) -> dict[str, str]:
@@ -456,9 +476,8 @@ class RetentionPlan:
                 lines.append(f"  leave  refused     {folder.backup_id or folder.key}: "
                              f"{folder.problem}")
             if entry.kind == "physical":
-                freed = sum(w.size for w in plan.wal_delete)
-                lines.append(f"  WAL: {len(plan.wal_delete)} of {len(entry.wal)} objects "
-                             f"deleted ({_size(freed)}); {plan.wal_note}")
+                lines.append(f"  WAL: {plan.wal_delete_count} of {entry.wal_count} objects "
+                             f"deleted ({_size(plan.wal_delete_size)}); {plan.wal_note}")
             for orphan in plan.orphans_delete:
                 lines.append(f"  DELETE orphan {orphan.key} ({_size(orphan.size)}): "
                              f"{orphan.reason}")
@@ -486,8 +505,8 @@ class RetentionPlan:
                              "bytes": decision.backup.stored_size, "why": decision.why})
             if plan.catalog.kind == "physical":
                 rows.append({"db_id": plan.catalog.db_id, "item": "WAL", "kind": "wal",
-                             "action": f"delete {len(plan.wal_delete)}",
-                             "bytes": sum(w.size for w in plan.wal_delete),
+                             "action": f"delete {plan.wal_delete_count}",
+                             "bytes": plan.wal_delete_size,
                              "why": plan.wal_note})
             for orphan in plan.orphans_delete:
                 rows.append({"db_id": plan.catalog.db_id, "item": orphan.key, "kind": "orphan",
@@ -550,25 +569,28 @@ def decide(
 def wal_to_delete(
     entry: DatabaseCatalog, kept: Sequence[Backup], now: datetime,
     min_age: timedelta = MIN_AGE,
-) -> tuple[tuple[WalFile, ...], str]:
-    """The WAL outside every kept backup's recovery window, and why the rest stays."""
-    if not entry.wal:
-        return (), "none stored"
+) -> tuple[tuple[WalRun, ...], tuple[WalFile, ...], str]:
+    """The WAL outside every kept backup's recovery window (complete segments as runs,
+    partial ones), and why the rest stays."""
+    if not entry.wal_count:
+        return (), (), "none stored"
     if entry.refused:
-        return (), (f"all kept: {len(entry.refused)} manifest(s) of this cluster are refused, "
-                    "so their recovery windows are unknown")
+        return (), (), (f"all kept: {len(entry.refused)} manifest(s) of this cluster are "
+                        "refused, so their recovery windows are unknown")
     physical = [b.physical for b in kept if b.physical is not None]
     if not physical:
-        return (), "all kept: no physical backup is kept, the WAL streamer's window is open"
+        return (), (), ("all kept: no physical backup is kept, the WAL streamer's window is "
+                        "open")
     oldest = min(physical, key=lambda p: parse_lsn(p.start_lsn))
     first = parse_lsn(oldest.start_lsn) // entry.segment_size
     young = now - min_age
-    doomed = tuple(
-        w for w in entry.wal
+    runs = tuple(part for run in entry.wal_runs for part in run.select(first, young))
+    files = tuple(
+        w for w in entry.wal_files
         if w.kind != "history" and w.number is not None and w.number < first
         and w.modified <= young
     )
-    return doomed, (f"kept from the start of backup {oldest.backup_id} ({oldest.start_lsn}, "
+    return runs, files, (f"kept from the start of backup {oldest.backup_id} ({oldest.start_lsn}, "
                     "the oldest kept) to the newest WAL; history files and WAL younger than "
                     f"{format_period(min_age)} always")
 
@@ -607,12 +629,14 @@ def plan_retention(
         decisions = decide(entry, policy_of(entry.db_id), moment,
                            (verified or {}).get(entry.db_id, ()), min_age)
         kept = [d.backup for d in decisions if d.keep]
-        wal, note = wal_to_delete(entry, kept, moment, min_age)
+        runs, files, note = wal_to_delete(entry, kept, moment, min_age)
         go = tuple(o for o in entry.orphans if o.unfinished_deletion or o.modified <= cutoff)
         wait = tuple(o for o in entry.orphans if o not in go)
         journals = tuple(j.key for j in entry.journals)
-        plans.append(DatabasePlan(entry, policy_of(entry.db_id), decisions, wal, note, go,
-                                  wait, journals))
+        plans.append(DatabasePlan(entry, policy_of(entry.db_id), decisions,
+                                  wal_runs_delete=runs, wal_note=note, orphans_delete=go,
+                                  orphans_waiting=wait, journals=journals,
+                                  wal_files_delete=files))
     go = tuple(o for o in catalog.orphans if o.modified <= cutoff)
     wait = tuple(o for o in catalog.orphans if o.modified > cutoff)
     return RetentionPlan(catalog.location, moment, grace, tuple(plans), go, wait,
@@ -844,7 +868,11 @@ def execute_plan(
             drop(list(objects), sizes, objects)
             drop([journal], {}, "deletion journal: its batch is gone")
             result.deleted_backups += [f"{entry.db_id}/{d.backup.backup_id}" for d in batch]
-        drop([w.key for w in db_plan.wal_delete], {w.key: w.size for w in db_plan.wal_delete},
+        for run in db_plan.wal_runs_delete:  # a run at a time: keys are computed, not kept
+            drop(list(run.keys()), dict(zip(run.keys(), run.sizes, strict=True)),
+                 "WAL before the oldest kept backup")
+        drop([w.key for w in db_plan.wal_files_delete],
+             {w.key: w.size for w in db_plan.wal_files_delete},
              "WAL before the oldest kept backup")
         drop([o.key for o in db_plan.orphans_delete],
              {o.key: o.size for o in db_plan.orphans_delete},

@@ -344,6 +344,12 @@ class Storage(ABC):
     def list(self, prefix: str = "") -> list[StoredObject]:
         """Return the complete objects whose keys start with ``prefix``, sorted by key."""
 
+    def iter_list(self, prefix: str = "") -> Iterator[StoredObject]:
+        """The objects :meth:`list` returns, one at a time (sorted where the storage lists
+        sorted): a storage that lists in pages yields each page as it arrives, so a reader
+        that keeps less than the listing (the catalog) never holds all of it."""
+        return iter(self.list(prefix))
+
     @abstractmethod
     def stat(self, key: str) -> StoredObject:
         """Describe object ``key``.
@@ -1100,30 +1106,24 @@ class S3ObjectStorage(Storage):
 
     def list(self, prefix: str = "") -> list[StoredObject]:
         """Return complete objects whose keys start with ``prefix``, sorted by key."""
-        _check_prefix(prefix)
-        root = f"{self.prefix}/" if self.prefix else ""
-
-        def fetch() -> list[StoredObject]:
-            found: list[StoredObject] = []
-            paginator = self._client.get_paginator("list_objects_v2")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root + prefix):
-                for item in page.get("Contents", []):
-                    full = item["Key"]
-                    if full.startswith(root):
-                        found.append(
-                            StoredObject(
-                                full[len(root) :],
-                                int(item["Size"]),
-                                item["LastModified"].astimezone(UTC),
-                                item.get("ETag"),
-                            )
-                        )
-            self._bucket_seen = True
-            return found
-
-        found: list[StoredObject] = self._call("list", None, fetch)
+        found = list(self.iter_list(prefix))
         found.sort(key=lambda obj: obj.key)
         return found
+
+    def iter_list(self, prefix: str = "") -> Iterator[StoredObject]:
+        """The objects whose keys start with ``prefix``, a page (1,000) at a time, in the
+        order S3 lists them (by key)."""
+        _check_prefix(prefix)
+        root = f"{self.prefix}/" if self.prefix else ""
+        paginator = self._client.get_paginator("list_objects_v2")
+        pages = iter(paginator.paginate(Bucket=self.bucket, Prefix=root + prefix))
+        while (page := self._call("list", None, lambda: next(pages, None))) is not None:
+            for item in page.get("Contents", []):
+                full = item["Key"]
+                if full.startswith(root):
+                    yield StoredObject(full[len(root) :], int(item["Size"]),
+                                       item["LastModified"].astimezone(UTC), item.get("ETag"))
+        self._bucket_seen = True
 
     def stat(self, key: str) -> StoredObject:
         """Describe object ``key``."""

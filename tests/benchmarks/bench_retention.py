@@ -1,26 +1,34 @@
 """Benchmark: retention planning over a large catalog on S3 (moto), time and memory.
 
-Populates a moto S3 bucket with hourly logical backups (3 objects each: dump, globals, a
-sealed manifest), daily physical backups (3 objects each) and WAL segments, in the
-proportions of a busy storage, then times the listing alone (``list_s``: the floor, moto's
-time to build the pages plus ours to parse them), ``read_catalog`` (the listing, every
-manifest read and authenticated, 8 at a time) plus ``plan_retention`` (GFS 24h 7d 4w 12m
-2y), and measures the planning's peak Python memory (tracemalloc, a third pass) at several
-catalog sizes. The first pass reads every manifest (cold cache), the second finds them in
-the local manifest cache (tasks/catalog.py: a manifest is fetched again when its size or
-upload time changed; cached bytes are authenticated like fetched ones).
+Fills a moto S3 bucket with hourly logical backups (3 objects each: dump, globals, a sealed
+manifest), daily physical backups (3 objects each) and WAL segments, in the proportions of
+a busy storage, then measures, per catalog size, in one run:
 
-Usage: .venv/bin/python -m tests.benchmarks.bench_retention [--objects 100000 50000 25000]
-Target (issue 12): plan in under 10 s for 100,000 objects.
+- ``bare_list_s``: both roots listed with a bare boto3 paginator (botocore's own parser): the
+  floor any client pays for moto's pages;
+- ``list_s``: the same with our listing (``Storage.iter_list``, both roots at once, as
+  ``read_catalog`` lists them) and ``list_ratio`` = list_s / bare_list_s;
+- ``cold_*``: the catalog with every manifest fetched (a first run), then the plan (GFS 24h
+  7d 4w 12m 2y) and its rendering;
+- ``dry_run_s``: ``run_retention(..., dry_run=True)``, what ``pgbackflow retention --dry-run``
+  does once the process is up (catalog with the manifests cached locally, plan, render);
+- ``peak_mb``: peak Python memory of that dry run (tracemalloc, a separate pass, since
+  tracing slows it down).
+
+The objects are put into moto's store from inside its server process (the backend's own
+``put_object``, what a PUT ends in, with the CRC32 checksum boto3 uploads carry): 5-10 ms of
+moto time per HTTP PUT would make filling 100,000 objects most of the run, and filling is
+not what is measured. The listing goes over HTTP like any client's.
+
+Usage: .venv/bin/python -m tests.benchmarks.bench_retention [--objects 10000 50000 100000]
+Target (issue 12): plan in under 10 s for 100,000 objects, memory flat.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,14 +36,14 @@ import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import IO, Any
 
 import boto3
 
 from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.cluster import free_port
-from pgbackflow.tasks.retention import KeepGFS, Policy, plan_retention
-from pgbackflow.tasks.storage import S3ObjectStorage, _parse_listing
+from pgbackflow.tasks.retention import KeepGFS, Policy, plan_retention, run_retention
+from pgbackflow.tasks.storage import S3ObjectStorage
 from tests.test_retention import (
     CLUSTER,
     DB,
@@ -49,140 +57,158 @@ from tests.test_retention import (
 GFS = Policy((KeepGFS(hours=24, days=7, weeks=4, months=12, years=2),))
 
 
-class _PutWriter(Writer):
-    """Writes with one PUT (no HEAD after it): populating is not what is measured."""
+class _FeedWriter(Writer):
+    """Sends each object to the moto server process (see :func:`serve`)."""
 
-    def __init__(self, storage: S3ObjectStorage) -> None:
+    def __init__(self, storage: S3ObjectStorage, feed: IO[bytes]) -> None:
         super().__init__(storage)
-        self.s3 = storage
+        self.s3, self.feed = storage, feed
 
     def put(self, key: str, data: bytes, modified: datetime) -> None:
-        self.s3.client.put_object(Bucket=self.s3.bucket, Key=f"{self.s3.prefix}/{key}",
-                                  Body=data)
+        full = f"{self.s3.prefix}/{key}"
+        self.feed.write(f"{self.s3.bucket}\t{full}\t{modified.timestamp()}\t{len(data)}\n"
+                        .encode() + data)
 
 
-def populate(storage: S3ObjectStorage, objects: int, now: datetime) -> dict[str, int]:
+def serve(port: int) -> None:
+    """The moto server process: serves S3 on ``port`` and stores the objects written to
+    its stdin (``bucket<TAB>key<TAB>upload time<TAB>size<LF>`` + bytes; ``sync<LF>`` is
+    answered ``ok``). The upload time is set as given, so backups and WAL have their ages."""
+    import logging
+
+    from moto.core.models import DEFAULT_ACCOUNT_ID
+    from moto.s3.models import s3_backends
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = ThreadedMotoServer("127.0.0.1", port, verbose=False)
+    server.start()
+    backend = s3_backends[DEFAULT_ACCOUNT_ID]["aws"]
+    print("ready", flush=True)
+    for line in sys.stdin.buffer:
+        if line == b"sync\n":
+            print("ok", flush=True)
+            continue
+        bucket, key, modified, size = line.decode().rstrip("\n").split("\t")
+        stored = backend.put_object(bucket, key, sys.stdin.buffer.read(int(size)))
+        stored.checksum_algorithm = "CRC32"  # what a boto3 PUT leaves (listed per key)
+        stored.last_modified = datetime.fromtimestamp(float(modified), UTC).replace(tzinfo=None)
+    server.stop()
+
+
+def populate(storage: S3ObjectStorage, feed: IO[bytes], answers: IO[bytes], objects: int,
+             now: datetime) -> dict[str, int]:
     """About ``objects`` objects: 40 % logical backups, 3 % physical, the rest WAL."""
     logical = int(objects * 0.40) // 3
     physical = int(objects * 0.03) // 3
     wal = objects - 3 * logical - 3 * physical
-    writer = _PutWriter(storage)
+    writer = _FeedWriter(storage, feed)
     newest = now.replace(minute=5, second=0, microsecond=0) - timedelta(hours=1)
-    with ThreadPoolExecutor(16) as pool:
-        list(pool.map(lambda i: write_logical(writer, newest - timedelta(hours=i), i),
-                      range(logical)))
-        first_day = (now - timedelta(days=physical)).replace(hour=1, minute=30)
-        previous: str | None = None
-        for day in range(physical):  # chains: serial (each names its parent)
-            moment = first_day + timedelta(days=day)
-            full = day % 7 == 0
-            previous = write_physical(writer, moment, 100000 + day, day * 4 + 1,
-                                      None if full else previous, None)
-        list(pool.map(
-            lambda n: writer.put(
-                f"physical/{CLUSTER}/wal/{1:08X}{n // 256:08X}{n % 256:08X}.pgbf", b"w", now),
-            range(1, wal + 1)))
+    for i in range(logical):
+        write_logical(writer, newest - timedelta(hours=i), i)
+    first_day = (now - timedelta(days=physical)).replace(hour=1, minute=30)
+    previous: str | None = None
+    for day in range(physical):  # chains: each names its parent
+        moment = first_day + timedelta(days=day)
+        full = day % 7 == 0
+        previous = write_physical(writer, moment, 100000 + day, day * 4 + 1,
+                                  None if full else previous, None)
+    # WAL uploaded evenly from the first physical backup to two minutes ago.
+    step = (now - timedelta(minutes=2) - first_day) / wal
+    for n in range(1, wal + 1):
+        writer.put(f"physical/{CLUSTER}/wal/{1:08X}{n // 256:08X}{n % 256:08X}.pgbf", b"w",
+                   first_day + step * n)
+    feed.write(b"sync\n")
+    feed.flush()
+    assert answers.readline() == b"ok\n"
     return {"logical_backups": logical, "physical_backups": physical, "wal_segments": wal}
 
 
-def listing_breakdown(storage: S3ObjectStorage) -> dict[str, Any]:
-    """Where a listing's time goes: the server building its pages (raw GETs of presigned
-    ListObjectsV2 URLs, nothing parsed), our parser, and botocore's generic one on the same
-    pages."""
-    import urllib3
-    from botocore.parsers import RestXMLParser
+def bare_listing(endpoint: str, storage: S3ObjectStorage) -> int:
+    """Both roots with a bare boto3 paginator (its own client and parser), one after the
+    other in two threads as ours lists them."""
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
 
-    http = urllib3.PoolManager()
-    pages: list[bytes] = []
-    started = time.perf_counter()
-    for root in ("logical/", "physical/"):
-        token: str | None = None
-        while True:
-            params = {"Bucket": storage.bucket, "Prefix": f"{storage.prefix}/{root}",
-                      **({"ContinuationToken": token} if token else {})}
-            url = storage.client.generate_presigned_url("list_objects_v2", Params=params)
-            body = http.request("GET", url).data
-            pages.append(body)
-            parsed: dict[str, Any] = {}
-            _parse_listing({"status_code": 200, "body": body}, parsed)
-            token = parsed.get("NextContinuationToken")
-            if not parsed.get("IsTruncated"):
-                break
-    server_s = time.perf_counter() - started
-    started = time.perf_counter()
-    for body in pages:
-        _parse_listing({"status_code": 200, "body": body}, {})
-    ours_s = time.perf_counter() - started
-    shape = storage.client.meta.service_model.operation_model("ListObjectsV2").output_shape
-    assert shape is not None
-    started = time.perf_counter()
-    for body in pages:
-        RestXMLParser().parse({"body": body, "headers": {}, "status_code": 200}, shape)
-    botocore_s = time.perf_counter() - started
-    return {"pages": len(pages), "server_pages_s": round(server_s, 2),
-            "parse_ours_s": round(ours_s, 2), "parse_botocore_s": round(botocore_s, 2)}
+    def count(root: str) -> int:
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=storage.bucket, Prefix=f"{storage.prefix}/{root}")
+        return sum(len(page.get("Contents", [])) for page in pages)
+
+    with ThreadPoolExecutor(2) as pool:
+        return sum(pool.map(count, ("logical/", "physical/")))
 
 
-def measure(storage: S3ObjectStorage) -> dict[str, Any]:
+def measure(endpoint: str, storage: S3ObjectStorage) -> dict[str, Any]:
     policies = {DB: GFS, CLUSTER: GFS}
-    breakdown = listing_breakdown(storage)
-    # The listing alone (both roots at once, as read_catalog lists them).
+    started = time.perf_counter()
+    bare = bare_listing(endpoint, storage)
+    bare_s = time.perf_counter() - started
     started = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
-        listed = sum(map(len, pool.map(storage.list, ("logical/", "physical/"))))
-    list_s = round(time.perf_counter() - started, 2)
-    timings = []
-    for _ in ("cold cache", "warm cache"):
-        started = time.perf_counter()
-        catalog = read_catalog(storage, RING, grace=GRACE)
-        read_s = time.perf_counter() - started
-        plan = plan_retention(catalog, policies, grace=GRACE)
-        timings.append((round(read_s, 2), round(time.perf_counter() - started, 2)))
-    tracemalloc.start()
+        listed = sum(pool.map(lambda root: sum(1 for _ in storage.iter_list(root)),
+                              ("logical/", "physical/")))
+    list_s = time.perf_counter() - started
+    assert listed == bare, (listed, bare)
+    started = time.perf_counter()
     catalog = read_catalog(storage, RING, grace=GRACE)
-    plan_retention(catalog, policies, grace=GRACE)
+    catalog_s = time.perf_counter() - started
+    plan = plan_retention(catalog, policies, grace=GRACE)
+    plan_s = time.perf_counter() - started - catalog_s
+    rendered = plan.render()
+    render_s = time.perf_counter() - started - catalog_s - plan_s
+    del catalog, plan
+    shown: list[str] = []
+    started = time.perf_counter()
+    plan, _ = run_retention(storage, RING, policies, dry_run=True, grace=GRACE,
+                            show=shown.append)
+    dry_run_s = time.perf_counter() - started
+    assert len(shown) == 1 and shown[0].count("\n") == rendered.count("\n")
+    del plan, shown
+    tracemalloc.start()
+    plan, _ = run_retention(storage, RING, policies, dry_run=True, grace=GRACE,
+                            show=lambda _text: None)
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return {"objects": listed, **breakdown, "list_s": list_s,
-            "cold_catalog_s": timings[0][0], "cold_plan_s": timings[0][1],
-            "warm_catalog_s": timings[1][0], "warm_plan_s": timings[1][1],
-            "peak_mb": round(peak / 1e6, 1),
+    return {"objects": listed, "bare_list_s": round(bare_s, 2), "list_s": round(list_s, 2),
+            "list_ratio": round(list_s / bare_s, 2), "cold_catalog_s": round(catalog_s, 2),
+            "plan_s": round(plan_s, 2), "render_s": round(render_s, 2),
+            "dry_run_s": round(dry_run_s, 2), "peak_mb": round(peak / 1e6, 1),
             "deleted": sum(len(p.deleted) for p in plan.databases),
-            "wal_deleted": sum(len(p.wal_delete) for p in plan.databases)}
+            "wal_deleted": sum(p.wal_delete_count for p in plan.databases)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--objects", type=int, nargs="+", default=[25000, 50000, 100000])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--objects", type=int, nargs="+", default=[10000, 50000, 100000])
+    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve(args.serve)
+        return
     # Its own process: in-process, moto's threads would share the GIL with the reader.
     host, port = "127.0.0.1", free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", host, "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1):
-            break
-        time.sleep(0.2)
+    endpoint = f"http://{host}:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tests.benchmarks.bench_retention", "--serve", str(port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert server.stdin is not None and server.stdout is not None
+    assert server.stdout.readline() == b"ready\n"
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
                       AWS_DEFAULT_REGION="us-east-1",
                       PGBACKFLOW_CACHE_DIR=tempfile.mkdtemp(prefix="pgbackflow-bench-cache-"))
-    results = []
     try:
         for count in args.objects:
             bucket = f"bench-{count}"
-            storage = S3ObjectStorage(bucket, "pg", endpoint_url=f"http://{host}:{port}",
-                                      region="us-east-1")
-            boto3.client("s3", endpoint_url=f"http://{host}:{port}",
+            boto3.client("s3", endpoint_url=endpoint,
                          region_name="us-east-1").create_bucket(Bucket=bucket)
+            storage = S3ObjectStorage(bucket, "pg", endpoint_url=endpoint, region="us-east-1")
             started = time.perf_counter()
-            shape = populate(storage, count, datetime.now(UTC))
-            populated_s = round(time.perf_counter() - started, 1)
-            result = {**shape, "populate_s": populated_s, **measure(storage)}
+            shape = populate(storage, server.stdin, server.stdout, count, datetime.now(UTC))
+            result = {**shape, "populate_s": round(time.perf_counter() - started, 1),
+                      **measure(endpoint, storage)}
             print(json.dumps(result), flush=True)
-            results.append(result)
     finally:
-        server.terminate()
+        server.kill()
         server.wait(30)
 
 
