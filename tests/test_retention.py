@@ -770,3 +770,51 @@ def test_catalog_wal_gaps_follow_the_timeline_switch(storage: Storage, key_file:
     (document,) = json.loads(listed.stdout)
     assert document["wal_gaps"] == [tl1_gap, tl2_gap]
     assert [b["auth"] for b in document["backups"]] == ["verified"]
+
+
+# ---------------------------------------------------------------------------------------
+# WAL as runs of segments
+
+
+def test_catalog_keeps_wal_as_runs_and_retention_deletes_exactly_the_old_part(
+        tmp_path: Path) -> None:
+    """Segments 250..270 (across a log id: 0xFF → 0x100) with a hole at 260 make two runs;
+    a partial of a stored segment is an orphan, one past the end stays a file; the plan
+    deletes the segments before the oldest kept backup's start that are older than an
+    hour, exactly, including inside a run of mixed ages, and the keys it deletes are the
+    stored ones."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+    write_physical(writer, now - timedelta(days=2), 1, 255, None, None)
+    uploaded: dict[str, datetime] = {}
+    for number in [n for n in range(250, 271) if n != 260]:
+        young = number in (252, 253)  # re-uploaded recently: inside the run, must stay
+        moment = now - (timedelta(minutes=10) if young else timedelta(days=3))
+        key = wal_object_key(CLUSTER, segment_name(1, number, SEG))
+        writer.put(key, b"w" * number, moment)
+        uploaded[key] = moment
+    superseded = wal_object_key(CLUSTER, segment_name(1, 251, SEG) + ".partial")
+    newest = wal_object_key(CLUSTER, segment_name(1, 271, SEG) + ".partial")
+    writer.put(superseded, b"p", now - timedelta(days=3))
+    writer.put(newest, b"p", now - timedelta(days=3))
+
+    entry = read_catalog(storage, RING).database(CLUSTER, "physical")
+    assert entry is not None
+    assert [(r.timeline, r.first, r.last) for r in entry.wal_runs] == [(1, 250, 259),
+                                                                       (1, 261, 270)]
+    assert [w.key for w in entry.wal_files] == [newest]
+    assert [o.key for o in entry.orphans] == [superseded]
+    assert entry.wal_count == 21 and {w.key for w in entry.wal} == set(uploaded) | {newest}
+    assert {w.key: w.modified for w in entry.wal if w.kind == "segment"} == uploaded
+    assert entry.wal_size == sum(range(250, 271)) - 260 + 1
+
+    plan = plan_retention(read_catalog(storage, RING), lambda _db: Policy((KeepLast(1),)),
+                          now=now, grace=GRACE)
+    (cluster,) = [p for p in plan.databases if p.catalog.db_id == CLUSTER]
+    want = {wal_object_key(CLUSTER, segment_name(1, n, SEG)) for n in (250, 251, 254)}
+    assert {w.key for w in cluster.wal_delete} == want
+    assert cluster.wal_delete_count == 3 and cluster.wal_delete_size == 250 + 251 + 254
+    execute_plan(storage, plan, KEY)
+    left = {o.key for o in storage.list(f"physical/{CLUSTER}/wal/")}
+    assert left == (set(uploaded) | {newest}) - want
