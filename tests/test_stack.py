@@ -1,0 +1,238 @@
+"""The production stack (docker/compose.yaml) as a user brings it up: ``docker/stack.py up``.
+
+Real Docker engine and Debian's docker-compose 1.29 (``.ci/run`` installs it), the images built
+here (``docker/stack.py build``: no registry), a PostgreSQL server of the newest selected major
+on loopback as the database to back up. One module-scoped stack: the API refuses requests
+without the auth string, ``pgbackflow doctor`` in the server's container warns of nothing, a
+deployed backup completes on the worker container with the backup in its storage, the master
+key is nowhere in the Prefect server's database, and ``down --volumes`` leaves no container,
+volume or network of the project behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from cryptography.fernet import Fernet
+
+from pgbackflow.tasks.keys import MasterKey
+from tests.fixtures.postgres import PgServers, make_database
+
+pytestmark = [pytest.mark.slow, pytest.mark.pg]
+
+REPO = Path(__file__).resolve().parent.parent
+STACK = REPO / "docker" / "stack.py"
+DB_ID = "stackshop"
+#: First build of the image (base by debootstrap, wheelhouse, toolsets) on 2 loaded cores.
+UP_TIMEOUT = 1800
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Stack:
+    """One brought-up stack: its project name, ports and secrets."""
+
+    env: dict[str, str]
+    secrets: Path
+
+    @property
+    def project(self) -> str:
+        return self.env["PGBACKFLOW_STACK_PROJECT"]
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.env['PGBACKFLOW_PREFECT_PORT']}/api"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        user, _, password = (self.secrets / "api-auth.key").read_text().strip().partition(":")
+        return user, password
+
+    def script(self, *args: str, env: dict[str, str] | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, str(STACK), *args], env={**self.env, **(env or {})},
+                              capture_output=True, text=True, timeout=timeout, check=False)
+
+    def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        # Debian's docker-compose 1.29 explicitly: the oldest the stack promises to work with.
+        return subprocess.run(
+            ["docker-compose", "--project-name", self.project, "--file",
+             str(REPO / "docker" / "compose.yaml"), *args],
+            env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
+
+    def http(self, *, auth: bool = True) -> httpx.Client:
+        return httpx.Client(base_url=self.api + "/", timeout=30,
+                            auth=self.auth if auth else None)
+
+    def leftovers(self) -> list[str]:
+        label = f"label=com.docker.compose.project={self.project}"
+        found = []
+        for kind in ("container", "volume", "network"):
+            listed = subprocess.run(
+                ["docker", kind, "ls", *(["--all"] if kind == "container" else []), "--quiet",
+                 "--filter", label], capture_output=True, text=True, check=True).stdout.split()
+            found += [f"{kind} {name}" for name in listed]
+        return found
+
+
+def _failed(what: str, result: subprocess.CompletedProcess[str]) -> str:
+    return (f"{what} exited with {result.returncode}:\n"
+            f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def stack(docker_engine: Any) -> Iterator[Stack]:
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose is not installed: apt-get install docker-compose (.ci/run "
+                    "does)", pytrace=False)
+    secrets_dir = Path(tempfile.mkdtemp(prefix="pgbackflow-test-stack-", dir="/var/tmp"))
+    env = {
+        **os.environ,
+        "PGBACKFLOW_STACK_PROJECT": f"pgbackflow-test-{os.getpid()}",
+        "PGBACKFLOW_PREFECT_PORT": str(_free_port()),
+        "PGBACKFLOW_PREFECT_DB_PORT": str(_free_port()),
+        "PGBACKFLOW_PREFECT_BIND": "127.0.0.1",
+        "PGBACKFLOW_STACK_SECRETS": str(secrets_dir / "secrets"),
+    }
+    stack = Stack(env=env, secrets=secrets_dir / "secrets")
+    try:
+        started = time.monotonic()
+        # --build: the image must hold this checkout's code, not an older build's.
+        result = stack.script("up", "--build", timeout=UP_TIMEOUT)
+        assert result.returncode == 0, _failed("docker/stack.py up --build", result)
+        print(f"stack up (build included) in {time.monotonic() - started:.0f} s")
+        yield stack
+    finally:
+        down = stack.script("down", "--volumes")
+        shutil.rmtree(secrets_dir, ignore_errors=True)
+        assert down.returncode == 0, _failed("docker/stack.py down --volumes", down)
+        assert stack.leftovers() == [], "the stack left these behind"
+
+
+def test_api_needs_the_auth_string_and_the_ui_calls_its_port(stack: Stack) -> None:
+    with stack.http(auth=False) as anonymous:
+        assert anonymous.get("health").status_code == 200  # probes need no credentials
+        refused = anonymous.get("admin/version")
+        assert refused.status_code == 401, refused.text
+        assert anonymous.post("flows/filter", json={}).status_code == 401
+    with httpx.Client(timeout=30, auth=("pgbackflow", "wrong")) as wrong:
+        assert wrong.get(stack.api + "/admin/version").status_code == 401
+    with stack.http() as http:
+        assert http.get("admin/version").json().startswith("3.8.")
+    ui = httpx.get(stack.api.removesuffix("/api") + "/ui-settings", timeout=30).json()
+    assert ui["api_url"] == f"http://localhost:{stack.env['PGBACKFLOW_PREFECT_PORT']}/api"
+
+
+def test_doctor_in_the_server_container_warns_of_nothing(stack: Stack) -> None:
+    result = stack.script("doctor", timeout=180)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, _failed("docker/stack.py doctor", result)
+    assert "warning" not in output, output
+    oks = [line for line in output.splitlines() if line.startswith("ok:")]
+    assert len(oks) == 3, output
+
+
+def test_deployed_backup_runs_on_the_worker_and_the_key_stays_out(
+    stack: Stack, pg_servers: PgServers, pg_majors: tuple[int, ...], tmp_path: Path
+) -> None:
+    cluster = pg_servers(max(pg_majors))
+    database = make_database(cluster, "stack",
+                             "CREATE TABLE t AS SELECT g FROM generate_series(1, 500) g")
+    config = tmp_path / "pgbackflow.toml"
+    config.write_text(textwrap.dedent(f"""
+        [prefect]
+        work_pool = "backups"
+        [key]
+        file = "/run/secrets/master_key"
+        [storages.volume]
+        url = "/srv/backups"
+        maintenance = ""
+        [servers.pg]
+        host = "127.0.0.1"
+        port = {cluster.port}
+        user = "{cluster.superuser}"
+        password_env = "STACK_PG_PASSWORD"
+        [databases.{DB_ID}]
+        server = "pg"
+        database = "{database}"
+        storages = ["volume"]
+        backup = "0 0 1 1 *"
+    """))
+    deploy = stack.script("deploy", str(config), env={"STACK_PG_PASSWORD": cluster.password})
+    assert deploy.returncode == 0, _failed("docker/stack.py deploy", deploy)
+    assert cluster.password not in deploy.stdout + deploy.stderr
+
+    with stack.http() as http:
+        deployment = http.get(f"deployments/name/logical-backup/logical-{DB_ID}").json()
+        run_id = http.post(f"deployments/{deployment['id']}/create_flow_run", json={}).json()["id"]
+        deadline = time.monotonic() + 600
+        while True:
+            run = http.get(f"flow_runs/{run_id}").json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            assert time.monotonic() < deadline, f"the backup run is still {run['state']['type']}"
+            time.sleep(3)
+    if run["state"]["type"] != "COMPLETED":
+        logs = stack.compose("logs", "--tail", "60", "worker")
+        pytest.fail(f"backup run {run['state']}:\n{logs.stdout[-4000:]}")
+    assert run["work_pool_name"] == "backups"
+
+    # The backup is in the worker container's storage volume (the host has no /srv/backups).
+    listing = stack.compose("exec", "-T", "worker", "/opt/pgbackflow/bin/pgbackflow-stack-env",
+                            "pgbackflow", "list", "--from", "/srv/backups", "--json")
+    assert listing.returncode == 0, _failed("pgbackflow list in the worker", listing)
+    assert [backup["db_id"] for backup in json.loads(listing.stdout)] == [DB_ID]
+
+    _assert_key_not_in_prefect_database(stack)
+
+
+def _key_forms(key: MasterKey) -> list[str]:
+    material = key.material
+    return [material.hex(), base64.b64encode(material).decode(),
+            base64.urlsafe_b64encode(material).decode(), key.to_text()]
+
+
+def _assert_key_not_in_prefect_database(stack: Stack) -> None:
+    key = MasterKey.from_text((stack.secrets / "master.key").read_text())
+    port = stack.env["PGBACKFLOW_PREFECT_DB_PORT"]
+    dump = stack.compose("exec", "-T", "prefect-db", "pg_dump", "-h", "127.0.0.1", "-p", port,
+                         "-U", "prefect", "prefect")
+    assert dump.returncode == 0, _failed("pg_dump of the Prefect database", dump)
+    assert "block_document" in dump.stdout, "the dump holds no Prefect tables"
+    for form in _key_forms(key):
+        assert form not in dump.stdout, "the master key is in the Prefect server's database"
+
+    # Block secrets are encrypted with the stack's key file, which the database does not hold.
+    fernet = Fernet((stack.secrets / "encryption.key").read_text().strip().encode())
+    password = (stack.secrets / "prefect-db-password.key").read_text().strip()
+    with psycopg.connect(host="127.0.0.1", port=int(port), user="prefect", dbname="prefect",
+                         password=password) as db:
+        stored = db.execute("SELECT count(*) FROM configuration WHERE key = 'ENCRYPTION_KEY'")
+        assert stored.fetchone() == (0,), "the server keeps its Fernet key in its database"
+        documents = [fernet.decrypt(str(data).strip('"').encode()).decode()
+                     for (data,) in db.execute("SELECT data FROM block_document")]
+    assert any("127.0.0.1" in document for document in documents), "no database block found"
+    for form in _key_forms(key):
+        assert not any(form in document for document in documents), "the master key is in a block"
