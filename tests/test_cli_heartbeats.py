@@ -3,6 +3,11 @@
 CLI runs against a Prefect server send flow-run heartbeats; the first of them makes sure the
 server has the "crash unresponsive runs" automation, which marks a run Crashed once its
 heartbeats stop. Real ``prefect server start`` (its triggers service), real CLI process.
+
+The kill test waits minutes for a timer (:data:`ZOMBIE_AFTER_S`), not for CPU: it runs beside
+other tests (tests/fixtures/parallel.py), on a server of its own backed by PostgreSQL as in
+production, so other tests' runs and SQLite's "database is locked" do not delay the events
+the automation reacts to.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from pgbackflow.deployments.automations import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from tests.fixtures.postgres import PgServers, make_database
-from tests.fixtures.prefect_server import BIN, PrefectServer
+from tests.fixtures.prefect_server import BIN, PrefectServer, postgres_backed_prefect_server
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -76,6 +81,14 @@ def locked_database(pg_servers: PgServers, pg_majors: tuple[int, ...]
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
 
 
+@pytest.fixture(scope="module")
+def heartbeat_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server used by this module alone (see the module's docstring)."""
+    with postgres_backed_prefect_server(tmp_path_factory.mktemp("heartbeat-prefect-home")
+                                        ) as server:
+        yield server
+
+
 def _flow_runs(server: PrefectServer, tag: str) -> list[dict[str, Any]]:
     with server.http() as http:
         response = http.post("flow_runs/filter", json={
@@ -112,42 +125,42 @@ def _automations(server: PrefectServer, name: str) -> list[dict[str, Any]]:
 
 
 def test_a_killed_cli_backup_ends_crashed(
-    prefect_server: PrefectServer, locked_database: tuple[EphemeralCluster, str, Any],
+    heartbeat_server: PrefectServer, locked_database: tuple[EphemeralCluster, str, Any],
     tmp_path: Path,
 ) -> None:
     server, name, _ = locked_database
     # A server only ever used from the CLI: the first CLI run creates the automation.
-    _delete_automation(prefect_server, ZOMBIE_AUTOMATION)
+    _delete_automation(heartbeat_server, ZOMBIE_AUTOMATION)
     key_file = tmp_path / "master.key"
     write_key_file(key_file, MasterKey.generate())
     db_id = f"hb-{name}"
     dsn = (f"postgresql://{server.superuser}:{server.password}@{server.host}:{server.port}/"
            f"{name}?sslmode=disable")
-    env = {key: value for key, value in prefect_server.env.items() if not key.startswith("PG")}
+    env = {key: value for key, value in heartbeat_server.env.items() if not key.startswith("PG")}
     cli = subprocess.Popen(
         [str(BIN / "pgbackflow"), "backup", "--db", dsn, "--db-id", db_id,
          "--to", str(tmp_path / "store"), "--key-file", str(key_file)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )
     try:
-        run = prefect_server.wait_for(
+        run = heartbeat_server.wait_for(
             "the CLI's backup run to be Running with a heartbeat",
-            lambda: next((r for r in _flow_runs(prefect_server, f"db:{db_id}")
-                          if r["state_type"] == "RUNNING" and _heartbeats(prefect_server, r["id"])),
-                         None),
+            lambda: next((r for r in _flow_runs(heartbeat_server, f"db:{db_id}")
+                          if r["state_type"] == "RUNNING"
+                          and _heartbeats(heartbeat_server, r["id"])), None),
             120, interval=2)
         assert cli.poll() is None, "the backup ended although its table is locked"
-        assert len(_automations(prefect_server, ZOMBIE_AUTOMATION)) == 1
+        assert len(_automations(heartbeat_server, ZOMBIE_AUTOMATION)) == 1
         os.killpg(cli.pid, signal.SIGKILL)
         killed = time.monotonic()
         cli.wait(timeout=30)
 
         def crashed() -> dict[str, Any] | None:
-            with prefect_server.http() as http:
+            with heartbeat_server.http() as http:
                 state = http.get(f"flow_runs/{run['id']}").json()["state"]
             return state if state["type"] == "CRASHED" else None
 
-        state = prefect_server.wait_for("the killed run to be marked Crashed", crashed,
+        state = heartbeat_server.wait_for("the killed run to be marked Crashed", crashed,
                                         ZOMBIE_AFTER_S + 180, interval=5)
         delay = time.monotonic() - killed
         print(f"killed CLI run marked Crashed {delay:.0f} s after kill -9")
