@@ -9,6 +9,7 @@ block type (the ``prefect.collections`` entry point makes the server import it).
 
 from __future__ import annotations
 
+import email.policy
 import smtplib
 import ssl
 from email.message import EmailMessage
@@ -18,6 +19,8 @@ from typing import ClassVar, Literal
 import anyio.to_thread
 from prefect.blocks.abstract import NotificationBlock, NotificationError
 from pydantic import Field, HttpUrl, SecretStr
+
+_POLICY = email.policy.SMTP.clone(max_line_length=998)
 
 
 class SmtpEmail(NotificationBlock):
@@ -85,7 +88,10 @@ smtp_email.notify("body", subject="subject")
 
     def message(self, body: str, subject: str | None) -> EmailMessage:
         """The mail as sent."""
-        message = EmailMessage()
+        # Headers up to RFC 5322's 998 characters stay on one line: at the default 78,
+        # Python folds a long subject whole onto a continuation line, which readers then
+        # show with a leading space.
+        message = EmailMessage(policy=_POLICY)
         message["From"] = self.from_address
         message["To"] = ", ".join(self.to)
         message["Subject"] = subject or "pgbackflow notification"

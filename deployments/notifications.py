@@ -240,13 +240,17 @@ _RUN_LINK = ('{{ flow_run.name }} {{ flow_run|ui_url or "(set PREFECT_UI_URL on 
              'server for a link)" }}')
 
 
+#: How long the run ran (Prefect's own figure, read when the message is rendered).
+_DURATION_LINE = "duration: {{ flow_run.total_run_time.total_seconds()|round(1) }} s"
+
+
 def failure_body(what: str, db_id: str, job: str) -> str:
     """The message of a failed (or crashed) run: its first error line and a link."""
     return "\n".join([
         f"{what}: {db_id}",
         f"job: {JOB_LABELS[job]}",
         "outcome: {{ flow_run.state.name }}",
-        "duration: {{ flow_run.total_run_time.total_seconds()|round(1) }} s",
+        _DURATION_LINE,
         "size: -",
         "backup id: -",
         "error: {{ (flow_run.state.message or 'no message').strip().splitlines()[0] }}",
@@ -260,7 +264,7 @@ def success_body(what: str, db_id: str, job: str) -> str:
         f"{what}: {db_id}",
         f"job: {JOB_LABELS[job]}",
         "outcome: succeeded",
-        "duration: {{ event.payload.duration }}",
+        _DURATION_LINE,
         "size: {{ event.payload.size }}",
         "backup id: {{ event.payload.backup_id }}",
         "{% if event.payload.summary %}summary: {{ event.payload.summary }}\n{% endif %}"

@@ -6,18 +6,16 @@
   queued for an older backup of the same database that still wait (not running) are
   cancelled first, so only the newest waits. Running ones finish, and the deployment's own
   scheduled runs (which verify the newest backup when they start) are never touched.
-* Success and failure notifications are Prefect automations with a webhook notification
-  block, toggled separately per database (failure on by default).
+* Success and failure notifications are the deploy config's ``[notify]``
+  (:mod:`.notifications`), as for every other job.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, cast
+from typing import Any
 from uuid import UUID
 
-from prefect.automations import Automation, EventTrigger, Posture
-from prefect.blocks.notifications import CustomWebhookNotificationBlock
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     DeploymentFilter,
@@ -30,7 +28,6 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.deployments import run_deployment
-from prefect.events.actions import SendNotification
 from prefect.states import Cancelled
 from pydantic import ValidationError
 
@@ -208,53 +205,3 @@ def queue_verification(db_id: str, backup_id: str) -> UUID:
         tags=["verification", db_tag(db_id), job_tag("verification"), AFTER_BACKUP_TAG],
     )
     return run.id  # type: ignore[union-attr]  # sync in a sync context
-
-
-def configure_notifications(
-    db_id: str, webhook_block: str, *, on_failure: bool = True, on_success: bool = False
-) -> list[UUID]:
-    """(Re)create this database's verification notification automations.
-
-    Args:
-        db_id: The database.
-        webhook_block: Name of a saved CustomWebhookNotificationBlock.
-        on_failure: Notify when a verification fails (default on).
-        on_success: Notify when a verification succeeds.
-    """
-    block = cast(CustomWebhookNotificationBlock, CustomWebhookNotificationBlock.load(webhook_block))
-    # Prefect has no public accessor for a loaded block's document id.
-    block_id = block._block_document_id
-    if block_id is None:
-        raise ConfigError(f"notification block {webhook_block!r} is not saved")
-    wanted = {"Failed": on_failure, "Completed": on_success}
-    created = []
-    for state, enabled in wanted.items():
-        name = f"pgbackflow verification {state.lower()}: {db_id}"
-        _delete_automations(name)
-        if not enabled:
-            continue
-        automation = cast(Automation, Automation(
-            name=name,
-            description=f"Notify when a restore verification of {db_id} ends {state}",
-            trigger=EventTrigger(
-                expect={f"prefect.flow-run.{state}"},
-                match_related={"prefect.resource.id": f"prefect.tag.{db_tag(db_id)}"},
-                posture=Posture.Reactive,
-                threshold=1,
-            ),
-            actions=[SendNotification(
-                block_document_id=block_id,
-                subject=f"pgbackflow: verification of {db_id} {state.lower()}",
-                body=(f"Restore verification of {db_id}: {{{{ flow_run.name }}}} ended "
-                      f"{state}. {{{{ flow_run.state.message }}}}"),
-            )],
-        ).create())
-        assert automation.id is not None
-        created.append(automation.id)
-    return created
-
-
-def _delete_automations(name: str) -> None:
-    with get_client(sync_client=True) as client:
-        for automation in client.read_automations_by_name(name):
-            client.delete_automation(automation.id)

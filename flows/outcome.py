@@ -4,21 +4,23 @@ Failures need nothing from the run: Prefect itself emits ``prefect.flow-run.Fail
 ``…Crashed`` (also for a killed process), and the notification automations read the run's
 state message and duration from the API. A success carries what only the run knows — the
 backup id and the size — so every pgbackflow flow has :func:`announce_success` as its
-``on_completion`` hook. The event relates the run, its flow, deployment and tags (Prefect adds
-them from the run context), which is what the automations match (``db:<id>``, ``job:<kind>``);
-the missed-backup automations wait for the same event.
+``on_completion`` hook. It sends at once, asking the API nothing: the message's duration is
+the run's own ``total_run_time``, which the automation reads when it renders (an API request
+here would delay every success notification by its latency). The event relates the run, its
+flow, deployment and tags (Prefect adds them from the run context), which is what the
+automations match (``db:<id>``, ``job:<kind>``); the missed-backup automations wait for the
+same event.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import Flow
 from prefect.client.schemas.objects import FlowRun, State
 
-from pgbackflow.tasks.units import human_duration, human_size
+from pgbackflow.tasks.units import human_size
 
 #: The event every successful pgbackflow run emits when it ends Completed.
 SUCCEEDED_EVENT = "pgbackflow.run.succeeded"
@@ -59,15 +61,6 @@ def _size_of(result: Any) -> int | None:
     return None
 
 
-def _duration_s(flow_run: FlowRun, ended: datetime) -> float | None:
-    """Seconds since the run started Running (read from the API: the engine's copy lacks it)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        start = client.read_flow_run(flow_run.id).start_time
-    return (ended - start).total_seconds() if start else None
-
-
 def announce_success(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any]) -> None:
     """``on_completion`` hook: emit :data:`SUCCEEDED_EVENT` with the job's facts.
 
@@ -77,14 +70,12 @@ def announce_success(flow: Flow[..., Any], flow_run: FlowRun, state: State[Any])
 
     try:
         facts = outcome_facts(state.result(raise_on_failure=False))
-        duration = _duration_s(flow_run, state.timestamp or datetime.now(UTC))
         emit_event(
             event=SUCCEEDED_EVENT,
             resource={"prefect.resource.id": f"pgbackflow.run.{flow_run.id}",
                       "prefect.resource.name": flow_run.name or str(flow_run.id),
                       "pgbackflow.flow": flow.name},
-            payload={**facts, "size": human_size(facts["size_bytes"]),
-                     "duration_s": duration, "duration": human_duration(duration)},
+            payload={**facts, "size": human_size(facts["size_bytes"])},
         )
     except Exception as exc:
         logger.warning("success event of %s not sent: %s", flow_run.name, exc)

@@ -705,26 +705,17 @@ def _prefect_api_errors() -> Iterator[None]:
         raise PgBackflowError(_api_unreachable_message(exc)) from None
 
 
-@app.command()
+@app.command(hidden=True, context_settings={"allow_extra_args": True,
+                                            "ignore_unknown_options": True})
 @user_errors
-def notify(
-    db_id: Annotated[str, typer.Option("--db-id", help="Database id.")],
-    webhook_block: Annotated[
-        str, typer.Option("--webhook-block", help="Saved CustomWebhookNotificationBlock name.")
-    ],
-    on_failure: Annotated[
-        bool, typer.Option("--on-failure/--no-on-failure", help="Notify failures.")
-    ] = True,
-    on_success: Annotated[
-        bool, typer.Option("--on-success/--no-on-success", help="Notify successes.")
-    ] = False,
-) -> None:
-    """Set a database's verification notifications (Prefect automations)."""
-    from pgbackflow.deployments.verification import configure_notifications
+def notify(ctx: typer.Context) -> None:
+    """Gone: notifications are the deploy config's ``[notify]`` (one writer of automations)."""
+    from pgbackflow.tasks.errors import ConfigError
 
-    created = configure_notifications(db_id, webhook_block, on_failure=on_failure,
-                                      on_success=on_success)
-    out.print(f"{len(created)} notification automation(s) for {db_id}")
+    raise ConfigError(
+        "pgbackflow notify is gone: set notifications in the deploy config's [notify] section "
+        "(block, on_failure, on_success; README, Notifications) and run pgbackflow deploy"
+    )
 
 
 @app.command()

@@ -53,8 +53,14 @@ class Site:
     def inbox(self) -> Inbox:
         return self.receivers.inbox
 
-    def write_config(self, *, shop_success: bool = True) -> None:
+    def write_config(self, *, shop_success: bool = True, missed_alerts: bool = False) -> None:
+        """The module's config; ``missed_alerts``: 20 s missed windows for ntf-idle and
+        ntf-phys (only while their test runs: every 20 s they fire again, and the Prefect
+        server runs actions one at a time, so they would delay the timed deliveries)."""
         success = '["logical"]' if shop_success else "false"
+        idle = ('missed_backup = "20s", missed_verification = "20s"' if missed_alerts
+                else 'missed_backup = "2h"')
+        phys = 'missed_full = "20s"' if missed_alerts else 'missed_full = "off"'
         self.config.write_text(config_head(POOL, self.key_file, self.store, self.cluster,
                                            "NTF_PG_PASSWORD") + textwrap.dedent(f"""
             [notify]
@@ -91,7 +97,18 @@ class Site:
             storages = ["local"]
             health_check = "off"
             backup = "hourly at :17"
-            notify = {{ missed_backup = "20s" }}
+            verify = "weekly"
+            verify_sandbox = "local"
+            notify = {{ {idle} }}
+
+            [clusters.ntf-phys]
+            server = "pg"
+            storages = ["local"]
+            full = "weekly"
+            incremental = ""
+            wal = false
+            health_check = "off"
+            notify = {{ {phys} }}
         """))
 
 
@@ -134,7 +151,8 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
     site.write_config()
     first = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     assert "+ automation pgbackflow notify logical failed: ntf-shop" in first.stdout
-    assert "+ automation pgbackflow missed logical: ntf-idle" in first.stdout
+    for job in ("logical", "verification"):
+        assert f"+ automation pgbackflow missed {job}: ntf-idle" in first.stdout, first.stdout
     assert "ntf-quiet" not in "\n".join(
         line for line in first.stdout.splitlines() if "automation" in line), first.stdout
     again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
@@ -143,7 +161,7 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
     with prefect_server.http() as http:
         deployments = {d["name"]: d for d in http.post("deployments/filter", json={
             "deployments": {"tags": {"all_": ["pgbackflow-config"]}}}).json()
-            if d["name"].startswith("logical-ntf-")}
+            if d["name"].startswith(("logical-ntf-", "verify-ntf-", "full-ntf-"))}
         automations = http.post("automations/filter", json={}).json()
     # The webhook's token and the password live in blocks only.
     dumped = json.dumps([deployments, automations, first.stdout, first.stderr])
@@ -182,6 +200,38 @@ def _wait_messages(server: PrefectServer, what: str, check: Callable[[], list[Me
     return found
 
 
+def _delivery_timeline(server: PrefectServer, run: dict[str, Any], message: Message) -> str:
+    """Where the time between the run's end and the message went: the run's final event
+    (Prefect's, or pgbackflow's success event), its automation's actions triggered and
+    executed (Prefect's events), the arrival; seconds after the run's end."""
+    ended = _ended_at(run)
+    db_id = message.fields()["database"]
+    since = datetime.fromtimestamp(ended - 1).astimezone().isoformat()
+    with server.http() as http:
+        page = http.post("events/filter", json={"filter": {
+            "occurred": {"since": since},
+            "event": {"prefix": ["prefect.flow-run.", "pgbackflow.run.",
+                                 "prefect.automation.action."]},
+            "order": "ASC"}, "limit": 50})
+    assert page.status_code == 200, page.text
+    steps = []
+    for event in page.json()["events"]:
+        resources = [event["resource"], *event.get("related", [])]
+        ours = any(run["id"] in r["prefect.resource.id"] for r in resources) or (
+            event["event"].startswith("prefect.automation.")
+            and event["resource"].get("prefect.resource.name", "").endswith(f": {db_id}"))
+        if ours and event["event"] not in ("prefect.flow-run.Running",
+                                           "prefect.flow-run.Pending"):
+            at = datetime.fromisoformat(event["occurred"]).timestamp()
+            step = f"{at - ended:+.2f} s {event['event']}"
+            if event["event"].startswith("pgbackflow."):  # sent by the flow's process
+                received = datetime.fromisoformat(event["received"]).timestamp()
+                step += f" (received {received - ended:+.2f} s)"
+            steps.append(step)
+    steps.append(f"{message.at - ended:+.2f} s arrived over {message.via}")
+    return "; ".join(steps)
+
+
 def test_failure_reaches_webhook_and_smtp_within_5_s(
     prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
 ) -> None:
@@ -192,7 +242,9 @@ def test_failure_reaches_webhook_and_smtp_within_5_s(
         (message,) = _wait_messages(
             prefect_server, f"the failure of ntf-broken over {via}",
             lambda via=via: site.inbox.about("logical backup of ntf-broken", via), 30)
-        assert message.at - ended <= DELIVERY_S, f"{via}: {message.at - ended:.1f} s after the end"
+        timeline = _delivery_timeline(prefect_server, run, message)
+        print(f"\nfailure over {via}: {timeline}")
+        assert message.at - ended <= DELIVERY_S, timeline
         assert message.subject == "pgbackflow: logical backup of ntf-broken failed"
         lines = message.fields()
         assert lines["database"] == "ntf-broken"
@@ -219,33 +271,58 @@ def test_success_says_backup_id_and_size(
             prefect_server, f"the success of ntf-shop over {via}",
             lambda via=via: site.inbox.about(backup_id, via), 30)
         (message,) = messages
-        assert message.at - ended <= DELIVERY_S, f"{via}: {message.at - ended:.1f} s after the end"
+        timeline = _delivery_timeline(prefect_server, run, message)
+        print(f"\nsuccess over {via}: {timeline}")
+        assert message.at - ended <= DELIVERY_S, timeline
         assert message.subject == "pgbackflow: logical backup of ntf-shop succeeded"
         lines = message.fields()
         assert lines["outcome"] == "succeeded" and lines["backup id"] == backup_id
         assert re.fullmatch(r"\d+(\.\d)? (B|kB|MB)", lines["size"]), lines["size"]
-        assert re.fullmatch(r"\d+\.\d s|\d+ min \d\d s", lines["duration"]), lines["duration"]
+        assert re.fullmatch(r"\d+\.\d s", lines["duration"]), lines["duration"]
         assert lines["run"].endswith(f"/runs/flow-run/{run['id']}")
     assert not site.inbox.about("ntf-shop failed")
 
 
-def test_paused_schedule_alerts_missed_backup(
-    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+@pytest.fixture(scope="module")
+def missed_alerts(prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]) -> None:
+    """20 s missed windows for a logical backup, a verification and a full backup, for
+    the tests that wait for their alerts (the next deploy of the module's config, without
+    them, pauses the full backup's and sets the others back)."""
+    site.write_config(missed_alerts=True)
+    result = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    for change in ("~ automation pgbackflow missed logical: ntf-idle",
+                   "~ automation pgbackflow missed verification: ntf-idle",
+                   "+ automation pgbackflow missed full: ntf-phys"):
+        assert change in result.stdout, result.stdout
+
+
+@pytest.mark.usefixtures("missed_alerts")
+@pytest.mark.parametrize(("deployment", "subject", "window"), [
+    ("logical-ntf-idle", "no successful logical backup of ntf-idle", "20.0 s"),
+    ("verify-ntf-idle", "no successful restore verification of ntf-idle", "20.0 s"),
+    ("full-ntf-phys", "no successful full backup of ntf-phys", "20.0 s"),
+])
+def test_paused_schedule_alerts_missed_job(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any], deployment: str,
+    subject: str, window: str,
 ) -> None:
-    """ntf-idle never runs (its schedule paused, as an operator might forget it): the
-    proactive automation notices the absence of successes within its 20 s window."""
+    """A job that never runs (its schedule paused, as an operator might forget it): the
+    proactive automation notices the absence of successes within its 20 s window. The
+    windows started together (the fixture's deploy), so these share one wait."""
     with prefect_server.http() as http:
-        response = http.post(f"deployments/{deployed['logical-ntf-idle']['id']}/pause_deployment")
+        response = http.post(f"deployments/{deployed[deployment]['id']}/pause_deployment")
         assert response.status_code < 300, response.text
+    flow = {"logical": "logical-backup", "verify": "restore-verification",
+            "full": "full-backup"}[deployment.split("-")[0]]
     for via in ("webhook", "smtp"):
         messages = _wait_messages(
-            prefect_server, f"the missed-backup alert of ntf-idle over {via}",
-            lambda via=via: site.inbox.about("no successful logical backup of ntf-idle", via),
-            60)
-        assert "deployment: logical-backup/logical-ntf-idle" in messages[0].body
-        assert "within 20.0 s" in messages[0].subject
+            prefect_server, f"the alert {subject!r} over {via}",
+            lambda via=via: site.inbox.about(subject, via), 60)
+        assert f"deployment: {flow}/{deployment}" in messages[0].body
+        assert messages[0].subject == f"pgbackflow: {subject} within {window}"
     # Databases that back up as scheduled (or whose alert is off) get none.
     assert not site.inbox.about("no successful logical backup of ntf-shop")
+    assert not site.inbox.about("no successful restore verification of ntf-shop")
     assert not site.inbox.about("ntf-quiet")
 
 
@@ -306,3 +383,63 @@ def test_missed_window_follows_the_schedule() -> None:
     assert missed_window("0 1 * * 1-5", None) == timedelta(days=4, hours=12)  # weekend gap
     assert missed_window("0 1 * * *", "90m") == timedelta(minutes=90)
     assert missed_window("0 1 * * *", "off") is None
+
+
+def test_notify_command_points_to_the_deploy_config() -> None:
+    """``pgbackflow notify`` (verification-only automations beside the config's) is gone:
+    an old script gets one line saying where notifications are set now."""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "from pgbackflow.cli import main; main()", "notify", "--db-id",
+         "shop", "--webhook-block", "ops-hook", "--on-success"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        "error: pgbackflow notify is gone: set notifications in the deploy config's [notify] "
+        "section (block, on_failure, on_success; README, Notifications) and run pgbackflow "
+        "deploy")
+    assert done.stdout == ""
+
+
+#: Made-up secrets in the shapes the README's recipes need (the Teams block parses its URL).
+_RECIPE_ENV = {
+    "SLACK_URL": "https://hooks.slack.com/services/T000/B000/canary",
+    "TEAMS_URL": "https://prod-00.westeurope.logic.azure.com:443/workflows/0a1b2c3d/triggers/"
+                 "manual/paths/invoke?api-version=2016-06-01&sp=%2Ftriggers%2Fmanual%2Frun"
+                 "&sv=1.0&sig=canary",
+    "DISCORD_WEBHOOK_ID": "1234567890", "DISCORD_TOKEN": "canary", "OPSGENIE_KEY": "canary",
+    "PAGERDUTY_KEY": "canary", "PAGERDUTY_ROUTING_KEY": "canary", "HOOK_TOKEN": "canary",
+    "SMTP_PASSWORD": "canary",
+}
+
+
+def test_readme_block_recipes_make_blocks_a_config_can_name(
+    prefect_server: PrefectServer,
+) -> None:
+    """README's CLI recipes for the common notification blocks, run as printed: each makes
+    the block its comment names, and each is one deploy accepts as a notification target."""
+    import os
+    import subprocess
+    import sys
+
+    from pgbackflow.deployments.notifications import resolve_targets
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("**Creating the blocks.**"):readme.index("From the UI:")]
+    script = section[section.index("```bash\n") + len("```bash\n"):section.rindex("```")]
+    refs = re.findall(r"# ([a-z-]+/[a-z-]+)$", script, re.MULTILINE)
+    assert sorted(slug.partition("/")[0] for slug in refs) == [
+        "custom-webhook", "discord-webhook", "ms-teams-webhook", "opsgenie-webhook",
+        "pager-duty-webhook", "pgbackflow-smtp-email", "slack-webhook"]
+    venv_bin = Path(sys.executable).parent  # `python` is this environment's, as activated
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        env={**prefect_server.env, **_RECIPE_ENV,
+             "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}"},
+        capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with prefect_server.settings():
+        targets = resolve_targets(refs, "notify.block")
+    assert [t.ref for t in targets] == refs

@@ -21,8 +21,13 @@ import pytest
 from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
+from pgbackflow.deployments.automations import apply_automation
+from pgbackflow.deployments.notifications import (
+    NotifyDefaults,
+    outcome_automations,
+    resolve_targets,
+)
 from pgbackflow.deployments.verification import (
-    configure_notifications,
     deploy_verification,
     deployment_name,
     queue_verification,
@@ -145,10 +150,13 @@ def test_after_backup_trigger_queue_agent_and_notifications(
         name="test-hook", url=receiver.url,
         json_data={"subject": "{{subject}}", "body": "{{body}}"},
     )
-    hook.save(f"hook-{secrets.token_hex(3)}", overwrite=True)
-    assert hook._block_document_name is not None
-    assert len(configure_notifications(db_id, hook._block_document_name,
-                                       on_failure=True, on_success=True)) == 2
+    hook_name = f"hook-{secrets.token_hex(3)}"
+    hook.save(hook_name, overwrite=True)
+    # The automations a deploy config's [notify] makes (block, on_failure, on_success).
+    settings = NotifyDefaults(block=f"custom-webhook/{hook_name}", on_success=True)
+    specs = outcome_automations(db_id, "verification", settings,
+                                resolve_targets(settings.blocks(), "notify.block"))
+    assert len({apply_automation(spec) for spec in specs}) == 2
 
     # Two verifications wait (no agent yet); a fresher backup cancels both and queues its own.
     waiting = [queue_verification(db_id, first.backup_id) for _ in range(2)]
@@ -172,7 +180,7 @@ def test_after_backup_trigger_queue_agent_and_notifications(
     try:
         done = wait_final(queued[0].id)
         assert done.state.is_completed(), done.state
-        receiver.wait_for(f"verification of {db_id} completed")
+        receiver.wait_for(f"restore verification of {db_id} succeeded")
         with get_client(sync_client=True) as client:
             summaries = client.read_artifacts(artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=[artifact_key("verification", db_id)])))
@@ -184,7 +192,7 @@ def test_after_backup_trigger_queue_agent_and_notifications(
         dump.write_bytes(dump.read_bytes()[:-7])
         failing = wait_final(queue_verification(db_id, second.backup_id))
         assert failing.state.is_failed(), failing.state
-        message = receiver.wait_for(f"verification of {db_id} failed")
+        message = receiver.wait_for(f"restore verification of {db_id} failed")
         assert "truncated" in json.dumps(message) or "failed" in json.dumps(message)
     finally:
         os.killpg(agent.pid, signal.SIGTERM)
