@@ -82,7 +82,6 @@ from pgbackflow.tasks.pitr import (
     allow_recovery_start,
     build_data_dir,
     configure_recovery,
-    fetch_wal,
     finish_restore,
     free_port,
     parse_target_time,
@@ -667,24 +666,20 @@ def plan_restore_task(
 @task(name="build-data-dir", cache_policy=NONE)
 def build_data_dir_task(
     storage: Storage, plan: PitrPlan, keyring: Keyring, to_dir: Path, toolset: Toolset
-) -> None:
-    """Unpack (checksums checked) and combine the chain into the target directory."""
+) -> int:
+    """Unpack (checksums checked) and combine the chain into the target directory, fetching
+    (and checking) the WAL the replay needs meanwhile; returns the WAL files fetched."""
     logger = get_run_logger()
     total = sum(b.base.raw_size for b in plan.chain)
     with ProgressArtifact(
         artifact_key("pitr-progress", plan.db_id), "restore of the backup chain", total
     ) as progress:
-        build_data_dir(
+        fetched = build_data_dir(
             storage, plan, keyring, to_dir, toolset, on_step=logger.info,
             progress=progress.update, mark_incomplete=True,
         )
         progress.finish(total)
-
-
-@task(name="fetch-wal", **_RETRYING)
-def fetch_wal_task(storage: Storage, plan: PitrPlan, keyring: Keyring, to_dir: Path) -> int:
-    """Fetch and check the WAL the replay needs."""
-    return len(fetch_wal(storage, plan, keyring, restore_dir_of(to_dir) / "wal"))
+    return len(fetched)
 
 
 @task(name="start-restored-server", cache_policy=NONE)
@@ -782,8 +777,7 @@ def pitr_restore(
         )
         publish_summary("pitr-restore", plan.db_id, report.markdown(), f"restore of {plan.db_id}")
         return report
-    build_data_dir_task(source, plan, keyring, directory, toolset)
-    wal_count = fetch_wal_task(source, plan, keyring, directory)
+    wal_count = build_data_dir_task(source, plan, keyring, directory, toolset)
     listen_port = (port or free_port()) if start else None
     configure_recovery(directory, plan.target, port=listen_port)
     script = restore_dir_of(directory) / "restore.sh"

@@ -32,6 +32,8 @@ KNOWN_FLAGS = FLAG_ZSTD
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
+DECOMPRESS_SLICE = 64 * 1024
+"""Compressed bytes per decompression call (see ArchiveReader.__iter__)."""
 DEFAULT_ZSTD_LEVEL = 5
 
 TAG_BYTES = 16
@@ -504,15 +506,20 @@ class ArchiveReader:
             return
         decompressor = zstandard.ZstdDecompressor().decompressobj()
         for chunk in self.iter_chunks():
-            try:
-                data = decompressor.decompress(chunk)
-            except zstandard.ZstdError as exc:
-                raise ArchiveError(
-                    f"{self._label}: compressed payload is invalid ({exc}): the archive was "
-                    "written incorrectly"
-                ) from None
-            if data:
-                yield data
+            # In slices: decompressobj holds the GIL for a whole call, and one compressed
+            # chunk can inflate to tens of MB; short calls let a restore's unpacker thread
+            # write while this one decompresses, and keep the pieces small.
+            view = memoryview(chunk)
+            for start in range(0, len(view), DECOMPRESS_SLICE):
+                try:
+                    data = decompressor.decompress(view[start:start + DECOMPRESS_SLICE])
+                except zstandard.ZstdError as exc:
+                    raise ArchiveError(
+                        f"{self._label}: compressed payload is invalid ({exc}): the archive "
+                        "was written incorrectly"
+                    ) from None
+                if data:
+                    yield data
         if not decompressor.eof:
             raise ArchiveError(
                 f"{self._label}: compressed payload ends early: the archive was written "

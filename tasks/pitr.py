@@ -2,11 +2,15 @@
 
 1. Plan: pick the newest chain (full + incrementals) that ends before the target, check the
    target lies in the recoverable window and that no WAL segment is missing.
-2. Unpack every backup of the chain (SHA-256 checked while reading); combine them with
-   ``pg_combinebackup`` (a full alone is unpacked straight into the target directory).
-3. Fetch the WAL needed into ``<dir>/pgbackflow_restore/wal`` (each segment's header is
-   checked against its name and the cluster), so the server replays with a plain ``cp``
-   restore_command that needs neither our key nor the storage.
+2. Unpack every backup of the chain (SHA-256 checked while reading), every object of every
+   link at once, each decrypted and decompressed by a thread of its own ahead of its
+   unpacker; combine them with ``pg_combinebackup`` (a full alone is unpacked straight into
+   the target directory).
+3. Meanwhile fetch the WAL needed into ``<dir>/pgbackflow_restore/wal`` (each segment's
+   header is checked against its name and the cluster), so the server replays with a plain
+   ``cp`` restore_command that needs neither our key nor the storage. Steps 2 and 3 are one
+   function, :func:`build_data_dir`, which PITR, the Docker restore and physical
+   verification share; the first job that fails stops the others.
 4. Configure recovery (``recovery.signal``, target time, ``promote``), write ``restore.sh``
    (the same restore, by hand, with one command) and optionally start the server and wait
    until it is promoted.
@@ -33,18 +37,22 @@ import shlex
 import shutil
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
+from concurrent.futures import wait as wait_all
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from queue import Empty, Full, Queue
+from typing import Any, TypeVar
 
 from pgbackflow.tasks.cluster import free_port, read_log_from
 from pgbackflow.tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring
-from pgbackflow.tasks.manifest import safe_join
+from pgbackflow.tasks.manifest import StoredObjectInfo, safe_join
 from pgbackflow.tasks.pgconf import append_settings, request_recovery
 from pgbackflow.tasks.physical import (
     PhysicalManifest,
@@ -57,7 +65,7 @@ from pgbackflow.tasks.pipeline import decrypted_chunks
 from pgbackflow.tasks.process import BOOT_TAG, OsUser, Tool, owner_state
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
-from pgbackflow.tasks.toolsets import Toolset
+from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from pgbackflow.tasks.transfer import ProgressCallback, ProgressReporter
 from pgbackflow.tasks.wal import (
     TimelineSpan,
@@ -89,6 +97,14 @@ SCRIPT_NAME = "restore.sh"
 LOG_NAME = "postgres.log"
 WAL_FETCH_THREADS = 4
 UNPACK_THREADS = 2
+"""Tar objects unpacked at once (each with its own read-ahead thread decrypting and
+decompressing): two keep both cores of a small machine busy."""
+READ_AHEAD = 8
+"""Plaintext chunks decrypted and decompressed ahead of an unpacker."""
+COMBINE_OPTIONS = ("--copy-file-range", "--no-manifest")
+"""pg_combinebackup copies unchanged files in the kernel; a manifest of the output would
+need every byte read back for its checksums, and a restored data directory never uses it."""
+T = TypeVar("T")
 PROMOTE_TIMEOUT_S = 3600.0
 POSTMASTER_START_GRACE_S = 30.0
 _SEGMENT_NAME = re.compile(r"[0-9A-F]{24}")
@@ -342,47 +358,200 @@ def unpack_backup(
     The backup's stored manifest must verify with ``keyring`` first, however the backup was
     picked. Extra tablespaces go to ``<directory>.tablespaces/<oid>``, linked from
     ``pg_tblspc/<oid>``; ``tablespace_map`` is dropped, since it names the source's paths
-    and PostgreSQL would recreate the links from it.
+    and PostgreSQL would recreate the links from it. Its objects are unpacked in parallel.
     """
-    authenticate_backup(storage, backup, keyring)
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    members = 0
-    # pg_tblspc/<oid> links of the base tar point to our folders, never to the source's paths.
-    locations = {
-        str(t.oid): tablespace_root(directory.absolute()) / str(t.oid) for t in backup.tablespaces
-    }
-    objects = [(backup.base, directory, locations)]
-    for tablespace in backup.tablespaces:
-        objects.append((tablespace.object, locations[str(tablespace.oid)], {}))
-    for info, destination, links in objects:
-        destination.mkdir(mode=0o700, parents=True, exist_ok=True)
-        chunks: Iterator[bytes] = decrypted_chunks(storage, info, keyring)
-        if progress is not None:
-            chunks = _counted(chunks, progress)
-        members += unpack_tar_stream(
-            chunks, destination, label=f"{storage.location}/{info.key}", tablespace_links=links
-        )
-    for oid, location in locations.items():
-        link = directory / "pg_tblspc" / oid
-        link.parent.mkdir(exist_ok=True)
-        if link.is_symlink():
-            link.unlink()
-        elif link.exists():
-            raise UnsafeArchiveError(
-                f"{storage.location}/{backup.base.key}: pg_tblspc/{oid} is not a link: the "
-                "archive was tampered with or is not what pgbackflow stores, do not use it"
+    with _Restore(storage, keyring, progress) as restore:
+        jobs = restore.prepare(backup, directory)
+        counts = restore.wait(restore.unpack(job) for job in jobs)
+        restore.finish(backup, directory)
+    return sum(counts)
+
+
+@dataclass(frozen=True)
+class _ObjectJob:
+    """One stored tar and the folder it is unpacked into."""
+
+    info: StoredObjectInfo
+    destination: Path
+    tablespace_links: dict[str, Path]
+
+
+class _Cancelled(PgBackflowError):
+    """A job stopped because another job of the same restore failed (never shown)."""
+
+
+class _Restore:
+    """Runs one restore's downloads on thread pools: tar objects (each decrypted and
+    decompressed ahead of its unpacker in a thread of its own) and WAL files. The first
+    failure stops every other job, and is the one raised.
+
+    Workers run in a copy of the caller's context, so progress reaches the same Prefect API.
+    """
+
+    def __init__(
+        self, storage: Storage, keyring: Keyring, progress: ProgressReporter | None
+    ) -> None:
+        self.storage = storage
+        self.keyring = keyring
+        self.progress = progress
+        self.stop = threading.Event()
+        self._pool = ThreadPoolExecutor(UNPACK_THREADS, thread_name_prefix="pgbackflow-unpack")
+        self._wal_pool = ThreadPoolExecutor(WAL_FETCH_THREADS, thread_name_prefix="pgbackflow-wal")
+
+    def __enter__(self) -> _Restore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()  # a no-op after success; after a failure, the rest stops early
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._wal_pool.shutdown(wait=True, cancel_futures=True)
+
+    def prepare(self, backup: PhysicalManifest, directory: Path) -> list[_ObjectJob]:
+        """Authenticate the backup's manifest; its objects and where each goes."""
+        authenticate_backup(self.storage, backup, self.keyring)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # pg_tblspc/<oid> links of the base tar point to our folders, never the source's paths.
+        locations = {
+            str(t.oid): tablespace_root(directory.absolute()) / str(t.oid)
+            for t in backup.tablespaces
+        }
+        jobs = [_ObjectJob(backup.base, directory, locations)]
+        jobs += [
+            _ObjectJob(t.object, locations[str(t.oid)], {}) for t in backup.tablespaces
+        ]
+        return jobs
+
+    def unpack(self, job: _ObjectJob) -> Future[int]:
+        """Start unpacking one object."""
+        return self._pool.submit(contextvars.copy_context().run, self._unpack, job)
+
+    def _unpack(self, job: _ObjectJob) -> int:
+        if self.stop.is_set():
+            raise _Cancelled("cancelled")
+        job.destination.mkdir(mode=0o700, parents=True, exist_ok=True)
+        label = f"{self.storage.location}/{job.info.key}"
+        ahead = _read_ahead(decrypted_chunks(self.storage, job.info, self.keyring), self.stop)
+        chunks = ahead if self.progress is None else _counted(ahead, self.progress)
+        try:
+            return unpack_tar_stream(
+                chunks, job.destination, label=label, tablespace_links=job.tablespace_links
             )
-        link.symlink_to(location)
-    if backup.tablespaces:
-        (directory / "tablespace_map").unlink(missing_ok=True)
-    manifest = directory / "backup_manifest"
-    if not manifest.exists():
-        # Spooled backups (extra tablespaces) keep it beside the tars, not inside base.tar;
-        # pg_combinebackup needs it in every input.
-        with manifest.open("wb") as out:
-            for chunk in decrypted_chunks(storage, backup.backup_manifest, keyring):
-                out.write(chunk)
-    return members
+        finally:
+            ahead.close()  # joins its thread: nothing reads on once this job ended
+
+    def finish(self, backup: PhysicalManifest, directory: Path) -> None:
+        """Once its objects are unpacked: our tablespace links and ``backup_manifest``."""
+        for tablespace in backup.tablespaces:
+            oid = str(tablespace.oid)
+            link = directory / "pg_tblspc" / oid
+            link.parent.mkdir(exist_ok=True)
+            if link.is_symlink():
+                link.unlink()
+            elif link.exists():
+                raise UnsafeArchiveError(
+                    f"{self.storage.location}/{backup.base.key}: pg_tblspc/{oid} is not a link: "
+                    "the archive was tampered with or is not what pgbackflow stores, do not "
+                    "use it"
+                )
+            link.symlink_to(tablespace_root(directory.absolute()) / oid)
+        if backup.tablespaces:
+            (directory / "tablespace_map").unlink(missing_ok=True)
+        manifest = directory / "backup_manifest"
+        if not manifest.exists():
+            # Spooled backups (extra tablespaces) keep it beside the tars, not inside
+            # base.tar; pg_combinebackup needs it in every input.
+            with manifest.open("wb") as out:
+                for chunk in decrypted_chunks(self.storage, backup.backup_manifest, self.keyring):
+                    out.write(chunk)
+
+    def fetch_wal(self, plan: PitrPlan, wal_dir: Path) -> list[Future[str | None]]:
+        """Start fetching (and checking) the planned WAL into ``wal_dir``."""
+        wal_dir.mkdir(parents=True, exist_ok=True)
+        base = plan.newest
+
+        def fetch(name: str) -> str | None:
+            if self.stop.is_set():
+                raise _Cancelled("cancelled")
+            key = fetch_wal_file(
+                self.storage, plan.db_id, name, wal_dir / name, self.keyring,
+                segment_size=base.wal_segment_size, system_identifier=base.system_identifier,
+            )
+            return name if key is not None else None
+
+        return [
+            self._wal_pool.submit(contextvars.copy_context().run, fetch, name)
+            for name in plan.wal_segments
+        ]
+
+    def wait(self, futures: Iterable[Future[T]]) -> list[T]:
+        """Results in order; on the first failure the other jobs stop and it is raised (a
+        job that only stopped because of it is never the one reported)."""
+        pending = list(futures)
+        try:
+            for future in as_completed(pending):
+                error = future.exception()
+                if error is not None and not isinstance(error, _Cancelled):
+                    raise error
+        except BaseException:
+            self.stop.set()
+            # Nothing may still write when the caller removes what was written.
+            wait_all(pending)
+            raise
+        return [future.result() for future in pending]
+
+
+def _read_ahead(
+    chunks: Iterator[bytes], stop: threading.Event
+) -> Generator[bytes, None, None]:
+    """``chunks``, produced by a thread of their own ``READ_AHEAD`` chunks ahead: reading,
+    decrypting and decompressing overlap with unpacking (zstd, AES-GCM and file writes
+    release the GIL). Stops (raising) when ``stop`` is set."""
+    queue: Queue[bytes | BaseException | None] = Queue(READ_AHEAD)
+    done = threading.Event()
+
+    def produce() -> None:
+        try:
+            for chunk in chunks:
+                while True:
+                    if done.is_set() or stop.is_set():
+                        return
+                    try:
+                        queue.put(chunk, timeout=0.1)
+                        break
+                    except Full:
+                        continue
+            item: BaseException | None = None
+        except BaseException as exc:  # handed to the consumer, raised there
+            item = exc
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        while not (done.is_set() or stop.is_set()):
+            with suppress(Full):
+                queue.put(item, timeout=0.1)
+                return
+
+    producer = threading.Thread(target=produce, name="pgbackflow-read-ahead", daemon=True)
+    producer.start()
+    try:
+        while True:
+            try:
+                item = queue.get(timeout=0.1)
+            except Empty:
+                if stop.is_set():
+                    raise _Cancelled("cancelled") from None
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if stop.is_set():
+                raise _Cancelled("cancelled")
+            yield item
+    finally:
+        done.set()
+        producer.join()
 
 
 def _counted(chunks: Iterator[bytes], progress: ProgressReporter) -> Iterator[bytes]:
@@ -449,65 +618,92 @@ def build_data_dir(
     plan: PitrPlan,
     keyring: Keyring,
     target_dir: Path,
-    toolset: Toolset,
+    toolset: Toolset | None,
     *,
     on_step: Callable[[str], None] | None = None,
     progress: ProgressCallback | None = None,
     mark_incomplete: bool = False,
-) -> None:
-    """Unpack the chain and combine it into ``target_dir`` (which must be missing or empty).
+) -> list[str]:
+    """Build ``target_dir`` (missing or empty) from the chain and fetch the planned WAL into
+    ``<target_dir>/pgbackflow_restore/wal``, all at once; returns the WAL files fetched.
+
+    Every object of every backup of the chain is decrypted (SHA-256 checked), decompressed
+    and unpacked in parallel, a full alone straight into the data directory, a chain into
+    the folders ``pg_combinebackup`` reads; the WAL is fetched (each segment's header
+    checked) meanwhile. ``toolset`` (for ``pg_combinebackup``) may be None for a full alone.
 
     ``progress`` is called with the plaintext bytes unpacked so far. With
     ``mark_incomplete`` the directory holds :data:`INCOMPLETE_MARKER` (included from
     postgresql.conf, so PostgreSQL refuses to start it) from before its first file until
     :func:`finish_restore`: a restore killed half-way is never taken for a good one.
     Work folders of earlier restores into the same parent folder whose owner is gone are
-    removed first (one ``on_step`` line each).
+    removed first (one ``on_step`` line each). A restore that fails leaves the target (and
+    its tablespace folder) as it found them.
+
+    Raises:
+        ObjectNotFoundError: a planned WAL file disappeared since the plan was made.
     """
     with_tablespaces = bool(plan.newest.tablespaces)
     step = on_step or (lambda _message: None)
-    for line in sweep_interrupted_restores(target_dir.absolute().parent):
+    parent = target_dir.absolute().parent
+    for line in sweep_interrupted_restores(parent):
         step(line)
     check_target_dir(target_dir, tablespaces=with_tablespaces)
-    reporter = ProgressReporter(progress) if progress is not None else None
-    if len(plan.chain) == 1:
-        step(f"unpacking full backup {plan.newest.backup_id}")
-        if not mark_incomplete:
-            unpack_backup(storage, plan.newest, keyring, target_dir, reporter)
-        elif with_tablespaces:  # its pg_tblspc links name the directory: unpack in place
-            _write_marker(target_dir)
-            unpack_backup(storage, plan.newest, keyring, target_dir, reporter)
-            _include_marker(target_dir)
-        else:
-            # Unpacked under a hidden name and moved into place once marked: a kill
-            # mid-unpack leaves the target as it was (a rerun just works).
-            parent = target_dir.absolute().parent
-            parent.mkdir(parents=True, exist_ok=True)
-            with _staging_dir(parent, f".{target_dir.name}{_RESTORING}") as staging:
-                _write_marker(staging)
-                unpack_backup(storage, plan.newest, keyring, staging, reporter)
-                _include_marker(staging)
-                if target_dir.exists():
-                    target_dir.rmdir()
-                staging.rename(target_dir)
-            target_dir.chmod(0o700)
-        return
-    parent = target_dir.absolute().parent
     parent.mkdir(parents=True, exist_ok=True)
-    with _staging_dir(parent, _CHAIN) as work:
+    created = [p for p in (target_dir, tablespace_root(target_dir)) if not p.exists()]
+    reporter = ProgressReporter(progress) if progress is not None else None
+    try:
+        with _Restore(storage, keyring, reporter) as restore:
+            if len(plan.chain) == 1:
+                fetched = _build_full(restore, plan, target_dir, step, mark_incomplete)
+            else:
+                if toolset is None:
+                    toolset = find_toolset(plan.newest.server_major)
+                fetched = _build_chain(restore, plan, target_dir, toolset, step, mark_incomplete)
+    except BaseException:
+        _undo(target_dir, created)
+        raise
+    target_dir.chmod(0o700)
+    return fetched
+
+
+def _build_full(
+    restore: _Restore, plan: PitrPlan, target_dir: Path, step: Callable[[str], None],
+    mark_incomplete: bool,
+) -> list[str]:
+    backup = plan.newest
+    step(f"unpacking full backup {backup.backup_id}, fetching {len(plan.wal_segments)} WAL "
+         "files meanwhile")
+    if not mark_incomplete or backup.tablespaces:
+        # In place (its pg_tblspc links name the directory; or the caller's own work folder).
+        if mark_incomplete:
+            _write_marker(target_dir)
+        fetched = _unpack_with_wal(restore, plan, [backup], [target_dir], target_dir)
+        if mark_incomplete:
+            _include_marker(target_dir)
+        return fetched
+    # Unpacked under a hidden name and moved into place once marked: a kill mid-unpack
+    # leaves the target as it was (a rerun just works).
+    parent = target_dir.absolute().parent
+    with _staging_dir(parent, f".{target_dir.name}{_RESTORING}") as staging:
+        _write_marker(staging)
+        fetched = _unpack_with_wal(restore, plan, [backup], [staging], staging)
+        _include_marker(staging)
+        if target_dir.exists():
+            target_dir.rmdir()
+        staging.rename(target_dir)
+    return fetched
+
+
+def _build_chain(
+    restore: _Restore, plan: PitrPlan, target_dir: Path, toolset: Toolset,
+    step: Callable[[str], None], mark_incomplete: bool,
+) -> list[str]:
+    with _staging_dir(target_dir.absolute().parent, _CHAIN) as work:
         dirs = [safe_join(work, backup.backup_id) for backup in plan.chain]
-        step(f"unpacking {len(dirs)} backups ({', '.join(b.mode for b in plan.chain)})")
-        # In parallel: decryption, decompression and disk writes of the links overlap. Each
-        # worker runs in a copy of our context, so progress reaches the same Prefect API.
-        with ThreadPoolExecutor(UNPACK_THREADS, thread_name_prefix="pgbackflow-unpack") as pool:
-            for done in [
-                pool.submit(
-                    contextvars.copy_context().run,
-                    unpack_backup, storage, backup, keyring, directory, reporter,
-                )
-                for backup, directory in zip(plan.chain, dirs, strict=True)
-            ]:
-                done.result()
+        step(f"unpacking {len(dirs)} backups ({', '.join(b.mode for b in plan.chain)}), "
+             f"fetching {len(plan.wal_segments)} WAL files meanwhile")
+        fetched = _unpack_with_wal(restore, plan, list(plan.chain), dirs, work / "wal-ahead")
         step(f"combining {len(dirs)} backups with pg_combinebackup")
         # pg_combinebackup creates its output itself: into the work folder, moved into
         # place once marked, so the target never holds an unmarked partial directory.
@@ -521,16 +717,64 @@ def build_data_dir(
             for t in plan.newest.tablespaces
         ]
         Tool(toolset.binary("pg_combinebackup")).run(
-            [*map(str, dirs), "--output", str(output), *relocate], timeout=None
+            [*map(str, dirs), "--output", str(output), *COMBINE_OPTIONS, *relocate],
+            timeout=None,
         )
         (output / "tablespace_map").unlink(missing_ok=True)
+        wal_home = output / RESTORE_DIR
+        wal_home.mkdir(mode=0o700, exist_ok=True)
+        (work / "wal-ahead").rename(wal_home / WAL_CACHE)
         if mark_incomplete:
             _write_marker(output)
             _include_marker(output)
             if target_dir.exists():
                 target_dir.rmdir()
             output.rename(target_dir)
-    target_dir.chmod(0o700)
+    return fetched
+
+
+def _unpack_with_wal(
+    restore: _Restore,
+    plan: PitrPlan,
+    backups: Sequence[PhysicalManifest],
+    dirs: Sequence[Path],
+    wal_at: Path,
+) -> list[str]:
+    """Unpack ``backups`` into ``dirs`` and fetch the planned WAL, all jobs at once: into
+    ``wal_at/pgbackflow_restore/wal`` when ``wal_at`` is one of ``dirs``, else into
+    ``wal_at`` itself (moved into the data directory later)."""
+    jobs = [restore.prepare(b, d) for b, d in zip(backups, dirs, strict=True)]
+    wal_dir = wal_at / RESTORE_DIR / WAL_CACHE if wal_at in dirs else wal_at
+    # Longest first: the full's base tar bounds the wall time, so it starts at once.
+    ordered = sorted((job for group in jobs for job in group),
+                     key=lambda job: -job.info.raw_size)
+    unpacks: list[Future[Any]] = [restore.unpack(job) for job in ordered]
+    wal = restore.fetch_wal(plan, wal_dir)  # (its folder even without WAL: restore.sh goes beside)
+    restore.wait([*unpacks, *wal])
+    for backup, directory in zip(backups, dirs, strict=True):
+        restore.finish(backup, directory)
+    fetched = [future.result() for future in wal]
+    gone = [name for name, got in zip(plan.wal_segments, fetched, strict=True) if got is None]
+    if gone:
+        # Replay would stop before it, silently: that is not the restore that was asked for.
+        raise ObjectNotFoundError(
+            f"WAL file {gone[0]} of {plan.db_id} disappeared from {restore.storage.location} "
+            "after the restore was planned: someone is changing the storage; check it and retry"
+        )
+    return [name for name in fetched if name is not None]
+
+
+def _undo(target_dir: Path, created: Sequence[Path]) -> None:
+    """After a failed build: remove what it wrote (the target was missing or empty)."""
+    for path in (target_dir, tablespace_root(target_dir)):
+        if path in created:
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_dir() and not path.is_symlink():
+            for entry in list(path.iterdir()):
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
 
 
 def _write_marker(data_dir: Path) -> None:
@@ -564,32 +808,6 @@ def finish_restore(data_dir: Path) -> None:
         if _MARKER_INCLUDE in text:
             conf.write_text(text.replace("\n" + _MARKER_INCLUDE, "").replace(_MARKER_INCLUDE, ""))
     (data_dir / INCOMPLETE_MARKER).unlink(missing_ok=True)
-
-
-def fetch_wal(
-    storage: Storage, plan: PitrPlan, keyring: Keyring, wal_dir: Path
-) -> list[str]:
-    """Fetch and check the planned WAL into ``wal_dir``; returns the names fetched."""
-    wal_dir.mkdir(parents=True, exist_ok=True)
-    base = plan.newest
-
-    def fetch(name: str) -> str | None:
-        key = fetch_wal_file(
-            storage, plan.db_id, name, wal_dir / name, keyring,
-            segment_size=base.wal_segment_size, system_identifier=base.system_identifier,
-        )
-        return name if key is not None else None
-
-    with ThreadPoolExecutor(WAL_FETCH_THREADS, thread_name_prefix="pgbackflow-wal") as pool:
-        fetched = list(pool.map(fetch, plan.wal_segments))
-    gone = [name for name, got in zip(plan.wal_segments, fetched, strict=True) if got is None]
-    if gone:
-        # Replay would stop before it, silently: that is not the restore that was asked for.
-        raise ObjectNotFoundError(
-            f"WAL file {gone[0]} of {plan.db_id} disappeared from {storage.location} after the "
-            "restore was planned: someone is changing the storage; check it and retry"
-        )
-    return [name for name in fetched if name is not None]
 
 
 # ---------------------------------------------------------------------------------------
@@ -813,7 +1031,6 @@ __all__ = [
     "check_reachable",
     "check_target_dir",
     "configure_recovery",
-    "fetch_wal",
     "finish_restore",
     "free_port",
     "parse_target_time",

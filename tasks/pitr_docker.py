@@ -45,13 +45,10 @@ from pgbackflow.tasks.pitr import (
     WAL_CACHE,
     PitrPlan,
     build_data_dir,
-    check_target_dir,
-    fetch_wal,
     free_port,
-    unpack_backup,
 )
 from pgbackflow.tasks.storage import Storage
-from pgbackflow.tasks.toolsets import Toolset, find_toolset
+from pgbackflow.tasks.toolsets import Toolset
 
 # The SDK is untyped, and mypy would resolve "docker" to this repository's docker/ folder
 # (image build scripts); at run time the installed package wins (as in tasks/docker_sandbox).
@@ -235,8 +232,8 @@ def _restore(
     container: Any = None
     try:
         data_dir = work / "data"
-        _build(storage, plan, keyring, data_dir, toolset, step)
-        wal_files = fetch_wal(storage, plan, keyring, data_dir / RESTORE_DIR / WAL_CACHE)
+        # A lone full backup needs no host toolset (None): only a chain is combined.
+        wal_files = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
         step(f"fetched {len(wal_files)} WAL files")
         configure_container_recovery(
             data_dir, plan.target, pgdata=pgdata,
@@ -373,24 +370,6 @@ def _volume_is_empty(client: DockerClient, image: str, volume: str) -> bool:
 
 # ---------------------------------------------------------------------------------------
 # The data directory on the host
-
-
-def _build(
-    storage: Storage,
-    plan: PitrPlan,
-    keyring: Keyring,
-    data_dir: Path,
-    toolset: Toolset | None,
-    step: Callable[[str], None],
-) -> None:
-    """Unpack (and combine) the chain; a lone full backup needs no host toolset."""
-    if len(plan.chain) == 1:
-        check_target_dir(data_dir)
-        step(f"unpacking full backup {plan.newest.backup_id}")
-        unpack_backup(storage, plan.newest, keyring, data_dir)
-        return
-    toolset = toolset or find_toolset(plan.newest.server_major)
-    build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
 
 
 def _target_text(target: datetime | None) -> str:

@@ -55,13 +55,11 @@ from pgbackflow.tasks.physical import (
 )
 from pgbackflow.tasks.pitr import (
     LOG_NAME,
-    WAL_CACHE,
     PitrPlan,
     WalRoute,
     build_data_dir,
     check_reachable,
     configure_recovery,
-    fetch_wal,
     free_port,
     plan_wal_route,
     restore_dir_of,
@@ -930,10 +928,8 @@ def _verify_in(
     server = _Server(data_dir, socket_dir, port, toolset, user)
     try:
         with _timed(findings, "restore"):
-            build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
+            fetched = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
             findings.restored_bytes = directory_bytes(data_dir)
-            step(f"fetching {len(plan.wal_segments)} WAL files")
-            fetched = fetch_wal(storage, plan, keyring, restore_dir_of(data_dir) / WAL_CACHE)
             findings.wal_files = len(fetched)
             configure_recovery(data_dir, None, port=port)
             prepare_sandbox(data_dir, socket_dir, toolset.major)

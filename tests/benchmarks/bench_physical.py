@@ -22,6 +22,19 @@ times, on that same database, interleaved and best of ``--repeat``:
 
 Every bare pg_basebackup uses ``--checkpoint=fast`` as ours does (pgBackRest: start-fast).
 
+Phase 1b, restore of a full to a running, consistent (promoted) server, on the same PG
+``--major`` cluster. Archiving into pgBackRest's stanza is switched on (its backup sets hold
+no WAL), then pgBackRest and ours each take one full, and each is restored ``--repeat``
+times, interleaved:
+
+* pgBackRest ``restore`` (process-max as above, ``--archive-mode=off``) into a new
+  directory, then ``pg_ctl start`` until ``pg_is_in_recovery()`` is false (replay from its
+  archive through ``archive-get``, promotion at its end);
+* ours, direct: plan_pitr → build_data_dir (decrypt, unpack; WAL fetched meanwhile) →
+  configure_recovery → start_and_wait (replay of the backup's own WAL, promotion);
+* ours, CLI: ``pgbackflow pitr --target latest --start`` in a fresh process (wall time from
+  exec to exit, Prefect's start-up included) against the already running Prefect API.
+
 Phase 2, incremental and point-in-time restore (PostgreSQL 17+, ``--pitr-major``, default
 17). The same database is built on a PG 17 cluster (the phase-1 one is reused when the majors
 are equal). Ours (direct and, if available, the CLI) and bare ``pg_basebackup -Fp`` take a
@@ -32,8 +45,9 @@ takes an incremental on its full. Before the fulls and before the incrementals t
 benchmark checkpoints and waits (untimed) until the WAL summarizer has caught up, so that
 whoever runs first does not pay for the others. Then the restore to the end of the chain ("latest"):
 
-* ours: plan_pitr → build_data_dir (decrypt, unpack, pg_combinebackup) → fetch_wal →
-  configure_recovery → start_and_wait (replay and promotion);
+* ours: plan_pitr → build_data_dir (every link's objects decrypted and unpacked at once
+  while the WAL is fetched, then pg_combinebackup) → configure_recovery → start_and_wait
+  (replay and promotion);
 * bare: ``pg_combinebackup full inc -o DIR`` of the plain-format backups, then
   ``pg_ctl start -w`` (replay of the WAL the backups carry).
 
@@ -78,9 +92,10 @@ from pgbackflow.tasks.physical import (
     write_manifest,
 )
 from pgbackflow.tasks.pitr import (
+    allow_recovery_start,
     build_data_dir,
     configure_recovery,
-    fetch_wal,
+    finish_restore,
     free_port,
     plan_pitr,
     start_and_wait,
@@ -326,6 +341,24 @@ pg1-user={cluster.superuser}
         )
         return result.stdout.decode()
 
+    def enable_archiving(self, cluster: EphemeralCluster) -> None:
+        """WAL into the stanza (archive_command, restart): a restored set needs it to become
+        consistent (pgBackRest's backups hold no WAL of their own)."""
+        command = (f"{self.tool.path} --config={self.conf} --stanza={STANZA} "
+                   "archive-push %p")
+        with cluster.connect() as conn:
+            conn.execute("ALTER SYSTEM SET archive_mode = on")
+            conn.execute(f"ALTER SYSTEM SET archive_command = '{command}'")
+        cluster.halt()
+        cluster.resume()
+
+    def restore(self, data_dir: Path) -> None:
+        """``restore`` of the newest set into ``data_dir`` (recovery to the end of the
+        archive, archiving off in the copy)."""
+        data_dir.mkdir(mode=0o700)
+        os.chown(data_dir, self.user.uid, self.user.gid)
+        self.run("restore", f"--pg1-path={data_dir}", "--archive-mode=off")
+
     def full_backup(self) -> tuple[float, int]:
         """Time ``backup --type=full``; returns (seconds, bytes of the backup set)."""
         started = time.perf_counter()
@@ -496,7 +529,142 @@ def full_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
         rows["ours_cli"].note = "not measured: pgbackflow physical-backup is not available"
     if backrest is not None:
         rows["pgbackrest"].note = "no WAL in the set (archive-check=n), not encrypted"
-    return {"server": toolset.version, "rows": rows, "raw_bytes": raw_bytes}
+    restore = restore_full_phase(cluster, work, key, key_file, backrest, options, cli_env)
+    return {"server": toolset.version, "rows": rows, "raw_bytes": raw_bytes,
+            "restore": restore}
+
+
+# ---------------------------------------------------------------------------------------
+# Phase 1b: restore of a full to a running, consistent server
+
+
+def wait_promoted(port: int, cluster: EphemeralCluster, timeout: float = 600.0) -> None:
+    """Until the server at ``port`` accepts connections and is out of recovery."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(psycopg.OperationalError), psycopg.connect(
+            host="127.0.0.1", port=port, user=cluster.superuser, password=cluster.password,
+            dbname=DB, connect_timeout=5,
+        ) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+            if row is not None and not row[0]:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"the restored server on port {port} was not promoted in {timeout:.0f} s")
+
+
+def branches(port: int, cluster: EphemeralCluster) -> int:
+    """Rows of pgbench_branches on a restored server (a check that it holds the data)."""
+    with psycopg.connect(host="127.0.0.1", port=port, user=cluster.superuser,
+                         password=cluster.password, dbname=DB) as conn:
+        row = conn.execute("SELECT count(*) FROM pgbench_branches").fetchone()
+    return int(row[0]) if row else -1
+
+
+def run_cli_pitr(store: Path, target: Path, key_file: Path, env: dict[str, str]) -> float:
+    """``pgbackflow pitr --target latest --start`` in a fresh process: wall seconds from exec
+    to exit (Prefect's start-up included), against an already running Prefect API."""
+    started = time.perf_counter()
+    out = subprocess.run(
+        [sys.executable, "-m", "pgbackflow.cli", "pitr", "--from", str(store), "--to-dir",
+         str(target), "--target", "latest", "--start", "--key-file", str(key_file)],
+        env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise SystemExit(f"pgbackflow pitr failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def ours_restore(storage: LocalFolderStorage, db_id: str, key: MasterKey, target: Path,
+                 toolset: Toolset, user: OsUser) -> tuple[int, dict[str, float], int]:
+    """Our PITR to the end without Prefect, as the flow does it; (port, stage seconds,
+    WAL files fetched)."""
+    stages: dict[str, float] = {}
+    mark = time.perf_counter()
+    plan = plan_pitr(storage, db_id, None)
+    stages["plan"] = time.perf_counter() - mark
+    mark = time.perf_counter()
+    fetched = build_data_dir(storage, plan, Keyring([key]), target, toolset,
+                             mark_incomplete=True)
+    stages["unpack"] = time.perf_counter() - mark  # + combine for a chain, + WAL fetched
+    mark = time.perf_counter()
+    port = free_port()
+    configure_recovery(target, None, port=port)
+    allow_recovery_start(target)
+    start_and_wait(target, toolset, user, port)
+    finish_restore(target)
+    stages["start"] = time.perf_counter() - mark  # replay and promotion
+    return port, stages, len(fetched)
+
+
+def restore_full_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: Path,
+                       backrest: PgBackRest | None, options: argparse.Namespace,
+                       cli_env: dict[str, str] | None) -> dict[str, Any]:
+    """A full backup of the same data by pgBackRest and by us, each restored to a running,
+    promoted server (pgBackRest: restore + start with recovery from its archive; ours: PITR
+    to latest from the backup's own WAL), interleaved, best of ``--repeat``."""
+    toolset = cluster.toolset
+    user = resolve_os_user()
+    rows = {
+        "pgbackrest": Row("pgBackRest restore + start"),
+        "ours": Row("pgbackflow PITR (direct) + start"),
+        "ours_cli": Row("pgbackflow pitr --start (whole process)"),
+    }
+    if backrest is None:
+        rows["pgbackrest"].note = "pgBackRest unavailable"
+        return {"rows": rows, "stages_s": {}}
+    print("restore of a full: archiving into the stanza, one full backup each ...", flush=True)
+    backrest.enable_archiving(cluster)
+    backrest.run("backup", "--type=full", "--archive-check=y")
+    storage = LocalFolderStorage(work / "restore-store")
+    full, _ = ours_backup(settings_of(cluster), toolset, storage, key)
+    stages: dict[str, list[float]] = {}
+    expected = options.scale
+    for round_number in range(1, options.repeat + 1):
+        print(f"restores of a full, round {round_number}/{options.repeat} ...", flush=True)
+        target = work / "restore-backrest"
+        os.sync()  # untimed: the previous round's dirty pages must not slow this one
+        with stopped_after(target, toolset, user):
+            started = time.perf_counter()
+            backrest.restore(target)
+            restored_s = time.perf_counter() - started
+            port = free_port()
+            with (target / "postgresql.auto.conf").open("a") as conf:
+                conf.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
+                           "unix_socket_directories = '/tmp'\n")
+            Tool(toolset.binary("pg_ctl")).run(
+                ["-D", target, "-l", target / "postgres.log", "-w", "-t", "3600", "start"],
+                user=user, cwd=target, timeout=None)
+            wait_promoted(port, cluster)
+            rows["pgbackrest"].add(time.perf_counter() - started, None)
+            stages.setdefault("pgbackrest_restore", []).append(restored_s)
+            if branches(port, cluster) != expected:
+                raise SystemExit("pgBackRest's restored server lacks the data")
+        target = work / "restore-ours"
+        os.sync()
+        with stopped_after(target, toolset, user):
+            started = time.perf_counter()
+            port, ours_stages, _ = ours_restore(storage, full.db_id, key, target, toolset,
+                                                user)
+            rows["ours"].add(time.perf_counter() - started, None)
+            for name, seconds in ours_stages.items():
+                stages.setdefault(f"ours_{name}", []).append(seconds)
+            if branches(port, cluster) != expected:
+                raise SystemExit("our restored server lacks the data")
+        if cli_env is not None:
+            target = work / "restore-cli"
+            os.sync()
+            with stopped_after(target, toolset, user):
+                rows["ours_cli"].add(run_cli_pitr(storage.folder, target, key_file,
+                                                  cli_env), None)
+        else:
+            rows["ours_cli"].note = "not measured: no Prefect API (--no-cli)"
+    best = {name: min(values) for name, values in stages.items()}
+    rows["pgbackrest"].note = (f"restore {best['pgbackrest_restore']:.1f} s (process-max="
+                               f"{options.process_max}), the rest start + replay from the "
+                               "archive")
+    rows["ours"].note = (f"plan {best['ours_plan']:.1f} s, unpack {best['ours_unpack']:.1f} s, "
+                         f"start + replay {best['ours_start']:.1f} s")
+    return {"rows": rows, "stages_s": best}
 
 
 # ---------------------------------------------------------------------------------------
@@ -618,18 +786,12 @@ def pitr_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
     os.sync()  # untimed: earlier phases' dirty pages must not slow whichever restore runs first
     with stopped_after(restored, toolset, user):
         started = time.perf_counter()
-        plan = plan_pitr(storage, full.db_id, None)
-        build_data_dir(storage, plan, Keyring([key]), restored, toolset)
-        steps["ours_build"] = time.perf_counter() - started
-        fetched = fetch_wal(storage, plan, Keyring([key]), restored / "pgbackflow_restore" / "wal")
-        port = free_port()
-        configure_recovery(restored, None, port=port)
-        mark = time.perf_counter()
-        start_and_wait(restored, toolset, user, port)
-        steps["ours_start"] = time.perf_counter() - mark
+        port, stages, fetched = ours_restore(storage, full.db_id, key, restored, toolset, user)
         rows["pitr_ours"].add(time.perf_counter() - started, None)
-        rows["pitr_ours"].note = (f"unpack+combine {steps['ours_build']:.1f} s, start+replay "
-                                  f"{steps['ours_start']:.1f} s, {len(fetched)} WAL fetched")
+        steps.update({f"ours_{name}": seconds for name, seconds in stages.items()})
+        rows["pitr_ours"].note = (f"plan {stages['plan']:.1f} s, unpack+combine "
+                                  f"{stages['unpack']:.1f} s, start+replay {stages['start']:.1f} "
+                                  f"s, {fetched} WAL fetched")
         ours_rows = changed_accounts(port, cluster)
 
     print("phase 2: restore by hand (pg_combinebackup) ...", flush=True)
@@ -731,10 +893,24 @@ def report(db_size: int, full: dict[str, Any], pitr: dict[str, Any] | None,
               if rows[key].runs}
     print(f"  pg_basebackup's tar stream: {raw / 1e6:.0f} MB; MB/s: "
           + ", ".join(f"{rows[key].name} {speed:.0f}" for key, speed in speeds.items()))
+    restore_rows: dict[str, Row] = full["restore"]["rows"]
+    print(f"\nRestore of a full to a running, promoted server, PostgreSQL {full['server']} "
+          f"(best of {options.repeat}, interleaved)")
+    show_rows(restore_rows)
+    ratios["restore_full_ours_vs_pgbackrest_time"] = ratio(
+        restore_rows["ours"], restore_rows["pgbackrest"], "time")
+    ratios["restore_full_cli_vs_pgbackrest_time"] = ratio(
+        restore_rows["ours_cli"], restore_rows["pgbackrest"], "time")
+    print(f"  ours direct / pgBackRest restore + start: time "
+          f"{fmt(ratios['restore_full_ours_vs_pgbackrest_time'])} (target ≤ 1.0)")
+    print(f"  ours CLI process / pgBackRest restore + start: time "
+          f"{fmt(ratios['restore_full_cli_vs_pgbackrest_time'])}")
     summary: dict[str, Any] = {
         "database_bytes": db_size,
         "full": {"server": full["server"], "repeat": options.repeat, "raw_bytes": raw,
-                 "rows": {k: r.to_json() for k, r in rows.items()}},
+                 "rows": {k: r.to_json() for k, r in rows.items()},
+                 "restore": {"rows": {k: r.to_json() for k, r in restore_rows.items()},
+                             "stages_s": full["restore"]["stages_s"]}},
     }
     if pitr is not None:
         prow: dict[str, Row] = pitr["rows"]
@@ -762,7 +938,7 @@ def report(db_size: int, full: dict[str, Any], pitr: dict[str, Any] | None,
               f"{fmt(ratios['ours_inc_vs_bare_inc_z_time'])}, size "
               f"{fmt(ratios['ours_inc_vs_bare_inc_z_size'])}")
         print(f"  restore ours / bare pg_combinebackup + start: time "
-              f"{fmt(ratios['pitr_ours_vs_bare_time'])}")
+              f"{fmt(ratios['pitr_ours_vs_bare_time'])} (target ≤ 1.5)")
         summary["pitr"] = {
             "server": pitr["server"], "change_pct": options.change_pct,
             "scattered": options.scattered, "changed_accounts": pitr["changed_accounts"],
