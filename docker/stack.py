@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import os
 import secrets
 import shutil
@@ -261,11 +262,36 @@ def _toolsets_home() -> Path:
     return Path.home() / ".cache/pgbackflow/toolsets"
 
 
+#: What the image is made of: a change to any of these rebuilds it (``up``).
+SOURCE_GLOBS = ("pyproject.toml", "constraints.txt", "docker/Dockerfile", "docker/stack-env.sh",
+                "pgbackflow/*.py", "blocks/*.py", "deployments/*.py", "flows/*.py", "tasks/*.py")
+
+
+def source_hash() -> str:
+    """A hash of the image's inputs in this checkout."""
+    digest = hashlib.sha256()
+    for pattern in SOURCE_GLOBS:
+        for path in sorted(REPO.glob(pattern)):
+            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def image_hash(ref: str) -> str | None:
+    result = run(["docker", "image", "inspect", "--format",
+                  '{{index .Config.Labels "org.pgbackflow.source-hash"}}', ref],
+                 capture=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 def build() -> None:
     started = time.monotonic()
     build_base_image()
     build_context()
-    compose("build", "worker")
+    os.environ["PGBACKFLOW_SOURCE_HASH"] = source_hash()
+    compose("build", "--force-rm", "worker")
+    # The image this build replaced (and its stages) would stay as dangling full copies.
+    run(["docker", "image", "prune", "--force", "--filter", "label=org.pgbackflow.image=stack"],
+        capture=True, check=False)
     print(f"image {setting('PGBACKFLOW_IMAGE')} built ({time.monotonic() - started:.0f} s)")
 
 
@@ -300,7 +326,7 @@ def wait_healthy(timeout: float = 240.0) -> None:
 
 
 def up(*, rebuild: bool) -> None:
-    if rebuild or not image_exists(setting("PGBACKFLOW_IMAGE")):
+    if rebuild or image_hash(setting("PGBACKFLOW_IMAGE")) != source_hash():
         build()
     init_secrets(secrets_folder(), setting("PGBACKFLOW_IMAGE"))
     started = time.monotonic()
@@ -333,7 +359,8 @@ def _secret_env_names(config: Path) -> list[str]:
 
 
 def deploy(config: Path, extra: list[str]) -> int:
-    """``pgbackflow deploy --config`` in a one-off worker container (its API URL and auth)."""
+    """``pgbackflow deploy --config`` in a one-off container of the worker's image, with the
+    workers' API URL, auth string and key file: what the config names must exist there."""
     config = config.resolve()
     env_args: list[str] = []
     for name in _secret_env_names(config):
@@ -341,8 +368,8 @@ def deploy(config: Path, extra: list[str]) -> int:
             raise StackError(f"config '{config}' names ${name} for a secret, and it is not "
                              "set here: export it and run deploy again")
         env_args += ["-e", name]  # the value comes from this environment, never from argv
-    result = compose("run", "--rm", "-T", "--no-deps", "-v",
-                     f"{config}:/etc/pgbackflow/pgbackflow.toml:ro", *env_args, "worker",
+    result = compose("run", "--rm", "-T", "-v",
+                     f"{config}:/etc/pgbackflow/pgbackflow.toml:ro", *env_args, "cli",
                      "pgbackflow", "deploy", "--config", "/etc/pgbackflow/pgbackflow.toml",
                      *extra, check=False)
     return result.returncode
