@@ -173,6 +173,10 @@ def _build_manifest(
     )
 
 
+#: Seconds a backup's concurrency slots outlive a killed run (see backup_slots).
+LEASE_S = 60
+
+
 def backup_limit_name(db_id: str) -> str:
     """The Prefect global concurrency limit (1) that keeps one backup per database at a time."""
     return f"pgbackflow-backup-{db_id}"
@@ -197,7 +201,9 @@ def backup_slots(db_id: str, database: PostgresDatabase) -> Iterator[None]:
     from prefect.concurrency.sync import concurrency
 
     names = [backup_limit_name(db_id), server_limit_name(database.host, database.port)]
-    with concurrency(names, occupy=1, strict=False):
+    # A killed run's slots come back when its lease expires: 60 s (renewed every 45 s while
+    # it runs), not Prefect's 300 s that held the database's next backup back for 5 minutes.
+    with concurrency(names, occupy=1, strict=False, lease_duration=LEASE_S):
         yield
 
 

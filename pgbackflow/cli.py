@@ -58,6 +58,8 @@ app.add_typer(key_app, name="key")
 out = Console(width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
 _state = {"debug": False, "api_lost": False}
+#: The environment before any command changed it (what `pgbackflow worker` hands on).
+_ORIGINAL_ENV = dict(os.environ)
 
 
 def user_errors(func: Callable[P, R]) -> Callable[P, R]:
@@ -766,10 +768,10 @@ def agent(
     plan = plan_budget(max_cpu, max_ram_mb, max_disk_gb, max_concurrent_jobs)
     if plan.note:
         err.print(f"[bold yellow]{plan.note}[/]")
-    command = [
-        sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process",
-        "--limit", str(plan.concurrent_jobs), "--name", f"pgbackflow-agent-{os.uname().nodename}",
-    ]
+    from pgbackflow.worker import worker_command
+
+    command = worker_command(pool, f"pgbackflow-agent-{os.uname().nodename}",
+                             plan.concurrent_jobs)
     summary = {
         "pool": pool, "concurrent_jobs": plan.concurrent_jobs,
         "per_job": {"cpus": plan.per_job.cpus, "memory_mb": plan.per_job.memory_mb},
@@ -783,10 +785,48 @@ def agent(
                   f"{max_disk_gb:g} GB", highlight=False)
     if dry_run:
         return
+    _supervise_worker(command, {**os.environ, **plan.job_environment()})
+
+
+@app.command()
+@user_errors
+def worker(
+    pool: Annotated[str, typer.Option("--pool", help="Prefect work pool to serve.")],
+    name: Annotated[
+        str | None, typer.Option("--name", help="Worker name (default: pgbackflow-HOST).")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="Flow runs at once on this host.")
+    ] = None,
+) -> None:
+    """Run a Prefect process worker for POOL that stops within 10 s of SIGTERM.
+
+    On SIGTERM/SIGINT it stops taking runs, ends the runs it started (SIGTERM, then SIGKILL
+    after 5 s, tools included) and marks them Crashed, so nothing keeps running unwatched.
+    """
+    from pgbackflow.worker import worker_command
+
+    command = worker_command(pool, name or f"pgbackflow-{os.uname().nodename}", limit)
+    _supervise_worker(command, dict(os.environ))
+
+
+def _supervise_worker(command: list[str], env: dict[str, str]) -> NoReturn:
+    """Run the Prefect worker under pgbackflow's supervisor (pgbackflow/worker.py)."""
+    from pgbackflow.worker import supervise
+
+    # The worker and its runs get the user's environment, not what @user_errors set for
+    # this command's own client (2 API retries, Prefect's internal logging silenced).
+    for key, value in (("PREFECT_CLIENT_MAX_RETRIES", "2"),
+                       ("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")):
+        if env.get(key) == value and _ORIGINAL_ENV.get(key) != value:
+            del env[key]
     sys.stdout.flush()
-    # The agent becomes the worker: signals (SIGTERM from a supervisor) reach it directly.
-    # Our own interpreter with an argv list we built: no shell, no untrusted program.
-    os.execve(sys.executable, command, {**os.environ, **plan.job_environment()})  # nosec B606
+    code = supervise(command, env, say=lambda line: err.print(line, highlight=False))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Nothing of ours is left to flush; Prefect's exit handlers (its client marked the runs
+    # Crashed) took 6 s at load 25, past the 10 s a service manager is promised.
+    os._exit(code)
 
 
 @app.command()
