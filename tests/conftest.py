@@ -28,8 +28,8 @@ pytest_plugins = [
 #: tests take minutes (real Prefect servers and workers, automations waiting for deadlines,
 #: kill -9 mid-transfer, every CLI subprocess paying Prefect's import, Docker images).
 SLOW_MODULES = frozenset({
-    "test_operate.py", "test_wal_operate.py", "test_wal_frozen_host.py", "test_cli_heartbeats.py",
-    "test_faults.py",
+    "test_operate.py", "test_wal_operate.py", "test_wal_timed_restarts.py",
+    "test_cli_heartbeats.py", "test_faults.py",
     "test_demo.py", "test_bad_inputs.py", "test_physical_faults.py", "test_pitr_docker.py",
     "test_docker_images.py", "test_verification_triggers.py", "test_physical_deployments.py",
     "test_leftovers.py", "test_backup_failures.py", "test_hostile_manifests.py",
