@@ -814,12 +814,11 @@ def _supervise_worker(command: list[str], env: dict[str, str]) -> NoReturn:
     """Run the Prefect worker under pgbackflow's supervisor (pgbackflow/worker.py)."""
     from pgbackflow.worker import supervise
 
-    # The worker and its runs get the user's environment, not what @user_errors set for
-    # this command's own client (2 API retries, Prefect's internal logging silenced).
-    for key, value in (("PREFECT_CLIENT_MAX_RETRIES", "2"),
-                       ("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")):
-        if env.get(key) == value and _ORIGINAL_ENV.get(key) != value:
-            del env[key]
+    # The worker and its runs get the user's Prefect settings, not those this command set
+    # for itself (2 API retries, console and internal logging silenced: the worker's log
+    # showed no run it took).
+    env = {key: value for key, value in env.items() if not key.startswith("PREFECT_")}
+    env.update((k, v) for k, v in _ORIGINAL_ENV.items() if k.startswith("PREFECT_"))
     sys.stdout.flush()
     code = supervise(command, env, say=lambda line: err.print(line, highlight=False))
     sys.stdout.flush()
