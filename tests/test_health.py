@@ -328,7 +328,11 @@ def _run_check(server: PrefectServer) -> dict[str, Any]:
 
         def ended(run_id: str = run_id) -> dict[str, Any] | None:
             with server.http() as http:
-                run: dict[str, Any] = http.get(f"flow_runs/{run_id}").json()
+                response = http.get(f"flow_runs/{run_id}")
+            if response.status_code != 200:  # seen at load 20: an error answer; ask again
+                print(f"GET flow_runs/{run_id}: {response.status_code} {response.text[:200]}")
+                return None
+            run: dict[str, Any] = response.json()
             return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED",
                                                    "CANCELLED") else None
 
