@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -203,9 +204,9 @@ def main() -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert server.stdin is not None and server.stdout is not None
     assert server.stdout.readline() == b"ready\n"
+    cache = tempfile.mkdtemp(prefix="pgbackflow-bench-cache-")
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1",
-                      PGBACKFLOW_CACHE_DIR=tempfile.mkdtemp(prefix="pgbackflow-bench-cache-"))
+                      AWS_DEFAULT_REGION="us-east-1", PGBACKFLOW_CACHE_DIR=cache)
     try:
         for count in args.objects:
             bucket = f"bench-{count}"
@@ -220,6 +221,7 @@ def main() -> None:
     finally:
         server.kill()
         server.wait(30)
+        shutil.rmtree(cache, ignore_errors=True)
 
 
 if __name__ == "__main__":
