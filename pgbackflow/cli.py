@@ -1250,7 +1250,7 @@ def physical_list(
         usable = [r for r in records if r.db_id == cluster and r.accepted(catalog.authenticated)]
         mine = [r.manifest for r in usable if r.manifest is not None]
         entry = stored.database(cluster, "physical")
-        newest_wal = max((w.modified for w in entry.wal), default=None) if entry else None
+        newest_wal = entry.wal_newest if entry else None
         documents.append({
             "db_id": cluster,
             "backups": [
