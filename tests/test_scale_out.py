@@ -297,14 +297,15 @@ def _backups(fleet: Fleet) -> list[dict[str, Any]]:
 
 def _submitted_by(fleet: Fleet) -> dict[str, list[str]]:
     """Flow run id → the workers whose log says they ran it (both try a run at times: the
-    server lets one have it and tells the other to abort)."""
+    server lets one have it and tells the other to abort; a run waiting for its deployment's
+    slot is aborted and submitted again later)."""
     found: dict[str, list[str]] = defaultdict(list)
     for name in fleet.workers:
         log = fleet.worker_log(name)
-        aborted = set(re.findall(r"Aborted submission of flow run '([0-9a-f-]{36})'", log))
-        for run_id in re.findall(r"submitting flow run '([0-9a-f-]{36})'", log):
-            if run_id not in aborted:
-                found[run_id].append(name)
+        tries = Counter(re.findall(r"submitting flow run '([0-9a-f-]{36})'", log))
+        tries.subtract(re.findall(r"Aborted submission of flow run '([0-9a-f-]{36})'", log))
+        for run_id, count in tries.items():
+            found[run_id] += [name] * count
     return found
 
 
@@ -398,7 +399,7 @@ def test_worker_killed_mid_backup(fleet: Fleet) -> None:
         for pid in _tree(fleet.workers[killed].pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        killed_at = time.monotonic()
+        killed_at, killed_wall = time.monotonic(), datetime.now(UTC)
         fleet.workers[killed].wait(10)
         assert not flow_run_pids(run["id"])
     finally:
@@ -414,8 +415,10 @@ def test_worker_killed_mid_backup(fleet: Fleet) -> None:
     crashed_after = time.monotonic() - killed_at
 
     def next_completed() -> dict[str, Any] | None:
-        later = [r for r in runs_of(server, [victim]) if _when(r) > _when(run)
-                 and r["state"]["type"] == "COMPLETED"]
+        # Completed after the kill (runs queued for the one slot may run out of order).
+        later = [r for r in runs_of(server, [victim]) if r["state"]["type"] == "COMPLETED"
+                 and datetime.fromisoformat(r["end_time"].replace("Z", "+00:00"))
+                 > killed_wall]
         return later[0] if later else None
 
     completed = server.wait_for("a later victim run to complete", next_completed, 300, 2)

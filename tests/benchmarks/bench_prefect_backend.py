@@ -96,6 +96,8 @@ def run_backend(kind: str, root: Path, clusters: list[EphemeralCluster],
                                              json=body)
                     except httpx.TimeoutException:
                         create_timeouts += 1
+                        if time.monotonic() > deadline:
+                            raise
                         continue
                     if response.status_code != 503 or time.monotonic() > deadline:
                         break
