@@ -34,7 +34,6 @@ from prefect.cache_policies import NONE
 from prefect.context import FlowRunContext
 from prefect.logging import get_run_logger
 
-from pgbackflow import __version__
 from pgbackflow.blocks.database import PostgresDatabase
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.flows.common import (
@@ -65,8 +64,8 @@ from pgbackflow.tasks.physical import (
     ClusterFacts,
     IncrementalChainBroken,
     PhysicalManifest,
-    TablespaceObject,
     backup_prefix,
+    build_manifest,
     chain_of,
     check_physical_source,
     parent_manifest_file,
@@ -273,46 +272,6 @@ def _chain_links(chain: list[PhysicalManifest]) -> list[ChainLink]:
     ]
 
 
-def _build_manifest(
-    backup_id: str,
-    facts: ClusterFacts,
-    settings: ConnectionSettings,
-    toolset: Toolset,
-    master_key: MasterKey,
-    plan: BackupPlan,
-    result: BaseBackupResult,
-    started_at: datetime,
-) -> PhysicalManifest:
-    return PhysicalManifest(
-        backup_id=backup_id,
-        db_id=facts.db_id,
-        mode=plan.mode,
-        parent_id=plan.parent.backup_id if plan.parent else None,
-        full_id=plan.parent.full_id if plan.parent else backup_id,
-        full_reason=plan.full_reason,
-        system_identifier=result.system_identifier,
-        timeline=result.timeline,
-        start_lsn=result.start_lsn,
-        end_lsn=result.end_lsn,
-        wal_segment_size=facts.wal_segment_size,
-        source=f"{settings.user}@{settings.host}:{settings.port}",
-        server_version=facts.version,
-        server_version_num=facts.version_num,
-        pg_basebackup_version=toolset.version,
-        started_at=started_at,
-        finished_at=datetime.now(UTC),
-        base=result.base.info,
-        backup_manifest=result.backup_manifest.info,
-        tablespaces=tuple(
-            TablespaceObject(oid=oid, location=location, object=write.info)
-            for oid, location, write in result.tablespaces
-        ),
-        key_id=master_key.key_id_hex,
-        cluster_size=facts.cluster_size,
-        tool_version=f"pgbackflow {__version__}",
-    )
-
-
 def _run_physical_backup(
     database: PostgresDatabase,
     storages: list[StorageBlock],
@@ -352,7 +311,7 @@ def _run_physical_backup(
                 settings, toolset, targets, master_key, keyring, prefix, None,
                 facts.cluster_size, progress_key, bool(facts.extra_tablespaces),
             )
-        manifest = _build_manifest(
+        manifest = build_manifest(
             backup_id, facts, settings, toolset, master_key, plan, result, started_at
         )
         complete = [

@@ -31,13 +31,14 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar, Literal
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
+from pgbackflow import __version__
 from pgbackflow.tasks.database import (
     ConnectionSettings,
     connect,
@@ -804,6 +805,47 @@ def _explain_basebackup_failure(
     return exc
 
 
+def build_manifest(
+    backup_id: str,
+    facts: ClusterFacts,
+    settings: ConnectionSettings,
+    toolset: Toolset,
+    master_key: MasterKey,
+    plan: BackupPlan,
+    result: BaseBackupResult,
+    started_at: datetime,
+) -> PhysicalManifest:
+    """The manifest of a base backup just taken (what the physical flow publishes)."""
+    return PhysicalManifest(
+        backup_id=backup_id,
+        db_id=facts.db_id,
+        mode=plan.mode,
+        parent_id=plan.parent.backup_id if plan.parent else None,
+        full_id=plan.parent.full_id if plan.parent else backup_id,
+        full_reason=plan.full_reason,
+        system_identifier=result.system_identifier,
+        timeline=result.timeline,
+        start_lsn=result.start_lsn,
+        end_lsn=result.end_lsn,
+        wal_segment_size=facts.wal_segment_size,
+        source=f"{settings.user}@{settings.host}:{settings.port}",
+        server_version=facts.version,
+        server_version_num=facts.version_num,
+        pg_basebackup_version=toolset.version,
+        started_at=started_at,
+        finished_at=datetime.now(UTC),
+        base=result.base.info,
+        backup_manifest=result.backup_manifest.info,
+        tablespaces=tuple(
+            TablespaceObject(oid=oid, location=location, object=write.info)
+            for oid, location, write in result.tablespaces
+        ),
+        key_id=master_key.key_id_hex,
+        cluster_size=facts.cluster_size,
+        tool_version=f"pgbackflow {__version__}",
+    )
+
+
 __all__ = [
     "BACKUP_MANIFEST_NAME",
     "BASE_NAME",
@@ -815,6 +857,7 @@ __all__ = [
     "TablespaceObject",
     "authenticate_backup",
     "backup_prefix",
+    "build_manifest",
     "chain_of",
     "check_physical_source",
     "format_lsn",

@@ -77,15 +77,16 @@ from typing import Any
 
 import psycopg
 
-from pgbackflow import __version__
 from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
 from pgbackflow.tasks.manifest import new_backup_id
 from pgbackflow.tasks.physical import (
+    BackupPlan,
     PhysicalManifest,
     backup_prefix,
+    build_manifest,
     parent_manifest_file,
     read_cluster_facts,
     take_base_backup,
@@ -418,18 +419,9 @@ def ours_backup(settings: ConnectionSettings, toolset: Toolset, storage: LocalFo
         with parent_manifest_file(storage, parent, Keyring([key])) as parent_file:
             result = take_base_backup(settings, toolset, [storage], key, prefix,
                                       incremental_from=parent_file)
-    manifest = PhysicalManifest(
-        backup_id=backup_id, db_id=facts.db_id, mode="full" if parent is None else "incremental",
-        parent_id=parent.backup_id if parent else None,
-        full_id=parent.full_id if parent else backup_id,
-        system_identifier=result.system_identifier, timeline=result.timeline,
-        start_lsn=result.start_lsn, end_lsn=result.end_lsn,
-        wal_segment_size=facts.wal_segment_size, source=settings.display,
-        server_version=facts.version, server_version_num=facts.version_num,
-        pg_basebackup_version=toolset.version, started_at=began, finished_at=datetime.now(UTC),
-        base=result.base.info, backup_manifest=result.backup_manifest.info,
-        key_id=key.key_id_hex, cluster_size=facts.cluster_size, tool_version=__version__,
-    )
+    plan = BackupPlan("full") if parent is None else BackupPlan("incremental", parent)
+    manifest = build_manifest(backup_id, facts, settings, toolset, key, plan, result,
+                              began)
     write_manifest(storage, manifest, key)
     return manifest, time.perf_counter() - started
 
