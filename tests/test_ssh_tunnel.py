@@ -485,9 +485,7 @@ def test_deployed_backup_through_the_tunnel_keeps_the_key_out_of_prefect(
             run = prefect_server.wait_for("the deployed backup", finished, 300, 2)
             assert run["state"]["type"] == "COMPLETED", run["state"]
         finally:
-            prefect_server.workers.remove(worker)
-            os.killpg(worker.pid, signal.SIGTERM)
-            worker.wait(30)
+            prefect_server.stop_worker(worker)
         listing = json.loads(prefect_server.run_cli(
             "list", "--from", str(work / "store"), "--json").stdout)
         assert [b["db_id"] for b in listing] == ["tunnelshop"]
