@@ -110,22 +110,29 @@ def scale_config(key_file: Path, store: Path, clusters: list[EphemeralCluster],
     return text
 
 
+def build_fleet(clusters: list[EphemeralCluster], databases: dict[str, int]) -> None:
+    """Start :data:`SERVERS` PostgreSQL 17 servers into ``clusters`` (the caller stops them,
+    also after a failure here) and create each database (id -> server index) with 20,000
+    rows."""
+    for _ in range(SERVERS):
+        clusters.append(EphemeralCluster(find_toolset(17), password=secrets.token_hex(12),
+                                         settings={"fsync": "off"}).start())
+    for db_id, index in databases.items():
+        with clusters[index].connect() as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_id)))
+        with clusters[index].connect(db_id) as conn:
+            conn.execute("CREATE TABLE t AS SELECT g, md5(g::text) AS note "
+                         "FROM generate_series(1, 20000) g")
+
+
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     root = tmp_path_factory.mktemp("scale-out")
     clusters: list[EphemeralCluster] = []
     try:
-        for _ in range(SERVERS):
-            clusters.append(EphemeralCluster(find_toolset(17), password=secrets.token_hex(12),
-                                             settings={"fsync": "off"}).start())
         databases = {f"db{n:02d}": n % SERVERS for n in range(DATABASES)}
         databases["victim"] = 0
-        for db_id, index in databases.items():
-            with clusters[index].connect() as conn:
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_id)))
-            with clusters[index].connect(db_id) as conn:
-                conn.execute("CREATE TABLE t AS SELECT g, md5(g::text) AS note "
-                             "FROM generate_series(1, 20000) g")
+        build_fleet(clusters, databases)
         key_file = root / "master.key"
         write_key_file(key_file, MasterKey.generate())
         store = root / "store"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import secrets
 import tempfile
 import time
 from collections import Counter
@@ -33,19 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from psycopg import sql
 
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
-from pgbackflow.tasks.toolsets import find_toolset
 from tests.fixtures.prefect_server import (
     PrefectServer,
     postgres_backed_prefect_server,
     running_prefect_server,
 )
-from tests.test_scale_out import runs_of, scale_config, start_worker
+from tests.test_scale_out import SERVERS, build_fleet, runs_of, scale_config, start_worker
 
-SERVERS = 3
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 #: The server logs each request it answers 503 with this (PREFECT_API_LOG_RETRYABLE_ERRORS).
 SERVER_ENV = {"PREFECT_API_LOG_RETRYABLE_ERRORS": "true"}
@@ -138,17 +134,8 @@ def main() -> None:
         root = Path(tmp)
         clusters: list[EphemeralCluster] = []
         try:
-            for _ in range(SERVERS):
-                clusters.append(EphemeralCluster(
-                    find_toolset(17), password=secrets.token_hex(12),
-                    settings={"fsync": "off"}).start())
             databases = {f"db{n:02d}": n % SERVERS for n in range(args.databases)}
-            for db_id, index in databases.items():
-                with clusters[index].connect() as conn:
-                    conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db_id)))
-                with clusters[index].connect(db_id) as conn:
-                    conn.execute("CREATE TABLE t AS SELECT g, md5(g::text) AS note "
-                                 "FROM generate_series(1, 20000) g")
+            build_fleet(clusters, databases)
             key_file = root / "master.key"
             write_key_file(key_file, MasterKey.generate())
             for kind in args.backends:
