@@ -1014,12 +1014,6 @@ def remove_wal_cache(data_dir: Path) -> None:
     shutil.rmtree(data_dir / RESTORE_DIR / WAL_CACHE, ignore_errors=True)
 
 
-def ensure_not_running(data_dir: Path) -> None:
-    """Refuse to touch a data directory with a live postmaster."""
-    if (data_dir / "postmaster.pid").exists():
-        raise PgBackflowError(f"{data_dir} has a postmaster.pid: stop that server first")
-
-
 __all__ = [
     "INCOMPLETE_MARKER",
     "TARGET_NOT_REACHED",
