@@ -35,6 +35,7 @@ from prefect.events.schemas.events import ResourceSpecification
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from pgbackflow.deployments.automations import AutomationSpec
+from pgbackflow.deployments.block_refs import saved_block
 from pgbackflow.flows.outcome import SUCCEEDED_EVENT
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.units import human_duration
@@ -200,29 +201,18 @@ class Target:
 
 def resolve_targets(refs: Sequence[str], where: str) -> list[Target]:
     """The document ids of the named notification blocks (each must exist and notify)."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
     targets = []
-    with get_client(sync_client=True) as client:
-        for ref in refs:
-            slug, _, name = ref.partition("/")
-            try:
-                document = client.read_block_document_by_name(
-                    name, block_type_slug=slug, include_secrets=False
-                )
-            except ObjectNotFound:
-                raise ConfigError(
-                    f"{where}: notification block {ref} does not exist: create it first "
-                    "(README, Notifications: CLI or UI)"
-                ) from None
-            schema = document.block_schema
-            if schema is not None and "notify" not in (schema.capabilities or []):
-                raise ConfigError(
-                    f"{where}: block {ref} cannot send notifications: use a notification "
-                    "block (Slack, Microsoft Teams, Discord, custom webhook, SMTP e-mail, ...)"
-                )
-            targets.append(Target(ref, document.id))
+    for ref in refs:
+        slug, _, name = ref.partition("/")
+        document = saved_block(slug, name, f"{where}: notification",
+                               "create it first (README, Notifications: CLI or UI)")
+        schema = document.block_schema
+        if schema is not None and "notify" not in (schema.capabilities or []):
+            raise ConfigError(
+                f"{where}: block {ref} cannot send notifications: use a notification "
+                "block (Slack, Microsoft Teams, Discord, custom webhook, SMTP e-mail, ...)"
+            )
+        targets.append(Target(ref, document.id))
     return targets
 
 

@@ -88,7 +88,6 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
 )
 from prefect.client.schemas.objects import StateType
-from prefect.exceptions import ObjectNotFound
 
 from pgbackflow.blocks.database import PostgresDatabase
 from pgbackflow.blocks.encryption import BackupEncryptionKey
@@ -106,6 +105,7 @@ from pgbackflow.deployments.automations import (
     lost_run_automations,
     wal_restart_automations,
 )
+from pgbackflow.deployments.block_refs import saved_block
 from pgbackflow.deployments.verification import PRESETS, db_tag, job_tag, schedule_cron
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.wal import DEFAULT_PARTIAL_INTERVAL_S, DEFAULT_SLOT
@@ -432,17 +432,7 @@ def _saved_block_ref(kind: type[Block], block: str | Block, what: str) -> BlockR
             )
     if not name:
         raise ConfigError(f"{what} block name is empty: use block:{slug}/NAME or NAME")
-    with get_client(sync_client=True) as client:
-        try:
-            document = client.read_block_document_by_name(
-                name, block_type_slug=slug, include_secrets=False
-            )
-        except ObjectNotFound:
-            raise ConfigError(
-                f"{what} block {slug}/{name} does not exist: create it in the Prefect UI or "
-                "with Block.save()"
-            ) from None
-    return {"$ref": {"block_document_id": str(document.id)}}
+    return {"$ref": {"block_document_id": str(saved_block(slug, name, what).id)}}
 
 
 def _storage_parameter(storage: str | LocalStorage | S3Storage) -> BlockRef:

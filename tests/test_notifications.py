@@ -109,6 +109,37 @@ class Site:
             wal = false
             health_check = "off"
             notify = {{ {phys} }}
+
+            [databases.ntf-retry-on]
+            server = "pg"
+            database = "shop"
+            storages = ["local"]
+            health_check = "off"
+            backup = "daily at 02:00"
+
+            [databases.ntf-retry-off]
+            server = "pg"
+            database = "shop"
+            storages = ["local"]
+            health_check = "off"
+            backup = "daily at 02:00"
+            notify = {{ on_success = false }}
+
+            # The same server with a password that was rotated since (the config's is old).
+            [servers.pg-rotated]
+            host = "{self.cluster.host}"
+            port = {self.cluster.port}
+            user = "{self.cluster.superuser}"
+            password_env = "NTF_OLD_PG_PASSWORD"
+
+            [clusters.ntf-rotated]
+            server = "pg-rotated"
+            storages = ["local"]
+            full = "weekly"
+            incremental = ""
+            wal = false
+            health_check = "off"
+            notify = {{ missed_full = "off" }}
         """))
 
 
@@ -137,7 +168,9 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         store.mkdir()
         with running_receivers() as receivers:
             yield Site(cluster=cluster, store=store, key_file=key_file,
-                       config=root / "pgbackflow.toml", env={"NTF_PG_PASSWORD": password},
+                       config=root / "pgbackflow.toml",
+                       env={"NTF_PG_PASSWORD": password,
+                            "NTF_OLD_PG_PASSWORD": f"old-{secrets.token_hex(6)}"},
                        worker_dir=root / "worker", receivers=receivers)
     finally:
         cluster.stop()
@@ -281,6 +314,136 @@ def test_success_says_backup_id_and_size(
         assert re.fullmatch(r"\d+\.\d s", lines["duration"]), lines["duration"]
         assert lines["run"].endswith(f"/runs/flow-run/{run['id']}")
     assert not site.inbox.about("ntf-shop failed")
+
+
+def _retry_like_the_ui(server: PrefectServer, run_id: str) -> None:
+    """What the UI's Retry button sends for a failed run: the same run, scheduled again."""
+    with server.http() as http:
+        response = http.post(f"flow_runs/{run_id}/set_state", json={
+            "state": {"type": "SCHEDULED", "name": "AwaitingRetry",
+                      "message": "Retry from the UI"}})
+        assert response.status_code in (200, 201), response.text
+        assert response.json()["status"] == "ACCEPT", response.json()
+
+
+def _success_event_received(server: PrefectServer, run_id: str) -> float:
+    """When the server received the run's success event (what a success automation reacts
+    to), waiting for it."""
+    def received() -> float | None:
+        with server.http() as http:
+            page = http.post("events/filter", json={"filter": {
+                "event": {"name": ["pgbackflow.run.succeeded"]},
+                "resource": {"id": [f"pgbackflow.run.{run_id}"]}}, "limit": 5})
+        assert page.status_code == 200, page.text
+        events = page.json()["events"]
+        assert len(events) <= 1, events
+        return datetime.fromisoformat(events[0]["received"]).timestamp() if events else None
+
+    at: float = server.wait_for(f"the success event of run {run_id}", received, 30, 0.5)
+    return at
+
+
+def test_retried_run_notifies_success_only_if_toggled(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """A backup fails while its server is down; once it is back, the operator retries the
+    same run from the UI. Both databases notify the failure; the retried run's success is
+    notified once where successes are toggled on (ntf-retry-on), not at all where they are
+    off (ntf-retry-off), and the retry sends no second failure."""
+    dbs = ("ntf-retry-on", "ntf-retry-off")
+    site.cluster.halt()
+    try:
+        runs = {db: _start(prefect_server, deployed[f"logical-{db}"]) for db in dbs}
+        for db, run_id in runs.items():
+            failed = _wait_end(prefect_server, run_id)
+            assert failed["state"]["type"] == "FAILED", (db, failed["state"])
+        for db in dbs:
+            for via in ("webhook", "smtp"):
+                (message,) = _wait_messages(
+                    prefect_server, f"the failure of {db} over {via}",
+                    lambda db=db, via=via: site.inbox.about(f"logical backup of {db} failed",
+                                                            via), 30)
+                assert str(site.cluster.port) in message.fields()["error"], message.body
+    finally:
+        site.cluster.resume()
+    for run_id in runs.values():
+        _retry_like_the_ui(prefect_server, run_id)
+    ended = {}
+    for db, run_id in runs.items():
+        run = _wait_end(prefect_server, run_id)
+        assert run["state"]["type"] == "COMPLETED", (db, run["state"])
+        ended[db] = _ended_at(run)
+    listed = json.loads(prefect_server.run_cli("list", "--from", str(site.store), "--json",
+                                               "--db-id", "ntf-retry-on").stdout)
+    (backup,) = listed  # the retried run made the database's one backup
+    for via in ("webhook", "smtp"):
+        (message,) = _wait_messages(
+            prefect_server, f"the success of the retried ntf-retry-on run over {via}",
+            lambda via=via: site.inbox.about("logical backup of ntf-retry-on succeeded", via),
+            30)
+        print(f"\nretried run's success over {via}: "
+              f"{message.at - ended['ntf-retry-on']:+.2f} s after its end")
+        assert message.at - ended["ntf-retry-on"] <= DELIVERY_S
+        assert message.fields()["backup id"] == backup["backup_id"]
+        assert message.fields()["run"].endswith(f"/runs/flow-run/{runs['ntf-retry-on']}")
+    # Nothing more may come: every notification is due within DELIVERY_S of its trigger
+    # (the retried success above met it on this server), so twice that after the server
+    # got the last success event, and after the last run ended, is ample.
+    quiet_from = max(*ended.values(), *(_success_event_received(prefect_server, r)
+                                        for r in runs.values()))
+    time.sleep(max(0.0, quiet_from + 2 * DELIVERY_S - time.time()))
+    for via in ("webhook", "smtp"):
+        assert len(site.inbox.about("logical backup of ntf-retry-on succeeded", via)) == 1
+        assert not site.inbox.about("ntf-retry-off succeeded", via)
+        for db in dbs:
+            assert len(site.inbox.about(f"logical backup of {db} failed", via)) == 1, db
+
+
+def test_failed_full_backup_reaches_webhook(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """A physical job fails (the config still has the cluster's old password): the full
+    backup's failure arrives with its facts, in time."""
+    run = _wait_end(prefect_server, _start(prefect_server, deployed["full-ntf-rotated"]))
+    assert run["state"]["type"] == "FAILED", run["state"]
+    (message,) = _wait_messages(
+        prefect_server, "the failure of the full backup of ntf-rotated over the webhook",
+        lambda: site.inbox.about("full backup of ntf-rotated", "webhook"), 30)
+    timeline = _delivery_timeline(prefect_server, run, message)
+    print(f"\nfull backup failure over the webhook: {timeline}")
+    assert message.at - _ended_at(run) <= DELIVERY_S, timeline
+    assert message.subject == "pgbackflow: full backup of ntf-rotated failed"
+    lines = message.fields()
+    assert (lines["database"], lines["job"], lines["outcome"]) == (
+        "ntf-rotated", "full backup", "Failed")
+    assert "password" in lines["error"] and "\n" not in lines["error"], lines["error"]
+    assert site.env["NTF_OLD_PG_PASSWORD"] not in message.body
+    assert lines["run"] == (f"{run['name']} {prefect_server.api_url.removesuffix('/api')}"
+                            f"/runs/flow-run/{run['id']}")
+
+
+@pytest.mark.parametrize(("block", "message"), [
+    ("custom-webhook/ntf-nope",
+     "notify.block: notification block custom-webhook/ntf-nope does not exist: create it "
+     "first (README, Notifications: CLI or UI)"),
+    ("pgbackflow-postgres-database/pg",
+     "notify.block: block pgbackflow-postgres-database/pg cannot send notifications: use a "
+     "notification block (Slack, Microsoft Teams, Discord, custom webhook, SMTP e-mail, ...)"),
+])
+def test_unusable_notification_block_is_one_line(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any], tmp_path: Path,
+    block: str, message: str,
+) -> None:
+    """A config naming a notification block that is missing, or is no notification block
+    (the module's database block): the deploy stops with one line before changing anything."""
+    config = tmp_path / "pgbackflow.toml"
+    config.write_text(site.config.read_text().replace(
+        '"custom-webhook/ntf-hook", "pgbackflow-smtp-email/ntf-mail"', f'"{block}"'))
+    assert block in config.read_text()
+    result = prefect_server.run_cli("deploy", "--config", str(config), check=False,
+                                    env=site.env)
+    assert result.returncode == 1, result
+    assert result.stderr.strip() == f"error: {message}"
 
 
 @pytest.fixture(scope="module")
