@@ -22,7 +22,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,7 +53,7 @@ from pgbackflow.flows.common import (
 )
 from pgbackflow.flows.maintenance import refresh_backups_table
 from pgbackflow.flows.outcome import announce_success
-from pgbackflow.tasks.catalog import DatabaseCatalog, read_catalog
+from pgbackflow.tasks.catalog import Backup, DatabaseCatalog, read_catalog
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import PgBackflowError, ToolsetError
 from pgbackflow.tasks.keys import Keyring, MasterKey
@@ -66,7 +66,6 @@ from pgbackflow.tasks.physical import (
     PhysicalManifest,
     backup_prefix,
     build_manifest,
-    chain_of,
     check_physical_source,
     parent_manifest_file,
     plan_backup_in,
@@ -261,12 +260,13 @@ def publish_physical_manifest(
     )
 
 
-def _chain_links(chain: list[PhysicalManifest]) -> list[ChainLink]:
+def _chain_links(chain: Sequence[PhysicalManifest | Backup]) -> list[ChainLink]:
     return [
         ChainLink(
-            backup_id=b.backup_id, mode=b.mode, parent_id=b.parent_id, finished_at=b.finished_at,
+            backup_id=b.backup_id, mode="incremental" if b.mode == "incremental" else "full",
+            parent_id=b.parent_id, finished_at=b.finished_at,
             start_lsn=b.start_lsn, end_lsn=b.end_lsn, timeline=b.timeline,
-            stored_size=b.stored_size,
+            stored_size=b.data_size if isinstance(b, Backup) else b.stored_size,
         )
         for b in chain
     ]
@@ -323,12 +323,12 @@ def _run_physical_backup(
     statuses = [
         published.get(s.location, s) for s in write_statuses(targets, *result.writes)
     ]
-    chain = [manifest]
+    chain: list[PhysicalManifest | Backup] = [manifest]
     stored = (read_catalog(complete[0], keyring, db_id=facts.db_id, kinds=("physical",))
               .database(facts.db_id, "physical") if complete else None)
-    if stored is not None:
-        chain = chain_of(manifest, [b.manifest for b in stored.backups
-                                    if isinstance(b.manifest, PhysicalManifest)])
+    published_backup = stored.by_id().get(backup_id) if stored is not None else None
+    if stored is not None and published_backup is not None:
+        chain = [*reversed(stored.ancestors(published_backup)), published_backup]
     report = PhysicalBackupReport(
         backup_id=backup_id,
         status="complete" if all(s.status == "complete" for s in statuses) else "partial",
@@ -372,10 +372,10 @@ def _locked_cluster(
 def publish_chain_overview(entry: DatabaseCatalog) -> None:
     """The newest chain (full + incrementals, sizes, LSNs) and the WAL coverage window."""
     db_id = entry.db_id
-    backups = [b.manifest for b in entry.backups if isinstance(b.manifest, PhysicalManifest)]
+    backups = [b for b in entry.backups if b.kind == "physical"]
     if not backups:
         return
-    chain = chain_of(backups[-1], backups)
+    chain = [*reversed(entry.ancestors(backups[-1])), backups[-1]]
     inventory = entry.wal_inventory()
     fulls = [b for b in backups if b.mode == "full"]
     window = None

@@ -351,20 +351,19 @@ def list_command(
     storage = _storage_block(source, f"--from {source}").open()
     storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
-    catalog = read_catalog(storage, keyring, db_id=db_id, kinds=("logical",)).manifests("logical")
-    rows: list[dict[str, Any]] = []
-    for record in catalog.listing():
-        m = record.manifest if record.accepted(catalog.authenticated) else None
-        rows.append({
-            "backup_id": record.backup_id, "db_id": record.db_id,
-            "database": m.database.name if m else None,
-            "finished_at": m.finished_at.isoformat() if m else None,
-            "server_version": m.server_version if m else None,
-            "stored_size": m.stored_size if m else None,
-            "table_count": m.table_count if m else None, "key_id": m.key_id if m else None,
-            "auth": record.status, "auth_key_id": record.auth_key_id,
-            "problem": None if m else record.problem, "key": record.key,
-        })
+    backups, refused = read_catalog(storage, keyring, db_id=db_id,
+                                    kinds=("logical",)).listing("logical")
+    rows: list[dict[str, Any]] = [{
+        "backup_id": b.backup_id, "db_id": b.db_id, "database": b.database,
+        "finished_at": b.finished_at.isoformat(), "server_version": b.server_version,
+        "stored_size": b.data_size, "table_count": b.table_count, "key_id": b.key_id,
+        "auth": b.status, "auth_key_id": b.auth_key_id, "problem": None, "key": b.manifest_key,
+    } for b in backups]
+    rows += [{
+        "backup_id": r.backup_id, "db_id": r.db_id, "database": None, "finished_at": None,
+        "server_version": None, "stored_size": None, "table_count": None, "key_id": None,
+        "auth": r.status, "auth_key_id": r.auth_key_id, "problem": r.problem, "key": r.key,
+    } for r in refused]
     if as_json:
         _print_json(rows)
         return
@@ -1243,12 +1242,10 @@ def physical_list(
     storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
     stored = read_catalog(storage, keyring, db_id=db_id, kinds=("physical",))
-    catalog = stored.manifests("physical")
-    records = catalog.listing()
+    usable, records = stored.listing("physical")
     documents: list[dict[str, Any]] = []
-    for cluster in catalog.db_ids():
-        usable = [r for r in records if r.db_id == cluster and r.accepted(catalog.authenticated)]
-        mine = [r.manifest for r in usable if r.manifest is not None]
+    for cluster in sorted({b.db_id for b in usable} | {r.db_id for r in records if r.db_id}):
+        mine = [b for b in usable if b.db_id == cluster]
         entry = stored.database(cluster, "physical")
         newest_wal = entry.wal_newest if entry else None
         documents.append({
@@ -1256,13 +1253,13 @@ def physical_list(
             "backups": [
                 {"backup_id": b.backup_id, "mode": b.mode, "parent_id": b.parent_id,
                  "finished_at": b.finished_at.isoformat(), "timeline": b.timeline,
-                 "start_lsn": b.start_lsn, "end_lsn": b.end_lsn, "stored_size": b.stored_size,
-                 "auth": r.status, "auth_key_id": r.auth_key_id}
-                for r, b in zip(usable, mine, strict=True)
+                 "start_lsn": b.start_lsn, "end_lsn": b.end_lsn, "stored_size": b.data_size,
+                 "auth": b.status, "auth_key_id": b.auth_key_id}
+                for b in mine
             ],
             "refused": [
                 {"backup_id": r.backup_id, "key": r.key, "auth": r.status, "problem": r.problem}
-                for r in records if r.db_id == cluster and not r.accepted(catalog.authenticated)
+                for r in records if r.db_id == cluster
             ],
             "wal_newest_upload": newest_wal.isoformat() if mine and newest_wal else None,
             "wal_gaps": list(entry.wal_gaps) if entry else [],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import os
@@ -44,8 +45,10 @@ from pgbackflow.tasks.manifest import (
     Catalog,
     LogicalManifest,
     ManifestBinding,
+    ManifestError,
     ManifestModel,
     ManifestRecord,
+    ManifestStatus,
     check_id,
     is_valid_id,
     logical_binding,
@@ -89,55 +92,132 @@ Kind = Literal["logical", "physical"]
 # Entries
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Backup:
-    """One usable backup: its verified manifest and the objects found in its folder.
+    """One usable backup: what listing, picking, retention and the tables need of its
+    verified manifest, and the objects found in its folder.
+
+    The parsed manifest itself is not kept (~5-9 kB of pydantic objects a backup: a catalog
+    of 10,000s of backups would grow with them); :func:`load_manifest` reads it again,
+    authenticated as the catalog read it, where a caller needs all of it (restore,
+    verification, key rotation).
 
     Attributes:
         kind: "logical" or "physical".
         db_id: Database (logical) or cluster (physical) id.
-        manifest: The verified manifest.
-        manifest_key: Storage key of the manifest.
+        backup_id: The backup id.
+        mode: "logical", "full" or "incremental".
+        finished_at: When the backup finished (the time retention rules look at).
+        key_id: Master key id the manifest names (the objects' key).
+        status: How its manifest was accepted: "verified", or without a keyring
+            "unverified" / "no-mac".
+        auth_key_id: Key id its MAC names.
+        data_size: Bytes of its objects as its manifest states them.
+        server_version: PostgreSQL version backed up.
         objects: Every object in the backup's folder (manifest and marker included).
         missing: Objects the manifest names that are not stored (an incomplete backup).
+        database: Database name (logical; "" for physical).
+        table_count: Tables dumped (logical; None for physical).
+        parent_id: The backup an incremental builds on (None for full and logical backups).
+        timeline: Timeline of a physical backup (0 for logical).
+        start_lsn: Start LSN of a physical backup ("" for logical).
+        end_lsn: End LSN of a physical backup ("" for logical).
+        wal_segment_size: WAL segment size of a physical backup (0 for logical).
     """
 
     kind: Kind
     db_id: str
-    manifest: LogicalManifest | PhysicalManifest
-    manifest_key: str
+    backup_id: str
+    mode: str
+    finished_at: datetime
+    key_id: str
+    status: ManifestStatus
+    auth_key_id: str | None
+    data_size: int
+    server_version: str
     objects: tuple[StoredObject, ...]
     missing: tuple[str, ...] = ()
+    database: str = ""
+    table_count: int | None = None
+    parent_id: str | None = None
+    timeline: int = 0
+    start_lsn: str = ""
+    end_lsn: str = ""
+    wal_segment_size: int = 0
 
     @property
-    def backup_id(self) -> str:
-        """The backup id."""
-        return self.manifest.backup_id
-
-    @property
-    def finished_at(self) -> datetime:
-        """When the backup finished (the time retention rules look at)."""
-        return self.manifest.finished_at
+    def manifest_key(self) -> str:
+        """Storage key of the manifest."""
+        return _backup_prefix(self.kind, self.db_id, self.backup_id) + MANIFEST_NAME
 
     @property
     def stored_size(self) -> int:
         """Bytes of every object in the folder."""
         return sum(o.size for o in self.objects)
 
-    @property
-    def parent_id(self) -> str | None:
-        """The backup an incremental builds on (None for full and logical backups)."""
-        return self.manifest.parent_id if isinstance(self.manifest, PhysicalManifest) else None
+    def order(self) -> tuple[datetime, str]:
+        """Oldest first: by finish time, then id (as the manifests order)."""
+        return self.finished_at, self.backup_id
 
-    @property
-    def mode(self) -> str:
-        """"logical", "full" or "incremental"."""
-        return self.manifest.mode if isinstance(self.manifest, PhysicalManifest) else "logical"
 
-    @property
-    def physical(self) -> PhysicalManifest | None:
-        """The physical manifest, or None for a logical backup."""
-        return self.manifest if isinstance(self.manifest, PhysicalManifest) else None
+_shared: dict[str, str] = {}
+
+
+def _share(text: str) -> str:
+    """One string object for values many backups repeat (key ids, versions, names)."""
+    return _shared.setdefault(text, text) if len(_shared) < 4096 else text
+
+
+def _summary(kind: Kind, db_id: str, record: ManifestRecord[Any], objects: Sequence[StoredObject],
+             missing: Sequence[str]) -> Backup:
+    """The catalog's record of a backup whose manifest was accepted (``record.manifest``)."""
+    manifest = record.manifest
+    assert manifest is not None
+    common: dict[str, Any] = {
+        "kind": kind, "db_id": db_id, "backup_id": manifest.backup_id,
+        "finished_at": manifest.finished_at, "key_id": _share(manifest.key_id),
+        "status": record.status,
+        "auth_key_id": None if record.auth_key_id is None else _share(record.auth_key_id),
+        "data_size": manifest.stored_size, "server_version": _share(manifest.server_version),
+        "objects": tuple(objects), "missing": tuple(missing),
+    }
+    if isinstance(manifest, PhysicalManifest):
+        return Backup(mode=manifest.mode, parent_id=manifest.parent_id,
+                      timeline=manifest.timeline, start_lsn=manifest.start_lsn,
+                      end_lsn=manifest.end_lsn, wal_segment_size=manifest.wal_segment_size,
+                      **common)
+    assert isinstance(manifest, LogicalManifest)
+    return Backup(mode="logical", database=_share(manifest.database.name),
+                  table_count=manifest.table_count, **common)
+
+
+def load_manifest(storage: Storage, keyring: Keyring | None,
+                  backup: Backup) -> LogicalManifest | PhysicalManifest:
+    """The full manifest of a catalogued backup, for callers that need all of it.
+
+    Read again and checked as :func:`read_catalog` checks it (MAC with ``keyring``, model,
+    ids, placement: the storage is untrusted, so what was verified at listing time is not
+    taken on trust now), and it must still be the manifest the catalog listed.
+
+    Raises:
+        ObjectNotFoundError: the manifest is gone since the listing.
+        ManifestError: it is refused now, or it changed since the listing.
+    """
+    record = read_manifest_record(storage, backup.manifest_key, _model_of(backup.kind),
+                                  _binding_of(backup.kind), (backup.db_id, backup.backup_id),
+                                  keyring)
+    label = f"{storage.location}/{backup.manifest_key}"
+    if record is None:
+        raise ObjectNotFoundError(f"manifest {label} is gone since the storage was listed "
+                                  "(deleted by a retention run?): list the storage again")
+    if record.manifest is None or not record.accepted(keyring is not None):
+        raise record.error()
+    manifest = record.manifest
+    assert isinstance(manifest, LogicalManifest | PhysicalManifest)
+    if _summary(backup.kind, backup.db_id, record, backup.objects, backup.missing) != backup:
+        raise ManifestError(f"manifest {label} changed since the storage was listed: list "
+                            "the storage again")
+    return manifest
 
 
 @dataclass(frozen=True)
@@ -331,7 +411,9 @@ class DatabaseCatalog:
         segment_size: WAL segment size (from the backups; the default without).
         orphans: Objects nothing needs.
         journals: Verified deletion journals (unverified ones are orphans).
-        records: Every manifest of this database, usable or not (what ``list`` shows).
+        records: The manifests of this database that are not usable (what ``list`` shows
+            as refused; without their parsed manifest); read with ``keep_manifests=True``,
+            every manifest, parsed (what :meth:`StorageCatalog.manifests` picks from).
         authenticated: Manifests were checked with a keyring (else: listed unverified, and
             no retention may be planned from it).
     """
@@ -451,6 +533,7 @@ class StorageCatalog:
         invalid: ``(kind, record)`` of objects named like a manifest whose key holds an
             invalid id (refused unread; their objects are among ``orphans``).
         authenticated: Manifests were checked with a keyring.
+        keeps_manifests: Read with ``keep_manifests=True`` (see :meth:`manifests`).
     """
 
     location: str
@@ -461,12 +544,27 @@ class StorageCatalog:
     invalid: tuple[tuple[Kind, ManifestRecord[Any]], ...] = ()
     authenticated: bool = True
 
+    keeps_manifests: bool = False
+
     def manifests(self, kind: Kind) -> Catalog[Any]:
         """The manifests of ``kind`` as a :class:`pgbackflow.tasks.manifest.Catalog`: what
-        the pickers (``latest``, a backup id, a cluster's chain) and ``list`` work on."""
+        the pickers (``latest``, a backup id, a cluster's chain) work on. Only of a catalog
+        read with ``keep_manifests=True``."""
+        if not self.keeps_manifests:
+            raise RuntimeError("read_catalog(..., keep_manifests=True) keeps the manifests")
         records = [r for e in self.databases if e.kind == kind for r in e.records]
         records += [r for k, r in self.invalid if k == kind]
         return Catalog(tuple(records), self.authenticated)
+
+    def listing(self, kind: Kind) -> tuple[list[Backup], list[ManifestRecord[Any]]]:
+        """What ``list`` / ``physical-list`` show: the usable backups of ``kind``, oldest
+        first, and the refused manifests (invalid ids included), by key."""
+        usable = sorted((b for e in self.databases if e.kind == kind for b in e.backups),
+                        key=Backup.order)
+        refused = [r for e in self.databases if e.kind == kind for r in e.records
+                   if not r.accepted(self.authenticated)]
+        refused += [r for k, r in self.invalid if k == kind]
+        return usable, sorted(refused, key=lambda r: r.key)
 
     def database(self, db_id: str, kind: Kind | None = None) -> DatabaseCatalog | None:
         """The entry of ``db_id`` (of ``kind`` when given)."""
@@ -731,6 +829,7 @@ def read_catalog(
     grace: timedelta | None = None,
     kinds: Sequence[Kind] = ("logical", "physical"),
     wal: bool = True,
+    keep_manifests: bool = False,
 ) -> StorageCatalog:
     """Read ``storage`` into a catalog; manifests authenticated with ``keyring``.
 
@@ -743,6 +842,11 @@ def read_catalog(
         grace: A ``timedelta``: also list the killed writers' temporaries older than it.
         kinds: Only these kinds of backup.
         wal: Also list the clusters' WAL (with ``db_id``: False lists only its backups).
+        keep_manifests: Also keep every parsed manifest, for
+            :meth:`StorageCatalog.manifests` (the pickers of restore, verification and
+            PITR, which read one database's backups whole). Without, a backup is kept as
+            its slim :class:`Backup` (what listing, retention and the tables need), so
+            memory grows by ~1 kB a backup, not by its manifest.
     """
     if db_id is not None:
         check_id(db_id, "database id")
@@ -785,10 +889,13 @@ def read_catalog(
             manifests += [(kind, found_id, backup_id, o) for o in items
                           if o.key.rsplit("/", 1)[1] == MANIFEST_NAME]
 
-    def read(job: tuple[Kind, str, str, StoredObject]) -> ManifestRecord[Any] | None:
+    def read(job: tuple[Kind, str, str, StoredObject], source: Storage = storage) -> _Found | None:
         kind, found_id, backup_id, item = job
-        return read_manifest_record(storage, item.key, _model_of(kind), _binding_of(kind),
-                                    (found_id, backup_id), keyring, size=item.size)
+        record = read_manifest_record(source, item.key, _model_of(kind), _binding_of(kind),
+                                      (found_id, backup_id), keyring, size=item.size)
+        # Made slim at once, so the parsed manifests are never all held together.
+        return _found(kind, found_id, record, dbs[(kind, found_id)].folders[backup_id],
+                      keyring is not None, keep_manifests)
 
     keys = [(m[0], m[1], m[2]) for m in manifests]
     if cache is None:  # a local folder: no round trips to overlap
@@ -796,10 +903,8 @@ def read_catalog(
     else:
         reader: Storage = _CachedReads(storage, cache, {m[3].key: m[3] for m in manifests})
 
-        def read_cached(job: tuple[Kind, str, str, StoredObject]) -> ManifestRecord[Any] | None:
-            kind, found_id, backup_id, item = job
-            return read_manifest_record(reader, item.key, _model_of(kind), _binding_of(kind),
-                                        (found_id, backup_id), keyring, size=item.size)
+        def read_cached(job: tuple[Kind, str, str, StoredObject]) -> _Found | None:
+            return read(job, reader)
 
         with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pgbackflow-catalog") as pool:
             records = dict(zip(keys, pool.map(read_cached, manifests), strict=True))
@@ -813,14 +918,47 @@ def read_catalog(
                   for o in outside)
     temporaries = storage.list_stale_writes(grace) if grace is not None else ()
     return StorageCatalog(storage.location, tuple(databases), stray, temporaries, read_at,
-                          tuple(invalid), keyring is not None)
+                          tuple(invalid), keyring is not None, keep_manifests)
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """A manifest as :func:`read_catalog` keeps it.
+
+    Attributes:
+        record: Its record (parsed manifest dropped unless manifests are kept; None for a
+            usable one then: it lives on as ``backup``).
+        backup: The backup, when the manifest is usable.
+        unnamed: Objects of the backup's folder that its manifest does not name.
+    """
+
+    record: ManifestRecord[Any] | None
+    backup: Backup | None = None
+    unnamed: tuple[StoredObject, ...] = ()
+
+
+def _found(kind: Kind, db_id: str, record: ManifestRecord[Any] | None,
+           items: Sequence[StoredObject], authenticated: bool, keep: bool) -> _Found | None:
+    if record is None:  # vanished since the listing
+        return None
+    manifest = record.manifest
+    if manifest is None or not record.accepted(authenticated):
+        # Refused: kept for ``list`` (why), without a parsed manifest unless asked.
+        return _Found(record if keep or manifest is None
+                      else dataclasses.replace(record, manifest=None))
+    keys = manifest.object_keys()
+    listed = {o.key for o in items}
+    backup = _summary(kind, db_id, record, items, [k for k in keys if k not in listed])
+    named = {*keys, record.key}
+    return _Found(record if keep else None, backup,
+                  tuple(o for o in items if o.key not in named))
 
 
 def _database(
     storage: Storage,
     keyring: Keyring | None,
     entry: _Db,
-    records: dict[tuple[Kind, str, str], ManifestRecord[Any] | None],
+    records: dict[tuple[Kind, str, str], _Found | None],
 ) -> DatabaseCatalog:
     kind, db_id = entry.kind, entry.db_id
     backups: list[Backup] = []
@@ -838,22 +976,15 @@ def _database(
                                   "not inside a backup folder"))
     doomed = set().union(*(j.backup_ids for j in journals))
     for backup_id, items in sorted(entry.folders.items()):
-        prefix = _backup_prefix(kind, db_id, backup_id)
-        manifest_key = prefix + MANIFEST_NAME
-        record = records.get((kind, db_id, backup_id))
+        read = records.get((kind, db_id, backup_id))
+        record = read.record if read is not None else None
         if record is not None:
             found.append(record)
-        if record is not None and record.accepted(authenticated) and record.manifest is not None:
-            manifest = record.manifest
-            named = set(manifest.object_keys()) | {manifest_key}
-            listed = {o.key for o in items}
-            backups.append(Backup(
-                kind, db_id, manifest, manifest_key, tuple(items),
-                tuple(k for k in manifest.object_keys() if k not in listed),
-            ))
+        if read is not None and read.backup is not None:
+            backups.append(read.backup)
             orphans += [Orphan(o.key, o.size, o.modified,
                                f"in backup {backup_id}'s folder but not named by its manifest")
-                        for o in items if o.key not in named]
+                        for o in read.unnamed]
         elif record is not None:
             refused.append(RefusedFolder(record.key, record.backup_id,
                                          record.problem or "refused", tuple(items)))
@@ -865,9 +996,9 @@ def _database(
             orphans += [Orphan(o.key, o.size, o.modified,
                                f"backup folder {backup_id} has no manifest (a backup that "
                                "failed, was killed, or is still running)") for o in items]
-    backups.sort(key=lambda b: b.manifest.order())
+    backups.sort(key=Backup.order)
     segment_size = DEFAULT_SEGMENT_SIZE
-    physical = [b.physical for b in backups if b.physical is not None]
+    physical = [b for b in backups if b.kind == "physical"]
     if physical:
         segment_size = physical[-1].wal_segment_size
     runs, wal_files, wal_orphans = _wal_runs(entry.wal or _WalPacker(db_id), segment_size)
@@ -976,7 +1107,7 @@ def _inventory(runs: Iterable[WalRun], files: Iterable[WalFile],
 
 
 def _gaps(storage: Storage, keyring: Keyring | None, db_id: str,
-          physical: Sequence[PhysicalManifest], inventory: WalInventory) -> list[str]:
+          physical: Sequence[Backup], inventory: WalInventory) -> list[str]:
     """The holes on the route replay takes from the oldest full the WAL reaches back to
     (else the newest full) to the newest WAL, following timeline switches at the points
     the newest timeline's history file names (read and authenticated with ``keyring``;
@@ -1067,6 +1198,7 @@ __all__ = [
     "catalog_json",
     "describe_wal",
     "journal_binding",
+    "load_manifest",
     "read_catalog",
     "seal_journal",
     "wal_inventory",

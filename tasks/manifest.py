@@ -750,7 +750,8 @@ def scan_backups(
     """
     from pgbackflow.tasks.catalog import read_catalog
 
-    return read_catalog(storage, keyring, db_id=db_id, kinds=("logical",)).manifests("logical")
+    return read_catalog(storage, keyring, db_id=db_id, kinds=("logical",),
+                        keep_manifests=True).manifests("logical")
 
 
 def list_backups(

@@ -244,7 +244,7 @@ def scan_physical_backups(
     if db_id is not None:
         check_id(db_id, "cluster id")
     return read_catalog(storage, keyring, db_id=db_id, kinds=("physical",),
-                        wal=False).manifests("physical")
+                        wal=False, keep_manifests=True).manifests("physical")
 
 
 def list_physical_backups(

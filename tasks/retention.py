@@ -577,7 +577,7 @@ def wal_to_delete(
     if entry.refused:
         return (), (), (f"all kept: {len(entry.refused)} manifest(s) of this cluster are "
                         "refused, so their recovery windows are unknown")
-    physical = [b.physical for b in kept if b.physical is not None]
+    physical = [b for b in kept if b.kind == "physical"]
     if not physical:
         return (), (), ("all kept: no physical backup is kept, the WAL streamer's window is "
                         "open")
@@ -851,7 +851,7 @@ def execute_plan(
         entry = db_plan.catalog
         # Newest first: an incremental goes before its parent, so a kill in between never
         # leaves a listed incremental whose parent is gone.
-        doomed = sorted(db_plan.deleted, key=lambda d: d.backup.manifest.order(), reverse=True)
+        doomed = sorted(db_plan.deleted, key=lambda d: d.backup.order(), reverse=True)
         for number, start in enumerate(range(0, len(doomed), BATCH)):
             batch = doomed[start : start + BATCH]
             journal, data = seal_journal(entry.kind, entry.db_id, f"{run_id}-{number}",

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pgbackflow.tasks.archive import HEADER_BYTES, ArchiveError, ArchiveHeader, rewrap_header
-from pgbackflow.tasks.catalog import Backup, read_catalog
+from pgbackflow.tasks.catalog import Backup, load_manifest, read_catalog
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.keys import Keyring, MasterKey
 from pgbackflow.tasks.manifest import LogicalManifest, StoredObjectInfo
@@ -112,10 +112,10 @@ def copy_rewrapped(storage: Storage, source: str, target: str, keyring: Keyring,
 
 def _rotate_backup(storage: Storage, backup: Backup, keyring: Keyring, new_key: MasterKey,
                    report: RotationReport, log: Callable[[str], None]) -> None:
-    manifest = backup.manifest
+    manifest = load_manifest(storage, keyring, backup)
     if manifest.key_id == new_key.key_id_hex:
         report.skipped += len(manifest.object_keys())
-        _drop_superseded(storage, backup, log)
+        _drop_superseded(storage, backup, manifest, log)
         return
     replaced: dict[str, StoredObjectInfo] = {}
     for info in _objects(manifest):
@@ -145,9 +145,11 @@ def _rotate_backup(storage: Storage, backup: Backup, keyring: Keyring, new_key: 
         log(f"deleted {storage.location}/{key} (replaced by its re-wrapped copy)")
 
 
-def _drop_superseded(storage: Storage, backup: Backup, log: Callable[[str], None]) -> None:
+def _drop_superseded(storage: Storage, backup: Backup,
+                     manifest: LogicalManifest | PhysicalManifest,
+                     log: Callable[[str], None]) -> None:
     """Delete the old copies a killed rotation left next to the objects now named."""
-    named = set(backup.manifest.object_keys())
+    named = set(manifest.object_keys())
     originals = {_KEY_TAG.sub("", key) for key in named}
     stale = [o.key for o in backup.objects
              if o.key not in named and _KEY_TAG.sub("", o.key) in originals]

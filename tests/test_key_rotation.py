@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pgbackflow.tasks.archive import ArchiveReader
-from pgbackflow.tasks.catalog import read_catalog
+from pgbackflow.tasks.catalog import load_manifest, read_catalog
 from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
 from pgbackflow.tasks.manifest import (
     DatabaseInfo,
@@ -90,7 +90,7 @@ def everything_decrypts(storage: Storage, keyring: Keyring, payload: dict[str, b
     count = 0
     for entry in catalog.databases:
         for backup in entry.backups:
-            manifest = backup.manifest
+            manifest = load_manifest(storage, keyring, backup)
             infos = ([manifest.dump, manifest.globals] if isinstance(manifest, LogicalManifest)
                      else [manifest.base, manifest.backup_manifest])
             for info in infos:
@@ -126,7 +126,7 @@ def test_rotation_rewraps_backups_and_wal_and_the_old_key_is_no_longer_needed(
     assert not any(e.refused or e.orphans for e in catalog.databases)
     logical = catalog.database("shop")
     assert logical is not None and sorted(b.backup_id for b in logical.backups) == sorted(ids)
-    assert all(b.manifest.key_id == NEW.key_id_hex for e in catalog.databases
+    assert all(b.key_id == NEW.key_id_hex for e in catalog.databases
                for b in e.backups)
     # The old key opens nothing any more (so it can be retired).
     assert not read_catalog(storage, Keyring([OLD])).databases[0].backups
@@ -156,7 +156,7 @@ def test_interrupted_rotation_resumes(tmp_path: Path) -> None:
     both = Keyring([OLD, NEW])
     assert everything_decrypts(storage, both, payload, {}) == 60
     entry = read_catalog(storage, both).databases[0]
-    assert {b.manifest.key_id for b in entry.backups} == {OLD.key_id_hex, NEW.key_id_hex}
+    assert {b.key_id for b in entry.backups} == {OLD.key_id_hex, NEW.key_id_hex}
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False,
                            env=dict(os.environ))

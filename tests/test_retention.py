@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from pgbackflow.tasks.catalog import read_catalog, seal_journal
+from pgbackflow.tasks.catalog import load_manifest, read_catalog, seal_journal
 from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
 from pgbackflow.tasks.manifest import (
     MAC_SCHEME,
@@ -534,7 +534,9 @@ def listed_backups_are_complete(storage: LocalFolderStorage) -> int:
     assert entry is not None
     for backup in entry.backups:
         assert not backup.missing
-        for info in (backup.manifest.dump, backup.manifest.globals):  # type: ignore[union-attr]
+        manifest = load_manifest(storage, RING, backup)
+        assert isinstance(manifest, LogicalManifest)
+        for info in (manifest.dump, manifest.globals):
             assert hashlib.sha256(storage.read_bytes(info.key)).hexdigest() == info.sha256
     return len(entry.backups)
 
