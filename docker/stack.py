@@ -61,6 +61,8 @@ DEFAULTS = {
     "PGBACKFLOW_PREFECT_HOST": "localhost",
     "PGBACKFLOW_PREFECT_DB_PORT": "54329",
     "PGBACKFLOW_STACK_SECRETS": str(HERE / "secrets"),
+    # The agent's sandbox work dirs: a host folder, mounted into the agent at the same path.
+    "PGBACKFLOW_SANDBOX_DIR": "/var/lib/pgbackflow/sandboxes",
 }
 
 
@@ -300,6 +302,17 @@ def build() -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def init_sandbox_dir(folder: Path) -> None:
+    """The agent's sandbox folder on the host, the image's user's own (0700): the engine
+    would create a missing bind-mount source as root, where the agent cannot write."""
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if os.geteuid() == 0:
+        os.chown(folder, IMAGE_UID, IMAGE_UID)
+    elif folder.stat().st_uid != IMAGE_UID:
+        raise StackError(f"{folder} (PGBACKFLOW_SANDBOX_DIR) must belong to uid {IMAGE_UID}, "
+                         f"the image's pgbackflow user: sudo chown {IMAGE_UID} {folder}")
+
+
 def secrets_folder() -> Path:
     return Path(compose_env()["PGBACKFLOW_STACK_SECRETS"])
 
@@ -329,6 +342,7 @@ def up(*, rebuild: bool) -> None:
     if rebuild or image_hash(setting("PGBACKFLOW_IMAGE")) != source_hash():
         build()
     init_secrets(secrets_folder(), setting("PGBACKFLOW_IMAGE"))
+    init_sandbox_dir(Path(setting("PGBACKFLOW_SANDBOX_DIR")))
     started = time.monotonic()
     compose("up", "-d")
     wait_healthy()

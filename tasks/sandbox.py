@@ -42,6 +42,25 @@ SANDBOX_LABEL = "pgbackflow.sandbox"
 DEFAULT_IMAGE_TEMPLATE = "postgres:{major}"
 
 
+#: Where sandboxes keep their work dirs (default: the system's temporary folder). A process in
+#: a container that starts Docker sandboxes on the host's engine sets it to a host folder
+#: mounted at the same path: the sandbox's bind mounts name host paths (docker/compose.yaml).
+SANDBOX_DIR_ENV = "PGBACKFLOW_SANDBOX_DIR"
+
+
+def sandbox_parent_dir() -> str | None:
+    """The folder of ``PGBACKFLOW_SANDBOX_DIR``, or None for the system's temporary folder."""
+    folder = os.environ.get(SANDBOX_DIR_ENV)
+    if not folder:
+        return None
+    if not Path(folder).is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{SANDBOX_DIR_ENV}={folder} is not a writable folder: create it for this user, "
+            "or unset it to use the temporary folder"
+        )
+    return folder
+
+
 class SandboxError(PgBackflowError):
     """A sandbox could not be started or used."""
 
@@ -84,7 +103,8 @@ class Sandbox(ABC):
         self.major = major
         self.resources = resources
         # The pid in the name tells which process a leftover belonged to.
-        self.work_dir = Path(tempfile.mkdtemp(prefix=f"pgbackflow-verify-{major}-{os.getpid()}-"))
+        self.work_dir = Path(tempfile.mkdtemp(prefix=f"pgbackflow-verify-{major}-{os.getpid()}-",
+                                              dir=sandbox_parent_dir()))
 
     @property
     def dump_dir(self) -> Path:

@@ -4,7 +4,8 @@ Real Docker engine and Debian's docker-compose 1.29 (``.ci/run`` installs it), t
 here (``docker/stack.py build``: no registry), a PostgreSQL server of the newest selected major
 on loopback as the database to back up. One module-scoped stack: the API refuses requests
 without the auth string, ``pgbackflow doctor`` in the server's container warns of nothing, a
-deployed backup completes on the worker container with the backup in its storage, the master
+deployed backup completes on the worker container with the backup in its storage, its deployed
+verification completes on the agent container (sandbox on the host's engine), the master
 key is nowhere in the Prefect server's database, and ``down --volumes`` leaves no container,
 volume or network of the project behind.
 """
@@ -116,6 +117,7 @@ def stack(docker_engine: Any) -> Iterator[Stack]:
         "PGBACKFLOW_PREFECT_DB_PORT": str(_free_port()),
         "PGBACKFLOW_PREFECT_BIND": "127.0.0.1",
         "PGBACKFLOW_STACK_SECRETS": str(secrets_dir / "secrets"),
+        "PGBACKFLOW_SANDBOX_DIR": str(secrets_dir / "sandboxes"),
     }
     stack = Stack(env=env, secrets=secrets_dir / "secrets")
     try:
@@ -165,6 +167,7 @@ def test_deployed_backup_runs_on_the_worker_and_the_key_stays_out(
     config.write_text(textwrap.dedent(f"""
         [prefect]
         work_pool = "backups"
+        verification_pool = "verify"
         [key]
         file = "/run/secrets/master_key"
         [storages.volume]
@@ -180,25 +183,14 @@ def test_deployed_backup_runs_on_the_worker_and_the_key_stays_out(
         database = "{database}"
         storages = ["volume"]
         backup = "0 0 1 1 *"
+        verify = "0 0 1 1 *"
     """))
     deploy = stack.script("deploy", str(config), env={"STACK_PG_PASSWORD": cluster.password})
     assert deploy.returncode == 0, _failed("docker/stack.py deploy", deploy)
     assert cluster.password not in deploy.stdout + deploy.stderr
     assert "warning" not in deploy.stdout + deploy.stderr, deploy.stderr
 
-    with stack.http() as http:
-        deployment = http.get(f"deployments/name/logical-backup/logical-{DB_ID}").json()
-        run_id = http.post(f"deployments/{deployment['id']}/create_flow_run", json={}).json()["id"]
-        deadline = time.monotonic() + 600
-        while True:
-            run = http.get(f"flow_runs/{run_id}").json()
-            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-                break
-            assert time.monotonic() < deadline, f"the backup run is still {run['state']['type']}"
-            time.sleep(3)
-    if run["state"]["type"] != "COMPLETED":
-        logs = stack.compose("logs", "--tail", "60", "worker")
-        pytest.fail(f"backup run {run['state']}:\n{logs.stdout[-4000:]}")
+    run = _run_deployment(stack, f"logical-backup/logical-{DB_ID}", "worker")
     assert run["work_pool_name"] == "backups"
 
     # The backup is in the worker container's storage volume (the host has no /srv/backups).
@@ -207,7 +199,46 @@ def test_deployed_backup_runs_on_the_worker_and_the_key_stays_out(
     assert listing.returncode == 0, _failed("pgbackflow list in the worker", listing)
     assert [backup["db_id"] for backup in json.loads(listing.stdout)] == [DB_ID]
 
+    # The agent restores it into a sandbox container on the host's engine (through the
+    # mounted socket), counts the rows, and removes the sandbox.
+    before = _sandbox_containers()
+    verification = _run_deployment(stack, f"restore-verification/verify-{DB_ID}", "agent")
+    assert verification["work_pool_name"] == "verify"
+    with stack.http() as http:
+        artifacts = http.post("artifacts/filter", json={
+            "artifacts": {"key": {"any_": [f"verification-{DB_ID}"]}}}).json()
+    assert artifacts and "Successful" in artifacts[0]["data"], artifacts
+    assert _sandbox_containers() == before, "the verification left its sandbox behind"
+    assert list(Path(stack.env["PGBACKFLOW_SANDBOX_DIR"]).iterdir()) == [], \
+        "the verification left its work dir behind"
+
     _assert_key_not_in_prefect_database(stack)
+
+
+def _run_deployment(stack: Stack, name: str, service: str) -> dict[str, Any]:
+    """Start a run of deployment ``name`` over the REST API and wait for it to complete; fail
+    with the tail of ``service``'s log otherwise."""
+    with stack.http() as http:
+        deployment = http.get(f"deployments/name/{name}").json()
+        run_id = http.post(f"deployments/{deployment['id']}/create_flow_run", json={}).json()["id"]
+        deadline = time.monotonic() + 600
+        while True:
+            run: dict[str, Any] = http.get(f"flow_runs/{run_id}").json()
+            if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+                break
+            assert time.monotonic() < deadline, f"the {name} run is still {run['state']['type']}"
+            time.sleep(3)
+    if run["state"]["type"] != "COMPLETED":
+        logs = stack.compose("logs", "--tail", "60", service)
+        pytest.fail(f"{name} run {run['state']}:\n{logs.stdout[-4000:]}")
+    return run
+
+
+def _sandbox_containers() -> list[str]:
+    """Every container on the engine whose image is a ``postgres:<major>`` sandbox image."""
+    listed = subprocess.run(["docker", "ps", "--all", "--format", "{{.Names}} {{.Image}}"],
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    return sorted(line.split()[0] for line in listed if " postgres:" in line)
 
 
 def _key_forms(key: MasterKey) -> list[str]:
