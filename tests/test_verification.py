@@ -350,3 +350,28 @@ def test_timeout_fails_and_destroys_the_sandbox(
         "verification timed out after 1 s: give it more time (timeout) or more CPUs"
     )
     assert report.timeline[-1].stage == "sandbox destroyed"
+
+
+def test_sandbox_work_dirs_follow_the_sandbox_dir_setting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PGBACKFLOW_SANDBOX_DIR (the stack's agent: a host folder at the same path) holds the
+    work dirs; a missing folder is a one-line error naming the setting."""
+    from pgbackflow.tasks.docker_sandbox import DockerSandbox
+    from pgbackflow.tasks.errors import ConfigError
+    from pgbackflow.tasks.sandbox import SANDBOX_DIR_ENV
+
+    monkeypatch.setenv(SANDBOX_DIR_ENV, str(tmp_path))
+    sandbox = DockerSandbox(17)
+    try:
+        assert sandbox.work_dir.parent == tmp_path
+        assert sandbox.dump_dir.is_relative_to(tmp_path)
+    finally:
+        shutil.rmtree(sandbox.work_dir)
+    monkeypatch.setenv(SANDBOX_DIR_ENV, str(tmp_path / "missing"))
+    with pytest.raises(ConfigError) as refused:
+        DockerSandbox(17)
+    assert str(refused.value) == (
+        f"{SANDBOX_DIR_ENV}={tmp_path / 'missing'} is not a writable folder: create it for this "
+        "user, or unset it to use the temporary folder")
+    assert list(tmp_path.iterdir()) == []
