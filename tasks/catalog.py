@@ -810,6 +810,10 @@ def _group(objects: Iterable[StoredObject]) -> tuple[dict[tuple[Kind, str], _Db]
     return dbs, outside
 
 
+def _by_key(item: StoredObject) -> str:
+    return item.key
+
+
 def _manifest_ids(parts: Sequence[str]) -> tuple[Kind, str, str] | None:
     """``(kind, db_id, backup_id)`` of a key split at ``/`` that is named like a manifest
     (ids not checked), else None."""
@@ -869,8 +873,12 @@ def read_catalog(
         with ThreadPoolExecutor(len(prefixes), thread_name_prefix="pgbackflow-list") as pool:
             grouped = list(pool.map(group, prefixes))
     dbs = {key: entry for found, _ in grouped for key, entry in found.items()}
-    outside = [o for _, stray in grouped for o in stray]
+    outside = sorted((o for _, stray in grouped for o in stray), key=_by_key)
     del grouped
+    for entry in dbs.values():  # a local folder lists in directory order
+        entry.stray.sort(key=_by_key)
+        for items in entry.folders.values():
+            items.sort(key=_by_key)
     if not wal:
         for entry in dbs.values():
             if entry.wal is not None:

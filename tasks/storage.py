@@ -597,39 +597,47 @@ class LocalFolderStorage(Storage):
 
     def list(self, prefix: str = "") -> list[StoredObject]:
         """Return complete objects whose keys start with ``prefix``, sorted by key."""
+        return sorted(self.iter_list(prefix), key=lambda obj: obj.key)
+
+    def iter_list(self, prefix: str = "") -> Iterator[StoredObject]:
+        """The objects whose keys start with ``prefix``, one at a time as a depth-first
+        ``os.scandir`` walk meets them (directory order, not sorted: :meth:`list` sorts).
+
+        No folder is read whole first (a cluster's WAL folder holds 100,000s of files), so
+        a reader that keeps less than the listing (the catalog) never holds all of it: the
+        walk keeps one open directory stream per level.
+        """
         _check_prefix(prefix)
         # Only walk the deepest folder the prefix pins down.
         base_parts = prefix.split("/")[:-1] if prefix else []
         start = self.folder.joinpath(*base_parts)
-        found: list[StoredObject] = []
         try:
             for key, st in self._walk(start, "/".join(base_parts)):
                 if key.startswith(prefix):
-                    found.append(StoredObject(key, st.st_size, _utc(st.st_mtime)))
+                    yield StoredObject(key, st.st_size, _utc(st.st_mtime))
         except OSError as exc:
             raise StorageError(
                 f"cannot list local storage folder '{self.folder}' ({exc.strerror}): "
                 "check its permissions"
             ) from exc
-        found.sort(key=lambda obj: obj.key)
-        return found
 
     def _walk(self, folder: Path, key_prefix: str) -> Iterator[tuple[str, os.stat_result]]:
         try:
-            entries = list(os.scandir(folder))
+            entries = os.scandir(folder)
         except (FileNotFoundError, NotADirectoryError):
             return
-        for entry in entries:
-            key = f"{key_prefix}/{entry.name}" if key_prefix else entry.name
-            if not key_prefix and entry.name == INCOMPLETE_DIR:
-                continue
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    yield from self._walk(Path(entry.path), key)
-                elif entry.is_file(follow_symlinks=False):
-                    yield key, entry.stat(follow_symlinks=False)
-            except FileNotFoundError:
-                continue  # deleted while listing
+        with entries:  # closed when the reader stops early, too
+            for entry in entries:
+                key = f"{key_prefix}/{entry.name}" if key_prefix else entry.name
+                if not key_prefix and entry.name == INCOMPLETE_DIR:
+                    continue
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        yield from self._walk(Path(entry.path), key)
+                    elif entry.is_file(follow_symlinks=False):
+                        yield key, entry.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # deleted while listing
 
     def stat(self, key: str) -> StoredObject:
         """Describe object ``key``."""
