@@ -1,7 +1,7 @@
 """``pgbackflow doctor`` and the checks at ``pgbackflow deploy`` against real Prefect servers.
 
-Two real ``prefect server start`` processes: the session's (SQLite, no authentication, no
-encryption key: the embedded default), and one set up for production (basic auth, an
+Two real ``prefect server start`` processes of this module: the embedded default (SQLite, no
+authentication, no encryption key), and one set up for production (basic auth, an
 encryption key, PostgreSQL as its database). The doctor runs the way an operator runs it,
 with the server's environment.
 """
@@ -49,7 +49,15 @@ def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Prefe
         cluster.stop()
 
 
-def test_the_embedded_default_gets_three_warnings(prefect_server: PrefectServer) -> None:
+@pytest.fixture(scope="module")
+def embedded_default(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """``prefect server start`` as installed: SQLite, no authentication, no encryption key."""
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-default-home")) as server:
+        yield server
+
+
+def test_the_embedded_default_gets_three_warnings(embedded_default: PrefectServer) -> None:
+    prefect_server = embedded_default
     result = prefect_server.run_cli("doctor", check=False)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stdout.splitlines()
@@ -67,7 +75,8 @@ def test_the_embedded_default_gets_three_warnings(prefect_server: PrefectServer)
         ("auth", "warning"), ("encryption-key", "warning"), ("database", "warning")]
 
 
-def test_deploy_says_the_same_warnings(prefect_server: PrefectServer, tmp_path: Path) -> None:
+def test_deploy_says_the_same_warnings(embedded_default: PrefectServer, tmp_path: Path) -> None:
+    prefect_server = embedded_default
     write_key_file(tmp_path / "master.key", MasterKey.generate())
     (tmp_path / "store").mkdir()
     config = tmp_path / "pgbackflow.toml"

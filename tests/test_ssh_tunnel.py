@@ -47,7 +47,7 @@ from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.tunnel import TunnelError
 from tests.fixtures.deploy_config import config_head
-from tests.fixtures.prefect_server import PrefectServer
+from tests.fixtures.prefect_server import PrefectServer, running_prefect_server
 
 # One worker builds the closed network once for the module.
 pytestmark = [pytest.mark.pg, pytest.mark.usefixtures("prefect_api"),
@@ -438,75 +438,84 @@ def key_forms(key: MasterKey) -> list[bytes]:
 
 
 def test_deployed_backup_through_the_tunnel_keeps_the_key_out_of_prefect(
-    closed: ClosedNetwork, prefect_server: PrefectServer, tmp_path: Path
+    closed: ClosedNetwork, tmp_path: Path
 ) -> None:
     work = Path(tempfile.mkdtemp(prefix="pgbackflow-test-tunnel-deploy-", dir="/var/tmp"))
+    # Its own SQLite server: the scan reads the server's database files byte for byte.
     try:
-        key = MasterKey.generate()
-        write_key_file(work / "master.key", key)
-        ssh_key = work / "bastion.key"
-        ssh_key.write_text(closed.bastion.private_key)
-        ssh_key.chmod(0o600)
-        (work / "store").mkdir()
-        config = work / "pgbackflow.toml"
-        host_key = " ".join(closed.bastion.host_key.split()[:2])
-        config.write_text(config_head(POOL, work / "master.key", work / "store",
-                                      closed.cluster, "TUNNEL_PG_PASSWORD")
-                          + textwrap.dedent(f"""
-            sslmode = "disable"
-
-            [servers.pg.ssh]
-            host = "127.0.0.1"
-            port = {closed.bastion.port}
-            user = "{closed.bastion.user}"
-            private_key_file = "{ssh_key}"
-            host_key = "{host_key}"
-
-            [databases.tunnelshop]
-            server = "pg"
-            database = "shop"
-            storages = ["local"]
-            backup = "0 0 1 1 *"
-        """))
-        env = {"TUNNEL_PG_PASSWORD": closed.cluster.password}
-        prefect_server.run_cli("deploy", "--config", str(config), env=env)
-        with prefect_server.http() as http:
-            deployment = http.get("deployments/name/logical-backup/logical-tunnelshop").json()
-            assert "ssh_private_key" not in json.dumps(deployment["parameters"])
-            run_id = http.post(f"deployments/{deployment['id']}/create_flow_run",
-                               json={}).json()["id"]
-        worker = prefect_server.start_worker(POOL, work / "worker", name="tunnel-worker")
-        try:
-            def finished() -> dict[str, Any] | None:
-                with prefect_server.http() as http:
-                    run: dict[str, Any] = http.get(f"flow_runs/{run_id}").json()
-                return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") \
-                    else None
-            run = prefect_server.wait_for("the deployed backup", finished, 300, 2)
-            assert run["state"]["type"] == "COMPLETED", run["state"]
-        finally:
-            prefect_server.stop_worker(worker)
-        listing = json.loads(prefect_server.run_cli(
-            "list", "--from", str(work / "store"), "--json").stdout)
-        assert [b["db_id"] for b in listing] == ["tunnelshop"]
-
-        # A control: a key kept in a block is recoverable from a copy of the database (the
-        # scan below would see it), which is why the key file is the production source.
-        control = MasterKey.generate()
-        with prefect_server.settings():
-            BackupEncryptionKey(key=SecretStr(control.to_text())).save(
-                f"tunnel-control-{os.getpid()}", overwrite=True)
-        raw, documents = prefect_database(Path(prefect_server.env["PREFECT_HOME"]))
-        assert any(control.to_text() in document for document in documents)
-        assert any(closed.bastion.private_key.splitlines()[2] in document
-                   for document in documents), "the bastion key is in its block"
-        for form in key_forms(key):
-            assert form not in raw, "the master key is in the Prefect database"
-            assert not any(form.decode("latin-1") in document for document in documents), \
-                "the master key is in a block"
-        assert closed.bastion.private_key.splitlines()[2].encode() not in raw
+        with running_prefect_server(work / "prefect-home") as prefect_server:
+            deployed_backup_keeps_the_key_out(closed, prefect_server, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def deployed_backup_keeps_the_key_out(
+    closed: ClosedNetwork, prefect_server: PrefectServer, work: Path
+) -> None:
+    """The deployed backup through the bastion; the master key nowhere in the server."""
+    key = MasterKey.generate()
+    write_key_file(work / "master.key", key)
+    ssh_key = work / "bastion.key"
+    ssh_key.write_text(closed.bastion.private_key)
+    ssh_key.chmod(0o600)
+    (work / "store").mkdir()
+    config = work / "pgbackflow.toml"
+    host_key = " ".join(closed.bastion.host_key.split()[:2])
+    config.write_text(config_head(POOL, work / "master.key", work / "store",
+                                  closed.cluster, "TUNNEL_PG_PASSWORD")
+                      + textwrap.dedent(f"""
+        sslmode = "disable"
+
+        [servers.pg.ssh]
+        host = "127.0.0.1"
+        port = {closed.bastion.port}
+        user = "{closed.bastion.user}"
+        private_key_file = "{ssh_key}"
+        host_key = "{host_key}"
+
+        [databases.tunnelshop]
+        server = "pg"
+        database = "shop"
+        storages = ["local"]
+        backup = "0 0 1 1 *"
+    """))
+    env = {"TUNNEL_PG_PASSWORD": closed.cluster.password}
+    prefect_server.run_cli("deploy", "--config", str(config), env=env)
+    with prefect_server.http() as http:
+        deployment = http.get("deployments/name/logical-backup/logical-tunnelshop").json()
+        assert "ssh_private_key" not in json.dumps(deployment["parameters"])
+        run_id = http.post(f"deployments/{deployment['id']}/create_flow_run",
+                           json={}).json()["id"]
+    worker = prefect_server.start_worker(POOL, work / "worker", name="tunnel-worker")
+    try:
+        def finished() -> dict[str, Any] | None:
+            with prefect_server.http() as http:
+                run: dict[str, Any] = http.get(f"flow_runs/{run_id}").json()
+            return run if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED") \
+                else None
+        run = prefect_server.wait_for("the deployed backup", finished, 300, 2)
+        assert run["state"]["type"] == "COMPLETED", run["state"]
+    finally:
+        prefect_server.stop_worker(worker)
+    listing = json.loads(prefect_server.run_cli(
+        "list", "--from", str(work / "store"), "--json").stdout)
+    assert [b["db_id"] for b in listing] == ["tunnelshop"]
+
+    # A control: a key kept in a block is recoverable from a copy of the database (the
+    # scan below would see it), which is why the key file is the production source.
+    control = MasterKey.generate()
+    with prefect_server.settings():
+        BackupEncryptionKey(key=SecretStr(control.to_text())).save(
+            f"tunnel-control-{os.getpid()}", overwrite=True)
+    raw, documents = prefect_database(Path(prefect_server.env["PREFECT_HOME"]))
+    assert any(control.to_text() in document for document in documents)
+    assert any(closed.bastion.private_key.splitlines()[2] in document
+               for document in documents), "the bastion key is in its block"
+    for form in key_forms(key):
+        assert form not in raw, "the master key is in the Prefect database"
+        assert not any(form.decode("latin-1") in document for document in documents), \
+            "the master key is in a block"
+    assert closed.bastion.private_key.splitlines()[2].encode() not in raw
 
 
 def test_health_probe_goes_through_the_tunnel(closed: ClosedNetwork, tmp_path: Path) -> None:
