@@ -399,6 +399,41 @@ def test_retried_run_notifies_success_only_if_toggled(
             assert len(site.inbox.about(f"logical backup of {db} failed", via)) == 1, db
 
 
+def test_same_run_failing_again_after_a_retry_notifies_again(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """A failed run retried at once, its cause not fixed (ntf-broken's database does not
+    exist): the same run's second failure fires the automation again, and each message
+    tells its failure even when rendered after the run was scheduled again (Prefect
+    renders ``flow_run.state`` from the triggering event's state labels)."""
+    before = len(site.inbox.about("logical backup of ntf-broken failed", "webhook"))
+    run_id = _start(prefect_server, deployed["logical-ntf-broken"])
+
+    def failed() -> bool:
+        with prefect_server.http() as http:
+            state = http.get(f"flow_runs/{run_id}").json()["state"]
+        return bool(state["type"] == "FAILED")
+
+    prefect_server.wait_for(f"run {run_id} to fail", failed, 180, 0.1)
+    _retry_like_the_ui(prefect_server, run_id)
+    run = _wait_end(prefect_server, run_id)
+    assert run["state"]["type"] == "FAILED" and run["run_count"] == 2, run
+    for via in ("webhook", "smtp"):
+        messages = _wait_messages(
+            prefect_server, f"both failures of run {run_id} over {via}",
+            lambda via=via: [m for m in site.inbox.about(run_id, via)
+                             if "logical backup of ntf-broken" in m.subject]
+            if len(site.inbox.about(run_id, via)) >= 2 else [], 30)
+        assert len(messages) == 2, [m.body for m in messages]
+        for message in messages:
+            assert message.subject == "pgbackflow: logical backup of ntf-broken failed", (
+                message.subject)
+            lines = message.fields()
+            assert lines["outcome"] == "Failed", message.body
+            assert "no_such_database" in lines["error"], message.body
+    assert len(site.inbox.about("logical backup of ntf-broken failed", "webhook")) == before + 2
+
+
 def test_failed_full_backup_reaches_webhook(
     prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
 ) -> None:
