@@ -13,7 +13,13 @@ a busy storage, then measures, per catalog size, in one run:
 - ``dry_run_s``: ``run_retention(..., dry_run=True)``, what ``pgbackflow retention --dry-run``
   does once the process is up (catalog with the manifests cached locally, plan, render);
 - ``peak_mb``: peak Python memory of that dry run (tracemalloc, a separate pass, since
-  tracing slows it down).
+  tracing slows it down), and ``per_backup_kb`` = peak_mb / backups;
+- ``max_rss_mb``: the process's peak RSS so far (``getrusage``; the sizes run in one
+  process, smallest first, so it is the high-water mark of all sizes up to this one).
+
+``--storage local`` fills a local folder of the same shape instead (written directly, with
+the objects' ages as mtimes) and measures the same catalog, plan and memory without moto
+(no bare-paginator comparison): the catalog's own time and memory, in minutes, not hours.
 
 The objects are put into moto's store from inside its server process (the backend's own
 ``put_object``, what a PUT ends in, with the CRC32 checksum boto3 uploads carry): 5-10 ms of
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,7 +51,7 @@ import boto3
 from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.cluster import free_port
 from pgbackflow.tasks.retention import KeepGFS, Policy, plan_retention, run_retention
-from pgbackflow.tasks.storage import S3ObjectStorage
+from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage, Storage
 from tests.test_retention import (
     CLUSTER,
     DB,
@@ -97,13 +104,11 @@ def serve(port: int) -> None:
     server.stop()
 
 
-def populate(storage: S3ObjectStorage, feed: IO[bytes], answers: IO[bytes], objects: int,
-             now: datetime) -> dict[str, int]:
+def populate(writer: Writer, objects: int, now: datetime) -> dict[str, int]:
     """About ``objects`` objects: 40 % logical backups, 3 % physical, the rest WAL."""
     logical = int(objects * 0.40) // 3
     physical = int(objects * 0.03) // 3
     wal = objects - 3 * logical - 3 * physical
-    writer = _FeedWriter(storage, feed)
     newest = now.replace(minute=5, second=0, microsecond=0) - timedelta(hours=1)
     for i in range(logical):
         write_logical(writer, newest - timedelta(hours=i), i)
@@ -119,10 +124,17 @@ def populate(storage: S3ObjectStorage, feed: IO[bytes], answers: IO[bytes], obje
     for n in range(1, wal + 1):
         writer.put(f"physical/{CLUSTER}/wal/{1:08X}{n // 256:08X}{n % 256:08X}.pgbf", b"w",
                    first_day + step * n)
+    return {"logical_backups": logical, "physical_backups": physical, "wal_segments": wal}
+
+
+def populate_s3(storage: S3ObjectStorage, feed: IO[bytes], answers: IO[bytes], objects: int,
+                now: datetime) -> dict[str, int]:
+    """:func:`populate` through the moto server process (see :func:`serve`)."""
+    shape = populate(_FeedWriter(storage, feed), objects, now)
     feed.write(b"sync\n")
     feed.flush()
     assert answers.readline() == b"ok\n"
-    return {"logical_backups": logical, "physical_backups": physical, "wal_segments": wal}
+    return shape
 
 
 def bare_listing(endpoint: str, storage: S3ObjectStorage) -> int:
@@ -139,17 +151,23 @@ def bare_listing(endpoint: str, storage: S3ObjectStorage) -> int:
         return sum(pool.map(count, ("logical/", "physical/")))
 
 
-def measure(endpoint: str, storage: S3ObjectStorage, trace_cold: bool) -> dict[str, Any]:
+def measure(endpoint: str | None, storage: Storage, trace_cold: bool) -> dict[str, Any]:
     policies = {DB: GFS, CLUSTER: GFS}
-    started = time.perf_counter()
-    bare = bare_listing(endpoint, storage)
-    bare_s = time.perf_counter() - started
+    bare: int | None = None
+    if endpoint is not None:  # first, as ours: the same state of moto for both
+        assert isinstance(storage, S3ObjectStorage)
+        started = time.perf_counter()
+        bare = bare_listing(endpoint, storage)
+        bare_s = time.perf_counter() - started
     started = time.perf_counter()
     with ThreadPoolExecutor(2) as pool:
         listed = sum(pool.map(lambda root: sum(1 for _ in storage.iter_list(root)),
                               ("logical/", "physical/")))
     list_s = time.perf_counter() - started
-    assert listed == bare, (listed, bare)
+    listing: dict[str, Any] = {}
+    if bare is not None:
+        assert listed == bare, (listed, bare)
+        listing = {"bare_list_s": round(bare_s, 2), "list_ratio": round(list_s / bare_s, 2)}
     if trace_cold:
         tracemalloc.start()
     started = time.perf_counter()
@@ -176,13 +194,31 @@ def measure(endpoint: str, storage: S3ObjectStorage, trace_cold: bool) -> dict[s
                                 show=lambda _text: None)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-    return {"objects": listed, "bare_list_s": round(bare_s, 2), "list_s": round(list_s, 2),
-            "list_ratio": round(list_s / bare_s, 2), "cold_catalog_s": round(catalog_s, 2),
+    backups = sum(len(p.catalog.backups) for p in plan.databases)
+    return {"objects": listed, **listing, "list_s": round(list_s, 2),
+            "cold_catalog_s": round(catalog_s, 2),
             "plan_s": round(plan_s, 2), "render_s": round(render_s, 2),
             "dry_run_s": round(dry_run_s, 2), "peak_mb": round(peak / 1e6, 1),
+            "per_backup_kb": round(peak / backups / 1e3, 2),
             "peak_of": "cold pass (traced)" if trace_cold else "dry run",
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "deleted": sum(len(p.deleted) for p in plan.databases),
             "wal_deleted": sum(p.wal_delete_count for p in plan.databases)}
+
+
+def bench_local(counts: list[int], trace_cold: bool) -> None:
+    """The measurements on local folders (one per size, removed after)."""
+    for count in counts:
+        folder = tempfile.mkdtemp(prefix="pgbackflow-bench-retention-")
+        try:
+            storage = LocalFolderStorage(folder)
+            started = time.perf_counter()
+            shape = populate(Writer(storage), count, datetime.now(UTC))
+            result = {**shape, "populate_s": round(time.perf_counter() - started, 1),
+                      **measure(None, storage, trace_cold)}
+            print(json.dumps(result), flush=True)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def main() -> None:
@@ -191,10 +227,15 @@ def main() -> None:
     parser.add_argument("--trace-cold", action="store_true",
                         help="measure memory in the cold pass (its time then includes the "
                              "tracing) instead of a pass of its own: one listing fewer")
+    parser.add_argument("--storage", choices=("s3", "local"), default="s3",
+                        help="moto S3 (default) or a local folder of the same shape")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(args.serve)
+        return
+    if args.storage == "local":
+        bench_local(args.objects, args.trace_cold)
         return
     # Its own process: in-process, moto's threads would share the GIL with the reader.
     host, port = "127.0.0.1", free_port()
@@ -214,7 +255,7 @@ def main() -> None:
                          region_name="us-east-1").create_bucket(Bucket=bucket)
             storage = S3ObjectStorage(bucket, "pg", endpoint_url=endpoint, region="us-east-1")
             started = time.perf_counter()
-            shape = populate(storage, server.stdin, server.stdout, count, datetime.now(UTC))
+            shape = populate_s3(storage, server.stdin, server.stdout, count, datetime.now(UTC))
             result = {**shape, "populate_s": round(time.perf_counter() - started, 1),
                       **measure(endpoint, storage, args.trace_cold)}
             print(json.dumps(result), flush=True)
