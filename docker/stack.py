@@ -92,7 +92,14 @@ def run(args: list[str], *, env: dict[str, str] | None = None, capture: bool = F
 
 
 def compose_command() -> list[str]:
-    """``docker compose`` (v2 plugin) when it exists, else Debian's ``docker-compose`` 1.29."""
+    """``docker compose`` (v2 plugin) when it exists, else Debian's ``docker-compose`` 1.29;
+    PGBACKFLOW_COMPOSE names one of the two explicitly."""
+    chosen = os.environ.get("PGBACKFLOW_COMPOSE")
+    if chosen:
+        if chosen not in ("docker compose", "docker-compose"):
+            raise StackError(f"PGBACKFLOW_COMPOSE={chosen!r}: give 'docker compose' or "
+                             "'docker-compose'")
+        return chosen.split()
     if shutil.which("docker") and subprocess.run(
         ["docker", "compose", "version"], capture_output=True, check=False
     ).returncode == 0:

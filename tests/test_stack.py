@@ -1,6 +1,7 @@
 """The production stack (docker/compose.yaml) as a user brings it up: ``docker/stack.py up``.
 
-Real Docker engine and Debian's docker-compose 1.29 (``.ci/run`` installs it), the images built
+Real Docker engine, brought up once with the ``docker compose`` v2 plugin and once with Debian's
+docker-compose 1.29 (``.ci/run`` installs both), the images built
 here (``docker/stack.py build``: no registry), a PostgreSQL server of the newest selected major
 on loopback as the database to back up. One module-scoped stack: the API refuses requests
 without the auth string, ``pgbackflow doctor`` in the server's container warns of nothing, a
@@ -54,7 +55,7 @@ def _free_port() -> int:
 
 @dataclass
 class Stack:
-    """One brought-up stack: its project name, ports and secrets."""
+    """One brought-up stack: its project name, ports, secrets and compose command."""
 
     env: dict[str, str]
     secrets: Path
@@ -78,9 +79,9 @@ class Stack:
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     def compose(self, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        # Debian's docker-compose 1.29 explicitly: the oldest the stack promises to work with.
+        # The compose this stack was brought up with (PGBACKFLOW_COMPOSE for stack.py too).
         return subprocess.run(
-            ["docker-compose", "--project-name", self.project, "--file",
+            [*self.env["PGBACKFLOW_COMPOSE"].split(), "--project-name", self.project, "--file",
              str(REPO / "docker" / "compose.yaml"), *args],
             env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
 
@@ -104,20 +105,29 @@ def _failed(what: str, result: subprocess.CompletedProcess[str]) -> str:
             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def stack(docker_engine: Any) -> Iterator[Stack]:
-    if shutil.which("docker-compose") is None:
-        pytest.fail("docker-compose is not installed: apt-get install docker-compose (.ci/run "
-                    "does)", pytrace=False)
+#: Both composes the stack promises to work with: the v2 plugin and Debian's 1.29.
+COMPOSES = ("docker compose", "docker-compose")
+
+
+@pytest.fixture(scope="module", params=COMPOSES)
+def stack(docker_engine: Any, request: pytest.FixtureRequest) -> Iterator[Stack]:
+    compose: str = request.param
+    installed = subprocess.run([*compose.split(), "version"], capture_output=True,
+                               check=False) if shutil.which(compose.split()[0]) else None
+    if installed is None or installed.returncode != 0:
+        pytest.fail(f"{compose} is not installed (.ci/run installs docker-compose 1.29 and the "
+                    "v2 plugin)", pytrace=False)
     secrets_dir = Path(tempfile.mkdtemp(prefix="pgbackflow-test-stack-", dir="/var/tmp"))
     env = {
         **os.environ,
-        "PGBACKFLOW_STACK_PROJECT": f"pgbackflow-test-{os.getpid()}",
+        "PGBACKFLOW_STACK_PROJECT": f"pgbackflow-test-{os.getpid()}-"
+                                    f"{'v2' if compose == 'docker compose' else 'v1'}",
         "PGBACKFLOW_PREFECT_PORT": str(_free_port()),
         "PGBACKFLOW_PREFECT_DB_PORT": str(_free_port()),
         "PGBACKFLOW_PREFECT_BIND": "127.0.0.1",
         "PGBACKFLOW_STACK_SECRETS": str(secrets_dir / "secrets"),
         "PGBACKFLOW_SANDBOX_DIR": str(secrets_dir / "sandboxes"),
+        "PGBACKFLOW_COMPOSE": compose,
     }
     stack = Stack(env=env, secrets=secrets_dir / "secrets")
     try:
