@@ -122,8 +122,20 @@ def test_maintenance_deployment_deletes_what_the_policy_says(
     with prefect_server.http() as http:
         artifacts = http.post("artifacts/filter", json={"artifacts": {"flow_run_id": {
             "any_": [run_id]}}}).json()
-        logs = http.post("logs/filter", json={"logs": {"flow_run_id": {"any_": [run_id]}},
-                                              "limit": 200}).json()
+
+    def run_logs() -> list[dict[str, Any]] | None:
+        # The run's process sends its last log batch as it exits, after the run is Completed.
+        with prefect_server.http() as http:
+            found: list[dict[str, Any]] = http.post("logs/filter", json={
+                "logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
+        lines = [e["message"] for e in found]
+        orphan_line = any(m.startswith(f"deleted {storage.location}/{orphan} ") for m in lines)
+        backup_lines = [m for m in lines
+                        if m.startswith(f"deleted {storage.location}/logical/{DB}/")]
+        return found if orphan_line and len(backup_lines) >= 3 * 3 + 1 + 1 else None
+
+    logs = prefect_server.wait_for("the maintenance run's deletion log lines", run_logs,
+                                   timeout=60)
     by_key = {a["key"]: a for a in artifacts if a.get("key")}
     plan = by_key[artifact_key("retention", storage.location)]
     for deleted in ids[:3]:
@@ -134,7 +146,8 @@ def test_maintenance_deployment_deletes_what_the_policy_says(
     assert [row["backup_id"] for row in _rows(table)] == [ids[-1], ids[-2]]
     assert "one of the last 2" in _rows(table)[1]["kept_because"]
     messages = [entry["message"] for entry in logs]
-    assert any(m.startswith(f"deleted {storage.location}/{orphan} (orphan:") for m in messages)
+    assert any(m.startswith(f"deleted {storage.location}/{orphan} (orphan:")
+               for m in messages), messages
     deleted = [m for m in messages if m.startswith(f"deleted {storage.location}/logical/{DB}/")]
     # 3 objects per deleted backup, the orphan, and the batch's deletion journal.
     assert len(deleted) == 3 * 3 + 1 + 1, deleted
