@@ -240,15 +240,26 @@ def _delivery_timeline(server: PrefectServer, run: dict[str, Any], message: Mess
     ended = _ended_at(run)
     db_id = message.fields()["database"]
     since = datetime.fromtimestamp(ended - 1).astimezone().isoformat()
-    with server.http() as http:
-        page = http.post("events/filter", json={"filter": {
-            "occurred": {"since": since},
-            "event": {"prefix": ["prefect.flow-run.", "pgbackflow.run.",
-                                 "prefect.automation.action."]},
-            "order": "ASC"}, "limit": 50})
-    assert page.status_code == 200, page.text
+
+    def stored() -> list[dict[str, Any]] | None:
+        """The events, once the run's end is among them (the server stores events in
+        batches, seconds after they happened)."""
+        with server.http() as http:
+            page = http.post("events/filter", json={"filter": {
+                "occurred": {"since": since},
+                "event": {"prefix": ["prefect.flow-run.", "pgbackflow.run.",
+                                     "prefect.automation.action."]},
+                "order": "ASC"}, "limit": 50})
+        assert page.status_code == 200, page.text
+        events: list[dict[str, Any]] = page.json()["events"]
+        final = f"prefect.flow-run.{run['state']['name']}"
+        return events if any(e["event"] == final and run["id"] in e["resource"][
+            "prefect.resource.id"] for e in events) else None
+
+    events: list[dict[str, Any]] = server.wait_for(f"the end of run {run['id']} among the "
+                                                   "stored events", stored, 30, 0.5)
     steps = []
-    for event in page.json()["events"]:
+    for event in events:
         resources = [event["resource"], *event.get("related", [])]
         ours = any(run["id"] in r["prefect.resource.id"] for r in resources) or (
             event["event"].startswith("prefect.automation.")
