@@ -82,6 +82,8 @@ JOURNAL_PREFIX = "deleting-"
 batch of manifests is deleted and removed once the batch is gone."""
 MANIFEST_READERS = 8
 """Manifests read at once (S3 round trips dominate a large catalog)."""
+READ_BATCH = 256
+"""Manifest reads handed to the readers at a time."""
 CACHE_ENV = "PGBACKFLOW_CACHE_DIR"
 """Where remote storages' manifests are cached (default: ~/.cache/pgbackflow); "off": never."""
 
@@ -905,17 +907,20 @@ def read_catalog(
         return _found(kind, found_id, record, dbs[(kind, found_id)].folders[backup_id],
                       keyring is not None, keep_manifests)
 
-    keys = [(m[0], m[1], m[2]) for m in manifests]
+    records: dict[tuple[Kind, str, str], _Found | None] = {}
     if cache is None:  # a local folder: no round trips to overlap
-        records = dict(zip(keys, map(read, manifests), strict=True))
+        records.update(((m[0], m[1], m[2]), read(m)) for m in manifests)
     else:
-        reader: Storage = _CachedReads(storage, cache, {m[3].key: m[3] for m in manifests})
-
         def read_cached(job: tuple[Kind, str, str, StoredObject]) -> _Found | None:
-            return read(job, reader)
+            return read(job, _CachedReads(storage, cache, {job[3].key: job[3]}))
 
         with ThreadPoolExecutor(MANIFEST_READERS, thread_name_prefix="pgbackflow-catalog") as pool:
-            records = dict(zip(keys, pool.map(read_cached, manifests), strict=True))
+            # A bounded batch at a time: Executor.map submits every job at once, and a
+            # pending future weighs ~1 kB (as much as the backup's record).
+            for start in range(0, len(manifests), READ_BATCH):
+                batch = manifests[start : start + READ_BATCH]
+                records.update(zip(((m[0], m[1], m[2]) for m in batch),
+                                   pool.map(read_cached, batch), strict=True))
         if db_id is None and len(kinds) == 2:
             cache.prune(m[3] for m in manifests)
     databases = [
