@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from pgbackflow.blocks.database import PostgresDatabase
     from pgbackflow.blocks.storage import LocalStorage, S3Storage
     from pgbackflow.tasks.reports import BackupReport
+    from pgbackflow.tasks.storage import Storage
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,7 +68,16 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
 
     Flows run by a command send heartbeats to a Prefect server (see cli_heartbeats).
     """
+    return _guarded(func, runs_flows=True)
 
+
+def user_errors_without_flows(func: Callable[P, R]) -> Callable[P, R]:
+    """``user_errors`` for commands that run no flow (they read a storage or a key file):
+    Prefect is not imported for them, ~3 s of such a command's ~4 s here."""
+    return _guarded(func, runs_flows=False)
+
+
+def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         # Prefect's client retries each failed request 5 times with exponential backoff: a
@@ -80,6 +90,8 @@ def user_errors(func: Callable[P, R]) -> Callable[P, R]:
             os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
             logging.raiseExceptions = False
         try:
+            if not runs_flows:
+                return func(*args, **kwargs)
             from pgbackflow.flows.common import cli_heartbeats, retry_listeners
 
             def retry_line(line: str) -> None:
@@ -236,6 +248,19 @@ def _storage_block(url: str, what: str) -> LocalStorage | S3Storage:
         raise PgBackflowError(f"{what}: {exc}") from None
 
 
+def _open_storage(url: str, what: str) -> Storage:
+    """The storage of a CLI argument, for commands that run no flow: a path or URL opens
+    without importing Prefect (~3 s of a read-only command); ``block:`` loads the block."""
+    if url.strip().startswith("block:"):
+        return _storage_block(url, what).open()
+    from pgbackflow.tasks.storage import parse_storage_url
+
+    try:
+        return parse_storage_url(url).open()
+    except PgBackflowError as exc:
+        raise PgBackflowError(f"{what}: {exc}") from None
+
+
 def _key_file_or_default(key_file: Path | None) -> str:
     """The key file to use; on first use of the default one, create it and say so loudly."""
     from pgbackflow.tasks.keys import default_key_file, load_or_create_key_file, new_key_warning
@@ -335,7 +360,7 @@ def backup(
 
 
 @app.command("list")
-@user_errors
+@user_errors_without_flows
 def list_command(
     source: Annotated[str, typer.Option("--from", help="Storage to list.")],
     db_id: Annotated[str | None, typer.Option("--db-id", help="Only this database.")] = None,
@@ -348,7 +373,7 @@ def list_command(
     from pgbackflow.tasks.catalog import read_catalog
     from pgbackflow.tasks.keys import Keyring, load_key_file
 
-    storage = _storage_block(source, f"--from {source}").open()
+    storage = _open_storage(source, f"--from {source}")
     storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
     backups, refused = read_catalog(storage, keyring, db_id=db_id,
@@ -946,7 +971,7 @@ def key_init(
 
 
 @key_app.command("seal-manifests")
-@user_errors
+@user_errors_without_flows
 def key_seal_manifests(
     source: Annotated[str, typer.Option("--from", help="Storage holding the backups.")],
     key_file: Annotated[Path, typer.Option("--key-file", help="Master key file.")],
@@ -957,7 +982,7 @@ def key_seal_manifests(
     from pgbackflow.tasks.manifest import seal_legacy_manifests
 
     key = load_key_file(key_file)
-    storage = _storage_block(source, f"--from {source}").open()
+    storage = _open_storage(source, f"--from {source}")
     storage.check_exists()
     question = (f"seal every manifest without a MAC in {storage.location} with key "
                 f"{key.key_id_hex}? Only if nobody else could have written to it")
@@ -970,7 +995,7 @@ def key_seal_manifests(
 
 
 @key_app.command("rotate")
-@user_errors
+@user_errors_without_flows
 def key_rotate(
     source: Annotated[str, typer.Option("--from", help="Storage holding the backups.")],
     old_key_files: Annotated[list[Path], typer.Option(
@@ -985,7 +1010,7 @@ def key_rotate(
 
     old = Keyring([load_key_file(path) for path in old_key_files])
     new = load_key_file(new_key_file)
-    storage = _storage_block(source, f"--from {source}").open()
+    storage = _open_storage(source, f"--from {source}")
 
     def show(line: str) -> None:
         out.print(line, highlight=False, markup=False, soft_wrap=True)
@@ -1225,7 +1250,7 @@ def verify_physical(
 
 
 @app.command("physical-list")
-@user_errors
+@user_errors_without_flows
 def physical_list(
     source: Annotated[str, typer.Option("--from", help="Storage to list.")],
     db_id: Annotated[str | None, typer.Option("--db-id", help="Only this cluster.")] = None,
@@ -1238,7 +1263,7 @@ def physical_list(
     from pgbackflow.tasks.catalog import read_catalog
     from pgbackflow.tasks.keys import Keyring, load_key_file
 
-    storage = _storage_block(source, f"--from {source}").open()
+    storage = _open_storage(source, f"--from {source}")
     storage.check_exists()  # a mistyped path is an error, not "0 backups"
     keyring = Keyring([load_key_file(key_file)]) if key_file else None
     stored = read_catalog(storage, keyring, db_id=db_id, kinds=("physical",))
@@ -1294,7 +1319,7 @@ def physical_list(
 
 
 @app.command("retention")
-@user_errors
+@user_errors_without_flows
 def retention_command(
     source: Annotated[str, typer.Option("--from", help="Storage to expire backups in.")],
     db_id: Annotated[
@@ -1331,7 +1356,7 @@ def retention_command(
                           daily=daily, weekly=weekly, monthly=monthly, yearly=yearly)
     grace = sweep_grace(grace_hours)
     keyring = Keyring([load_key_file(key_file or default_key_file())])
-    storage = _storage_block(source, f"--from {source}").open()
+    storage = _open_storage(source, f"--from {source}")
 
     def show(line: str) -> None:
         out.print(line, highlight=False, markup=False, soft_wrap=True)
