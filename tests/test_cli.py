@@ -96,3 +96,18 @@ def test_typer_exits_pass_through_the_error_wrapper() -> None:
     with pytest.raises(typer.Exit) as excinfo:
         command()
     assert excinfo.value.exit_code == 2
+
+
+def test_commands_without_flows_do_not_import_prefect(tmp_path: Path) -> None:
+    """Reading a storage runs no flow: Prefect's import (~3 s of a ~4 s command) is skipped."""
+    (tmp_path / "store").mkdir()
+    store = str(tmp_path / "store")
+    for args in (["list", "--from", store], ["physical-list", "--from", store],
+                 ["retention", "--from", store, "--dry-run", "--keep-last", "2"]):
+        result = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], *args],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert result.returncode == 0, result.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+        assert "pgbackflow.tasks.catalog" in imported, args  # the measure sees our imports
+        assert "prefect" not in imported, args
