@@ -35,6 +35,7 @@ from pgbackflow.tasks.manifest import LogicalManifest, list_backups
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3ObjectStorage, Storage
 from pgbackflow.tasks.toolsets import toolsets_home
 from tests.fixtures.postgres import BigDatabase, PgServers, make_database
+from tests.fixtures.prefect import settled_task_runs
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -731,7 +732,8 @@ def flow_run_with(flow_name: str, text: str) -> tuple[dict[str, Any], list[dict[
     ids = [name.removeprefix("flow run ") for name, record in records.items()
            if name.startswith("flow run ") and text in record]
     assert len(ids) == 1, f"{len(ids)} runs of {flow_name} mention {text!r}"
-    return json.loads(records[f"flow run {ids[0]}"]), json.loads(records[f"task runs of {ids[0]}"])
+    task_runs = [t.model_dump(mode="json") for t in settled_task_runs(ids[0])]
+    return json.loads(records[f"flow run {ids[0]}"]), task_runs
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ from uuid import UUID
 
 import pytest
 from prefect import flow
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.context import get_run_context
 
 from pgbackflow.flows.logical_backup import inspect_source
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import DatabaseError, TransientDatabaseError
+from tests.fixtures.prefect import settled_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -40,11 +39,7 @@ def run_inspect(settings: ConnectionSettings) -> tuple[BaseException, UUID]:
 
 
 def task_run_counts(flow_run_id: UUID) -> list[int]:
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    return [run.run_count for run in runs]
+    return [run.run_count for run in settled_task_runs(flow_run_id)]
 
 
 def test_connection_refused_is_retried() -> None:
