@@ -15,6 +15,21 @@ from pgbackflow.tasks.errors import ConfigError
 CREATE_IT = "create it in the Prefect UI or with Block.save()"
 
 
+def find_saved_block(slug: str, name: str) -> BlockDocument | None:
+    """The saved block document ``slug/name`` without its secrets, or None if there is none
+    (a dry run of a deploy that would create it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            return client.read_block_document_by_name(
+                name, block_type_slug=slug, include_secrets=False
+            )
+        except ObjectNotFound:
+            return None
+
+
 def saved_block(slug: str, name: str, what: str, how: str = CREATE_IT) -> BlockDocument:
     """The saved block document ``slug/name``, without its secrets.
 
@@ -28,13 +43,7 @@ def saved_block(slug: str, name: str, what: str, how: str = CREATE_IT) -> BlockD
     Raises:
         ConfigError: no such block (one line: which block, that it is missing, ``how``).
     """
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    with get_client(sync_client=True) as client:
-        try:
-            return client.read_block_document_by_name(
-                name, block_type_slug=slug, include_secrets=False
-            )
-        except ObjectNotFound:
-            raise ConfigError(f"{what} block {slug}/{name} does not exist: {how}") from None
+    document = find_saved_block(slug, name)
+    if document is None:
+        raise ConfigError(f"{what} block {slug}/{name} does not exist: {how}")
+    return document

@@ -778,18 +778,10 @@ def _block_change(spec: BlockSpec, block: Block) -> Change:
 
 
 def _block_id(kind: type[Block], name: str) -> str | None:
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
+    from pgbackflow.deployments.block_refs import find_saved_block
 
-    slug = kind.get_block_type_slug()
-    with get_client(sync_client=True) as client:
-        try:
-            document = client.read_block_document_by_name(
-                name, block_type_slug=slug, include_secrets=False
-            )
-        except ObjectNotFound:
-            return None
-    return str(document.id)
+    document = find_saved_block(kind.get_block_type_slug(), name)
+    return None if document is None else str(document.id)
 
 
 _BLOCK_KINDS: dict[str, type[Block]] = {
