@@ -124,6 +124,10 @@ def compose_env() -> dict[str, str]:
 
 def compose(*args: str, capture: bool = False, check: bool = True,
             timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    # docker-compose 1.29 checks the image's build context exists on every command (down and
+    # ps included), and a checkout whose image is already built (by an earlier checkout, or
+    # loaded) never made one: an empty folder is enough for all but `build`.
+    CONTEXT.mkdir(parents=True, exist_ok=True)
     command = [*compose_command(), "--project-name", setting("PGBACKFLOW_STACK_PROJECT"),
                "--file", str(COMPOSE_FILE), *args]
     return run(command, env=compose_env(), capture=capture, check=check, timeout=timeout)

@@ -109,6 +109,21 @@ def test_maintenance_deployment_deletes_what_the_policy_says(
             return run if state == "COMPLETED" else None
 
         prefect_server.wait_for("the maintenance run to complete", finished, timeout=300)
+
+        def run_logs() -> list[dict[str, Any]] | None:
+            # The run's process sends its last log batch as it exits, after the run is
+            # Completed: the worker (whose process group it is in) must not be stopped before.
+            with prefect_server.http() as http:
+                found: list[dict[str, Any]] = http.post("logs/filter", json={
+                    "logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
+            lines = [e["message"] for e in found]
+            orphan_line = any(m.startswith(f"deleted {storage.location}/{orphan} ") for m in lines)
+            backup_lines = [m for m in lines
+                            if m.startswith(f"deleted {storage.location}/logical/{DB}/")]
+            return found if orphan_line and len(backup_lines) >= 3 * 3 + 1 + 1 else None
+
+        logs = prefect_server.wait_for("the maintenance run's deletion log lines", run_logs,
+                                       timeout=120)
     finally:
         prefect_server.stop_workers()
 
@@ -123,19 +138,6 @@ def test_maintenance_deployment_deletes_what_the_policy_says(
         artifacts = http.post("artifacts/filter", json={"artifacts": {"flow_run_id": {
             "any_": [run_id]}}}).json()
 
-    def run_logs() -> list[dict[str, Any]] | None:
-        # The run's process sends its last log batch as it exits, after the run is Completed.
-        with prefect_server.http() as http:
-            found: list[dict[str, Any]] = http.post("logs/filter", json={
-                "logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}).json()
-        lines = [e["message"] for e in found]
-        orphan_line = any(m.startswith(f"deleted {storage.location}/{orphan} ") for m in lines)
-        backup_lines = [m for m in lines
-                        if m.startswith(f"deleted {storage.location}/logical/{DB}/")]
-        return found if orphan_line and len(backup_lines) >= 3 * 3 + 1 + 1 else None
-
-    logs = prefect_server.wait_for("the maintenance run's deletion log lines", run_logs,
-                                   timeout=60)
     by_key = {a["key"]: a for a in artifacts if a.get("key")}
     plan = by_key[artifact_key("retention", storage.location)]
     for deleted in ids[:3]:

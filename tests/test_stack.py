@@ -144,6 +144,24 @@ def stack(docker_engine: Any, request: pytest.FixtureRequest) -> Iterator[Stack]
         assert stack.leftovers() == [], "the stack left these behind"
 
 
+@pytest.mark.parametrize("compose", COMPOSES)
+def test_down_works_in_a_checkout_that_never_built_the_image(
+    docker_engine: Any, compose: str, tmp_path: Path
+) -> None:
+    """A checkout whose image was built elsewhere has no docker/build/context/, and 1.29
+    refuses every command of a compose file whose build context is missing (CI: ``down``)."""
+    copy = tmp_path / "docker"
+    copy.mkdir()
+    for name in ("stack.py", "compose.yaml"):
+        shutil.copy2(REPO / "docker" / name, copy / name)
+    env = {**os.environ, "PGBACKFLOW_COMPOSE": compose,
+           "PGBACKFLOW_STACK_PROJECT": f"pgbackflow-test-{os.getpid()}-never-built",
+           "PGBACKFLOW_STACK_SECRETS": str(tmp_path / "secrets")}
+    down = subprocess.run([sys.executable, str(copy / "stack.py"), "down", "--volumes"],
+                          env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert down.returncode == 0, _failed(f"docker/stack.py down with {compose}", down)
+
+
 def test_api_needs_the_auth_string_and_the_ui_calls_its_port(stack: Stack) -> None:
     with stack.http(auth=False) as anonymous:
         assert anonymous.get("health").status_code == 200  # probes need no credentials
