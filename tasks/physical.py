@@ -106,11 +106,6 @@ def parse_lsn(text: str) -> int:
         raise ConfigError(f"'{text}' is not a WAL position (LSN): expect e.g. 0/2000028") from None
 
 
-def format_lsn(position: int) -> str:
-    """Integer position → ``'16/B374D848'``."""
-    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
-
-
 def physical_db_id(system_identifier: str) -> str:
     """The id a cluster's physical backups and WAL are filed under."""
     return f"cluster-{system_identifier}"
@@ -860,7 +855,6 @@ __all__ = [
     "build_manifest",
     "chain_of",
     "check_physical_source",
-    "format_lsn",
     "incremental_refusal",
     "list_physical_backups",
     "manifest_key",

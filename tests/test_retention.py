@@ -36,7 +36,7 @@ from pgbackflow.tasks.manifest import (
     logical_binding,
     manifest_mac,
 )
-from pgbackflow.tasks.physical import PhysicalManifest, format_lsn, physical_binding
+from pgbackflow.tasks.physical import PhysicalManifest, physical_binding
 from pgbackflow.tasks.retention import (
     LOCK_KEY,
     MIN_AGE,
@@ -65,6 +65,11 @@ CLUSTER = "cluster-7312"
 SEG = 16 * 1024 * 1024
 GRACE = timedelta(hours=24)
 CLI = [sys.executable, "-u", "-c", "from pgbackflow.cli import main; main()"]
+
+
+def format_lsn(position: int) -> str:
+    """Integer position → ``'16/B374D848'`` (the form manifests store)."""
+    return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
 # ---------------------------------------------------------------------------------------
