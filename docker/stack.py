@@ -277,7 +277,8 @@ def _toolsets_home() -> Path:
 
 #: What the image is made of: a change to any of these rebuilds it (``up``).
 SOURCE_GLOBS = ("pyproject.toml", "constraints.txt", "docker/Dockerfile", "docker/stack-env.sh",
-                "pgbackflow/*.py", "blocks/*.py", "deployments/*.py", "flows/*.py", "tasks/*.py")
+                "pgbackflow/**/*.py", "blocks/**/*.py", "deployments/**/*.py", "flows/**/*.py",
+                "tasks/**/*.py")
 
 
 def source_hash() -> str:
