@@ -1,0 +1,90 @@
+"""The ``pgbackflow`` command line.
+
+Commands run the same code the flows run. Errors print one line naming the input and what
+to do, and exit non-zero; ``--debug`` shows the traceback as well.
+
+One module per command group (``logical``, ``physical``, ``operate``, ``retention``, and the
+``key`` and ``toolsets`` sub-commands); what they share is in ``common``, what they print in
+``render``. Nothing here imports Prefect or the flows at load time: the commands that run no
+flow (``list``, ``physical-list``, ``retention``, ``key seal-manifests``, ``key rotate``)
+answer without it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from pgbackflow import __version__
+from pgbackflow.cli import logical, operate, physical, retention
+from pgbackflow.cli.common import (
+    quiet_prefect_console,
+    state,
+    user_errors,
+    user_errors_without_flows,
+)
+from pgbackflow.cli.keys import key_app
+from pgbackflow.cli.render import out
+from pgbackflow.cli.toolsets import toolsets_app
+
+__all__ = ["app", "main", "user_errors", "user_errors_without_flows"]
+
+app = typer.Typer(
+    name="pgbackflow",
+    help="PostgreSQL backups, point-in-time recovery and restore verification on Prefect.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(toolsets_app, name="toolsets")
+app.add_typer(key_app, name="key")
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"pgbackflow {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show the version."),
+    ] = False,
+) -> None:
+    """PostgreSQL backups, point-in-time recovery and restore verification on Prefect."""
+    state["debug"] = debug
+    quiet_prefect_console(debug)
+
+
+# The order of `pgbackflow --help` (typer lists the commands as they are added).
+app.command()(logical.backup)
+app.command("list")(logical.list_command)
+app.command()(logical.restore)
+app.command()(logical.verify)
+app.command("schedule-verification")(logical.schedule_verification)
+app.command("schedule-physical")(physical.schedule_physical)
+app.command()(operate.deploy)
+app.command()(operate.doctor)
+app.command("physical-retire")(physical.physical_retire)
+app.command(hidden=True, context_settings={"allow_extra_args": True,
+                                           "ignore_unknown_options": True})(operate.notify)
+app.command()(operate.status)
+app.command()(operate.agent)
+app.command()(operate.worker)
+app.command()(operate.demo)
+app.command()(logical.decrypt)
+app.command("physical-backup")(physical.physical_backup)
+app.command("wal-stream")(physical.wal_stream_command)
+app.command()(physical.pitr)
+app.command("verify-physical")(physical.verify_physical)
+app.command("physical-list")(physical.physical_list)
+app.command("retention")(retention.retention_command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
