@@ -11,16 +11,17 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
-from prefect import Task
+from prefect import Task, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.cache_policies import NONE
 from prefect.client.schemas.objects import State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
@@ -259,6 +260,16 @@ def _announce_retry(task: Task[..., Any], task_run: TaskRun, exc: Exception) -> 
         logger.warning("%s", line)
     for listener in retry_listeners:
         listener(line)
+
+
+T = TypeVar("T")
+
+
+def stage_as_task(stage: str, work: Callable[[], T]) -> T:
+    """The flows' :class:`tasks.runtime.StageRunner`: a restore stage (``work``) as a task
+    run named ``stage``, so the UI shows each stage's state and timing. Not cached, not
+    retried: a stage that fails is reported by the restore that ran it."""
+    return task(name=stage, cache_policy=NONE)(work)()
 
 
 def open_storages(blocks: Sequence[StorageBlock]) -> list[Storage]:

@@ -48,6 +48,7 @@ from pgbackflow.flows.common import (
     resolve_keyring,
     resolve_master_key,
     retry_if_transient,
+    stage_as_task,
     tag_run,
     write_statuses,
 )
@@ -89,7 +90,7 @@ from pgbackflow.tasks.pitr import (
     start_and_wait,
     write_restore_script,
 )
-from pgbackflow.tasks.pitr_docker import DockerRestoreResult, restore_into_docker_volume
+from pgbackflow.tasks.pitr_docker import restore_into_docker_volume
 from pgbackflow.tasks.process import OsUser
 from pgbackflow.tasks.reports import (
     ChainLink,
@@ -654,25 +655,6 @@ def start_server_task(to_dir: Path, toolset: Toolset, user: OsUser, port: int) -
     return server
 
 
-@task(name="restore-into-docker-volume", cache_policy=NONE)
-def restore_into_volume_task(
-    storage: Storage,
-    plan: PitrPlan,
-    keyring: Keyring,
-    toolset: Toolset,
-    volume: str,
-    image: str | None,
-    network: str | None,
-    start: bool,
-    port: int | None,
-) -> DockerRestoreResult:
-    """Build the data directory, copy it into the volume and optionally start a container."""
-    return restore_into_docker_volume(
-        storage, plan, keyring, volume=volume, image=image, network=network, start=start,
-        port=port, toolset=toolset, on_step=get_run_logger().info,
-    )
-
-
 @flow(name="pitr-restore", log_prints=False)
 def pitr_restore(
     storage: StorageBlock,
@@ -715,9 +697,11 @@ def pitr_restore(
     tag_run("pitr", plan.db_id)
     toolset = choose_toolset(plan.newest.server_major, f"restore of {plan.db_id}")
     if docker_volume:
-        result = restore_into_volume_task(
-            source, plan, keyring, toolset, docker_volume, docker_image, docker_network, start,
-            port,
+        # Each stage (build, copy into the volume, start) is a task run of its own.
+        result = restore_into_docker_volume(
+            source, plan, keyring, volume=docker_volume, image=docker_image,
+            network=docker_network, start=start, port=port, toolset=toolset,
+            on_step=get_run_logger().info, run_stage=stage_as_task,
         )
         report = PitrReport(
             db_id=plan.db_id,
@@ -778,21 +762,6 @@ class PhysicalVerificationFailed(PgBackflowError):
     """The chain did not restore, replay or check cleanly (the report says where)."""
 
 
-@task(name="verify-physical-chain", cache_policy=NONE)
-def verify_physical_task(
-    storage: Storage,
-    keyring: Keyring,
-    db_id: str | None,
-    backup_id: str | None,
-    amcheck: AmcheckMode,
-) -> PhysicalVerificationReport:
-    """Combine + replay the chain in a throwaway server, pg_amcheck it, count every table."""
-    return verify_physical_backup(
-        storage, keyring, db_id=db_id, backup_id=backup_id, amcheck=amcheck,
-        on_step=get_run_logger().info,
-    )
-
-
 @flow(name="physical-verification", log_prints=False, on_completion=[announce_success])
 def physical_verification(
     storage: StorageBlock,
@@ -815,7 +784,11 @@ def physical_verification(
     source = storage.open()
     keyring = resolve_keyring(encryption_key, key_file)
     tag_run("physical-verification", db_id)
-    report = verify_physical_task(source, keyring, db_id, backup_id, amcheck)
+    # Each stage (plan, restore, replay, amcheck, counts) is a task run of its own.
+    report = verify_physical_backup(
+        source, keyring, db_id=db_id, backup_id=backup_id, amcheck=amcheck,
+        on_step=get_run_logger().info, run_stage=stage_as_task,
+    )
     tag_run("physical-verification", report.db_id)
     rows = [
         {"database": database.name, "table": table, "rows": count}

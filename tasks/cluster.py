@@ -27,6 +27,7 @@ from psycopg.conninfo import make_conninfo
 from pgbackflow.tasks.errors import ConfigError, DatabaseError
 from pgbackflow.tasks.pgconf import settings_block
 from pgbackflow.tasks.process import OsUser, Tool, ToolResult
+from pgbackflow.tasks.runtime import log_tail, stop_local_server
 from pgbackflow.tasks.toolsets import Toolset
 
 __all__ = ["EphemeralCluster", "OsUser", "free_port", "read_log_from", "resolve_os_user"]
@@ -411,16 +412,8 @@ def _output(result: ToolResult) -> str:
 
 def _teardown(pg_ctl: Path, root: Path, user: OsUser) -> None:
     """Stop the server in ``root`` if it runs, then delete ``root``."""
-    data_dir = root / "data"
     try:
-        if (data_dir / "postmaster.pid").exists():
-            for mode in ("fast", "immediate"):
-                result = Tool(pg_ctl).run(
-                    ["-D", data_dir, "-m", mode, "-w", "-t", "60", "stop"],
-                    cwd=root, timeout=90, user=user, check=False,
-                )
-                if result.returncode == 0 or not (data_dir / "postmaster.pid").exists():
-                    break
+        stop_local_server(Tool(pg_ctl), root / "data", user, cwd=root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -443,7 +436,5 @@ def read_log_from(path: Path, offset: int) -> str:
         return ""
 
 
-def _tail(text: str, lines: int = 5) -> str:
-    """Last non-empty lines of ``text`` joined into one line."""
-    kept = [line.strip() for line in text.splitlines() if line.strip()]
-    return " | ".join(kept[-lines:]) or "no output"
+def _tail(text: str) -> str:
+    return log_tail(text, lines=5)

@@ -16,7 +16,6 @@ contract provides them (binaries on PATH, a ``postgres`` user owning PGDATA or i
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import shutil
 import socket
@@ -28,6 +27,7 @@ import psycopg
 
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.process import ToolResult, pid_alive
+from pgbackflow.tasks.runtime import DockerClient, docker, docker_client
 from pgbackflow.tasks.sandbox import (
     DEFAULT_IMAGE_TEMPLATE,
     RESTORE_ARGS,
@@ -37,12 +37,6 @@ from pgbackflow.tasks.sandbox import (
     SandboxResources,
     _settings_for,
 )
-
-# The SDK is untyped, and mypy would resolve "docker" to this repository's docker/ folder
-# (image build scripts); at run time the installed package wins.
-docker: Any = importlib.import_module("docker")
-importlib.import_module("docker.errors")
-DockerClient = Any
 
 #: Boots the sandbox as the postgres user: a trust-only cluster (no network anyway), not
 #: fsynced (thrown away), then the server with the settings passed as arguments.
@@ -57,19 +51,6 @@ RESTORE_DIR = "/restore"
 READY_TIMEOUT_S = 120.0
 # Set on the command line, so a server answering with it is the one we started.
 _READY_MARK = ("listen_addresses", "localhost")
-
-
-def docker_client() -> DockerClient:
-    """A client for the local engine, with a clear error when there is none."""
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise SandboxError(
-            f"no Docker engine reachable ({str(exc).splitlines()[0][:160]}): start Docker or "
-            "verify with --sandbox local"
-        ) from None
-    return client
 
 
 def sweep_leftover_sandboxes(client: DockerClient) -> list[str]:
@@ -138,7 +119,7 @@ class DockerSandbox(Sandbox):
 
     def start(self) -> None:
         """Sweep leftovers, start the container and wait for the final server."""
-        client = docker_client()
+        client = docker_client("verify with --sandbox local")
         self._client = client
         sweep_leftover_sandboxes(client)
         # The container's postgres user (uid 999 in the official image) creates the socket

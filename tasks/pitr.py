@@ -38,7 +38,6 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import wait as wait_all
@@ -49,8 +48,8 @@ from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import Any, TypeVar
 
-from pgbackflow.tasks.cluster import free_port, read_log_from
-from pgbackflow.tasks.errors import ConfigError, DatabaseError, ObjectNotFoundError, PgBackflowError
+from pgbackflow.tasks.cluster import free_port
+from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.manifest import StoredObjectInfo, safe_join
 from pgbackflow.tasks.pgconf import append_settings, request_recovery
@@ -63,6 +62,7 @@ from pgbackflow.tasks.physical import (
 )
 from pgbackflow.tasks.pipeline import decrypted_chunks
 from pgbackflow.tasks.process import BOOT_TAG, OsUser, Tool, owner_state
+from pgbackflow.tasks.runtime import TARGET_NOT_REACHED, LocalRuntime, recover
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
@@ -106,9 +106,7 @@ COMBINE_OPTIONS = ("--copy-file-range", "--no-manifest")
 need every byte read back for its checksums, and a restored data directory never uses it."""
 T = TypeVar("T")
 PROMOTE_TIMEOUT_S = 3600.0
-POSTMASTER_START_GRACE_S = 30.0
 _SEGMENT_NAME = re.compile(r"[0-9A-F]{24}")
-TARGET_NOT_REACHED = "recovery ended before configured recovery target was reached"
 """PostgreSQL's log line when no transaction followed the target time."""
 
 
@@ -881,6 +879,12 @@ class StartedServer:
     reached_target: bool
 
 
+def local_runtime(data_dir: Path, toolset: Toolset, user: OsUser, *,
+                  what: str = "restored server") -> LocalRuntime:
+    """The local runtime of a restored data directory (its log in the restore folder)."""
+    return LocalRuntime(data_dir, toolset, user, data_dir / RESTORE_DIR / LOG_NAME, what=what)
+
+
 def start_and_wait(
     data_dir: Path,
     toolset: Toolset,
@@ -894,80 +898,12 @@ def start_and_wait(
     Raises:
         DatabaseError: the server stopped during recovery (the log tail says why).
     """
-    log_path = data_dir / RESTORE_DIR / LOG_NAME
     check_reachable(data_dir.parent, user, "the restored server")
     _chown_tree(data_dir, user)
     if tablespace_root(data_dir).exists():
         _chown_tree(tablespace_root(data_dir), user)
-    pg_ctl = Tool(toolset.binary("pg_ctl"))
-    reached = True
-    for attempt in (1, 2):
-        offset = log_path.stat().st_size if log_path.exists() else 0
-        pg_ctl.run(
-            ["-D", data_dir, "-l", log_path, "-W", "start"], user=user, timeout=120,
-            cwd=data_dir, check=True,
-        )
-        outcome = _wait_for_promotion(data_dir, toolset, log_path, offset, timeout)
-        if outcome == "promoted":
-            break
-        log = read_log_from(log_path, offset)
-        if attempt == 1 and TARGET_NOT_REACHED in log:
-            # No transaction committed after the target: everything up to it is replayed;
-            # replaying to the end of the WAL gives exactly that data.
-            _drop_recovery_target(data_dir)
-            reached = False
-            continue
-        raise DatabaseError(
-            f"restored server in {data_dir} stopped during recovery: {_log_tail(log)}"
-        )
-    log = read_log_from(log_path, 0)
-    last = None
-    for line in log.splitlines():
-        if "last completed transaction was at log time" in line:
-            last = line.split("log time", 1)[1].strip()
-    return StartedServer(port, last, reached)
-
-
-def _wait_for_promotion(
-    data_dir: Path, toolset: Toolset, log_path: Path, offset: int, timeout: float
-) -> str:
-    """"promoted" or "stopped"; judged from pg_control, not log text (the source's config
-    may send logs elsewhere or in another language)."""
-    pg_controldata = Tool(toolset.binary("pg_controldata"))
-    began = time.monotonic()
-    deadline = began + timeout
-    seen_running = False
-    while time.monotonic() < deadline:
-        if not (data_dir / "recovery.signal").exists():
-            state = pg_controldata.run([str(data_dir)], check=False, timeout=30).stdout
-            if b"in production" in state:
-                return "promoted"
-        if (data_dir / "postmaster.pid").exists():
-            seen_running = True
-        elif seen_running or time.monotonic() - began > POSTMASTER_START_GRACE_S:
-            return "stopped"
-        time.sleep(0.2)
-    raise DatabaseError(
-        f"restored server in {data_dir} did not finish recovery within {timeout:.0f} s: "
-        f"see {log_path}"
-    )
-
-
-def _drop_recovery_target(data_dir: Path) -> None:
-    auto_conf = data_dir / "postgresql.auto.conf"
-    kept = [
-        line for line in auto_conf.read_text().splitlines()
-        if not line.startswith("recovery_target_time")
-    ]
-    auto_conf.write_text("\n".join(kept) + "\n")
-
-
-def _log_tail(log: str) -> str:
-    important = [
-        line for line in log.splitlines() if any(w in line for w in ("FATAL", "PANIC", "ERROR"))
-    ]
-    lines = important[-3:] or log.strip().splitlines()[-3:]
-    return " | ".join(line.strip() for line in lines) or "no log output"
+    recovery = recover(local_runtime(data_dir, toolset, user), timeout)
+    return StartedServer(port, recovery.last_transaction, recovery.reached_target)
 
 
 def check_reachable(path: Path, user: OsUser, runs: str) -> None:
@@ -1027,6 +963,7 @@ __all__ = [
     "configure_recovery",
     "finish_restore",
     "free_port",
+    "local_runtime",
     "parse_target_time",
     "plan_pitr",
     "plan_wal_route",

@@ -18,7 +18,6 @@ gateway when published, 127.0.0.1 with host networking).
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import queue
 import re
@@ -41,20 +40,23 @@ from pgbackflow.tasks.pgconf import append_settings, request_recovery
 from pgbackflow.tasks.pitr import (
     PROMOTE_TIMEOUT_S,
     RESTORE_DIR,
-    TARGET_NOT_REACHED,
     WAL_CACHE,
     PitrPlan,
     build_data_dir,
     free_port,
 )
+from pgbackflow.tasks.runtime import (
+    DockerClient,
+    PostgresRuntime,
+    StageRunner,
+    docker,
+    docker_client,
+    log_tail,
+    recover,
+    run_directly,
+)
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import Toolset
-
-# The SDK is untyped, and mypy would resolve "docker" to this repository's docker/ folder
-# (image build scripts); at run time the installed package wins (as in tasks/docker_sandbox).
-docker: Any = importlib.import_module("docker")
-importlib.import_module("docker.errors")
-DockerClient = Any
 
 logger = logging.getLogger("pgbackflow.pitr")
 
@@ -75,7 +77,6 @@ TAR_QUEUE_CHUNKS = 8
 POLL_INTERVAL_S = 0.25
 _NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
 # PostgreSQL's own message when no transaction followed the target (see tasks/pitr.py).
-_LAST_TRANSACTION = "last completed transaction was at log time"
 # Promoted and answering: recovery.signal is gone, pg_control says "in production" (written
 # together with the end of recovery) and the postmaster accepts connections.
 _PROMOTED_PROBE = (
@@ -139,6 +140,7 @@ def restore_into_docker_volume(
     client: DockerClient | None = None,
     timeout: float = PROMOTE_TIMEOUT_S,
     on_step: Callable[[str], None] | None = None,
+    run_stage: StageRunner = run_directly,
 ) -> DockerRestoreResult:
     """Restore ``plan`` into the named Docker volume and optionally start a server on it.
 
@@ -159,6 +161,8 @@ def restore_into_docker_volume(
         client: Docker client (default: the local engine).
         timeout: Seconds to wait for the promotion.
         on_step: Called with a line per step (progress for logs).
+        run_stage: Runs each stage (build-data-dir, copy-into-volume,
+            start-restored-server): the flow makes each one a task run.
 
     Raises:
         ConfigError: Bad names, a missing image, a non-empty volume, a taken container
@@ -178,12 +182,13 @@ def restore_into_docker_volume(
     _check_name("volume", volume)
     _check_name("container name", name)
     own_client = client is None
-    client = client if client is not None else _client()
+    client = client if client is not None else docker_client(
+        "restore into a directory with --to-dir")
     try:
         return _restore(
             client, storage, plan, keyring, volume=volume, image=image, name=name,
             start=start, port=port, network=network, toolset=toolset, work_dir=work_dir,
-            timeout=timeout, step=step,
+            timeout=timeout, step=step, run_stage=run_stage,
         )
     finally:
         if own_client:
@@ -206,6 +211,7 @@ def _restore(
     work_dir: Path | None,
     timeout: float,
     step: Callable[[str], None],
+    run_stage: StageRunner,
 ) -> DockerRestoreResult:
     """Checks first (nothing created on refusal), then build, copy and optionally start."""
     major = plan.newest.server_major
@@ -230,20 +236,29 @@ def _restore(
     work = Path(tempfile.mkdtemp(prefix="pgbackflow-pitr-docker-", dir=work_dir))
     created_volume = False
     container: Any = None
-    try:
-        data_dir = work / "data"
+    data_dir = work / "data"
+
+    def build() -> list[str]:
         # A lone full backup needs no host toolset (None): only a chain is combined.
-        wal_files = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
-        step(f"fetched {len(wal_files)} WAL files")
+        fetched = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
+        step(f"fetched {len(fetched)} WAL files")
         configure_container_recovery(
             data_dir, plan.target, pgdata=pgdata,
             client_address=_client_address(client, network),
         )
+        return fetched
+
+    def copy() -> None:
+        nonlocal created_volume
         if not existed:
             client.volumes.create(name=volume, labels=labels)
             created_volume = True
         step(f"copying the data directory into docker volume {volume}")
         _copy_into_volume(client, image, volume, data_dir)
+
+    try:
+        wal_files = run_stage("build-data-dir", build)
+        run_stage("copy-into-volume", copy)
         shutil.rmtree(work, ignore_errors=True)  # the volume has it now: free the disk early
         if not start:
             step(f"volume {volume} is ready; start the server with: {run_command}")
@@ -252,18 +267,12 @@ def _restore(
                 len(wal_files), None, None, created_volume,
             )
         step(f"starting {image} on 127.0.0.1:{port} ({network} network) as {name}")
+        runtime = _ContainerRuntime(client, image, name, run_args, labels, volume, pgdata)
         try:
-            container = client.containers.run(
-                image, command=run_args.command, name=name, detach=True, labels=labels,
-                **run_args.sdk,
-            )
-        except docker.errors.APIError as exc:
-            raise DockerRestoreError(
-                f"starting container {name} from {image} failed: {_explain(exc)}"
-            ) from None
-        last, reached = _wait_until_promoted(
-            client, container, image, volume, pgdata, run_args.server_port, timeout
-        )
+            recovery = run_stage("start-restored-server", lambda: recover(runtime, timeout))
+        finally:
+            container = runtime.container  # removed by _undo if the restore fails
+        last, reached = recovery.last_transaction, recovery.reached_target
         _exec(container, ["rm", "-rf", f"{pgdata}/{RESTORE_DIR}/{WAL_CACHE}"])
         step(f"server in {name} is promoted; last transaction replayed: {last or 'none'}")
         return DockerRestoreResult(
@@ -279,18 +288,6 @@ def _restore(
 
 # ---------------------------------------------------------------------------------------
 # Checks before anything is created
-
-
-def _client() -> DockerClient:
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise ConfigError(
-            f"no Docker engine reachable ({str(exc).splitlines()[0][:160]}): start Docker, "
-            "or restore into a directory with --to-dir"
-        ) from None
-    return client
 
 
 def _check_name(what: str, name: str) -> None:
@@ -550,7 +547,7 @@ def _run_helper(
     if int(status.get("StatusCode", 1)) != 0:
         raise DockerRestoreError(
             f"helper container for volume {volume} ({image}) failed running {script!r}: "
-            f"{_tail(output)}"
+            f"{log_tail(output)}"
         )
     return output
 
@@ -588,65 +585,76 @@ def _server_run_args(volume: str, pgdata: str, network: str, port: int) -> _RunA
     return _RunArgs(cli, sdk, ["postgres"], CONTAINER_PORT)
 
 
-def _wait_until_promoted(
-    client: DockerClient,
-    container: Any,
-    image: str,
-    volume: str,
-    pgdata: str,
-    server_port: int,
-    timeout: float,
-) -> tuple[str | None, bool]:
-    """Wait for the promotion; returns (last transaction replayed, target reached).
+class _ContainerRuntime(PostgresRuntime):
+    """The restored server in a container of ``image`` on the volume: created by the first
+    :meth:`start`, started again by the second; promotion is probed inside it."""
 
-    When no transaction followed the target, PostgreSQL stops ("recovery ended before
-    configured recovery target was reached"): everything up to the target is replayed, so
-    the target is dropped and the server restarted, replaying to the end of the WAL.
-    """
-    reached = True
-    deadline = time.monotonic() + timeout
-    for attempt in (1, 2):
-        offset = len(bytes(container.logs()))
-        if attempt == 2:
-            container.start()
-        if _poll_promoted(container, pgdata, server_port, deadline):
-            break
-        log = _logs(container, offset)
-        if attempt == 1 and TARGET_NOT_REACHED in log:
-            _run_helper(
-                client, image, volume,
-                f"sed -i '/^recovery_target_time/d' {HELPER_MOUNT}/postgresql.auto.conf",
-                user="postgres",
+    def __init__(self, client: DockerClient, image: str, name: str, run_args: _RunArgs,
+                 labels: dict[str, str], volume: str, pgdata: str) -> None:
+        self.client = client
+        self.image = image
+        self.name = name
+        self.run_args = run_args
+        self.labels = labels
+        self.volume = volume
+        self.pgdata = pgdata
+        self.container: Any = None
+
+    @property
+    def description(self) -> str:
+        return f"restored server in container {self.name}"
+
+    def log_offset(self) -> int:
+        return 0 if self.container is None else len(bytes(self.container.logs()))
+
+    def log_since(self, offset: int) -> str:
+        if self.container is None:
+            return ""
+        return bytes(self.container.logs())[offset:].decode("utf-8", "replace")
+
+    def start(self) -> None:
+        if self.container is not None:
+            self.container.start()
+            return
+        try:
+            self.container = self.client.containers.run(
+                self.image, command=self.run_args.command, name=self.name, detach=True,
+                labels=self.labels, **self.run_args.sdk,
             )
-            reached = False
-            continue
+        except docker.errors.APIError as exc:
+            raise DockerRestoreError(
+                f"starting container {self.name} from {self.image} failed: {_explain(exc)}"
+            ) from None
+
+    def wait_promoted(self, deadline: float) -> bool:
+        environment = {"PGDATA": self.pgdata, "PORT": str(self.run_args.server_port),
+                       "LC_ALL": "C"}
+        while time.monotonic() < deadline:
+            self.container.reload()
+            if self.container.status in {"exited", "dead"}:
+                return False
+            with contextlib.suppress(docker.errors.APIError):  # stopped between reload and exec
+                result = self.container.exec_run(["sh", "-c", _PROMOTED_PROBE],
+                                                 environment=environment)
+                if int(result.exit_code) == 0:
+                    return True
+            time.sleep(POLL_INTERVAL_S)
         raise DatabaseError(
-            f"restored server in container {container.name} stopped during recovery: "
-            f"{_tail(log)}"
+            f"{self.description} did not finish recovery in time: see docker logs {self.name}, "
+            "or allow a longer timeout"
         )
-    last = None
-    for line in _logs(container, 0).splitlines():
-        if _LAST_TRANSACTION in line:
-            last = line.split("log time", 1)[1].strip()
-    return last, reached
 
+    def drop_recovery_target(self) -> None:
+        _run_helper(
+            self.client, self.image, self.volume,
+            f"sed -i '/^recovery_target_time/d' {HELPER_MOUNT}/postgresql.auto.conf",
+            user="postgres",
+        )
 
-def _poll_promoted(container: Any, pgdata: str, server_port: int, deadline: float) -> bool:
-    """True once promoted; False when the container stopped first."""
-    environment = {"PGDATA": pgdata, "PORT": str(server_port), "LC_ALL": "C"}
-    while time.monotonic() < deadline:
-        container.reload()
-        if container.status in {"exited", "dead"}:
-            return False
-        with contextlib.suppress(docker.errors.APIError):  # stopped between reload and exec
-            result = container.exec_run(["sh", "-c", _PROMOTED_PROBE], environment=environment)
-            if int(result.exit_code) == 0:
-                return True
-        time.sleep(POLL_INTERVAL_S)
-    raise DatabaseError(
-        f"restored server in container {container.name} did not finish recovery in time: see "
-        f"docker logs {container.name}, or allow a longer timeout"
-    )
+    def stop(self) -> None:
+        if self.container is not None:
+            with contextlib.suppress(docker.errors.NotFound):
+                self.container.stop()
 
 
 def _exec(container: Any, command: list[str]) -> None:
@@ -654,7 +662,7 @@ def _exec(container: Any, command: list[str]) -> None:
     if int(result.exit_code) != 0:
         raise DockerRestoreError(
             f"{shlex.join(command)} in container {container.name} failed: "
-            f"{_tail(bytes(result.output).decode('utf-8', 'replace'))}"
+            f"{log_tail(bytes(result.output).decode('utf-8', 'replace'))}"
         )
 
 
@@ -683,18 +691,6 @@ def _undo(
             )
     except (docker.errors.APIError, PgBackflowError) as exc:
         logger.warning("clean-up after the failed restore into volume %s failed: %s", volume, exc)
-
-
-def _logs(container: Any, offset: int) -> str:
-    return bytes(container.logs())[offset:].decode("utf-8", "replace")
-
-
-def _tail(text: str) -> str:
-    important = [
-        line for line in text.splitlines() if any(w in line for w in ("FATAL", "PANIC", "ERROR"))
-    ]
-    lines = important[-3:] or text.strip().splitlines()[-3:]
-    return " | ".join(line.strip() for line in lines) or "no output"
 
 
 def _explain(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from typing import Self
 
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
-from pgbackflow.tasks.errors import ConfigError, PgBackflowError
+from pgbackflow.tasks.errors import ConfigError, PgBackflowError, StorageError
 from pgbackflow.tasks.process import Tool, ToolResult
 from pgbackflow.tasks.toolsets import find_toolset
 
@@ -204,6 +204,24 @@ class LocalSandbox(Sandbox):
 def free_disk_bytes(path: Path) -> int:
     """Free bytes on the filesystem holding ``path``."""
     return shutil.disk_usage(path).free
+
+
+def require_free_disk(
+    what: str, needed: int, where: Path, budget_bytes: int | None, *, advice: str
+) -> None:
+    """Refuse ``what`` ("verifying backup X") before it writes anything when it needs more
+    than the agent's disk budget, or more than ``where`` has free (``advice`` says how)."""
+    if budget_bytes is not None and needed > budget_bytes:
+        raise StorageError(
+            f"{what} needs {needed / 1e9:.1f} GB of disk, more than the agent's disk budget "
+            f"of {budget_bytes / 1e9:.1f} GB: raise --max-disk-gb"
+        )
+    free = free_disk_bytes(where)
+    if free < needed:
+        raise StorageError(
+            f"not enough free disk in {where} for {what}: {free / 1e9:.1f} GB free, "
+            f"{needed / 1e9:.1f} GB needed: {advice}"
+        )
 
 
 def sandbox_for(kind: str, major: int, resources: SandboxResources,

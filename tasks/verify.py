@@ -22,13 +22,13 @@ from pydantic import BaseModel, ConfigDict
 
 from pgbackflow.tasks.budget import disk_budget_from_environment
 from pgbackflow.tasks.database import ConnectionSettings, connect
-from pgbackflow.tasks.errors import PgBackflowError, StorageError
+from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.inventory import compare_counts, take_inventory_of_idle_database
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.logical import USER_RELATIONS_SQL, replay_globals
 from pgbackflow.tasks.manifest import LogicalManifest
 from pgbackflow.tasks.pipeline import decrypted_chunks
-from pgbackflow.tasks.sandbox import Sandbox, free_disk_bytes
+from pgbackflow.tasks.sandbox import Sandbox, require_free_disk
 from pgbackflow.tasks.storage import Storage
 
 HEADROOM_BYTES = 1024**3
@@ -129,19 +129,11 @@ def check_free_disk(
     manifest: LogicalManifest, where: Path, budget_bytes: int | None = None
 ) -> None:
     """Refuse to start without 2x the backup's stored size plus 1 GB free (and budgeted)."""
-    needed = 2 * manifest.stored_size + HEADROOM_BYTES
-    if budget_bytes is not None and needed > budget_bytes:
-        raise StorageError(
-            f"verifying backup {manifest.backup_id} needs {needed / 1e9:.1f} GB of disk, more than"
-            f" the agent's disk budget of {budget_bytes / 1e9:.1f} GB: raise --max-disk-gb"
-        )
-    free = free_disk_bytes(where)
-    if free < needed:
-        raise StorageError(
-            f"not enough free disk in {where} to verify backup {manifest.backup_id}: "
-            f"{free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed (2x the backup plus 1 GB)"
-            ": free space or give the agent a bigger disk budget"
-        )
+    require_free_disk(
+        f"verifying backup {manifest.backup_id}", 2 * manifest.stored_size + HEADROOM_BYTES,
+        where, budget_bytes,
+        advice="2x the backup plus 1 GB; free space or give the agent a bigger disk budget",
+    )
 
 
 def spool_dump(

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -40,7 +39,6 @@ from pgbackflow.tasks.errors import (
     DatabaseError,
     ObjectNotFoundError,
     PgBackflowError,
-    StorageError,
 )
 from pgbackflow.tasks.inventory import take_inventory
 from pgbackflow.tasks.keys import Keyring
@@ -54,19 +52,19 @@ from pgbackflow.tasks.physical import (
     usable_backups,
 )
 from pgbackflow.tasks.pitr import (
-    LOG_NAME,
     PitrPlan,
     WalRoute,
     build_data_dir,
     check_reachable,
     configure_recovery,
     free_port,
+    local_runtime,
     plan_wal_route,
-    restore_dir_of,
     start_and_wait,
 )
-from pgbackflow.tasks.process import OsUser, Tool, ToolResult, pid_alive
-from pgbackflow.tasks.sandbox import free_disk_bytes
+from pgbackflow.tasks.process import OsUser, Tool, ToolResult
+from pgbackflow.tasks.runtime import LocalRuntime, StageRunner, run_directly
+from pgbackflow.tasks.sandbox import require_free_disk
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from pgbackflow.tasks.wal import read_wal_inventory
@@ -88,7 +86,6 @@ MAX_AMCHECK_JOBS = 4
 # sun_path holds 108 bytes with the terminating NUL.
 _MAX_SOCKET_PATH = 107
 _SOCKET_FILE = ".s.PGSQL.{port}"
-_STOP_TIMEOUT_S = 60
 _PROGRESS = re.compile(r"(\d+)/(\d+) relations")
 _SINGLE_USER_ROW = re.compile(r'superuser = "([0-9a-f]*)"')
 # The bootstrap superuser has OID 10 in every cluster; hex keeps any name parseable.
@@ -397,20 +394,8 @@ def disk_needed(plan: PitrPlan) -> int:
 
 def check_free_disk(plan: PitrPlan, where: Path, budget_bytes: int | None = None) -> None:
     """Refuse to start without room for the chain, its combined copy and the WAL."""
-    needed = disk_needed(plan)
-    backup_id = plan.newest.backup_id
-    if budget_bytes is not None and needed > budget_bytes:
-        raise StorageError(
-            f"verifying physical backup {backup_id} needs {needed / 1e9:.1f} GB of disk, more "
-            f"than the agent's disk budget of {budget_bytes / 1e9:.1f} GB: raise --max-disk-gb"
-        )
-    free = free_disk_bytes(where)
-    if free < needed:
-        raise StorageError(
-            f"not enough free disk in {where} to verify physical backup {backup_id}: "
-            f"{free / 1e9:.1f} GB free, {needed / 1e9:.1f} GB needed: free space or pass "
-            "another work directory"
-        )
+    require_free_disk(f"verifying physical backup {plan.newest.backup_id}", disk_needed(plan),
+                      where, budget_bytes, advice="free space or pass another work directory")
 
 
 # ---------------------------------------------------------------------------------------
@@ -540,8 +525,9 @@ class _Server:
     user: OsUser
 
     @property
-    def log_path(self) -> Path:
-        return restore_dir_of(self.data_dir) / LOG_NAME
+    def runtime(self) -> LocalRuntime:
+        return local_runtime(self.data_dir, self.toolset, self.user,
+                             what="verification server")
 
 
 def session_options(major: int) -> str:
@@ -604,9 +590,9 @@ def find_superuser(server: _Server, candidates: Sequence[str]) -> str:
         if row is not None:
             return str(row[0])
     logger.info("none of the roles %s exist; asking in single-user mode", candidates)
-    stop_server(server)
+    server.runtime.stop()
     name = superuser_single_user(server)
-    _pg_ctl_start(server)
+    server.runtime.start_ready()
     return name
 
 
@@ -628,57 +614,6 @@ def superuser_single_user(server: _Server) -> str:
             f"{server.data_dir} (postgres --single exit {result.returncode}: {detail})"
         )
     return bytes.fromhex(match.group(1)).decode("utf-8", "replace")
-
-
-def _pg_ctl_start(server: _Server) -> None:
-    result = Tool(server.toolset.binary("pg_ctl")).run(
-        ["-D", server.data_dir, "-l", server.log_path, "-w", "-t", "300", "start"],
-        user=server.user, cwd=server.data_dir, timeout=360, check=False,
-    )
-    if result.returncode != 0:
-        raise PhysicalVerificationError(
-            f"verification server in {server.data_dir} did not start again: "
-            f"{(result.stderr_tail.strip().splitlines() or ['no output'])[-1]}"
-        )
-
-
-def stop_server(server: _Server) -> None:
-    """Stop the server: fast, then immediate, then SIGKILL to the postmaster we started."""
-    pid_file = server.data_dir / "postmaster.pid"
-    pg_ctl = Tool(server.toolset.binary("pg_ctl"))
-    for mode in ("fast", "immediate"):
-        if not pid_file.exists():
-            return
-        pg_ctl.run(
-            ["-D", server.data_dir, "-m", mode, "-w", "-t", str(_STOP_TIMEOUT_S), "stop"],
-            user=server.user, cwd=server.data_dir, timeout=_STOP_TIMEOUT_S + 30, check=False,
-        )
-    pid = _postmaster_pid(pid_file)
-    if pid is not None and _runs_in(pid, server.data_dir):
-        logger.warning("postmaster %d of %s ignored pg_ctl stop: killing it", pid,
-                       server.data_dir)
-        with suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and pid_alive(pid):
-            time.sleep(0.1)
-
-
-def _postmaster_pid(pid_file: Path) -> int | None:
-    try:
-        first = pid_file.read_text().splitlines()[0]
-        return int(first)
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _runs_in(pid: int, data_dir: Path) -> bool:
-    """Whether ``pid`` is a server of ``data_dir`` (they chdir there): a stale pid file's
-    number may belong to an unrelated process by now."""
-    try:
-        return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir.absolute()
-    except OSError:
-        return False
 
 
 @contextmanager
@@ -821,6 +756,7 @@ def verify_physical_backup(
     os_user: str | None = None,
     replay_timeout_s: float = REPLAY_TIMEOUT_S,
     on_step: Callable[[str], None] | None = None,
+    run_stage: StageRunner = run_directly,
 ) -> PhysicalVerificationReport:
     """Restore a physical chain to the end of the stored WAL in a sandbox and examine it.
 
@@ -837,6 +773,8 @@ def verify_physical_backup(
         os_user: OS user that runs the server (see :func:`tasks.cluster.resolve_os_user`).
         replay_timeout_s: Seconds replay may take until the server is promoted.
         on_step: Called with a line per stage, for progress logs.
+        run_stage: Runs each stage (plan-chain, restore-chain, replay-wal, amcheck,
+            count-rows): the flow makes each one a task run.
 
     Returns:
         The report. A chain that cannot be restored, started or counted, or data that
@@ -858,7 +796,7 @@ def verify_physical_backup(
     root: Path | None = None
     try:
         try:
-            plan, route = plan_chain_end(storage, backup, keyring)
+            plan, route = run_stage("plan-chain", lambda: plan_chain_end(storage, backup, keyring))
             chain = plan.chain
             if route.end_timeline != backup.timeline:
                 step(f"replaying WAL across timeline switches: timeline {backup.timeline} to "
@@ -866,7 +804,8 @@ def verify_physical_backup(
             root = make_work_root(work_dir)
             _verify_in(root, storage, keyring, plan, findings, step, amcheck=amcheck,
                        heapallindexed=heapallindexed, sample_tables=sample_tables,
-                       os_user=os_user, replay_timeout_s=replay_timeout_s)
+                       os_user=os_user, replay_timeout_s=replay_timeout_s,
+                       run_stage=run_stage)
         except PgBackflowError as exc:
             findings.fail(str(exc))
     finally:
@@ -914,6 +853,7 @@ def _verify_in(
     sample_tables: int,
     os_user: str | None,
     replay_timeout_s: float,
+    run_stage: StageRunner,
 ) -> None:
     """Restore, start, check and count inside ``root``; the server is stopped on leaving."""
     backup = plan.newest
@@ -926,24 +866,33 @@ def _verify_in(
     port = free_port()
     socket_dir, socket_outside = make_socket_dir(root, port, user)
     server = _Server(data_dir, socket_dir, port, toolset, user)
+
+    def restore_chain() -> None:
+        fetched = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
+        findings.restored_bytes = directory_bytes(data_dir)
+        findings.wal_files = len(fetched)
+        configure_recovery(data_dir, None, port=port)
+        prepare_sandbox(data_dir, socket_dir, toolset.major)
+
+    def replay_wal() -> None:
+        step(f"starting PostgreSQL {toolset.version}: replaying WAL until promotion")
+        started = start_and_wait(data_dir, toolset, user, port, timeout=replay_timeout_s)
+        findings.recovered_to = started.last_transaction
+        findings.superuser = find_superuser(server, superuser_candidates(backup, user))
+
     try:
         with _timed(findings, "restore"):
-            fetched = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
-            findings.restored_bytes = directory_bytes(data_dir)
-            findings.wal_files = len(fetched)
-            configure_recovery(data_dir, None, port=port)
-            prepare_sandbox(data_dir, socket_dir, toolset.major)
+            run_stage("restore-chain", restore_chain)
         with _timed(findings, "replay"):
-            step(f"starting PostgreSQL {toolset.version}: replaying WAL until promotion")
-            started = start_and_wait(data_dir, toolset, user, port, timeout=replay_timeout_s)
-            findings.recovered_to = started.last_transaction
-            findings.superuser = find_superuser(server, superuser_candidates(backup, user))
+            run_stage("replay-wal", replay_wal)
+        assert findings.superuser is not None  # replay_wal found it
         _check_and_count(server, findings.superuser, findings, step, amcheck=amcheck,
-                         heapallindexed=heapallindexed, sample_tables=sample_tables)
+                         heapallindexed=heapallindexed, sample_tables=sample_tables,
+                         run_stage=run_stage)
     finally:
         step("stopping the verification server")
         try:
-            stop_server(server)
+            server.runtime.stop()
         finally:
             if socket_outside:
                 shutil.rmtree(socket_dir, ignore_errors=True)
@@ -958,6 +907,7 @@ def _check_and_count(
     amcheck: AmcheckMode,
     heapallindexed: bool,
     sample_tables: int,
+    run_stage: StageRunner,
 ) -> None:
     try:
         databases = list_databases(server, superuser)
@@ -967,22 +917,25 @@ def _check_and_count(
         ) from None
     # pg_amcheck first: it is built to read damaged pages safely, a count(*) is not.
     step(f"checking {amcheck} relations of {len(databases)} databases with pg_amcheck")
-    with _timed(findings, "amcheck"):
+
+    def check() -> AmcheckResult:
         try:
-            result = run_amcheck(server, superuser, databases, mode=amcheck,
-                                 heapallindexed=heapallindexed,
-                                 tables_per_database=sample_tables)
+            return run_amcheck(server, superuser, databases, mode=amcheck,
+                               heapallindexed=heapallindexed, tables_per_database=sample_tables)
         except psycopg.Error as exc:
             raise PhysicalVerificationError(
                 f"choosing the relations to check failed: {_first_line(exc)}"
             ) from None
+
+    with _timed(findings, "amcheck"):
+        result = run_stage("amcheck", check)
     findings.amcheck = result
     if not result.ok:
         findings.fail(
             f"pg_amcheck found problems (exit code {result.exit_code}): {_headline(result)}"
         )
     with _timed(findings, "counts"):
-        count_rows(server, superuser, databases, findings, step)
+        run_stage("count-rows", lambda: count_rows(server, superuser, databases, findings, step))
 
 
 __all__ = [

@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from prefect.client.schemas.objects import StateType
 from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
@@ -44,6 +45,7 @@ from pgbackflow.tasks.process import Tool
 from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.wal import WalIntegrityError, WalShipper, WalStreamer, wal_object_key
+from tests.fixtures.prefect import settled_task_runs
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg]
 
@@ -197,6 +199,13 @@ def test_chain_and_point_in_time_restore(
             mark(server, "b2")
             second = incremental_backup(db_block(server), [storage], encryption_key=encryption_key)
             mark(server, "c1")
+            time.sleep(0.5)
+            with server.connect() as conn:
+                row = conn.execute("SELECT clock_timestamp()").fetchone()
+                assert row is not None
+                after_last: datetime = row[0]
+                # WAL without a commit, shipped after after_last: the window reaches past it.
+                conn.execute("SELECT pg_logical_emit_message(false, 'pgbackflow-test', 'x')")
             wait_shipped(server, storage)
         assert (full.mode, first.mode, second.mode) == ("full", "incremental", "incremental")
         assert first.parent_id == full.backup_id and second.parent_id == first.backup_id
@@ -212,6 +221,17 @@ def test_chain_and_point_in_time_restore(
             assert restored_rows(report.port or 0, server) == ["a1", "b1"]
         finally:
             stop_restored(inside, server)
+
+        # No commit follows the target: PostgreSQL stops at the end of the WAL; the restore
+        # starts it again without the target (the same data) and says so.
+        past = work_dir / "past"
+        report = pitr_restore(storage, str(past), target_time=after_last.isoformat(),
+                              start=True, encryption_key=encryption_key)
+        try:
+            assert report.reached_target is False
+            assert restored_rows(report.port or 0, server) == ["a1", "b1", "b2", "c1"]
+        finally:
+            stop_restored(past, server)
 
         end = work_dir / "end"
         report = pitr_restore(storage, str(end), target_time="latest", start=True,
@@ -597,6 +617,8 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
             report = json.loads(done.stdout)
             assert report["started"] and report["container"]
             assert restored_rows(report["port"], server) == ["in-volume"]
+            assert _stage_task_runs("pitr-restore", report["db_id"]) == {
+                "plan-restore", "build-data-dir", "copy-into-volume", "start-restored-server"}
         finally:
             for container in docker_engine.containers.list(all=True, filters={"volume": volume}):
                 container.remove(force=True, v=True)
@@ -608,6 +630,9 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
         assert verified.returncode == 0, verified.stderr
         document = json.loads(verified.stdout)
         assert document["status"] == "passed"
+        # Each stage of the verification is a task run of its own in the UI.
+        assert _stage_task_runs("physical-verification", document["db_id"]) == {
+            "plan-chain", "restore-chain", "replay-wal", "amcheck", "count-rows"}
         rows = {d["name"]: d["rows"] for d in document["databases"]}
         assert rows["postgres"]["public.marks"] == 1
 
@@ -692,3 +717,28 @@ def test_another_system_identifier_breaks_the_chain() -> None:
         incremental=True,
     )
     assert same.mode == "incremental" and same.parent == parent
+
+
+def _stage_task_runs(flow_name: str, db_id: str) -> set[str]:
+    """Names of the task runs (without Prefect's "-<n>" suffix) of the newest run of
+    ``flow_name`` for ``db_id``, all of them Completed."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterTags,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"db:{db_id}"])),
+            sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+    assert runs, f"no {flow_name} run of {db_id} on the API"
+    tasks = settled_task_runs(runs[0].id)
+    assert all(t.state_type == StateType.COMPLETED for t in tasks), \
+        [(t.name, t.state_type) for t in tasks]
+    return {t.name.rsplit("-", 1)[0] for t in tasks}
