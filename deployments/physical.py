@@ -177,7 +177,7 @@ def physical_backup_specs(
         incremental_cron: UTC cron of the incrementals, or None for none.
         tags: More tags (e.g. ``server:<name>``).
     """
-    from pgbackflow.flows.physical import full_backup, incremental_backup
+    from pgbackflow.flows.physical_backup import full_backup, incremental_backup
 
     specs = [DeploymentSpec(
         flow=full_backup, name=full_deployment_name(db_id), work_pool=pool,
@@ -201,7 +201,7 @@ def wal_stream_spec(
     parameters: dict[str, Any], *, db_id: str, pool: str, slot: str, tags: Sequence[str] = ()
 ) -> DeploymentSpec:
     """The WAL streamer deployment of a cluster: no schedule, one run at a time."""
-    from pgbackflow.flows.physical import wal_stream
+    from pgbackflow.flows.wal_stream import wal_stream
 
     return DeploymentSpec(
         flow=wal_stream, name=wal_deployment_name(db_id), work_pool=pool,

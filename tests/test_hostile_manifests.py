@@ -25,7 +25,7 @@ from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase, S3Storage
 from pgbackflow.flows.logical_backup import logical_backup
-from pgbackflow.flows.physical import full_backup
+from pgbackflow.flows.physical_backup import full_backup
 from pgbackflow.tasks import physical as ph
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.database import ConnectionSettings

@@ -26,15 +26,15 @@ from prefect.client.schemas.objects import StateType
 from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
-from pgbackflow.flows.physical import (
+from pgbackflow.flows.physical_backup import (
     ConcurrentBackupError,
     backup_lock_name,
     full_backup,
     incremental_backup,
-    physical_verification,
-    pitr_restore,
-    wal_gaps,
 )
+from pgbackflow.flows.physical_verification import physical_verification
+from pgbackflow.flows.pitr_restore import pitr_restore
+from pgbackflow.flows.wal_stream import wal_gaps
 from pgbackflow.tasks.archive import ArchiveError
 from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
 from pgbackflow.tasks.database import ConnectionSettings

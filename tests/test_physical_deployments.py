@@ -118,7 +118,7 @@ def assert_one_at_a_time(deployment: Any) -> None:
 def test_backup_deployments_carry_schedules_and_block_references(
     saved: SavedBlocks, tmp_path: Path
 ) -> None:
-    from pgbackflow.flows.physical import full_backup, incremental_backup
+    from pgbackflow.flows.physical_backup import full_backup, incremental_backup
 
     db_id = f"cluster-{secrets.randbelow(10**18)}"
     pool = f"physical-{secrets.token_hex(3)}"
@@ -142,7 +142,7 @@ def test_backup_deployments_carry_schedules_and_block_references(
         assert set(deployment.tags) == {"physical-backup", f"db:{db_id}", f"job:{job}",
                                         "pgbackflow"}
         # Module entrypoints and no pull steps: workers need the package, not a checkout.
-        assert deployment.entrypoint == f"pgbackflow.flows.physical.{job}_backup"
+        assert deployment.entrypoint == f"pgbackflow.flows.physical_backup.{job}_backup"
         assert deployment.pull_steps == [] and deployment.path is None
         assert deployment.work_pool_name == pool
         assert_one_at_a_time(deployment)
@@ -230,7 +230,7 @@ def wal_deployment(saved: SavedBlocks) -> Iterator[tuple[UUID, str]]:
 def test_wal_stream_deployment_keeps_exactly_one_streamer(
     saved: SavedBlocks, wal_deployment: tuple[UUID, str]
 ) -> None:
-    from pgbackflow.flows.physical import wal_stream
+    from pgbackflow.flows.wal_stream import wal_stream
 
     deployment_id, db_id = wal_deployment
     deployment, flow_name = read(deployment_id)

@@ -26,7 +26,9 @@ import pytest
 from pydantic import SecretStr
 
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, S3Storage
-from pgbackflow.flows.physical import full_backup, pitr_restore, wal_gaps, wal_stream
+from pgbackflow.flows.physical_backup import full_backup
+from pgbackflow.flows.pitr_restore import pitr_restore
+from pgbackflow.flows.wal_stream import wal_gaps, wal_stream
 from pgbackflow.tasks.cluster import EphemeralCluster, free_port, resolve_os_user
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.keys import Keyring, write_key_file

@@ -14,7 +14,8 @@ import pytest
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage
 from pgbackflow.deployments.config import build_plan, load_config
 from pgbackflow.flows.common import artifact_key
-from pgbackflow.flows.physical import full_backup, incremental_backup, pitr_restore
+from pgbackflow.flows.physical_backup import full_backup, incremental_backup
+from pgbackflow.flows.pitr_restore import pitr_restore
 from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.keys import Keyring, write_key_file

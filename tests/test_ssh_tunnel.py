@@ -39,7 +39,8 @@ from pydantic import SecretStr
 from pgbackflow.blocks import BackupEncryptionKey, LocalStorage, PostgresDatabase
 from pgbackflow.flows.logical_backup import logical_backup
 from pgbackflow.flows.logical_restore import logical_restore
-from pgbackflow.flows.physical import full_backup, wal_stream
+from pgbackflow.flows.physical_backup import full_backup
+from pgbackflow.flows.wal_stream import wal_stream
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.database import UnreachableDatabaseError
 from pgbackflow.tasks.errors import ConfigError

@@ -46,7 +46,7 @@ def physical_backup(
     database = database_block(db, "--db")
     storages = [storage_block(url, f"--to {url}") for url in to]
     key_path = key_file_or_default(key_file)
-    from pgbackflow.flows.physical import full_backup, incremental_backup
+    from pgbackflow.flows.physical_backup import full_backup, incremental_backup
 
     run = incremental_backup if incremental else full_backup
     with render.progress_bar(not as_json):
@@ -77,7 +77,7 @@ def wal_stream_command(
     database = database_block(db, "--db")
     storages = [storage_block(url, f"--to {url}") for url in to]
     key_path = key_file_or_default(key_file)
-    from pgbackflow.flows.physical import wal_stream
+    from pgbackflow.flows.wal_stream import wal_stream
 
     report = wal_stream(
         database=database, storages=storages, key_file=key_path, slot=slot,
@@ -137,7 +137,7 @@ def pitr(
     storage = storage_block(source, f"--from {source}")
     storage.open().check_exists()  # a mistyped path is not "no backups"
     key_path = key_file_or_default(key_file)
-    from pgbackflow.flows.physical import pitr_restore
+    from pgbackflow.flows.pitr_restore import pitr_restore
 
     with render.progress_bar(not as_json):
         report = pitr_restore(
@@ -168,7 +168,7 @@ def verify_physical(
         raise PgBackflowError(f"--amcheck {amcheck!r} is invalid: use sample or all")
     storage = storage_block(source, f"--from {source}")
     key_path = key_file_or_default(key_file)
-    from pgbackflow.flows.physical import physical_verification
+    from pgbackflow.flows.physical_verification import physical_verification
 
     report = physical_verification(
         storage=storage, db_id=db_id, backup_id=backup_id,
