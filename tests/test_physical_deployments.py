@@ -188,6 +188,35 @@ def test_backup_deployments_carry_schedules_and_block_references(
     assert len(deployments_named(full_deployment_name(db_id))) == 1
 
 
+def test_a_deployment_of_a_moved_flow_gets_the_new_entrypoint(saved: SavedBlocks) -> None:
+    """Deployments made before the flows moved (``pgbackflow.flows.physical``) name a module
+    that no longer exists: the next deploy shows and writes the new entrypoint."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from pgbackflow.deployments.apply import PrefectPlan, apply_plan, plan_changes
+    from pgbackflow.deployments.physical import backup_parameters, physical_backup_specs
+
+    db_id = f"cluster-{secrets.randbelow(10**18)}"
+    pool = f"physical-{secrets.token_hex(3)}"
+    parameters = backup_parameters(saved.database_name, [saved.storage], None, saved.key_name)
+    plan = PrefectPlan(pools=[pool], deployments=physical_backup_specs(
+        parameters, db_id=db_id, pool=pool, full_cron="0 1 * * 0", incremental_cron=None,
+    ))
+    (full_id,) = apply_plan(plan, plan_changes(plan)).values()
+    old = "pgbackflow.flows.physical.full_backup"
+    with get_client(sync_client=True) as client:
+        client.update_deployment(full_id, DeploymentUpdate(entrypoint=old))
+    assert read(full_id)[0].entrypoint == old
+
+    new = "pgbackflow.flows.physical_backup.full_backup"
+    (change,) = [c for c in plan_changes(plan) if c.kind == "deployment"]
+    assert (change.action, change.details) == ("~", (f"entrypoint: {old!r} → {new!r}",))
+    assert apply_plan(plan, [change]) == {f"full-backup/{full_deployment_name(db_id)}": full_id}
+    assert read(full_id)[0].entrypoint == new
+    assert [c.action for c in plan_changes(plan) if c.kind == "deployment"] == ["="]
+
+
 def test_block_and_key_mistakes_are_one_line_config_errors(saved: SavedBlocks) -> None:
     storages = [saved.storage]
     cases: list[tuple[dict[str, Any], str]] = [
