@@ -15,7 +15,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import IO, Protocol, cast
 
 import zstandard
 from cryptography.exceptions import InvalidTag
@@ -32,8 +32,8 @@ KNOWN_FLAGS = FLAG_ZSTD
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 64 * 1024 * 1024
-DECOMPRESS_SLICE = 64 * 1024
-"""Compressed bytes per decompression call (see ArchiveReader.__iter__)."""
+DECOMPRESS_READ = 1024 * 1024
+"""Plaintext bytes per decompression call (see ArchiveReader.__iter__)."""
 DEFAULT_ZSTD_LEVEL = 5
 
 TAG_BYTES = 16
@@ -504,27 +504,135 @@ class ArchiveReader:
         if not self.header.compressed:
             yield from self.iter_chunks()
             return
-        decompressor = zstandard.ZstdDecompressor().decompressobj()
-        for chunk in self.iter_chunks():
-            # In slices: decompressobj holds the GIL for a whole call, and one compressed
-            # chunk can inflate to tens of MB; short calls let a restore's unpacker thread
-            # write while this one decompresses, and keep the pieces small.
-            view = memoryview(chunk)
-            for start in range(0, len(view), DECOMPRESS_SLICE):
-                try:
-                    data = decompressor.decompress(view[start:start + DECOMPRESS_SLICE])
-                except zstandard.ZstdError as exc:
-                    raise ArchiveError(
-                        f"{self._label}: compressed payload is invalid ({exc}): the archive "
-                        "was written incorrectly"
-                    ) from None
-                if data:
-                    yield data
-        if not decompressor.eof:
+        # stream_reader releases the GIL while it inflates (decompressobj holds it for a
+        # whole call): a restore's unpackers write while their read-ahead threads inflate.
+        # It stops at the end of the frame but cannot tell a truncated frame from a
+        # complete one, so the frame's own structure is followed as it passes: the payload
+        # must end exactly where its last block (and checksum) ends.
+        payload = _PayloadFile(self.iter_chunks(), _FrameEnd(self._label))
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            cast(IO[bytes], payload),  # it only calls read()
+            read_size=self.header.chunk_size,
+            read_across_frames=False,
+        )
+        while True:
+            try:
+                data = reader.read(DECOMPRESS_READ)
+            except zstandard.ZstdError as exc:
+                raise ArchiveError(
+                    f"{self._label}: compressed payload is invalid ({exc}): the archive "
+                    "was written incorrectly"
+                ) from None
+            if not data:
+                break
+            yield data
+        payload.finish()
+
+
+class _FrameEnd:
+    """Follows a zstd frame's header and block headers (RFC 8878) over the compressed
+    bytes, skipping block contents: it knows whether the payload ended exactly where the
+    frame does, which the decompressor does not say."""
+
+    _MAGIC = 0xFD2FB528
+
+    def __init__(self, label: str) -> None:
+        self._label = label
+        self._pending = bytearray()  # a header field split across chunks
+        self._need = 4  # bytes of the next header field
+        self._skip = 0  # bytes to pass over (block contents, optional header fields)
+        self._field = "magic"
+        self._checksum = False
+        self.complete = False
+
+    def feed(self, data: bytes) -> None:
+        """Take the next compressed bytes."""
+        pos, size = 0, len(data)
+        while pos < size:
+            if self._skip:
+                step = min(self._skip, size - pos)
+                self._skip -= step
+                pos += step
+                continue
+            if self.complete:
+                raise ArchiveError(
+                    f"{self._label}: compressed payload has data after its end: the archive "
+                    "was written incorrectly"
+                )
+            step = min(self._need - len(self._pending), size - pos)
+            self._pending += data[pos:pos + step]
+            pos += step
+            if len(self._pending) == self._need:
+                field = bytes(self._pending)
+                self._pending.clear()
+                self._advance(field)
+
+    def _advance(self, field: bytes) -> None:
+        if self._field == "magic":
+            if int.from_bytes(field, "little") != self._MAGIC:
+                raise ArchiveError(
+                    f"{self._label}: compressed payload is invalid (not a zstd frame): the "
+                    "archive was written incorrectly"
+                )
+            self._field, self._need = "descriptor", 1
+        elif self._field == "descriptor":
+            flags = field[0]
+            single_segment = bool(flags & 0x20)
+            self._checksum = bool(flags & 0x04)
+            content_size = (1 if single_segment else 0, 2, 4, 8)[flags >> 6]
+            window = 0 if single_segment else 1
+            self._skip = window + (0, 1, 2, 4)[flags & 0x03] + content_size
+            self._field, self._need = "block", 3
+        else:
+            header = int.from_bytes(field, "little")
+            kind, length = (header >> 1) & 0x03, header >> 3
+            if kind == 3:
+                raise ArchiveError(
+                    f"{self._label}: compressed payload is invalid (reserved block type): "
+                    "the archive was written incorrectly"
+                )
+            self._skip = 1 if kind == 1 else length  # an RLE block holds one byte
+            if header & 0x01:  # the frame's last block
+                self._skip += 4 if self._checksum else 0
+                self.complete = True
+
+    def check_complete(self) -> None:
+        """Raise unless the bytes so far end exactly at the end of the frame."""
+        if not self.complete or self._skip:
             raise ArchiveError(
                 f"{self._label}: compressed payload ends early: the archive was written "
                 "incorrectly"
             )
+
+
+class _PayloadFile:
+    """The decrypted chunks as the file zstd's ``stream_reader`` pulls from, each chunk
+    shown to ``frame`` on its way."""
+
+    def __init__(self, chunks: Iterator[bytes], frame: _FrameEnd) -> None:
+        self._chunks = chunks
+        self._frame = frame
+        self._rest = b""
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (the rest of the current chunk, or the next one)."""
+        if not self._rest:
+            self._rest = next(self._chunks, b"")
+            self._frame.feed(self._rest)
+        if size < 0 or size >= len(self._rest):
+            data, self._rest = self._rest, b""
+        else:
+            data, self._rest = self._rest[:size], self._rest[size:]
+        return data
+
+    def finish(self) -> None:
+        """After the decompressor's end: the rest of the archive (authenticated to its
+        final chunk) holds nothing more, and the frame ended exactly there."""
+        for chunk in self._chunks:
+            self._frame.feed(chunk)
+        self._frame.check_complete()
+        if self._rest:  # what the decompressor left unread can only lie beyond the frame
+            self._frame.feed(self._rest)
 
 
 def decrypt_stream(source: Source, sink: Sink, keyring: Keyring, *, label: str = "archive") -> int:

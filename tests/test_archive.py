@@ -12,9 +12,11 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from pgbackflow import standalone_decrypt
 from pgbackflow.tasks.archive import (
+    FLAG_ZSTD,
     FRAME_HEADER_BYTES,
     HEADER_BYTES,
     TAG_BYTES,
@@ -29,6 +31,7 @@ from pgbackflow.tasks.archive import (
     TrailingDataError,
     TruncatedArchiveError,
     WrongKeyError,
+    _ChunkEncryptor,
     decrypt_stream,
     rewrap_header,
 )
@@ -196,6 +199,41 @@ def test_trailing_data_after_final_chunk(key: MasterKey) -> None:
     extra = parts[1][:8] + struct.pack(">QI", 2, 0) + b"\0" * TAG_BYTES
     with pytest.raises(TrailingDataError, match="after the final chunk 1"):
         decrypt(header + b"".join(parts) + extra, key)
+
+
+def sealed_payload(payload: bytes, key: MasterKey) -> bytes:
+    """A correctly encrypted archive flagged zstd whose payload is ``payload`` as given: every
+    chunk authenticates, only the compressed stream inside is wrong."""
+    sink = io.BytesIO()
+    encryptor = _ChunkEncryptor(sink, key, flags=FLAG_ZSTD, chunk_size=CHUNK)
+    encryptor.write(payload)
+    encryptor.finish()
+    return sink.getvalue()
+
+
+@pytest.mark.parametrize("threads", [0, 2], ids=["single", "multithreaded"])
+@pytest.mark.parametrize("checksum", [False, True], ids=["plain", "checksum"])
+def test_compressed_payload_must_end_exactly_with_its_frame(
+    key: MasterKey, threads: int, checksum: bool
+) -> None:
+    # Many blocks, so that block headers straddle chunk boundaries (CHUNK is 1 KiB).
+    data = b"row\n" * 200_000 + make_payload(40_000)
+    frame = zstandard.ZstdCompressor(
+        level=5, threads=threads, write_checksum=checksum
+    ).compress(data)
+    assert decrypt(sealed_payload(frame, key), key) == data
+    # The decompressor alone takes a cut frame for a complete one: every cut is refused,
+    # at the checksum, inside a block header, inside a block, right after the magic.
+    for cut in sorted({*range(1, 12), *range(13, len(frame) - 3, 997), len(frame) - 4}):
+        with pytest.raises(ArchiveError, match="compressed payload ends early"):
+            decrypt(sealed_payload(frame[:-cut], key), key)
+    for trailing in (b"\0", frame):
+        with pytest.raises(ArchiveError, match="compressed payload has data after its end"):
+            decrypt(sealed_payload(frame + trailing, key), key)
+    with pytest.raises(ArchiveError, match="compressed payload is invalid"):
+        decrypt(sealed_payload(b"\x28\xb5\x2f\xfc" + frame[4:], key), key)
+    with pytest.raises(ArchiveError, match="compressed payload ends early"):
+        decrypt(sealed_payload(b"", key), key)
 
 
 def test_wrong_key_names_the_key_id(key: MasterKey) -> None:

@@ -575,9 +575,19 @@ def ours_restore(storage: LocalFolderStorage, db_id: str, key: MasterKey, target
     plan = plan_pitr(storage, db_id, None)
     stages["plan"] = time.perf_counter() - mark
     mark = time.perf_counter()
+    combine_began: list[float] = []
+
+    def on_step(message: str) -> None:
+        if message.startswith("combining"):
+            combine_began.append(time.perf_counter())
+
     fetched = build_data_dir(storage, plan, Keyring([key]), target, toolset,
-                             mark_incomplete=True)
-    stages["unpack"] = time.perf_counter() - mark  # + combine for a chain, + WAL fetched
+                             on_step=on_step, mark_incomplete=True)
+    ended = time.perf_counter()
+    # A chain: unpack (+ WAL fetched meanwhile), then pg_combinebackup; a full: unpack only.
+    stages["unpack"] = (combine_began[0] if combine_began else ended) - mark
+    if combine_began:
+        stages["combine"] = ended - combine_began[0]
     mark = time.perf_counter()
     port = free_port()
     configure_recovery(target, None, port=port)
@@ -781,9 +791,9 @@ def pitr_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
         port, stages, fetched = ours_restore(storage, full.db_id, key, restored, toolset, user)
         rows["pitr_ours"].add(time.perf_counter() - started, None)
         steps.update({f"ours_{name}": seconds for name, seconds in stages.items()})
-        rows["pitr_ours"].note = (f"plan {stages['plan']:.1f} s, unpack+combine "
-                                  f"{stages['unpack']:.1f} s, start+replay {stages['start']:.1f} "
-                                  f"s, {fetched} WAL fetched")
+        rows["pitr_ours"].note = (f"plan {stages['plan']:.1f} s, unpack {stages['unpack']:.1f} s, "
+                                  f"combine {stages['combine']:.1f} s, start+replay "
+                                  f"{stages['start']:.1f} s, {fetched} WAL fetched")
         ours_rows = changed_accounts(port, cluster)
 
     print("phase 2: restore by hand (pg_combinebackup) ...", flush=True)
