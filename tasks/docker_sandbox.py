@@ -26,8 +26,8 @@ from typing import Any
 import psycopg
 
 from pgbackflow.tasks.database import ConnectionSettings
+from pgbackflow.tasks.docker_engine import DockerClient, docker, docker_client
 from pgbackflow.tasks.process import ToolResult, pid_alive
-from pgbackflow.tasks.runtime import DockerClient, docker, docker_client
 from pgbackflow.tasks.sandbox import (
     DEFAULT_IMAGE_TEMPLATE,
     RESTORE_ARGS,

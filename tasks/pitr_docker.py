@@ -34,6 +34,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, cast
 
+from pgbackflow.tasks.docker_engine import DockerClient, docker, docker_client
 from pgbackflow.tasks.errors import ConfigError, DatabaseError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.pgconf import append_settings, request_recovery
@@ -46,11 +47,8 @@ from pgbackflow.tasks.pitr import (
     free_port,
 )
 from pgbackflow.tasks.runtime import (
-    DockerClient,
     PostgresRuntime,
     StageRunner,
-    docker,
-    docker_client,
     log_tail,
     recover,
     run_directly,

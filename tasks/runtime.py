@@ -7,11 +7,12 @@ loop is :func:`recover`, written once; what differs per place is a :class:`Postg
 how the server is started, asked whether it is promoted, read (its log) and stopped.
 :class:`LocalRuntime` runs ``pg_ctl`` as the server's OS user; the container runtime lives
 with the Docker volume code (tasks/pitr_docker.py), which owns the container's settings.
+The Docker SDK and its client are in tasks/docker_engine.py, imported only where a container
+is used.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import signal
@@ -21,18 +22,11 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.errors import DatabaseError
 from pgbackflow.tasks.process import OsUser, Tool, ToolResult, pid_alive
 from pgbackflow.tasks.toolsets import Toolset
-
-# The SDK is untyped, and mypy would resolve "docker" to this repository's docker/ folder
-# (image build scripts); at run time the installed package wins. The one import of it:
-# tasks/pitr_docker.py and tasks/docker_sandbox.py take ``docker`` from here.
-docker: Any = importlib.import_module("docker")
-importlib.import_module("docker.errors")
-DockerClient = Any
 
 logger = logging.getLogger(__name__)
 
@@ -62,20 +56,6 @@ def last_transaction(log: str) -> str | None:
         if LAST_TRANSACTION in line:
             last = line.split("log time", 1)[1].strip()
     return last
-
-
-def docker_client(instead: str) -> DockerClient:
-    """A client for the local engine; without one, a one-line error that says to start it
-    or to do ``instead`` (e.g. "verify with --sandbox local")."""
-    try:
-        client = docker.from_env()
-        client.ping()
-    except docker.errors.DockerException as exc:
-        raise ConfigError(
-            f"no Docker engine reachable ({str(exc).splitlines()[0][:160]}): start Docker, "
-            f"or {instead}"
-        ) from None
-    return client
 
 
 class StageRunner(Protocol):
@@ -290,13 +270,10 @@ def _runs_in(pid: int, data_dir: Path) -> bool:
 __all__ = [
     "LAST_TRANSACTION",
     "TARGET_NOT_REACHED",
-    "DockerClient",
     "LocalRuntime",
     "PostgresRuntime",
     "Recovery",
     "StageRunner",
-    "docker",
-    "docker_client",
     "drop_recovery_target_setting",
     "last_transaction",
     "log_tail",
