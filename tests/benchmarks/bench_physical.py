@@ -56,6 +56,7 @@ the restore replays only that. Both restored servers are checked to hold the cha
 
 Usage: .venv/bin/python -m tests.benchmarks.bench_physical [--scale 50] [--major 15]
        [--pitr-major 17] [--repeat 3] [--json]
+       [--only chain --restore-rounds 3]   (just the incremental phase and the chain's restore)
 """
 
 from __future__ import annotations
@@ -719,11 +720,62 @@ def chown_tree(root: Path, user: OsUser) -> None:
             os.chown(os.path.join(folder, name), user.uid, user.gid, follow_symlinks=False)
 
 
+def restore_chain_ours(cluster: EphemeralCluster, storage: LocalFolderStorage, db_id: str,
+                       key: MasterKey, work: Path, row: Row, steps: dict[str, float]) -> int:
+    """Our PITR of the chain to the end, timed into ``row`` (the best run's stages kept);
+    returns the changed rows the restored server shows."""
+    toolset, user = cluster.toolset, resolve_os_user()
+    print("phase 2: restore with pgbackflow ...", flush=True)
+    restored = work / "restore-ours"
+    os.sync()  # untimed: earlier phases' dirty pages must not slow whichever restore runs first
+    with stopped_after(restored, toolset, user):
+        started = time.perf_counter()
+        port, stages, fetched = ours_restore(storage, db_id, key, restored, toolset, user)
+        seconds = time.perf_counter() - started
+        if not row.runs or seconds < row.best:
+            steps.update({f"ours_{name}": value for name, value in stages.items()})
+            row.note = (f"plan {stages['plan']:.1f} s, unpack {stages['unpack']:.1f} s, "
+                        f"combine {stages['combine']:.1f} s, start+replay "
+                        f"{stages['start']:.1f} s, {fetched} WAL fetched")
+        row.add(seconds, None)
+        return changed_accounts(port, cluster)
+
+
+def restore_chain_bare(cluster: EphemeralCluster, bare_full: Path, bare_inc: Path, work: Path,
+                       row: Row, steps: dict[str, float]) -> int:
+    """``pg_combinebackup`` of the plain backups + start, timed into ``row``; returns the
+    changed rows the restored server shows."""
+    toolset, user = cluster.toolset, resolve_os_user()
+    print("phase 2: restore by hand (pg_combinebackup) ...", flush=True)
+    restored = work / "restore-bare"
+    os.sync()
+    with stopped_after(restored, toolset, user):
+        started = time.perf_counter()
+        Tool(toolset.binary("pg_combinebackup")).run(
+            [str(bare_full), str(bare_inc), "--output", str(restored)], timeout=None)
+        port = free_port()
+        with (restored / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
+                       "unix_socket_directories = '/tmp'\n")
+        chown_tree(restored, user)
+        built = time.perf_counter() - started
+        mark = time.perf_counter()
+        Tool(toolset.binary("pg_ctl")).run(
+            ["-D", restored, "-l", restored / "postgres.log", "-w", "-t", "3600", "start"],
+            user=user, cwd=restored, timeout=None)
+        seconds = time.perf_counter() - started
+        if not row.runs or seconds < row.best:
+            steps["bare_build"], steps["bare_start"] = built, time.perf_counter() - mark
+            row.note = (f"combine {steps['bare_build']:.1f} s, start+replay "
+                        f"{steps['bare_start']:.1f} s")
+        row.add(seconds, None)
+        return changed_accounts(port, cluster)
+
+
 def pitr_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: Path,
                options: argparse.Namespace, cli_env: dict[str, str] | None) -> dict[str, Any]:
     """Full, a change, incremental; then restore the chain, ours vs bare."""
     toolset = cluster.toolset
-    user = resolve_os_user()
     bare = Bare(cluster)
     settings = settings_of(cluster)
     storage = LocalFolderStorage(work / "pitr-store")
@@ -783,41 +835,13 @@ def pitr_phase(cluster: EphemeralCluster, work: Path, key: MasterKey, key_file: 
     shutil.rmtree(target)
 
     steps: dict[str, float] = {}
-    print("phase 2: restore with pgbackflow ...", flush=True)
-    restored = work / "restore-ours"
-    os.sync()  # untimed: earlier phases' dirty pages must not slow whichever restore runs first
-    with stopped_after(restored, toolset, user):
-        started = time.perf_counter()
-        port, stages, fetched = ours_restore(storage, full.db_id, key, restored, toolset, user)
-        rows["pitr_ours"].add(time.perf_counter() - started, None)
-        steps.update({f"ours_{name}": seconds for name, seconds in stages.items()})
-        rows["pitr_ours"].note = (f"plan {stages['plan']:.1f} s, unpack {stages['unpack']:.1f} s, "
-                                  f"combine {stages['combine']:.1f} s, start+replay "
-                                  f"{stages['start']:.1f} s, {fetched} WAL fetched")
-        ours_rows = changed_accounts(port, cluster)
-
-    print("phase 2: restore by hand (pg_combinebackup) ...", flush=True)
-    restored = work / "restore-bare"
-    os.sync()
-    with stopped_after(restored, toolset, user):
-        started = time.perf_counter()
-        Tool(toolset.binary("pg_combinebackup")).run(
-            [str(bare_full), str(bare_inc), "--output", str(restored)], timeout=None)
-        port = free_port()
-        with (restored / "postgresql.auto.conf").open("a") as conf:
-            conf.write(f"port = {port}\nlisten_addresses = '127.0.0.1'\n"
-                       "unix_socket_directories = '/tmp'\n")
-        chown_tree(restored, user)
-        steps["bare_build"] = time.perf_counter() - started
-        mark = time.perf_counter()
-        Tool(toolset.binary("pg_ctl")).run(
-            ["-D", restored, "-l", restored / "postgres.log", "-w", "-t", "3600", "start"],
-            user=user, cwd=restored, timeout=None)
-        steps["bare_start"] = time.perf_counter() - mark
-        rows["pitr_bare"].add(time.perf_counter() - started, None)
-        rows["pitr_bare"].note = (f"combine {steps['bare_build']:.1f} s, start+replay "
-                                  f"{steps['bare_start']:.1f} s")
-        bare_rows = changed_accounts(port, cluster)
+    for round_ in range(options.restore_rounds):  # interleaved: the load changes by the minute
+        ours_rows = restore_chain_ours(cluster, storage, full.db_id, key, work, rows["pitr_ours"],
+                                       steps)
+        bare_rows = restore_chain_bare(cluster, bare_full, bare_inc, work, rows["pitr_bare"],
+                                       steps)
+        print(f"  round {round_ + 1}: ours {rows['pitr_ours'].runs[-1]:.1f} s, bare "
+              f"{rows['pitr_bare'].runs[-1]:.1f} s (load {os.getloadavg()[0]:.1f})", flush=True)
     shutil.rmtree(bare_full)
     shutil.rmtree(bare_inc)
     if not ours_rows == bare_rows == expected:
@@ -862,58 +886,13 @@ def fmt(value: float | None, suffix: str = "x") -> str:
     return "n/a" if value is None else f"{value:.3f}{suffix}"
 
 
-def report(db_size: int, full: dict[str, Any], pitr: dict[str, Any] | None,
+def report(db_size: int, full: dict[str, Any] | None, pitr: dict[str, Any] | None,
            options: argparse.Namespace) -> dict[str, Any]:
     """Print the tables and ratios; return the machine-readable summary."""
-    rows: dict[str, Row] = full["rows"]
-    print(f"\nFull backups of a {db_size / 1e9:.2f} GB database, PostgreSQL {full['server']} "
-          f"(best of {options.repeat}, interleaved)")
-    show_rows(rows)
-    ratios: dict[str, float | None] = {
-        "ours_vs_pgbackrest_time": ratio(rows["ours"], rows["pgbackrest"], "time"),
-        "ours_vs_pgbackrest_size": ratio(rows["ours"], rows["pgbackrest"], "size"),
-        "cli_vs_pgbackrest_time": ratio(rows["ours_cli"], rows["pgbackrest"], "time"),
-        "cli_vs_pgbackrest_size": ratio(rows["ours_cli"], rows["pgbackrest"], "size"),
-        "ours_vs_bare_pipe_time": ratio(rows["ours"], rows["bare_pipe"], "time"),
-        "ours_vs_bare_pipe_size": ratio(rows["ours"], rows["bare_pipe"], "size"),
-        "ours_vs_bare_z_time": ratio(rows["ours"], rows["bare_z"], "time"),
-        "ours_vs_bare_z_size": ratio(rows["ours"], rows["bare_z"], "size"),
-        "cli_vs_ours_time": ratio(rows["ours_cli"], rows["ours"], "time"),
-    }
-    print("\nratios (best runs):")
-    print(f"  ours direct / pgBackRest: time {fmt(ratios['ours_vs_pgbackrest_time'])} "
-          f"(target < 1), size {fmt(ratios['ours_vs_pgbackrest_size'])} (target ≤ 1.05)")
-    print(f"  ours CLI    / pgBackRest: time {fmt(ratios['cli_vs_pgbackrest_time'])} "
-          f"(target < 1), size {fmt(ratios['cli_vs_pgbackrest_size'])} (target ≤ 1.05)")
-    print(f"  ours direct / bare | zstd -T2 -5: time {fmt(ratios['ours_vs_bare_pipe_time'])}, "
-          f"size {fmt(ratios['ours_vs_bare_pipe_size'])}")
-    print(f"  ours direct / bare -Z client-zstd:5: time {fmt(ratios['ours_vs_bare_z_time'])}, "
-          f"size {fmt(ratios['ours_vs_bare_z_size'])}")
-    print(f"  ours CLI / ours direct (Prefect's share): time {fmt(ratios['cli_vs_ours_time'])}")
-    raw = full["raw_bytes"]
-    speeds = {key: raw / 1e6 / rows[key].best for key in ("bare_null", "bare_pipe", "ours")
-              if rows[key].runs}
-    print(f"  pg_basebackup's tar stream: {raw / 1e6:.0f} MB; MB/s: "
-          + ", ".join(f"{rows[key].name} {speed:.0f}" for key, speed in speeds.items()))
-    restore_rows: dict[str, Row] = full["restore"]["rows"]
-    print(f"\nRestore of a full to a running, promoted server, PostgreSQL {full['server']} "
-          f"(best of {options.repeat}, interleaved)")
-    show_rows(restore_rows)
-    ratios["restore_full_ours_vs_pgbackrest_time"] = ratio(
-        restore_rows["ours"], restore_rows["pgbackrest"], "time")
-    ratios["restore_full_cli_vs_pgbackrest_time"] = ratio(
-        restore_rows["ours_cli"], restore_rows["pgbackrest"], "time")
-    print(f"  ours direct / pgBackRest restore + start: time "
-          f"{fmt(ratios['restore_full_ours_vs_pgbackrest_time'])} (target ≤ 1.0)")
-    print(f"  ours CLI process / pgBackRest restore + start: time "
-          f"{fmt(ratios['restore_full_cli_vs_pgbackrest_time'])}")
-    summary: dict[str, Any] = {
-        "database_bytes": db_size,
-        "full": {"server": full["server"], "repeat": options.repeat, "raw_bytes": raw,
-                 "rows": {k: r.to_json() for k, r in rows.items()},
-                 "restore": {"rows": {k: r.to_json() for k, r in restore_rows.items()},
-                             "stages_s": full["restore"]["stages_s"]}},
-    }
+    ratios: dict[str, float | None] = {}
+    summary: dict[str, Any] = {"database_bytes": db_size}
+    if full is not None:
+        summary["full"] = _report_full(db_size, full, options, ratios)
     if pitr is not None:
         prow: dict[str, Row] = pitr["rows"]
         how = "every Nth row" if options.scattered else "a contiguous id range"
@@ -950,6 +929,57 @@ def report(db_size: int, full: dict[str, Any], pitr: dict[str, Any] | None,
     return summary
 
 
+def _report_full(db_size: int, full: dict[str, Any], options: argparse.Namespace,
+                 ratios: dict[str, float | None]) -> dict[str, Any]:
+    """The full-backup phase's tables and ratios (into ``ratios``); its summary."""
+    rows: dict[str, Row] = full["rows"]
+    print(f"\nFull backups of a {db_size / 1e9:.2f} GB database, PostgreSQL {full['server']} "
+          f"(best of {options.repeat}, interleaved)")
+    show_rows(rows)
+    ratios.update({
+        "ours_vs_pgbackrest_time": ratio(rows["ours"], rows["pgbackrest"], "time"),
+        "ours_vs_pgbackrest_size": ratio(rows["ours"], rows["pgbackrest"], "size"),
+        "cli_vs_pgbackrest_time": ratio(rows["ours_cli"], rows["pgbackrest"], "time"),
+        "cli_vs_pgbackrest_size": ratio(rows["ours_cli"], rows["pgbackrest"], "size"),
+        "ours_vs_bare_pipe_time": ratio(rows["ours"], rows["bare_pipe"], "time"),
+        "ours_vs_bare_pipe_size": ratio(rows["ours"], rows["bare_pipe"], "size"),
+        "ours_vs_bare_z_time": ratio(rows["ours"], rows["bare_z"], "time"),
+        "ours_vs_bare_z_size": ratio(rows["ours"], rows["bare_z"], "size"),
+        "cli_vs_ours_time": ratio(rows["ours_cli"], rows["ours"], "time"),
+    })
+    print("\nratios (best runs):")
+    print(f"  ours direct / pgBackRest: time {fmt(ratios['ours_vs_pgbackrest_time'])} "
+          f"(target < 1), size {fmt(ratios['ours_vs_pgbackrest_size'])} (target ≤ 1.05)")
+    print(f"  ours CLI    / pgBackRest: time {fmt(ratios['cli_vs_pgbackrest_time'])} "
+          f"(target < 1), size {fmt(ratios['cli_vs_pgbackrest_size'])} (target ≤ 1.05)")
+    print(f"  ours direct / bare | zstd -T2 -5: time {fmt(ratios['ours_vs_bare_pipe_time'])}, "
+          f"size {fmt(ratios['ours_vs_bare_pipe_size'])}")
+    print(f"  ours direct / bare -Z client-zstd:5: time {fmt(ratios['ours_vs_bare_z_time'])}, "
+          f"size {fmt(ratios['ours_vs_bare_z_size'])}")
+    print(f"  ours CLI / ours direct (Prefect's share): time {fmt(ratios['cli_vs_ours_time'])}")
+    raw = full["raw_bytes"]
+    speeds = {key: raw / 1e6 / rows[key].best for key in ("bare_null", "bare_pipe", "ours")
+              if rows[key].runs}
+    print(f"  pg_basebackup's tar stream: {raw / 1e6:.0f} MB; MB/s: "
+          + ", ".join(f"{rows[key].name} {speed:.0f}" for key, speed in speeds.items()))
+    restore_rows: dict[str, Row] = full["restore"]["rows"]
+    print(f"\nRestore of a full to a running, promoted server, PostgreSQL {full['server']} "
+          f"(best of {options.repeat}, interleaved)")
+    show_rows(restore_rows)
+    ratios["restore_full_ours_vs_pgbackrest_time"] = ratio(
+        restore_rows["ours"], restore_rows["pgbackrest"], "time")
+    ratios["restore_full_cli_vs_pgbackrest_time"] = ratio(
+        restore_rows["ours_cli"], restore_rows["pgbackrest"], "time")
+    print(f"  ours direct / pgBackRest restore + start: time "
+          f"{fmt(ratios['restore_full_ours_vs_pgbackrest_time'])} (target ≤ 1.0)")
+    print(f"  ours CLI process / pgBackRest restore + start: time "
+          f"{fmt(ratios['restore_full_cli_vs_pgbackrest_time'])}")
+    return {"server": full["server"], "repeat": options.repeat, "raw_bytes": raw,
+                 "rows": {k: r.to_json() for k, r in rows.items()},
+                 "restore": {"rows": {k: r.to_json() for k, r in restore_rows.items()},
+                             "stages_s": full["restore"]["stages_s"]}}
+
+
 def _pct(part: Row, whole: Row) -> float | None:
     if part.size is None or not whole.size:
         return None
@@ -973,10 +1003,18 @@ def main() -> int:
     parser.add_argument("--scattered", action="store_true",
                         help="change every Nth row instead of a contiguous range")
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI (Prefect) runs")
+    parser.add_argument("--only", choices=["chain"],
+                        help="chain: only the incremental phase and the chain's restore")
+    parser.add_argument("--restore-rounds", type=int, default=1,
+                        help="chain restores (ours, then bare) repeated; best kept")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     options = parser.parse_args()
     if options.pitr_major and options.pitr_major < 17:
         parser.error("--pitr-major must be 17 or newer (incremental backups), or 0 to skip")
+    if options.only == "chain":
+        if not options.pitr_major:
+            parser.error("--only chain needs --pitr-major")
+        options.major = options.pitr_major  # the database is built once, on that server
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -1005,7 +1043,8 @@ def main() -> int:
                   f"jsonb rows) on PostgreSQL {cluster.toolset.version} ...", flush=True)
             db_size = build_database(cluster, DB, options.scale, options.jsonb_rows)
             print(f"database: {db_size / 1e9:.2f} GB", flush=True)
-            full = full_phase(cluster, work, key, key_file, options, cli_env)
+            full = (None if options.only == "chain"
+                    else full_phase(cluster, work, key, key_file, options, cli_env))
             pitr = None
             if options.pitr_major:
                 if options.pitr_major != options.major:
