@@ -31,7 +31,7 @@ LEAN_FORMAT = 2
 #: Services whose endpoint entries are kept (sts: assume-role credentials).
 ENDPOINT_SERVICES = frozenset({"s3", "sts"})
 
-#: The S3 operations pgbackflow calls (tasks/storage.py); the client has no others.
+#: The S3 operations pgbackflow calls (tasks/storage/s3.py); the client has no others.
 S3_OPERATIONS = frozenset({
     "AbortMultipartUpload",
     "CompleteMultipartUpload",
