@@ -14,7 +14,6 @@ import stat
 import subprocess
 import sys
 import tarfile
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -316,15 +315,6 @@ def test_backup_with_a_tablespace_is_unpacked_into_the_restore(
     link = data_dir / "pg_tblspc" / "16385"
     assert link.resolve() == (tablespace_root(data_dir) / "16385").resolve()
     assert (link / "PG_17_202406281/5/16386").read_bytes() == b"rows"
-
-
-@pytest.fixture
-def work_dir() -> Iterator[Path]:
-    """A folder the server's OS user can reach (for --start)."""
-    path = Path(tempfile.mkdtemp(prefix="pgbackflow-test-hostile-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
 @pytest.mark.parametrize(("case", "start"), [

@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -61,15 +60,6 @@ def cluster_or_skip(major: int, pg_majors: tuple[int, ...], **settings: str) -> 
         # A selected major must be testable (fail, not skip): CI installs every toolset.
         pytest.fail(f"selected PostgreSQL {major} is unavailable: {exc}", pytrace=False)
     return EphemeralCluster(toolset, settings={"fsync": "off", **settings})
-
-
-@pytest.fixture
-def work_dir() -> Iterator[Path]:
-    """A folder the server's OS user can reach (pytest's tmp_path is private to root)."""
-    path = Path(tempfile.mkdtemp(prefix="pgbackflow-test-physical-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")

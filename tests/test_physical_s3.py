@@ -16,9 +16,7 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -71,18 +69,10 @@ def _wait_shipped(server: EphemeralCluster, bucket: S3Bucket, timeout: float = 6
     raise AssertionError(f"WAL segment {row[0]} was not shipped to the bucket within {timeout} s")
 
 
-@pytest.fixture
-def work() -> Iterator[Path]:
-    """A folder the restored server's OS user can walk through (tmp_path is root's own)."""
-    path = Path(tempfile.mkdtemp(prefix="pgbackflow-test-physical-s3-", dir="/var/tmp"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
 def test_chain_wal_pitr_and_verification_from_s3(
-    pg_majors: tuple[int, ...], work: Path, s3_bucket: S3Bucket, prefect_api: str
+    pg_majors: tuple[int, ...], work_dir: Path, s3_bucket: S3Bucket, prefect_api: str
 ) -> None:
+    work = work_dir  # reachable by the restored server's OS user (tests/fixtures/postgres)
     major = _newest_incremental_major(pg_majors)
     key_file = work / "master.key"
     write_key_file(key_file, MasterKey.generate())
