@@ -43,10 +43,14 @@ POSTMASTER_START_GRACE_S = 30.0
 
 
 def log_tail(text: str, lines: int = 3) -> str:
-    """A log's gist on one line: its last FATAL/PANIC/ERROR lines, else its last lines."""
+    """A log's gist on one line: the ``lines`` lines that end with its last FATAL, PANIC or
+    ERROR line (what led to it, e.g. the setting a FATAL "contains errors" is about), else
+    its last ``lines`` lines."""
     kept = [line.strip() for line in text.splitlines() if line.strip()]
-    important = [line for line in kept if any(w in line for w in ("FATAL", "PANIC", "ERROR"))]
-    return " | ".join(important[-lines:] or kept[-lines:]) or "no log output"
+    errors = [i for i, line in enumerate(kept)
+              if any(word in line for word in ("FATAL", "PANIC", "ERROR"))]
+    end = errors[-1] + 1 if errors else len(kept)
+    return " | ".join(kept[max(0, end - lines):end]) or "no log output"
 
 
 def last_transaction(log: str) -> str | None:
