@@ -39,11 +39,8 @@ from tests.test_physical import (
     stop_restored,
     streaming_wal,
     wait_shipped,
-    work_dir,
 )
 from tests.test_retention import DB, KEY, RING, Writer, write_logical
-
-__all__ = ["work_dir"]  # a fixture, used by name
 
 CONFIG = """
 [key]
