@@ -137,14 +137,19 @@ def test_maintenance_flow_prefers_verified_publishes_and_deletes(tmp_path: Path)
     key_file = tmp_path / "master.key"
     write_key_file(key_file, KEY)
 
-    summary = maintenance(storage=LocalStorage(folder=str(storage.folder)),
-                          policies={DB: RetentionSettings(daily=2)}, key_file=str(key_file))
+    state = maintenance(storage=LocalStorage(folder=str(storage.folder)),
+                        policies={DB: RetentionSettings(daily=2)}, key_file=str(key_file),
+                        return_state=True)
+    summary = state.result()
+    run_id = state.state_details.flow_run_id
     left = [b.backup_id for b in read_catalog(storage, RING).databases[0].backups]
     assert left == [noon, newest]
     assert sorted(summary["deleted_backups"]) == sorted(f"{DB}/{b}" for b in (morning, evening))
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
             any_=[f"backups-tables-{DB}", artifact_key("retention", storage.location)])))
+    # The session's Prefect server is shared: other tests publish "backups-tables-shop" too.
+    artifacts = [a for a in artifacts if a.flow_run_id == run_id]
     table = next(a for a in artifacts if a.key == f"backups-tables-{DB}")
     assert "newest verified of day" in str(table.data) and noon in str(table.data)
     plan = next(a for a in artifacts if a.key == artifact_key("retention", storage.location))
