@@ -1,7 +1,8 @@
 """Restore verification: the runbook, as a Prefect flow.
 
 1. Pick the backup (newest complete one of the database, or a given id).
-2. Restore it into a throwaway sandbox of the same major, with its roles.
+2. Restore it into a throwaway sandbox of the same major, with its roles (the
+   logical restore's stages: start-sandbox, replay-globals, pg-restore, count-rows).
 3. Count every table and compare with the counts taken in the dump's snapshot.
 4. Destroy the sandbox (also on failure and cancellation) and publish the report.
 
@@ -31,6 +32,7 @@ from pgbackflow.flows.common import (
     publish_summary,
     resolve_keyring,
     retry_if_transient,
+    stage_as_task,
     tag_run,
 )
 from pgbackflow.flows.outcome import announce_success
@@ -72,7 +74,6 @@ def pick_backup(
     return manifest
 
 
-@task(name="restore-and-count", cache_policy=NONE)
 def restore_and_count(
     storage: Storage,
     manifest: LogicalManifest,
@@ -83,10 +84,12 @@ def restore_and_count(
     timeline: Timeline,
     timeout_s: int,
 ) -> VerificationReport:
-    """Restore into a fresh sandbox, count every table, destroy the sandbox."""
+    """Restore into a fresh sandbox, count every table, destroy the sandbox: each stage
+    (start-sandbox, replay-globals, pg-restore, count-rows) a task run of its own."""
     sandbox = sandbox_for(sandbox_kind, manifest.server_major, resources, image_template)
     with _terminate_as_interrupt(timeout_s):
-        report = verify_backup(storage, manifest, keyring, sandbox, timeline=timeline)
+        report = verify_backup(storage, manifest, keyring, sandbox, timeline=timeline,
+                               run_stage=stage_as_task)
     logger = get_run_logger()
     for problem in report.problems[:20]:
         logger.warning(problem)

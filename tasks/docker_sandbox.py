@@ -20,6 +20,7 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,6 @@ from pgbackflow.tasks.docker_engine import DockerClient, docker, docker_client
 from pgbackflow.tasks.process import ToolResult, pid_alive
 from pgbackflow.tasks.sandbox import (
     DEFAULT_IMAGE_TEMPLATE,
-    RESTORE_ARGS,
     SANDBOX_LABEL,
     Sandbox,
     SandboxError,
@@ -225,13 +225,16 @@ class DockerSandbox(Sandbox):
             sslmode="disable",
         )
 
-    def pg_restore(self, dbname: str, dump_file: Path, jobs: int) -> ToolResult:
-        """The container's own pg_restore, run with ``docker exec`` as postgres."""
-        if dump_file.parent != self._restore_dir:
-            raise SandboxError(f"dump file {dump_file} must be in {self._restore_dir}")
+    def pg_restore(
+        self, dbname: str, args: Sequence[str], dump: Path | Iterable[bytes]
+    ) -> ToolResult:
+        """The container's own pg_restore, run with ``docker exec`` as postgres, of a dump
+        spooled in ``dump_dir`` (bind-mounted into the container)."""
+        if not isinstance(dump, Path) or dump.parent != self._restore_dir:
+            raise SandboxError(f"a Docker sandbox restores a dump file in {self._restore_dir}")
         command = [
-            "pg_restore", *RESTORE_ARGS, f"--jobs={jobs}", "--host", SOCKET_DIR,
-            "--username", "postgres", "--dbname", dbname, f"{RESTORE_DIR}/{dump_file.name}",
+            "pg_restore", "--no-password", *args, "--host", SOCKET_DIR,
+            "--username", "postgres", "--dbname", dbname, f"{RESTORE_DIR}/{dump.name}",
         ]
         exit_code, (stdout, stderr) = self._container.exec_run(
             command, user="postgres", demux=True

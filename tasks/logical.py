@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
 import psycopg
 from psycopg import sql
@@ -498,8 +499,43 @@ def replay_globals(
     return tuple(created), tuple(kept), tuple(warnings)
 
 
-def _pg_restore_args(target: ConnectionSettings, options: RestoreOptions) -> list[str]:
-    args = ["--no-password", f"--dbname={libpq_conninfo(target)}"]
+class PgRestoreRunner(Protocol):
+    """Where a restore's pg_restore runs: this host's toolset against a server (the restore
+    flow, a local sandbox), or inside the server's container (a Docker sandbox)."""
+
+    def pg_restore(
+        self, dbname: str, args: Sequence[str], dump: Path | Iterable[bytes]
+    ) -> ToolResult:
+        """Run pg_restore with ``args`` (options only, no connection) into database
+        ``dbname`` from ``dump``: a file, or the archive's bytes on stdin (one job only).
+        A non-zero exit is returned, not raised: callers judge the errors."""
+        ...
+
+
+@dataclass(frozen=True)
+class HostPgRestore:
+    """pg_restore of ``toolset`` on this host, connecting to ``server`` (password through a
+    passfile, never in argv)."""
+
+    toolset: Toolset
+    server: ConnectionSettings
+
+    def pg_restore(
+        self, dbname: str, args: Sequence[str], dump: Path | Iterable[bytes]
+    ) -> ToolResult:
+        """See :class:`PgRestoreRunner`."""
+        target = self.server.with_dbname(dbname)
+        tool = Tool(self.toolset.binary("pg_restore"))
+        command = ["--no-password", f"--dbname={libpq_conninfo(target)}", *args]
+        with libpq_password_env(target) as env:
+            if isinstance(dump, Path):
+                return tool.run([*command, str(dump)], env=env, check=False)
+            return tool.stream_in(command, dump, env=env, check=False)
+
+
+def pg_restore_options(options: RestoreOptions) -> list[str]:
+    """pg_restore's flags for ``options`` (the connection is the runner's)."""
+    args: list[str] = []
     if options.clean:
         args += ["--clean", "--if-exists"]
     if options.create:
@@ -509,6 +545,37 @@ def _pg_restore_args(target: ConnectionSettings, options: RestoreOptions) -> lis
     if options.jobs > 1:
         args.append(f"--jobs={options.jobs}")
     return args
+
+
+def run_pg_restore(
+    storage: Storage,
+    manifest: LogicalManifest,
+    keyring: Keyring,
+    runner: PgRestoreRunner,
+    dbname: str,
+    args: Sequence[str],
+    *,
+    jobs: int,
+    spooled: Path | None = None,
+) -> ToolResult:
+    """The one way a logical backup is fed to pg_restore (restore and verification).
+
+    Every chunk and the dump's sha256 are checked as it is decrypted. A dump the caller
+    already decrypted into ``spooled`` is restored from there; else one job reads it on
+    stdin, and parallel jobs (which need a seekable file) from a temporary spool that is
+    removed afterwards.
+    """
+    if spooled is not None:
+        return runner.pg_restore(dbname, args, spooled)
+    chunks = decrypted_chunks(storage, manifest.dump, keyring)
+    if jobs == 1:
+        return runner.pg_restore(dbname, args, chunks)
+    with tempfile.TemporaryDirectory(prefix="pgbackflow-restore-") as spool_dir:
+        spool = Path(spool_dir) / "dump.custom"
+        with spool.open("wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+        return runner.pg_restore(dbname, args, spool)
 
 
 def _judge_pg_restore(result: ToolResult) -> tuple[str, ...]:
@@ -540,27 +607,17 @@ def restore_dump(
     toolset: Toolset,
     options: RestoreOptions,
 ) -> tuple[int, tuple[str, ...]]:
-    """Decrypt the dump and feed it to pg_restore.
+    """Decrypt the dump and feed it to this host's pg_restore, connected to ``target``.
 
     Returns:
         pg_restore's exit code and the roles it could not find (owners/grants skipped).
     """
-    pg_restore = Tool(toolset.binary("pg_restore"))
-    args = _pg_restore_args(target, options)
     if options.create:
         make_room_for_create(target, manifest.database.name, clean=options.clean)
-    chunks = decrypted_chunks(storage, manifest.dump, keyring)
-    with libpq_password_env(target) as env:
-        if options.jobs == 1:
-            result = pg_restore.stream_in(args, chunks, env=env, check=False)
-        else:
-            # Parallel restore needs a seekable file: spool, restore, remove.
-            with tempfile.TemporaryDirectory(prefix="pgbackflow-restore-") as spool_dir:
-                spool = Path(spool_dir) / "dump.custom"
-                with spool.open("wb") as out:
-                    for chunk in chunks:
-                        out.write(chunk)
-                result = pg_restore.run([*args, str(spool)], env=env, check=False)
+    result = run_pg_restore(
+        storage, manifest, keyring, HostPgRestore(toolset, target), target.dbname,
+        pg_restore_options(options), jobs=options.jobs,
+    )
     return result.returncode, _judge_pg_restore(result)
 
 
@@ -623,7 +680,9 @@ __all__ = [
     "ArchiveDatabase",
     "DumpCompression",
     "DumpResult",
+    "HostPgRestore",
     "ObjectWrite",
+    "PgRestoreRunner",
     "RestoreOptions",
     "archive_database",
     "capture_globals",
@@ -633,8 +692,10 @@ __all__ = [
     "count_restored",
     "dump_database",
     "make_room_for_create",
+    "pg_restore_options",
     "replay_globals",
     "restore_dump",
     "restore_target_database",
+    "run_pg_restore",
 ]
 

@@ -12,15 +12,17 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from pgbackflow.tasks.cluster import EphemeralCluster
-from pgbackflow.tasks.database import ConnectionSettings, libpq_conninfo, libpq_password_env
+from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import ConfigError, PgBackflowError, StorageError
-from pgbackflow.tasks.process import Tool, ToolResult
+from pgbackflow.tasks.logical import HostPgRestore
+from pgbackflow.tasks.process import ToolResult
 from pgbackflow.tasks.toolsets import find_toolset
 
 logger = logging.getLogger("pgbackflow.sandbox")
@@ -36,8 +38,8 @@ THROWAWAY_SETTINGS: dict[str, str] = {
     "autovacuum": "off",
 }
 
-#: pg_restore flags every sandbox uses: a sandbox has no tablespaces.
-RESTORE_ARGS = ("--no-password", "--no-tablespaces")
+#: pg_restore flags every sandbox restore uses: a sandbox has no tablespaces.
+RESTORE_ARGS = ("--no-tablespaces",)
 SANDBOX_LABEL = "pgbackflow.sandbox"
 DEFAULT_IMAGE_TEMPLATE = "postgres:{major}"
 
@@ -125,11 +127,11 @@ class Sandbox(ABC):
         """How the host connects to the sandbox as superuser (database ``postgres``)."""
 
     @abstractmethod
-    def pg_restore(self, dbname: str, dump_file: Path, jobs: int) -> ToolResult:
-        """Run the sandbox's own pg_restore of ``dump_file`` (in ``work_dir``) into ``dbname``.
-
-        Tablespaces are not restored (a sandbox has none); the exit code is returned.
-        """
+    def pg_restore(
+        self, dbname: str, args: Sequence[str], dump: Path | Iterable[bytes]
+    ) -> ToolResult:
+        """The sandbox's own pg_restore into ``dbname`` (a :class:`PgRestoreRunner`);
+        a Docker sandbox reads only a file spooled in ``dump_dir``."""
 
     @property
     @abstractmethod
@@ -185,15 +187,11 @@ class LocalSandbox(Sandbox):
             user=self._cluster.superuser, password=self._cluster.password, sslmode="disable",
         )
 
-    def pg_restore(self, dbname: str, dump_file: Path, jobs: int) -> ToolResult:
+    def pg_restore(
+        self, dbname: str, args: Sequence[str], dump: Path | Iterable[bytes]
+    ) -> ToolResult:
         """The toolset's pg_restore, over loopback with a passfile."""
-        target = self.settings.with_dbname(dbname)
-        with libpq_password_env(target) as env:
-            return Tool(self._toolset.binary("pg_restore")).run(
-                [*RESTORE_ARGS, f"--jobs={jobs}", f"--dbname={libpq_conninfo(target)}",
-                 str(dump_file)],
-                env=env, check=False,
-            )
+        return HostPgRestore(self._toolset, self.settings).pg_restore(dbname, args, dump)
 
     @property
     def description(self) -> str:

@@ -23,12 +23,18 @@ from pydantic import BaseModel, ConfigDict
 from pgbackflow.tasks.budget import disk_budget_from_environment
 from pgbackflow.tasks.database import ConnectionSettings, connect
 from pgbackflow.tasks.errors import PgBackflowError
-from pgbackflow.tasks.inventory import compare_counts, take_inventory_of_idle_database
 from pgbackflow.tasks.keys import Keyring
-from pgbackflow.tasks.logical import USER_RELATIONS_SQL, replay_globals
+from pgbackflow.tasks.logical import (
+    USER_RELATIONS_SQL,
+    count_restored,
+    replay_globals,
+    run_pg_restore,
+)
 from pgbackflow.tasks.manifest import LogicalManifest
 from pgbackflow.tasks.pipeline import decrypted_chunks
-from pgbackflow.tasks.sandbox import Sandbox, require_free_disk
+from pgbackflow.tasks.process import ToolResult
+from pgbackflow.tasks.runtime import StageRunner, run_directly
+from pgbackflow.tasks.sandbox import RESTORE_ARGS, Sandbox, require_free_disk
 from pgbackflow.tasks.storage import Storage
 
 HEADROOM_BYTES = 1024**3
@@ -174,12 +180,19 @@ def verify_backup(
     sandbox: Sandbox,
     *,
     timeline: Timeline | None = None,
+    run_stage: StageRunner = run_directly,
 ) -> VerificationReport:
-    """Restore ``manifest``'s backup into ``sandbox`` and compare every table.
+    """Restore ``manifest``'s backup into ``sandbox`` and compare every table: a logical
+    restore (the restore flow's globals replay, pg_restore feed and row count) into a
+    throwaway server.
 
     The sandbox is destroyed before this returns or raises. Integrity, restore and
     count failures come back as a Failed report; cancellation (KeyboardInterrupt, a
     cancelled flow) destroys the sandbox and propagates.
+
+    Args:
+        run_stage: Runs each stage (start-sandbox, replay-globals, pg-restore, count-rows);
+            the flow passes one that makes each a task run of that name.
     """
     timeline = timeline or Timeline()
     if not timeline.entries:
@@ -199,14 +212,15 @@ def verify_backup(
             spooled = pool.submit(spool_dump, storage, manifest, keyring,
                                   sandbox.dump_dir / DUMP_FILE, stop_spool)
             try:
-                with sandbox:
-                    report.sandbox = sandbox.description
-                    timeline.mark("sandbox up")
-                    _restore_and_count(storage, manifest, keyring, sandbox, report, timeline,
-                                       spooled)
+                run_stage("start-sandbox", sandbox.start)
+                report.sandbox = sandbox.description
+                timeline.mark("sandbox up")
+                _restore_and_count(storage, manifest, keyring, sandbox, report, timeline,
+                                   spooled, run_stage)
             finally:
-                # Whatever happened, the spool must not outlive the sandbox's directory.
+                # Whatever happened, the spool stops before the sandbox's directory goes.
                 stop_spool.set()
+                sandbox.destroy()
     except PgBackflowError as exc:
         report.status = "Failed"
         report.failure = report.failure or str(exc)
@@ -256,16 +270,30 @@ def _restore_and_count(
     report: VerificationReport,
     timeline: Timeline,
     spooled: Future[int],
+    run_stage: StageRunner,
 ) -> None:
     admin = sandbox.settings
-    # Owners and grants are part of what gets proven: recreate the roles first.
-    _, _, warnings = replay_globals(storage, manifest, keyring, admin)
-    report.problems.extend(warnings)
-    prepare_sandbox_database(admin, manifest.database.name)
-    dump_file = sandbox.dump_dir / DUMP_FILE
-    spooled.result()  # raises the archive's integrity error, if any
-    result = sandbox.pg_restore(manifest.database.name, dump_file, sandbox.resources.restore_jobs)
-    dump_file.unlink()
+    name = manifest.database.name
+
+    def replay() -> tuple[str, ...]:
+        # Owners and grants are part of what gets proven: recreate the roles first.
+        _, _, warnings = replay_globals(storage, manifest, keyring, admin)
+        prepare_sandbox_database(admin, name)
+        return warnings
+
+    def restore() -> ToolResult:
+        dump_file = sandbox.dump_dir / DUMP_FILE
+        spooled.result()  # raises the archive's integrity error, if any
+        jobs = sandbox.resources.restore_jobs
+        try:
+            return run_pg_restore(storage, manifest, keyring, sandbox, name,
+                                  [*RESTORE_ARGS, f"--jobs={jobs}"], jobs=jobs,
+                                  spooled=dump_file)
+        finally:
+            dump_file.unlink(missing_ok=True)
+
+    report.problems.extend(run_stage("replay-globals", replay))
+    result = run_stage("pg-restore", restore)
     report.restore_exit_code = result.returncode
     report.pg_restore_errors = list(result.stderr_errors[:50])
     timeline.mark("restore done")
@@ -275,17 +303,15 @@ def _restore_and_count(
         report.status = "Failed"
         report.failure = f"pg_restore failed with exit code {result.returncode}: {first}"
 
-    inventory = take_inventory_of_idle_database(
-        admin.with_dbname(manifest.database.name), sandbox.resources.restore_jobs
-    )
+    inventory, counted, extra = run_stage("count-rows", lambda: count_restored(
+        admin.with_dbname(name), manifest, sandbox.resources.restore_jobs))
     timeline.mark("counted")
-    restored = inventory.rows_by_table()
-    expected = manifest.rows_by_table()
     report.restored_size = inventory.database_size
     report.schema_count = inventory.schema_count
     report.table_count = inventory.table_count
-    report.tables = table_checks(expected, restored)
-    differences = compare_counts(expected, restored)
+    report.tables = table_checks(manifest.rows_by_table(), inventory.rows_by_table())
+    # A fresh sandbox holds only what the backup restored: a table it lacks is a finding.
+    differences = [*counted, *(f"table {table} is unexpected" for table in extra)]
     report.problems.extend(differences)
     if differences and report.status != "Failed":
         report.status = "Failed"

@@ -29,6 +29,7 @@ from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from tests.fixtures.docker import volumes_mounted
 from tests.fixtures.mounts import tmpfs
 from tests.fixtures.postgres import PgDatabase, make_database
+from tests.fixtures.prefect import settled_task_runs
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -92,9 +93,15 @@ def test_successful_verification(
     storage = backup_of(pg_database.server, pg_database.name, tmp_path / "b", encryption_key)
     manifest = list_backups(storage.open())[-1]
 
-    report = restore_verification(storage, sandbox=sandbox,  # type: ignore[arg-type]
-                                  encryption_key=encryption_key)
+    state = restore_verification(storage, sandbox=sandbox,  # type: ignore[arg-type]
+                                 encryption_key=encryption_key, return_state=True)
+    report = state.result()
     assert report.status == "Successful", report.failure
+    # The restore's stages are task runs of their own in the UI, named as in the restore flow.
+    stages = {t.name.rsplit("-", 1)[0]
+              for t in settled_task_runs(state.state_details.flow_run_id)}
+    assert stages == {"pick-backup", "start-sandbox", "replay-globals", "pg-restore",
+                      "count-rows"}
     assert report.failure is None
     assert report.backup_id == manifest.backup_id
     assert report.restore_exit_code == 0
