@@ -353,10 +353,17 @@ def event_automation(
     )
 
 
+def _all_clear(settings: NotifyDefaults, job: str) -> bool:
+    """Whether the end of a problem of ``job`` is notified: wherever the problem was (its
+    failure toggle: a *down* alert without its *up* would leave someone waiting), or by
+    the success toggle alone."""
+    return settings.wants(job, "failure") or settings.wants(job, "success")
+
+
 def health_automations(
     db_id: str, settings: NotifyDefaults, targets: Sequence[Target], *, enabled: bool = True,
 ) -> list[AutomationSpec]:
-    """Down (failure toggle of ``health``) and up again (its success toggle)."""
+    """Down (failure toggle of ``health``) and up again (failure or success toggle)."""
     facts = ("database: {{ event.payload.db_id }}\n"
              "job: health check\n"
              "outcome: {{ event.payload.state }}\n"
@@ -372,7 +379,7 @@ def health_automations(
             HEALTH_DOWN_EVENT, db_id, targets, f"pgbackflow: {db_id} is DOWN", facts,
             enabled=enabled,
         ))
-    if settings.wants("health", "success"):
+    if _all_clear(settings, "health"):
         specs.append(event_automation(
             f"pgbackflow health up: {db_id}", f"Notify when {db_id} answers again",
             HEALTH_UP_EVENT, db_id, targets, f"pgbackflow: {db_id} is up again", facts,
@@ -384,8 +391,8 @@ def health_automations(
 def wal_automations(
     db_id: str, settings: NotifyDefaults, targets: Sequence[Target], *, enabled: bool = True,
 ) -> list[AutomationSpec]:
-    """WAL problems the health check sees (stalled shipping, a slot retaining too much)
-    and their recovery (failure and success toggles of ``wal``)."""
+    """WAL problems the health check sees (stalled shipping, a slot retaining too much;
+    failure toggle of ``wal``) and their recovery (failure or success toggle)."""
     facts = ("cluster: {{ event.payload.db_id }}\n"
              "job: WAL streaming\n"
              "outcome: {{ event.payload.problem }}\n"
@@ -401,7 +408,7 @@ def wal_automations(
             f"pgbackflow: WAL of {db_id}: {{{{ event.payload.problem }}}}", facts,
             enabled=enabled,
         ))
-    if settings.wants("wal", "success"):
+    if _all_clear(settings, "wal"):
         specs.append(event_automation(
             f"pgbackflow health wal recovered: {db_id}",
             f"Notify when a WAL problem of {db_id} is over",
@@ -477,8 +484,12 @@ def config_automations(config: Any) -> list[AutomationSpec]:
             if window is not None:
                 result.append(missed_automation(db_id, job, window, targets,
                                                 deployment=deployment, enabled=enabled))
-        if getattr(entry, "wal", False):
+        streamed = getattr(entry, "wal", False)
+        if streamed:
             result += outcome_automations(db_id, "wal", settings, targets, enabled=enabled)
+        if entry.health_check == "off":  # nothing would send their events
+            return result
+        if streamed:
             result += wal_automations(db_id, settings, targets, enabled=enabled)
         return result + health_automations(db_id, settings, targets, enabled=enabled)
 

@@ -37,10 +37,14 @@ def outcome_facts(result: Any) -> dict[str, Any]:
             "size_bytes": sum(s for s in sizes if s is not None),
             "summary": f"{len(result)} databases backed up",
         }
-    if isinstance(result, dict):  # maintenance
-        freed = result.get("bytes_freed", result.get("planned_bytes_freed"))
+    if isinstance(result, dict):  # maintenance: deleted_backups lists "db_id/backup_id"
+        if result.get("dry_run"):
+            planned = result.get("planned_bytes_freed")
+            return {"backup_id": "-", "size_bytes": planned,
+                    "summary": f"dry run: {human_size(planned)} would be freed"}
+        freed = result.get("bytes_freed")
         return {"backup_id": "-", "size_bytes": freed,
-                "summary": f"{result.get('deleted_backups', 0)} backups expired, "
+                "summary": f"{len(result.get('deleted_backups') or [])} backups expired, "
                            f"{human_size(freed)} freed"}
     summary = getattr(result, "summary_line", None)
     return {

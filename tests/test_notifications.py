@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 
+from pgbackflow.deployments.notifications import PREFIXES
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
@@ -35,6 +36,8 @@ MAJOR = 17
 POOL = "ntf-backups"
 #: A notification must arrive this soon after its run ended (the issue's bar).
 DELIVERY_S = 5.0
+#: The Prefect server's PREFECT_UI_URL (README): the base of every message's run link.
+UI_URL = "https://prefect.example.com"
 
 pytestmark = [pytest.mark.pg, pytest.mark.slow]
 
@@ -48,25 +51,34 @@ class Site:
     env: dict[str, str]
     worker_dir: Path
     receivers: Receivers
+    #: The folder of the storage ntf-tidy, whose maintenance runs on a schedule.
+    tidy: Path
 
     @property
     def inbox(self) -> Inbox:
         return self.receivers.inbox
 
-    def write_config(self, *, shop_success: bool = True, missed_alerts: bool = False) -> None:
+    def write_config(self, *, shop_success: bool = True, missed_alerts: bool = False,
+                     disabled: tuple[str, ...] = (), dropped: tuple[str, ...] = ()) -> None:
         """The module's config; ``missed_alerts``: 20 s missed windows for ntf-idle and
         ntf-phys (only while their test runs: every 20 s they fire again, and the Prefect
-        server runs actions one at a time, so they would delay the timed deliveries)."""
+        server runs actions one at a time, so they would delay the timed deliveries);
+        ``disabled``: these databases get ``enabled = false``; ``dropped``: these databases
+        are left out."""
         success = '["logical"]' if shop_success else "false"
         idle = ('missed_backup = "20s", missed_verification = "20s"' if missed_alerts
                 else 'missed_backup = "2h"')
         phys = 'missed_full = "20s"' if missed_alerts else 'missed_full = "off"'
-        self.config.write_text(config_head(POOL, self.key_file, self.store, self.cluster,
-                                           "NTF_PG_PASSWORD") + textwrap.dedent(f"""
+        text = config_head(POOL, self.key_file, self.store, self.cluster,
+                           "NTF_PG_PASSWORD") + textwrap.dedent(f"""
+            [storages.ntf-tidy]
+            url = "{self.tidy}"
+            maintenance = "daily at 03:30"
+
             [notify]
             block = ["custom-webhook/ntf-hook", "pgbackflow-smtp-email/ntf-mail"]
             on_failure = true
-            on_success = ["logical"]
+            on_success = ["logical", "maintenance"]
 
             [databases.ntf-shop]
             server = "pg"
@@ -140,14 +152,21 @@ class Site:
             wal = false
             health_check = "off"
             notify = {{ missed_full = "off" }}
-        """))
+        """)
+        for db_id in disabled:
+            text = text.replace(f"[databases.{db_id}]\n", f"[databases.{db_id}]\nenabled = false\n")
+        for db_id in dropped:
+            text = re.sub(rf"\[databases\.{db_id}\]\n(.+\n)*", "", text)
+        self.config.write_text(text)
 
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
     """This module's own server, on PostgreSQL: notifications must arrive within seconds,
-    and a loaded SQLite-backed server delays or drops the events they react to."""
-    with postgres_backed_prefect_server(tmp_path_factory.mktemp("notify-prefect-home")) as server:
+    and a loaded SQLite-backed server delays or drops the events they react to. Its
+    PREFECT_UI_URL is the UI's public address, as README says to set it."""
+    with postgres_backed_prefect_server(tmp_path_factory.mktemp("notify-prefect-home"),
+                                        {"PREFECT_UI_URL": UI_URL}) as server:
         yield server
 
 
@@ -166,12 +185,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         write_key_file(key_file, MasterKey.generate())
         store = root / "store"
         store.mkdir()
+        (root / "tidy").mkdir()
         with running_receivers() as receivers:
             yield Site(cluster=cluster, store=store, key_file=key_file,
                        config=root / "pgbackflow.toml",
                        env={"NTF_PG_PASSWORD": password,
                             "NTF_OLD_PG_PASSWORD": f"old-{secrets.token_hex(6)}"},
-                       worker_dir=root / "worker", receivers=receivers)
+                       worker_dir=root / "worker", receivers=receivers, tidy=root / "tidy")
     finally:
         cluster.stop()
 
@@ -194,7 +214,8 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
     with prefect_server.http() as http:
         deployments = {d["name"]: d for d in http.post("deployments/filter", json={
             "deployments": {"tags": {"all_": ["pgbackflow-config"]}}}).json()
-            if d["name"].startswith(("logical-ntf-", "verify-ntf-", "full-ntf-"))}
+            if d["name"].startswith(("logical-ntf-", "verify-ntf-", "full-ntf-",
+                                     "maintenance-ntf-"))}
         automations = http.post("automations/filter", json={}).json()
     # The webhook's token and the password live in blocks only.
     dumped = json.dumps([deployments, automations, first.stdout, first.stderr])
@@ -238,7 +259,8 @@ def _delivery_timeline(server: PrefectServer, run: dict[str, Any], message: Mess
     (Prefect's, or pgbackflow's success event), its automation's actions triggered and
     executed (Prefect's events), the arrival; seconds after the run's end."""
     ended = _ended_at(run)
-    db_id = message.fields()["database"]
+    fields = message.fields()
+    db_id = fields.get("database") or fields["storage"]
     since = datetime.fromtimestamp(ended - 1).astimezone().isoformat()
 
     def stored() -> list[dict[str, Any]] | None:
@@ -296,8 +318,7 @@ def test_failure_reaches_webhook_and_smtp_within_5_s(
         assert lines["outcome"] == "Failed"
         assert re.fullmatch(r"\d+(\.\d+)? s", lines["duration"]), lines["duration"]
         assert "no_such_database" in lines["error"] and "\n" not in lines["error"]
-        assert lines["run"] == (f"{run['name']} {prefect_server.api_url.removesuffix('/api')}"
-                                f"/runs/flow-run/{run['id']}")
+        assert lines["run"] == f"{run['name']} {UI_URL}/runs/flow-run/{run['id']}"
     assert not site.inbox.about("ntf-broken succeeded")
 
 
@@ -323,7 +344,7 @@ def test_success_says_backup_id_and_size(
         assert lines["outcome"] == "succeeded" and lines["backup id"] == backup_id
         assert re.fullmatch(r"\d+(\.\d)? (B|kB|MB)", lines["size"]), lines["size"]
         assert re.fullmatch(r"\d+\.\d s", lines["duration"]), lines["duration"]
-        assert lines["run"].endswith(f"/runs/flow-run/{run['id']}")
+        assert lines["run"] == f"{run['name']} {UI_URL}/runs/flow-run/{run['id']}"
     assert not site.inbox.about("ntf-shop failed")
 
 
@@ -464,8 +485,7 @@ def test_failed_full_backup_reaches_webhook(
         "ntf-rotated", "full backup", "Failed")
     assert "password" in lines["error"] and "\n" not in lines["error"], lines["error"]
     assert site.env["NTF_OLD_PG_PASSWORD"] not in message.body
-    assert lines["run"] == (f"{run['name']} {prefect_server.api_url.removesuffix('/api')}"
-                            f"/runs/flow-run/{run['id']}")
+    assert lines["run"] == f"{run['name']} {UI_URL}/runs/flow-run/{run['id']}"
 
 
 @pytest.mark.parametrize(("block", "message"), [
@@ -553,6 +573,175 @@ def test_toggled_off_outcomes_send_nothing(
     assert len(site.inbox.about("ntf-shop succeeded")) == before
     again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
+
+
+def test_storage_maintenance_success_says_what_it_freed(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """Retention runs per storage (one maintenance run expires the backups of every database
+    stored there), so its toggles are [notify]'s and its message names the storage: its
+    success event (a dict result, the storage's tag) reaches both receivers in time."""
+    run = _wait_end(prefect_server, _start(prefect_server, deployed["maintenance-ntf-tidy"]))
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    ended = _ended_at(run)
+    for via in ("webhook", "smtp"):
+        (message,) = _wait_messages(
+            prefect_server, f"the success of the maintenance of ntf-tidy over {via}",
+            lambda via=via: site.inbox.about("maintenance of ntf-tidy", via), 30)
+        timeline = _delivery_timeline(prefect_server, run, message)
+        print(f"\nmaintenance success over {via}: {timeline}")
+        assert message.at - ended <= DELIVERY_S, timeline
+        assert message.subject == "pgbackflow: retention and maintenance of ntf-tidy succeeded"
+        lines = message.fields()
+        assert (lines["storage"], lines["job"], lines["outcome"]) == (
+            "ntf-tidy", "retention and maintenance", "succeeded")
+        assert (lines["size"], lines["summary"]) == ("0 B", "0 backups expired, 0 B freed")
+        assert re.fullmatch(r"\d+\.\d s", lines["duration"]), lines["duration"]
+        assert lines["run"] == f"{run['name']} {UI_URL}/runs/flow-run/{run['id']}"
+
+
+def test_maintenance_facts_count_the_expired_backups() -> None:
+    """The success message's figures of a maintenance run that deleted backups, and of a
+    dry run (which deletes nothing)."""
+    from pgbackflow.flows.outcome import outcome_facts
+
+    assert outcome_facts({"dry_run": False, "planned_bytes_freed": 3_000_000,
+                          "deleted_backups": ["db1/b1", "db1/b2"], "bytes_freed": 2_500_000}) == {
+        "backup_id": "-", "size_bytes": 2_500_000,
+        "summary": "2 backups expired, 2.5 MB freed"}
+    assert outcome_facts({"dry_run": True, "planned_bytes_freed": 3_000_000}) == {
+        "backup_id": "-", "size_bytes": 3_000_000, "summary": "dry run: 3.0 MB would be freed"}
+
+
+def _automations_of(server: PrefectServer, db_id: str) -> dict[str, bool]:
+    """``{name: enabled}`` of the automations that name ``db_id``."""
+    with server.http() as http:
+        automations = http.post("automations/filter", json={}).json()
+    return {a["name"]: a["enabled"] for a in automations if a["name"].endswith(f": {db_id}")}
+
+
+def test_disabled_or_removed_database_pauses_its_notifications(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """``enabled = false`` pauses a database's notification and missed-backup automations
+    with its deployment, and so does leaving it out of the config; back in the config,
+    they run again, and a further deploy changes nothing."""
+    names = ("pgbackflow notify logical failed: {}", "pgbackflow notify logical succeeded: {}",
+             "pgbackflow missed logical: {}")
+    for db_id in ("ntf-retry-on", "ntf-shop"):
+        assert set(_automations_of(prefect_server, db_id).values()) == {True}, db_id
+    site.write_config(shop_success=False, disabled=("ntf-retry-on",), dropped=("ntf-shop",))
+    try:
+        result = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+        for name in names:
+            assert f"~ automation {name.format('ntf-retry-on')}" in result.stdout, result.stdout
+        for name in names[::2]:  # ntf-shop's successes were toggled off before
+            assert f"paused automation {name.format('ntf-shop')}" in result.stdout, (
+                result.stdout)
+        for db_id in ("ntf-retry-on", "ntf-shop"):
+            assert set(_automations_of(prefect_server, db_id).values()) == {False}, db_id
+            with prefect_server.http() as http:
+                deployment = http.get(f"deployments/{deployed[f'logical-{db_id}']['id']}")
+            assert deployment.json()["paused"] is True, db_id
+    finally:
+        site.write_config(shop_success=False)
+        back = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    for name in names:
+        assert f"~ automation {name.format('ntf-retry-on')}" in back.stdout, back.stdout
+    for name in names[::2]:
+        assert f"~ automation {name.format('ntf-shop')}" in back.stdout, back.stdout
+    assert _automations_of(prefect_server, "ntf-retry-on") == dict.fromkeys(
+        (name.format("ntf-retry-on") for name in names), True)
+    assert _automations_of(prefect_server, "ntf-shop") == {
+        names[0].format("ntf-shop"): True, names[1].format("ntf-shop"): False,
+        names[2].format("ntf-shop"): True}
+    again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
+
+
+def test_every_job_kind_has_its_toggles_on_the_runs_of_its_deployment(
+    prefect_server: PrefectServer, deployed: dict[str, Any], site: Site, tmp_path: Path
+) -> None:
+    """The automations a config makes for every job kind (logical, verification, full,
+    incremental, WAL streaming, retention, health), read from the deploy plan: a failure
+    and a success automation each (WAL streaming: its failure; its good news is a WAL
+    recovery; health: down and up), whose tags are the tags of the deployment that runs
+    that job, so each selects that job's runs; a missed alert for each scheduled backup and
+    verification; a list toggle picks jobs; ``enabled = false`` makes them all paused.
+    Delivery itself is proven end to end for logical, full, verification
+    (test_verification_triggers), maintenance, health and WAL problems (test_health): the
+    same code for every job."""
+    from pgbackflow.deployments.config import build_plan, load_config
+    from pgbackflow.deployments.physical import wal_deployment_name
+
+    config = tmp_path / "pgbackflow.toml"
+    config.write_text(config_head(POOL, site.key_file, site.store, site.cluster,
+                                  "NTF_PG_PASSWORD") + textwrap.dedent(f"""
+        [storages.kinds]
+        url = "{tmp_path / 'kinds'}"
+        [notify]
+        block = "custom-webhook/ntf-hook"
+        on_failure = true
+        on_success = ["logical", "verification", "full", "incremental", "maintenance"]
+        [databases.kinds-db]
+        server = "pg"
+        storages = ["local"]
+        backup = "daily at 02:00"
+        verify = "weekly"
+        [clusters.kinds-cl]
+        server = "pg"
+        storages = ["local"]
+        full = "weekly"
+        incremental = "hourly at :30"
+        [clusters.kinds-off]
+        server = "pg"
+        storages = ["local"]
+        wal = false
+        enabled = false
+        [clusters.kinds-off.notify]
+        on_failure = ["full", "incremental"]
+        on_success = false
+        missed_incremental = "off"
+    """))
+    with prefect_server.settings():
+        plan = build_plan(load_config(config))
+    automations = {a.name: a for a in plan.automations if a.name.startswith(PREFIXES)}
+    deployments = {f"{d.flow.name}/{d.name}": d for d in plan.prefect.deployments}
+
+    def tags(automation: Any) -> set[str]:
+        return {r.root["prefect.resource.id"].removeprefix("prefect.tag.")
+                for r in automation.trigger.match_related}
+
+    runs_of = {("logical", "kinds-db"): "logical-backup/logical-kinds-db",
+               ("verification", "kinds-db"): "restore-verification/verify-kinds-db",
+               ("full", "kinds-cl"): "full-backup/full-kinds-cl",
+               ("incremental", "kinds-cl"): "incremental-backup/incremental-kinds-cl",
+               ("wal", "kinds-cl"): f"wal-stream/{wal_deployment_name('kinds-cl')}",
+               ("maintenance", "kinds"): "maintenance/maintenance-kinds"}
+    for (job, owner), deployment in runs_of.items():
+        outcomes = ["failed"] if job == "wal" else ["failed", "succeeded"]
+        for outcome in outcomes:
+            automation = automations.pop(f"pgbackflow notify {job} {outcome}: {owner}")
+            assert automation.enabled and tags(automation) <= set(
+                deployments[deployment].tags), (job, outcome)
+        if job not in ("wal", "maintenance"):
+            missed = automations.pop(f"pgbackflow missed {job}: {owner}")
+            assert missed.enabled and tags(missed) <= set(deployments[deployment].tags), job
+            assert f"deployment: {deployment}" in missed.actions[0].body, job
+    # Health and WAL problems, and their ends (those go wherever the problems go).
+    for name in ("health down: kinds-db", "health up: kinds-db", "health down: kinds-cl",
+                 "health up: kinds-cl", "health wal problem: kinds-cl",
+                 "health wal recovered: kinds-cl"):
+        assert automations.pop(f"pgbackflow {name}").enabled, name
+    # The disabled cluster: what its toggles pick, every one paused.
+    off = {name: a for name, a in automations.items() if name.endswith(": kinds-off")}
+    assert {name: a.enabled for name, a in off.items()} == {
+        "pgbackflow notify full failed: kinds-off": False,
+        "pgbackflow notify incremental failed: kinds-off": False,
+        "pgbackflow missed full: kinds-off": False,
+    }
+    assert all(d.paused for name, d in deployments.items() if name.endswith("-kinds-off"))
+    assert not [name for name in automations if "kinds" in name and name not in off]
 
 
 @pytest.mark.parametrize(("entry", "message"), [
