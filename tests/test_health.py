@@ -170,6 +170,12 @@ def test_down_after_three_checks_up_once_back_exactly_two_notifications(
             f"the up notification over {via}",
             lambda via=via: [m for m in _health_messages(site, via) if "up again" in m.subject],
             3 * CHECK_S, 0.5)
+    # A backup of the database (its deployment, on the worker): the checks tell its age.
+    with prefect_server.http() as http:
+        logical = http.get(f"deployments/name/logical-backup/logical-{DB}").json()
+        created = http.post(f"deployments/{logical['id']}/create_flow_run", json={})
+        assert created.status_code == 201, created.text
+    backup_id = created.json()["id"]
     seen = len(_checks(prefect_server, deployed["id"]))
     prefect_server.wait_for("two more checks while up",
                             lambda: len(_checks(prefect_server, deployed["id"])) >= seen + 2,
@@ -178,7 +184,25 @@ def test_down_after_three_checks_up_once_back_exactly_two_notifications(
         messages = _health_messages(site, via)
         assert [m.subject for m in messages] == [f"pgbackflow: {DB} is DOWN",
                                                  f"pgbackflow: {DB} is up again"], via
-    assert _status(prefect_server)[DB]["state"] == "up"
+
+    def backed_up() -> bool:
+        with prefect_server.http() as http:
+            state = http.get(f"flow_runs/{backup_id}").json()["state"]
+        assert state["type"] not in ("FAILED", "CRASHED", "CANCELLED"), state
+        return bool(state["type"] == "COMPLETED")
+
+    prefect_server.wait_for("the backup", backed_up, 3 * CHECK_S)
+    status = prefect_server.wait_for(
+        "a check that saw the backup",
+        lambda: (row := _status(prefect_server)[DB])["last backup"] != "never" and row,
+        3 * CHECK_S)
+    assert status["state"] == "up" and status["last backup"].endswith(" ago"), status
+    assert status["last verification"] == "never"  # the config verifies nothing
+    table = prefect_server.run_cli("status").stdout  # the table, as a terminal shows it
+    assert "fleet status: 1 databases" in table, table
+    (row,) = [line for line in table.splitlines() if f" {DB} " in line]
+    # state, last check and last backup ("… ago"), last verification "never"
+    assert " up " in row and row.count(" ago ") == 2 and " never " in row, table
 
 
 def _probe(ok: bool, at: int, slot: Any = None) -> Any:
