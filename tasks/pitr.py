@@ -38,6 +38,7 @@ import shutil
 import sys
 import tempfile
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import wait as wait_all
@@ -62,7 +63,14 @@ from pgbackflow.tasks.physical import (
 )
 from pgbackflow.tasks.pipeline import decrypted_chunks
 from pgbackflow.tasks.process import BOOT_TAG, OsUser, Tool, owner_state
-from pgbackflow.tasks.runtime import TARGET_NOT_REACHED, LocalRuntime, recover
+from pgbackflow.tasks.runtime import (
+    TARGET_NOT_REACHED,
+    LocalRuntime,
+    Recovery,
+    StageRunner,
+    recover,
+    run_directly,
+)
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
@@ -906,6 +914,170 @@ def start_and_wait(
     return StartedServer(port, recovery.last_transaction, recovery.reached_target)
 
 
+class PitrDestination(ABC):
+    """Where a point-in-time restore puts the cluster and where its server runs: a
+    directory on this host (:class:`DirectoryDestination`, a local ``pg_ctl`` runtime) or a
+    Docker volume (``tasks.pitr_docker``, a container). :func:`restore_to` drives both
+    through the same stages."""
+
+    #: The stage that moves the built data directory where it runs; None: built in place.
+    place_stage: str | None = None
+
+    @abstractmethod
+    def build(
+        self, storage: Storage, plan: PitrPlan, keyring: Keyring, toolset: Toolset | None,
+        step: Callable[[str], None], progress: ProgressCallback | None,
+    ) -> list[str]:
+        """Build the data directory with its recovery settings; returns the WAL fetched."""
+
+    @abstractmethod
+    def place(self) -> None:
+        """Move what :meth:`build` made to where the server runs (see ``place_stage``)."""
+
+    @abstractmethod
+    def start(self, timeout: float) -> Recovery:
+        """Start the restored server and wait until it is promoted."""
+
+    @abstractmethod
+    def finish(self) -> None:
+        """The restore succeeded: drop what only the restore needed."""
+
+    @abstractmethod
+    def undo(self) -> None:
+        """The restore failed or was cancelled: remove what this restore created."""
+
+
+@dataclass(frozen=True)
+class PitrOutcome:
+    """What :func:`restore_to` did.
+
+    Attributes:
+        wal_files: WAL files fetched for the replay.
+        recovery: How the started server's recovery ended; None when not started.
+    """
+
+    wal_files: int
+    recovery: Recovery | None
+
+
+def restore_to(
+    storage: Storage,
+    plan: PitrPlan,
+    keyring: Keyring,
+    destination: PitrDestination,
+    *,
+    toolset: Toolset | None,
+    start: bool,
+    timeout: float = PROMOTE_TIMEOUT_S,
+    on_step: Callable[[str], None] | None = None,
+    progress: ProgressCallback | None = None,
+    run_stage: StageRunner = run_directly,
+) -> PitrOutcome:
+    """The one point-in-time restore: build-data-dir, then (for a destination that builds
+    elsewhere) its place stage, then with ``start`` start-restored-server; each stage run
+    by ``run_stage`` (a task run of that name in the flows). On any failure or cancellation
+    the destination undoes what this restore created.
+
+    Args:
+        toolset: Host toolset for ``pg_combinebackup`` (None: found for the chain's major;
+            not needed for a full backup alone).
+    """
+    step = on_step or (lambda _message: None)
+    try:
+        fetched = run_stage("build-data-dir", lambda: destination.build(
+            storage, plan, keyring, toolset, step, progress))
+        if destination.place_stage is not None:
+            run_stage(destination.place_stage, destination.place)
+        recovery = None
+        if start:
+            recovery = run_stage("start-restored-server", lambda: destination.start(timeout))
+        destination.finish()
+    except BaseException:
+        destination.undo()
+        raise
+    return PitrOutcome(len(fetched), recovery)
+
+
+class DirectoryDestination(PitrDestination):
+    """A data directory on this host (missing or empty), started by ``pg_ctl`` as ``user``.
+
+    Args:
+        directory: The target data directory.
+        port: Where the started server listens (127.0.0.1); None: not to be started here.
+        user: OS user that runs the server (needed with ``port``).
+        toolset: The server's toolset (default: the one the restore combined with, else
+            found for the chain's major).
+        script: Write ``restore.sh`` (redo this restore by hand) for this storage URL and
+            key file; None: no script (a throwaway restore).
+        mark_incomplete: Keep PostgreSQL from starting the directory until the restore
+            finished (see :func:`build_data_dir`).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        port: int | None = None,
+        user: OsUser | None = None,
+        toolset: Toolset | None = None,
+        script: tuple[str, Path | None] | None = None,
+        mark_incomplete: bool = True,
+    ) -> None:
+        self.directory = directory.absolute()
+        self.port = port
+        self.user = user
+        self.script = script
+        self.mark_incomplete = mark_incomplete
+        self._toolset = toolset
+        self._major = 0
+
+    @property
+    def script_path(self) -> Path:
+        """Where ``restore.sh`` is written."""
+        return restore_dir_of(self.directory) / SCRIPT_NAME
+
+    def build(
+        self, storage: Storage, plan: PitrPlan, keyring: Keyring, toolset: Toolset | None,
+        step: Callable[[str], None], progress: ProgressCallback | None,
+    ) -> list[str]:
+        """Unpack and combine into the directory, then write the recovery settings."""
+        self._toolset = self._toolset or toolset
+        self._major = plan.newest.server_major
+        fetched = build_data_dir(storage, plan, keyring, self.directory, toolset,
+                                 on_step=step, progress=progress,
+                                 mark_incomplete=self.mark_incomplete)
+        self.configure(plan)
+        return fetched
+
+    def configure(self, plan: PitrPlan) -> None:
+        """Recovery settings (and the script) for the built directory."""
+        configure_recovery(self.directory, plan.target, port=self.port)
+        if self.script is not None:
+            storage_url, key_file = self.script
+            write_restore_script(self.script_path, plan, storage_url=storage_url,
+                                 key_file=key_file)
+
+    def start(self, timeout: float) -> Recovery:
+        """Start as ``user`` on ``port`` and wait for the promotion; the fetched WAL goes."""
+        if self.port is None or self.user is None:
+            raise ConfigError("a restore to start needs a port and the server's OS user")
+        allow_recovery_start(self.directory)
+        toolset = self._toolset or find_toolset(self._major)
+        started = start_and_wait(self.directory, toolset, self.user, self.port, timeout=timeout)
+        remove_wal_cache(self.directory)
+        return Recovery(started.last_transaction, started.reached_target)
+
+    def place(self) -> None:
+        """Nothing to move: built in place."""
+
+    def finish(self) -> None:
+        """Clear the incomplete-restore marker."""
+        finish_restore(self.directory)
+
+    def undo(self) -> None:
+        """Nothing more: a failed build already left the directory as it found it, and a
+        directory whose server did not come up keeps its marker (never taken for good)."""
+
 def check_reachable(path: Path, user: OsUser, runs: str) -> None:
     """The server's OS user must be able to walk down to ``path``.
 
@@ -953,6 +1125,9 @@ def remove_wal_cache(data_dir: Path) -> None:
 __all__ = [
     "INCOMPLETE_MARKER",
     "TARGET_NOT_REACHED",
+    "DirectoryDestination",
+    "PitrDestination",
+    "PitrOutcome",
     "PitrPlan",
     "StartedServer",
     "WalRoute",
@@ -969,6 +1144,7 @@ __all__ = [
     "plan_wal_route",
     "remove_wal_cache",
     "restore_dir_of",
+    "restore_to",
     "start_and_wait",
     "sweep_interrupted_restores",
     "tablespace_root",

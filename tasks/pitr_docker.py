@@ -42,12 +42,16 @@ from pgbackflow.tasks.pitr import (
     PROMOTE_TIMEOUT_S,
     RESTORE_DIR,
     WAL_CACHE,
+    PitrDestination,
+    PitrOutcome,
     PitrPlan,
     build_data_dir,
     free_port,
+    restore_to,
 )
 from pgbackflow.tasks.runtime import (
     PostgresRuntime,
+    Recovery,
     StageRunner,
     log_tail,
     recover,
@@ -55,6 +59,7 @@ from pgbackflow.tasks.runtime import (
 )
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import Toolset
+from pgbackflow.tasks.transfer import ProgressCallback
 
 logger = logging.getLogger("pgbackflow.pitr")
 
@@ -168,120 +173,151 @@ def restore_into_docker_volume(
         DatabaseError: The server stopped during recovery or was not promoted in time; what
             this call created was removed.
     """
-    step = on_step or (lambda _message: None)
-    if plan.newest.tablespaces:
-        raise ConfigError(
-            f"cluster {plan.db_id} has extra tablespaces, which a restore into a Docker volume "
-            "does not place yet: restore with --to-dir instead"
-        )
-    major = plan.newest.server_major
-    image = image or f"postgres:{major}"
-    name = container_name or volume
-    _check_name("volume", volume)
-    _check_name("container name", name)
     own_client = client is None
     client = client if client is not None else docker_client(
         "restore into a directory with --to-dir")
     try:
-        return _restore(
-            client, storage, plan, keyring, volume=volume, image=image, name=name,
-            start=start, port=port, network=network, toolset=toolset, work_dir=work_dir,
-            timeout=timeout, step=step, run_stage=run_stage,
+        destination = VolumeDestination(
+            client, plan, volume=volume, image=image, start=start, port=port,
+            network=network, container_name=container_name, work_dir=work_dir,
         )
+        outcome = restore_to(storage, plan, keyring, destination, toolset=toolset,
+                             start=start, timeout=timeout, on_step=on_step,
+                             run_stage=run_stage)
+        return destination.result(outcome)
     finally:
         if own_client:
             client.close()
 
 
-def _restore(
-    client: DockerClient,
-    storage: Storage,
-    plan: PitrPlan,
-    keyring: Keyring,
-    *,
-    volume: str,
-    image: str,
-    name: str,
-    start: bool,
-    port: int | None,
-    network: str | None,
-    toolset: Toolset | None,
-    work_dir: Path | None,
-    timeout: float,
-    step: Callable[[str], None],
-    run_stage: StageRunner,
-) -> DockerRestoreResult:
-    """Checks first (nothing created on refusal), then build, copy and optionally start."""
-    major = plan.newest.server_major
-    pgdata = _image_pgdata(client, image, major)
-    network = _choose_network(client, network)
-    if start:
-        _check_container_free(client, name)
-        port = port or free_port()
-        _check_port_free(port)
-    port = port or CONTAINER_PORT
-    existed = _volume_exists(client, volume)
-    if existed and not _volume_is_empty(client, image, volume):
-        raise ConfigError(
-            f"docker volume {volume!r} already holds data: restore into a new or empty volume "
-            "(nothing in it was touched)"
-        )
-    run_args = _server_run_args(volume, pgdata, network, port)
-    run_command = shlex.join(
-        ["docker", "run", "-d", "--name", name, *run_args.cli, image, *run_args.command]
-    )
-    labels = {PITR_LABEL: plan.db_id, f"{PITR_LABEL}.target": _target_text(plan.target)}
-    work = Path(tempfile.mkdtemp(prefix="pgbackflow-pitr-docker-", dir=work_dir))
-    created_volume = False
-    container: Any = None
-    data_dir = work / "data"
+class VolumeDestination(PitrDestination):
+    """A Docker volume (new, or existing and empty), started in a container of ``image``.
 
-    def build() -> list[str]:
+    The data directory is built in a host work folder, then copied into the volume
+    (``copy-into-volume``). Everything is checked when this is made: a refusal creates
+    nothing. See :func:`restore_into_docker_volume` for the arguments.
+    """
+
+    place_stage = "copy-into-volume"
+
+    def __init__(
+        self,
+        client: DockerClient,
+        plan: PitrPlan,
+        *,
+        volume: str,
+        image: str | None,
+        start: bool,
+        port: int | None,
+        network: str | None,
+        container_name: str | None,
+        work_dir: Path | None,
+    ) -> None:
+        if plan.newest.tablespaces:
+            raise ConfigError(
+                f"cluster {plan.db_id} has extra tablespaces, which a restore into a Docker "
+                "volume does not place yet: restore with --to-dir instead"
+            )
+        major = plan.newest.server_major
+        self.client = client
+        self.volume = volume
+        self.image = image or f"postgres:{major}"
+        self.name = container_name or volume
+        _check_name("volume", volume)
+        _check_name("container name", self.name)
+        self.pgdata = _image_pgdata(client, self.image, major)
+        self.network = _choose_network(client, network)
+        if start:
+            _check_container_free(client, self.name)
+            port = port or free_port()
+            _check_port_free(port)
+        self.port = port or CONTAINER_PORT
+        self.existed = _volume_exists(client, volume)
+        if self.existed and not _volume_is_empty(client, self.image, volume):
+            raise ConfigError(
+                f"docker volume {volume!r} already holds data: restore into a new or empty "
+                "volume (nothing in it was touched)"
+            )
+        self.run_args = _server_run_args(volume, self.pgdata, self.network, self.port)
+        self.run_command = shlex.join(["docker", "run", "-d", "--name", self.name,
+                                       *self.run_args.cli, self.image, *self.run_args.command])
+        self.labels = {PITR_LABEL: plan.db_id, f"{PITR_LABEL}.target": _target_text(plan.target)}
+        self.work_dir = work_dir
+        self.work: Path | None = None
+        self.created_volume = False
+        self.container: Any = None
+        self.step: Callable[[str], None] = lambda _message: None
+
+    def build(
+        self, storage: Storage, plan: PitrPlan, keyring: Keyring, toolset: Toolset | None,
+        step: Callable[[str], None], progress: ProgressCallback | None,
+    ) -> list[str]:
+        """Build in a host work folder, with the container's recovery settings."""
+        self.step = step
+        self.work = Path(tempfile.mkdtemp(prefix="pgbackflow-pitr-docker-", dir=self.work_dir))
+        data_dir = self.work / "data"
         # A lone full backup needs no host toolset (None): only a chain is combined.
-        fetched = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
+        fetched = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step,
+                                 progress=progress)
         step(f"fetched {len(fetched)} WAL files")
         configure_container_recovery(
-            data_dir, plan.target, pgdata=pgdata,
-            client_address=_client_address(client, network),
+            data_dir, plan.target, pgdata=self.pgdata,
+            client_address=_client_address(self.client, self.network),
         )
         return fetched
 
-    def copy() -> None:
-        nonlocal created_volume
-        if not existed:
-            client.volumes.create(name=volume, labels=labels)
-            created_volume = True
-        step(f"copying the data directory into docker volume {volume}")
-        _copy_into_volume(client, image, volume, data_dir)
+    def place(self) -> None:
+        """Create the volume (unless it existed) and copy the data directory into it."""
+        assert self.work is not None  # built first
+        if not self.existed:
+            self.client.volumes.create(name=self.volume, labels=self.labels)
+            self.created_volume = True
+        self.step(f"copying the data directory into docker volume {self.volume}")
+        _copy_into_volume(self.client, self.image, self.volume, self.work / "data")
+        self._drop_work()  # the volume has it now: free the disk early
 
-    try:
-        wal_files = run_stage("build-data-dir", build)
-        run_stage("copy-into-volume", copy)
-        shutil.rmtree(work, ignore_errors=True)  # the volume has it now: free the disk early
-        if not start:
-            step(f"volume {volume} is ready; start the server with: {run_command}")
-            return DockerRestoreResult(
-                volume, image, pgdata, network, port, run_command, name, None,
-                len(wal_files), None, None, created_volume,
-            )
-        step(f"starting {image} on 127.0.0.1:{port} ({network} network) as {name}")
-        runtime = _ContainerRuntime(client, image, name, run_args, labels, volume, pgdata)
+    def start(self, timeout: float) -> Recovery:
+        """Run the server container and wait for the promotion; the fetched WAL goes."""
+        self.step(f"starting {self.image} on 127.0.0.1:{self.port} ({self.network} network) "
+                  f"as {self.name}")
+        runtime = _ContainerRuntime(self.client, self.image, self.name, self.run_args,
+                                    self.labels, self.volume, self.pgdata)
         try:
-            recovery = run_stage("start-restored-server", lambda: recover(runtime, timeout))
+            recovery = recover(runtime, timeout)
         finally:
-            container = runtime.container  # removed by _undo if the restore fails
-        last, reached = recovery.last_transaction, recovery.reached_target
-        _exec(container, ["rm", "-rf", f"{pgdata}/{RESTORE_DIR}/{WAL_CACHE}"])
-        step(f"server in {name} is promoted; last transaction replayed: {last or 'none'}")
+            self.container = runtime.container  # removed by undo() if the restore fails
+        _exec(self.container, ["rm", "-rf", f"{self.pgdata}/{RESTORE_DIR}/{WAL_CACHE}"])
+        self.step(f"server in {self.name} is promoted; last transaction replayed: "
+                  f"{recovery.last_transaction or 'none'}")
+        return recovery
+
+    def finish(self) -> None:
+        """Drop the work folder; without a start, say how to start the server."""
+        self._drop_work()
+        if self.container is None:
+            self.step(f"volume {self.volume} is ready; start the server with: "
+                      f"{self.run_command}")
+
+    def undo(self) -> None:
+        """Remove the container and a created volume; empty an existing one again."""
+        self._drop_work()
+        _undo(self.client, self.image, self.volume, self.container,
+              created_volume=self.created_volume, existed=self.existed)
+
+    def result(self, outcome: PitrOutcome) -> DockerRestoreResult:
+        """The restore's result, for reports."""
+        recovery = outcome.recovery
         return DockerRestoreResult(
-            volume, image, pgdata, network, port, run_command, name, str(container.id),
-            len(wal_files), last, reached, created_volume,
+            self.volume, self.image, self.pgdata, self.network, self.port, self.run_command,
+            self.name, str(self.container.id) if self.container is not None else None,
+            outcome.wal_files, recovery.last_transaction if recovery else None,
+            recovery.reached_target if recovery else None, self.created_volume,
         )
-    except BaseException:
-        _undo(client, image, volume, container, created_volume=created_volume, existed=existed)
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    def _drop_work(self) -> None:
+        if self.work is not None:
+            shutil.rmtree(self.work, ignore_errors=True)
+            self.work = None
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import psycopg
 
@@ -52,24 +52,25 @@ from pgbackflow.tasks.physical import (
     usable_backups,
 )
 from pgbackflow.tasks.pitr import (
+    DirectoryDestination,
     PitrPlan,
     WalRoute,
-    build_data_dir,
     check_reachable,
-    configure_recovery,
     free_port,
     local_runtime,
     plan_wal_route,
-    start_and_wait,
+    restore_to,
 )
 from pgbackflow.tasks.process import OsUser, Tool, ToolResult
-from pgbackflow.tasks.runtime import LocalRuntime, StageRunner, run_directly
+from pgbackflow.tasks.runtime import LocalRuntime, Recovery, StageRunner, run_directly
 from pgbackflow.tasks.sandbox import require_free_disk
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
+from pgbackflow.tasks.transfer import ProgressCallback
 from pgbackflow.tasks.wal import read_wal_inventory
 
 logger = logging.getLogger("pgbackflow.verify_physical")
+T = TypeVar("T")
 
 AmcheckMode = Literal["all", "sample"]
 Status = Literal["passed", "failed"]
@@ -773,7 +774,7 @@ def verify_physical_backup(
         os_user: OS user that runs the server (see :func:`tasks.cluster.resolve_os_user`).
         replay_timeout_s: Seconds replay may take until the server is promoted.
         on_step: Called with a line per stage, for progress logs.
-        run_stage: Runs each stage (plan-chain, restore-chain, replay-wal, amcheck,
+        run_stage: Runs each stage (plan-chain, build-data-dir, start-restored-server, amcheck,
             count-rows): the flow makes each one a task run.
 
     Returns:
@@ -840,6 +841,40 @@ def verify_physical_backup(
     )
 
 
+class _SandboxDestination(DirectoryDestination):
+    """The throwaway data directory of a verification: no script, no marker, settings of a
+    sandbox (its own socket folder, no archiving) on top of the recovery settings."""
+
+    def __init__(self, data_dir: Path, socket_dir: Path, port: int, user: OsUser,
+                 step: Callable[[str], None], version: str) -> None:
+        super().__init__(data_dir, port=port, user=user, mark_incomplete=False)
+        self.socket_dir = socket_dir
+        self.step = step
+        self.restored_bytes = 0
+        self.wal_files = 0
+        self.version = version
+
+    def build(
+        self, storage: Storage, plan: PitrPlan, keyring: Keyring, toolset: Toolset | None,
+        step: Callable[[str], None], progress: ProgressCallback | None,
+    ) -> list[str]:
+        """Build as a restore does, recording the report's figures."""
+        fetched = super().build(storage, plan, keyring, toolset, step, progress)
+        self.wal_files = len(fetched)
+        return fetched
+
+    def configure(self, plan: PitrPlan) -> None:
+        """Recovery to the end of the WAL, then the sandbox's settings."""
+        super().configure(plan)
+        self.restored_bytes = directory_bytes(self.directory)
+        prepare_sandbox(self.directory, self.socket_dir, plan.newest.server_major)
+
+    def start(self, timeout: float) -> Recovery:
+        """Replay until the promotion."""
+        self.step(f"starting PostgreSQL {self.version}: replaying WAL until promotion")
+        return super().start(timeout)
+
+
 def _verify_in(
     root: Path,
     storage: Storage,
@@ -866,26 +901,25 @@ def _verify_in(
     port = free_port()
     socket_dir, socket_outside = make_socket_dir(root, port, user)
     server = _Server(data_dir, socket_dir, port, toolset, user)
+    destination = _SandboxDestination(data_dir, socket_dir, port, user, step, toolset.version)
+    # The stages of a point-in-time restore to the end of the WAL, timed for the report.
+    durations = {"build-data-dir": "restore", "start-restored-server": "replay"}
 
-    def restore_chain() -> None:
-        fetched = build_data_dir(storage, plan, keyring, data_dir, toolset, on_step=step)
-        findings.restored_bytes = directory_bytes(data_dir)
-        findings.wal_files = len(fetched)
-        configure_recovery(data_dir, None, port=port)
-        prepare_sandbox(data_dir, socket_dir, toolset.major)
-
-    def replay_wal() -> None:
-        step(f"starting PostgreSQL {toolset.version}: replaying WAL until promotion")
-        started = start_and_wait(data_dir, toolset, user, port, timeout=replay_timeout_s)
-        findings.recovered_to = started.last_transaction
-        findings.superuser = find_superuser(server, superuser_candidates(backup, user))
+    def timed_stage(stage: str, work: Callable[[], T]) -> T:
+        with _timed(findings, durations.get(stage, stage)):
+            return run_stage(stage, work)
 
     try:
-        with _timed(findings, "restore"):
-            run_stage("restore-chain", restore_chain)
-        with _timed(findings, "replay"):
-            run_stage("replay-wal", replay_wal)
-        assert findings.superuser is not None  # replay_wal found it
+        try:
+            outcome = restore_to(storage, plan, keyring, destination, toolset=toolset,
+                                 start=True, timeout=replay_timeout_s, on_step=step,
+                                 run_stage=timed_stage)
+        finally:
+            findings.restored_bytes = destination.restored_bytes
+            findings.wal_files = destination.wal_files
+        assert outcome.recovery is not None  # started
+        findings.recovered_to = outcome.recovery.last_transaction
+        findings.superuser = find_superuser(server, superuser_candidates(backup, user))
         _check_and_count(server, findings.superuser, findings, step, amcheck=amcheck,
                          heapallindexed=heapallindexed, sample_tables=sample_tables,
                          run_stage=run_stage)

@@ -622,7 +622,7 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
         assert document["status"] == "passed"
         # Each stage of the verification is a task run of its own in the UI.
         assert _stage_task_runs("physical-verification", document["db_id"]) == {
-            "plan-chain", "restore-chain", "replay-wal", "amcheck", "count-rows"}
+            "plan-chain", "build-data-dir", "start-restored-server", "amcheck", "count-rows"}
         rows = {d["name"]: d["rows"] for d in document["databases"]}
         assert rows["postgres"]["public.marks"] == 1
 

@@ -44,17 +44,15 @@ from pgbackflow.tasks.physical import (
     write_manifest,
 )
 from pgbackflow.tasks.pitr import (
+    PROMOTE_TIMEOUT_S,
     RESTORE_DIR,
     WAL_CACHE,
+    DirectoryDestination,
     PitrPlan,
     _read_ahead,
-    allow_recovery_start,
     build_data_dir,
-    configure_recovery,
-    finish_restore,
     free_port,
     plan_pitr,
-    start_and_wait,
 )
 from pgbackflow.tasks.process import Tool
 from pgbackflow.tasks.storage import LocalFolderStorage
@@ -263,11 +261,12 @@ def test_links_and_wal_are_read_at_once_and_the_result_replays(chain: Chain) -> 
 
     user = resolve_os_user()
     port = free_port()
-    configure_recovery(target, None, port=port)
+    # The rest of the one point-in-time restore (tasks/pitr.py restore_to), step by step.
     toolset = find_toolset(MAJOR)
-    allow_recovery_start(target)
-    start_and_wait(target, toolset, user, port)
-    finish_restore(target)
+    destination = DirectoryDestination(target, port=port, user=user, toolset=toolset)
+    destination.configure(plan)
+    destination.start(PROMOTE_TIMEOUT_S)
+    destination.finish()
     try:
         with psycopg.connect(host="127.0.0.1", port=port, user=chain.superuser,
                              password=chain.password, dbname="postgres") as conn:
