@@ -628,17 +628,17 @@ def test_disabled_or_removed_database_pauses_its_notifications(
     they run again, and a further deploy changes nothing."""
     names = ("pgbackflow notify logical failed: {}", "pgbackflow notify logical succeeded: {}",
              "pgbackflow missed logical: {}")
-    for db_id in ("ntf-retry-on", "ntf-shop"):
+    for db_id in ("ntf-retry-on", "ntf-retry-off"):
         assert set(_automations_of(prefect_server, db_id).values()) == {True}, db_id
-    site.write_config(shop_success=False, disabled=("ntf-retry-on",), dropped=("ntf-shop",))
+    site.write_config(shop_success=False, disabled=("ntf-retry-on",), dropped=("ntf-retry-off",))
     try:
         result = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
         for name in names:
             assert f"~ automation {name.format('ntf-retry-on')}" in result.stdout, result.stdout
-        for name in names[::2]:  # ntf-shop's successes were toggled off before
-            assert f"paused automation {name.format('ntf-shop')}" in result.stdout, (
+        for name in names[::2]:  # its successes are toggled off
+            assert f"paused automation {name.format('ntf-retry-off')}" in result.stdout, (
                 result.stdout)
-        for db_id in ("ntf-retry-on", "ntf-shop"):
+        for db_id in ("ntf-retry-on", "ntf-retry-off"):
             assert set(_automations_of(prefect_server, db_id).values()) == {False}, db_id
             with prefect_server.http() as http:
                 deployment = http.get(f"deployments/{deployed[f'logical-{db_id}']['id']}")
@@ -649,12 +649,11 @@ def test_disabled_or_removed_database_pauses_its_notifications(
     for name in names:
         assert f"~ automation {name.format('ntf-retry-on')}" in back.stdout, back.stdout
     for name in names[::2]:
-        assert f"~ automation {name.format('ntf-shop')}" in back.stdout, back.stdout
+        assert f"~ automation {name.format('ntf-retry-off')}" in back.stdout, back.stdout
     assert _automations_of(prefect_server, "ntf-retry-on") == dict.fromkeys(
         (name.format("ntf-retry-on") for name in names), True)
-    assert _automations_of(prefect_server, "ntf-shop") == {
-        names[0].format("ntf-shop"): True, names[1].format("ntf-shop"): False,
-        names[2].format("ntf-shop"): True}
+    assert _automations_of(prefect_server, "ntf-retry-off") == {
+        names[0].format("ntf-retry-off"): True, names[2].format("ntf-retry-off"): True}
     again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
 
@@ -733,6 +732,10 @@ def test_every_job_kind_has_its_toggles_on_the_runs_of_its_deployment(
                  "health up: kinds-cl", "health wal problem: kinds-cl",
                  "health wal recovered: kinds-cl"):
         assert automations.pop(f"pgbackflow {name}").enabled, name
+    for owner in ("kinds-db", "kinds-cl"):  # their health checks: every minute by default
+        check = deployments[f"health-check/health-{owner}"]
+        assert check.schedule is not None and check.schedule.interval_s == 60, check.schedule
+        assert {f"db:{owner}", "job:health"} <= set(check.tags) and not check.paused
     # The disabled cluster: what its toggles pick, every one paused.
     off = {name: a for name, a in automations.items() if name.endswith(": kinds-off")}
     assert {name: a.enabled for name, a in off.items()} == {
