@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import struct
 import sys
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -122,12 +122,28 @@ def decrypt(source: BinaryIO, sink: BinaryIO, master_key: bytes) -> None:
             ) from None
         if not final and length != chunk_size:
             raise DecryptError(f"chunk {index} is short but not final")
-        sink.write(decompressor.decompress(plaintext) if decompressor else plaintext)
+        sink.write(_inflate(decompressor, plaintext, index) if decompressor else plaintext)
         if final:
             break
         index += 1
     if decompressor is not None and not decompressor.eof:
         raise DecryptError("compressed payload ends early")
+
+
+def _inflate(decompressor: Any, plaintext: bytes, index: int) -> bytes:
+    """Decompress one chunk's plaintext; the payload is exactly one zstd frame, so bytes
+    after the frame's end (in this chunk or a later one) are refused, not dropped."""
+    import zstandard
+
+    if decompressor.eof and plaintext:
+        raise DecryptError(f"compressed payload has data after its end (chunk {index})")
+    try:
+        data: bytes = decompressor.decompress(plaintext)
+    except zstandard.ZstdError as exc:
+        raise DecryptError(f"compressed payload is invalid (chunk {index}): {exc}") from None
+    if decompressor.unused_data:
+        raise DecryptError(f"compressed payload has data after its end (chunk {index})")
+    return data
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -236,6 +236,44 @@ def test_compressed_payload_must_end_exactly_with_its_frame(
         decrypt(sealed_payload(b"", key), key)
 
 
+def test_standalone_decryptor_refuses_what_the_reader_refuses(
+    key: MasterKey, tmp_path: Path
+) -> None:
+    """The disaster-recovery decryptor judges a compressed payload like ArchiveReader: a cut
+    frame, data after the frame and an invalid frame fail (exit 1, one line), never pass."""
+    data = b"row\n" * 200_000 + make_payload(40_000)
+    frame = zstandard.ZstdCompressor(level=5).compress(data)
+
+    def standalone(archive: bytes) -> bytes:
+        sink = io.BytesIO()
+        standalone_decrypt.decrypt(io.BytesIO(archive), sink, key.material)
+        return sink.getvalue()
+
+    assert standalone(sealed_payload(frame, key)) == data
+    for cut in (1, 5, len(frame) // 2):
+        with pytest.raises(standalone_decrypt.DecryptError, match="ends early"):
+            standalone(sealed_payload(frame[:-cut], key))
+    # Within the frame's last chunk, and in chunks after it.
+    for trailing in (b"\0", frame):
+        with pytest.raises(standalone_decrypt.DecryptError, match="data after its end"):
+            standalone(sealed_payload(frame + trailing, key))
+    with pytest.raises(standalone_decrypt.DecryptError, match="compressed payload is invalid"):
+        standalone(sealed_payload(b"\x28\xb5\x2f\xfc" + frame[4:], key))
+    # As a user runs it: one line, no traceback.
+    key_file = tmp_path / "master.key"
+    write_key_file(key_file, key)
+    archive = tmp_path / "trailing.pgbf"
+    archive.write_bytes(sealed_payload(frame + frame, key))
+    proc = subprocess.run(
+        [sys.executable, standalone_decrypt.__file__, "--key-file", str(key_file),
+         str(archive), str(tmp_path / "out")],
+        capture_output=True, text=True, check=False,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.startswith("decrypt failed: compressed payload has data after its end")
+    assert "Traceback" not in proc.stderr
+
+
 def test_wrong_key_names_the_key_id(key: MasterKey) -> None:
     other = MasterKey.generate()
     archive = encrypt(b"secret rows", key)
