@@ -27,7 +27,7 @@ from psycopg.conninfo import make_conninfo
 from pgbackflow.tasks.errors import ConfigError, DatabaseError
 from pgbackflow.tasks.pgconf import settings_block
 from pgbackflow.tasks.process import OsUser, Tool, ToolResult
-from pgbackflow.tasks.runtime import log_tail, stop_local_server
+from pgbackflow.tasks.runtime import log_tail, stop_local_server, watch_owner
 from pgbackflow.tasks.toolsets import Toolset
 
 __all__ = ["EphemeralCluster", "OsUser", "free_port", "read_log_from", "resolve_os_user"]
@@ -289,8 +289,10 @@ class EphemeralCluster:
     def _create(self) -> None:
         root = Path(tempfile.mkdtemp(prefix=f"pgbackflow-pg{self.major}-", dir=self._base_dir))
         self._root = root
+        # Stopped and deleted by stop(), or by the watchdog if this process dies first.
+        owner_fd = watch_owner(root / "data", root)
         self._finalizer = weakref.finalize(
-            self, _teardown, self._toolset.binary("pg_ctl"), root, self._user
+            self, _teardown, self._toolset.binary("pg_ctl"), root, self._user, owner_fd
         )
         os.chown(root, self._user.uid, self._user.gid)
         root.chmod(0o700)
@@ -410,12 +412,13 @@ def _output(result: ToolResult) -> str:
     return result.stderr_tail + "\n" + result.stdout.decode("utf-8", "replace")
 
 
-def _teardown(pg_ctl: Path, root: Path, user: OsUser) -> None:
-    """Stop the server in ``root`` if it runs, then delete ``root``."""
+def _teardown(pg_ctl: Path, root: Path, user: OsUser, owner_fd: int) -> None:
+    """Stop the server in ``root`` if it runs, delete ``root``, then let the watchdog go."""
     try:
         stop_local_server(Tool(pg_ctl), root / "data", user, cwd=root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
+        os.close(owner_fd)
 
 
 def free_port() -> int:

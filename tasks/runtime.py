@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -245,14 +247,44 @@ def stop_local_server(pg_ctl: Tool, data_dir: Path, user: OsUser, cwd: Path | No
             ["-D", data_dir, "-m", mode, "-w", "-t", str(STOP_TIMEOUT_S), "stop"],
             user=user, cwd=cwd or data_dir, timeout=STOP_TIMEOUT_S + 30, check=False,
         )
-    pid = _postmaster_pid(pid_file)
-    if pid is not None and _runs_in(pid, data_dir):
-        logger.warning("postmaster %d of %s ignored pg_ctl stop: killing it", pid, data_dir)
-        with suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and pid_alive(pid):
-            time.sleep(0.1)
+    if kill_postmaster(data_dir, signal.SIGKILL):
+        logger.warning("the postmaster of %s ignored pg_ctl stop: killed it", data_dir)
+
+
+def kill_postmaster(data_dir: Path, signum: int, wait_s: float = 10) -> bool:
+    """Send ``signum`` to the postmaster of ``data_dir`` (only if that process really serves
+    ``data_dir``) and wait up to ``wait_s`` for it to end; False when none was running."""
+    pid = _postmaster_pid(data_dir / "postmaster.pid")
+    if pid is None or not _runs_in(pid, data_dir):
+        return False
+    with suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signum)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and pid_alive(pid):
+        time.sleep(0.1)
+    return True
+
+
+def watch_owner(data_dir: Path, remove: Path) -> int:
+    """Tie a throwaway server to this process: returns the write end of a pipe whose other
+    end a watchdog process (its own session, so a signal to our process group spares it)
+    reads. When this process ends (even by SIGKILL) or closes the fd, the watchdog stops the
+    server of ``data_dir`` if it still runs and deletes ``remove`` (see tasks/watchdog.py).
+    """
+    read_end, write_end = os.pipe()
+    try:
+        subprocess.Popen(  # nosec B603: our interpreter and module, fixed arguments
+            [sys.executable, "-m", "pgbackflow.tasks.watchdog", str(data_dir.absolute()),
+             str(remove.absolute())],
+            stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, close_fds=True,
+        )
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(read_end)
+    return write_end
 
 
 def _postmaster_pid(pid_file: Path) -> int | None:
@@ -279,9 +311,11 @@ __all__ = [
     "Recovery",
     "StageRunner",
     "drop_recovery_target_setting",
+    "kill_postmaster",
     "last_transaction",
     "log_tail",
     "recover",
     "run_directly",
     "stop_local_server",
+    "watch_owner",
 ]

@@ -62,7 +62,13 @@ from pgbackflow.tasks.pitr import (
     restore_to,
 )
 from pgbackflow.tasks.process import OsUser, Tool, ToolResult
-from pgbackflow.tasks.runtime import LocalRuntime, Recovery, StageRunner, run_directly
+from pgbackflow.tasks.runtime import (
+    LocalRuntime,
+    Recovery,
+    StageRunner,
+    run_directly,
+    watch_owner,
+)
 from pgbackflow.tasks.sandbox import require_free_disk
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
@@ -795,6 +801,7 @@ def verify_physical_backup(
     chain: tuple[PhysicalManifest, ...] = (backup,)
     route: WalRoute | None = None
     root: Path | None = None
+    owner_fd: int | None = None
     try:
         try:
             plan, route = run_stage("plan-chain", lambda: plan_chain_end(storage, backup, keyring))
@@ -803,6 +810,8 @@ def verify_physical_backup(
                 step(f"replaying WAL across timeline switches: timeline {backup.timeline} to "
                      f"{route.end_timeline} ({route.end_segment})")
             root = make_work_root(work_dir)
+            # A verification killed with SIGKILL leaves no server and no files either.
+            owner_fd = watch_owner(root / "data", root)
             _verify_in(root, storage, keyring, plan, findings, step, amcheck=amcheck,
                        heapallindexed=heapallindexed, sample_tables=sample_tables,
                        os_user=os_user, replay_timeout_s=replay_timeout_s,
@@ -812,6 +821,8 @@ def verify_physical_backup(
     finally:
         if root is not None:
             shutil.rmtree(root, ignore_errors=True)
+        if owner_fd is not None:
+            os.close(owner_fd)
     stages = findings.durations
     return PhysicalVerificationReport(
         status="passed" if findings.error is None else "failed",

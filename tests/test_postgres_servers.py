@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -15,6 +18,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
 from pgbackflow.tasks.errors import ConfigError, DatabaseError
+from pgbackflow.tasks.process import pid_alive
 from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from tests.fixtures.postgres import PgDatabase, PgServers
 
@@ -125,6 +129,67 @@ def test_cluster_lifecycle_and_cleanup(newest_toolset: Toolset, shared_tmp: Path
     assert not root.exists()
     cluster.stop()  # idempotent
     assert list(shared_tmp.iterdir()) == []
+
+
+def _watchdogs_of(root: Path) -> list[int]:
+    """Pids of watchdog processes (tasks/watchdog.py) that watch ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"pgbackflow.tasks.watchdog" in argv and str(root).encode() in argv:
+                found.append(int(entry.name))
+    return found
+
+
+def _wait(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.pg
+def test_a_killed_owner_leaves_no_server_and_no_files(
+    newest_toolset: Toolset, shared_tmp: Path
+) -> None:
+    """A process that started a cluster and was killed with SIGKILL (a killed test run or
+    verification) leaves nothing: its watchdog stops the server and deletes the files."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from pathlib import Path\n"
+         "from pgbackflow.tasks.cluster import EphemeralCluster\n"
+         "from pgbackflow.tasks.toolsets import find_toolset\n"
+         f"cluster = EphemeralCluster(find_toolset({newest_toolset.major}), "
+         f"base_dir=Path({str(shared_tmp)!r})).start()\n"
+         "print(cluster.data_dir, flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1],
+    )
+    try:
+        assert owner.stdout is not None
+        data_dir = Path(owner.stdout.readline().strip())
+        postmaster = int((data_dir / "postmaster.pid").read_text().splitlines()[0])
+        assert pid_alive(postmaster)
+        assert _watchdogs_of(data_dir.parent)
+    finally:
+        owner.kill()
+        owner.wait()
+    _wait("the server to stop", lambda: not pid_alive(postmaster))
+    _wait("the files to go", lambda: not data_dir.parent.exists())
+    _wait("the watchdog to end", lambda: not _watchdogs_of(data_dir.parent))
+    assert list(shared_tmp.iterdir()) == []
+
+
+def test_a_stopped_cluster_lets_its_watchdog_go(newest_toolset: Toolset, shared_tmp: Path) -> None:
+    with EphemeralCluster(newest_toolset, base_dir=shared_tmp) as cluster:
+        root = cluster.socket_dir
+        _wait("the watchdog to start", lambda: bool(_watchdogs_of(root)))
+    _wait("the watchdog to end", lambda: not _watchdogs_of(root), timeout=10)
 
 
 @pytest.mark.pg
