@@ -245,9 +245,11 @@ def build_context() -> None:
     # The locked dependency set the tests ran with; pip's cache serves repeated builds.
     # async-timeout: redis needs it on Python < 3.11.3, which Debian's python3.11 (3.11.2, the
     # local base) is and the host's (the resolver's) may not be.
-    run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
-         "-c", str(REPO / "constraints.txt"), "-w", str(wheelhouse), str(REPO),
-         "async-timeout>=4.0.3"], capture=True)
+    with tempfile.TemporaryDirectory(prefix="pgbackflow-wheel-src-") as source:
+        copy_package_source(Path(source))
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--disable-pip-version-check",
+             "-c", str(REPO / "constraints.txt"), "-w", str(wheelhouse), source,
+             "async-timeout>=4.0.3"], capture=True)
     print(f"wheelhouse: {len(list(wheelhouse.glob('*.whl')))} wheels "
           f"({time.monotonic() - started:.0f} s)")
     toolsets = CONTEXT / "toolsets"
@@ -264,6 +266,26 @@ def build_context() -> None:
                 shutil.copytree(home / major, toolsets / major, symlinks=True)
     shutil.copy2(HERE / "Dockerfile", CONTEXT / "Dockerfile")
     shutil.copy2(HERE / "stack-env.sh", CONTEXT / "stack-env.sh")
+
+
+#: What the pgbackflow wheel is built from: the package and its top-level folders (which
+#: ``pgbackflow/<name>`` links to), pyproject.toml and its readme.
+PACKAGE_SOURCES = ("pyproject.toml", "README.md", "pgbackflow", "blocks", "deployments",
+                   "flows", "tasks")
+
+
+def copy_package_source(target: Path) -> None:
+    """Copy the wheel's sources into ``target``: only those, so what else lies in a working
+    checkout (an old ``build/lib`` that setuptools would reuse, caches) never reaches the
+    image."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name in PACKAGE_SOURCES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, target / name, symlinks=True,
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy2(source, target / name)
 
 
 def _toolsets_home() -> Path:
