@@ -8,7 +8,8 @@ processes run and which of them are connected (``pg_stat_activity`` rows whose c
 a pg_dump socket), per server. Asserted: each database has exactly one run for the slot and
 exactly one new backup in storage, no run was taken by both workers, no server ever had more
 dumps at once than its ``max_concurrent_backups``, and both workers ran backups. Then the
-worker running a backup (held mid-dump by a table lock) is killed with -9, its whole process
+schedule of ``victim`` (every minute; paused until then) is resumed, and the
+worker running its backup (held mid-dump by a table lock) is killed with -9, its whole process
 tree as when a host is lost: the heartbeat automation made by deploy marks the run Crashed
 and a later scheduled run of that database completes on the other worker.
 """
@@ -156,8 +157,17 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                     if deployment["name"].startswith("logical-"):
                         fleet.deployments[deployment["name"][8:]] = deployment["id"]
             assert set(fleet.deployments) == set(databases)
-            for name in ("w1", "w2"):
-                fleet.workers[name] = _start_worker(fleet, name)
+            # victim's every-minute runs are the last test's: paused until then, they do not
+            # add a dozen runs to the 50 (and take pg0's and the workers' slots meanwhile).
+            pause(server, fleet.deployments["victim"])
+            started = time.monotonic()
+            # Both at once, as two hosts start theirs: ~30 s under load, each.
+            launched = {name: launch_worker(server, root / name, name) for name in ("w1", "w2")}
+            for name, (process, log) in launched.items():
+                wait_started(server, name, log)
+                fleet.workers[name] = process
+            print(f"workers ready in {time.monotonic() - started:.0f} s; the slot in "
+                  f"{(slot - datetime.now(UTC)).total_seconds():.0f} s")
             assert datetime.now(UTC) < slot - timedelta(seconds=5), (
                 f"deploy and workers were not ready before the slot {slot:%H:%M}: raise LEAD_S")
             try:
@@ -171,12 +181,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             cluster.stop()
 
 
-def _start_worker(fleet: Fleet, name: str) -> subprocess.Popen[bytes]:
-    return start_worker(fleet.server, fleet.root / name, name)
+def pause(server: PrefectServer, deployment_id: str, paused: bool = True) -> None:
+    """Pause (or resume) a deployment's schedules, as an operator does in the UI."""
+    with server.http() as http:
+        action = "pause_deployment" if paused else "resume_deployment"
+        http.post(f"deployments/{deployment_id}/{action}").raise_for_status()
 
 
-def start_worker(server: PrefectServer, folder: Path, name: str) -> subprocess.Popen[bytes]:
-    """``pgbackflow worker`` with its own folder, PREFECT_HOME, TMPDIR and spool dir, ready."""
+def launch_worker(server: PrefectServer, folder: Path,
+                  name: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``pgbackflow worker`` with its own folder, PREFECT_HOME, TMPDIR and spool dir; its log."""
     for sub in ("home", "tmp", "spool"):
         (folder / sub).mkdir(parents=True)
     env = {**server.env, "PREFECT_HOME": str(folder / "home"),
@@ -188,8 +202,18 @@ def start_worker(server: PrefectServer, folder: Path, name: str) -> subprocess.P
              "--limit", str(WORKER_LIMIT)],
             cwd=folder, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     server.workers.append(process)
+    return process, log
+
+
+def wait_started(server: PrefectServer, name: str, log: Path) -> None:
     server.wait_for(f"worker {name} to start", lambda: b"started!" in log.read_bytes(),
-                          120, 0.2)
+                    120, 0.2)
+
+
+def start_worker(server: PrefectServer, folder: Path, name: str) -> subprocess.Popen[bytes]:
+    """A launched worker (:func:`launch_worker`), ready."""
+    process, log = launch_worker(server, folder, name)
+    wait_started(server, name, log)
     return process
 
 
@@ -275,6 +299,66 @@ def sampling(clusters: list[EphemeralCluster]) -> Iterator[Sampler]:
         thread.join(10)
 
 
+# --- CPU accounting: where the machine's 2 cores went during the backups -----------------
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu(pid: int, children: bool = True) -> float:
+    """CPU seconds of a process (and of its children it has reaped)."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return sum(int(f) for f in fields[11:15 if children else 13]) / _TICK
+    return 0.0
+
+
+def _postmaster(port: int) -> int | None:
+    """The pid of the PostgreSQL postmaster listening on ``port`` (from its postmaster.pid)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            argv = (entry / "cmdline").read_bytes().decode().split("\0")
+            if argv[0].endswith("/postgres") and "-D" in argv:
+                lines = (Path(argv[argv.index("-D") + 1]) / "postmaster.pid").read_text()
+                if lines.splitlines()[3].strip() == str(port):
+                    return int(entry.name)
+    return None
+
+
+def _machine_cpu() -> float:
+    """CPU seconds every core of the machine spent busy (all processes, others' too)."""
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICK
+
+
+def cpu_counters(fleet: Fleet) -> dict[str, float]:
+    """CPU seconds so far: flow-run processes (with their pg_dumps), the worker processes
+    themselves, the Prefect server, its PostgreSQL, the three servers backed up, the machine."""
+    counters: dict[str, float] = defaultdict(float)
+    for worker in fleet.workers.values():
+        tree = _tree(worker.pid)
+        own = sum(_cpu(pid, children=False) for pid in tree[:2])  # supervisor, prefect worker
+        counters["workers"] += own
+        counters["flow runs"] += sum(_cpu(pid) for pid in tree) - own
+    counters["prefect server"] = sum(_cpu(pid) for pid in _tree(fleet.server.process.pid))
+    url = (Path(f"/proc/{fleet.server.process.pid}/environ").read_bytes().split(b"\0"))
+    port = next((int(item.rsplit(b":", 1)[1].split(b"/")[0]) for item in url
+                 if item.startswith(b"PREFECT_API_DATABASE_CONNECTION_URL=")), 0)
+    backend = _postmaster(port)
+    counters["prefect's postgres"] = sum(_cpu(pid) for pid in _tree(backend)) if backend else 0
+    counters["3 servers"] = sum(sum(_cpu(pid) for pid in _tree(postmaster))
+                                for postmaster in map(_postmaster, (c.port for c in
+                                                                    fleet.clusters))
+                                if postmaster)
+    counters["this test (sampler)"] = _cpu(os.getpid(), children=False)
+    counters["machine"] = _machine_cpu()
+    return counters
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float]) -> str:
+    return "CPU s: " + ", ".join(f"{name} {after[name] - before[name]:.0f}" for name in after)
+
+
 # --- API reads ----------------------------------------------------------------------------
 
 
@@ -316,6 +400,60 @@ def _submitted_by(fleet: Fleet) -> dict[str, list[str]]:
     return found
 
 
+def _at(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+
+
+def _spread(values: list[float]) -> str:
+    """``median/max`` of seconds, for the timeline."""
+    if not values:
+        return "-"
+    ordered = sorted(values)
+    return f"{ordered[len(ordered) // 2]:.0f}/{ordered[-1]:.0f}"
+
+
+def timeline(server: PrefectServer, runs: list[dict[str, Any]], slot: datetime) -> str:
+    """Where the runs' time went, from their states and their dump task runs: seconds
+    (median/max) from the slot to the worker's pick-up (Pending), from there to the flow-run
+    process's Running state (its start-up), from Running to the dump (inspection and the
+    wait for the database's and server's concurrency slots), the dump, and the rest (globals,
+    manifest, catalog); and the most runs Running at once."""
+    phases: dict[str, list[float]] = defaultdict(list)
+    spans: list[tuple[datetime, datetime]] = []
+    with server.http() as http:
+        dumps = {}
+        for run in runs:
+            for task_run in http.post("task_runs/filter", json={
+                    "flow_runs": {"id": {"any_": [run["id"]]}}, "limit": 50}).json():
+                if task_run["name"].startswith("dump-database"):
+                    dumps[run["id"]] = task_run
+            states = http.get("flow_run_states/", params={"flow_run_id": run["id"]}).json()
+            pending = min((_at(s["timestamp"]) for s in states if s["type"] == "PENDING"),
+                          default=None)
+            running, end = _at(run["start_time"]), _at(run["end_time"])
+            dump = dumps.get(run["id"], {})
+            dump_start, dump_end = _at(dump.get("start_time")), _at(dump.get("end_time"))
+            if pending:
+                phases["pick-up"].append((pending - slot).total_seconds())
+            if pending and running:
+                phases["start-up"].append((running - pending).total_seconds())
+            if running and dump_start:
+                phases["to dump"].append((dump_start - running).total_seconds())
+            if dump_start and dump_end:
+                phases["dump"].append((dump_end - dump_start).total_seconds())
+            if dump_end and end:
+                phases["after dump"].append((end - dump_end).total_seconds())
+            if running and end:
+                spans.append((running, end))
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    busy = most = 0
+    for _, step in edges:
+        busy += step
+        most = max(most, busy)
+    return (", ".join(f"{name} {_spread(values)}" for name, values in phases.items())
+            + f" s (median/max); at most {most} runs Running at once")
+
+
 def test_fifty_backups_in_one_minute_on_two_workers(fleet: Fleet) -> None:
     server = fleet.server
     fifty = [db for db in fleet.databases if db != "victim"]
@@ -334,12 +472,12 @@ def test_fifty_backups_in_one_minute_on_two_workers(fleet: Fleet) -> None:
     wait_s = (fleet.slot - datetime.now(UTC)).total_seconds()
     with sampling(fleet.clusters) as sampler:
         time.sleep(max(0.0, wait_s))
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_counters(fleet)
         runs = server.wait_for("the 50 scheduled backups to end", all_final, 900, 2)
-        elapsed = time.monotonic() - started
+        elapsed, cpu_after = time.monotonic() - started, cpu_counters(fleet)
     print(f"50 backups: last one ended {elapsed:.0f} s after the slot; {sampler.samples} "
           f"samples; most pg_dumps at once per server {dict(sampler.processes)}, "
-          f"their sessions {dict(sampler.sessions)}")
+          f"their sessions {dict(sampler.sessions)}; {cpu_report(cpu_before, cpu_after)}")
 
     # Exactly one run per database for the slot, each completed.
     per_deployment = Counter(by_id[r["deployment_id"]] for r in runs)
@@ -353,7 +491,7 @@ def test_fifty_backups_in_one_minute_on_two_workers(fleet: Fleet) -> None:
     assert not twice, f"runs not submitted exactly once: {twice}"
     # Spread over both workers.
     per_worker = Counter(submitted[r["id"]][0] for r in runs)
-    print(f"runs per worker: {dict(per_worker)}")
+    print(f"runs per worker: {dict(per_worker)}; {timeline(server, runs, fleet.slot)}")
     assert set(per_worker) == {"w1", "w2"}, per_worker
     # One backup per database in storage.
     backups = Counter(b["db_id"] for b in _backups(fleet) if b["db_id"] in fifty)
@@ -389,6 +527,7 @@ def test_worker_killed_mid_backup(fleet: Fleet) -> None:
     try:
         locker.execute("BEGIN")
         locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")  # victim's pg_dump waits
+        pause(server, victim, paused=False)  # every minute from now on
 
         def blocked_run() -> dict[str, Any] | None:
             for run in runs_of(server, [victim]):
