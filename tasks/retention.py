@@ -4,7 +4,9 @@ Policies are rules; each rule is one small frozen class that says which backups 
 why (:class:`KeepLast`, :class:`KeepWithin`, :class:`KeepGFS`). A backup is kept if any rule
 keeps it. Then the safety rules, which no policy overrides, add to what is kept:
 
-- the newest backup of each database (the newest whose manifest verifies) is kept;
+- the newest complete backup of each database is kept: its manifest authenticated, none of
+  its objects missing, and for an incremental an unbroken chain of such backups to its full
+  (:func:`incomplete`); the rules count only complete backups too (see :func:`decide`);
 - nothing that finished less than :data:`MIN_AGE` (1 hour) ago is deleted;
 - every full and incremental a kept incremental builds on is kept;
 - WAL: every segment from the start LSN of the oldest kept physical backup on is kept
@@ -521,6 +523,32 @@ def _size(size: int) -> str:
     return f"{size} B"
 
 
+def incomplete(entry: DatabaseCatalog) -> dict[str, str]:
+    """``{backup_id: why it cannot restore}`` of the backups of ``entry`` that are not
+    complete: a manifest not authenticated, objects missing, or (an incremental) a chain to
+    its full that is broken or runs through such a backup."""
+    problems: dict[str, str] = {}
+    for backup in entry.backups:
+        if backup.status != "verified":
+            problems[backup.backup_id] = f"its manifest is {backup.status}, not authenticated"
+        elif backup.missing:
+            names = ", ".join(key.rsplit("/", 1)[-1] for key in backup.missing[:3])
+            more = f" +{len(backup.missing) - 3}" if len(backup.missing) > 3 else ""
+            problems[backup.backup_id] = (f"{len(backup.missing)} of its objects are missing "
+                                          f"({names}{more})")
+    chains = entry.broken_chains()
+    for backup in entry.backups:
+        if backup.backup_id in problems:
+            continue
+        if backup.backup_id in chains:
+            problems[backup.backup_id] = f"its chain is broken: {chains[backup.backup_id]}"
+            continue
+        bad = next((a for a in entry.ancestors(backup) if a.backup_id in problems), None)
+        if bad is not None:
+            problems[backup.backup_id] = f"it builds on {bad.backup_id}, which is incomplete"
+    return problems
+
+
 def decide(
     entry: DatabaseCatalog,
     policy: Policy,
@@ -528,11 +556,22 @@ def decide(
     verified: Iterable[str] = (),
     min_age: timedelta = MIN_AGE,
 ) -> tuple[BackupDecision, ...]:
-    """Keep or delete each usable backup of one database: the rules, then the safety rules."""
+    """Keep or delete each usable backup of one database: the rules, then the safety rules.
+
+    Only complete backups (:func:`incomplete`) are candidates of the rules and of the
+    newest-backup safety rule. An incomplete backup cannot be restored, so it neither takes
+    one of keep-last's N places nor stands for a GFS period nor counts as "the newest": were
+    it counted, one lost object of the newest dump made keep-last 1 keep that broken backup
+    and delete every complete one. An incomplete backup stays only while a safety rule holds
+    it (younger than ``min_age``, or a kept incremental builds on it); otherwise it goes, its
+    plan line saying what is missing. Without a policy nothing goes, incomplete or not.
+    """
     verified_ids = set(verified)
+    broken = incomplete(entry)
     newest_first = list(reversed(entry.backups))
+    complete_first = [b for b in newest_first if b.backup_id not in broken]
     candidates = [Candidate(b.backup_id, b.finished_at, b.backup_id in verified_ids)
-                  for b in newest_first]
+                  for b in complete_first]
     reasons: dict[str, list[str]] = {b.backup_id: [] for b in entry.backups}
     if not policy.rules:
         for backup in entry.backups:
@@ -540,9 +579,9 @@ def decide(
     for rule in policy.rules:
         for backup_id, why in rule.keep(candidates, now).items():
             reasons[backup_id].append(why)
-    if newest_first:
-        reasons[newest_first[0].backup_id].append(
-            "it is the newest backup of the database (safety)")
+    if complete_first:
+        reasons[complete_first[0].backup_id].append(
+            "it is the newest complete backup of the database (safety)")
     for backup in entry.backups:
         if backup.finished_at > now - min_age:
             reasons[backup.backup_id].append(
@@ -560,6 +599,10 @@ def decide(
         kept = reasons[backup.backup_id]
         if kept:
             decisions.append(BackupDecision(backup, True, tuple(kept)))
+        elif backup.backup_id in broken:
+            decisions.append(BackupDecision(backup, False, (
+                f"incomplete, it cannot be restored: {broken[backup.backup_id]} (rules count "
+                "only complete backups)",)))
         else:
             decisions.append(BackupDecision(backup, False, (
                 f"no rule keeps it ({policy.describe()})",)))
@@ -905,6 +948,7 @@ __all__ = [
     "decide",
     "execute_plan",
     "format_period",
+    "incomplete",
     "parse_period",
     "plan_retention",
     "policy_lookup",

@@ -379,6 +379,59 @@ def test_safety_rules_beat_every_policy(storage: Storage) -> None:
     assert min(w.number or 0 for w in cluster.wal) == 20
 
 
+def test_newest_backup_rule_protects_the_newest_complete_one(tmp_path: Path) -> None:
+    """keep-last 1 with the newest dump's object lost: the newest *complete* backup stays
+    (not the broken newest while all complete ones go), and the broken one does not take
+    keep-last's place."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
+    ids = [write_logical(writer, now - timedelta(hours=20 - h), h) for h in range(10)]
+    storage.delete(f"logical/{DB}/{ids[-1]}/dump.pgbf")
+    catalog = read_catalog(storage, RING)
+    plan = plan_retention(catalog, {DB: Policy((KeepLast(1),))}, now=now, grace=GRACE)
+    decisions = {d.backup.backup_id: d for d in plan.databases[0].decisions}
+    assert {b for b, d in decisions.items() if d.keep} == {ids[-2]}
+    assert "newest complete backup" in decisions[ids[-2]].why
+    assert "one of the last 1" in decisions[ids[-2]].why
+    assert "dump.pgbf" in decisions[ids[-1]].why and "incomplete" in decisions[ids[-1]].why
+    execute_plan(storage, plan, KEY)
+    entry = read_catalog(storage, RING).database(DB)
+    assert entry is not None
+    assert [(b.backup_id, b.missing) for b in entry.backups] == [(ids[-2], ())]
+
+
+@pytest.mark.parametrize("damage", ["parent gone", "parent object gone"])
+def test_newest_backup_rule_skips_an_incremental_with_a_broken_chain(
+    tmp_path: Path, damage: str
+) -> None:
+    """Full <- incremental <- incremental, the middle one lost (or one of its objects):
+    keep-last 1 keeps the full, the newest restorable backup, and the WAL from its start;
+    the old rule kept the newest incremental, which cannot restore, and deleted the full."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
+    full = write_physical(writer, now - timedelta(days=3), 1, 10, None, None)
+    middle = write_physical(writer, now - timedelta(days=2), 2, 20, full, full)
+    newest = write_physical(writer, now - timedelta(days=1), 3, 30, middle, full)
+    for number in range(5, 40):
+        writer.put(wal_object_key(CLUSTER, segment_name(1, number, SEG)), b"w",
+                   now - timedelta(days=4))
+    folder = f"physical/{CLUSTER}/base/{middle}/"
+    for obj in storage.list(folder):
+        if damage == "parent gone" or obj.key.endswith("base.tar.pgbf"):
+            storage.delete(obj.key)
+    catalog = read_catalog(storage, RING)
+    plan = plan_retention(catalog, {CLUSTER: Policy((KeepLast(1),))}, now=now, grace=GRACE)
+    cluster = plan.databases[0]
+    decisions = {d.backup.backup_id: d for d in cluster.decisions}
+    assert {b for b, d in decisions.items() if d.keep} == {full}
+    assert "newest complete backup" in decisions[full].why
+    assert "incomplete" in decisions[newest].why
+    assert middle in decisions[newest].why
+    assert {w.number for w in cluster.wal_delete} == set(range(5, 10))
+
+
 def test_verified_backup_is_preferred_in_a_gfs_bucket(tmp_path: Path) -> None:
     storage = LocalFolderStorage(tmp_path / "store")
     writer = Writer(storage)
