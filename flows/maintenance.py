@@ -56,7 +56,13 @@ _RETRYING: dict[str, Any] = {
     "retry_condition_fn": retry_if_transient,
     "cache_policy": NONE,
 }
-_VERIFIED = re.compile(r"^Successful: verification of (?P<backup_id>\S+)$")
+_VERIFIED = {
+    # The descriptions flows/verification.py and flows/physical_verification.py publish.
+    "verification": re.compile(r"^Successful: verification of (?P<backup_id>\S+)$"),
+    "physical-verification": re.compile(r"^passed: verification of (?P<backup_id>\S+)$"),
+}
+_PAGE = 200
+"""Artifacts read per request (Prefect's default server limit)."""
 
 
 @task(name="read-catalog", **_RETRYING)
@@ -73,28 +79,45 @@ def read_catalog_task(storage: Storage, keyring: Keyring, db_id: str | None,
 
 
 def verified_backups(db_ids: Iterable[str]) -> dict[str, set[str]]:
-    """``{db_id: backup ids}`` whose restore verification succeeded, from the verification
-    summaries the Prefect API keeps (artifact ``verification-<db_id>``, every version).
-    The API failing is no reason to fail a maintenance run: nothing counts as verified."""
+    """``{db_id: backup ids}`` whose restore verification succeeded, from the summaries the
+    Prefect API keeps, every version of them: ``verification-<db_id>`` of restore-verification
+    ("Successful: verification of <id>") and ``physical-verification-<db_id>`` of
+    verify-physical ("passed: verification of <id>"). The API failing is no reason to fail a
+    maintenance run: nothing counts as verified."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.objects import Artifact
+    from prefect.client.schemas.sorting import ArtifactSort
 
     found: dict[str, set[str]] = {}
-    wanted = {artifact_key("verification", db_id): db_id for db_id in db_ids}
+    wanted = {artifact_key(kind, db_id): (db_id, pattern) for db_id in db_ids
+              for kind, pattern in _VERIFIED.items()}
     if not wanted:
         return found
     try:
         with get_client(sync_client=True) as client:
-            artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-                key=ArtifactFilterKey(any_=list(wanted))))
+            artifacts: list[Artifact] = []
+            # Every page: one request returns at most the server's limit (200 by default),
+            # and every verification run adds a version. Newest first by creation: one
+            # published meanwhile shifts the pages by one (a repeat, never a loss).
+            while True:
+                page = client.read_artifacts(
+                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(wanted))),
+                    sort=ArtifactSort.CREATED_DESC, limit=_PAGE, offset=len(artifacts))
+                artifacts += page
+                if len(page) < _PAGE:
+                    break
     except Exception as exc:
         get_run_logger().warning("verification history unavailable (%s): no backup counts as "
                                  "verified", str(exc).splitlines()[0] if str(exc) else exc)
         return found
     for artifact in artifacts:
-        match = _VERIFIED.match(artifact.description or "")
-        if match and artifact.key in wanted:
-            found.setdefault(wanted[artifact.key], set()).add(match["backup_id"])
+        if artifact.key not in wanted:
+            continue
+        db_id, pattern = wanted[artifact.key]
+        match = pattern.match(artifact.description or "")
+        if match:
+            found.setdefault(db_id, set()).add(match["backup_id"])
     return found
 
 

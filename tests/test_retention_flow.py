@@ -40,7 +40,15 @@ from tests.test_physical import (
     streaming_wal,
     wait_shipped,
 )
-from tests.test_retention import DB, KEY, RING, Writer, write_logical
+from tests.test_retention import (
+    CLUSTER,
+    DB,
+    KEY,
+    RING,
+    Writer,
+    write_logical,
+    write_physical,
+)
 
 CONFIG = """
 [key]
@@ -154,6 +162,91 @@ def test_maintenance_flow_prefers_verified_publishes_and_deletes(tmp_path: Path)
     assert "newest verified of day" in str(table.data) and noon in str(table.data)
     plan = next(a for a in artifacts if a.key == artifact_key("retention", storage.location))
     assert f"DELETE logical     {morning}" in str(plan.data)
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_maintenance_flow_counts_physical_verifications(tmp_path: Path) -> None:
+    """verify-physical's "passed" summaries count as verified: in a GFS day of three fulls
+    the verified one stays, and the cluster's backups table says it is verified."""
+    from prefect import flow
+    from prefect.artifacts import create_markdown_artifact
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from pgbackflow.flows.maintenance import maintenance
+
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) - timedelta(days=3)
+    morning, noon, evening = (write_physical(writer, day + timedelta(hours=h), h, 10 * h,
+                                             None, None) for h in (6, 12, 18))
+    newest = write_physical(writer, day + timedelta(days=2), 30, 400, None, None)
+
+    @flow
+    def verifications() -> None:  # what verify-physical publishes (flows/physical_verification)
+        create_markdown_artifact("ok", key=artifact_key("physical-verification", CLUSTER),
+                                 description=f"passed: verification of {noon}")
+        create_markdown_artifact("bad", key=artifact_key("physical-verification", CLUSTER),
+                                 description=f"failed: verification of {evening}")
+
+    verifications()
+    key_file = tmp_path / "master.key"
+    write_key_file(key_file, KEY)
+    state = maintenance(storage=LocalStorage(folder=str(storage.folder)),
+                        policies={CLUSTER: RetentionSettings(daily=2)}, key_file=str(key_file),
+                        return_state=True)
+    summary = state.result()
+    run_id = state.state_details.flow_run_id
+    left = [b.backup_id for b in read_catalog(storage, RING).databases[0].backups]
+    assert left == [noon, newest]
+    assert sorted(summary["deleted_backups"]) == sorted(
+        f"{CLUSTER}/{b}" for b in (morning, evening))
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(
+            any_=[artifact_key("backups-tables", CLUSTER)])))
+    (table,) = [a for a in artifacts if a.flow_run_id == run_id]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert isinstance(rows, list)
+    by_id = {r["backup_id"]: r for r in rows}
+    assert set(by_id) == {noon, newest}
+    assert by_id[noon]["verified"] == "yes" and by_id[newest]["verified"] == ""
+    assert "newest verified of day" in by_id[noon]["kept_because"]
+
+
+@pytest.mark.usefixtures("prefect_api")
+def test_every_verification_counts_past_one_page_of_artifacts() -> None:
+    """More verification summaries than one API page (200): every successful one counts,
+    logical and physical, and failed ones do not."""
+    import secrets
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    from pgbackflow.flows.maintenance import verified_backups
+
+    tag = secrets.token_hex(4)  # the session's server is shared: ids of this test only
+    shop, cluster = f"pages-{tag}", f"pages-cluster-{tag}"
+    logical_ok = {f"20261101T{i:06d}Z-{tag}" for i in range(230)}
+    physical_ok = {f"20261102T{i:06d}Z-{tag}" for i in range(3)}
+    published = (
+        [(artifact_key("verification", shop), f"Successful: verification of {b}")
+         for b in sorted(logical_ok)]
+        + [(artifact_key("verification", shop), f"Failed: verification of bad-{i}")
+           for i in range(5)]
+        + [(artifact_key("physical-verification", cluster), f"passed: verification of {b}")
+           for b in sorted(physical_ok)]
+        + [(artifact_key("physical-verification", cluster), "failed: verification of bad-p")]
+    )
+    started = time.monotonic()
+    with get_client(sync_client=True) as client:
+        for key, description in published:
+            client.create_artifact(ArtifactCreate(key=key, type="markdown", data="-",
+                                                  description=description))
+    found = verified_backups([shop, cluster, f"nothing-{tag}"])
+    assert len(found.get(shop, ())) == len(logical_ok) and found[shop] == logical_ok
+    assert found.get(cluster) == physical_ok
+    assert set(found) == {shop, cluster}
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.pg
