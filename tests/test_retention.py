@@ -432,6 +432,111 @@ def test_newest_backup_rule_skips_an_incremental_with_a_broken_chain(
     assert {w.number for w in cluster.wal_delete} == set(range(5, 10))
 
 
+def test_keep_within_combined_rules_and_a_dry_run_of_one_database(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """keep-within alone; keep-last + GFS together (a backup kept if any rule keeps it, with
+    every reason); then ``pgbackflow retention --db-id shop --dry-run`` plans that database
+    only and deletes nothing."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime.now(UTC).replace(microsecond=0)
+    times = {}
+    for i in range(60):  # every 6 hours for 15 days, the newest 2 hours ago
+        moment = now - timedelta(hours=2 + 6 * i)
+        times[write_logical(writer, moment, i)] = moment
+    others = [write_logical(writer, now - timedelta(days=10 + i), 100 + i, db_id="other")
+              for i in range(3)]
+    catalog = read_catalog(storage, RING)
+
+    def kept(policy: Policy) -> dict[str, str]:
+        plan = plan_retention(catalog, {DB: policy}, now=now, grace=GRACE)
+        (shop,) = [p for p in plan.databases if p.catalog.db_id == DB]
+        return {d.backup.backup_id: d.why for d in shop.kept}
+
+    within = kept(Policy.build(keep_within="3d"))
+    assert set(within) == {b for b, m in times.items() if m > now - timedelta(days=3)}
+    assert len(within) == 12 and all("younger than 3d" in why for why in within.values())
+
+    newest_first = sorted(times, key=lambda b: times[b], reverse=True)
+    want = (set(newest_first[:2]) | newest_per_period(times, 3, PERIODS["days"])
+            | newest_per_period(times, 2, PERIODS["weeks"]))
+    combined = kept(Policy.build(keep_last=2, daily=3, weekly=2))
+    assert set(combined) == want and len(want) < len(times)
+    newest = combined[newest_first[0]]
+    assert "one of the last 2 (#1)" in newest and "GFS 3 days" in newest
+    assert "GFS 2 weeks" in newest and "newest complete backup" in newest
+
+    before = sorted(o.key for o in storage.list(""))
+    dry = run_cli("--from", str(storage.folder), "--db-id", DB, "--dry-run", "--keep-last", "2",
+                  "--daily", "3", "--weekly", "2", key_file=key_file)
+    assert dry.returncode == 0, dry.stderr
+    assert f"logical {DB}: policy last 2, GFS 3d 2w; {len(want)} backups kept, " \
+           f"{len(times) - len(want)} deleted" in dry.stdout
+    shown = {line.split()[2] for line in dry.stdout.splitlines()
+             if line.startswith("  DELETE logical")}
+    assert shown == set(times) - want
+    assert "other" not in dry.stdout and not any(b in dry.stdout for b in others)
+    assert "dry run: nothing was deleted" in dry.stderr
+    assert sorted(o.key for o in storage.list("")) == before
+
+
+def test_a_cluster_without_a_kept_physical_backup_keeps_its_wal(tmp_path: Path) -> None:
+    """A streamer's WAL before any backup (its window is open), and a cluster whose only
+    backup is incomplete (it goes, and no kept backup bounds the WAL): all WAL stays."""
+    now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
+    for case in ("no backup yet", "only an incomplete backup"):
+        storage = LocalFolderStorage(tmp_path / case.replace(" ", "-"))
+        writer = Writer(storage)
+        for number in range(1, 30):
+            writer.put(wal_object_key(CLUSTER, segment_name(1, number, SEG)), b"w",
+                       now - timedelta(days=5))
+        if case == "only an incomplete backup":
+            broken = write_physical(writer, now - timedelta(days=2), 1, 20, None, None)
+            storage.delete(f"physical/{CLUSTER}/base/{broken}/base.tar.pgbf")
+        plan = plan_retention(read_catalog(storage, RING),
+                              {CLUSTER: Policy((KeepLast(1),))}, now=now, grace=GRACE)
+        (cluster,) = plan.databases
+        assert not cluster.kept, case
+        assert [d.backup.backup_id for d in cluster.deleted] == (
+            [broken] if case == "only an incomplete backup" else [])
+        assert cluster.wal_delete_count == 0 and not cluster.wal_delete, case
+        assert "no physical backup is kept" in cluster.wal_note
+        execute_plan(storage, plan, KEY)
+        assert len(storage.list(f"physical/{CLUSTER}/wal/")) == 29, case
+
+
+def test_s3_deletes_go_in_batches_of_at_most_1000_keys(s3_bucket: S3Bucket,
+                                                        tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """1,100 WAL segments before the only backup's start: DeleteObjects requests of at most
+    1000 keys each, and every one of them is gone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setenv("PGBACKFLOW_CACHE_DIR", str(tmp_path / "cache"))
+    storage = S3ObjectStorage(s3_bucket.bucket, "pg", endpoint_url=s3_bucket.endpoint_url,
+                              region=s3_bucket.region)
+    writer = Writer(storage)
+    write_physical(writer, datetime.now(UTC) - timedelta(days=1), 1, 1101, None, None)
+    keys = [wal_object_key(CLUSTER, segment_name(1, n, SEG)) for n in range(1, 1106)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: storage.write_bytes(key, b"w"), keys))
+    batches: list[int] = []
+
+    def count(params: dict[str, Any], **_: Any) -> None:
+        batches.append(len(params["Delete"]["Objects"]))
+
+    storage.client.meta.events.register("provide-client-params.s3.DeleteObjects", count)
+    catalog = read_catalog(storage, RING)
+    plan = plan_retention(catalog, {CLUSTER: Policy((KeepLast(1),))},
+                          now=datetime.now(UTC) + timedelta(hours=2), grace=GRACE)
+    assert plan.databases[0].wal_delete_count == 1100
+    execute_plan(storage, plan, KEY)
+    assert sum(batches) == 1100 and max(batches) <= 1000 and len(batches) >= 2
+    left = sorted(o.key for o in storage.list(f"physical/{CLUSTER}/wal/"))
+    assert left == keys[1100:]
+
+
 def test_verified_backup_is_preferred_in_a_gfs_bucket(tmp_path: Path) -> None:
     storage = LocalFolderStorage(tmp_path / "store")
     writer = Writer(storage)
