@@ -160,6 +160,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             # victim's every-minute runs are the last test's: paused until then, they do not
             # add a dozen runs to the 50 (and take pg0's and the workers' slots meanwhile).
             pause(server, fleet.deployments["victim"])
+            # The scheduler's pass over recently deployed deployments (every 5 s) may have
+            # read victim before the pause and insert its next 3 runs after it (CI at load
+            # ~20: 3 victim backups before the slot): a second pause deletes those. The
+            # wait comes out of the lead to the slot, not the test's time.
+            time.sleep(10)
+            pause(server, fleet.deployments["victim"])
             started = time.monotonic()
             # Both at once, as two hosts start theirs: ~30 s under load, each.
             launched = {name: launch_worker(server, root / name, name) for name in ("w1", "w2")}
