@@ -871,22 +871,6 @@ exec {python} -m pgbackflow.cli pitr --from {shlex.quote(storage_url)} \\
     path.chmod(0o755)
 
 
-@dataclass(frozen=True)
-class StartedServer:
-    """A restored server that finished recovery.
-
-    Attributes:
-        port: Where it listens (127.0.0.1).
-        last_transaction: "last completed transaction was at log time …" from the log.
-        reached_target: False when no transaction followed the target time, so replay ran
-            to the end of the WAL (the same data the target asks for).
-    """
-
-    port: int
-    last_transaction: str | None
-    reached_target: bool
-
-
 def local_runtime(data_dir: Path, toolset: Toolset, user: OsUser, *,
                   what: str = "restored server") -> LocalRuntime:
     """The local runtime of a restored data directory (its log in the restore folder)."""
@@ -897,10 +881,9 @@ def start_and_wait(
     data_dir: Path,
     toolset: Toolset,
     user: OsUser,
-    port: int,
     *,
     timeout: float = PROMOTE_TIMEOUT_S,
-) -> StartedServer:
+) -> Recovery:
     """Start the restored server as ``user`` and wait until recovery ends and it is promoted.
 
     Raises:
@@ -910,8 +893,7 @@ def start_and_wait(
     _chown_tree(data_dir, user)
     if tablespace_root(data_dir).exists():
         _chown_tree(tablespace_root(data_dir), user)
-    recovery = recover(local_runtime(data_dir, toolset, user), timeout)
-    return StartedServer(port, recovery.last_transaction, recovery.reached_target)
+    return recover(local_runtime(data_dir, toolset, user), timeout)
 
 
 class PitrDestination(ABC):
@@ -1063,9 +1045,9 @@ class DirectoryDestination(PitrDestination):
             raise ConfigError("a restore to start needs a port and the server's OS user")
         allow_recovery_start(self.directory)
         toolset = self._toolset or find_toolset(self._major)
-        started = start_and_wait(self.directory, toolset, self.user, self.port, timeout=timeout)
+        recovery = start_and_wait(self.directory, toolset, self.user, timeout=timeout)
         remove_wal_cache(self.directory)
-        return Recovery(started.last_transaction, started.reached_target)
+        return recovery
 
     def place(self) -> None:
         """Nothing to move: built in place."""
@@ -1077,6 +1059,7 @@ class DirectoryDestination(PitrDestination):
     def undo(self) -> None:
         """Nothing more: a failed build already left the directory as it found it, and a
         directory whose server did not come up keeps its marker (never taken for good)."""
+
 
 def check_reachable(path: Path, user: OsUser, runs: str) -> None:
     """The server's OS user must be able to walk down to ``path``.
@@ -1129,7 +1112,6 @@ __all__ = [
     "PitrDestination",
     "PitrOutcome",
     "PitrPlan",
-    "StartedServer",
     "WalRoute",
     "allow_recovery_start",
     "build_data_dir",

@@ -593,7 +593,7 @@ def ours_restore(storage: LocalFolderStorage, db_id: str, key: MasterKey, target
     port = free_port()
     configure_recovery(target, None, port=port)
     allow_recovery_start(target)
-    start_and_wait(target, toolset, user, port)
+    start_and_wait(target, toolset, user)
     finish_restore(target)
     stages["start"] = time.perf_counter() - mark  # replay and promotion
     return port, stages, len(fetched)
