@@ -7,8 +7,9 @@ on loopback as the database to back up. One module-scoped stack: the API refuses
 without the auth string, ``pgbackflow doctor`` in the server's container warns of nothing, a
 deployed backup completes on the worker container with the backup in its storage, its deployed
 verification completes on the agent container (sandbox on the host's engine), the master
-key is nowhere in the Prefect server's database, and ``down --volumes`` leaves no container,
-volume or network of the project behind.
+key is nowhere in the Prefect server's database, ``docker stop`` of the worker container with
+a backup mid-dump ends the run and the container within 10 s and publishes no backup, and
+``down --volumes`` leaves no container, volume or network of the project behind.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -192,27 +194,7 @@ def test_deployed_backup_runs_on_the_worker_and_the_key_stays_out(
     database = make_database(cluster, "stack",
                              "CREATE TABLE t AS SELECT g FROM generate_series(1, 500) g")
     config = tmp_path / "pgbackflow.toml"
-    config.write_text(textwrap.dedent(f"""
-        [prefect]
-        work_pool = "backups"
-        verification_pool = "verify"
-        [key]
-        file = "/run/secrets/master_key"
-        [storages.volume]
-        url = "/srv/backups"
-        maintenance = ""
-        [servers.pg]
-        host = "127.0.0.1"
-        port = {cluster.port}
-        user = "{cluster.superuser}"
-        password_env = "STACK_PG_PASSWORD"
-        [databases.{DB_ID}]
-        server = "pg"
-        database = "{database}"
-        storages = ["volume"]
-        backup = "0 0 1 1 *"
-        verify = "0 0 1 1 *"
-    """))
+    config.write_text(_config(cluster.port, cluster.superuser, DB_ID, database))
     deploy = stack.script("deploy", str(config), env={"STACK_PG_PASSWORD": cluster.password})
     assert deploy.returncode == 0, _failed("docker/stack.py deploy", deploy)
     assert cluster.password not in deploy.stdout + deploy.stderr
@@ -241,6 +223,136 @@ def test_deployed_backup_runs_on_the_worker_and_the_key_stays_out(
         "the verification left its work dir behind"
 
     _assert_key_not_in_prefect_database(stack)
+
+
+#: The promise of ``pgbackflow worker`` (README "Scale-out"): runs and the worker end within
+#: this many seconds of SIGTERM (compose's stop_grace_period of 15 s leaves it a margin).
+STOP_LIMIT_S = 10.0
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+# The stop is Docker's SIGTERM to the container whichever compose sends it: the v2 plugin's
+# stack only (the same module-scoped stack as the other tests'); on 1.29's too would add a
+# deploy, a locked dump and a stop (~1 min) for no other code path.
+@pytest.mark.parametrize("stack", ["docker compose"], indirect=True)
+def test_docker_stop_of_the_worker_mid_dump_ends_the_run_within_10_s(
+    stack: Stack, pg_servers: PgServers, pg_majors: tuple[int, ...], tmp_path: Path
+) -> None:
+    """``compose stop worker`` (SIGTERM to the container's pgbackflow worker) while a deployed
+    backup's pg_dump waits for a table lock held here: the container exits (code 0, not
+    SIGKILLed at the grace period's end) and the run is in a final state within 10 s of the
+    stop, and storage lists no backup of that database."""
+    cluster = pg_servers(max(pg_majors))
+    database = make_database(cluster, "stackstop",
+                             "CREATE TABLE t AS SELECT g FROM generate_series(1, 500) g")
+    config = tmp_path / "pgbackflow.toml"
+    config.write_text(_config(cluster.port, cluster.superuser, STOP_DB_ID, database))
+    deploy = stack.script("deploy", str(config), env={"STACK_PG_PASSWORD": cluster.password})
+    assert deploy.returncode == 0, _failed("docker/stack.py deploy", deploy)
+
+    container = stack.compose("ps", "--quiet", "worker").stdout.strip()
+    assert container, "no worker container"
+    locker = cluster.connect(database)
+    watcher = cluster.connect()
+    try:
+        locker.execute("BEGIN")
+        locker.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")  # held: pg_dump waits
+        with stack.http() as http:
+            deployment = http.get(f"deployments/name/logical-backup/logical-{STOP_DB_ID}").json()
+            run_id = http.post(f"deployments/{deployment['id']}/create_flow_run",
+                               json={}).json()["id"]
+        _wait_for(lambda: _dump_waiting(watcher, database), 300,
+                  lambda: f"no pg_dump of {database} waiting for its lock:\n"
+                          + stack.compose("logs", "--tail", "60", "worker").stdout[-4000:])
+        with stack.http() as http:
+            running = http.get(f"flow_runs/{run_id}").json()["state"]["type"]
+        assert running == "RUNNING", running
+        stopped_at = datetime.now(UTC)
+        started = time.monotonic()
+        stop = stack.compose("stop", "worker", timeout=120)
+        took = time.monotonic() - started
+        assert stop.returncode == 0, _failed("compose stop worker", stop)
+    finally:
+        locker.close()
+        watcher.close()
+    inspected = json.loads(subprocess.run(
+        ["docker", "inspect", "--format", "{{json .State}}", container],
+        capture_output=True, text=True, check=True).stdout)
+    exited_after = (_at(inspected["FinishedAt"]) - stopped_at).total_seconds()
+    with stack.http() as http:
+        run: dict[str, Any] = http.get(f"flow_runs/{run_id}").json()
+    ended_after = (_at(run["state"]["timestamp"]) - stopped_at).total_seconds()
+    logs = stack.compose("logs", "--tail", "40", "worker").stdout[-4000:]
+    print(f"compose stop worker took {took:.1f} s; the container exited {exited_after:.1f} s "
+          f"after the stop (code {inspected['ExitCode']}), the run was "
+          f"{run['state']['type']} {ended_after:.1f} s after it")
+    assert inspected["ExitCode"] == 0, f"exit code {inspected['ExitCode']}:\n{logs}"
+    assert exited_after <= STOP_LIMIT_S, logs
+    assert run["state"]["type"] in FINAL, (run["state"], logs)
+    assert ended_after <= STOP_LIMIT_S, (run["state"], logs)
+
+    # The storage volume, read by a one-off container (the worker is stopped): no backup of
+    # the stopped run, and the worker's next start serves the pool again.
+    listing = stack.compose("run", "--rm", "-T", "cli", "/opt/pgbackflow/bin/pgbackflow-stack-env",
+                            "pgbackflow", "list", "--from", "/srv/backups", "--json")
+    assert listing.returncode == 0, _failed("pgbackflow list in a cli container", listing)
+    assert STOP_DB_ID not in {b["db_id"] for b in json.loads(listing.stdout)}, listing.stdout
+    start = stack.compose("start", "worker")
+    assert start.returncode == 0, _failed("compose start worker", start)
+
+
+STOP_DB_ID = "stackstop"
+
+
+def _config(port: int, user: str, db_id: str, database: str) -> str:
+    return textwrap.dedent(f"""
+        [prefect]
+        work_pool = "backups"
+        verification_pool = "verify"
+        [key]
+        file = "/run/secrets/master_key"
+        [storages.volume]
+        url = "/srv/backups"
+        maintenance = ""
+        [servers.pg]
+        host = "127.0.0.1"
+        port = {port}
+        user = "{user}"
+        password_env = "STACK_PG_PASSWORD"
+        [databases.{db_id}]
+        server = "pg"
+        database = "{database}"
+        storages = ["volume"]
+        backup = "0 0 1 1 *"
+        verify = "0 0 1 1 *"
+    """)
+
+
+def _at(text: str) -> datetime:
+    """A timestamp of Docker (nanoseconds) or of the Prefect API, as an aware datetime."""
+    text = text.replace("Z", "+00:00")
+    head, dot, rest = text.partition(".")
+    if dot:  # Python parses at most microseconds
+        digits = rest[:len(rest) - len(rest.lstrip("0123456789"))]
+        text = f"{head}.{digits[:6]}{rest[len(digits):]}"
+    return datetime.fromisoformat(text)
+
+
+def _dump_waiting(conn: psycopg.Connection[Any], dbname: str) -> bool:
+    """A pg_dump of ``dbname`` is connected and waits for its table lock (mid-backup)."""
+    rows = conn.execute(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid() "
+        "AND query LIKE 'LOCK TABLE%%ACCESS SHARE MODE'", (dbname,)).fetchall()
+    return bool(rows)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float,
+              message: Callable[[], str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(message(), pytrace=False)
+        time.sleep(0.5)
 
 
 def _run_deployment(stack: Stack, name: str, service: str) -> dict[str, Any]:
