@@ -4,8 +4,10 @@
    target lies in the recoverable window and that no WAL segment is missing.
 2. Unpack every backup of the chain (SHA-256 checked while reading), every object of every
    link at once, each decrypted and decompressed by a thread of its own ahead of its
-   unpacker; combine them with ``pg_combinebackup`` (a full alone is unpacked straight into
-   the target directory).
+   unpacker. A chain is combined in place (tasks/combine.py: the unpacked full becomes the
+   output, only the incrementals' changed blocks are written over it; ``pg_combinebackup``
+   only for chains with extra tablespaces); a full alone is unpacked straight into the
+   target directory.
 3. Meanwhile fetch the WAL needed into ``<dir>/pgbackflow_restore/wal`` (each segment's
    header is checked against its name and the cluster), so the server replays with a plain
    ``cp`` restore_command that needs neither our key nor the storage. Steps 2 and 3 are one
@@ -50,6 +52,7 @@ from queue import Empty, Full, Queue
 from typing import Any, TypeVar
 
 from pgbackflow.tasks.cluster import free_port
+from pgbackflow.tasks.combine import combine_in_place
 from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.manifest import StoredObjectInfo, safe_join
@@ -635,8 +638,9 @@ def build_data_dir(
 
     Every object of every backup of the chain is decrypted (SHA-256 checked), decompressed
     and unpacked in parallel, a full alone straight into the data directory, a chain into
-    the folders ``pg_combinebackup`` reads; the WAL is fetched (each segment's header
-    checked) meanwhile. ``toolset`` (for ``pg_combinebackup``) may be None for a full alone.
+    one folder per link, then combined in place (``pg_combinebackup`` with extra
+    tablespaces); the WAL is fetched (each segment's header checked) meanwhile.
+    ``toolset`` (for ``pg_combinebackup``) may be None for a full alone.
 
     ``progress`` is called with the plaintext bytes unpacked so far. With
     ``mark_incomplete`` the directory holds :data:`INCOMPLETE_MARKER` (included from
@@ -710,33 +714,55 @@ def _build_chain(
         step(f"unpacking {len(dirs)} backups ({', '.join(b.mode for b in plan.chain)}), "
              f"fetching {len(plan.wal_segments)} WAL files meanwhile")
         fetched = _unpack_with_wal(restore, plan, list(plan.chain), dirs, work / "wal-ahead")
-        step(f"combining {len(dirs)} backups with pg_combinebackup")
-        # pg_combinebackup creates its output itself: into the work folder, moved into
-        # place once marked, so the target never holds an unmarked partial directory.
-        output = work / "combined" if mark_incomplete else target_dir
-        if target_dir.exists() and not mark_incomplete:
-            target_dir.rmdir()
-        # Tablespaces move from the newest link's folders to ours next to the output.
-        relocate = [
-            f"--tablespace-mapping={tablespace_root(dirs[-1]) / str(t.oid)}="
-            f"{tablespace_root(target_dir.absolute()) / str(t.oid)}"
-            for t in plan.newest.tablespaces
-        ]
-        Tool(toolset.binary("pg_combinebackup")).run(
-            [*map(str, dirs), "--output", str(output), *COMBINE_OPTIONS, *relocate],
-            timeout=None,
-        )
-        (output / "tablespace_map").unlink(missing_ok=True)
+        if any(backup.tablespaces for backup in plan.chain):
+            output = _combine_with_tool(dirs, work, target_dir, plan, toolset, step,
+                                        mark_incomplete)
+        else:
+            step(f"combining {len(dirs)} backups in place (only the changed blocks are "
+                 "written over the unpacked full)")
+            stats = combine_in_place(dirs[0], dirs[1:])
+            step(f"combined: {stats.rebuilt_files} files rebuilt ({stats.blocks_written} "
+                 f"blocks written), {stats.moved_files} taken whole, {stats.removed_files} "
+                 "removed")
+            output = dirs[0]
         wal_home = output / RESTORE_DIR
         wal_home.mkdir(mode=0o700, exist_ok=True)
         (work / "wal-ahead").rename(wal_home / WAL_CACHE)
         if mark_incomplete:
             _write_marker(output)
             _include_marker(output)
+        if output != target_dir:
+            # Moved into place whole, so the target never holds a partial directory.
             if target_dir.exists():
                 target_dir.rmdir()
             output.rename(target_dir)
     return fetched
+
+
+def _combine_with_tool(
+    dirs: Sequence[Path], work: Path, target_dir: Path, plan: PitrPlan, toolset: Toolset,
+    step: Callable[[str], None], mark_incomplete: bool,
+) -> Path:
+    """``pg_combinebackup``, for chains with extra tablespaces: it relocates their files
+    (kept outside the data directory) with ``--tablespace-mapping``."""
+    step(f"combining {len(dirs)} backups with pg_combinebackup")
+    # It creates its output itself: into the work folder when marked (moved into place
+    # once marked), else straight into the target.
+    output = work / "combined" if mark_incomplete else target_dir
+    if target_dir.exists() and not mark_incomplete:
+        target_dir.rmdir()
+    # Tablespaces move from the newest link's folders to ours next to the output.
+    relocate = [
+        f"--tablespace-mapping={tablespace_root(dirs[-1]) / str(t.oid)}="
+        f"{tablespace_root(target_dir.absolute()) / str(t.oid)}"
+        for t in plan.newest.tablespaces
+    ]
+    Tool(toolset.binary("pg_combinebackup")).run(
+        [*map(str, dirs), "--output", str(output), *COMBINE_OPTIONS, *relocate],
+        timeout=None,
+    )
+    (output / "tablespace_map").unlink(missing_ok=True)
+    return output
 
 
 def _unpack_with_wal(
