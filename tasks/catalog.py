@@ -27,6 +27,8 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import hmac
+import json
 import os
 from array import array
 from collections import defaultdict
@@ -38,7 +40,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from pgbackflow.tasks.errors import ObjectNotFoundError, PgBackflowError
-from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.keys import Keyring, MasterKey, derive_subkey
 from pgbackflow.tasks.manifest import (
     LOGICAL_ROOT,
     MANIFEST_NAME,
@@ -86,6 +88,10 @@ READ_BATCH = 256
 """Manifest reads handed to the readers at a time."""
 CACHE_ENV = "PGBACKFLOW_CACHE_DIR"
 """Where remote storages' manifests are cached (default: ~/.cache/pgbackflow); "off": never."""
+SUMMARY_CACHE_FORMAT = b"pgbackflow-catalog-summaries-v1"
+"""First word of a summary cache file (:class:`SummaryCache`); another one is a miss."""
+SUMMARY_MAC_INFO = b"pgbackflow catalog summary cache mac v1"
+"""HKDF ``info`` of the key that authenticates summary cache files (never a manifest's)."""
 
 Kind = Literal["logical", "physical"]
 
@@ -622,6 +628,15 @@ def _read_journal(storage: Storage, item: StoredObject, kind: Kind, db_id: str,
 # Reading
 
 
+def _cache_folder(storage: Storage, kind: str) -> Path | None:
+    """``<cache root>/<kind>/<storage digest>``; None for local folders or when off."""
+    setting = os.environ.get(CACHE_ENV, "")
+    if isinstance(storage, LocalFolderStorage) or setting == "off":
+        return None
+    root = Path(setting) if setting else Path.home() / ".cache" / "pgbackflow"
+    return root / kind / hashlib.sha256(storage.location.encode()).hexdigest()[:24]
+
+
 class ManifestCache:
     """Raw manifest bytes of a remote storage, kept locally by key, ETag, size and upload time.
 
@@ -637,12 +652,8 @@ class ManifestCache:
     @classmethod
     def for_storage(cls, storage: Storage) -> ManifestCache | None:
         """The cache of ``storage``; None for local folders or when switched off."""
-        setting = os.environ.get(CACHE_ENV, "")
-        if isinstance(storage, LocalFolderStorage) or setting == "off":
-            return None
-        root = Path(setting) if setting else Path.home() / ".cache" / "pgbackflow"
-        digest = hashlib.sha256(storage.location.encode()).hexdigest()[:24]
-        return cls(root / "manifests" / digest)
+        folder = _cache_folder(storage, "manifests")
+        return None if folder is None else cls(folder)
 
     def _path(self, item: StoredObject) -> Path:
         # The ETag too: S3 upload times have one-second steps, so a manifest rewritten with
@@ -721,6 +732,142 @@ class _CachedReads(Storage):
 
     def delete(self, key: str) -> None:
         self._storage.delete(key)
+
+
+_SUMMARY_FIELDS = ("kind", "db_id", "backup_id", "mode", "finished_at", "key_id", "status",
+                   "auth_key_id", "data_size", "server_version", "database", "table_count",
+                   "parent_id", "timeline", "start_lsn", "end_lsn", "wal_segment_size")
+"""What a summary cache entry keeps of a :class:`Backup` (then the names its manifest
+gives its objects; the objects themselves come from the listing)."""
+
+
+class SummaryCache:
+    """What the catalog kept of each verified manifest of a remote storage, in one local file.
+
+    A warm ``retention --dry-run`` of 100,000 objects spent most of its time authenticating
+    and parsing 14,000 cached manifests again; this keeps the result instead (the slim
+    :class:`Backup` fields and the names of the objects its manifest lists), so a manifest
+    unchanged since it was verified is neither read nor parsed again. An entry is found by the
+    manifest's key, size, upload time and ETag as listed: a manifest replaced or rewritten
+    misses and is read from the storage and verified. Only manifests verified with a key
+    of the keyring in use are kept, and an entry counts only while its key is still in the
+    keyring.
+
+    The file is the user's own, yet it must not make a backup of what no key sealed: it is
+    authenticated with an HMAC under a key derived from the current master key (HKDF,
+    ``SUMMARY_MAC_INFO``) over the storage's location and every entry. A file that fails
+    it, cannot be read, is of another format or was written with another current key is
+    ignored whole (every manifest read again) and rewritten.
+
+    File: ``<format> <key id> <hmac hex>\n`` then one line per manifest:
+    ``<key>\t<size>\t<upload µs>\t<etag>\t<JSON list>``.
+    """
+
+    def __init__(self, path: Path, location: str, master_key: MasterKey,
+                 keyring: Keyring) -> None:
+        self.path = path
+        self._location = location.encode()
+        self._key_id = master_key.key_id_hex
+        self._mac_key = derive_subkey(master_key.material, SUMMARY_MAC_INFO)
+        self._keyring = keyring
+        self._lines: dict[str, bytes] = {}
+        self._used: set[str] = set()
+        self._added: list[tuple[str, bytes]] = []
+        self._dirty = False
+
+    @classmethod
+    def for_storage(cls, storage: Storage, keyring: Keyring | None) -> SummaryCache | None:
+        """The summary cache of ``storage``, loaded; None for local folders, without a
+        keyring (nothing verified to keep) or when caching is off."""
+        path = _cache_folder(storage, "catalogs")
+        if path is None or keyring is None:
+            return None
+        cache = cls(path, storage.location, keyring.current, keyring)
+        cache._load()
+        return cache
+
+    def _mac(self, body: bytes) -> str:
+        return hmac.new(self._mac_key, self._location + b"\0" + body, hashlib.sha256).hexdigest()
+
+    def _load(self) -> None:
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return
+        header, _, body = data.partition(b"\n")
+        words = header.split(b" ")
+        if (len(words) != 3 or words[0] != SUMMARY_CACHE_FORMAT
+                or words[1] != self._key_id.encode()
+                or not hmac.compare_digest(words[2], self._mac(body).encode())):
+            self._dirty = True  # rewritten with what this run verifies
+            return
+        for line in body.splitlines():
+            head, _, _ = line.rpartition(b"\t")
+            self._lines[head.decode()] = line
+
+    @staticmethod
+    def _lookup(item: StoredObject) -> str:
+        return f"{item.key}\t{item.size}\t{_micros(item.modified)}\t{item.etag or ''}"
+
+    def found(self, kind: Kind, db_id: str, backup_id: str, item: StoredObject,
+              items: Sequence[StoredObject]) -> _Found | None:
+        """The catalog's record of manifest ``item`` from the cache, or None (a miss)."""
+        lookup = self._lookup(item)
+        line = self._lines.get(lookup)
+        if line is None:
+            return None
+        try:
+            values = json.loads(line[len(lookup.encode()) + 1:])
+            fields = dict(zip(_SUMMARY_FIELDS, values[:-1], strict=True))
+            names = values[-1]
+            fields["finished_at"] = datetime.fromisoformat(fields["finished_at"])
+        except (ValueError, TypeError, KeyError):
+            return None
+        if ((fields["kind"], fields["db_id"], fields["backup_id"]) != (kind, db_id, backup_id)
+                or fields["status"] != "verified" or not isinstance(names, list)
+                or self._keyring.find_hex(str(fields["auth_key_id"])) is None):
+            return None
+        for name in ("key_id", "auth_key_id", "server_version", "database"):
+            fields[name] = _share(fields[name])
+        self._used.add(lookup)
+        folder = item.key[: -len(MANIFEST_NAME)]
+        return _placed(Backup(objects=(), **fields), [folder + n for n in names], item.key,
+                       items)
+
+    def remember(self, item: StoredObject, backup: Backup, object_keys: Sequence[str]) -> None:
+        """Keep ``backup`` (verified from manifest ``item``) for the next run."""
+        folder = item.key[: -len(MANIFEST_NAME)]
+        lookup = self._lookup(item)
+        if (backup.status != "verified" or "\n" in lookup or lookup.count("\t") != 3
+                or not all(k.startswith(folder) for k in object_keys)):
+            return  # kept as the catalog would not read it back: not kept
+        values: list[Any] = [getattr(backup, name) for name in _SUMMARY_FIELDS]
+        values[_SUMMARY_FIELDS.index("finished_at")] = backup.finished_at.isoformat()
+        values.append([k[len(folder):] for k in object_keys])
+        self._added.append((lookup, f"{lookup}\t{json.dumps(values)}".encode()))
+
+    def save(self, scope: Sequence[str]) -> None:
+        """Write the entries found and added by this run; entries under ``scope`` (the
+        prefixes listed) that were not found are dropped (gone or changed), the others
+        kept. Nothing written when nothing changed; a cache that cannot be written is no
+        error."""
+        kept = {lookup: line for lookup, line in self._lines.items()
+                if lookup in self._used or not lookup.startswith(tuple(scope))}
+        if not self._dirty and not self._added and len(kept) == len(self._lines):
+            return
+        kept.update(self._added)
+        body = b"\n".join(kept.values())
+        header = b" ".join((SUMMARY_CACHE_FORMAT, self._key_id.encode(),
+                            self._mac(body).encode()))
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            temporary = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
+            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+                      "wb") as out:
+                out.write(header + b"\n" + body)
+            temporary.replace(self.path)
+        except OSError:
+            pass
 
 
 def _backup_prefix(kind: Kind, db_id: str, backup_id: str) -> str:
@@ -899,15 +1046,32 @@ def read_catalog(
             manifests += [(kind, found_id, backup_id, o) for o in items
                           if o.key.rsplit("/", 1)[1] == MANIFEST_NAME]
 
+    summaries = None if keep_manifests else SummaryCache.for_storage(storage, keyring)
+
     def read(job: tuple[Kind, str, str, StoredObject], source: Storage = storage) -> _Found | None:
         kind, found_id, backup_id, item = job
         record = read_manifest_record(source, item.key, _model_of(kind), _binding_of(kind),
                                       (found_id, backup_id), keyring, size=item.size)
         # Made slim at once, so the parsed manifests are never all held together.
-        return _found(kind, found_id, record, dbs[(kind, found_id)].folders[backup_id],
-                      keyring is not None, keep_manifests)
+        found = _found(kind, found_id, record, dbs[(kind, found_id)].folders[backup_id],
+                       keyring is not None, keep_manifests)
+        if summaries is not None and found is not None and found.backup is not None:
+            assert record is not None and record.manifest is not None
+            summaries.remember(item, found.backup, record.manifest.object_keys())
+        return found
 
     records: dict[tuple[Kind, str, str], _Found | None] = {}
+    if summaries is not None:  # unchanged manifests: what was verified before, unread
+        unread: list[tuple[Kind, str, str, StoredObject]] = []
+        for job in manifests:
+            hit = summaries.found(*job, dbs[(job[0], job[1])].folders[job[2]])
+            if hit is None:
+                unread.append(job)
+            else:
+                records[job[:3]] = hit
+        manifests_listed, manifests = manifests, unread
+    else:
+        manifests_listed = manifests
     if cache is None:  # a local folder: no round trips to overlap
         records.update(((m[0], m[1], m[2]), read(m)) for m in manifests)
     else:
@@ -922,7 +1086,9 @@ def read_catalog(
                 records.update(zip(((m[0], m[1], m[2]) for m in batch),
                                    pool.map(read_cached, batch), strict=True))
         if db_id is None and len(kinds) == 2:
-            cache.prune(m[3] for m in manifests)
+            cache.prune(m[3] for m in manifests_listed)
+    if summaries is not None:
+        summaries.save(prefixes)
     databases = [
         _database(storage, keyring, entry, records)
         for _, entry in sorted(dbs.items(), key=lambda kv: (kv[0][0] != "logical", kv[0][1]))
@@ -959,12 +1125,20 @@ def _found(kind: Kind, db_id: str, record: ManifestRecord[Any] | None,
         # Refused: kept for ``list`` (why), without a parsed manifest unless asked.
         return _Found(record if keep or manifest is None
                       else dataclasses.replace(record, manifest=None))
-    keys = manifest.object_keys()
+    placed = _placed(_summary(kind, db_id, record, (), ()), manifest.object_keys(),
+                     record.key, items)
+    return dataclasses.replace(placed, record=record) if keep else placed
+
+
+def _placed(backup: Backup, keys: Sequence[str], manifest_key: str,
+            items: Sequence[StoredObject]) -> _Found:
+    """``backup`` (its objects not yet set) with the listed ``items`` of its folder: the
+    ones its manifest names (``keys``) missing from them, those it does not name apart."""
     listed = {o.key for o in items}
-    backup = _summary(kind, db_id, record, items, [k for k in keys if k not in listed])
-    named = {*keys, record.key}
-    return _Found(record if keep else None, backup,
-                  tuple(o for o in items if o.key not in named))
+    named = {*keys, manifest_key}
+    return _Found(None, dataclasses.replace(
+        backup, objects=tuple(items), missing=tuple(k for k in keys if k not in listed)),
+        tuple(o for o in items if o.key not in named))
 
 
 def _database(
