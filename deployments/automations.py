@@ -293,14 +293,15 @@ def apply_automation(spec: AutomationSpec) -> UUID:
     return created.id
 
 
-def disable_automations_of(db_id: str) -> list[str]:
-    """Pause every pgbackflow automation of one database or cluster; their names."""
+def disable_automations_of(db_id: str, job: str | None = None) -> list[str]:
+    """Pause every pgbackflow automation of one database, cluster or storage (with ``job``:
+    only those of that job kind, e.g. a storage's ``maintenance``); their names."""
     paused = []
     with get_client(sync_client=True) as client:
         for automation in client.read_automations():
-            if automation.name.startswith("pgbackflow") and automation.name.endswith(
-                f": {db_id}"
-            ) and automation.enabled:
+            name = automation.name
+            if (name.startswith("pgbackflow") and name.endswith(f": {db_id}")
+                    and (job is None or f" {job} " in name) and automation.enabled):
                 client.pause_automation(automation.id)
-                paused.append(automation.name)
+                paused.append(name)
     return paused

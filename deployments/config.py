@@ -740,8 +740,8 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     pause_automations(stale)
     for change in deployment_changes:
         if change.action == "-":
-            for tag in _db_tags_of(change.name):
-                result.paused_automations += disable_automations_of(tag.removeprefix("db:"))
+            for owner, job in _owners_of(change.name):
+                result.paused_automations += disable_automations_of(owner, job)
     from pgbackflow.deployments.physical import start_streamer
 
     for db_id, _ in plan.wal_streams:
@@ -751,12 +751,22 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     return result
 
 
-def _db_tags_of(full_name: str) -> list[str]:
+def _owners_of(full_name: str) -> list[tuple[str, str | None]]:
+    """Whose automations pausing this deployment pauses: its databases' (all of them), and
+    for a storage's maintenance deployment that storage's maintenance notifications (a
+    storage left out of the config is no longer in the notifications' scope)."""
     from prefect.client.orchestration import get_client
+
+    from pgbackflow.deployments.verification import job_tag
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(full_name)
-    return [t for t in deployment.tags if t.startswith("db:")]
+    owners: list[tuple[str, str | None]] = [
+        (t.removeprefix("db:"), None) for t in deployment.tags if t.startswith("db:")]
+    if job_tag("maintenance") in deployment.tags:
+        owners += [(t.removeprefix("storage:"), "maintenance") for t in deployment.tags
+                   if t.startswith("storage:")]
+    return owners
 
 
 def _block_change(spec: BlockSpec, block: Block) -> Change:

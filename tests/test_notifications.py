@@ -59,22 +59,22 @@ class Site:
         return self.receivers.inbox
 
     def write_config(self, *, shop_success: bool = True, missed_alerts: bool = False,
-                     disabled: tuple[str, ...] = (), dropped: tuple[str, ...] = ()) -> None:
+                     disabled: tuple[str, ...] = (), dropped: tuple[str, ...] = (),
+                     tidy: bool = True) -> None:
         """The module's config; ``missed_alerts``: 20 s missed windows for ntf-idle and
         ntf-phys (only while their test runs: every 20 s they fire again, and the Prefect
         server runs actions one at a time, so they would delay the timed deliveries);
         ``disabled``: these databases get ``enabled = false``; ``dropped``: these databases
-        are left out."""
+        are left out; ``tidy = False``: the ntf-tidy storage (its maintenance) is left out."""
         success = '["logical"]' if shop_success else "false"
         idle = ('missed_backup = "20s", missed_verification = "20s"' if missed_alerts
                 else 'missed_backup = "2h"')
         phys = 'missed_full = "20s"' if missed_alerts else 'missed_full = "off"'
+        tidy_section = (f'[storages.ntf-tidy]\n            url = "{self.tidy}"\n'
+                        '            maintenance = "daily at 03:30"\n' if tidy else "")
         text = config_head(POOL, self.key_file, self.store, self.cluster,
                            "NTF_PG_PASSWORD") + textwrap.dedent(f"""
-            [storages.ntf-tidy]
-            url = "{self.tidy}"
-            maintenance = "daily at 03:30"
-
+            {tidy_section}
             [notify]
             block = ["custom-webhook/ntf-hook", "pgbackflow-smtp-email/ntf-mail"]
             on_failure = true
@@ -621,20 +621,32 @@ def _automations_of(server: PrefectServer, db_id: str) -> dict[str, bool]:
     return {a["name"]: a["enabled"] for a in automations if a["name"].endswith(f": {db_id}")}
 
 
-def test_disabled_or_removed_database_pauses_its_notifications(
+def test_disabled_or_removed_database_or_storage_pauses_its_notifications(
     prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
 ) -> None:
     """``enabled = false`` pauses a database's notification and missed-backup automations
-    with its deployment, and so does leaving it out of the config; back in the config,
-    they run again (re-made as a first deploy makes them, which the ``deployed`` fixture
-    shows a second deploy leaves unchanged)."""
+    with its deployment, and so does leaving it out of the config (a storage left out: its
+    maintenance deployment and notifications); back in the config, they run again (re-made
+    as a first deploy makes them, which the ``deployed`` fixture shows a second deploy
+    leaves unchanged)."""
     names = ("pgbackflow notify logical failed: {}", "pgbackflow notify logical succeeded: {}",
              "pgbackflow missed logical: {}")
+    tidy = ("pgbackflow notify maintenance failed: ntf-tidy",
+            "pgbackflow notify maintenance succeeded: ntf-tidy")
     for db_id in ("ntf-retry-on", "ntf-retry-off"):
         assert set(_automations_of(prefect_server, db_id).values()) == {True}, db_id
-    site.write_config(shop_success=False, disabled=("ntf-retry-on",), dropped=("ntf-retry-off",))
+    assert _automations_of(prefect_server, "ntf-tidy") == dict.fromkeys(tidy, True)
+    site.write_config(shop_success=False, disabled=("ntf-retry-on",), dropped=("ntf-retry-off",),
+                      tidy=False)
     try:
         result = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+        # A storage left out: its maintenance deployment and its notifications are paused.
+        for name in tidy:
+            assert f"paused automation {name}" in result.stdout, result.stdout
+        assert _automations_of(prefect_server, "ntf-tidy") == dict.fromkeys(tidy, False)
+        with prefect_server.http() as http:
+            maintenance = http.get(f"deployments/{deployed['maintenance-ntf-tidy']['id']}")
+        assert maintenance.json()["paused"] is True
         for name in names:
             assert f"~ automation {name.format('ntf-retry-on')}" in result.stdout, result.stdout
         for name in names[::2]:  # its successes are toggled off
@@ -656,6 +668,7 @@ def test_disabled_or_removed_database_pauses_its_notifications(
         (name.format("ntf-retry-on") for name in names), True)
     assert _automations_of(prefect_server, "ntf-retry-off") == {
         names[0].format("ntf-retry-off"): True, names[2].format("ntf-retry-off"): True}
+    assert _automations_of(prefect_server, "ntf-tidy") == dict.fromkeys(tidy, True)
 
 
 def test_every_job_kind_has_its_toggles_on_the_runs_of_its_deployment(
