@@ -463,11 +463,14 @@ class RetentionPlan:
         """The plan for people: per database what goes and why, what stays and by which rule."""
         lines = [f"retention plan for {self.location} at {self.now:%Y-%m-%d %H:%M:%S} UTC "
                  f"(orphan grace {self.grace.total_seconds() / 3600:g} h)"]
-        for plan in self.databases:
+        # Each database's bytes once (they sum every deleted backup's objects) for its line
+        # and the total: :attr:`bytes_freed` twice was a third of a 100,000-object render.
+        freed = [plan.bytes_freed for plan in self.databases]
+        for plan, plan_freed in zip(self.databases, freed, strict=True):
             entry = plan.catalog
             lines.append(f"{entry.kind} {entry.db_id}: policy {plan.policy.describe()}; "
                          f"{len(plan.kept)} backups kept, {len(plan.deleted)} deleted, "
-                         f"{_size(plan.bytes_freed)} freed")
+                         f"{_size(plan_freed)} freed")
             for decision in reversed(plan.decisions):
                 backup = decision.backup
                 verb = "keep  " if decision.keep else "DELETE"
@@ -493,7 +496,8 @@ class RetentionPlan:
                          "grace period")
         for line in self.temporaries:
             lines.append(f"DELETE temporary {line}")
-        lines.append(f"total: {_size(self.bytes_freed)} freed")
+        lines.append(f"total: {_size(sum(freed) + sum(o.size for o in self.orphans_delete))} "
+                     "freed")
         return "\n".join(lines)
 
     def rows(self) -> list[dict[str, Any]]:
@@ -595,6 +599,7 @@ def decide(
                     reasons[parent.backup_id].append(
                         f"kept incremental {backup.backup_id} builds on it (safety)")
     decisions = []
+    unkept = f"no rule keeps it ({policy.describe()})"  # once: 14,000 backups took 0.4 s
     for backup in entry.backups:
         kept = reasons[backup.backup_id]
         if kept:
@@ -604,8 +609,7 @@ def decide(
                 f"incomplete, it cannot be restored: {broken[backup.backup_id]} (rules count "
                 "only complete backups)",)))
         else:
-            decisions.append(BackupDecision(backup, False, (
-                f"no rule keeps it ({policy.describe()})",)))
+            decisions.append(BackupDecision(backup, False, (unkept,)))
     return tuple(decisions)
 
 
