@@ -11,7 +11,8 @@ a busy storage, then measures, per catalog size, in one run:
 - ``cold_*``: the catalog with every manifest fetched (a first run), then the plan (GFS 24h
   7d 4w 12m 2y) and its rendering;
 - ``dry_run_s``: ``run_retention(..., dry_run=True)``, what ``pgbackflow retention --dry-run``
-  does once the process is up (catalog with the manifests cached locally, plan, render);
+  does once the process is up (catalog with the manifests' summaries cached locally, plan,
+  render), and ``dry_run_cpu_s`` the process CPU it took (``--profile``: where, cProfile);
 - ``peak_mb``: peak Python memory of that dry run (tracemalloc, a separate pass, since
   tracing slows it down), and ``per_backup_kb`` = peak_mb / backups;
 - ``max_rss_mb``: the process's peak RSS so far (``getrusage``; the sizes run in one
@@ -37,15 +38,17 @@ moto time per HTTP PUT would make filling 100,000 objects most of the run, and f
 not what is measured. The listing goes over HTTP like any client's.
 
 Usage: .venv/bin/python -m tests.benchmarks.bench_retention [--objects 10000 50000 100000]
-[--storage s3|seaweedfs|local] [--weed PATH] [--trace-cold]
+[--storage s3|seaweedfs|local] [--weed PATH] [--trace-cold] [--profile]
 Target (issue 12): plan in under 10 s for 100,000 objects, memory flat.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import resource
 import shutil
 import subprocess
@@ -162,7 +165,8 @@ def bare_listing(endpoint: str, storage: S3ObjectStorage) -> int:
         return sum(pool.map(count, ("logical/", "physical/")))
 
 
-def measure(endpoint: str | None, storage: Storage, trace_cold: bool) -> dict[str, Any]:
+def measure(endpoint: str | None, storage: Storage, trace_cold: bool,
+            profile: bool = False) -> dict[str, Any]:
     policies = {DB: GFS, CLUSTER: GFS}
     bare: int | None = None
     if endpoint is not None:  # first, as ours: the same state of moto for both
@@ -193,10 +197,15 @@ def measure(endpoint: str | None, storage: Storage, trace_cold: bool) -> dict[st
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     shown: list[str] = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     plan, _ = run_retention(storage, RING, policies, dry_run=True, grace=GRACE,
                             show=shown.append)
-    dry_run_s = time.perf_counter() - started
+    dry_run_s, dry_run_cpu_s = time.perf_counter() - started, time.process_time() - cpu
+    if profile:  # where a warm dry run's time goes (after the timed one: same cache state)
+        profiler = cProfile.Profile()
+        profiler.runcall(run_retention, storage, RING, policies, dry_run=True, grace=GRACE,
+                         show=lambda _text: None)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(30)
     assert len(shown) == 1 and shown[0].count("\n") == rendered.count("\n")
     if not trace_cold:
         del plan, shown
@@ -209,7 +218,8 @@ def measure(endpoint: str | None, storage: Storage, trace_cold: bool) -> dict[st
     return {"objects": listed, **listing, "list_s": round(list_s, 2),
             "cold_catalog_s": round(catalog_s, 2),
             "plan_s": round(plan_s, 2), "render_s": round(render_s, 2),
-            "dry_run_s": round(dry_run_s, 2), "peak_mb": round(peak / 1e6, 1),
+            "dry_run_s": round(dry_run_s, 2), "dry_run_cpu_s": round(dry_run_cpu_s, 2),
+            "peak_mb": round(peak / 1e6, 1),
             "per_backup_kb": round(peak / backups / 1e3, 2),
             "peak_of": "cold pass (traced)" if trace_cold else "dry run",
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
@@ -261,7 +271,8 @@ def start_seaweedfs(weed: str, folder: str) -> tuple[subprocess.Popen[bytes], st
             time.sleep(0.5)
 
 
-def bench_seaweedfs(counts: list[int], trace_cold: bool, weed: str | None) -> None:
+def bench_seaweedfs(counts: list[int], trace_cold: bool, weed: str | None,
+                    profile: bool = False) -> None:
     """The measurements on SeaweedFS (one bucket per size; the server and its data removed
     after)."""
     weed = weed or shutil.which("weed")
@@ -286,7 +297,7 @@ def bench_seaweedfs(counts: list[int], trace_cold: bool, weed: str | None) -> No
                 shutil.rmtree(local, ignore_errors=True)
             storage = S3ObjectStorage(bucket, "pg", endpoint_url=endpoint, region="us-east-1")
             result = {**shape, "populate_s": round(time.perf_counter() - started, 1),
-                      **measure(endpoint, storage, trace_cold)}
+                      **measure(endpoint, storage, trace_cold, profile)}
             print(json.dumps(result), flush=True)
     finally:
         process.terminate()
@@ -309,6 +320,9 @@ def main() -> None:
                              "the same shape")
     parser.add_argument("--weed", help="the weed binary for --storage seaweedfs (default: "
                                        "weed on PATH)")
+    parser.add_argument("--profile", action="store_true",
+                        help="--storage seaweedfs: also run the dry run under cProfile and "
+                             "print where its time goes (stderr)")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -322,7 +336,7 @@ def main() -> None:
                       AWS_DEFAULT_REGION="us-east-1", PGBACKFLOW_CACHE_DIR=cache)
     if args.storage == "seaweedfs":
         try:
-            bench_seaweedfs(args.objects, args.trace_cold, args.weed)
+            bench_seaweedfs(args.objects, args.trace_cold, args.weed, args.profile)
         finally:
             shutil.rmtree(cache, ignore_errors=True)
         return
