@@ -179,6 +179,12 @@ def _share(text: str) -> str:
 def _summary(kind: Kind, db_id: str, record: ManifestRecord[Any], objects: Sequence[StoredObject],
              missing: Sequence[str]) -> Backup:
     """The catalog's record of a backup whose manifest was accepted (``record.manifest``)."""
+    return Backup(objects=tuple(objects), missing=tuple(missing),
+                  **_summary_fields(kind, db_id, record))
+
+
+def _summary_fields(kind: Kind, db_id: str, record: ManifestRecord[Any]) -> dict[str, Any]:
+    """The fields of :func:`_summary` but the objects."""
     manifest = record.manifest
     assert manifest is not None
     common: dict[str, Any] = {
@@ -187,16 +193,15 @@ def _summary(kind: Kind, db_id: str, record: ManifestRecord[Any], objects: Seque
         "status": record.status,
         "auth_key_id": None if record.auth_key_id is None else _share(record.auth_key_id),
         "data_size": manifest.stored_size, "server_version": _share(manifest.server_version),
-        "objects": tuple(objects), "missing": tuple(missing),
     }
     if isinstance(manifest, PhysicalManifest):
-        return Backup(mode=manifest.mode, parent_id=manifest.parent_id,
-                      timeline=manifest.timeline, start_lsn=manifest.start_lsn,
-                      end_lsn=manifest.end_lsn, wal_segment_size=manifest.wal_segment_size,
-                      **common)
+        return {"mode": manifest.mode, "parent_id": manifest.parent_id,
+                "timeline": manifest.timeline, "start_lsn": manifest.start_lsn,
+                "end_lsn": manifest.end_lsn, "wal_segment_size": manifest.wal_segment_size,
+                **common}
     assert isinstance(manifest, LogicalManifest)
-    return Backup(mode="logical", database=_share(manifest.database.name),
-                  table_count=manifest.table_count, **common)
+    return {"mode": "logical", "database": _share(manifest.database.name),
+            "table_count": manifest.table_count, **common}
 
 
 def load_manifest(storage: Storage, keyring: Keyring | None,
@@ -655,11 +660,15 @@ class ManifestCache:
         folder = _cache_folder(storage, "manifests")
         return None if folder is None else cls(folder)
 
-    def _path(self, item: StoredObject) -> Path:
+    @staticmethod
+    def _name(item: StoredObject) -> str:
         # The ETag too: S3 upload times have one-second steps, so a manifest rewritten with
         # the same size within a second is told apart only by its content's fingerprint.
         name = hashlib.sha256(f"{item.key}\0{item.etag or ''}".encode()).hexdigest()
-        return self.folder / f"{name}-{item.size}-{int(item.modified.timestamp() * 1e6)}"
+        return f"{name}-{item.size}-{int(item.modified.timestamp() * 1e6)}"
+
+    def _path(self, item: StoredObject) -> Path:
+        return self.folder / self._name(item)
 
     def get(self, item: StoredObject) -> bytes | None:
         """The cached bytes of ``item`` (same key, size and upload time), or None."""
@@ -682,7 +691,7 @@ class ManifestCache:
 
     def prune(self, listed: Iterable[StoredObject]) -> None:
         """Remove the entries of manifests that are gone or changed."""
-        wanted = {self._path(item).name for item in listed}
+        wanted = {self._name(item) for item in listed}  # no Path per manifest: 14,000 of them
         try:
             entries = list(os.scandir(self.folder))
         except OSError:
@@ -831,8 +840,7 @@ class SummaryCache:
             fields[name] = _share(fields[name])
         self._used.add(lookup)
         folder = item.key[: -len(MANIFEST_NAME)]
-        return _placed(Backup(objects=(), **fields), [folder + n for n in names], item.key,
-                       items)
+        return _placed(fields, [folder + n for n in names], item.key, items)
 
     def remember(self, item: StoredObject, backup: Backup, object_keys: Sequence[str]) -> None:
         """Keep ``backup`` (verified from manifest ``item``) for the next run."""
@@ -1125,20 +1133,21 @@ def _found(kind: Kind, db_id: str, record: ManifestRecord[Any] | None,
         # Refused: kept for ``list`` (why), without a parsed manifest unless asked.
         return _Found(record if keep or manifest is None
                       else dataclasses.replace(record, manifest=None))
-    placed = _placed(_summary(kind, db_id, record, (), ()), manifest.object_keys(),
+    placed = _placed(_summary_fields(kind, db_id, record), manifest.object_keys(),
                      record.key, items)
     return dataclasses.replace(placed, record=record) if keep else placed
 
 
-def _placed(backup: Backup, keys: Sequence[str], manifest_key: str,
+def _placed(fields: dict[str, Any], keys: Sequence[str], manifest_key: str,
             items: Sequence[StoredObject]) -> _Found:
-    """``backup`` (its objects not yet set) with the listed ``items`` of its folder: the
-    ones its manifest names (``keys``) missing from them, those it does not name apart."""
+    """The backup of ``fields`` (its manifest's summary) with the listed ``items`` of its
+    folder: the ones its manifest names (``keys``) missing from them, those it does not
+    name apart."""
     listed = {o.key for o in items}
     named = {*keys, manifest_key}
-    return _Found(None, dataclasses.replace(
-        backup, objects=tuple(items), missing=tuple(k for k in keys if k not in listed)),
-        tuple(o for o in items if o.key not in named))
+    return _Found(None, Backup(objects=tuple(items),
+                               missing=tuple(k for k in keys if k not in listed), **fields),
+                  tuple(o for o in items if o.key not in named))
 
 
 def _database(
