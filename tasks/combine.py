@@ -288,13 +288,17 @@ def _rebuild(name: str, full: _Listing, links: Sequence[_Listing]) -> int:
             written += _copy_blocks(source, fd, newest.truncation_blocks)
         written += _copy_blocks(newest, fd, None)
         length = newest.length_blocks
-        # Blocks the base still holds past the newest truncation length, or a torn last
-        # block, read as zeros in pg_combinebackup's output unless a backup rewrote them.
+        # Blocks the base still holds past the newest truncation length read as zeros in
+        # pg_combinebackup's output unless the newest backup rewrote them; so does a torn
+        # last block of the base that no incremental rewrote.
         fresh = set(newest.blocks)
-        zero_from = min(newest.truncation_blocks, base_size // BLOCK_SIZE)
-        covered = set().union(*(s.blocks for s in older)) if older else set()
-        zero = [b for b in range(zero_from, min(length, -(-base_size // BLOCK_SIZE)))
-                if b not in fresh and (b >= newest.truncation_blocks or b not in covered)]
+        base_blocks = -(-base_size // BLOCK_SIZE)
+        zero = [b for b in range(newest.truncation_blocks, min(length, base_blocks))
+                if b not in fresh]
+        torn = base_size // BLOCK_SIZE
+        if (torn < min(base_blocks, newest.truncation_blocks) and torn not in fresh
+                and not any(torn in source.blocks for source in older)):
+            zero.append(torn)
         for block in zero:
             os.pwrite(fd, bytes(BLOCK_SIZE), block * BLOCK_SIZE)
         os.ftruncate(fd, length * BLOCK_SIZE)
