@@ -141,17 +141,41 @@ def interleave(round_no: int, pairs: list[tuple[Series, Callable[[], float]]]) -
         series.seconds.append(measure())
 
 
+def _backup_and_verify(setup: Setup, size: str, series: dict[str, Series], round_no: int,
+                       env: dict[str, str]) -> None:
+    """One round of ``size``: bare pg_dump against ``pgbackflow backup``, then the bare
+    verification of the bare dump against ``pgbackflow verify``, each pair interleaved."""
+    dump = setup.work / f"bare-{size}.dump"
+    interleave(round_no, [
+        (series[f"bare pg_dump {size}"], lambda: timed(setup.pg_dump_argv(size), env)),
+        (series[f"pgbackflow backup {size}"], lambda: timed(setup.backup_argv(size), env)),
+    ])
+    interleave(round_no, [
+        (series[f"bare verify {size}"],
+         lambda: timed_call(lambda: bare_verification(17, dump, 2))),
+        (series[f"pgbackflow verify {size}"], lambda: timed(setup.verify_argv(size), env)),
+    ])
+
+
+def _print_round(size: str, round_no: int, load_now: float, series: dict[str, Series]) -> None:
+    print(f"{size} round {round_no + 1}: load {load_now:.2f}, "
+          + ", ".join(f"{s.name} {s.seconds[-1]:.2f}" for s in series.values()), flush=True)
+
+
+def _size_series(size: str) -> list[str]:
+    return [f"bare pg_dump {size}", f"pgbackflow backup {size}", f"bare verify {size}",
+            f"pgbackflow verify {size}"]
+
+
 def tiny_rounds(setup: Setup, rounds: int) -> tuple[dict[str, Series], list[float]]:
     env = setup.env()
     names = ["python -c pass", "python -c 'import prefect'", "pgbackflow --version",
-             "bare pg_dump tiny", "pgbackflow backup tiny", "bare verify tiny",
-             "pgbackflow verify tiny"]
+             *_size_series("tiny")]
     series = {name: Series(name) for name in names}
     # Warm-up (not timed): the first run after the server start registers block types,
     # the first verify needs a backup; later runs find both as a user's Nth run does.
     timed(setup.backup_argv("tiny"), env)
     timed(setup.pg_dump_argv("tiny"), env)
-    dump = setup.work / "bare-tiny.dump"
     loads = []
     for round_no in range(rounds):
         loads.append(load())
@@ -161,40 +185,19 @@ def tiny_rounds(setup: Setup, rounds: int) -> tuple[dict[str, Series], list[floa
              lambda: timed([PYTHON, "-c", "import prefect"], env)),
             (series["pgbackflow --version"], lambda: timed([PGBACKFLOW, "--version"], env)),
         ])
-        interleave(round_no, [
-            (series["bare pg_dump tiny"], lambda: timed(setup.pg_dump_argv("tiny"), env)),
-            (series["pgbackflow backup tiny"], lambda: timed(setup.backup_argv("tiny"), env)),
-        ])
-        interleave(round_no, [
-            (series["bare verify tiny"],
-             lambda: timed_call(lambda: bare_verification(17, dump, 2))),
-            (series["pgbackflow verify tiny"], lambda: timed(setup.verify_argv("tiny"), env)),
-        ])
-        print(f"tiny round {round_no + 1}: load {loads[-1]:.2f}, "
-              + ", ".join(f"{s.name} {s.seconds[-1]:.2f}" for s in series.values()), flush=True)
+        _backup_and_verify(setup, "tiny", series, round_no, env)
+        _print_round("tiny", round_no, loads[-1], series)
     return series, loads
 
 
 def big_rounds(setup: Setup, rounds: int) -> tuple[dict[str, Series], list[float]]:
     env = setup.env()
-    names = ["bare pg_dump big", "pgbackflow backup big", "bare verify big",
-             "pgbackflow verify big"]
-    series = {name: Series(name) for name in names}
-    dump = setup.work / "bare-big.dump"
+    series = {name: Series(name) for name in _size_series("big")}
     loads = []
     for round_no in range(rounds):
         loads.append(load())
-        interleave(round_no, [
-            (series["bare pg_dump big"], lambda: timed(setup.pg_dump_argv("big"), env)),
-            (series["pgbackflow backup big"], lambda: timed(setup.backup_argv("big"), env)),
-        ])
-        interleave(round_no, [
-            (series["bare verify big"],
-             lambda: timed_call(lambda: bare_verification(17, dump, 2))),
-            (series["pgbackflow verify big"], lambda: timed(setup.verify_argv("big"), env)),
-        ])
-        print(f"big round {round_no + 1}: load {loads[-1]:.2f}, "
-              + ", ".join(f"{s.name} {s.seconds[-1]:.2f}" for s in series.values()), flush=True)
+        _backup_and_verify(setup, "big", series, round_no, env)
+        _print_round("big", round_no, loads[-1], series)
     return series, loads
 
 
