@@ -39,8 +39,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,13 +47,9 @@ from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
 from tests.benchmarks.bench_logical_backup import build_database
+from tests.benchmarks.bench_run_latency import prefect_backend
 from tests.benchmarks.bench_verification import bare_verification
-from tests.fixtures.prefect_server import (
-    BIN,
-    PrefectServer,
-    postgres_backed_prefect_server,
-    running_prefect_server,
-)
+from tests.fixtures.prefect_server import BIN, PrefectServer
 
 PGBACKFLOW = str(BIN / "pgbackflow")
 PYTHON = str(BIN / "python")
@@ -412,13 +407,6 @@ def profile(setup: Setup) -> None:
 # --- setup ------------------------------------------------------------------------------
 
 
-@contextmanager
-def prefect_server(kind: str, home: Path) -> Iterator[PrefectServer]:
-    factory = postgres_backed_prefect_server if kind == "postgres" else running_prefect_server
-    with factory(home) as server:
-        yield server
-
-
 def create_tiny(cluster: EphemeralCluster) -> None:
     with cluster.connect() as conn:
         conn.execute("CREATE DATABASE tiny")
@@ -444,7 +432,7 @@ def main() -> int:
         key_file = work / "master.key"
         write_key_file(key_file, MasterKey.generate())
         with EphemeralCluster(find_toolset(17)) as cluster, \
-                prefect_server(options.backend, work / "prefect") as server:
+                prefect_backend(options.backend, work / "prefect") as server:
             setup = Setup(server, cluster, key_file, work)
             create_tiny(cluster)
             print(f"Prefect server {server.api_url} ({options.backend}), PostgreSQL "
