@@ -12,6 +12,10 @@ import pytest
 # No network beyond loopback: keep Prefect from phoning home.
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The CLI's warm daemon (pgbackflow/launcher.py) is tested in tests/test_daemon.py; elsewhere
+# each `pgbackflow` runs in its own process, as the kill -9 and fault tests assume (and no
+# test leaves a daemon behind).
+os.environ.setdefault("PGBACKFLOW_DAEMON", "off")
 
 pytest_plugins = [
     "tests.fixtures.postgres",

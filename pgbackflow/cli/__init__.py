@@ -73,6 +73,7 @@ app.command("physical-retire")(physical.physical_retire)
 app.command(hidden=True, context_settings={"allow_extra_args": True,
                                            "ignore_unknown_options": True})(operate.notify)
 app.command()(operate.status)
+app.command()(operate.daemon)
 app.command()(operate.agent)
 app.command()(operate.worker)
 app.command()(operate.demo)

@@ -75,15 +75,7 @@ def user_errors_without_flows(func: Callable[P, R]) -> Callable[P, R]:
 def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        # Prefect's client retries each failed request 5 times with exponential backoff: a
-        # dead API made a command hang for minutes. Two retries still ride out a busy server.
-        # Set before Prefect is imported (it reads its settings then).
-        os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
-        if not state["debug"]:
-            # Prefect's machinery logs each event it cannot send to a dead API on stderr, and
-            # its API log handler reports each batch it could not send (when raiseExceptions).
-            os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
-            logging.raiseExceptions = False
+        prefect_env_defaults(state["debug"])
         try:
             if not runs_flows:
                 return func(*args, **kwargs)
@@ -197,6 +189,20 @@ def prefect_api_errors() -> Iterator[None]:
         yield
     except httpx.HTTPError as exc:
         raise PgBackflowError(api_unreachable_message(exc)) from None
+
+
+def prefect_env_defaults(debug: bool) -> None:
+    """The Prefect settings every command runs with (unless the user set them), set before
+    Prefect is imported (it reads its settings then); the daemon sets them the same way."""
+    quiet_prefect_console(debug)
+    # Prefect's client retries each failed request 5 times with exponential backoff: a
+    # dead API made a command hang for minutes. Two retries still ride out a busy server.
+    os.environ.setdefault("PREFECT_CLIENT_MAX_RETRIES", "2")
+    if not debug:
+        # Prefect's machinery logs each event it cannot send to a dead API on stderr, and
+        # its API log handler reports each batch it could not send (when raiseExceptions).
+        os.environ.setdefault("PREFECT_INTERNAL_LOGGING_LEVEL", "CRITICAL")
+        logging.raiseExceptions = False
 
 
 def quiet_prefect_console(debug: bool) -> None:

@@ -10,7 +10,13 @@ from typing import Annotated, NoReturn
 import typer
 
 from pgbackflow.cli import render
-from pgbackflow.cli.common import ORIGINAL_ENV, AsJson, prefect_api_errors, user_errors
+from pgbackflow.cli.common import (
+    ORIGINAL_ENV,
+    AsJson,
+    prefect_api_errors,
+    user_errors,
+    user_errors_without_flows,
+)
 from pgbackflow.cli.render import err, out
 from pgbackflow.tasks.errors import PgBackflowError
 
@@ -67,6 +73,21 @@ def notify(ctx: typer.Context) -> None:
         "pgbackflow notify is gone: set notifications in the deploy config's [notify] section "
         "(block, on_failure, on_success; README, Notifications) and run pgbackflow deploy"
     )
+
+
+@user_errors_without_flows
+def daemon(
+    action: Annotated[str, typer.Argument(help="status: list them; stop: stop them all.")],
+    as_json: AsJson = False,
+) -> None:
+    """This user's warm pgbackflow daemons (they run commands without Python's start-up
+    cost; PGBACKFLOW_DAEMON=off does without them)."""
+    from pgbackflow.launcher import running_daemons, stop_daemons
+
+    if action not in ("status", "stop"):
+        raise PgBackflowError(f"daemon {action}: unknown action; use status or stop")
+    daemons = running_daemons(os.environ) if action == "status" else stop_daemons(os.environ)
+    render.daemons(action, daemons, as_json)
 
 
 @user_errors

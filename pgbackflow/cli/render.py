@@ -29,6 +29,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from pgbackflow.demo import DemoResult
     from pgbackflow.deployments.security import Finding
+    from pgbackflow.launcher import RunningDaemon
     from pgbackflow.tasks.budget import BudgetPlan
     from pgbackflow.tasks.catalog import Backup, StorageCatalog
     from pgbackflow.tasks.manifest import ManifestRecord
@@ -48,6 +49,13 @@ if TYPE_CHECKING:
 # Not a terminal (a pipe, a log file, a test): no 80-column limit, so ids are never cut.
 out = Console(width=None if sys.stdout.isatty() else 250)
 err = Console(stderr=True, width=None if sys.stderr.isatty() else 250)
+
+
+def attach_consoles() -> None:
+    """Decide width and colours again for the current stdout/stderr (the daemon's command
+    child takes the launcher's; the consoles were made for the daemon's /dev/null)."""
+    out.__init__(width=None if sys.stdout.isatty() else 250)  # type: ignore[misc]
+    err.__init__(stderr=True, width=None if sys.stderr.isatty() else 250)  # type: ignore[misc]
 
 #: How ``list`` / ``physical-list`` show a manifest's authentication.
 _AUTH_SHOWN = {"verified": "verified", "unverified": "unverified", "no-mac": "no MAC"}
@@ -406,3 +414,14 @@ def rotation_report(report: RotationReport, new_key_id: str) -> None:
         plain_line(line)
     plain_line(f"{report.rotated} objects re-wrapped, {report.skipped} already under key "
                f"{new_key_id}, {report.backups} manifests rewritten, {len(report.left)} left")
+
+
+def daemons(action: str, found: list[RunningDaemon], as_json: bool) -> None:
+    """``pgbackflow daemon status|stop``."""
+    if as_json:
+        print_json([{"pid": d.pid, "key": d.key, "socket": str(d.socket)} for d in found])
+        return
+    verb = "running" if action == "status" else "stopped (their running commands go on)"
+    out.print(f"{len(found)} daemon(s) {verb}", highlight=False)
+    for daemon in found:
+        out.print(f"  pid {daemon.pid}  {escape(str(daemon.socket))}", highlight=False)

@@ -1,0 +1,404 @@
+"""The warm resident process behind ``pgbackflow`` commands (see :mod:`pgbackflow.launcher`).
+
+``python -m pgbackflow.daemon SOCKET KEY`` (the launcher starts it; nobody else needs to):
+
+1. takes the daemon's lock (one daemon per key; a second one exits at once) and checks that
+   the key still describes this process (the code may have changed since the launcher
+   computed it);
+2. sets the Prefect settings every command sets before importing Prefect, then imports the
+   CLI, Prefect's engines and every pgbackflow module, and asks the Prefect API for its
+   version once (each fresh process does, ~0.5 s); with no thread started, so forking is
+   safe;
+3. listens on SOCKET (0600, in the user's 0700 runtime directory; the peer must be this
+   user). For each command it forks a child that takes the launcher's stdin/stdout/stderr,
+   working directory, umask and volatile variables, becomes its own session and runs the
+   command exactly as ``pgbackflow`` would; the exit code goes back to the launcher. A
+   signal the launcher forwards is raised in the child; a launcher that disappears (killed)
+   is treated as SIGTERM, then SIGKILL after :data:`GONE_GRACE_S`;
+4. exits after :data:`pgbackflow.launcher.IDLE_S` idle seconds, on SIGTERM, or when its
+   socket is removed or replaced. Running commands are not stopped: they finish and report
+   their exit codes themselves.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import fcntl
+import gc
+import importlib
+import io
+import json
+import os
+import pkgutil
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from contextlib import suppress
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pgbackflow.launcher import (
+    IDLE_S,
+    MAX_MESSAGE,
+    VOLATILE_ENV,
+    DaemonAddress,
+    LineReader,
+    daemon_key,
+    peer_uid,
+    runtime_dir,
+    send_message,
+)
+
+#: Seconds a command whose launcher vanished gets between SIGTERM and SIGKILL.
+GONE_GRACE_S = 10.0
+#: Set by a command child once its exit code is on its way: the launcher closing its end
+#: then is no vanished launcher.
+_finished = threading.Event()
+#: Modules the first command of a process imports lazily (found by diffing ``sys.modules``
+#: around a backup and a verification run in a process that had imported the rest).
+LAZY_MODULES = ("prefect.flow_engine", "prefect.task_engine", "prefect.automations",
+                "prefect.client.orchestration", "prefect.events.clients",
+                "prefect.logging.handlers", "prefect.runner", "fastapi", "graphviz")
+
+
+def log(message: str) -> None:
+    sys.stderr.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} pgbackflow daemon {os.getpid()}: "
+                     f"{message}\n")
+    sys.stderr.flush()
+
+
+def warm_up() -> None:
+    """Everything a command would import or ask first, done once, before any fork."""
+    # First: the CLI records the user's environment before any setting is added to it.
+    from pgbackflow.cli.common import prefect_env_defaults
+
+    prefect_env_defaults(debug=False)
+    import pgbackflow.blocks
+    import pgbackflow.cli
+    import pgbackflow.deployments
+    import pgbackflow.flows
+    import pgbackflow.tasks
+
+    for package in (pgbackflow.tasks, pgbackflow.flows, pgbackflow.blocks,
+                    pgbackflow.deployments, pgbackflow.cli):
+        for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            if module.name != "pgbackflow.cli.__main__":
+                importlib.import_module(module.name)
+    for name in LAZY_MODULES:
+        with suppress(ImportError):
+            importlib.import_module(name)
+    _check_api_version_once()
+
+
+def _check_api_version_once() -> None:
+    """Prefect checks the API's version once per process (a round trip of ~0.5 s on the
+    first request): done here, every forked command finds it done. Best effort: with the
+    API down, each command checks (and reports) it itself."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        return  # a temporary local server per command: nothing to ask yet
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.raise_for_api_version_mismatch_once()
+    except Exception as exc:  # the commands will report it themselves
+        log(f"Prefect API version check skipped: {type(exc).__name__}")
+
+
+class Daemon:
+    """One warm process serving one :class:`DaemonAddress`."""
+
+    def __init__(self, where: DaemonAddress, listener: socket.socket, idle_s: float,
+                 lock_fd: int) -> None:
+        self.where = where
+        self.lock_fd = lock_fd
+        self.listener = listener
+        self.idle_s = idle_s
+        self.children: dict[int, socket.socket] = {}
+        self.last_activity = time.monotonic()
+        self.stopping = False
+        self.socket_inode = os.stat(where.socket).st_ino
+
+    def serve(self) -> None:
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        log(f"serving {self.where.socket}")
+        while not self.stopping:
+            self._reap()
+            if not self.children and time.monotonic() - self.last_activity > self.idle_s:
+                log(f"idle for {self.idle_s:.0f} s, exiting")
+                break
+            if not self._socket_is_ours():
+                log("socket removed or replaced, exiting")
+                break
+            with suppress(InterruptedError):
+                ready, _, _ = select.select([self.listener], [], [], 0.5)
+                if ready:
+                    self._accept()
+        self._close()
+
+    def _stop(self, signum: int, _frame: object) -> None:
+        log(f"received {signal.Signals(signum).name}, exiting (running commands go on)")
+        self.stopping = True
+
+    def _socket_is_ours(self) -> bool:
+        try:
+            return os.stat(self.where.socket).st_ino == self.socket_inode
+        except OSError:
+            return False
+
+    def _close(self) -> None:
+        if self._socket_is_ours():
+            with suppress(OSError):
+                os.unlink(self.where.socket)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        self.last_activity = time.monotonic()
+        fds: list[int] = []
+        try:
+            conn.settimeout(5)
+            if peer_uid(conn) != os.getuid():
+                log("refused a connection of another user")
+                conn.close()
+                return
+            request, fds = _receive_request(conn)
+            problem = _request_problem(request, fds, self.where.key)
+            if problem:
+                log(f"refused a command: {problem}")
+                send_message(conn, {"refused": problem})
+                conn.close()
+                for fd in fds:
+                    os.close(fd)
+                return
+        except (OSError, ValueError) as exc:
+            log(f"dropped a connection: {type(exc).__name__}: {exc}")
+            conn.close()
+            for fd in fds:
+                with suppress(OSError):
+                    os.close(fd)
+            return
+        command = request["argv"][1] if len(request["argv"]) > 1 else "(none)"
+        pid = os.fork()
+        if pid == 0:
+            self._become_command(conn, request, fds)
+        for fd in fds:
+            os.close(fd)
+        self.children[pid] = conn
+        # The sub-command's name only: arguments may hold a DSN with a password.
+        log(f"command {command[:40]!r}: process {pid}")
+        with suppress(OSError):
+            send_message(conn, {"started": pid})
+
+    def _become_command(self, conn: socket.socket, request: dict[str, Any],
+                        fds: list[int]) -> NoReturn:
+        """In the forked child: drop the daemon's state, take the launcher's, run."""
+        code = 1
+        try:
+            self.listener.close()
+            os.close(self.lock_fd)  # the lock is the daemon's, not its commands'
+            for other in self.children.values():
+                other.close()
+            atexit._clear()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            os.setsid()
+            code = run_command(conn, request, fds)
+        finally:
+            os._exit(code)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            conn = self.children.pop(pid, None)
+            if conn is None:
+                continue
+            code = os.waitstatus_to_exitcode(status)
+            # What a shell reports for a process killed by a signal.
+            with suppress(OSError):
+                send_message(conn, {"exit": code if code >= 0 else 128 - code})
+            conn.close()
+            self.last_activity = time.monotonic()
+
+
+def _receive_request(conn: socket.socket) -> tuple[dict[str, Any], list[int]]:
+    payload, fds, _flags, _addr = socket.recv_fds(conn, MAX_MESSAGE, 3)
+    while not payload.endswith(b"\n"):
+        more = conn.recv(MAX_MESSAGE)
+        if not more or len(payload) > MAX_MESSAGE:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("incomplete request")
+        payload += more
+    request = json.loads(payload)
+    if not isinstance(request, dict):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("request is not a JSON object")
+    return request, list(fds)
+
+
+def _request_problem(request: Mapping[str, Any], fds: list[int], key: str) -> str | None:
+    if request.get("key") != key:
+        return "the launcher's key differs from this daemon's"
+    if len(fds) != 3:
+        return f"expected stdin, stdout and stderr, got {len(fds)} descriptors"
+    argv = request.get("argv")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        return "argv is not a list of strings"
+    if not isinstance(request.get("cwd"), str) or not isinstance(request.get("umask"), int):
+        return "cwd or umask missing"
+    env = request.get("env", {})
+    if not isinstance(env, dict) or not set(env) <= VOLATILE_ENV or not all(
+            isinstance(value, str) for value in env.values()):
+        return "env holds more than the volatile variables"
+    return None
+
+
+def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int]) -> int:
+    """Run the launcher's command in this (forked) process; its exit code."""
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.umask(int(request["umask"]))
+    os.environ.update(request.get("env", {}))
+    _attach_std_streams()
+    threading.Thread(target=_follow_launcher, args=(conn,), daemon=True,
+                     name="pgbackflow-launcher").start()
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        sys.argv = list(request["argv"])
+        from pgbackflow.cli import app
+
+        app(prog_name="pgbackflow")
+        code = 0
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except KeyboardInterrupt:
+        code = 128 + signal.SIGINT
+    except FileNotFoundError as exc:  # the working directory is gone
+        sys.stderr.write(f"error: {exc}\n")
+    finally:
+        with suppress(Exception):
+            atexit._run_exitfuncs()  # Prefect's: send the last events and log lines
+        for stream in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                stream.flush()
+        _finished.set()
+        with suppress(OSError):
+            send_message(conn, {"exit": code})
+    return code
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
+def _attach_std_streams() -> None:
+    """sys.stdout/stderr and the CLI's consoles decided buffering, width and colour from the
+    daemon's /dev/null; decide again for the launcher's terminal, pipe or file."""
+    for stream, line_buffering in ((sys.stdout, os.isatty(1)), (sys.stderr, True)):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(line_buffering=line_buffering)
+    from pgbackflow.cli.render import attach_consoles
+
+    attach_consoles()
+
+
+def _follow_launcher(conn: socket.socket) -> None:
+    """Raise forwarded signals here; if the launcher vanishes, end as if interrupted."""
+    reader = LineReader(conn)
+    while True:
+        try:
+            message = reader.next()
+        except (OSError, ValueError):
+            message = None
+        if message is None:
+            break
+        signum = message.get("signal")
+        if isinstance(signum, int) and signum in {int(s) for s in signal.Signals}:
+            os.kill(os.getpid(), signum)
+    if _finished.is_set():
+        return
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(GONE_GRACE_S)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def listen(where: DaemonAddress) -> socket.socket:
+    """Bind ``where.socket`` (0600) and move it into place only once it accepts."""
+    temporary = where.socket.with_name(f".{where.socket.name}.{os.getpid()}")
+    with suppress(FileNotFoundError):
+        os.unlink(temporary)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(str(temporary))
+    finally:
+        os.umask(old_umask)
+    listener.listen(64)
+    os.replace(temporary, where.socket)
+    return listener
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        sys.stderr.write("usage: python -m pgbackflow.daemon SOCKET KEY (pgbackflow starts it)\n")
+        return 2
+    socket_path, key = Path(argv[0]), argv[1]
+    where = DaemonAddress(key, socket_path)
+    if runtime_dir(os.environ) != socket_path.parent:
+        log(f"{socket_path.parent} is not this user's runtime directory, not starting")
+        return 1
+    lock_fd = os.open(where.lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return 0  # another daemon for this key is starting or serving
+        raise
+    os.ftruncate(lock_fd, 0)
+    os.write(lock_fd, f"{os.getpid()}\n".encode())
+    if daemon_key(os.environ, os.getcwd()) != key:
+        log("the code, settings or environment changed since the launcher asked; not starting")
+        return 1
+    started = time.monotonic()
+    warm_up()
+    if threading.active_count() != 1:
+        names = ", ".join(t.name for t in threading.enumerate())
+        log(f"not serving: threads running after the warm-up ({names}); forking is unsafe")
+        return 1
+    gc.collect()
+    gc.freeze()  # the children share these pages; no collection of ours copies them
+    listener = listen(where)
+    log(f"warm after {time.monotonic() - started:.2f} s")
+    idle_s = float(os.environ.get("PGBACKFLOW_DAEMON_IDLE_S") or IDLE_S)
+    Daemon(where, listener, idle_s, lock_fd).serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

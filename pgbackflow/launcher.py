@@ -1,0 +1,337 @@
+"""``pgbackflow`` as users run it: run the command in a warm resident process when one is up.
+
+A ``pgbackflow`` process pays ~3-4 s before its command starts (Python imports Prefect,
+pydantic, boto3, the Docker SDK, the flows; Prefect checks the API's version) against 0.09 s
+for a tiny ``pg_dump``. The daemon (:mod:`pgbackflow.daemon`) pays it once: it imports all of
+it, then forks one child per command. This launcher is the ``pgbackflow`` executable: it
+imports only the standard library, hands its arguments, working directory, umask and its own
+stdin/stdout/stderr (the file descriptors themselves, so terminals, pipes and redirections
+behave as they would here) to the daemon, forwards the signals it receives (Ctrl-C, SIGTERM)
+and exits with the command's exit code.
+
+A daemon serves exactly one set of inputs: this user, this interpreter, this version of the
+code and installed packages, these Prefect settings files and this environment (all but the
+variables a shell changes on its own, :data:`VOLATILE_ENV`). Another set gets another daemon;
+each exits after :data:`IDLE_S` idle seconds (``PGBACKFLOW_DAEMON_IDLE_S``). When there is no
+daemon for the current set, the command runs in this process, as it always did, and a daemon
+is started in the background for the next one.
+
+``PGBACKFLOW_DAEMON=off`` runs every command in its own process and starts no daemon;
+``--debug`` and the long-running commands (:data:`IN_PROCESS_COMMANDS`) always do.
+``pgbackflow daemon status|stop`` lists and stops this user's daemons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Variables a shell sets or changes on its own: not part of a daemon's identity; the
+#: command's child gets the launcher's values.
+VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
+#: Commands that always run in their own process: supervisors and streamers that live for
+#: hours, manage their own children and signals, and gain nothing from a warm start.
+IN_PROCESS_COMMANDS = frozenset({"worker", "agent", "wal-stream", "demo", "daemon"})
+#: Files whose contents Prefect reads as settings when it is imported, relative to the
+#: working directory (changing one, or another directory holding one, needs another daemon).
+CWD_SETTINGS_FILES = ("prefect.toml", ".env", "pyproject.toml")
+IDLE_S = 900.0
+#: Seconds to wait for the daemon to accept a command before running it here instead.
+ACCEPT_TIMEOUT_S = 30.0
+MAX_MESSAGE = 1 << 20
+_OFF = {"off", "0", "no", "false"}
+#: Signals forwarded to the command (a terminal's Ctrl-C and Ctrl-\\, a hang-up, a kill).
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass(frozen=True)
+class DaemonAddress:
+    """Where the daemon for one set of inputs listens, and what identifies that set.
+
+    Attributes:
+        key: Hex digest over the inputs a daemon is bound to (see :func:`daemon_key`).
+        socket: Its Unix socket (in a 0700 directory of this user).
+    """
+
+    key: str
+    socket: Path
+
+    @property
+    def lock(self) -> Path:
+        """Held (flock) by the daemon for its whole life; holds its pid."""
+        return self.socket.with_suffix(".lock")
+
+    @property
+    def log(self) -> Path:
+        """The daemon's own log (start, stop, refusals; never a command's output)."""
+        return self.socket.with_suffix(".log")
+
+
+def runtime_dir(env: Mapping[str, str]) -> Path | None:
+    """This user's directory for daemon sockets, created 0700; None when it is not safely
+    ours (another owner, group/other access, a symlink): then no daemon is used."""
+    uid = os.getuid()
+    if env.get("PGBACKFLOW_RUNTIME_DIR"):
+        path = Path(env["PGBACKFLOW_RUNTIME_DIR"])
+    elif env.get("XDG_RUNTIME_DIR"):
+        path = Path(env["XDG_RUNTIME_DIR"]) / "pgbackflow"
+    else:
+        path = Path(f"/tmp/pgbackflow-{uid}")  # nosec B108 - checked below: ours and 0700
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
+        return None
+    return path
+
+
+def _code_files() -> Iterator[Path]:
+    """pgbackflow's own modules (the package's subpackages are symlinks in a checkout)."""
+    for root, _dirs, files in os.walk(Path(__file__).resolve().parent, followlinks=True):
+        for name in files:
+            if name.endswith(".py"):
+                yield Path(root) / name
+
+
+def daemon_key(env: Mapping[str, str], cwd: str) -> str:
+    """A digest of everything a warm process has bound at import time: the user, the
+    interpreter, pgbackflow's code, the installed packages, Prefect's settings files and the
+    environment (but :data:`VOLATILE_ENV`). A change in any of them makes another key."""
+    digest = hashlib.sha256()
+
+    def add(*parts: object) -> None:
+        digest.update("\0".join(map(str, parts)).encode("utf-8", "surrogateescape") + b"\1")
+
+    add("uid", os.getuid(), "python", sys.executable, sys.version)
+    for path in sorted(_code_files()):
+        with suppress(OSError):
+            info = path.stat()
+            add("code", path, info.st_mtime_ns, info.st_size)
+    # Installing or removing a package changes its site-packages directory's mtime.
+    for entry in sys.path:
+        if entry.endswith("-packages") and os.path.isdir(entry):
+            add("packages", entry, os.stat(entry).st_mtime_ns)
+    prefect_home = Path(env.get("PREFECT_HOME") or Path(env.get("HOME", "/")) / ".prefect")
+    for settings_file in (prefect_home / "profiles.toml",
+                          *(Path(cwd) / name for name in CWD_SETTINGS_FILES)):
+        with suppress(OSError):
+            info = settings_file.stat()
+            add("settings", settings_file, info.st_mtime_ns, info.st_size)
+    for name in sorted(env):
+        if name not in VOLATILE_ENV:
+            add("env", name, env[name])
+    return digest.hexdigest()[:32]
+
+
+def address(env: Mapping[str, str], cwd: str) -> DaemonAddress | None:
+    directory = runtime_dir(env)
+    if directory is None:
+        return None
+    key = daemon_key(env, cwd)
+    return DaemonAddress(key, directory / f"{key}.sock")
+
+
+def command_of(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv`` (the first argument that is not an option)."""
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def wants_daemon(argv: list[str], env: Mapping[str, str]) -> bool:
+    if env.get("PGBACKFLOW_DAEMON", "").strip().lower() in _OFF:
+        return False
+    return "--debug" not in argv and command_of(argv) not in IN_PROCESS_COMMANDS
+
+
+def peer_uid(sock: socket.socket) -> int:
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def send_message(sock: socket.socket, message: Mapping[str, object]) -> None:
+    sock.sendall(json.dumps(message).encode() + b"\n")
+
+
+class LineReader:
+    """Newline-delimited JSON messages from a socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+
+    def next(self) -> dict[str, object] | None:
+        """The next message; None at end of stream."""
+        while b"\n" not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                return None
+            self.buffer += chunk
+            if len(self.buffer) > MAX_MESSAGE:
+                raise ValueError("message too long")
+        line, _, self.buffer = self.buffer.partition(b"\n")
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise ValueError("not a JSON object")
+        return message
+
+
+def run_in_daemon(where: DaemonAddress, argv: list[str]) -> int | None:
+    """Run ``pgbackflow ARGV`` in the daemon at ``where``; its exit code, or None when no
+    daemon took it (none running, another user's, refused): then the caller runs it."""
+    std_fds = [0, 1, 2]
+    try:
+        for fd in std_fds:
+            os.fstat(fd)
+    except OSError:
+        return None  # a closed stdin/stdout: nothing to hand over
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(ACCEPT_TIMEOUT_S)
+        try:
+            sock.connect(str(where.socket))
+        except OSError:
+            return None
+        if peer_uid(sock) != os.getuid():
+            return None
+        umask = os.umask(0o022)
+        os.umask(umask)
+        request = {
+            "key": where.key, "argv": ["pgbackflow", *argv], "cwd": os.getcwd(), "umask": umask,
+            "env": {name: os.environ[name] for name in VOLATILE_ENV if name in os.environ},
+        }
+        payload = json.dumps(request).encode() + b"\n"
+        socket.send_fds(sock, [payload], std_fds)
+        reader = LineReader(sock)
+        reply = reader.next()
+        if reply is None or "started" not in reply:
+            return None  # refused (its reason is in the daemon's log) or gone
+        sock.settimeout(None)
+        return _wait_for_exit(sock, reader)
+    except (OSError, ValueError):
+        # Nothing started (the reply never came, or was not ours): run it here. The daemon's
+        # child, if it started, sees this socket close and ends as if interrupted.
+        return None
+    finally:
+        sock.close()
+
+
+def _wait_for_exit(sock: socket.socket, reader: LineReader) -> int:
+    """Forward signals to the command until its exit code arrives."""
+
+    def forward(signum: int, _frame: object) -> None:
+        with suppress(OSError):
+            send_message(sock, {"signal": signum})
+
+    for signum in FORWARDED_SIGNALS:
+        signal.signal(signum, forward)
+    while True:
+        try:
+            message = reader.next()
+        except (OSError, ValueError):
+            message = None
+        if message is None:
+            sys.stderr.write("error: the pgbackflow daemon ended while it ran this command; "
+                             "check the command's outcome and rerun it (PGBACKFLOW_DAEMON=off "
+                             "runs commands without the daemon)\n")
+            return 1
+        code = message.get("exit")
+        if isinstance(code, int):
+            return code
+
+
+def start_daemon(where: DaemonAddress) -> None:
+    """Start a daemon for ``where`` in the background (its own session, no terminal)."""
+    import subprocess  # only here: the common path imports nothing it does not use
+
+    try:
+        log_fd = os.open(where.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError:
+        return
+    try:
+        # Our own interpreter and module, argv we built: no shell.
+        subprocess.Popen(  # nosec B603
+            [sys.executable, "-m", "pgbackflow.daemon", str(where.socket), where.key],
+            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
+            close_fds=True)
+    except OSError:
+        pass
+    finally:
+        os.close(log_fd)
+
+
+def main() -> None:
+    """The ``pgbackflow`` executable."""
+    argv = sys.argv[1:]
+    if wants_daemon(argv, os.environ):
+        where = address(os.environ, os.getcwd())
+        if where is not None:
+            code = run_in_daemon(where, argv)
+            if code is not None:
+                sys.exit(code)
+            # A daemon already starting or serving holds the lock: the new one exits at once.
+            start_daemon(where)
+    from pgbackflow.cli import main as run_here
+
+    run_here()
+
+
+@dataclass(frozen=True)
+class RunningDaemon:
+    """A daemon of this user (``pgbackflow daemon status``)."""
+
+    key: str
+    pid: int
+    socket: Path
+
+
+def running_daemons(env: Mapping[str, str]) -> list[RunningDaemon]:
+    """This user's daemons: those holding their lock (a dead one's lock is free)."""
+    import fcntl
+
+    directory = runtime_dir(env)
+    if directory is None:
+        return []
+    found = []
+    for lock in sorted(directory.glob("*.lock")):
+        try:
+            fd = os.open(lock, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:  # held: a daemon is alive; it wrote its pid there
+                pid = int(os.read(fd, 32).decode().strip() or 0)
+                if pid > 0:
+                    found.append(RunningDaemon(lock.stem, pid, lock.with_suffix(".sock")))
+            else:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        except ValueError:
+            pass
+        finally:
+            os.close(fd)
+    return found
+
+
+def stop_daemons(env: Mapping[str, str]) -> list[RunningDaemon]:
+    """SIGTERM every daemon of this user (their running commands go on); those stopped."""
+    stopped = []
+    for daemon in running_daemons(env):
+        try:
+            os.kill(daemon.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            continue
+        stopped.append(daemon)
+    return stopped
