@@ -31,6 +31,7 @@ import io
 import json
 import os
 import pkgutil
+import runpy
 import select
 import signal
 import socket
@@ -45,10 +46,11 @@ from typing import Any, NoReturn
 from pgbackflow.launcher import (
     IDLE_S,
     MAX_MESSAGE,
-    VOLATILE_ENV,
+    MODES,
     DaemonAddress,
     LineReader,
     daemon_key,
+    is_volatile,
     peer_uid,
     runtime_dir,
     send_message,
@@ -72,12 +74,14 @@ def log(message: str) -> None:
     sys.stderr.flush()
 
 
-def warm_up() -> None:
+def warm_up(mode: str) -> None:
     """Everything a command would import or ask first, done once, before any fork."""
     # First: the CLI records the user's environment before any setting is added to it.
     from pgbackflow.cli.common import prefect_env_defaults
 
-    prefect_env_defaults(debug=False)
+    if mode == "cli":
+        # A flow run keeps the worker's settings (its logs must reach the worker's output).
+        prefect_env_defaults(debug=False)
     import pgbackflow.blocks
     import pgbackflow.cli
     import pgbackflow.deployments
@@ -189,7 +193,10 @@ class Daemon:
                 with suppress(OSError):
                     os.close(fd)
             return
-        command = request["argv"][1] if len(request["argv"]) > 1 else "(none)"
+        if self.where.mode == "flow-run":
+            command = f"flow run {request.get('env', {}).get('PREFECT__FLOW_RUN_ID', '?')}"
+        else:
+            command = request["argv"][1] if len(request["argv"]) > 1 else "(none)"
         pid = os.fork()
         if pid == 0:
             self._become_command(conn, request, fds)
@@ -197,7 +204,7 @@ class Daemon:
             os.close(fd)
         self.children[pid] = conn
         # The sub-command's name only: arguments may hold a DSN with a password.
-        log(f"command {command[:40]!r}: process {pid}")
+        log(f"command {command[:60]!r}: process {pid}")
         with suppress(OSError):
             send_message(conn, {"started": pid})
 
@@ -215,7 +222,7 @@ class Daemon:
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             os.setsid()
-            code = run_command(conn, request, fds)
+            code = run_command(conn, request, fds, self.where.mode)
         finally:
             os._exit(code)
 
@@ -266,29 +273,36 @@ def _request_problem(request: Mapping[str, Any], fds: list[int], key: str) -> st
     if not isinstance(request.get("cwd"), str) or not isinstance(request.get("umask"), int):
         return "cwd or umask missing"
     env = request.get("env", {})
-    if not isinstance(env, dict) or not set(env) <= VOLATILE_ENV or not all(
-            isinstance(value, str) for value in env.values()):
+    if not isinstance(env, dict) or not all(
+            isinstance(name, str) and is_volatile(name) and isinstance(value, str)
+            for name, value in env.items()):
         return "env holds more than the volatile variables"
     return None
 
 
-def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int]) -> int:
-    """Run the launcher's command in this (forked) process; its exit code."""
+def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int],
+                mode: str) -> int:
+    """Run the launcher's command (or flow run) in this forked process; its exit code."""
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
     os.umask(int(request["umask"]))
-    os.environ.update(request.get("env", {}))
+    _take_volatile_env(request.get("env", {}))
     _attach_std_streams()
     threading.Thread(target=_follow_launcher, args=(conn,), daemon=True,
                      name="pgbackflow-launcher").start()
     code = 1
     try:
         os.chdir(request["cwd"])
-        sys.argv = list(request["argv"])
-        from pgbackflow.cli import app
+        if mode == "flow-run":
+            sys.argv = ["prefect.engine", *request["argv"][1:]]
+            # What `python -m prefect.engine` runs, in this warm process.
+            runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
+        else:
+            sys.argv = list(request["argv"])
+            from pgbackflow.cli import app
 
-        app(prog_name="pgbackflow")
+            app(prog_name="pgbackflow")
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc.code)
@@ -306,6 +320,13 @@ def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int])
         with suppress(OSError):
             send_message(conn, {"exit": code})
     return code
+
+
+def _take_volatile_env(env: Mapping[str, str]) -> None:
+    """The launcher's volatile variables replace the daemon's (its starter's run id, PWD)."""
+    for name in [name for name in os.environ if is_volatile(name) and name not in env]:
+        del os.environ[name]
+    os.environ.update(env)
 
 
 def _exit_code(code: object) -> int:
@@ -365,11 +386,12 @@ def listen(where: DaemonAddress) -> socket.socket:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        sys.stderr.write("usage: python -m pgbackflow.daemon SOCKET KEY (pgbackflow starts it)\n")
+    if len(argv) != 3 or argv[2] not in MODES:
+        sys.stderr.write("usage: python -m pgbackflow.daemon SOCKET KEY cli|flow-run "
+                         "(pgbackflow starts it)\n")
         return 2
-    socket_path, key = Path(argv[0]), argv[1]
-    where = DaemonAddress(key, socket_path)
+    socket_path, key, mode = Path(argv[0]), argv[1], argv[2]
+    where = DaemonAddress(key, socket_path, mode)
     if runtime_dir(os.environ) != socket_path.parent:
         log(f"{socket_path.parent} is not this user's runtime directory, not starting")
         return 1
@@ -382,11 +404,17 @@ def main(argv: list[str]) -> int:
         raise
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
-    if daemon_key(os.environ, os.getcwd()) != key:
+    try:
+        same = daemon_key(os.environ, os.getcwd(), mode) == key
+    except FileNotFoundError:  # a flow run's temporary working directory, gone already
+        same = False
+    if not same:
         log("the code, settings or environment changed since the launcher asked; not starting")
         return 1
+    os.chdir("/")  # each command runs in its launcher's directory; this one may go away
+    _take_volatile_env({})  # its starter's; each command brings its own
     started = time.monotonic()
-    warm_up()
+    warm_up(mode)
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
         log(f"not serving: threads running after the warm-up ({names}); forking is unsafe")

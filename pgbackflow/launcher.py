@@ -37,8 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 #: Variables a shell sets or changes on its own: not part of a daemon's identity; the
-#: command's child gets the launcher's values.
+#: command's child gets the launcher's values. So do Prefect's per-run variables
+#: (``PREFECT__FLOW_RUN_ID``, ``PREFECT__CONTROL_TOKEN``, ...: two underscores), which a
+#: worker sets for each flow-run process and Prefect reads when the run starts, not at import.
 VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
+PER_RUN_PREFIX = "PREFECT__"
+#: What a daemon runs: ``pgbackflow`` commands, or flow runs a Prefect worker started
+#: (``python -m pgbackflow.engine``, the pool's flow-run command). A daemon does one.
+MODES = ("cli", "flow-run")
 #: Commands that always run in their own process: supervisors and streamers that live for
 #: hours, manage their own children and signals, and gain nothing from a warm start.
 IN_PROCESS_COMMANDS = frozenset({"worker", "agent", "wal-stream", "demo", "daemon"})
@@ -62,10 +68,12 @@ class DaemonAddress:
     Attributes:
         key: Hex digest over the inputs a daemon is bound to (see :func:`daemon_key`).
         socket: Its Unix socket (in a 0700 directory of this user).
+        mode: What it runs (one of :data:`MODES`).
     """
 
     key: str
     socket: Path
+    mode: str = "cli"
 
     @property
     def lock(self) -> Path:
@@ -106,16 +114,22 @@ def _code_files() -> Iterator[Path]:
                 yield Path(root) / name
 
 
-def daemon_key(env: Mapping[str, str], cwd: str) -> str:
-    """A digest of everything a warm process has bound at import time: the user, the
-    interpreter, pgbackflow's code, the installed packages, Prefect's settings files and the
-    environment (but :data:`VOLATILE_ENV`). A change in any of them makes another key."""
+def is_volatile(name: str) -> bool:
+    """Whether ``name`` is left out of a daemon's identity (and passed per command)."""
+    return name in VOLATILE_ENV or name.startswith(PER_RUN_PREFIX)
+
+
+def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli") -> str:
+    """A digest of everything a warm process has bound at import time: what it runs, the
+    user, the interpreter, pgbackflow's code, the installed packages, Prefect's settings
+    files and the environment (but the volatile variables). A change in any of them makes
+    another key."""
     digest = hashlib.sha256()
 
     def add(*parts: object) -> None:
         digest.update("\0".join(map(str, parts)).encode("utf-8", "surrogateescape") + b"\1")
 
-    add("uid", os.getuid(), "python", sys.executable, sys.version)
+    add("mode", mode, "uid", os.getuid(), "python", sys.executable, sys.version)
     for path in sorted(_code_files()):
         with suppress(OSError):
             info = path.stat()
@@ -131,17 +145,17 @@ def daemon_key(env: Mapping[str, str], cwd: str) -> str:
             info = settings_file.stat()
             add("settings", settings_file, info.st_mtime_ns, info.st_size)
     for name in sorted(env):
-        if name not in VOLATILE_ENV:
+        if not is_volatile(name):
             add("env", name, env[name])
     return digest.hexdigest()[:32]
 
 
-def address(env: Mapping[str, str], cwd: str) -> DaemonAddress | None:
+def address(env: Mapping[str, str], cwd: str, mode: str = "cli") -> DaemonAddress | None:
     directory = runtime_dir(env)
     if directory is None:
         return None
-    key = daemon_key(env, cwd)
-    return DaemonAddress(key, directory / f"{key}.sock")
+    key = daemon_key(env, cwd, mode)
+    return DaemonAddress(key, directory / f"{key}.sock", mode)
 
 
 def command_of(argv: list[str]) -> str | None:
@@ -149,10 +163,13 @@ def command_of(argv: list[str]) -> str | None:
     return next((arg for arg in argv if not arg.startswith("-")), None)
 
 
+def daemon_allowed(env: Mapping[str, str]) -> bool:
+    return env.get("PGBACKFLOW_DAEMON", "").strip().lower() not in _OFF
+
+
 def wants_daemon(argv: list[str], env: Mapping[str, str]) -> bool:
-    if env.get("PGBACKFLOW_DAEMON", "").strip().lower() in _OFF:
-        return False
-    return "--debug" not in argv and command_of(argv) not in IN_PROCESS_COMMANDS
+    return (daemon_allowed(env) and "--debug" not in argv
+            and command_of(argv) not in IN_PROCESS_COMMANDS)
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -188,8 +205,9 @@ class LineReader:
 
 
 def run_in_daemon(where: DaemonAddress, argv: list[str]) -> int | None:
-    """Run ``pgbackflow ARGV`` in the daemon at ``where``; its exit code, or None when no
-    daemon took it (none running, another user's, refused): then the caller runs it."""
+    """Run ``argv`` (a command's arguments, or the engine's for a flow run) in the daemon
+    at ``where``; its exit code, or None when no daemon took it (none running, another
+    user's, refused): then the caller runs it."""
     std_fds = [0, 1, 2]
     try:
         for fd in std_fds:
@@ -209,7 +227,7 @@ def run_in_daemon(where: DaemonAddress, argv: list[str]) -> int | None:
         os.umask(umask)
         request = {
             "key": where.key, "argv": ["pgbackflow", *argv], "cwd": os.getcwd(), "umask": umask,
-            "env": {name: os.environ[name] for name in VOLATILE_ENV if name in os.environ},
+            "env": {name: value for name, value in os.environ.items() if is_volatile(name)},
         }
         payload = json.dumps(request).encode() + b"\n"
         socket.send_fds(sock, [payload], std_fds)
@@ -262,13 +280,31 @@ def start_daemon(where: DaemonAddress) -> None:
     try:
         # Our own interpreter and module, argv we built: no shell.
         subprocess.Popen(  # nosec B603
-            [sys.executable, "-m", "pgbackflow.daemon", str(where.socket), where.key],
+            [sys.executable, "-m", "pgbackflow.daemon", str(where.socket), where.key,
+             where.mode],
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
             close_fds=True)
     except OSError:
         pass
     finally:
         os.close(log_fd)
+
+
+def run_flow_run() -> None:
+    """``python -m pgbackflow.engine``: Prefect's ``python -m prefect.engine`` for a flow run
+    a worker started, run in a warm daemon; without one, the engine itself in this process
+    (same pid, same environment) and a daemon started for the next run."""
+    if daemon_allowed(os.environ):
+        where = address(os.environ, os.getcwd(), "flow-run")
+        if where is not None:
+            code = run_in_daemon(where, sys.argv[1:])
+            if code is not None:
+                sys.exit(code)
+            start_daemon(where)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Our own interpreter, Prefect's engine module, the worker's arguments: no shell.
+    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])  # nosec B606
 
 
 def main() -> None:
