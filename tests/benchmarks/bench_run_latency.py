@@ -15,9 +15,11 @@ state history (the server's timestamps):
 
 Each ``--query-seconds`` value gets a worker of its own (the earlier one stopped first).
 Medians and maxima over ``--runs`` runs are printed, one line per setting.
-``--engine-command``: the pool's flow-run command is Prefect's engine itself
-(``<python> -m prefect.engine``, as test_scale_out sets it), not Prefect's default
-``_workspace_supervisor`` interpreter that starts the engine as its child.
+By default the pool is the one ``pgbackflow deploy`` creates: its flow-run command is
+``<python> -m pgbackflow.engine``, Prefect's engine run in the warm daemon the worker's first
+run starts (the runs timed come after that warm-up run). ``--engine-command``: the pool's
+command is Prefect's engine in a fresh interpreter per run (``<python> -m prefect.engine``,
+as test_scale_out sets it).
 
 Usage: .venv/bin/python -m tests.benchmarks.bench_run_latency [--runs 5]
        [--query-seconds 10 5 2 1] [--backend postgres|sqlite] [--engine-command]
@@ -27,8 +29,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,6 +47,7 @@ from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.toolsets import find_toolset
 from tests.fixtures.prefect_server import (
+    BIN,
     PrefectServer,
     postgres_backed_prefect_server,
     running_prefect_server,
@@ -120,6 +125,8 @@ def measure(kind: str, runs: int, query_seconds: list[float],
             home = root / "prefect"
             home.mkdir()
             with prefect_backend(kind, home) as server:
+                # The daemons of this run (deploy's, the worker's) in a directory of its own.
+                server.env["PGBACKFLOW_RUNTIME_DIR"] = str(root / "run")
                 if engine_command:
                     create_pool(server)  # before deploy, which leaves a pool alone
                 server.run_cli("deploy", "--config", str(config),
@@ -144,6 +151,10 @@ def measure(kind: str, runs: int, query_seconds: list[float],
                     results.append(row)
         finally:
             cluster.stop()
+            # deploy's CLI daemon (the worker's went with the worker); idle ones would exit.
+            subprocess.run([str(BIN / "pgbackflow"), "daemon", "stop"], check=False,
+                           capture_output=True,
+                           env={**os.environ, "PGBACKFLOW_RUNTIME_DIR": str(root / "run")})
     return results
 
 
@@ -156,7 +167,8 @@ def main() -> None:
                         help="flow runs start as python -m prefect.engine (the pool's command)")
     args = parser.parse_args()
     results = measure(args.backend, args.runs, args.query_seconds, args.engine_command)
-    command = "engine" if args.engine_command else "Prefect's default (workspace supervisor)"
+    command = ("python -m prefect.engine" if args.engine_command
+               else "deploy's: python -m pgbackflow.engine (warm daemon)")
     print(f"\nmedian (max) seconds over {args.runs} runs, {args.backend} backend, flow-run "
           f"command: {command}; target: total ≤ 5 s")
     print(f"{'query s':>8} {'pickup':>13} {'start':>13} {'run':>13} {'total':>13}")
