@@ -222,6 +222,9 @@ class Daemon:
                 signal.signal(signum, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             os.setsid()
+            # Blocking again: the accept's 5 s timeout would end the follower's wait for a
+            # signal after 5 s, and read as a vanished launcher.
+            conn.settimeout(None)
             code = run_command(conn, request, fds, self.where.mode)
         finally:
             os._exit(code)
