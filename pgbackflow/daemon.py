@@ -356,10 +356,7 @@ def _follow_launcher(conn: socket.socket) -> None:
     """Raise forwarded signals here; if the launcher vanishes, end as if interrupted."""
     reader = LineReader(conn)
     while True:
-        try:
-            message = reader.next()
-        except (OSError, ValueError):
-            message = None
+        message = reader.next_or_end()
         if message is None:
             break
         signum = message.get("signal")

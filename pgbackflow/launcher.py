@@ -203,6 +203,13 @@ class LineReader:
             raise ValueError("not a JSON object")
         return message
 
+    def next_or_end(self) -> dict[str, object] | None:
+        """The next message; None at end of stream, or when the stream broke."""
+        try:
+            return self.next()
+        except (OSError, ValueError):
+            return None
+
 
 def run_in_daemon(where: DaemonAddress, argv: list[str]) -> int | None:
     """Run ``argv`` (a command's arguments, or the engine's for a flow run) in the daemon
@@ -255,10 +262,7 @@ def _wait_for_exit(sock: socket.socket, reader: LineReader) -> int:
     for signum in FORWARDED_SIGNALS:
         signal.signal(signum, forward)
     while True:
-        try:
-            message = reader.next()
-        except (OSError, ValueError):
-            message = None
+        message = reader.next_or_end()
         if message is None:
             sys.stderr.write("error: the pgbackflow daemon ended while it ran this command; "
                              "check the command's outcome and rerun it (PGBACKFLOW_DAEMON=off "
