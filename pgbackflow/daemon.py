@@ -371,7 +371,7 @@ def _follow_launcher(conn: socket.socket) -> None:
 
 def listen(where: DaemonAddress) -> socket.socket:
     """Bind ``where.socket`` (0600) and move it into place only once it accepts."""
-    temporary = where.socket.with_name(f".{where.socket.name}.{os.getpid()}")
+    temporary = where.socket.with_name(f".{where.key}.{os.getpid()}")
     with suppress(FileNotFoundError):
         os.unlink(temporary)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -383,6 +383,14 @@ def listen(where: DaemonAddress) -> socket.socket:
     listener.listen(64)
     os.replace(temporary, where.socket)
     return listener
+
+
+def _cannot_serve(where: DaemonAddress, reason: str) -> int:
+    """Say why in the log, and mark these inputs so no launcher starts another daemon."""
+    log(f"not serving: {reason}")
+    with suppress(OSError):
+        where.failed.write_text(f"{reason}\n")
+    return 1
 
 
 def main(argv: list[str]) -> int:
@@ -417,11 +425,14 @@ def main(argv: list[str]) -> int:
     warm_up(mode)
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
-        log(f"not serving: threads running after the warm-up ({names}); forking is unsafe")
-        return 1
+        return _cannot_serve(where, f"threads running after the warm-up ({names}); forking "
+                                    "is unsafe")
     gc.collect()
     gc.freeze()  # the children share these pages; no collection of ours copies them
-    listener = listen(where)
+    try:
+        listener = listen(where)
+    except OSError as exc:
+        return _cannot_serve(where, f"cannot listen on {where.socket}: {exc}")
     log(f"warm after {time.monotonic() - started:.2f} s")
     idle_s = float(os.environ.get("PGBACKFLOW_DAEMON_IDLE_S") or IDLE_S)
     Daemon(where, listener, idle_s, lock_fd).serve()

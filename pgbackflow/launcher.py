@@ -85,6 +85,13 @@ class DaemonAddress:
         """The daemon's own log (start, stop, refusals; never a command's output)."""
         return self.socket.with_suffix(".log")
 
+    @property
+    def failed(self) -> Path:
+        """Written by a daemon that cannot serve these inputs: no launcher starts another
+        (each would import everything and fail the same way); a change of code or
+        environment gives another key."""
+        return self.socket.with_suffix(".failed")
+
 
 def runtime_dir(env: Mapping[str, str]) -> Path | None:
     """This user's directory for daemon sockets, created 0700; None when it is not safely
@@ -129,7 +136,9 @@ def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli") -> str:
     def add(*parts: object) -> None:
         digest.update("\0".join(map(str, parts)).encode("utf-8", "surrogateescape") + b"\1")
 
-    add("mode", mode, "uid", os.getuid(), "python", sys.executable, sys.version)
+    # The interpreter and its environment (a venv's bin/python and bin/python3 are one).
+    add("mode", mode, "uid", os.getuid(), "python", os.path.realpath(sys.executable),
+        sys.prefix, sys.version)
     for path in sorted(_code_files()):
         with suppress(OSError):
             info = path.stat()
@@ -150,9 +159,18 @@ def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli") -> str:
     return digest.hexdigest()[:32]
 
 
+#: Longest Unix socket path Linux takes (sun_path: 108 bytes with the terminating NUL).
+MAX_SOCKET_PATH = 107
+#: Room a socket name needs in the runtime directory: the daemon binds ``.<key>.<pid>``
+#: first (32 + 2 + up to 7 characters), then renames it to ``<key>.sock``.
+SOCKET_NAME_ROOM = 42
+
+
 def address(env: Mapping[str, str], cwd: str, mode: str = "cli") -> DaemonAddress | None:
+    """Where the daemon for these inputs listens; None when no daemon can be used (no safe
+    runtime directory, or one whose path leaves no room for a socket name)."""
     directory = runtime_dir(env)
-    if directory is None:
+    if directory is None or len(os.fsencode(directory)) + SOCKET_NAME_ROOM > MAX_SOCKET_PATH:
         return None
     key = daemon_key(env, cwd, mode)
     return DaemonAddress(key, directory / f"{key}.sock", mode)
@@ -277,6 +295,8 @@ def start_daemon(where: DaemonAddress) -> None:
     """Start a daemon for ``where`` in the background (its own session, no terminal)."""
     import subprocess  # only here: the common path imports nothing it does not use
 
+    if where.failed.exists():
+        return
     try:
         log_fd = os.open(where.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError:

@@ -164,8 +164,14 @@ def _dump_in_snapshot(
             )
         except BaseException as exc:
             dump_error = exc
+            if not isinstance(exc, Exception):
+                # Interrupted (Ctrl-C, SIGTERM in a flow run): the count may wait on a table
+                # lock as long as pg_dump did; cancelled, the command ends now, not then.
+                conn.cancel_safe()
         count_error = counting.exception()  # waits for both while the snapshot is open
         globals_capture.exception()
+    if dump_error is not None and not isinstance(dump_error, Exception):
+        raise dump_error  # the interruption, not the cancelled count's error
     # A server that shut down or restarted fails all three readers: that is the cause, and
     # it may pass (the task retries it), whichever reader noticed first.
     for error in (dump_error, count_error, globals_capture.exception()):
