@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import subprocess
 import sys
@@ -102,10 +103,15 @@ def test_commands_without_flows_do_not_import_prefect(tmp_path: Path) -> None:
     """Reading a storage runs no flow: Prefect's import (~3 s of a ~4 s command) is skipped."""
     (tmp_path / "store").mkdir()
     store = str(tmp_path / "store")
+    # retention reads the key file; its own, not whatever ~/.config holds on this machine.
+    key_file = tmp_path / "master.key"
+    write_key_file(key_file, MasterKey.generate())
+    env = {**os.environ, "PGBACKFLOW_KEY_FILE": str(key_file)}
     for args in (["list", "--from", store], ["physical-list", "--from", store],
                  ["retention", "--from", store, "--dry-run", "--keep-last", "2"]):
         result = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], *args],
-                                capture_output=True, text=True, timeout=120, check=False)
+                                capture_output=True, text=True, timeout=120, check=False,
+                                env=env)
         assert result.returncode == 0, result.stderr[-2000:]
         imported = {line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()
                     if line.startswith("import time:")}

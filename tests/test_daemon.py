@@ -624,12 +624,16 @@ def test_daemon_key_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     assert launcher.daemon_key(env, str(cwd)) != with_code
 
 
-@pytest.mark.parametrize("kind", ["group-readable", "symlink"])
+@pytest.mark.parametrize("kind", ["group-readable", "symlink", "too-long"])
 def test_unsafe_runtime_dir_runs_in_process(kind: str, own_daemon_cli: DaemonCli,
                                             tmp_path: Path) -> None:
-    """A runtime directory others may read, or a symlink: the command runs in-process and
-    nothing is created there."""
-    if kind == "group-readable":
+    """A runtime directory others may read, a symlink, or one whose path leaves no room for
+    a socket name (108 bytes): the command runs in-process and nothing is created there
+    (a daemon that cannot bind there would crash on every command)."""
+    if kind == "too-long":
+        unsafe = private_dir(tmp_path / ("x" * 70))
+        look_in = unsafe
+    elif kind == "group-readable":
         unsafe = tmp_path / "open"
         unsafe.mkdir(mode=0o755)
         unsafe.chmod(0o755)
