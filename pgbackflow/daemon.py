@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pgbackflow.launcher import (
+    FORWARDED_SIGNALS,
     IDLE_S,
     MAX_MESSAGE,
     MODES,
@@ -53,6 +54,7 @@ from pgbackflow.launcher import (
     is_volatile,
     peer_uid,
     runtime_dir,
+    runtime_secret,
     send_message,
 )
 
@@ -196,14 +198,15 @@ class Daemon:
         if self.where.mode == "flow-run":
             command = f"flow run {request.get('env', {}).get('PREFECT__FLOW_RUN_ID', '?')}"
         else:
-            command = request["argv"][1] if len(request["argv"]) > 1 else "(none)"
+            command = next((arg for arg in request["argv"][1:] if arg in COMMAND_NAMES),
+                           "(other)")
         pid = os.fork()
         if pid == 0:
             self._become_command(conn, request, fds)
         for fd in fds:
             os.close(fd)
         self.children[pid] = conn
-        # The sub-command's name only: arguments may hold a DSN with a password.
+        # A sub-command's name only: any other argument may be a DSN with a password.
         log(f"command {command[:60]!r}: process {pid}")
         with suppress(OSError):
             send_message(conn, {"started": pid})
@@ -217,10 +220,15 @@ class Daemon:
             os.close(self.lock_fd)  # the lock is the daemon's, not its commands'
             for other in self.children.values():
                 other.close()
-            atexit._clear()
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                signal.signal(signum, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+            # The signals a process of its own would start with: the launcher's ignored
+            # ones ignored (nohup), the rest at their defaults (the daemon's TERM and INT
+            # handlers are its own).
+            ignored = set(request.get("ignored", []))
+            for signum in FORWARDED_SIGNALS:
+                signal.signal(signum, signal.SIG_IGN if int(signum) in ignored
+                              else signal.SIG_DFL)
+            if int(signal.SIGINT) not in ignored:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
             os.setsid()
             # Blocking again: the accept's 5 s timeout would end the follower's wait for a
             # signal after 5 s, and read as a vanished launcher.
@@ -241,9 +249,12 @@ class Daemon:
             if conn is None:
                 continue
             code = os.waitstatus_to_exitcode(status)
-            # What a shell reports for a process killed by a signal.
+            # Killed by a signal: what a shell reports, and the signal for the launcher to
+            # die of (Prefect's worker tells a SIGTERM from an exit code 143).
+            message: dict[str, int] = ({"exit": code} if code >= 0
+                                       else {"exit": 128 - code, "signal": -code})
             with suppress(OSError):
-                send_message(conn, {"exit": code if code >= 0 else 128 - code})
+                send_message(conn, message)
             conn.close()
             self.last_activity = time.monotonic()
 
@@ -275,6 +286,9 @@ def _request_problem(request: Mapping[str, Any], fds: list[int], key: str) -> st
         return "argv is not a list of strings"
     if not isinstance(request.get("cwd"), str) or not isinstance(request.get("umask"), int):
         return "cwd or umask missing"
+    ignored = request.get("ignored", [])
+    if not isinstance(ignored, list) or not all(isinstance(n, int) for n in ignored):
+        return "ignored is not a list of signal numbers"
     env = request.get("env", {})
     if not isinstance(env, dict) or not all(
             isinstance(name, str) and is_volatile(name) and isinstance(value, str)
@@ -314,8 +328,12 @@ def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int],
     except FileNotFoundError as exc:  # the working directory is gone
         sys.stderr.write(f"error: {exc}\n")
     finally:
+        # What the interpreter does at exit: join the threads, run threading's exit hooks
+        # (Prefect's log and event workers send what they hold), then the atexit ones.
         with suppress(Exception):
-            atexit._run_exitfuncs()  # Prefect's: send the last events and log lines
+            threading._shutdown()  # type: ignore[attr-defined]
+        with suppress(Exception):
+            atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             with suppress(Exception):
                 stream.flush()
@@ -385,6 +403,20 @@ def listen(where: DaemonAddress) -> socket.socket:
     return listener
 
 
+#: The CLI's sub-command names (the log names a command only by one of these).
+COMMAND_NAMES: set[str] = set()
+
+
+def _command_names() -> set[str]:
+    import typer.main
+
+    from pgbackflow.cli import app
+
+    # A click group (typer vendors its own click): its sub-commands by name.
+    commands = getattr(typer.main.get_command(app), "commands", {})
+    return {name for name in commands if isinstance(name, str)}
+
+
 def _cannot_serve(where: DaemonAddress, reason: str) -> int:
     """Say why in the log, and mark these inputs so no launcher starts another daemon."""
     log(f"not serving: {reason}")
@@ -413,16 +445,23 @@ def main(argv: list[str]) -> int:
     os.ftruncate(lock_fd, 0)
     os.write(lock_fd, f"{os.getpid()}\n".encode())
     try:
-        same = daemon_key(os.environ, os.getcwd(), mode) == key
+        secret = runtime_secret(socket_path.parent)
+        same = secret is not None and daemon_key(os.environ, os.getcwd(), mode, secret) == key
     except FileNotFoundError:  # a flow run's temporary working directory, gone already
         same = False
     if not same:
         log("the code, settings or environment changed since the launcher asked; not starting")
         return 1
-    os.chdir("/")  # each command runs in its launcher's directory; this one may go away
     _take_volatile_env({})  # its starter's; each command brings its own
+    for signum in FORWARDED_SIGNALS:  # not its starter's (nohup): its commands' start clean
+        signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     started = time.monotonic()
+    # In the starter's directory: Prefect reads prefect.toml/.env/pyproject.toml there at
+    # import, the files the key describes.
     warm_up(mode)
+    COMMAND_NAMES.update(_command_names() if mode == "cli" else ())
+    os.chdir("/")  # each command runs in its launcher's directory; this one may go away
     if threading.active_count() != 1:
         names = ", ".join(t.name for t in threading.enumerate())
         return _cannot_serve(where, f"threads running after the warm-up ({names}); forking "

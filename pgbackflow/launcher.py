@@ -24,13 +24,16 @@ is started in the background for the next one.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import resource
 import signal
 import socket
 import stat
 import struct
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -40,7 +43,12 @@ from pathlib import Path
 #: command's child gets the launcher's values. So do Prefect's per-run variables
 #: (``PREFECT__FLOW_RUN_ID``, ``PREFECT__CONTROL_TOKEN``, ...: two underscores), which a
 #: worker sets for each flow-run process and Prefect reads when the run starts, not at import.
-VOLATILE_ENV = frozenset({"PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES"})
+VOLATILE_ENV = frozenset({
+    "PWD", "OLDPWD", "SHLVL", "_", "COLUMNS", "LINES",
+    # Per terminal, SSH login or service run: one daemon each would be one never reused.
+    "TMUX_PANE", "WINDOWID", "TERM_SESSION_ID", "GPG_TTY", "XDG_SESSION_ID", "SSH_CLIENT",
+    "SSH_CONNECTION", "SSH_TTY", "INVOCATION_ID", "JOURNAL_STREAM",
+})
 PER_RUN_PREFIX = "PREFECT__"
 #: What a daemon runs: ``pgbackflow`` commands, or flow runs a Prefect worker started
 #: (``python -m pgbackflow.engine``, the pool's flow-run command). A daemon does one.
@@ -52,8 +60,11 @@ IN_PROCESS_COMMANDS = frozenset({"worker", "agent", "wal-stream", "demo", "daemo
 #: working directory (changing one, or another directory holding one, needs another daemon).
 CWD_SETTINGS_FILES = ("prefect.toml", ".env", "pyproject.toml")
 IDLE_S = 900.0
-#: Seconds to wait for the daemon to accept a command before running it here instead.
+#: Seconds to wait for the daemon to take a command (a wedged daemon: an error, never a
+#: second run of the command here).
 ACCEPT_TIMEOUT_S = 30.0
+#: Seconds a daemon's "cannot serve these inputs" mark holds back new daemons.
+FAILED_MARK_S = 600.0
 MAX_MESSAGE = 1 << 20
 _OFF = {"off", "0", "no", "false"}
 #: Signals forwarded to the command (a terminal's Ctrl-C and Ctrl-\\, a hang-up, a kill).
@@ -126,12 +137,15 @@ def is_volatile(name: str) -> bool:
     return name in VOLATILE_ENV or name.startswith(PER_RUN_PREFIX)
 
 
-def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli") -> str:
-    """A digest of everything a warm process has bound at import time: what it runs, the
-    user, the interpreter, pgbackflow's code, the installed packages, Prefect's settings
-    files and the environment (but the volatile variables). A change in any of them makes
-    another key."""
-    digest = hashlib.sha256()
+def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli",
+               secret: bytes = b"") -> str:
+    """A digest of everything a warm process has bound at import time or hands on to its
+    commands: what it runs, the user and groups, resource limits and cgroup, the
+    interpreter, pgbackflow's code, the installed packages, Prefect's settings files and the
+    environment (but the volatile variables). A change in any of them makes another key.
+    Keyed with the runtime directory's ``secret``: the key shows in ``ps`` (the daemon's
+    argv), and the environment it digests may hold a password."""
+    digest = hmac.new(secret, digestmod=hashlib.sha256)
 
     def add(*parts: object) -> None:
         digest.update("\0".join(map(str, parts)).encode("utf-8", "surrogateescape") + b"\1")
@@ -139,6 +153,12 @@ def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli") -> str:
     # The interpreter and its environment (a venv's bin/python and bin/python3 are one).
     add("mode", mode, "uid", os.getuid(), "python", os.path.realpath(sys.executable),
         sys.prefix, sys.version)
+    add("groups", os.getgid(), *sorted(os.getgroups()))
+    for limit in (resource.RLIMIT_NOFILE, resource.RLIMIT_CORE, resource.RLIMIT_FSIZE,
+                  resource.RLIMIT_NPROC, resource.RLIMIT_AS):
+        add("rlimit", limit, *resource.getrlimit(limit))
+    with suppress(OSError):
+        add("cgroup", Path("/proc/self/cgroup").read_text())
     for path in sorted(_code_files()):
         with suppress(OSError):
             info = path.stat()
@@ -148,7 +168,8 @@ def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli") -> str:
         if entry.endswith("-packages") and os.path.isdir(entry):
             add("packages", entry, os.stat(entry).st_mtime_ns)
     prefect_home = Path(env.get("PREFECT_HOME") or Path(env.get("HOME", "/")) / ".prefect")
-    for settings_file in (prefect_home / "profiles.toml",
+    profiles = Path(env.get("PREFECT_PROFILES_PATH") or prefect_home / "profiles.toml")
+    for settings_file in (profiles,
                           *(Path(cwd) / name for name in CWD_SETTINGS_FILES)):
         with suppress(OSError):
             info = settings_file.stat()
@@ -172,8 +193,31 @@ def address(env: Mapping[str, str], cwd: str, mode: str = "cli") -> DaemonAddres
     directory = runtime_dir(env)
     if directory is None or len(os.fsencode(directory)) + SOCKET_NAME_ROOM > MAX_SOCKET_PATH:
         return None
-    key = daemon_key(env, cwd, mode)
+    secret = runtime_secret(directory)
+    if secret is None:
+        return None
+    key = daemon_key(env, cwd, mode, secret)
     return DaemonAddress(key, directory / f"{key}.sock", mode)
+
+
+def runtime_secret(directory: Path) -> bytes | None:
+    """The runtime directory's random key for daemon keys (0600, made on first use)."""
+    path = directory / "secret"
+    with suppress(FileExistsError, OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, os.urandom(32))
+        finally:
+            os.close(fd)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    try:
+        secret = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    return secret if len(secret) == 32 else None
 
 
 def command_of(argv: list[str]) -> str | None:
@@ -229,56 +273,70 @@ class LineReader:
             return None
 
 
-def run_in_daemon(where: DaemonAddress, argv: list[str]) -> int | None:
+def run_in_daemon(where: DaemonAddress, argv: list[str], cwd: str) -> int | None:
     """Run ``argv`` (a command's arguments, or the engine's for a flow run) in the daemon
     at ``where``; its exit code, or None when no daemon took it (none running, another
-    user's, refused): then the caller runs it."""
+    user's, refused): then the caller runs it. A daemon that takes the command but does not
+    say so within :data:`ACCEPT_TIMEOUT_S` is an error, never a second run here."""
     std_fds = [0, 1, 2]
     try:
         for fd in std_fds:
             os.fstat(fd)
     except OSError:
         return None  # a closed stdin/stdout: nothing to hand over
+    # Signals this process ignores (nohup, a background job of a non-interactive shell)
+    # stay ignored by the command, as they would be by a process of its own.
+    ignored = [int(s) for s in FORWARDED_SIGNALS if signal.getsignal(s) is signal.SIG_IGN]
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(ACCEPT_TIMEOUT_S)
         try:
             sock.connect(str(where.socket))
+            if peer_uid(sock) != os.getuid():
+                return None
         except OSError:
-            return None
-        if peer_uid(sock) != os.getuid():
             return None
         umask = os.umask(0o022)
         os.umask(umask)
         request = {
-            "key": where.key, "argv": ["pgbackflow", *argv], "cwd": os.getcwd(), "umask": umask,
+            "key": where.key, "argv": ["pgbackflow", *argv], "cwd": cwd, "umask": umask,
             "env": {name: value for name, value in os.environ.items() if is_volatile(name)},
+            "ignored": ignored,
         }
         payload = json.dumps(request).encode() + b"\n"
-        socket.send_fds(sock, [payload], std_fds)
-        reader = LineReader(sock)
-        reply = reader.next()
+        reader = LineReader(sock)  # one reader: "exit" may come in the same read as "started"
+        try:
+            socket.send_fds(sock, [payload], std_fds)
+            reply = reader.next()
+        except TimeoutError:
+            sys.stderr.write(f"error: the pgbackflow daemon at {where.socket} took the command "
+                             f"but did not start it within {ACCEPT_TIMEOUT_S:.0f} s; stop it "
+                             "with `pgbackflow daemon stop` (or run with "
+                             "PGBACKFLOW_DAEMON=off) and rerun\n")
+            return 1
+        except (OSError, ValueError):
+            return None  # it closed the connection before forking: nothing started
         if reply is None or "started" not in reply:
-            return None  # refused (its reason is in the daemon's log) or gone
+            return None  # refused (its reason is in the daemon's log)
         sock.settimeout(None)
-        return _wait_for_exit(sock, reader)
-    except (OSError, ValueError):
-        # Nothing started (the reply never came, or was not ours): run it here. The daemon's
-        # child, if it started, sees this socket close and ends as if interrupted.
-        return None
+        return _wait_for_exit(sock, reader, ignored)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT  # before the command started; closing ends it if it did
     finally:
         sock.close()
 
 
-def _wait_for_exit(sock: socket.socket, reader: LineReader) -> int:
-    """Forward signals to the command until its exit code arrives."""
+def _wait_for_exit(sock: socket.socket, reader: LineReader, ignored: list[int]) -> int:
+    """Forward signals to the command until its exit code arrives; a command killed by a
+    signal kills this process with it (a shell, or Prefect's worker, sees what happened)."""
 
     def forward(signum: int, _frame: object) -> None:
         with suppress(OSError):
             send_message(sock, {"signal": signum})
 
     for signum in FORWARDED_SIGNALS:
-        signal.signal(signum, forward)
+        if int(signum) not in ignored:
+            signal.signal(signum, forward)
     while True:
         message = reader.next_or_end()
         if message is None:
@@ -287,16 +345,23 @@ def _wait_for_exit(sock: socket.socket, reader: LineReader) -> int:
                              "runs commands without the daemon)\n")
             return 1
         code = message.get("exit")
-        if isinstance(code, int):
-            return code
+        if not isinstance(code, int):
+            continue
+        killed_by = message.get("signal")
+        if isinstance(killed_by, int) and killed_by in {int(s) for s in signal.Signals}:
+            sys.stdout.flush()
+            signal.signal(killed_by, signal.SIG_DFL)
+            os.kill(os.getpid(), killed_by)
+        return code
 
 
 def start_daemon(where: DaemonAddress) -> None:
     """Start a daemon for ``where`` in the background (its own session, no terminal)."""
     import subprocess  # only here: the common path imports nothing it does not use
 
-    if where.failed.exists():
-        return
+    with suppress(OSError):
+        if time.time() - where.failed.stat().st_mtime < FAILED_MARK_S:
+            return
     try:
         log_fd = os.open(where.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     except OSError:
@@ -307,21 +372,34 @@ def start_daemon(where: DaemonAddress) -> None:
             [sys.executable, "-m", "pgbackflow.daemon", str(where.socket), where.key,
              where.mode],
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, start_new_session=True,
-            close_fds=True)
+            close_fds=True,
+            # Without this command's volatile variables: /proc/PID/environ keeps a process's
+            # first environment, and a worker's supervisor finds a run's processes by the
+            # PREFECT__FLOW_RUN_ID there (the daemon would pass for the run that started it).
+            env={name: value for name, value in os.environ.items() if not is_volatile(name)})
     except OSError:
         pass
     finally:
         os.close(log_fd)
 
 
+def _cwd() -> str | None:
+    """The working directory; None if it was removed (the command runs here and says so)."""
+    try:
+        return os.getcwd()
+    except OSError:
+        return None
+
+
 def run_flow_run() -> None:
     """``python -m pgbackflow.engine``: Prefect's ``python -m prefect.engine`` for a flow run
     a worker started, run in a warm daemon; without one, the engine itself in this process
     (same pid, same environment) and a daemon started for the next run."""
-    if daemon_allowed(os.environ):
-        where = address(os.environ, os.getcwd(), "flow-run")
+    cwd = _cwd()
+    if daemon_allowed(os.environ) and cwd is not None:
+        where = address(os.environ, cwd, "flow-run")
         if where is not None:
-            code = run_in_daemon(where, sys.argv[1:])
+            code = run_in_daemon(where, sys.argv[1:], cwd)
             if code is not None:
                 sys.exit(code)
             start_daemon(where)
@@ -334,10 +412,11 @@ def run_flow_run() -> None:
 def main() -> None:
     """The ``pgbackflow`` executable."""
     argv = sys.argv[1:]
-    if wants_daemon(argv, os.environ):
-        where = address(os.environ, os.getcwd())
+    cwd = _cwd()
+    if wants_daemon(argv, os.environ) and cwd is not None:
+        where = address(os.environ, cwd)
         if where is not None:
-            code = run_in_daemon(where, argv)
+            code = run_in_daemon(where, argv, cwd)
             if code is not None:
                 sys.exit(code)
             # A daemon already starting or serving holds the lock: the new one exits at once.

@@ -361,6 +361,55 @@ def test_first_call_runs_in_process_and_starts_a_daemon(first_runs: FirstRuns,
     assert first_runs.through_daemon_s < first_runs.in_process_s
 
 
+def _run_record(db_id: str, prefect_api: str) -> list[tuple[str, list[str], list[str]]]:
+    """(state, log messages in order, final task-run states) of each flow run of ``db_id``,
+    oldest first, once the server has recorded them all."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterTags,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from tests.fixtures.prefect import settled_task_runs
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"db:{db_id}"])),
+            sort=FlowRunSort.START_TIME_ASC)
+        record = []
+        for run in runs:
+            tasks = sorted(str(t.state_type) for t in settled_task_runs(run.id))
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
+            record.append((str(run.state_type), [log.message for log in sorted(
+                logs, key=lambda log: log.timestamp)], tasks))
+    return record
+
+
+def test_a_daemon_run_reports_what_an_in_process_run_reports(first_runs: FirstRuns,
+                                                              prefect_api: str) -> None:
+    """The forked command sends its last log lines and events before it exits, as a process
+    of its own does at interpreter exit (Prefect sends them from threading's exit hooks)."""
+    db_id = json.loads(first_runs.in_process.stdout)["db_id"]
+    def ends(logs: list[str]) -> list[str]:
+        """One line per task run and the flow run's end (run names and first-run notes
+        differ between the two)."""
+        return [line for line in logs if line.startswith("Finished in state")]
+
+    deadline = time.monotonic() + 30
+    while True:  # log lines reach the server a moment after the command's exit
+        (state_a, logs_a, tasks_a), (state_b, logs_b, tasks_b) = _run_record(db_id, prefect_api)
+        if ends(logs_a) == ends(logs_b) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert state_a == state_b == "StateType.COMPLETED"
+    assert tasks_a == tasks_b and tasks_a, (tasks_a, tasks_b)
+    assert ends(logs_b) == ends(logs_a), (logs_a, logs_b)
+    assert logs_b[-1].startswith("Finished in state Completed"), logs_b
+
+
 def test_bad_input_through_the_daemon(first_runs: FirstRuns, daemon_cli: DaemonCli,
                                       tmp_path: Path) -> None:
     """A malformed DSN: one ``error:`` line, exit code 1, nothing on stdout, no traceback."""
@@ -582,11 +631,17 @@ def test_one_daemon_per_environment(own_daemon_cli: DaemonCli) -> None:
     volatile = own_daemon_cli.run("--help", PWD="/nowhere", COLUMNS="77", SHLVL="9")
     assert volatile.returncode == 0, volatile.stderr
     after = COMMAND_LINE.findall(first.log.read_text())
-    assert [c for c, _ in after[len(before):]] == ["--help"], "not run by the first daemon"
+    assert [c for c, _ in after[len(before):]] == ["(other)"], "not run by the first daemon"
     assert own_daemon_cli.sockets() == {first.socket, other.socket}
     status = own_daemon_cli.run("daemon", "status", "--json")
     assert {d["socket"] for d in json.loads(status.stdout)} == {str(first.socket),
                                                                  str(other.socket)}
+    # An argument that is no command (here a DSN with a password, typed first by mistake)
+    # is not written to the daemon's log: it logs command names only.
+    mistyped = own_daemon_cli.run("postgresql://alice:pw-typed-first@db/x", "backup")
+    assert mistyped.returncode != 0
+    assert COMMAND_LINE.findall(first.log.read_text())[-1][0] == "backup"  # a name it knows
+    assert "pw-typed-first" not in first.log.read_text()
     own_daemon_cli.stop()
     wait_for("the stopped daemons' sockets to go", lambda: not own_daemon_cli.sockets(), 10)
 
@@ -667,4 +722,4 @@ def test_a_stale_socket_is_replaced(own_daemon_cli: DaemonCli) -> None:
     assert connectable(where.socket)
     again = own_daemon_cli.run("--help")
     assert again.returncode == 0, again.stderr
-    assert [c for c, _ in own_daemon_cli.commands()] == ["--help"]
+    assert [c for c, _ in own_daemon_cli.commands()] == ["(other)"]

@@ -166,6 +166,10 @@ def _supervise_worker(command: list[str], env: dict[str, str]) -> NoReturn:
     # showed no run it took).
     env = {key: value for key, value in env.items() if not key.startswith("PREFECT_")}
     env.update((k, v) for k, v in ORIGINAL_ENV.items() if k.startswith("PREFECT_"))
+    # Each supervisor's flow runs get a daemon of their own (the variable is part of its
+    # key): stopping, a supervisor ends every process below it, the daemon included, and
+    # must not take another worker's runs with it.
+    env["PGBACKFLOW_SUPERVISOR"] = str(os.getpid())
     sys.stdout.flush()
     code = supervise(command, env, say=lambda line: err.print(line, highlight=False))
     sys.stdout.flush()
