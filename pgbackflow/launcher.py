@@ -316,27 +316,44 @@ def run_in_daemon(where: DaemonAddress, argv: list[str], cwd: str) -> int | None
             return 1
         except (OSError, ValueError):
             return None  # it closed the connection before forking: nothing started
-        if reply is None or "started" not in reply:
+        child = reply.get("started") if reply is not None else None
+        if not isinstance(child, int):
             return None  # refused (its reason is in the daemon's log)
         sock.settimeout(None)
-        return _wait_for_exit(sock, reader, ignored)
+        return _wait_for_exit(sock, reader, ignored, child)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT  # before the command started; closing ends it if it did
     finally:
         sock.close()
 
 
-def _wait_for_exit(sock: socket.socket, reader: LineReader, ignored: list[int]) -> int:
-    """Forward signals to the command until its exit code arrives; a command killed by a
-    signal kills this process with it (a shell, or Prefect's worker, sees what happened)."""
+def _wait_for_exit(sock: socket.socket, reader: LineReader, ignored: list[int],
+                   child: int) -> int:
+    """Forward signals to the command (process ``child``, leader of its own session) until
+    its exit code arrives; a command killed by a signal kills this process with it (a shell,
+    or Prefect's worker, sees what happened)."""
 
     def forward(signum: int, _frame: object) -> None:
         with suppress(OSError):
             send_message(sock, {"signal": signum})
 
+    def stop_job(_signum: int, _frame: object) -> None:
+        # Ctrl-Z: the command and its tools stop with this process, as a job of its own
+        # would; a stopped process reads no socket, so the signals go to its group directly.
+        with suppress(OSError):
+            os.killpg(child, signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+    def continue_job(_signum: int, _frame: object) -> None:
+        with suppress(OSError):
+            os.killpg(child, signal.SIGCONT)
+
     for signum in FORWARDED_SIGNALS:
         if int(signum) not in ignored:
             signal.signal(signum, forward)
+    if signal.getsignal(signal.SIGTSTP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTSTP, stop_job)
+    signal.signal(signal.SIGCONT, continue_job)
     while True:
         message = reader.next_or_end()
         if message is None:

@@ -10,6 +10,7 @@ password. Every daemon started here is stopped (and checked gone) in teardown.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -498,6 +499,38 @@ def test_the_command_sees_the_launchers_terminal(first_runs: FirstRuns,
 
 
 # --------------------------------------------------------------------------- 4-5: interruptions
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_ctrl_z_stops_and_fg_continues_the_whole_job(
+    first_runs: FirstRuns, daemon_cli: DaemonCli, server: EphemeralCluster, locked_source: str,
+    tmp_path: Path,
+) -> None:
+    """SIGTSTP to the launcher (a terminal's Ctrl-Z) stops it and the command (as it stops a
+    process of its own: pg_dump runs in a session of its own either way); SIGCONT (``fg``)
+    runs them on, and the backup completes once the lock is released."""
+    folder = tmp_path / "store"
+    process, child, _dumps, locker = start_blocked_backup(daemon_cli, server, locked_source,
+                                                          folder)
+    try:
+        os.kill(process.pid, signal.SIGTSTP)
+        wait_for("the launcher and the command to stop", lambda: all(
+            _state(pid) == "T" for pid in (process.pid, child)), 10, 0.1)
+        os.kill(process.pid, signal.SIGCONT)
+        wait_for("the launcher and the command to run on", lambda: all(
+            _state(pid) != "T" for pid in (process.pid, child)), 10, 0.1)
+    finally:
+        locker.rollback()
+        locker.close()
+        with contextlib.suppress(OSError):  # a failed test: nothing stays stopped
+            os.kill(process.pid, signal.SIGCONT)
+            os.killpg(child, signal.SIGCONT)
+    _stdout, stderr = process.communicate(timeout=CLI_TIMEOUT_S)
+    assert process.returncode == 0, stderr
+    assert len(list_backups(LocalFolderStorage(folder))) == 1
 
 
 def test_ctrl_c_ends_a_backup_through_the_daemon(
