@@ -123,6 +123,11 @@ def connectable(path: Path) -> bool:
     return True
 
 
+def _default_signals() -> None:
+    for signum in (signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)
@@ -176,9 +181,12 @@ class DaemonCli:
         return result, time.monotonic() - started
 
     def start(self, *args: str) -> subprocess.Popen[str]:
+        # As a terminal's foreground job: SIGINT and SIGQUIT at their defaults even when this
+        # test process was started in the background of a shell, which ignores them there
+        # (the launcher keeps signals it was given ignored, as a process of its own would).
         return subprocess.Popen([str(PGBACKFLOW), *args], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, env=self.env(), cwd=self.cwd,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_default_signals)
 
     def sockets(self) -> set[Path]:
         return set(self.runtime.glob("*.sock"))

@@ -117,14 +117,18 @@ def server_sysid(server: EphemeralCluster) -> str:
 
 def wait_shipped(server: EphemeralCluster, storage: LocalStorage, timeout: float = 20) -> None:
     """Wait until the WAL up to the server's current position is in the storage."""
+    start = time.time()
     with server.connect() as conn:
+        # A WAL record written after `start`: the object holding it is shipped after
+        # `start` even when the segment in progress was shipped a moment before (its last
+        # change, then nothing: an mtime check alone waited in vain at CI load).
+        conn.execute("SELECT pg_logical_emit_message(false, 'pgbackflow-test', 'shipped?')")
         row = conn.execute("SELECT pg_walfile_name(pg_current_wal_lsn())").fetchone()
     assert row is not None
     segment = str(row[0])
     db_id = physical_db_id(server_sysid(server))
     folder = Path(storage.folder)
     deadline = time.monotonic() + timeout
-    start = time.time()
     while time.monotonic() < deadline:
         for name in (segment, segment + ".partial"):
             path = folder / wal_object_key(db_id, name)
