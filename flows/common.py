@@ -29,6 +29,7 @@ from prefect.logging import get_run_logger
 
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.blocks.storage import LocalStorage, S3Storage
+from pgbackflow.flows.prefect_tuning import tune_prefect
 from pgbackflow.tasks.errors import ConfigError, StorageError
 from pgbackflow.tasks.keys import (
     Keyring,
@@ -97,64 +98,35 @@ def cli_heartbeats() -> Iterator[None]:
     with -9 (or of a lost host) Crashed instead of Running forever. The ephemeral API has no
     automations and dies with the process, so no heartbeats there.
     """
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.context import SettingsContext, get_settings_context
 
-    frequency = HEARTBEAT_S if prefect_api_url() else None
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: frequency}):
+    context = get_settings_context()
+    with SettingsContext(profile=context.profile, settings=heartbeat_settings(context.settings)):
         yield
 
 
-def _heartbeats_stopping_at_once() -> None:
-    """Replace Prefect 3.8's flow-run heartbeat thread with one that stops at once.
+# (the settings a command starts from, those with the heartbeat frequency): one entry.
+_heartbeat_settings: list[tuple[Any, Any]] = []
 
-    Prefect's thread sleeps in 1 s steps and each run's end joins it: up to a second per
-    flow run (a CLI command, and every subflow of a 50-database ``backup-databases`` run).
-    This one waits on its stop event, so the join returns at once. Same events, same
-    interval. ``prefect`` is pinned to 3.8.x; tests/test_heartbeats.py fails if this
-    private hook changes.
+
+def heartbeat_settings(base: Any) -> Any:
+    """``base`` with the CLI's heartbeat frequency, built once per ``base``.
+
+    Building a Prefect Settings object validates every setting again (~40 ms): the CLI's
+    daemon builds it while it warms up, so its commands find it made (pgbackflow/daemon.py).
     """
-    import prefect.flow_engine as engine_module
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-    if getattr(engine_module._send_heartbeats, "stops_at_once", False):
-        return
-
-    @contextmanager
-    def send_heartbeats(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
-        interval = engine.heartbeat_seconds
-        if interval is None:
-            yield
-            return
-        interval = max(interval, engine_module.MINIMUM_HEARTBEAT_INTERVAL)
-        resource, related = engine._build_heartbeat_event_template()
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.is_set():
-                state = engine.flow_run.state if engine.flow_run else None
-                if state is not None and state.is_final():
-                    return
-                try:
-                    engine._emit_flow_run_heartbeat(resource, related)
-                except Exception:
-                    logger.debug("flow-run heartbeat not sent", exc_info=True)
-                stop.wait(interval)
-
-        # The thread must see this context's settings (PREFECT_API_URL), as Prefect's does.
-        thread = threading.Thread(target=contextvars.copy_context().run, args=(beat,),
-                                  daemon=True, name="pgbackflow-heartbeat")
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            if join_on_exit:
-                thread.join(timeout=2)
-
-    send_heartbeats.stops_at_once = True  # type: ignore[attr-defined]
-    engine_module._send_heartbeats = send_heartbeats
+    for known_base, settings in _heartbeat_settings:
+        if known_base is base:
+            return settings
+    frequency = HEARTBEAT_S if base.api.url else None
+    settings = base.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: frequency})
+    _heartbeat_settings[:] = [(base, settings)]
+    return settings
 
 
-_heartbeats_stopping_at_once()
+tune_prefect()
 
 
 def run_tags(job: str, db_id: str | None) -> list[str]:
@@ -185,18 +157,30 @@ def ensure_lost_run_detection() -> None:
     if get_current_settings().flows.heartbeat_frequency is None:
         return
     _lost_run_detection_on.add(url)
-    from prefect.client.orchestration import get_client
-
     from pgbackflow.deployments.automations import zombie_automation
 
     spec = zombie_automation()
     try:
-        with get_client(sync_client=True) as client:
-            if client.read_automations_by_name(spec.name):
-                return
-        spec.build().create()
+        if not lost_run_detection_exists():
+            spec.build().create()
     except Exception as exc:
         logger.warning("automation %r not created: %s", spec.name, exc)
+
+
+def lost_run_detection_exists() -> bool:
+    """Whether the Prefect API has the "crash unresponsive runs" automation; if so, this
+    process does not ask again (the CLI's daemon asks while it warms up). Raises what the
+    API raises."""
+    from prefect.client.orchestration import get_client
+
+    from pgbackflow.deployments.automations import zombie_automation
+
+    name = zombie_automation().name
+    with get_client(sync_client=True) as client:
+        found = bool(client.read_automations_by_name(name))
+    if found and (url := prefect_api_url()):
+        _lost_run_detection_on.add(url)
+    return found
 
 
 def tag_run(job: str, db_id: str | None) -> None:
@@ -322,33 +306,49 @@ def publish_summary(
     page shows the latest of each kind for each database. Outside a flow run: nothing."""
     if FlowRunContext.get() is None:
         return
-    table: threading.Thread | None = None
-    table_errors: list[Exception] = []
-    if rows is not None:
-        table_rows = rows
 
-        def send_table() -> None:
-            # Kept for the caller: an exception escaping a thread is a traceback on stderr.
-            try:
-                create_table_artifact(
-                    table_rows, key=artifact_key(f"{kind}-tables", db_id), description=description
-                )
-            except Exception as exc:
-                table_errors.append(exc)
-
-        # Two independent API calls: send them at once (the run's context goes along).
-        table = threading.Thread(
-            target=contextvars.copy_context().run, args=(send_table,),
-            name="pgbackflow-table-artifact",
-        )
-        table.start()
-    try:
+    def send_markdown() -> None:
         create_markdown_artifact(markdown, key=artifact_key(kind, db_id), description=description)
+
+    def send_table() -> None:
+        create_table_artifact(
+            rows or [], key=artifact_key(f"{kind}-tables", db_id), description=description
+        )
+
+    # Two independent API calls: sent at once.
+    in_parallel(send_markdown, *([send_table] if rows is not None else []))
+
+
+def in_parallel(*calls: Callable[[], None]) -> None:
+    """Run ``calls`` at once (the first on this thread, each other one on a thread of its
+    own, with this thread's context: the flow run, the settings) and wait for all of them.
+    For independent Prefect API calls at the end of a run, where each round trip adds to
+    the time a user waits. Raises the first call's error there is, after all have ended."""
+    errors: list[BaseException | None] = [None] * len(calls)
+
+    def run(index: int) -> None:
+        # Kept for the caller: an exception escaping a thread is a traceback on stderr.
+        try:
+            calls[index]()
+        except BaseException as exc:
+            errors[index] = exc
+
+    threads = [
+        threading.Thread(target=contextvars.copy_context().run, args=(run, index),
+                         name=f"pgbackflow-parallel-{index}")
+        for index in range(1, len(calls))
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        if calls:
+            run(0)
     finally:
-        if table is not None:
-            table.join()
-    if table_errors:
-        raise table_errors[0]
+        for thread in threads:
+            thread.join()
+    for error in errors:
+        if error is not None:
+            raise error
 
 
 class ProgressArtifact:

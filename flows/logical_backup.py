@@ -33,6 +33,7 @@ from pgbackflow.flows.common import (
     ProgressArtifact,
     StorageBlock,
     artifact_key,
+    in_parallel,
     open_storages,
     publish_everywhere,
     publish_summary,
@@ -272,15 +273,21 @@ def logical_backup(
     if any(status.status == "complete" for status in published.values()):
         # From here the backup exists whatever the Prefect API does (see published_backups).
         published_backups.append(report)
-    publish_summary(
-        "backup", report.db_id, report.markdown(), f"backup {report.backup_id}",
-        [{"table": name, "rows": rows} for name, rows in report.tables.items()],
-    )
     holding = [s for s in complete if published[s.location].status == "complete"]
-    if holding:
-        refresh_backups_table(report.db_id, lambda: read_catalog(
-            holding[0], resolve_keyring(encryption_key, key_file), db_id=report.db_id,
-            kinds=("logical",)).database(report.db_id, "logical"))
+
+    def summary() -> None:
+        publish_summary(
+            "backup", report.db_id, report.markdown(), f"backup {report.backup_id}",
+            [{"table": name, "rows": rows} for name, rows in report.tables.items()],
+        )
+
+    def backups_table() -> None:
+        if holding:
+            refresh_backups_table(report.db_id, lambda: read_catalog(
+                holding[0], resolve_keyring(encryption_key, key_file), db_id=report.db_id,
+                kinds=("logical",)).database(report.db_id, "logical"))
+
+    in_parallel(summary, backups_table)
 
     raise_if_incomplete(backup_id, statuses)
     if verify_after_backup:

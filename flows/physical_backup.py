@@ -26,6 +26,7 @@ from pgbackflow.flows.common import (
     ProgressArtifact,
     StorageBlock,
     artifact_key,
+    in_parallel,
     open_storages,
     publish_everywhere,
     publish_summary,
@@ -296,10 +297,15 @@ def _run_physical_backup(
         destinations=statuses,
         chain=_chain_links(chain),
     )
-    publish_summary("physical-backup", facts.db_id, report.markdown(), f"backup {backup_id}")
-    if stored is not None:
-        publish_chain_overview(stored)
-        refresh_backups_table(facts.db_id, lambda: stored)
+    catalog = stored
+
+    def summary() -> None:
+        publish_summary("physical-backup", facts.db_id, report.markdown(), f"backup {backup_id}")
+
+    # Independent API calls, at once: the run ends (and a user's command returns) sooner.
+    in_parallel(summary, *(() if catalog is None else (
+        lambda: publish_chain_overview(catalog),
+        lambda: refresh_backups_table(facts.db_id, lambda: catalog))))
     raise_if_incomplete(backup_id, statuses)
     return report
 

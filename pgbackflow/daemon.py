@@ -98,24 +98,54 @@ def warm_up(mode: str) -> None:
     for name in LAZY_MODULES:
         with suppress(ImportError):
             importlib.import_module(name)
-    _check_api_version_once()
+    _ask_the_api_once(mode)
+    if mode == "cli":
+        from prefect.settings import get_current_settings
+
+        from pgbackflow.cli import click_command
+        from pgbackflow.flows.common import heartbeat_settings
+
+        click_command()  # typer builds it from the app at every call otherwise
+        heartbeat_settings(get_current_settings())  # validating every setting: ~40 ms
+    from pgbackflow.tasks.toolsets import available_toolsets
+
+    # Each toolset's version and zstd support: pg_config runs (6 per backup) cached per
+    # process (per binary's mtime), so every fork finds them known.
+    zstd = {toolset.major: toolset.supports_zstd for toolset in available_toolsets()}
+    log("PostgreSQL toolsets: " + (", ".join(
+        f"{major}{' (zstd)' if has_zstd else ''}" for major, has_zstd in zstd.items()) or "none"))
 
 
-def _check_api_version_once() -> None:
-    """Prefect checks the API's version once per process (a round trip of ~0.5 s on the
-    first request): done here, every forked command finds it done. Best effort: with the
-    API down, each command checks (and reports) it itself."""
+def _ask_the_api_once(mode: str) -> None:
+    """What each fresh process asks the Prefect API once, asked here so that every forked
+    command finds it answered: the API's version (Prefect's clients ask it, and its event
+    client asks it again under another key; a round trip of ~25 ms up to ~0.5 s on the
+    first request) and whether the lost-run automation exists. Best effort: with the API
+    down, each command asks (and reports) it itself."""
+    import asyncio
+    import logging
+
+    from prefect._internal.version_checking import check_server_version
     from prefect.settings import PREFECT_API_URL
 
-    if not PREFECT_API_URL.value():
+    url = PREFECT_API_URL.value()
+    if not url:
         return  # a temporary local server per command: nothing to ask yet
     from prefect.client.orchestration import get_client
+
+    from pgbackflow.flows.common import lost_run_detection_exists
 
     try:
         with get_client(sync_client=True) as client:
             client.raise_for_api_version_mismatch_once()
+        # asyncio.run joins its executor's threads: none is left running before a fork.
+        asyncio.run(check_server_version(url, logging.getLogger("pgbackflow.daemon"),
+                                         raise_on_error=False))
+        # Only looked up: creating it would start Prefect's event loop thread before the
+        # forks. A missing one is created by the first command that sends heartbeats.
+        lost_run_detection_exists()
     except Exception as exc:  # the commands will report it themselves
-        log(f"Prefect API version check skipped: {type(exc).__name__}")
+        log(f"Prefect API questions skipped: {type(exc).__name__}")
 
 
 class Daemon:
@@ -317,9 +347,9 @@ def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int],
             runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(request["argv"])
-            from pgbackflow.cli import app
+            from pgbackflow.cli import main
 
-            app(prog_name="pgbackflow")
+            main(prog_name="pgbackflow")
         code = 0
     except SystemExit as exc:
         code = _exit_code(exc.code)

@@ -36,8 +36,8 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import suppress
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 #: Variables a shell sets or changes on its own: not part of a daemon's identity; the
 #: command's child gets the launcher's values. So do Prefect's per-run variables
@@ -72,8 +72,7 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUI
                      signal.SIGUSR1, signal.SIGUSR2)
 
 
-@dataclass(frozen=True)
-class DaemonAddress:
+class DaemonAddress(NamedTuple):
     """Where the daemon for one set of inputs listens, and what identifies that set.
 
     Attributes:
@@ -443,8 +442,7 @@ def main() -> None:
     run_here()
 
 
-@dataclass(frozen=True)
-class RunningDaemon:
+class RunningDaemon(NamedTuple):
     """A daemon of this user (``pgbackflow daemon status``)."""
 
     key: str

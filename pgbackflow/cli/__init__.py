@@ -12,9 +12,12 @@ answer without it.
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from functools import cache
+from typing import Annotated, Any
 
 import typer
+import typer.main
 
 from pgbackflow import __version__
 from pgbackflow.cli import logical, operate, physical, retention
@@ -86,6 +89,16 @@ app.command("physical-list")(physical.physical_list)
 app.command("retention")(retention.retention_command)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+@cache
+def click_command() -> Any:
+    """The click command typer builds from ``app`` at every call (~20 ms): built once per
+    process; the CLI's daemon builds it while it warms up, so its commands find it made."""
+    return typer.main.get_command(app)
+
+
+def main(prog_name: str | None = None) -> None:
+    """Console-script entry point (and the CLI daemon's, per command): ``app()``, with its
+    click command built once."""
+    if sys.excepthook is not typer.main.except_hook:
+        sys.excepthook = typer.main.except_hook  # as ``app()`` sets it
+    click_command()(prog_name=prog_name)
