@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 from uuid import UUID
 
 from prefect import Task, task
@@ -319,36 +319,53 @@ def publish_summary(
     in_parallel(send_markdown, *([send_table] if rows is not None else []))
 
 
-def in_parallel(*calls: Callable[[], None]) -> None:
-    """Run ``calls`` at once (the first on this thread, each other one on a thread of its
-    own, with this thread's context: the flow run, the settings) and wait for all of them.
-    For independent Prefect API calls at the end of a run, where each round trip adds to
-    the time a user waits. Raises the first call's error there is, after all have ended."""
-    errors: list[BaseException | None] = [None] * len(calls)
+class Background(Generic[T]):
+    """``call()`` started now on a thread of its own, with this thread's context (the flow
+    run, the settings); :meth:`result` waits for it. For Prefect API calls a run needs
+    later, sent while it does its work (pg_dump) instead of before or after it."""
 
-    def run(index: int) -> None:
-        # Kept for the caller: an exception escaping a thread is a traceback on stderr.
+    def __init__(self, call: Callable[[], T], name: str = "pgbackflow-background") -> None:
+        self._call = call
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=contextvars.copy_context().run,
+                                        args=(self._run,), name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        # Kept for result(): an exception escaping a thread is a traceback on stderr.
         try:
-            calls[index]()
+            self._value = self._call()
         except BaseException as exc:
-            errors[index] = exc
+            self._error = exc
 
-    threads = [
-        threading.Thread(target=contextvars.copy_context().run, args=(run, index),
-                         name=f"pgbackflow-parallel-{index}")
-        for index in range(1, len(calls))
-    ]
-    for thread in threads:
-        thread.start()
+    def result(self) -> T:
+        """The call's value, once it has ended; raises its error."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return cast(T, self._value)
+
+
+def in_parallel(*calls: Callable[[], None]) -> None:
+    """Run ``calls`` at once (the first on this thread, the others in the
+    :class:`Background`) and wait for all of them. For independent Prefect API calls at the
+    end of a run, where each round trip adds to the time a user waits. Raises the first
+    call's error there is, after all have ended."""
+    started = [Background(call, f"pgbackflow-parallel-{n}") for n, call in enumerate(calls[1:])]
+    errors: list[BaseException] = []
     try:
         if calls:
-            run(0)
-    finally:
-        for thread in threads:
-            thread.join()
-    for error in errors:
-        if error is not None:
-            raise error
+            calls[0]()
+    except BaseException as exc:
+        errors.append(exc)
+    for other in started:
+        try:
+            other.result()
+        except BaseException as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
 
 
 class ProgressArtifact:

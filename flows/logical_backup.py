@@ -30,6 +30,7 @@ from pgbackflow.blocks.database import PostgresDatabase, checked_db_id
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.flows.common import (
     RETRY_DELAYS,
+    Background,
     ProgressArtifact,
     StorageBlock,
     artifact_key,
@@ -45,7 +46,7 @@ from pgbackflow.flows.common import (
     tag_run,
     write_statuses,
 )
-from pgbackflow.flows.maintenance import refresh_backups_table
+from pgbackflow.flows.maintenance import refresh_backups_table, verified_backups
 from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.database import ConnectionSettings, query_error
@@ -247,15 +248,22 @@ def logical_backup(
     # SSH tunnel when it names a bastion.
     with database.connection_settings() as settings:
         identity, toolset = inspect_source(settings)
-        db_id = db_id or database.db_id or identity.db_id
-        tag_run("logical", db_id)
+        db_id = known_id = db_id or database.db_id or identity.db_id
+        # Sent while pg_dump runs, not before it: the run's tag of the database (waited for
+        # before the run can end) and which of its backups were verified (for the backups
+        # table at the end).
+        tagging = Background(lambda: tag_run("logical", known_id))
+        verified = Background(lambda: verified_backups([known_id]))
         backup_id = new_backup_id(started_at)
         prefix = backup_prefix(db_id, backup_id)
-        with backup_slots(db_id, database):
-            dump = dump_database_task(
-                settings, toolset, targets, master_key, prefix + DUMP_NAME,
-                artifact_key("backup-progress", db_id),
-            )
+        try:
+            with backup_slots(db_id, database):
+                dump = dump_database_task(
+                    settings, toolset, targets, master_key, prefix + DUMP_NAME,
+                    artifact_key("backup-progress", db_id),
+                )
+        finally:
+            tagging.result()
     # Only storages that hold a complete dump get the rest of the backup.
     holding_dump = [s for s in targets if s.location in dump.write.completed_in]
     globals_write = store_globals_task(
@@ -285,7 +293,7 @@ def logical_backup(
         if holding:
             refresh_backups_table(report.db_id, lambda: read_catalog(
                 holding[0], resolve_keyring(encryption_key, key_file), db_id=report.db_id,
-                kinds=("logical",)).database(report.db_id, "logical"))
+                kinds=("logical",)).database(report.db_id, "logical"), verified.result)
 
     in_parallel(summary, backups_table)
 

@@ -166,16 +166,19 @@ def publish_backups_table(entry: DatabaseCatalog, kept: dict[str, str] | None = 
     publish_summary("backups", entry.db_id, "\n".join(lines), f"backups of {entry.db_id}", rows)
 
 
-def refresh_backups_table(db_id: str, read: Callable[[], DatabaseCatalog | None]) -> None:
+def refresh_backups_table(db_id: str, read: Callable[[], DatabaseCatalog | None],
+                          verified: Callable[[], dict[str, set[str]]] | None = None) -> None:
     """After a backup: the database's "backups of <db>" table from the catalog entry
-    ``read()`` returns (of a storage that holds the backup). Outside a flow run nothing; a
+    ``read()`` returns (of a storage that holds the backup) and ``verified()`` (default:
+    :func:`verified_backups` of ``db_id``, asked now). Outside a flow run nothing; a
     failure is a warning, never the backup's failure (the backup is already published)."""
     if FlowRunContext.get() is None:
         return
     try:
         entry = read()
         if entry is not None:
-            publish_backups_table(entry, None, verified_backups([db_id]).get(db_id, ()))
+            known = verified() if verified is not None else verified_backups([db_id])
+            publish_backups_table(entry, None, known.get(db_id, ()))
     except Exception as exc:
         get_run_logger().warning("backups table of %s not refreshed: %s", db_id,
                                  str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

@@ -25,7 +25,13 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from pgbackflow.flows.common import HEARTBEAT_S, cli_heartbeats, heartbeat_settings, in_parallel
+from pgbackflow.flows.common import (
+    HEARTBEAT_S,
+    Background,
+    cli_heartbeats,
+    heartbeat_settings,
+    in_parallel,
+)
 from pgbackflow.flows.prefect_tuning import TLS_CONTEXT_MODULES, SharedVerifiedContexts
 
 
@@ -112,6 +118,22 @@ def test_in_parallel_raises_the_first_error_after_every_call_ended() -> None:
     with pytest.raises(ValueError, match="first"):
         in_parallel(slow, fails, also_fails)
     assert ended == ["slow"]
+
+
+def test_background_runs_while_the_caller_goes_on() -> None:
+    release = threading.Event()
+    started = time.monotonic()
+    waiting = Background(lambda: release.wait(5) and "done")
+    assert time.monotonic() - started < 1, "Background waited for its call"
+    release.set()
+    assert waiting.result() == "done"
+
+    def fails() -> str:
+        raise RuntimeError("API down")
+
+    failing = Background(fails)
+    with pytest.raises(RuntimeError, match="API down"):
+        failing.result()
 
 
 def test_heartbeat_settings_are_built_once_per_base(prefect_api: str) -> None:
