@@ -102,6 +102,9 @@ def cli_heartbeats() -> Iterator[None]:
 
     context = get_settings_context()
     with SettingsContext(profile=context.profile, settings=heartbeat_settings(context.settings)):
+        # Before the run's first heartbeat: the automation only watches runs whose heartbeat
+        # it has seen, so a command killed before its second one (30 s) would stay Running.
+        ensure_lost_run_detection()
         yield
 
 

@@ -34,7 +34,7 @@ from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.manifest import LogicalManifest, list_backups
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3ObjectStorage, Storage
 from pgbackflow.tasks.toolsets import toolsets_home
-from tests.fixtures.postgres import BigDatabase, PgServers, make_database
+from tests.fixtures.postgres import BigDatabase, PgServers, make_database, without_libpq_env
 from tests.fixtures.prefect import settled_task_runs
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
@@ -82,7 +82,7 @@ class Cli:
     def env(self, **extra: str) -> dict[str, str]:
         """The child's environment: ours (AWS_* of the s3 fixture included) minus PG*."""
         # No stray PGPASSWORD/PGHOST/PGBACKFLOW_TOOLSETS of the caller's shell.
-        env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+        env = without_libpq_env(dict(os.environ))
         env.update(
             PREFECT_API_URL=self.prefect_api,
             PGBACKFLOW_RETRY_DELAYS="0.2",

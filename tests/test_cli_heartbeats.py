@@ -29,7 +29,7 @@ import pgbackflow.flows.common  # noqa: F401  (installs the heartbeat thread und
 from pgbackflow.deployments.automations import ZOMBIE_AFTER_S, ZOMBIE_AUTOMATION
 from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.keys import MasterKey, write_key_file
-from tests.fixtures.postgres import PgServers, make_database
+from tests.fixtures.postgres import PgServers, make_database, without_libpq_env
 from tests.fixtures.prefect_server import BIN, PrefectServer, postgres_backed_prefect_server
 
 pytestmark = pytest.mark.timeout(600)
@@ -136,7 +136,7 @@ def test_a_killed_cli_backup_ends_crashed(
     db_id = f"hb-{name}"
     dsn = (f"postgresql://{server.superuser}:{server.password}@{server.host}:{server.port}/"
            f"{name}?sslmode=disable")
-    env = {key: value for key, value in heartbeat_server.env.items() if not key.startswith("PG")}
+    env = without_libpq_env(heartbeat_server.env)
     cli = subprocess.Popen(
         [str(BIN / "pgbackflow"), "backup", "--db", dsn, "--db-id", db_id,
          "--to", str(tmp_path / "store"), "--key-file", str(key_file)],

@@ -43,6 +43,7 @@ from pgbackflow.tasks.reports import BackupReport, PhysicalBackupReport
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.verify_physical import pick_backup
+from tests.fixtures.postgres import without_libpq_env
 from tests.fixtures.s3 import S3Bucket
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg, pytest.mark.timeout(900)]
@@ -124,7 +125,7 @@ class Cli:
     key_file: Path
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env = without_libpq_env(dict(os.environ))
         env.update(PREFECT_API_URL=self.prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2",
                    PGBACKFLOW_KEY_FILE=str(self.key_file), DO_NOT_TRACK="1")
         return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300,

@@ -38,7 +38,7 @@ from pgbackflow.tasks.storage import (
     sweep_grace,
 )
 from tests.fixtures.mounts import tmpfs
-from tests.fixtures.postgres import BigDatabase, PgServers, make_database
+from tests.fixtures.postgres import BigDatabase, PgServers, make_database, without_libpq_env
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ class Cli:
     key_file: Path
 
     def env(self, extra: dict[str, str]) -> dict[str, str]:
-        env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+        env = without_libpq_env(dict(os.environ))
         env.update(
             PREFECT_API_URL=self.prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2", DO_NOT_TRACK="1",
         )

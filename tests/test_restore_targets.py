@@ -29,7 +29,7 @@ from pgbackflow.tasks.keys import Keyring, MasterKey, load_key_file, write_key_f
 from pgbackflow.tasks.manifest import LogicalManifest, list_backups, write_manifest
 from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.toolsets import find_toolset
-from tests.fixtures.postgres import PgServers, make_database
+from tests.fixtures.postgres import PgServers, make_database, without_libpq_env
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -39,7 +39,7 @@ PREFERRED_MAJOR = 17
 
 def run_cli(prefect_api: str, *args: str) -> subprocess.CompletedProcess[str]:
     """``pgbackflow ARGS`` with the session's Prefect API and no PG* of our environment."""
-    env = {name: value for name, value in os.environ.items() if not name.startswith("PG")}
+    env = without_libpq_env(dict(os.environ))
     env.update(PREFECT_API_URL=prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2", DO_NOT_TRACK="1")
     return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300,
                           env=env, check=False)
