@@ -297,15 +297,14 @@ def _run_physical_backup(
         destinations=statuses,
         chain=_chain_links(chain),
     )
-    catalog = stored
-
-    def summary() -> None:
-        publish_summary("physical-backup", facts.db_id, report.markdown(), f"backup {backup_id}")
-
+    calls = [lambda: publish_summary("physical-backup", facts.db_id, report.markdown(),
+                                     f"backup {backup_id}")]
+    if stored is not None:
+        catalog = stored
+        calls += [lambda: publish_chain_overview(catalog),
+                  lambda: refresh_backups_table(facts.db_id, lambda: catalog)]
     # Independent API calls, at once: the run ends (and a user's command returns) sooner.
-    in_parallel(summary, *(() if catalog is None else (
-        lambda: publish_chain_overview(catalog),
-        lambda: refresh_backups_table(facts.db_id, lambda: catalog))))
+    in_parallel(*calls)
     raise_if_incomplete(backup_id, statuses)
     return report
 

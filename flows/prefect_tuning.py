@@ -30,7 +30,7 @@ def heartbeats_stopping_at_once() -> None:
     Prefect's thread sleeps in 1 s steps and each run's end joins it: up to a second per
     flow run (a CLI command, and every subflow of a 50-database ``backup-databases`` run).
     This one waits on its stop event, so the join returns at once. Same events, same
-    interval. ``prefect`` is pinned to 3.8.x; tests/test_heartbeats.py fails if this
+    interval. ``prefect`` is pinned to 3.8.x; tests/test_cli_heartbeats.py fails if this
     private hook changes.
     """
     import prefect.flow_engine as engine_module
@@ -72,7 +72,6 @@ def heartbeats_stopping_at_once() -> None:
 
     send_heartbeats.stops_at_once = True  # type: ignore[attr-defined]
     engine_module._send_heartbeats = send_heartbeats
-
 
 
 class SharedVerifiedContexts:
