@@ -13,8 +13,10 @@ import pytest
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The CLI's warm daemon (pgbackflow/launcher.py) is tested in tests/test_daemon.py; elsewhere
-# each `pgbackflow` runs in its own process, as the kill -9 and fault tests assume (and no
-# test leaves a daemon behind).
+# each `pgbackflow` command runs in its own process, as the kill -9 and fault tests assume
+# (and no test leaves a daemon behind). Workers the tests start (PrefectServer.start_worker)
+# run deployments through the flow-run daemon, as in production, in a runtime directory of
+# their server's that stop_workers clears.
 os.environ.setdefault("PGBACKFLOW_DAEMON", "off")
 
 pytest_plugins = [

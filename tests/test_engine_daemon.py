@@ -39,6 +39,7 @@ from tests.fixtures.deploy_config import config_head
 from tests.fixtures.prefect_server import (
     BIN,
     PrefectServer,
+    daemon_pids,
     flow_run_pids,
     postgres_backed_prefect_server,
 )
@@ -81,17 +82,6 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
-
-
-def _daemon_pids(runtime: Path) -> list[int]:
-    pids = []
-    for lock in runtime.glob("*.lock"):
-        text = lock.read_text().strip()
-        if text.isdigit() and Path(f"/proc/{text}").exists():
-            stat = Path(f"/proc/{text}/stat").read_text().rpartition(")")[2].split()
-            if stat[0] != "Z":
-                pids.append(int(text))
-    return pids
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +140,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                 yield Site(server, cluster, store, key_file, runtime, env, deployments, worker,
                            worker_log)
             finally:
-                for pid in _daemon_pids(runtime):
+                for pid in daemon_pids(runtime):
                     os.kill(pid, signal.SIGKILL)
     finally:
         cluster.stop()
@@ -224,7 +214,7 @@ def test_worker_sigterm_ends_a_run_of_the_daemon(site: Site) -> None:
     """Last in the module: it stops the worker."""
     site.server.wait_for("a flow-run daemon to serve",
                          lambda: "serving" in _daemon_logs(site.runtime), 120, 0.2)
-    daemons = _daemon_pids(site.runtime)
+    daemons = daemon_pids(site.runtime)
     assert daemons, _daemon_logs(site.runtime)
     locker = site.cluster.connect("victim")
     try:
@@ -245,7 +235,7 @@ def test_worker_sigterm_ends_a_run_of_the_daemon(site: Site) -> None:
         assert elapsed <= STOP_LIMIT_S, log[-3000:]
         assert not flow_run_pids(run["id"]), "processes of the run still running"
         assert not _alive(child), "the daemon's child running the run is still there"
-        assert not [pid for pid in daemons if pid in _daemon_pids(site.runtime)], \
+        assert not [pid for pid in daemons if pid in daemon_pids(site.runtime)], \
             "the daemon outlived its worker"
         state = _state(site, run["id"])
         assert state["type"] in FINAL - {"COMPLETED"}, state
