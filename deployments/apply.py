@@ -230,9 +230,9 @@ def plan_changes(plan: PrefectPlan, keep_tags: Iterable[str] = ()) -> list[Chang
 
     Args:
         plan: The wanted state.
-        keep_tags: ``db:<id>`` and ``storage:<name>`` tags still in the config; config-made
-            deployments with such a tag outside this set (and not in the plan) are to be
-            paused.
+        keep_tags: ``db:<id>`` and ``storage:<name>`` tags still in the config (they only
+            say why a deployment is paused: every config-made deployment not in the plan
+            is).
     """
     changes: list[Change] = []
     with get_client(sync_client=True) as client:
@@ -268,13 +268,37 @@ def plan_changes(plan: PrefectPlan, keep_tags: Iterable[str] = ()) -> list[Chang
         keep = set(keep_tags)
         for stale in _managed_deployments(client):
             name = _full_name(client, stale)
-            scope = {t for t in stale.tags if t.startswith(("db:", "storage:"))}
-            if name in wanted or stale.paused or not scope or scope & keep:
+            if name in wanted or stale.paused:
                 continue
-            what = "storage" if any(t.startswith("storage:") for t in scope) else "database"
-            changes.append(Change("-", "deployment", name,
-                                  (f"paused: its {what} is no longer in the config",)))
+            changes.append(Change("-", "deployment", name, (_why_paused(stale.tags, keep),)))
     return changes
+
+
+def _why_paused(tags: Iterable[str], keep: set[str]) -> str:
+    """Why a config-made deployment the plan no longer has is paused: its database or
+    storage left the config, or the config switched this job off (``health_check = "off"``,
+    no ``incremental``, no ``verify``): either way it must not run on."""
+    scope = {t for t in tags if t.startswith(("db:", "storage:"))}
+    if scope & keep:
+        return "paused: switched off in the config"
+    what = "storage" if any(t.startswith("storage:") for t in scope) else "database"
+    return f"paused: its {what} is no longer in the config"
+
+
+def _forget_health_state(client: SyncPrefectClient, tags: Iterable[str]) -> None:
+    """A paused health check's remembered state is deleted: ``pgbackflow status`` lists what
+    the health checks remember, and a database no longer checked must not stay in it with
+    a stale state (re-added, it starts afresh)."""
+    from pgbackflow.deployments.verification import DB_TAG_PREFIX, job_tag
+    from pgbackflow.flows.health import variable_name
+
+    tags = list(tags)
+    if job_tag("health") not in tags:
+        return
+    for tag in tags:
+        if tag.startswith(DB_TAG_PREFIX):
+            with suppress(ObjectNotFound):
+                client.delete_variable_by_name(variable_name(tag.removeprefix(DB_TAG_PREFIX)))
 
 
 def _read_deployment(client: SyncPrefectClient, full_name: str) -> DeploymentResponse | None:
@@ -329,6 +353,7 @@ def apply_plan(plan: PrefectPlan, changes: Sequence[Change]) -> dict[str, UUID]:
                 stale = _read_deployment(client, change.name)
                 if stale is not None:
                     client.pause_deployment(stale.id)
+                    _forget_health_state(client, stale.tags)
     return ids
 
 

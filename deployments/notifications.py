@@ -134,8 +134,9 @@ class DatabaseNotify(NotifyDefaults):
 
     missed_backup: str | None = None
     missed_verification: str | None = None
+    missed_health_check: str | None = None
 
-    _windows = field_validator("missed_backup", "missed_verification")(
+    _windows = field_validator("missed_backup", "missed_verification", "missed_health_check")(
         classmethod(lambda cls, v: _window_or_off(v))
     )
 
@@ -145,10 +146,11 @@ class ClusterNotify(NotifyDefaults):
 
     missed_full: str | None = None
     missed_incremental: str | None = None
+    missed_health_check: str | None = None
     wal_stalled_minutes: float = Field(default=15, gt=0)
     slot_retained_gb: float = Field(default=50, gt=0)
 
-    _windows = field_validator("missed_full", "missed_incremental")(
+    _windows = field_validator("missed_full", "missed_incremental", "missed_health_check")(
         classmethod(lambda cls, v: _window_or_off(v))
     )
 
@@ -185,6 +187,17 @@ def missed_window(cron: str, override: str | None) -> timedelta | None:
         if current.year > 2026:
             break
     return max(longest * 1.5, longest + timedelta(hours=1))
+
+
+def missed_health_window(interval: timedelta, override: str | None) -> timedelta | None:
+    """How long without a completed health check is "missed": the override, or five
+    intervals and at least 5 minutes (a check of a database that is down completes too: it
+    is the checks themselves that stopped). ``off``: None."""
+    if override == "off":
+        return None
+    if override is not None:
+        return parse_window(override)
+    return max(interval * 5, timedelta(minutes=5))
 
 
 # ---------------------------------------------------------------------------------------
@@ -489,6 +502,15 @@ def config_automations(config: Any) -> list[AutomationSpec]:
             result += outcome_automations(db_id, "wal", settings, targets, enabled=enabled)
         if entry.health_check == "off":  # nothing would send their events
             return result
+        # Checks that stop completing (a missing block, no worker, a paused schedule)
+        # announce no down or up: the absence of their successes is noticed instead.
+        health_window = missed_health_window(parse_window(entry.health_check),
+                                             entry.notify.missed_health_check if entry.notify
+                                             else None)
+        if health_window is not None:
+            result.append(missed_automation(db_id, "health", health_window, targets,
+                                            deployment=f"health-check/health-{db_id}",
+                                            enabled=enabled))
         if streamed:
             result += wal_automations(db_id, settings, targets, enabled=enabled)
         return result + health_automations(db_id, settings, targets, enabled=enabled)

@@ -42,9 +42,13 @@ PRESETS = {"hourly", "daily", "weekly", "monthly"}
 _CRON_FIELD = re.compile(r"^[\d*/,\-]+$")
 
 
+#: Prefix of :func:`db_tag`.
+DB_TAG_PREFIX = "db:"
+
+
 def db_tag(db_id: str) -> str:
     """The tag that marks a run as belonging to one database."""
-    return f"db:{db_id}"
+    return DB_TAG_PREFIX + db_id
 
 
 def job_tag(kind: str) -> str:

@@ -31,6 +31,7 @@ from prefect.logging import get_run_logger
 
 from pgbackflow.blocks.database import PostgresDatabase, checked_db_id
 from pgbackflow.flows.common import tag_run
+from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.health import (
     DOWN_AFTER,
@@ -170,7 +171,10 @@ def _run_name() -> str:
     return f"health-{flow_run.parameters.get('db_id', 'database')}"
 
 
-@flow(name="health-check", flow_run_name=_run_name, log_prints=False)
+# The success event: the "missed health check" automation waits for it (a check that
+# cannot run at all, a paused schedule or no worker is noticed as no success).
+@flow(name="health-check", flow_run_name=_run_name, log_prints=False,
+      on_completion=[announce_success])
 def health_check(
     database: PostgresDatabase,
     db_id: str,

@@ -37,6 +37,9 @@ def outcome_facts(result: Any) -> dict[str, Any]:
             "size_bytes": sum(s for s in sizes if s is not None),
             "summary": f"{len(result)} databases backed up",
         }
+    if isinstance(result, dict) and "db_id" in result and "state" in result:  # health check
+        return {"backup_id": "-", "size_bytes": None,
+                "summary": f"{result['db_id']} is {result['state']}"}
     if isinstance(result, dict):  # maintenance: deleted_backups lists "db_id/backup_id"
         if result.get("dry_run"):
             planned = result.get("planned_bytes_freed")

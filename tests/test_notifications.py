@@ -17,7 +17,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,8 @@ class Site:
         idle = ('missed_backup = "20s", missed_verification = "20s"' if missed_alerts
                 else 'missed_backup = "2h"')
         phys = 'missed_full = "20s"' if missed_alerts else 'missed_full = "off"'
+        unchecked = 'missed_health_check = "20s"' if missed_alerts else \
+            'missed_health_check = "off"'
         tidy_section = (f'[storages.ntf-tidy]\n            url = "{self.tidy}"\n'
                         '            maintenance = "daily at 03:30"\n' if tidy else "")
         text = config_head(POOL, self.key_file, self.store, self.cluster,
@@ -121,6 +123,19 @@ class Site:
             wal = false
             health_check = "off"
             notify = {{ {phys} }}
+
+            # Health checks hourly (the test pauses them): alerted when none completes.
+            [databases.ntf-unchecked]
+            server = "pg"
+            database = "shop"
+            storages = ["local"]
+            backup = "daily at 02:00"
+            health_check = "1h"
+            [databases.ntf-unchecked.notify]
+            on_failure = false
+            on_success = false
+            missed_backup = "off"
+            {unchecked}
 
             [databases.ntf-retry-on]
             server = "pg"
@@ -215,7 +230,7 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
         deployments = {d["name"]: d for d in http.post("deployments/filter", json={
             "deployments": {"tags": {"all_": ["pgbackflow-config"]}}}).json()
             if d["name"].startswith(("logical-ntf-", "verify-ntf-", "full-ntf-",
-                                     "maintenance-ntf-"))}
+                                     "maintenance-ntf-", "health-ntf-"))}
         automations = http.post("automations/filter", json={}).json()
     # The webhook's token and the password live in blocks only.
     dumped = json.dumps([deployments, automations, first.stdout, first.stderr])
@@ -514,14 +529,16 @@ def test_unusable_notification_block_is_one_line(
 
 @pytest.fixture(scope="module")
 def missed_alerts(prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]) -> None:
-    """20 s missed windows for a logical backup, a verification and a full backup, for
-    the tests that wait for their alerts (the next deploy of the module's config, without
-    them, pauses the full backup's and sets the others back)."""
+    """20 s missed windows for a logical backup, a verification, a full backup and a
+    health check, for the tests that wait for their alerts (the next deploy of the module's
+    config, without them, pauses the full backup's and the health check's and sets the
+    others back)."""
     site.write_config(missed_alerts=True)
     result = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     for change in ("~ automation pgbackflow missed logical: ntf-idle",
                    "~ automation pgbackflow missed verification: ntf-idle",
-                   "+ automation pgbackflow missed full: ntf-phys"):
+                   "+ automation pgbackflow missed full: ntf-phys",
+                   "+ automation pgbackflow missed health: ntf-unchecked"):
         assert change in result.stdout, result.stdout
 
 
@@ -530,6 +547,9 @@ def missed_alerts(prefect_server: PrefectServer, site: Site, deployed: dict[str,
     ("logical-ntf-idle", "no successful logical backup of ntf-idle", "20.0 s"),
     ("verify-ntf-idle", "no successful restore verification of ntf-idle", "20.0 s"),
     ("full-ntf-phys", "no successful full backup of ntf-phys", "20.0 s"),
+    # Health checks that do not complete (paused here; a missing block or no worker alike)
+    # announce neither down nor up: their absence is noticed.
+    ("health-ntf-unchecked", "no successful health check of ntf-unchecked", "20.0 s"),
 ])
 def test_paused_schedule_alerts_missed_job(
     prefect_server: PrefectServer, site: Site, deployed: dict[str, Any], deployment: str,
@@ -542,7 +562,7 @@ def test_paused_schedule_alerts_missed_job(
         response = http.post(f"deployments/{deployed[deployment]['id']}/pause_deployment")
         assert response.status_code < 300, response.text
     flow = {"logical": "logical-backup", "verify": "restore-verification",
-            "full": "full-backup"}[deployment.split("-")[0]]
+            "full": "full-backup", "health": "health-check"}[deployment.split("-")[0]]
     for via in ("webhook", "smtp"):
         messages = _wait_messages(
             prefect_server, f"the alert {subject!r} over {via}",
@@ -749,12 +769,18 @@ def test_every_job_kind_has_its_toggles_on_the_runs_of_its_deployment(
         check = deployments[f"health-check/health-{owner}"]
         assert check.schedule is not None and check.schedule.interval_s == 60, check.schedule
         assert {f"db:{owner}", "job:health"} <= set(check.tags) and not check.paused
+        # Checks that stop completing: missed after 5 intervals, at least 5 minutes.
+        missed = automations.pop(f"pgbackflow missed health: {owner}")
+        assert missed.enabled and tags(missed) <= set(check.tags), owner
+        assert missed.trigger.within == timedelta(minutes=5), missed.trigger
+        assert f"deployment: health-check/health-{owner}" in missed.actions[0].body
     # The disabled cluster: what its toggles pick, every one paused.
     off = {name: a for name, a in automations.items() if name.endswith(": kinds-off")}
     assert {name: a.enabled for name, a in off.items()} == {
         "pgbackflow notify full failed: kinds-off": False,
         "pgbackflow notify incremental failed: kinds-off": False,
         "pgbackflow missed full: kinds-off": False,
+        "pgbackflow missed health: kinds-off": False,
     }
     assert all(d.paused for name, d in deployments.items() if name.endswith("-kinds-off"))
     assert not [name for name in automations if "kinds" in name and name not in off]
@@ -772,7 +798,9 @@ def test_every_job_kind_has_its_toggles_on_the_runs_of_its_deployment(
      "or 2w, or \"off\""),
     ('notify = { missed_full = "1d" }',
      "databases.shop.notify.missed_full: unknown key; allowed: block, missed_backup, "
-     "missed_verification, on_failure, on_success"),
+     "missed_health_check, missed_verification, on_failure, on_success"),
+    ('notify = { missed_health_check = "5s" }',
+     "databases.shop.notify.missed_health_check: '5s' is shorter than 10 s"),
     ('health_check = "5s"', "databases.shop.health_check: '5s' is shorter than 10 s"),
 ])
 def test_notify_config_mistakes_are_one_line(tmp_path: Path, entry: str, message: str) -> None:
@@ -797,6 +825,30 @@ def test_missed_window_follows_the_schedule() -> None:
     assert missed_window("0 1 * * 1-5", None) == timedelta(days=4, hours=12)  # weekend gap
     assert missed_window("0 1 * * *", "90m") == timedelta(minutes=90)
     assert missed_window("0 1 * * *", "off") is None
+
+
+def test_missed_health_window_follows_the_interval() -> None:
+    from datetime import timedelta
+
+    from pgbackflow.deployments.notifications import missed_health_window
+
+    assert missed_health_window(timedelta(minutes=1), None) == timedelta(minutes=5)
+    assert missed_health_window(timedelta(seconds=10), None) == timedelta(minutes=5)
+    assert missed_health_window(timedelta(minutes=10), None) == timedelta(minutes=50)
+    assert missed_health_window(timedelta(minutes=1), "20s") == timedelta(seconds=20)
+    assert missed_health_window(timedelta(minutes=1), "off") is None
+
+
+def test_a_health_check_result_is_a_success_event_summary() -> None:
+    """The health check's on_completion hook sends the success event the missed-health
+    automation waits for: its result (the state it remembers) gives a summary, no size."""
+    from pgbackflow.flows.health import health_check
+    from pgbackflow.flows.outcome import announce_success, outcome_facts
+    from pgbackflow.tasks.health import HealthState
+
+    assert announce_success in health_check.on_completion_hooks
+    assert outcome_facts(HealthState("shop", "down").to_json()) == {
+        "backup_id": "-", "size_bytes": None, "summary": "shop is down"}
 
 
 def test_notify_command_points_to_the_deploy_config() -> None:

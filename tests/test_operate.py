@@ -47,8 +47,9 @@ class Site:
     env: dict[str, str]
     worker_dir: Path
 
-    def write_config(self, *, extra: str = "", shop: bool = True) -> None:
-        shop_entry = textwrap.dedent("""
+    def write_config(self, *, extra: str = "", shop: bool = True,
+                     shop_health: str = "1m") -> None:
+        shop_entry = textwrap.dedent(f"""
             [databases.shop]
             server = "pg"
             database = "shop"
@@ -56,6 +57,7 @@ class Site:
             backup = "* * * * *"
             verify = "daily at 04:00"
             verify_sandbox = "local"
+            health_check = "{shop_health}"
         """) if shop else ""
         self.config.write_text(textwrap.dedent(f"""
             [prefect]
@@ -451,9 +453,23 @@ def test_deployed_verification_runs_on_a_worker(
     assert artifacts and "Successful" in artifacts[0]["data"]
 
 
+def _status_databases(server: PrefectServer) -> set[str]:
+    return {row["database"] for row in json.loads(server.run_cli("status", "--json").stdout)}
+
+
+def _checked(server: PrefectServer, deployed: dict[str, Any], db_id: str) -> None:
+    """Wait until a health check of ``db_id`` has run (one is started now; the schedule's
+    own, every minute, counts too): ``pgbackflow status`` lists it."""
+    with server.http() as http:
+        http.post(f"deployments/{deployed[f'health-{db_id}']['id']}/create_flow_run", json={})
+    server.wait_for(f"pgbackflow status to list {db_id}",
+                    lambda: db_id in _status_databases(server), 120, 2)
+
+
 def test_removed_database_is_paused_not_deleted(
     prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
 ) -> None:
+    _checked(prefect_server, deployed, "shop")
     site.write_config(shop=False)
     try:
         dry = prefect_server.run_cli("deploy", "--config", str(site.config), "--dry-run",
@@ -468,9 +484,38 @@ def test_removed_database_is_paused_not_deleted(
             everything = http.get(f"deployments/{deployed['logical-everything']['id']}").json()
         assert shop["paused"] is True
         assert everything["paused"] is False
+        # No longer checked, no longer in the fleet status (not a stale row forever).
+        assert "shop" not in _status_databases(prefect_server)
     finally:
         site.write_config()
         prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+
+
+def test_a_job_switched_off_in_the_config_is_paused(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """``health_check = "off"`` on a database still in the config: its health check stops
+    (paused, not left running beside a config that says off) and leaves ``status``."""
+    _checked(prefect_server, deployed, "shop")
+    site.write_config(shop_health="off")
+    try:
+        applied = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+        assert "- deployment health-check/health-shop" in applied.stdout, applied.stdout
+        assert "paused: switched off in the config" in applied.stdout, applied.stdout
+        assert "1 to pause" in applied.stdout, applied.stdout
+        with prefect_server.http() as http:
+            health = http.get(f"deployments/{deployed['health-shop']['id']}").json()
+            backup = http.get(f"deployments/{deployed['logical-shop']['id']}").json()
+        assert health["paused"] is True
+        assert backup["paused"] is False
+        assert "shop" not in _status_databases(prefect_server)
+    finally:
+        site.write_config()
+        again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    # Switched on again: resumed by the next deploy.
+    assert "~ deployment health-check/health-shop" in again.stdout, again.stdout
+    with prefect_server.http() as http:
+        assert http.get(f"deployments/{deployed['health-shop']['id']}").json()["paused"] is False
 
 
 def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_path: Path) -> None:
