@@ -457,6 +457,12 @@ def _status_databases(server: PrefectServer) -> set[str]:
     return {row["database"] for row in json.loads(server.run_cli("status", "--json").stdout)}
 
 
+def _paused(server: PrefectServer, deployed: dict[str, Any], *names: str) -> dict[str, bool]:
+    with server.http() as http:
+        return {name: http.get(f"deployments/{deployed[name]['id']}").json()["paused"]
+                for name in names}
+
+
 def _checked(server: PrefectServer, deployed: dict[str, Any], db_id: str) -> None:
     """Wait until a health check of ``db_id`` has run (one is started now; the schedule's
     own, every minute, counts too): ``pgbackflow status`` lists it."""
@@ -479,11 +485,8 @@ def test_removed_database_is_paused_not_deleted(
         assert "- deployment health-check/health-shop" in dry.stdout
         applied = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
         assert "3 to pause" in applied.stdout, applied.stdout
-        with prefect_server.http() as http:
-            shop = http.get(f"deployments/{deployed['logical-shop']['id']}").json()
-            everything = http.get(f"deployments/{deployed['logical-everything']['id']}").json()
-        assert shop["paused"] is True
-        assert everything["paused"] is False
+        assert _paused(prefect_server, deployed, "logical-shop", "logical-everything") == {
+            "logical-shop": True, "logical-everything": False}
         # No longer checked, no longer in the fleet status (not a stale row forever).
         assert "shop" not in _status_databases(prefect_server)
     finally:
@@ -503,19 +506,15 @@ def test_a_job_switched_off_in_the_config_is_paused(
         assert "- deployment health-check/health-shop" in applied.stdout, applied.stdout
         assert "paused: switched off in the config" in applied.stdout, applied.stdout
         assert "1 to pause" in applied.stdout, applied.stdout
-        with prefect_server.http() as http:
-            health = http.get(f"deployments/{deployed['health-shop']['id']}").json()
-            backup = http.get(f"deployments/{deployed['logical-shop']['id']}").json()
-        assert health["paused"] is True
-        assert backup["paused"] is False
+        assert _paused(prefect_server, deployed, "health-shop", "logical-shop") == {
+            "health-shop": True, "logical-shop": False}
         assert "shop" not in _status_databases(prefect_server)
     finally:
         site.write_config()
         again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     # Switched on again: resumed by the next deploy.
     assert "~ deployment health-check/health-shop" in again.stdout, again.stdout
-    with prefect_server.http() as http:
-        assert http.get(f"deployments/{deployed['health-shop']['id']}").json()["paused"] is False
+    assert _paused(prefect_server, deployed, "health-shop") == {"health-shop": False}
 
 
 def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_path: Path) -> None:
