@@ -681,6 +681,8 @@ class DeployResult:
     changes: list[Change]
     paused_automations: list[str] = field(default_factory=list)
     started_streamers: list[str] = field(default_factory=list)
+    #: Clusters whose WAL streamer deployment this deploy paused.
+    paused_streamers: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         """The plan as a diff, and a summary line."""
@@ -692,6 +694,12 @@ class DeployResult:
         )
         lines += [f"paused automation {name}" for name in self.paused_automations]
         lines += [f"started WAL streamer {name}" for name in self.started_streamers]
+        # Pausing a deployment ends no run: the streamer goes on, and once it stops, its
+        # slot makes the server keep WAL until its disk is full.
+        lines += [f"paused WAL streaming of {name}: a streamer still running goes on, and the "
+                  "replication slot keeps WAL on the server; `pgbackflow physical-retire "
+                  f"--db-id {name}` stops it and drops the slot" for name in
+                  self.paused_streamers]
         return "\n".join(lines)
 
 
@@ -740,8 +748,11 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     pause_automations(stale)
     for change in deployment_changes:
         if change.action == "-":
-            for owner, job in _owners_of(change.name):
+            for owner, job in _owners_of(change.name, plan.db_tags):
                 result.paused_automations += disable_automations_of(owner, job)
+                if job in (None, "wal-stream") and change.name.endswith(
+                        "/" + wal_deployment_name(owner)):
+                    result.paused_streamers.append(owner)
     from pgbackflow.deployments.physical import start_streamer
 
     for db_id, _ in plan.wal_streams:
@@ -751,18 +762,28 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     return result
 
 
-def _owners_of(full_name: str) -> list[tuple[str, str | None]]:
-    """Whose automations pausing this deployment pauses: its databases' (all of them), and
-    for a storage's maintenance deployment that storage's maintenance notifications (a
-    storage left out of the config is no longer in the notifications' scope)."""
+def _owners_of(full_name: str, in_config: set[str]) -> list[tuple[str, str | None]]:
+    """Whose automations pausing this deployment pauses: the databases' that left the
+    config (``in_config``: their tags; all of their automations), for a job switched off
+    on a database still in the config only the WAL streamer's restart automations (its
+    notifications are the config's, paused as stale with the job; a restart would start
+    the paused streamer again), and for a storage's maintenance deployment that storage's
+    maintenance notifications (a storage left out of the config is no longer in the
+    notifications' scope)."""
     from prefect.client.orchestration import get_client
 
-    from pgbackflow.deployments.verification import job_tag
+    from pgbackflow.deployments.verification import DB_TAG_PREFIX, job_tag
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(full_name)
-    owners: list[tuple[str, str | None]] = [
-        (t.removeprefix("db:"), None) for t in deployment.tags if t.startswith("db:")]
+    owners: list[tuple[str, str | None]] = []
+    for tag in deployment.tags:
+        if not tag.startswith(DB_TAG_PREFIX):
+            continue
+        if tag not in in_config:
+            owners.append((tag.removeprefix(DB_TAG_PREFIX), None))
+        elif job_tag("wal") in deployment.tags:
+            owners.append((tag.removeprefix(DB_TAG_PREFIX), "wal-stream"))
     if job_tag("maintenance") in deployment.tags:
         owners += [(t.removeprefix("storage:"), "maintenance") for t in deployment.tags
                    if t.startswith("storage:")]

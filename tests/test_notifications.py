@@ -60,18 +60,19 @@ class Site:
 
     def write_config(self, *, shop_success: bool = True, missed_alerts: bool = False,
                      disabled: tuple[str, ...] = (), dropped: tuple[str, ...] = (),
-                     tidy: bool = True) -> None:
+                     tidy: bool = True, unchecked_health: str = "1h") -> None:
         """The module's config; ``missed_alerts``: 20 s missed windows for ntf-idle and
         ntf-phys (only while their test runs: every 20 s they fire again, and the Prefect
         server runs actions one at a time, so they would delay the timed deliveries);
         ``disabled``: these databases get ``enabled = false``; ``dropped``: these databases
-        are left out; ``tidy = False``: the ntf-tidy storage (its maintenance) is left out."""
+        are left out; ``tidy = False``: the ntf-tidy storage (its maintenance) is left out;
+        ``unchecked_health``: ntf-unchecked's ``health_check``."""
         success = '["logical"]' if shop_success else "false"
         idle = ('missed_backup = "20s", missed_verification = "20s"' if missed_alerts
                 else 'missed_backup = "2h"')
         phys = 'missed_full = "20s"' if missed_alerts else 'missed_full = "off"'
-        unchecked = 'missed_health_check = "20s"' if missed_alerts else \
-            'missed_health_check = "off"'
+        # By default 5 intervals: 5 h, never while the module runs.
+        unchecked = 'missed_health_check = "20s"' if missed_alerts else ""
         tidy_section = (f'[storages.ntf-tidy]\n            url = "{self.tidy}"\n'
                         '            maintenance = "daily at 03:30"\n' if tidy else "")
         text = config_head(POOL, self.key_file, self.store, self.cluster,
@@ -130,9 +131,9 @@ class Site:
             database = "shop"
             storages = ["local"]
             backup = "daily at 02:00"
-            health_check = "1h"
+            health_check = "{unchecked_health}"
             [databases.ntf-unchecked.notify]
-            on_failure = false
+            on_failure = ["logical"]
             on_success = false
             missed_backup = "off"
             {unchecked}
@@ -538,7 +539,7 @@ def missed_alerts(prefect_server: PrefectServer, site: Site, deployed: dict[str,
     for change in ("~ automation pgbackflow missed logical: ntf-idle",
                    "~ automation pgbackflow missed verification: ntf-idle",
                    "+ automation pgbackflow missed full: ntf-phys",
-                   "+ automation pgbackflow missed health: ntf-unchecked"):
+                   "~ automation pgbackflow missed health: ntf-unchecked"):
         assert change in result.stdout, result.stdout
 
 
@@ -689,6 +690,32 @@ def test_disabled_or_removed_database_or_storage_pauses_its_notifications(
     assert _automations_of(prefect_server, "ntf-retry-off") == {
         names[0].format("ntf-retry-off"): True, names[2].format("ntf-retry-off"): True}
     assert _automations_of(prefect_server, "ntf-tidy") == dict.fromkeys(tidy, True)
+
+
+def test_health_check_switched_off_pauses_only_its_own_automations(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """``health_check = "off"`` on a database still in the config: its health check is
+    paused and so is its missed-health alert; its backup's notifications stay on. On again:
+    both back."""
+    both = {"pgbackflow notify logical failed: ntf-unchecked": True,
+            "pgbackflow missed health: ntf-unchecked": True}
+    assert _automations_of(prefect_server, "ntf-unchecked") == both
+    site.write_config(unchecked_health="off")
+    try:
+        result = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+        assert "- deployment health-check/health-ntf-unchecked" in result.stdout, result.stdout
+        assert "paused: switched off in the config" in result.stdout
+        assert _automations_of(prefect_server, "ntf-unchecked") == {
+            **both, "pgbackflow missed health: ntf-unchecked": False}
+        with prefect_server.http() as http:
+            check = http.get(f"deployments/{deployed['health-ntf-unchecked']['id']}").json()
+        assert check["paused"] is True
+    finally:
+        site.write_config()
+        back = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert "~ automation pgbackflow missed health: ntf-unchecked" in back.stdout, back.stdout
+    assert _automations_of(prefect_server, "ntf-unchecked") == both
 
 
 def test_every_job_kind_has_its_toggles_on_the_runs_of_its_deployment(

@@ -380,3 +380,66 @@ def test_the_lost_run_automations_know_every_flow() -> None:
         loaded = importlib.import_module(f"pgbackflow.flows.{module.name}")
         names |= {value.name for value in vars(loaded).values() if isinstance(value, Flow)}
     assert names == set(FLOW_NAMES)
+
+
+def test_wal_switched_off_pauses_its_streamer_and_says_what_goes_on(tmp_path: Path) -> None:
+    """A streamed cluster's ``wal = false`` at the next deploy (the cluster stays): the
+    streamer's deployment and its restart automations are paused (a restart would start it
+    again), its backups are not, and deploy says that a running streamer goes on and the
+    slot keeps WAL until ``physical-retire``. Then the cluster leaves the config: all of
+    its deployments are paused. A real ``prefect server start`` and the CLI."""
+    from pgbackflow.tasks.cluster import EphemeralCluster
+    from pgbackflow.tasks.keys import MasterKey, write_key_file
+    from pgbackflow.tasks.toolsets import find_toolset
+    from tests.fixtures.deploy_config import config_head
+    from tests.fixtures.prefect_server import running_prefect_server
+
+    cluster = EphemeralCluster(find_toolset(17), settings={"fsync": "off"}).start()
+    try:
+        write_key_file(tmp_path / "master.key", MasterKey.generate())
+        (tmp_path / "store").mkdir()
+        head = config_head("sw-pool", tmp_path / "master.key", tmp_path / "store", cluster,
+                           "SW_PG_PASSWORD")
+        config, env = tmp_path / "pgbackflow.toml", {"SW_PG_PASSWORD": cluster.password}
+
+        def deploy(wal: str | None) -> str:
+            config.write_text(head + (f'[clusters.sw]\nserver = "pg"\nstorages = ["local"]\n'
+                                      f'full = "weekly"\nincremental = ""\nwal = {wal}\n'
+                                      f'spool_dir = "{tmp_path / "spool"}"\n'
+                                      'health_check = "off"\n' if wal else
+                                      '[databases.other]\nserver = "pg"\n'
+                                      'storages = ["local"]\nhealth_check = "off"\n'))
+            return server.run_cli("deploy", "--config", str(config), env=env).stdout
+
+        def states() -> tuple[dict[str, bool], dict[str, bool]]:
+            with server.http() as http:
+                deployments = {d["name"]: d["paused"]
+                               for d in http.post("deployments/filter", json={}).json()}
+                automations = {a["name"].split(":")[0]: a["enabled"]
+                               for a in http.post("automations/filter", json={}).json()
+                               if a["name"].endswith(": sw")}
+            return deployments, automations
+
+        with running_prefect_server(tmp_path / "prefect") as server:
+            assert "started WAL streamer sw" in deploy("true")
+            deployments, automations = states()
+            assert deployments == {"full-sw": False, "wal-stream-sw": False}
+            assert len(automations) == 4 and all(automations.values()), automations
+
+            out = deploy("false")
+            assert "- deployment wal-stream/wal-stream-sw" in out, out
+            assert "paused: switched off in the config" in out
+            assert ("paused WAL streaming of sw: a streamer still running goes on, and the "
+                    "replication slot keeps WAL on the server; `pgbackflow physical-retire "
+                    "--db-id sw` stops it and drops the slot") in out, out
+            deployments, automations = states()
+            assert deployments == {"full-sw": False, "wal-stream-sw": True}
+            assert len(automations) == 4 and not any(automations.values()), automations
+
+            out = deploy(None)  # the cluster leaves the config
+            assert "- deployment full-backup/full-sw" in out, out
+            assert "paused: its database is no longer in the config" in out
+            assert states()[0] == {"full-sw": True, "wal-stream-sw": True,
+                                   "logical-other": False}
+    finally:
+        cluster.stop()
