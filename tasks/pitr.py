@@ -809,13 +809,20 @@ def _undo(target_dir: Path, created: Sequence[Path]) -> None:
                     entry.unlink(missing_ok=True)
 
 
-def _write_marker(data_dir: Path) -> None:
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    marker = data_dir / INCOMPLETE_MARKER
-    with marker.open("w") as out:
-        out.write(_MARKER_HEADER + _MARKER_BLOCK)
+def _replace_marker(data_dir: Path, text: str) -> None:
+    """Write the marker whole or not at all (a temporary renamed over it): a kill -9 while
+    it is written must not leave an empty marker that no longer says what happened."""
+    partial = data_dir / (INCOMPLETE_MARKER + ".partial")
+    with partial.open("w") as out:
+        out.write(text)
         out.flush()
         os.fsync(out.fileno())
+    os.replace(partial, data_dir / INCOMPLETE_MARKER)
+
+
+def _write_marker(data_dir: Path) -> None:
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _replace_marker(data_dir, _MARKER_HEADER + _MARKER_BLOCK)
 
 
 def _include_marker(data_dir: Path) -> None:
@@ -829,7 +836,7 @@ def allow_recovery_start(data_dir: Path) -> None:
     not finished), but no longer stops PostgreSQL."""
     marker = data_dir / INCOMPLETE_MARKER
     if marker.exists():
-        marker.write_text(_MARKER_HEADER + "# Recovery was started by pgbackflow.\n")
+        _replace_marker(data_dir, _MARKER_HEADER + "# Recovery was started by pgbackflow.\n")
 
 
 def finish_restore(data_dir: Path) -> None:
