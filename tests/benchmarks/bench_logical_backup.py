@@ -1,6 +1,6 @@
 """Benchmark: pgbackflow logical backup vs bare pg_dump, measured in one run.
 
-Builds a ~1.4 GB database (pgbench scale 50 + a 2.5 M-row jsonb table) on a throwaway
+Builds a ~1.2 GB database (pgbench scale 50 + a 2.5 M-row jsonb table) on a throwaway
 PostgreSQL, then times, on that same database:
 
 * bare ``pg_dump -Fc -Z zstd:5 -f FILE``;

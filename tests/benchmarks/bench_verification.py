@@ -1,6 +1,6 @@
 """Benchmark: `pgbackflow verify` vs doing the same by hand, measured in one run.
 
-On one database (default: pgbench scale 50 + 2.5 M jsonb rows, ~1.4 GB) backed up once with
+On one database (default: pgbench scale 50 + 2.5 M jsonb rows, ~1.2 GB) backed up once with
 pgbackflow, times:
 
 * bare: initdb + start a cluster, ``pg_restore -j N`` of the plain dump file, exact
