@@ -278,10 +278,12 @@ def _why_paused(tags: Iterable[str], keep: set[str]) -> str:
     """Why a config-made deployment the plan no longer has is paused: its database or
     storage left the config, or the config switched this job off (``health_check = "off"``,
     no ``incremental``, no ``verify``): either way it must not run on."""
-    scope = {t for t in tags if t.startswith(("db:", "storage:"))}
+    from pgbackflow.deployments.verification import DB_TAG_PREFIX, STORAGE_TAG_PREFIX
+
+    scope = {t for t in tags if t.startswith((DB_TAG_PREFIX, STORAGE_TAG_PREFIX))}
     if scope & keep:
         return "paused: switched off in the config"
-    what = "storage" if any(t.startswith("storage:") for t in scope) else "database"
+    what = "storage" if any(t.startswith(STORAGE_TAG_PREFIX) for t in scope) else "database"
     return f"paused: its {what} is no longer in the config"
 
 

@@ -64,9 +64,11 @@ from pgbackflow.deployments.physical import (
 )
 from pgbackflow.deployments.verification import (
     PRESETS,
+    STORAGE_TAG_PREFIX,
     db_tag,
     job_tag,
     schedule_cron,
+    storage_tag,
     verification_parameters,
     verification_spec,
 )
@@ -532,7 +534,7 @@ def build_plan(config: DeployConfig) -> DeployPlan:
     plan.prefect.deployments += maintenance_specs
     # A storage dropped from the config (or its maintenance switched off): paused.
     plan.db_tags |= {t for spec in maintenance_specs for t in spec.tags
-                     if t.startswith("storage:")}
+                     if t.startswith(STORAGE_TAG_PREFIX)}
     # Every deployment sends heartbeats: a run whose worker host died is marked Crashed.
     plan.automations += lost_run_automations()
     from pgbackflow.deployments.notifications import (
@@ -581,7 +583,7 @@ def _maintenance_specs(
             parameters={"storage": storage_refs[name], "policies": policies,
                         **({"clusters": clusters} if clusters else {}), **key_parameters},
             schedule=schedule, collision="CANCEL_NEW",
-            tags=(job_tag("maintenance"), f"storage:{name}"),
+            tags=(job_tag("maintenance"), storage_tag(name)),
             description=(f"Retention and orphan sweep of storage {name} "
                          f"({schedule.describe()}; {len(policies)} policies)"),
         ))
@@ -785,8 +787,8 @@ def _owners_of(full_name: str, in_config: set[str]) -> list[tuple[str, str | Non
         elif job_tag("wal") in deployment.tags:
             owners.append((tag.removeprefix(DB_TAG_PREFIX), "wal-stream"))
     if job_tag("maintenance") in deployment.tags:
-        owners += [(t.removeprefix("storage:"), "maintenance") for t in deployment.tags
-                   if t.startswith("storage:")]
+        owners += [(t.removeprefix(STORAGE_TAG_PREFIX), "maintenance") for t in deployment.tags
+                   if t.startswith(STORAGE_TAG_PREFIX)]
     return owners
 
 

@@ -46,9 +46,18 @@ _CRON_FIELD = re.compile(r"^[\d*/,\-]+$")
 DB_TAG_PREFIX = "db:"
 
 
+#: Prefix of :func:`storage_tag`.
+STORAGE_TAG_PREFIX = "storage:"
+
+
 def db_tag(db_id: str) -> str:
     """The tag that marks a run as belonging to one database."""
     return DB_TAG_PREFIX + db_id
+
+
+def storage_tag(name: str) -> str:
+    """The tag that marks a run (a maintenance run) as belonging to one storage."""
+    return STORAGE_TAG_PREFIX + name
 
 
 def job_tag(kind: str) -> str:

@@ -768,9 +768,20 @@ def test_canary_password_and_key_never_leak(
     passfiles_before = set(Path(tempfile.gettempdir()).glob("pgbackflow-*.pgpass"))
 
     argv = [str(CLI), "backup", "--db", dsn, "--to", str(folder), "--json"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=cli.env())
     with ProcSampler([password.encode(), key_b64.encode()], argv) as sampler:
+        # pg_dump of this small database lives ~0.1 s, which a loaded machine's sampler
+        # missed (CI, four workers): a table lock holds it (and the row count) until the
+        # sampler has read its argv and environment.
+        with source.server.connect(source.dbname) as lock:
+            lock.execute("BEGIN")
+            lock.execute("LOCK TABLE public.items IN ACCESS EXCLUSIVE MODE")
+            proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True, env=cli.env())
+            deadline = time.monotonic() + CLI_TIMEOUT_S
+            while (not sampler.tools_seen.get("pg_dump") and proc.poll() is None
+                   and time.monotonic() < deadline):
+                time.sleep(0.05)
+            lock.execute("COMMIT")
         stdout, stderr = proc.communicate(timeout=CLI_TIMEOUT_S)
     assert proc.returncode == 0, stderr
     assert sampler.tools_seen.get("pg_dump", 0) > 0, (

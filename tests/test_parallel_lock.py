@@ -6,42 +6,63 @@ Real processes contend for it as xdist workers do; each records when it held its
 from __future__ import annotations
 
 import json
-import multiprocessing
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.fixtures import parallel
 
+ROOT = Path(__file__).resolve().parent.parent
+
 HOLD_S = 0.4
-
-
-def _hold(folder: str, exclusive: bool, record: str, start_after: float) -> None:
-    time.sleep(max(0.0, start_after - time.time()))
-    with parallel._turn(Path(folder), exclusive):
+#: One lock holder: a fresh interpreter (a fork of a pytest worker inherits whatever other
+#: tests left in it), ready when it has imported the lock, starting when told.
+HOLDER = """
+import json, sys, time, traceback
+from pathlib import Path
+folder, exclusive, record = Path(sys.argv[1]), sys.argv[2] == "1", Path(sys.argv[3])
+delay, hold = float(sys.argv[4]), float(sys.argv[5])
+try:
+    from tests.fixtures import parallel
+    Path(str(record) + ".ready").touch()
+    while not (folder / "go").exists():
+        time.sleep(0.01)
+    time.sleep(delay)
+    with parallel._turn(folder, exclusive):
         entered = time.time()
-        time.sleep(HOLD_S)
+        time.sleep(hold)
         left = time.time()
-    Path(record).write_text(json.dumps([exclusive, entered, left]))
+    record.write_text(json.dumps([exclusive, entered, left]))
+except BaseException:
+    record.write_text(json.dumps({"error": traceback.format_exc()}))
+    raise
+"""
 
 
-def _run(tmp_path: Path, plan: list[tuple[bool, float]]) -> list[tuple[bool, float, float]]:
-    """Start one process per (exclusive, delay) at once; their turns, as (class, in, out)."""
-    context = multiprocessing.get_context("fork")
-    start = time.time() + 0.3
-    processes = []
+def _run(tmp_path: Path, plan: list[tuple[bool, float]],
+         slots: int = parallel.EXCLUSIVE_SLOTS) -> list[tuple[bool, float, float]]:
+    """Start one holder per (exclusive, delay), all at once; their turns as (class, in, out)."""
+    env = {**os.environ, "PGBACKFLOW_TEST_EXCLUSIVE_SLOTS": str(slots)}
+    holders = []
     for index, (exclusive, delay) in enumerate(plan):
         record = tmp_path / f"turn-{index}.json"
-        process = context.Process(
-            target=_hold, args=(str(tmp_path), exclusive, str(record), start + delay))
-        process.start()
-        processes.append((process, record))
+        holders.append((subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(tmp_path), "1" if exclusive else "0",
+             str(record), str(delay), str(HOLD_S)], env=env, cwd=ROOT), record))
+    deadline = time.monotonic() + 120
+    while not all(Path(f"{record}.ready").exists() for _, record in holders):
+        assert all(p.poll() is None for p, _ in holders), "a lock holder exited before ready"
+        assert time.monotonic() < deadline, "lock holders not ready within 120 s"
+        time.sleep(0.05)
+    (tmp_path / "go").touch()
     turns = []
-    for process, record in processes:
-        process.join(30)
-        assert process.exitcode == 0, f"a lock holder exited {process.exitcode}"
-        exclusive, entered, left = json.loads(record.read_text())
+    for process, record in holders:
+        code = process.wait(timeout=60)
+        outcome = json.loads(record.read_text()) if record.exists() else None
+        assert code == 0, f"a lock holder exited {code}: {outcome}"
+        exclusive, entered, left = outcome
         turns.append((bool(exclusive), float(entered), float(left)))
     return turns
 
@@ -75,10 +96,8 @@ def test_classes_never_overlap_and_exclusive_tests_share_only_their_slots(
     assert all(t[1] >= first_exclusive for t in late), f"overtaken: {turns}"
 
 
-def test_one_slot_runs_exclusive_tests_one_at_a_time(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(parallel, "EXCLUSIVE_SLOTS", 1)
-    turns = _run(tmp_path, [(True, 0.0)] * 3 + [(False, 0.05)])
+def test_one_slot_runs_exclusive_tests_one_at_a_time(tmp_path: Path) -> None:
+    turns = _run(tmp_path, [(True, 0.0)] * 3 + [(False, 0.05)], slots=1)
     exclusive = [t for t in turns if t[0]]
     assert _most_at_once(exclusive) == 1, f"exclusive tests at once: {exclusive}"
     assert not any(_overlap(a, b) for a in exclusive for b in turns if not b[0])

@@ -189,6 +189,37 @@ def test_missing_middle_segment_is_listed_and_stops_pitr(streamed: Streamed,
     assert not (streamed.root / "into-gap" / "PG_VERSION").exists()
 
 
+def test_partial_finished_while_it_is_uploaded_ships_complete_next_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pg_receivewal renames ``<segment>.partial`` to ``<segment>`` when the segment is full;
+    a rename between the shipper's look at the spool and its open of the file is no error
+    (a restarted streamer died of it in CI): the complete segment ships on the next pass."""
+    from pgbackflow.tasks import wal
+    from pgbackflow.tasks.keys import MasterKey
+
+    spool, store = tmp_path / "spool", tmp_path / "store"
+    spool.mkdir()
+    segment = "000000010000000000000004"
+    (spool / (segment + ".partial")).write_bytes(b"\x01" * 8192)
+    storage = LocalStorage(folder=str(store)).open()
+    shipper = WalShipper(spool, [storage], MasterKey.generate(), "c1", partial_interval=0)
+    real_store_file = wal.store_file
+    renamed: list[str] = []
+
+    def finished_meanwhile(path: Path, *args: object, **kwargs: object) -> object:
+        if path.name.endswith(".partial"):
+            path.rename(path.with_name(segment))  # what pg_receivewal does at the segment's end
+            renamed.append(path.name)
+        return real_store_file(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(wal, "store_file", finished_meanwhile)
+    assert shipper.ship() == []
+    assert renamed == [segment + ".partial"], "the race was not produced"
+    assert [o.key for o in storage.list()] == [], "an aborted partial upload was left behind"
+    assert shipper.ship() == [segment]
+    assert [o.key for o in storage.list()] == [wal_object_key("c1", segment)]
+
+
 def test_swapped_partial_under_a_complete_name_is_refused(streamed: Streamed,
                                                           prefect_api: str) -> None:
     """An older .partial upload (a valid archive under the key) stored under the complete
