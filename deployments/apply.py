@@ -288,9 +288,10 @@ def _why_paused(tags: Iterable[str], keep: set[str]) -> str:
 
 
 def _forget_health_state(client: SyncPrefectClient, tags: Iterable[str]) -> None:
-    """A paused health check's remembered state is deleted: ``pgbackflow status`` lists what
-    the health checks remember, and a database no longer checked must not stay in it with
-    a stale state (re-added, it starts afresh)."""
+    """A paused health check's remembered state is deleted (removed from the config,
+    switched off, or its database disabled): ``pgbackflow status`` lists what the health
+    checks remember, and a database no longer checked must not stay in it with a stale
+    state (checked again, it starts afresh)."""
     from pgbackflow.deployments.verification import DB_TAG_PREFIX, job_tag
     from pgbackflow.flows.health import variable_name
 
@@ -350,6 +351,8 @@ def apply_plan(plan: PrefectPlan, changes: Sequence[Change]) -> dict[str, UUID]:
                 ids[spec.full_name] = current.id
             else:
                 ids[spec.full_name] = write_deployment(spec, client)
+            if spec.paused:  # a database or cluster with ``enabled = false``
+                _forget_health_state(client, spec.all_tags)
         for change in changes:
             if change.action == "-" and change.kind == "deployment":
                 stale = _read_deployment(client, change.name)

@@ -48,9 +48,10 @@ class Site:
     worker_dir: Path
 
     def write_config(self, *, extra: str = "", shop: bool = True,
-                     shop_health: str = "1m") -> None:
+                     shop_health: str = "1m", shop_enabled: bool = True) -> None:
         shop_entry = textwrap.dedent(f"""
             [databases.shop]
+            enabled = {str(shop_enabled).lower()}
             server = "pg"
             database = "shop"
             storages = ["local"]
@@ -515,6 +516,26 @@ def test_a_job_switched_off_in_the_config_is_paused(
     # Switched on again: resumed by the next deploy.
     assert "~ deployment health-check/health-shop" in again.stdout, again.stdout
     assert _paused(prefect_server, deployed, "health-shop") == {"health-shop": False}
+
+
+def test_a_disabled_database_leaves_status(
+    prefect_server: PrefectServer, site: Site, deployed: dict[str, Any]
+) -> None:
+    """``enabled = false``: every job of the database is paused and its last health state
+    goes (``status`` showed it with an ever older check); enabled again, it is resumed."""
+    _checked(prefect_server, deployed, "shop")
+    site.write_config(shop_enabled=False)
+    try:
+        prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+        assert _paused(prefect_server, deployed, "health-shop", "logical-shop",
+                       "logical-everything") == {
+            "health-shop": True, "logical-shop": True, "logical-everything": False}
+        assert "shop" not in _status_databases(prefect_server)
+    finally:
+        site.write_config()
+        prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+    assert _paused(prefect_server, deployed, "health-shop", "logical-shop") == {
+        "health-shop": False, "logical-shop": False}
 
 
 def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_path: Path) -> None:
