@@ -39,9 +39,11 @@ from prefect.exceptions import ObjectNotFound
 from prefect.utilities.callables import parameter_schema
 
 from pgbackflow.deployments.automations import HEARTBEAT_JOB_VARIABLES
+from pgbackflow.deployments.paging import read_all
+from pgbackflow.deployments.tags import PRODUCT_TAG
 
-#: Tag on every deployment pgbackflow manages.
-MANAGED_TAG = "pgbackflow"
+#: Tag on every deployment pgbackflow manages (the one its runs carry too).
+MANAGED_TAG = PRODUCT_TAG
 #: Tag on the deployments `pgbackflow deploy` made from a config: the ones it pauses when
 #: their database leaves the config (deployments made by other commands are left alone).
 CONFIG_TAG = "pgbackflow-config"
@@ -278,30 +280,13 @@ def _why_paused(tags: Iterable[str], keep: set[str]) -> str:
     """Why a config-made deployment the plan no longer has is paused: its database or
     storage left the config, or the config switched this job off (``health_check = "off"``,
     no ``incremental``, no ``verify``): either way it must not run on."""
-    from pgbackflow.deployments.verification import DB_TAG_PREFIX, STORAGE_TAG_PREFIX
+    from pgbackflow.deployments.tags import DB_TAG_PREFIX, STORAGE_TAG_PREFIX
 
     scope = {t for t in tags if t.startswith((DB_TAG_PREFIX, STORAGE_TAG_PREFIX))}
     if scope & keep:
         return "paused: switched off in the config"
     what = "storage" if any(t.startswith(STORAGE_TAG_PREFIX) for t in scope) else "database"
     return f"paused: its {what} is no longer in the config"
-
-
-def _forget_health_state(client: SyncPrefectClient, tags: Iterable[str]) -> None:
-    """A paused health check's remembered state is deleted (removed from the config,
-    switched off, or its database disabled): ``pgbackflow status`` lists what the health
-    checks remember, and a database no longer checked must not stay in it with a stale
-    state (checked again, it starts afresh)."""
-    from pgbackflow.deployments.verification import DB_TAG_PREFIX, job_tag
-    from pgbackflow.flows.health import variable_name
-
-    tags = list(tags)
-    if job_tag("health") not in tags:
-        return
-    for tag in tags:
-        if tag.startswith(DB_TAG_PREFIX):
-            with suppress(ObjectNotFound):
-                client.delete_variable_by_name(variable_name(tag.removeprefix(DB_TAG_PREFIX)))
 
 
 def _read_deployment(client: SyncPrefectClient, full_name: str) -> DeploymentResponse | None:
@@ -312,9 +297,9 @@ def _read_deployment(client: SyncPrefectClient, full_name: str) -> DeploymentRes
 
 
 def _managed_deployments(client: SyncPrefectClient) -> list[DeploymentResponse]:
-    return client.read_deployments(
-        deployment_filter=DeploymentFilter(tags=DeploymentFilterTags(all_=[CONFIG_TAG]))
-    )
+    managed = DeploymentFilter(tags=DeploymentFilterTags(all_=[CONFIG_TAG]))
+    return read_all(lambda offset: client.read_deployments(deployment_filter=managed,
+                                                           offset=offset))
 
 
 _flow_names: dict[UUID, str] = {}
@@ -351,14 +336,11 @@ def apply_plan(plan: PrefectPlan, changes: Sequence[Change]) -> dict[str, UUID]:
                 ids[spec.full_name] = current.id
             else:
                 ids[spec.full_name] = write_deployment(spec, client)
-            if spec.paused:  # a database or cluster with ``enabled = false``
-                _forget_health_state(client, spec.all_tags)
         for change in changes:
             if change.action == "-" and change.kind == "deployment":
                 stale = _read_deployment(client, change.name)
                 if stale is not None:
                     client.pause_deployment(stale.id)
-                    _forget_health_state(client, stale.tags)
     return ids
 
 

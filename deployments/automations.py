@@ -39,6 +39,8 @@ from prefect.client.schemas.objects import StateType
 from prefect.events.actions import ActionTypes, ChangeFlowRunState, RunDeployment
 from prefect.events.schemas.events import ResourceSpecification
 
+from pgbackflow.deployments.paging import read_all
+
 #: Seconds between flow-run heartbeats of deployment runs (Prefect needs at least 30).
 HEARTBEAT_S = 30
 #: A deployment run without a heartbeat for this long is marked Crashed.
@@ -298,7 +300,7 @@ def disable_automations_of(db_id: str, job: str | None = None) -> list[str]:
     only those of that job kind, e.g. a storage's ``maintenance``); their names."""
     paused = []
     with get_client(sync_client=True) as client:
-        for automation in client.read_automations():
+        for automation in read_all(lambda offset: client.read_automations(offset=offset)):
             name = automation.name
             if (name.startswith("pgbackflow") and name.endswith(f": {db_id}")
                     and (job is None or f" {job} " in name) and automation.enabled):

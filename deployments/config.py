@@ -62,13 +62,16 @@ from pgbackflow.deployments.physical import (
     wal_stream_parameters,
     wal_stream_spec,
 )
-from pgbackflow.deployments.verification import (
-    PRESETS,
+from pgbackflow.deployments.tags import (
+    DB_TAG_PREFIX,
     STORAGE_TAG_PREFIX,
     db_tag,
     job_tag,
-    schedule_cron,
     storage_tag,
+)
+from pgbackflow.deployments.verification import (
+    PRESETS,
+    schedule_cron,
     verification_parameters,
     verification_spec,
 )
@@ -738,6 +741,14 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
                     for name, _ in stale]
         return result
     ids = apply_plan(plan.prefect, deployment_changes)
+    # After the pauses: a health check still running saves its state, then finds its
+    # deployment paused and deletes it (flows/health.py), so no interleaving keeps a state.
+    from pgbackflow.flows.health import forget_states
+
+    forget_states(keep={
+        tag.removeprefix(DB_TAG_PREFIX) for spec in plan.prefect.deployments
+        if not spec.paused and job_tag("health") in spec.tags
+        for tag in spec.tags if tag.startswith(DB_TAG_PREFIX)})
     automations = list(plan.automations)
     for db_id, silence_s in plan.wal_streams:
         wal_id = next(v for k, v in ids.items() if k.endswith("/" + wal_deployment_name(db_id)))
@@ -750,10 +761,10 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     pause_automations(stale)
     for change in deployment_changes:
         if change.action == "-":
-            for owner, job in _owners_of(change.name, plan.db_tags):
+            tags = _deployment_tags(change.name)
+            for owner, job in _owners_of(tags, plan.db_tags):
                 result.paused_automations += disable_automations_of(owner, job)
-                if job in (None, "wal-stream") and change.name.endswith(
-                        "/" + wal_deployment_name(owner)):
+                if job in (None, "wal-stream") and job_tag("wal") in tags:
                     result.paused_streamers.append(owner)
     from pgbackflow.deployments.physical import start_streamer
 
@@ -764,30 +775,31 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     return result
 
 
-def _owners_of(full_name: str, in_config: set[str]) -> list[tuple[str, str | None]]:
-    """Whose automations pausing this deployment pauses: the databases' that left the
-    config (``in_config``: their tags; all of their automations), for a job switched off
-    on a database still in the config only the WAL streamer's restart automations (its
-    notifications are the config's, paused as stale with the job; a restart would start
-    the paused streamer again), and for a storage's maintenance deployment that storage's
-    maintenance notifications (a storage left out of the config is no longer in the
-    notifications' scope)."""
+def _deployment_tags(full_name: str) -> list[str]:
     from prefect.client.orchestration import get_client
 
-    from pgbackflow.deployments.verification import DB_TAG_PREFIX, job_tag
-
     with get_client(sync_client=True) as client:
-        deployment = client.read_deployment_by_name(full_name)
+        return list(client.read_deployment_by_name(full_name).tags)
+
+
+def _owners_of(tags: list[str], in_config: set[str]) -> list[tuple[str, str | None]]:
+    """Whose automations pausing a deployment with these tags pauses: the databases' that
+    left the config (``in_config``: their tags; all of their automations), for a job
+    switched off on a database still in the config only the WAL streamer's restart
+    automations (its notifications are the config's, paused as stale with the job; a
+    restart would start the paused streamer again), and for a storage's maintenance
+    deployment that storage's maintenance notifications (a storage left out of the config
+    is no longer in the notifications' scope)."""
     owners: list[tuple[str, str | None]] = []
-    for tag in deployment.tags:
+    for tag in tags:
         if not tag.startswith(DB_TAG_PREFIX):
             continue
         if tag not in in_config:
             owners.append((tag.removeprefix(DB_TAG_PREFIX), None))
-        elif job_tag("wal") in deployment.tags:
+        elif job_tag("wal") in tags:
             owners.append((tag.removeprefix(DB_TAG_PREFIX), "wal-stream"))
-    if job_tag("maintenance") in deployment.tags:
-        owners += [(t.removeprefix(STORAGE_TAG_PREFIX), "maintenance") for t in deployment.tags
+    if job_tag("maintenance") in tags:
+        owners += [(t.removeprefix(STORAGE_TAG_PREFIX), "maintenance") for t in tags
                    if t.startswith(STORAGE_TAG_PREFIX)]
     return owners
 

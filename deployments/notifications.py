@@ -36,6 +36,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from pgbackflow.deployments.automations import AutomationSpec
 from pgbackflow.deployments.block_refs import saved_block
+from pgbackflow.deployments.paging import read_all
 from pgbackflow.flows.outcome import SUCCEEDED_EVENT
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.units import human_duration
@@ -439,7 +440,7 @@ def stale_automations(wanted: Iterable[str], ids: Iterable[str]) -> list[tuple[s
     keep, scope = set(wanted), set(ids)
     stale = []
     with get_client(sync_client=True) as client:
-        for automation in client.read_automations():
+        for automation in read_all(lambda offset: client.read_automations(offset=offset)):
             name = automation.name
             if (name.startswith(PREFIXES) and name not in keep and automation.enabled
                     and name.rpartition(": ")[2] in scope):
@@ -552,7 +553,7 @@ def health_specs(config: Any, server_refs: dict[str, dict[str, Any]], pool: str)
     interval, default 1 min; ``"off"``: none): one run at a time, a run due while one runs
     ends Cancelled."""
     from pgbackflow.deployments.apply import DeploymentSpec, ScheduleSpec
-    from pgbackflow.deployments.verification import db_tag, job_tag
+    from pgbackflow.deployments.tags import db_tag, job_tag
     from pgbackflow.flows.health import health_check
 
     specs = []

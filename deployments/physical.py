@@ -106,7 +106,8 @@ from pgbackflow.deployments.automations import (
     wal_restart_automations,
 )
 from pgbackflow.deployments.block_refs import saved_block
-from pgbackflow.deployments.verification import PRESETS, db_tag, job_tag, schedule_cron
+from pgbackflow.deployments.tags import db_tag, job_tag
+from pgbackflow.deployments.verification import PRESETS, schedule_cron
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.wal import DEFAULT_PARTIAL_INTERVAL_S, DEFAULT_SLOT
 

@@ -32,6 +32,7 @@ from prefect.states import Cancelled
 from pydantic import ValidationError
 
 from pgbackflow.deployments.apply import DeploymentSpec, ScheduleSpec, ensure_work_pool
+from pgbackflow.deployments.tags import db_tag, job_tag
 from pgbackflow.tasks.errors import ConfigError
 
 FLOW_NAME = "restore-verification"
@@ -40,29 +41,6 @@ AFTER_BACKUP_TAG = "after-backup"
 
 PRESETS = {"hourly", "daily", "weekly", "monthly"}
 _CRON_FIELD = re.compile(r"^[\d*/,\-]+$")
-
-
-#: Prefix of :func:`db_tag`.
-DB_TAG_PREFIX = "db:"
-
-
-#: Prefix of :func:`storage_tag`.
-STORAGE_TAG_PREFIX = "storage:"
-
-
-def db_tag(db_id: str) -> str:
-    """The tag that marks a run as belonging to one database."""
-    return DB_TAG_PREFIX + db_id
-
-
-def storage_tag(name: str) -> str:
-    """The tag that marks a run (a maintenance run) as belonging to one storage."""
-    return STORAGE_TAG_PREFIX + name
-
-
-def job_tag(kind: str) -> str:
-    """The tag that marks a run's job kind (logical, full, incremental, wal, verification)."""
-    return f"job:{kind}"
 
 
 def deployment_name(db_id: str) -> str:

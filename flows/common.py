@@ -29,6 +29,7 @@ from prefect.logging import get_run_logger
 
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.blocks.storage import LocalStorage, S3Storage
+from pgbackflow.deployments.tags import run_tags
 from pgbackflow.flows.prefect_tuning import tune_prefect
 from pgbackflow.tasks.errors import ConfigError, StorageError
 from pgbackflow.tasks.keys import (
@@ -130,14 +131,6 @@ def heartbeat_settings(base: Any) -> Any:
 
 
 tune_prefect()
-
-
-def run_tags(job: str, db_id: str | None) -> list[str]:
-    """Tags that let automations select runs: ``pgbackflow``, ``job:<kind>``, ``db:<id>``."""
-    tags = ["pgbackflow", f"job:{job}"]
-    if db_id:
-        tags.append(f"db:{db_id}")
-    return tags
 
 
 # API URLs on which this process made sure the lost-run automation exists.

@@ -11,25 +11,30 @@ from __future__ import annotations
 
 import hashlib
 import re
+from contextlib import suppress
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import StateType, Variable
 from prefect.client.schemas.sorting import FlowRunSort
+from prefect.exceptions import ObjectNotFound
 from prefect.logging import get_run_logger
 
 from pgbackflow.blocks.database import PostgresDatabase, checked_db_id
+from pgbackflow.deployments.paging import read_all
+from pgbackflow.deployments.tags import db_tag, job_tag
 from pgbackflow.flows.common import tag_run
 from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.errors import PgBackflowError
@@ -58,13 +63,38 @@ def variable_name(db_id: str) -> str:
     return VARIABLE_PREFIX + clean
 
 
+def _health_variables(client: SyncPrefectClient) -> list[Variable]:
+    """Every health Variable (all pages: a fleet may have more than one page of them)."""
+    def page(offset: int) -> list[Variable]:
+        response = client.request("POST", "/variables/filter", json={
+            "variables": {"name": {"like_": VARIABLE_PREFIX}}, "offset": offset})
+        return Variable.model_validate_list(response.json())
+
+    return [v for v in read_all(page) if v.name.startswith(VARIABLE_PREFIX)]
+
+
 def load_states() -> list[HealthState]:
     """The remembered state of every database with a health check."""
     with get_client(sync_client=True) as client:
-        variables = client.read_variables()
+        variables = _health_variables(client)
     return [HealthState.from_json(v.value, str(v.value.get("db_id")))
-            for v in variables if v.name.startswith(VARIABLE_PREFIX)
-            and isinstance(v.value, dict) and v.value.get("db_id")]
+            for v in variables if isinstance(v.value, dict) and v.value.get("db_id")]
+
+
+def forget_states(keep: set[str]) -> list[str]:
+    """Delete the remembered state of every database not in ``keep`` (the ids whose health
+    check the config runs): a database no longer checked (removed, disabled, its check
+    switched off, or left by an older pgbackflow) must not stay in ``pgbackflow status``
+    with an ever older check; checked again, it starts afresh. The names deleted."""
+    wanted = {variable_name(db_id) for db_id in keep}
+    deleted = []
+    with get_client(sync_client=True) as client:
+        for variable in _health_variables(client):
+            if variable.name not in wanted:
+                with suppress(ObjectNotFound):
+                    client.delete_variable_by_name(variable.name)
+                deleted.append(variable.name)
+    return deleted
 
 
 def _load_state(db_id: str) -> HealthState:
@@ -74,11 +104,27 @@ def _load_state(db_id: str) -> HealthState:
 
 
 def _save_state(state: HealthState) -> None:
-    from prefect.variables import Variable
+    """Remember this check, unless deploy paused this run's deployment meanwhile.
 
-    Variable.set(variable_name(state.db_id), state.to_json(), overwrite=True)
+    Deploy pauses a health check's deployment, then deletes the states of databases it no
+    longer checks. Saving first and reading the pause second means no interleaving keeps a
+    state: a run that read "not paused" saved before the pause, so before deploy's delete.
+    """
+    from prefect.runtime import deployment
+    from prefect.variables import Variable as Variables
 
-
+    name = variable_name(state.db_id)
+    Variables.set(name, state.to_json(), overwrite=True)
+    if deployment.id is None:  # a check run by hand: deploy's next sweep decides
+        return
+    with get_client(sync_client=True) as client:
+        try:
+            paused = client.read_deployment(UUID(deployment.id)).paused
+        except ObjectNotFound:
+            paused = True
+        if paused:
+            with suppress(ObjectNotFound):
+                client.delete_variable_by_name(name)
 def last_success(db_id: str, jobs: list[str]) -> str | None:
     """End time (ISO) of the newest Completed run of these jobs of this database."""
     newest: datetime | None = None
@@ -86,7 +132,7 @@ def last_success(db_id: str, jobs: list[str]) -> str | None:
         for job in jobs:
             runs = client.read_flow_runs(
                 flow_run_filter=FlowRunFilter(
-                    tags=FlowRunFilterTags(all_=[f"db:{db_id}", f"job:{job}"]),
+                    tags=FlowRunFilterTags(all_=[db_tag(db_id), job_tag(job)]),
                     state=FlowRunFilterState(
                         type=FlowRunFilterStateType(any_=[StateType.COMPLETED])),
                 ),

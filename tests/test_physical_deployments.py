@@ -443,3 +443,21 @@ def test_wal_switched_off_pauses_its_streamer_and_says_what_goes_on(tmp_path: Pa
                                    "logical-other": False}
     finally:
         cluster.stop()
+
+
+def test_what_pausing_a_deployment_pauses_is_read_from_its_tags() -> None:
+    """Deploy decides from a paused deployment's tags (not its name) whose automations it
+    pauses and whether it stopped a WAL streamer."""
+    from pgbackflow.deployments.config import _owners_of
+    from pgbackflow.deployments.tags import db_tag, job_tag, storage_tag
+
+    in_config = {db_tag("kept")}
+    wal = [db_tag("kept"), job_tag("wal")]
+    assert _owners_of(wal, in_config) == [("kept", "wal-stream")]
+    assert _owners_of([db_tag("gone"), job_tag("wal")], in_config) == [("gone", None)]
+    # A job switched off on a database still in the config: its notifications are paused
+    # as stale automations, nothing here.
+    assert _owners_of([db_tag("kept"), job_tag("full")], in_config) == []
+    assert _owners_of([db_tag("gone"), job_tag("logical")], in_config) == [("gone", None)]
+    assert _owners_of([job_tag("maintenance"), storage_tag("s3")], in_config) == [
+        ("s3", "maintenance")]
