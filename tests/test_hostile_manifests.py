@@ -123,11 +123,12 @@ class Cli:
 
     prefect_api: str
     key_file: Path
+    daemons: dict[str, str]
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
         env = without_libpq_env(dict(os.environ))
         env.update(PREFECT_API_URL=self.prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2",
-                   PGBACKFLOW_KEY_FILE=str(self.key_file), DO_NOT_TRACK="1")
+                   PGBACKFLOW_KEY_FILE=str(self.key_file), DO_NOT_TRACK="1", **self.daemons)
         return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300,
                               env=env, check=False)
 
@@ -138,8 +139,8 @@ class Cli:
 
 
 @pytest.fixture
-def cli(prefect_api: str, key_file: Path) -> Cli:
-    return Cli(prefect_api, key_file)
+def cli(prefect_api: str, key_file: Path, cli_daemons: dict[str, str]) -> Cli:
+    return Cli(prefect_api, key_file, cli_daemons)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:
