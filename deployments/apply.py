@@ -35,6 +35,7 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterTag
 from prefect.client.schemas.objects import ConcurrencyLimitStrategy, ConcurrencyOptions
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule, IntervalSchedule
+from prefect.client.schemas.sorting import DeploymentSort
 from prefect.exceptions import ObjectNotFound
 from prefect.utilities.callables import parameter_schema
 
@@ -298,8 +299,9 @@ def _read_deployment(client: SyncPrefectClient, full_name: str) -> DeploymentRes
 
 def _managed_deployments(client: SyncPrefectClient) -> list[DeploymentResponse]:
     managed = DeploymentFilter(tags=DeploymentFilterTags(all_=[CONFIG_TAG]))
-    return read_all(lambda offset: client.read_deployments(deployment_filter=managed,
-                                                           offset=offset))
+    return read_all(lambda offset: client.read_deployments(
+        deployment_filter=managed, sort=DeploymentSort.CREATED_DESC, offset=offset),
+        key=lambda deployment: deployment.id)
 
 
 _flow_names: dict[UUID, str] = {}

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 from uuid import UUID
 
 from prefect.automations import Automation, EventTrigger, Posture
@@ -40,6 +40,10 @@ from prefect.events.actions import ActionTypes, ChangeFlowRunState, RunDeploymen
 from prefect.events.schemas.events import ResourceSpecification
 
 from pgbackflow.deployments.paging import read_all
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.events.schemas.automations import Automation as ServerAutomation
 
 #: Seconds between flow-run heartbeats of deployment runs (Prefect needs at least 30).
 HEARTBEAT_S = 30
@@ -295,12 +299,20 @@ def apply_automation(spec: AutomationSpec) -> UUID:
     return created.id
 
 
+def all_automations(client: SyncPrefectClient) -> list[ServerAutomation]:
+    """Every automation on the server (all pages, newest first, each once)."""
+    from prefect.client.schemas.sorting import AutomationSort
+
+    return read_all(lambda offset: client.read_automations(
+        sort=AutomationSort.CREATED_DESC, offset=offset), key=lambda automation: automation.id)
+
+
 def disable_automations_of(db_id: str, job: str | None = None) -> list[str]:
     """Pause every pgbackflow automation of one database, cluster or storage (with ``job``:
     only those of that job kind, e.g. a storage's ``maintenance``); their names."""
     paused = []
     with get_client(sync_client=True) as client:
-        for automation in read_all(lambda offset: client.read_automations(offset=offset)):
+        for automation in all_automations(client):
             name = automation.name
             if (name.startswith("pgbackflow") and name.endswith(f": {db_id}")
                     and (job is None or f" {job} " in name) and automation.enabled):

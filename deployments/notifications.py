@@ -34,9 +34,9 @@ from prefect.events.actions import SendNotification
 from prefect.events.schemas.events import ResourceSpecification
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from pgbackflow.deployments.automations import AutomationSpec
+from pgbackflow.deployments.automations import AutomationSpec, all_automations
 from pgbackflow.deployments.block_refs import saved_block
-from pgbackflow.deployments.paging import read_all
+from pgbackflow.deployments.tags import db_tag, job_tag, storage_tag
 from pgbackflow.flows.outcome import SUCCEEDED_EVENT
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.units import human_duration
@@ -231,8 +231,10 @@ def resolve_targets(refs: Sequence[str], where: str) -> list[Target]:
 
 
 def _tags(db_id: str, job: str, *, key: str = "db") -> list[ResourceSpecification]:
-    return [ResourceSpecification({"prefect.resource.id": f"prefect.tag.{key}:{db_id}"}),
-            ResourceSpecification({"prefect.resource.id": f"prefect.tag.job:{job}"})]
+    """The related resources of a run carrying these tags (``key``: ``db`` or ``storage``)."""
+    scope = db_tag(db_id) if key == "db" else storage_tag(db_id)
+    return [ResourceSpecification({"prefect.resource.id": f"prefect.tag.{scope}"}),
+            ResourceSpecification({"prefect.resource.id": f"prefect.tag.{job_tag(job)}"})]
 
 
 def _send(targets: Sequence[Target], subject: str, body: str) -> tuple[SendNotification, ...]:
@@ -440,7 +442,7 @@ def stale_automations(wanted: Iterable[str], ids: Iterable[str]) -> list[tuple[s
     keep, scope = set(wanted), set(ids)
     stale = []
     with get_client(sync_client=True) as client:
-        for automation in read_all(lambda offset: client.read_automations(offset=offset)):
+        for automation in all_automations(client):
             name = automation.name
             if (name.startswith(PREFIXES) and name not in keep and automation.enabled
                     and name.rpartition(": ")[2] in scope):
@@ -553,7 +555,6 @@ def health_specs(config: Any, server_refs: dict[str, dict[str, Any]], pool: str)
     interval, default 1 min; ``"off"``: none): one run at a time, a run due while one runs
     ends Cancelled."""
     from pgbackflow.deployments.apply import DeploymentSpec, ScheduleSpec
-    from pgbackflow.deployments.tags import db_tag, job_tag
     from pgbackflow.flows.health import health_check
 
     specs = []

@@ -70,7 +70,8 @@ def _health_variables(client: SyncPrefectClient) -> list[Variable]:
             "variables": {"name": {"like_": VARIABLE_PREFIX}}, "offset": offset})
         return Variable.model_validate_list(response.json())
 
-    return [v for v in read_all(page) if v.name.startswith(VARIABLE_PREFIX)]
+    return [v for v in read_all(page, key=lambda variable: variable.name)
+            if v.name.startswith(VARIABLE_PREFIX)]
 
 
 def load_states() -> list[HealthState]:
@@ -85,15 +86,22 @@ def forget_states(keep: set[str]) -> list[str]:
     """Delete the remembered state of every database not in ``keep`` (the ids whose health
     check the config runs): a database no longer checked (removed, disabled, its check
     switched off, or left by an older pgbackflow) must not stay in ``pgbackflow status``
-    with an ever older check; checked again, it starts afresh. The names deleted."""
+    with an ever older check; checked again, it starts afresh. The names deleted.
+
+    Until a pass finds nothing to delete: checks that delete their own state meanwhile
+    shift the pages, which can hide a state from one pass.
+    """
     wanted = {variable_name(db_id) for db_id in keep}
-    deleted = []
+    deleted: list[str] = []
     with get_client(sync_client=True) as client:
-        for variable in _health_variables(client):
-            if variable.name not in wanted:
+        for _ in range(5):
+            stale = [v.name for v in _health_variables(client) if v.name not in wanted]
+            for name in stale:
                 with suppress(ObjectNotFound):
-                    client.delete_variable_by_name(variable.name)
-                deleted.append(variable.name)
+                    client.delete_variable_by_name(name)
+            deleted += stale
+            if not stale:
+                break
     return deleted
 
 
@@ -122,9 +130,15 @@ def _save_state(state: HealthState) -> None:
             paused = client.read_deployment(UUID(deployment.id)).paused
         except ObjectNotFound:
             paused = True
+        except Exception as exc:  # the check itself went through: do not fail it for this
+            get_run_logger().warning("could not read whether this check was paused (%s); "
+                                     "the next deploy forgets its state if it was", exc)
+            return
         if paused:
             with suppress(ObjectNotFound):
                 client.delete_variable_by_name(name)
+
+
 def last_success(db_id: str, jobs: list[str]) -> str | None:
     """End time (ISO) of the newest Completed run of these jobs of this database."""
     newest: datetime | None = None

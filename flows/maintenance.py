@@ -27,6 +27,7 @@ from prefect.logging import get_run_logger
 from pgbackflow.blocks.database import PostgresDatabase
 from pgbackflow.blocks.encryption import BackupEncryptionKey
 from pgbackflow.blocks.storage import storage_block_from_url
+from pgbackflow.deployments.paging import read_all
 from pgbackflow.flows.common import (
     RETRY_DELAYS,
     StorageBlock,
@@ -61,8 +62,6 @@ _VERIFIED = {
     "verification": re.compile(r"^Successful: verification of (?P<backup_id>\S+)$"),
     "physical-verification": re.compile(r"^passed: verification of (?P<backup_id>\S+)$"),
 }
-_PAGE = 200
-"""Artifacts read per request (Prefect's default server limit)."""
 
 
 @task(name="read-catalog", **_RETRYING)
@@ -96,17 +95,12 @@ def verified_backups(db_ids: Iterable[str]) -> dict[str, set[str]]:
         return found
     try:
         with get_client(sync_client=True) as client:
-            artifacts: list[Artifact] = []
-            # Every page: one request returns at most the server's limit (200 by default),
-            # and every verification run adds a version. Newest first by creation: one
-            # published meanwhile shifts the pages by one (a repeat, never a loss).
-            while True:
-                page = client.read_artifacts(
-                    artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(wanted))),
-                    sort=ArtifactSort.CREATED_DESC, limit=_PAGE, offset=len(artifacts))
-                artifacts += page
-                if len(page) < _PAGE:
-                    break
+            # Every version: each verification run adds one. Newest first by creation: one
+            # published meanwhile shifts the pages by one (a repeat, dropped, never a loss).
+            keys = ArtifactFilter(key=ArtifactFilterKey(any_=list(wanted)))
+            artifacts: list[Artifact] = read_all(lambda offset: client.read_artifacts(
+                artifact_filter=keys, sort=ArtifactSort.CREATED_DESC, offset=offset),
+                key=lambda artifact: artifact.id)
     except Exception as exc:
         get_run_logger().warning("verification history unavailable (%s): no backup counts as "
                                  "verified", str(exc).splitlines()[0] if str(exc) else exc)

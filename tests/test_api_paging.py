@@ -87,3 +87,23 @@ def test_deploy_sees_every_managed_deployment_and_automation(
                    for a in http.post("automations/filter", json={"offset": offset}).json()
                    if a["enabled"]]
     assert enabled == []
+
+
+def test_retention_sees_every_verification_of_a_backup(paged_server: PrefectServer) -> None:
+    """``prefer_verified`` retention reads every version of the verification summaries: each
+    verification run adds one, so a database verified hourly has more than a page of them."""
+    from pgbackflow.flows.common import artifact_key
+    from pgbackflow.flows.maintenance import verified_backups
+
+    backups = [f"20261201T{hour:02d}0000Z-shop" for hour in range(2 * PAGE + 1)]
+    with paged_server.http() as http:
+        for backup_id in backups:
+            http.post("artifacts/", json={
+                "key": artifact_key("verification", "shop"), "type": "markdown",
+                "description": f"Successful: verification of {backup_id}",
+                "data": "verified"}).raise_for_status()
+        http.post("artifacts/", json={
+            "key": artifact_key("verification", "shop"), "type": "markdown",
+            "description": "Failed: verification of 20261202T000000Z-shop",
+            "data": "failed"}).raise_for_status()
+    assert verified_backups(["shop"]) == {"shop": set(backups)}

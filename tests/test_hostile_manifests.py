@@ -126,7 +126,9 @@ class Cli:
     daemons: dict[str, str]
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        env = without_libpq_env(dict(os.environ))
+        # Not PYTEST_CURRENT_TEST: it names each test, so each would get a daemon of its own.
+        env = without_libpq_env({k: v for k, v in os.environ.items()
+                                 if k != "PYTEST_CURRENT_TEST"})
         env.update(PREFECT_API_URL=self.prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2",
                    PGBACKFLOW_KEY_FILE=str(self.key_file), DO_NOT_TRACK="1", **self.daemons)
         return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300,

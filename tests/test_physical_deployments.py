@@ -447,7 +447,8 @@ def test_wal_switched_off_pauses_its_streamer_and_says_what_goes_on(tmp_path: Pa
 
 def test_what_pausing_a_deployment_pauses_is_read_from_its_tags() -> None:
     """Deploy decides from a paused deployment's tags (not its name) whose automations it
-    pauses and whether it stopped a WAL streamer."""
+    pauses (what deploy then prints about the streamer:
+    test_wal_switched_off_pauses_its_streamer_and_says_what_goes_on)."""
     from pgbackflow.deployments.config import _owners_of
     from pgbackflow.deployments.tags import db_tag, job_tag, storage_tag
 
