@@ -688,6 +688,8 @@ class DeployResult:
     started_streamers: list[str] = field(default_factory=list)
     #: Clusters whose WAL streamer deployment this deploy paused.
     paused_streamers: list[str] = field(default_factory=list)
+    #: Databases whose remembered health state this deploy deletes (no check of it runs).
+    forgotten_states: list[str] = field(default_factory=list)
 
     def render(self) -> str:
         """The plan as a diff, and a summary line."""
@@ -705,6 +707,8 @@ class DeployResult:
                   "replication slot keeps WAL on the server; `pgbackflow physical-retire "
                   f"--db-id {name}` stops it and drops the slot" for name in
                   self.paused_streamers]
+        lines += [f"- health state {name}: no health check of it runs, it leaves `pgbackflow "
+                  "status`" for name in self.forgotten_states]
         return "\n".join(lines)
 
 
@@ -734,7 +738,13 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     from pgbackflow.deployments.notifications import pause_automations, stale_automations
 
     stale = stale_automations([s.name for s in plan.automations], plan.notify_scope)
+    from pgbackflow.flows.health import forget_states, unchecked_states
+
+    checked = {tag.removeprefix(DB_TAG_PREFIX) for spec in plan.prefect.deployments
+               if not spec.paused and job_tag("health") in spec.tags
+               for tag in spec.tags if tag.startswith(DB_TAG_PREFIX)}
     if dry_run:
+        result.forgotten_states = unchecked_states(checked)
         for action, spec in automation_changes(plan.automations):
             changes.append(Change(action, "automation", spec.name))  # type: ignore[arg-type]
         changes += [Change("-", "automation", name, ("paused: no longer in the config",))
@@ -743,12 +753,7 @@ def deploy(config: DeployConfig, *, dry_run: bool = False) -> DeployResult:
     ids = apply_plan(plan.prefect, deployment_changes)
     # After the pauses: a health check still running saves its state, then finds its
     # deployment paused and deletes it (flows/health.py), so no interleaving keeps a state.
-    from pgbackflow.flows.health import forget_states
-
-    forget_states(keep={
-        tag.removeprefix(DB_TAG_PREFIX) for spec in plan.prefect.deployments
-        if not spec.paused and job_tag("health") in spec.tags
-        for tag in spec.tags if tag.startswith(DB_TAG_PREFIX)})
+    result.forgotten_states = forget_states(keep=checked)
     automations = list(plan.automations)
     for db_id, silence_s in plan.wal_streams:
         wal_id = next(v for k, v in ids.items() if k.endswith("/" + wal_deployment_name(db_id)))

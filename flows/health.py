@@ -82,27 +82,43 @@ def load_states() -> list[HealthState]:
             for v in variables if isinstance(v.value, dict) and v.value.get("db_id")]
 
 
+def _unchecked(client: SyncPrefectClient, keep: set[str]) -> list[Variable]:
+    wanted = {variable_name(db_id) for db_id in keep}
+    return [v for v in _health_variables(client) if v.name not in wanted]
+
+
+def _owner(variable: Variable) -> str:
+    value = variable.value
+    db_id = value.get("db_id") if isinstance(value, dict) else None
+    return str(db_id) if db_id else variable.name.removeprefix(VARIABLE_PREFIX)
+
+
+def unchecked_states(keep: set[str]) -> list[str]:
+    """The databases whose remembered state :func:`forget_states` would delete."""
+    with get_client(sync_client=True) as client:
+        return sorted(_owner(v) for v in _unchecked(client, keep))
+
+
 def forget_states(keep: set[str]) -> list[str]:
     """Delete the remembered state of every database not in ``keep`` (the ids whose health
     check the config runs): a database no longer checked (removed, disabled, its check
     switched off, or left by an older pgbackflow) must not stay in ``pgbackflow status``
-    with an ever older check; checked again, it starts afresh. The names deleted.
+    with an ever older check; checked again, it starts afresh. The databases forgotten.
 
     Until a pass finds nothing to delete: checks that delete their own state meanwhile
     shift the pages, which can hide a state from one pass.
     """
-    wanted = {variable_name(db_id) for db_id in keep}
-    deleted: list[str] = []
+    forgotten: set[str] = set()
     with get_client(sync_client=True) as client:
         for _ in range(5):
-            stale = [v.name for v in _health_variables(client) if v.name not in wanted]
-            for name in stale:
+            stale = _unchecked(client, keep)
+            for variable in stale:
                 with suppress(ObjectNotFound):
-                    client.delete_variable_by_name(name)
-            deleted += stale
+                    client.delete_variable_by_name(variable.name)
+                forgotten.add(_owner(variable))
             if not stale:
                 break
-    return deleted
+    return sorted(forgotten)
 
 
 def _load_state(db_id: str) -> HealthState:

@@ -540,7 +540,16 @@ def test_a_disabled_database_leaves_status(
     assert {"shop", "left-over"} <= _status_databases(prefect_server)
     site.write_config(shop_enabled=False)
     try:
-        prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
+        dry = prefect_server.run_cli("deploy", "--config", str(site.config), "--dry-run",
+                                     env=site.env).stdout
+        forgotten = ["- health state left-over: no health check of it runs, it leaves "
+                     "`pgbackflow status`", "- health state shop: no health check of it runs, "
+                     "it leaves `pgbackflow status`"]
+        assert dry.splitlines()[-2:] == forgotten, dry
+        assert {"shop", "left-over"} <= _status_databases(prefect_server)  # a dry run
+        applied = prefect_server.run_cli("deploy", "--config", str(site.config),
+                                         env=site.env).stdout
+        assert applied.splitlines()[-2:] == forgotten, applied
         assert _paused(prefect_server, deployed, "health-shop", "logical-shop",
                        "logical-everything") == {
             "health-shop": True, "logical-shop": True, "logical-everything": False}
