@@ -238,14 +238,16 @@ class Daemon:
         self.children[pid] = conn
         # A sub-command's name only: any other argument may be a DSN with a password.
         log(f"command {command[:60]!r}: process {pid}")
-        with suppress(OSError):
-            send_message(conn, {"started": pid})
 
     def _become_command(self, conn: socket.socket, request: dict[str, Any],
                         fds: list[int]) -> NoReturn:
         """In the forked child: drop the daemon's state, take the launcher's, run."""
         code = 1
         try:
+            # The child says it started, before it runs anything: its "exit" then always
+            # follows. (Said by the daemon after the fork, a quick command's "exit" came
+            # first under load, and the launcher ran the command a second time itself.)
+            send_message(conn, {"started": os.getpid()})
             self.listener.close()
             os.close(self.lock_fd)  # the lock is the daemon's, not its commands'
             for other in self.children.values():

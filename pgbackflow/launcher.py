@@ -315,6 +315,8 @@ def run_in_daemon(where: DaemonAddress, argv: list[str], cwd: str) -> int | None
             return 1
         except (OSError, ValueError):
             return None  # it closed the connection before forking: nothing started
+        if reply is not None and isinstance(reply.get("exit"), int):
+            return _exit_code_of(reply)  # it ran (and ended) there: never a second run here
         child = reply.get("started") if reply is not None else None
         if not isinstance(child, int):
             return None  # refused (its reason is in the daemon's log)
@@ -360,15 +362,21 @@ def _wait_for_exit(sock: socket.socket, reader: LineReader, ignored: list[int],
                              "check the command's outcome and rerun it (PGBACKFLOW_DAEMON=off "
                              "runs commands without the daemon)\n")
             return 1
-        code = message.get("exit")
-        if not isinstance(code, int):
-            continue
-        killed_by = message.get("signal")
-        if isinstance(killed_by, int) and killed_by in {int(s) for s in signal.Signals}:
-            sys.stdout.flush()
-            signal.signal(killed_by, signal.SIG_DFL)
-            os.kill(os.getpid(), killed_by)
-        return code
+        if isinstance(message.get("exit"), int):
+            return _exit_code_of(message)
+
+
+def _exit_code_of(message: Mapping[str, object]) -> int:
+    """The command's exit code from its ``exit`` message; a command killed by a signal
+    kills this process with it."""
+    code = message["exit"]
+    assert isinstance(code, int)
+    killed_by = message.get("signal")
+    if isinstance(killed_by, int) and killed_by in {int(s) for s in signal.Signals}:
+        sys.stdout.flush()
+        signal.signal(killed_by, signal.SIG_DFL)
+        os.kill(os.getpid(), killed_by)
+    return code
 
 
 def start_daemon(where: DaemonAddress) -> None:

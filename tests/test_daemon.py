@@ -764,3 +764,38 @@ def test_a_stale_socket_is_replaced(own_daemon_cli: DaemonCli) -> None:
     again = own_daemon_cli.run("--help")
     assert again.returncode == 0, again.stderr
     assert [c for c, _ in own_daemon_cli.commands()] == ["(other)"]
+
+
+def test_a_command_that_ended_before_its_start_was_told_is_not_run_again(
+    tmp_path: Path,
+) -> None:
+    """The daemon's first answer is the command's exit (it ran and ended before "started"
+    reached the launcher, as a quick command under load did): the launcher reports that
+    exit code and never runs the command a second time itself (a `list` printed twice)."""
+    import threading
+
+    runtime = Path(tempfile.mkdtemp(prefix="pgbf-"))  # short: a socket path's 108 bytes
+    try:
+        path = runtime / "fake.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(1)
+        received: list[dict[str, Any]] = []
+
+        def fake_daemon() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                payload, fds, _flags, _addr = socket.recv_fds(conn, 1 << 20, 3)
+                for fd in fds:
+                    os.close(fd)
+                received.append(json.loads(payload))
+                conn.sendall(b'{"exit": 3}\n{"started": 1}\n')
+
+        thread = threading.Thread(target=fake_daemon, daemon=True)
+        thread.start()
+        where = launcher.DaemonAddress("k" * 32, path, "cli")
+        assert launcher.run_in_daemon(where, ["list", "--from", "/x"], str(tmp_path)) == 3
+        thread.join(10)
+        assert received and received[0]["argv"] == ["pgbackflow", "list", "--from", "/x"]
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
