@@ -18,8 +18,7 @@ T = TypeVar("T")
 MAX_PAGES = 10_000
 
 
-def read_all(read_page: Callable[[int], Sequence[T]],
-             key: Callable[[T], Hashable] | None = None) -> list[T]:
+def read_all(read_page: Callable[[int], Sequence[T]], key: Callable[[T], Hashable]) -> list[T]:
     """Call ``read_page(offset)`` until a page comes back empty; every item once.
 
     Offsets shift when the collection changes meanwhile: sort newest first where items are
@@ -35,10 +34,8 @@ def read_all(read_page: Callable[[int], Sequence[T]],
             return items
         offset += len(page)
         for item in page:
-            if key is not None:
-                identity = key(item)
-                if identity in seen:
-                    continue
+            identity = key(item)
+            if identity not in seen:
                 seen.add(identity)
-            items.append(item)
+                items.append(item)
     raise RuntimeError(f"the Prefect API returned more than {MAX_PAGES} pages")

@@ -65,6 +65,7 @@ def variable_name(db_id: str) -> str:
 
 def _health_variables(client: SyncPrefectClient) -> list[Variable]:
     """Every health Variable (all pages: a fleet may have more than one page of them)."""
+    # By hand: the client's read_variables takes no offset and no filter.
     def page(offset: int) -> list[Variable]:
         response = client.request("POST", "/variables/filter", json={
             "variables": {"name": {"like_": VARIABLE_PREFIX}}, "offset": offset})
