@@ -11,10 +11,11 @@ and exits with the command's exit code.
 
 A daemon serves exactly one set of inputs: this user, this interpreter, this version of the
 code and installed packages, these Prefect settings files and this environment (all but the
-variables a shell changes on its own, :data:`VOLATILE_ENV`). Another set gets another daemon;
-each exits after :data:`IDLE_S` idle seconds (``PGBACKFLOW_DAEMON_IDLE_S``). When there is no
-daemon for the current set, the command runs in this process, as it always did, and a daemon
-is started in the background for the next one.
+variables a shell changes on its own, :data:`VOLATILE_ENV`, and those a command reads when it
+connects, :data:`PER_COMMAND_PREFIXES`: each command hands over its own). Another set gets
+another daemon; each exits after :data:`IDLE_S` idle seconds (``PGBACKFLOW_DAEMON_IDLE_S``).
+When there is no daemon for the current set, the command runs in this process, as it always
+did, and a daemon is started in the background for the next one.
 
 ``PGBACKFLOW_DAEMON=off`` runs every command in its own process and starts no daemon;
 ``--debug`` and the long-running commands (:data:`IN_PROCESS_COMMANDS`) always do.
@@ -50,6 +51,14 @@ VOLATILE_ENV = frozenset({
     "SSH_CONNECTION", "SSH_TTY", "INVOCATION_ID", "JOURNAL_STREAM",
 })
 PER_RUN_PREFIX = "PREFECT__"
+#: Variables read when a command connects, not when a process starts: libpq's (``PGPASSWORD``,
+#: ``PGHOST``, ``PGSSLMODE``, ...) and AWS's (credentials, profile, region, endpoint).
+#: Commands that differ only in these share one daemon, each with its own values, and no
+#: daemon keeps them: a script that backs up fifty databases, each with its own
+#: ``PGPASSWORD``, started fifty daemons of ~130 MB holding a password each for 15 minutes,
+#: none of them used again. pgbackflow's own ``PGBACKFLOW_*`` settings are not among them.
+PER_COMMAND_PREFIXES = ("PG", "AWS_")
+OWN_PREFIX = "PGBACKFLOW_"
 #: What a daemon runs: ``pgbackflow`` commands, or flow runs a Prefect worker started
 #: (``python -m pgbackflow.engine``, the pool's flow-run command). A daemon does one.
 MODES = ("cli", "flow-run")
@@ -132,8 +141,10 @@ def _code_files() -> Iterator[Path]:
 
 
 def is_volatile(name: str) -> bool:
-    """Whether ``name`` is left out of a daemon's identity (and passed per command)."""
-    return name in VOLATILE_ENV or name.startswith(PER_RUN_PREFIX)
+    """Whether ``name`` is left out of a daemon's identity and environment (each command
+    brings its own value, or its absence)."""
+    return (name in VOLATILE_ENV or name.startswith(PER_RUN_PREFIX)
+            or (name.startswith(PER_COMMAND_PREFIXES) and not name.startswith(OWN_PREFIX)))
 
 
 def daemon_key(env: Mapping[str, str], cwd: str, mode: str = "cli",

@@ -623,12 +623,33 @@ def test_the_password_stays_out_of_the_daemon(first_runs: FirstRuns, daemon_cli:
     assert pids
     for pid in pids:
         assert password not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        # Nor its environment: each command brings its PGPASSWORD, no daemon keeps one.
+        assert password not in Path(f"/proc/{pid}/environ").read_bytes()
     checked = []
     for path in daemon_cli.runtime.rglob("*"):
         if path.is_file() and not path.is_symlink():
             assert password not in path.read_bytes(), path
             checked.append(path.name)
     assert any(name.endswith(".log") for name in checked), checked
+
+
+def test_each_command_brings_its_own_password(first_runs: FirstRuns, daemon_cli: DaemonCli,
+                                              source: Source, tmp_path: Path) -> None:
+    """A script that backs up each database with its own PGPASSWORD (and AWS keys): every
+    command runs in the one daemon, with the password it was given, not the daemon's."""
+    sockets = daemon_cli.sockets()
+    before = len(daemon_cli.commands())
+    folder = tmp_path / "store"
+    wrong = daemon_cli.run("backup", "--db", passwordless(source), "--to", str(folder),
+                           PGPASSWORD="not-the-password", AWS_SECRET_ACCESS_KEY="other")
+    one_line_error(wrong, "password authentication failed")
+    assert "not-the-password" not in wrong.stderr + wrong.stdout
+    right = daemon_cli.run("backup", "--db", passwordless(source), "--to", str(folder),
+                           "--json", AWS_SECRET_ACCESS_KEY="another")
+    assert right.returncode == 0, right.stderr
+    assert [c for c, _ in daemon_cli.commands()[before:]] == ["backup", "backup"]
+    assert daemon_cli.sockets() == sockets, "another daemon was started"
+    assert len(list_backups(LocalFolderStorage(folder))) == 1
 
 
 def test_daemon_status_and_unknown_action(first_runs: FirstRuns, daemon_cli: DaemonCli) -> None:
@@ -702,6 +723,11 @@ def test_daemon_key_inputs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     # A worker's per-run variables (two underscores) are volatile; Prefect settings are not.
     assert launcher.daemon_key({**env, "PREFECT__FLOW_RUN_ID": "x"}, str(cwd)) == key
     assert launcher.daemon_key({**env, "PREFECT_API_URL": "http://x"}, str(cwd)) != key
+    # What a command reads when it connects is its own (libpq's, AWS's); pgbackflow's
+    # settings are not.
+    for name in ("PGPASSWORD", "PGHOST", "PGSSLMODE", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):
+        assert launcher.daemon_key({**env, name: "changed"}, str(cwd)) == key, name
+    assert launcher.daemon_key({**env, "PGBACKFLOW_RETRY_DELAYS": "1"}, str(cwd)) != key
     other_cwd = tmp_path / "other"
     other_cwd.mkdir()
     assert launcher.daemon_key(env, str(other_cwd)) == key  # no settings file in either
