@@ -36,6 +36,7 @@ from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3Objec
 from pgbackflow.tasks.toolsets import toolsets_home
 from tests.fixtures.postgres import BigDatabase, PgServers, make_database, without_libpq_env
 from tests.fixtures.prefect import settled_task_runs
+from tests.fixtures.prefect_server import as_users_run_it
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -94,10 +95,13 @@ class Cli:
         return env
 
     def run(self, *args: str, **extra_env: str) -> subprocess.CompletedProcess[str]:
-        """Run ``pgbackflow ARGS`` to completion."""
+        """Run ``pgbackflow ARGS`` to completion, through the session's warm daemon as users
+        run it; with a setting of its own (PGBACKFLOW_TOOLSETS) in a process of its own
+        (a daemon keyed by it would serve one command). ``start``'s commands, which tests
+        kill, always run in their own."""
         return subprocess.run(
             [str(CLI), *args], capture_output=True, text=True, timeout=CLI_TIMEOUT_S,
-            env=self.env(**extra_env), check=False,
+            env=as_users_run_it(self.env(**extra_env), own_settings=extra_env), check=False,
         )
 
     def start(self, *args: str) -> subprocess.Popen[str]:

@@ -10,12 +10,16 @@ from pathlib import Path
 
 from pgbackflow.tasks.archive import ArchiveWriter
 from pgbackflow.tasks.keys import MasterKey, load_key_file, write_key_file
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 
-CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+#: The command in this interpreter, without the launcher (to see what it imports).
+IN_PROCESS = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=120, check=False)
+    """``pgbackflow ARGS`` through the launcher and a warm daemon, as users run it."""
+    return subprocess.run([str(PGBACKFLOW), *args], capture_output=True, text=True,
+                          timeout=120, check=False, env=as_users_run_it(dict(os.environ)))
 
 
 def test_key_init_then_decrypt(tmp_path: Path) -> None:
@@ -109,7 +113,7 @@ def test_commands_without_flows_do_not_import_prefect(tmp_path: Path) -> None:
     env = {**os.environ, "PGBACKFLOW_KEY_FILE": str(key_file)}
     for args in (["list", "--from", store], ["physical-list", "--from", store],
                  ["retention", "--from", store, "--dry-run", "--keep-last", "2"]):
-        result = subprocess.run([sys.executable, "-X", "importtime", *CLI[1:], *args],
+        result = subprocess.run([sys.executable, "-X", "importtime", *IN_PROCESS[1:], *args],
                                 capture_output=True, text=True, timeout=120, check=False,
                                 env=env)
         assert result.returncode == 0, result.stderr[-2000:]

@@ -12,7 +12,6 @@ import io
 import os
 import stat
 import subprocess
-import sys
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +34,9 @@ from pgbackflow.tasks.pipeline import store_bytes
 from pgbackflow.tasks.pitr import tablespace_root, unpack_backup
 from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_file, unpack_tar_stream
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 
-CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+CLI = [str(PGBACKFLOW)]
 LABEL = "store/physical/cluster-1/base/b1/base.tar.pgbf"
 
 
@@ -344,7 +344,8 @@ def test_pitr_of_a_hostile_base_backup_writes_nothing_outside(
     done = subprocess.run(
         [*CLI, "pitr", "--from", str(store), "--target", "latest", "--to-dir", str(target),
          "--key-file", str(key_file), *(["--start"] if start else [])],
-        env={**os.environ, "PREFECT_API_URL": prefect_api}, capture_output=True, text=True,
+        env=as_users_run_it({**os.environ, "PREFECT_API_URL": prefect_api}),
+        capture_output=True, text=True,
         timeout=300, check=False,
     )
     assert done.returncode == 1, done.stdout + done.stderr

@@ -39,6 +39,7 @@ from pgbackflow.tasks.storage import (
 )
 from tests.fixtures.mounts import tmpfs
 from tests.fixtures.postgres import BigDatabase, PgServers, make_database, without_libpq_env
+from tests.fixtures.prefect_server import as_users_run_it
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -76,8 +77,11 @@ class Cli:
         return env
 
     def run(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        """Through the session's warm daemon, as users run it (``start_backup``'s commands,
+        which tests kill, run in their own process)."""
         return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300,
-                              env=self.env(extra), check=False)
+                              env=as_users_run_it(self.env(extra), own_settings=extra),
+                              check=False)
 
     def backup(self, dbname_dsn: str, *targets: str, **extra: str
                ) -> subprocess.CompletedProcess[str]:

@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,10 +44,11 @@ from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.wal import WalIntegrityError, WalShipper, WalStreamer, wal_object_key
 from tests.fixtures.prefect import settled_task_runs
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg]
 
-CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+CLI = [str(PGBACKFLOW)]
 
 
 def cluster_or_skip(major: int, pg_majors: tuple[int, ...], **settings: str) -> EphemeralCluster:
@@ -529,7 +529,8 @@ def test_cli_physical_backup_list_and_pitr(
     with cluster_or_skip(17, pg_majors) as server:
         dsn = (f"host={server.host} port={server.port} user={server.superuser} "
                "dbname=postgres sslmode=disable")
-        env = {**os.environ, "PGPASSWORD": server.password, "PREFECT_API_URL": prefect_api}
+        env = as_users_run_it({**os.environ, "PGPASSWORD": server.password,
+                               "PREFECT_API_URL": prefect_api})
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
@@ -595,9 +596,10 @@ def test_cli_pitr_into_docker_volume_and_verify_physical(
             wait_shipped(server, storage)
         # The run's logs on stderr: this test once saw exit 0 with nothing on stdout, and
         # they say how far the run got.
-        env = {**os.environ, "PREFECT_API_URL": prefect_api, "PYTHONFAULTHANDLER": "1",
-               **{f"PREFECT_LOGGING_HANDLERS_CONSOLE{part}_LEVEL": "INFO"
-                  for part in ("", "_FLOW_RUNS", "_TASK_RUNS")}}
+        env = as_users_run_it({
+            **os.environ, "PREFECT_API_URL": prefect_api, "PYTHONFAULTHANDLER": "1",
+            **{f"PREFECT_LOGGING_HANDLERS_CONSOLE{part}_LEVEL": "INFO"
+               for part in ("", "_FLOW_RUNS", "_TASK_RUNS")}})
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,

@@ -40,6 +40,7 @@ from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.verify_physical import verify_physical_backup
 from pgbackflow.tasks.wal import WalShipper, WalStreamer, wal_object_key, wal_prefix
 from tests.fixtures.postgres import BigDatabase
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 from tests.fixtures.s3 import S3Bucket
 from tests.test_physical import (
     db_block,
@@ -54,7 +55,9 @@ from tests.test_physical import (
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg, pytest.mark.timeout(600)]
 
-CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+#: Through a warm daemon where the command just runs (``Streamed.cli``); in a process of its
+#: own where a test kills it (PGBACKFLOW_DAEMON=off, conftest: the kill is the command's).
+CLI = [str(PGBACKFLOW)]
 MAJOR = 17
 
 
@@ -85,7 +88,7 @@ class Streamed:
         return store / wal_object_key(self.db_id, name)
 
     def cli(self, *args: str, prefect_api: str) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "PREFECT_API_URL": prefect_api}
+        env = as_users_run_it({**os.environ, "PREFECT_API_URL": prefect_api})
         return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
                               timeout=300, check=False)
 

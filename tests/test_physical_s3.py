@@ -27,6 +27,7 @@ from pgbackflow.tasks.keys import MasterKey, write_key_file
 from pgbackflow.tasks.physical import physical_db_id
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.wal import wal_object_key
+from tests.fixtures.prefect_server import as_users_run_it
 from tests.fixtures.s3 import S3Bucket
 from tests.test_physical import (
     CLI,
@@ -83,7 +84,8 @@ def test_chain_wal_pitr_and_verification_from_s3(
         dsn = (f"host={server.host} port={server.port} user={server.superuser} "
                "dbname=postgres sslmode=disable")
         # The AWS_* variables s3_bucket set point every command at the bucket.
-        env = {**os.environ, "PGPASSWORD": server.password, "PREFECT_API_URL": prefect_api}
+        env = as_users_run_it({**os.environ, "PGPASSWORD": server.password,
+                               "PREFECT_API_URL": prefect_api})
 
         def cli(*args: str) -> subprocess.CompletedProcess[str]:
             done = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,

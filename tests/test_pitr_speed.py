@@ -13,7 +13,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
 import threading
@@ -59,10 +58,11 @@ from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.wal import WalIntegrityError, WalShipper, wal_object_key
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 
 pytestmark = [pytest.mark.pg]
 
-CLI = [sys.executable, "-c", "from pgbackflow.cli import main; main()"]
+CLI = [str(PGBACKFLOW)]
 MAJOR = 17
 ROWS = 200_000
 LATE_ROWS = 3
@@ -297,7 +297,8 @@ def test_a_failing_link_stops_the_restore_with_one_line_and_leaves_nothing(
     result = subprocess.run(
         [*CLI, "pitr", "--from", str(store), "--target", "latest", "--to-dir",
          str(parent / "data"), "--key-file", str(chain.key_file)],
-        env={**os.environ, "PREFECT_API_URL": prefect_api}, capture_output=True, text=True,
+        env=as_users_run_it({**os.environ, "PREFECT_API_URL": prefect_api}),
+        capture_output=True, text=True,
         timeout=300, check=False)
     assert result.returncode == 1, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr

@@ -30,6 +30,7 @@ from pgbackflow.tasks.manifest import LogicalManifest, list_backups, write_manif
 from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.toolsets import find_toolset
 from tests.fixtures.postgres import PgServers, make_database, without_libpq_env
+from tests.fixtures.prefect_server import as_users_run_it
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,11 +39,12 @@ PREFERRED_MAJOR = 17
 
 
 def run_cli(prefect_api: str, *args: str) -> subprocess.CompletedProcess[str]:
-    """``pgbackflow ARGS`` with the session's Prefect API and no PG* of our environment."""
+    """``pgbackflow ARGS`` with the session's Prefect API and no PG* of our environment,
+    through the session's warm daemon as users run it."""
     env = without_libpq_env(dict(os.environ))
     env.update(PREFECT_API_URL=prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2", DO_NOT_TRACK="1")
     return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300,
-                          env=env, check=False)
+                          env=as_users_run_it(env), check=False)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:

@@ -56,6 +56,7 @@ from pgbackflow.tasks.storage import (
     Storage,
 )
 from pgbackflow.tasks.wal import segment_name, wal_object_key
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 from tests.fixtures.s3 import S3Bucket
 
 KEY = MasterKey.generate()
@@ -64,7 +65,9 @@ DB = "shop"
 CLUSTER = "cluster-7312"
 SEG = 16 * 1024 * 1024
 GRACE = timedelta(hours=24)
-CLI = [sys.executable, "-u", "-c", "from pgbackflow.cli import main; main()"]
+#: Through a warm daemon (``run_cli``), but where a test kills the command: then in a
+#: process of its own (PGBACKFLOW_DAEMON=off, conftest), unbuffered to read its progress.
+CLI = [str(PGBACKFLOW)]
 
 
 def format_lsn(position: int) -> str:
@@ -588,7 +591,7 @@ def run_cli(*args: str, key_file: Path, env: dict[str, str] | None = None,
             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLI, "retention", *args, "--key-file", str(key_file)],
                           capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})}, check=False)
+                          env=as_users_run_it({**os.environ, **(env or {})}), check=False)
 
 
 @pytest.fixture
@@ -716,6 +719,7 @@ def test_kill_9_mid_run_leaves_listed_backups_complete_and_a_rerun_finishes(
         [*CLI, "retention", "--from", str(storage.folder), "--keep-last", "5",
          "--key-file", str(key_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     assert child.stdout is not None
     seen = 0
@@ -930,7 +934,8 @@ def test_catalog_wal_gaps_follow_the_timeline_switch(storage: Storage, key_file:
     source, env = _cli_target(storage, bucket)
     listed = subprocess.run([*CLI, "physical-list", "--from", source, "--key-file",
                              str(key_file), "--json"], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, **env}, check=False)
+                            timeout=120, env=as_users_run_it({**os.environ, **env}),
+                            check=False)
     assert listed.returncode == 0, listed.stderr
     (document,) = json.loads(listed.stdout)
     assert document["wal_gaps"] == [tl1_gap, tl2_gap]
