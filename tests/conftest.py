@@ -14,11 +14,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # The CLI's warm daemon (pgbackflow/launcher.py) is tested in tests/test_daemon.py. By
 # default here each `pgbackflow` command runs in its own process, as the kill -9 and fault
-# tests assume. Commands run through PrefectServer.run_cli or the `cli_daemons` fixture go
-# through warm daemons, as users' do by default (a command costs ~1.4 CPU-s of imports in
-# its own process); workers the tests start (PrefectServer.start_worker) run deployments
-# through the flow-run daemon, as in production. Those daemons live in runtime directories
-# of the server or the session, stopped with them: no test leaves a daemon behind.
+# tests assume. Commands run through PrefectServer.run_cli or in `as_users_run_it`'s
+# environment (tests/fixtures/prefect_server.py) go through warm daemons, as users' do by
+# default (a command costs ~1.4 CPU-s of imports in its own process); workers the tests
+# start (PrefectServer.start_worker) run deployments through the flow-run daemon, as in
+# production. Those daemons live in runtime directories of the server or the session,
+# stopped with them: no test leaves a daemon behind.
 os.environ.setdefault("PGBACKFLOW_DAEMON", "off")
 
 pytest_plugins = [

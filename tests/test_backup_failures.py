@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -36,7 +35,7 @@ from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3Objec
 from pgbackflow.tasks.toolsets import toolsets_home
 from tests.fixtures.postgres import BigDatabase, PgServers, make_database, without_libpq_env
 from tests.fixtures.prefect import settled_task_runs
-from tests.fixtures.prefect_server import as_users_run_it
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -46,7 +45,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.timeout(300)
 
-CLI = Path(sys.executable).with_name("pgbackflow")
+CLI = PGBACKFLOW
 CLI_TIMEOUT_S = 180
 PREFERRED_MAJOR = 17
 

@@ -38,7 +38,7 @@ from pgbackflow.tasks.cluster import EphemeralCluster
 from pgbackflow.tasks.manifest import list_backups
 from pgbackflow.tasks.storage import LocalFolderStorage
 from tests import test_backup_failures as failures
-from tests.fixtures.prefect_server import BIN
+from tests.fixtures.prefect_server import PGBACKFLOW
 from tests.test_backup_failures import Cli, Source, drop_database, one_line_error
 
 pytestmark = pytest.mark.timeout(300)
@@ -49,7 +49,6 @@ source = failures.source
 key_file = failures.key_file
 cli = failures.cli
 
-PGBACKFLOW = BIN / "pgbackflow"
 CLI_TIMEOUT_S = 180
 #: A daemon imports Prefect and every pgbackflow module before it listens.
 WARM_TIMEOUT_S = 90

@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,11 +43,12 @@ from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.verify_physical import pick_backup
 from tests.fixtures.postgres import without_libpq_env
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 from tests.fixtures.s3 import S3Bucket
 
 pytestmark = [pytest.mark.usefixtures("prefect_api"), pytest.mark.pg, pytest.mark.timeout(900)]
 
-CLI = Path(sys.executable).with_name("pgbackflow")
+CLI = PGBACKFLOW
 
 
 # --------------------------------------------------------------------------- helpers
@@ -123,16 +123,13 @@ class Cli:
 
     prefect_api: str
     key_file: Path
-    daemons: dict[str, str]
 
     def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        # Not PYTEST_CURRENT_TEST: it names each test, so each would get a daemon of its own.
-        env = without_libpq_env({k: v for k, v in os.environ.items()
-                                 if k != "PYTEST_CURRENT_TEST"})
+        env = without_libpq_env(dict(os.environ))
         env.update(PREFECT_API_URL=self.prefect_api, PGBACKFLOW_RETRY_DELAYS="0.2",
-                   PGBACKFLOW_KEY_FILE=str(self.key_file), DO_NOT_TRACK="1", **self.daemons)
+                   PGBACKFLOW_KEY_FILE=str(self.key_file), DO_NOT_TRACK="1")
         return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=300,
-                              env=env, check=False)
+                              env=as_users_run_it(env), check=False)
 
     def json(self, *args: str) -> Any:
         result = self.run(*args, "--json")
@@ -141,8 +138,8 @@ class Cli:
 
 
 @pytest.fixture
-def cli(prefect_api: str, key_file: Path, cli_daemons: dict[str, str]) -> Cli:
-    return Cli(prefect_api, key_file, cli_daemons)
+def cli(prefect_api: str, key_file: Path) -> Cli:
+    return Cli(prefect_api, key_file)
 
 
 def one_line_error(result: subprocess.CompletedProcess[str], *expected: str) -> str:

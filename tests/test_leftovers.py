@@ -14,7 +14,6 @@ import contextlib
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,7 +38,7 @@ from pgbackflow.tasks.storage import (
 )
 from tests.fixtures.mounts import tmpfs
 from tests.fixtures.postgres import BigDatabase, PgServers, make_database, without_libpq_env
-from tests.fixtures.prefect_server import as_users_run_it
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 from tests.fixtures.s3 import ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY
 
 if TYPE_CHECKING:
@@ -47,7 +46,7 @@ if TYPE_CHECKING:
 
 pytestmark = pytest.mark.timeout(600)
 
-CLI = Path(sys.executable).with_name("pgbackflow")
+CLI = PGBACKFLOW
 PREFERRED_MAJOR = 17
 MiB = 1024 * 1024
 REMOVED = "removed the leftover of an interrupted write: "

@@ -11,7 +11,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -30,11 +29,11 @@ from pgbackflow.tasks.manifest import LogicalManifest, list_backups, write_manif
 from pgbackflow.tasks.storage import LocalFolderStorage
 from pgbackflow.tasks.toolsets import find_toolset
 from tests.fixtures.postgres import PgServers, make_database, without_libpq_env
-from tests.fixtures.prefect_server import as_users_run_it
+from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 
 pytestmark = pytest.mark.timeout(600)
 
-CLI = Path(sys.executable).with_name("pgbackflow")
+CLI = PGBACKFLOW
 PREFERRED_MAJOR = 17
 
 
