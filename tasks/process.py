@@ -354,7 +354,9 @@ def _read_boot_tag() -> str:
 BOOT_TAG = _read_boot_tag()
 
 
-def owner_state(path: str, boot: str, pid: int) -> Literal["alive", "gone", "unknown"]:
+def owner_state(
+    path: str, boot: str, pid: int, *, dir_fd: int | None = None
+) -> Literal["alive", "gone", "unknown"]:
     """Whether the process that made ``path`` (and holds a flock on it while it works) lives.
 
     Alive: the lock is held (by any process of this kernel). Gone: made in this boot, lock
@@ -364,7 +366,9 @@ def owner_state(path: str, boot: str, pid: int) -> Literal["alive", "gone", "unk
     if boot != BOOT_TAG or boot == "unknown":
         return "unknown"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(
+            path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd
+        )
     except OSError:
         return "unknown"
     try:

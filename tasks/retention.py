@@ -765,6 +765,7 @@ class RetentionLock:
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RetentionBusyError` naming its holder."""
+        in_the_way = 0  # could not create it, yet there is no lock object to read
         for _ in range(3):
             if self.storage.create_new(LOCK_KEY, self._body()):
                 # An S3-compatible server that ignores If-None-Match overwrites instead:
@@ -778,6 +779,7 @@ class RetentionLock:
                 return
             body = self._read()
             if body is None:
+                in_the_way += 1
                 continue  # released meanwhile
             if not self._stale(body):
                 raise RetentionBusyError(
@@ -790,6 +792,11 @@ class RetentionLock:
                            self.storage.location, str(body.get("owner", "?"))[:80],
                            str(body.get("host", "?"))[:64], body.get("pid", "?"))
             self.storage.delete(LOCK_KEY)
+        if in_the_way == 3:
+            raise RetentionBusyError(
+                f"storage {self.storage.location}: could not take the retention lock "
+                f"{LOCK_KEY}: something that is not a lock object has that name (in a local "
+                "folder: not a regular file): remove it, then rerun")
         raise RetentionBusyError(
             f"storage {self.storage.location}: could not take the retention lock {LOCK_KEY} "
             "(other runs keep taking it): rerun later")

@@ -20,6 +20,7 @@ would publish the half-written object.
 from __future__ import annotations
 
 import logging
+import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -38,6 +39,8 @@ INCOMPLETE_DIR = ".pgbackflow-incomplete"
 """Folder (inside a local storage folder) holding objects that are still being written."""
 
 _PROBE_PREFIX = ".pgbackflow-probe-"
+#: Characters no key may hold (C0 and C1 controls, DEL): terminals act on them.
+_CONTROL = re.compile("[\x01-\x1f\x7f-\x9f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,16 @@ def check_key(key: str) -> str:
     return key
 
 
+def is_valid_key(key: str) -> bool:
+    """Whether ``key`` could be an object pgbackflow wrote (what `check_key` accepts).
+
+    Listings skip other names: whoever can write to a storage may plant any name, and one
+    with a control character or a '..' segment must neither reach a terminal nor stop a
+    run that would later read or delete it.
+    """
+    return _key_problem(key, allow_partial=False) is None
+
+
 def _check_prefix(prefix: str) -> str:
     if prefix and (problem := _key_problem(prefix, allow_partial=True)):
         raise ConfigError(
@@ -88,6 +101,8 @@ def _key_problem(key: str, *, allow_partial: bool) -> str | None:
         return "empty"
     if "\x00" in key:
         return "contains a NUL character"
+    if _CONTROL.search(key):
+        return "contains a control character"
     if key.startswith("/"):
         return "absolute"
     segments = key.split("/")

@@ -10,7 +10,8 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
@@ -25,6 +26,7 @@ from pgbackflow.tasks.storage.base import (
     StoredObject,
     _check_prefix,
     check_key,
+    is_valid_key,
 )
 
 LOCAL_WRITE_BUFFER = MiB
@@ -39,6 +41,11 @@ class LocalFolderStorage(Storage):
     folder, so the object appears complete or not at all, also after a crash. While it
     writes it holds an exclusive ``flock`` on the temporary: a sweep on the same machine
     (same boot) tells a live writer from a dead one by that lock and the pid.
+
+    Whoever can write to the folder may have planted symbolic links, FIFOs or devices in it.
+    Below the folder itself, every operation walks folder by folder with ``O_NOFOLLOW``
+    descriptors (`_folders`): a link is never followed, so no read, write, listing or delete
+    reaches outside the folder; only regular files are objects.
     """
 
     def __init__(self, folder: Path | str) -> None:
@@ -61,7 +68,44 @@ class LocalFolderStorage(Storage):
         return self.folder / INCOMPLETE_DIR
 
     def _path(self, key: str) -> Path:
+        """Where object ``key`` is, for messages (operations go through `_folders`)."""
         return self.folder.joinpath(*check_key(key).split("/"))
+
+    @contextlib.contextmanager
+    def _folders(self, parts: Sequence[str], *, create: bool = False) -> Iterator[list[int]]:
+        """Descriptors of the storage folder and of each folder ``parts`` names below it.
+
+        Each is opened relative to the one before, without following a symbolic link, so
+        what is reached is inside the folder even if the folder changes meanwhile.
+
+        Raises:
+            FileNotFoundError: A folder is missing (and ``create`` is false).
+            NotADirectoryError: A file is in the way of a folder.
+            StorageError: A folder below the storage folder is a symbolic link.
+        """
+        fds = [os.open(self.folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)]
+        try:
+            for depth, part in enumerate(parts, 1):
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, dir_fd=fds[-1])
+                try:
+                    fds.append(os.open(part, _FOLDER_FLAGS, dir_fd=fds[-1]))
+                except NotADirectoryError:
+                    if _is_link(part, fds[-1]):
+                        raise self._link_refused("/".join(parts[:depth])) from None
+                    raise
+            yield fds
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _link_refused(self, relative: str) -> StorageError:
+        return StorageError(
+            f"local storage folder '{self.folder}': '{relative}' is a symbolic link, and "
+            "pgbackflow never follows links inside its storage (whoever can write there "
+            "could point them anywhere): replace it with a real folder or remove it"
+        )
 
     def _not_writable(self, exc: OSError) -> StorageError:
         reason = exc.strerror or type(exc).__name__
@@ -82,46 +126,54 @@ class LocalFolderStorage(Storage):
 
     def open_write(self, key: str, *, size_hint: int | None = None) -> ObjectWriter:
         """Start writing object ``key`` (``size_hint`` is not needed locally)."""
-        final = self._path(key)
+        check_key(key)
         try:
-            temp, fd = self._new_temporary()
+            temp = self._new_temporary()
         except OSError as exc:
             raise self._not_writable(exc) from exc
-        return _LocalWriter(self, key, temp, final, fd)
+        return _LocalWriter(self, key, temp)
 
-    def _new_temporary(self) -> tuple[Path, int]:
-        """A new writer's temporary (named after this boot and pid) and its descriptor,
-        flocked while this process holds it open."""
+    def _new_temporary(self) -> _Temporary:
+        """A new writer's temporary (named after this boot and pid), flocked while this
+        process holds it open."""
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
-        self.incomplete_folder.mkdir(parents=True, exist_ok=True)
-        temp = self.incomplete_folder / f"{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
-        fd = os.open(
-            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with self._folders([INCOMPLETE_DIR], create=True) as fds:
+            folder_fd = os.dup(fds[-1])
+        name = f"{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
+        try:
+            fd = os.open(
+                name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                dir_fd=folder_fd,
+            )
+        except BaseException:
+            os.close(folder_fd)
+            raise
         # Where locks are unsupported the writer goes on; sweeps then judge by age alone.
         with contextlib.suppress(OSError):
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return temp, fd
+        return _Temporary(folder_fd, name, fd)
 
     def create_new(self, key: str, data: bytes) -> bool:
         """Write a small object only if ``key`` does not exist: written to a temporary, then
         hard-linked into place (``link`` fails on an existing name), so it appears whole."""
-        final = self._path(key)
+        *folders, name = check_key(key).split("/")
         try:
-            temp, fd = self._new_temporary()
+            temp = self._new_temporary()
             try:
-                with os.fdopen(fd, "wb", closefd=True) as out:
+                with os.fdopen(temp.fd, "wb", closefd=True) as out:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
-                final.parent.mkdir(parents=True, exist_ok=True)
-                os.link(temp, final)
+                with self._folders(folders, create=True) as fds:
+                    os.link(temp.name, name, src_dir_fd=temp.folder_fd, dst_dir_fd=fds[-1],
+                             follow_symlinks=False)
+                    os.fsync(fds[-1])
             except FileExistsError:
                 return False
             finally:
-                temp.unlink(missing_ok=True)
-            _fsync_dir(final.parent)
+                temp.remove()
         except OSError as exc:
             raise self._not_writable(exc) from exc
         return True
@@ -164,16 +216,28 @@ class LocalFolderStorage(Storage):
         return True
 
     def open_read(self, key: str) -> BinaryIO:
-        """Open object ``key`` for streaming reads."""
-        path = self._path(key)
+        """Open object ``key`` for streaming reads (a regular file, never through a link)."""
+        *folders, name = check_key(key).split("/")
         try:
-            return path.open("rb")
+            with self._folders(folders) as fds:
+                # O_NONBLOCK: opening a planted FIFO must not wait for a writer.
+                fd = os.open(name, _READ_FLAGS | os.O_NONBLOCK, dir_fd=fds[-1])
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise self._not_found(key) from exc
         except OSError as exc:
+            if exc.errno == errno.ELOOP:  # the name is a link: no object
+                raise self._not_found(key) from exc
             raise StorageError(
-                f"cannot read '{path}' ({exc.strerror}): check the file's permissions"
+                f"cannot read '{self._path(key)}' ({exc.strerror}): check the file's permissions"
             ) from exc
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise self._not_found(key)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return os.fdopen(fd, "rb")
 
     def _not_found(self, key: str) -> ObjectNotFoundError:
         return ObjectNotFoundError(
@@ -196,70 +260,81 @@ class LocalFolderStorage(Storage):
         _check_prefix(prefix)
         # Only walk the deepest folder the prefix pins down.
         base_parts = prefix.split("/")[:-1] if prefix else []
-        start = self.folder.joinpath(*base_parts)
         try:
-            for key, st in self._walk(start, "/".join(base_parts)):
-                if key.startswith(prefix):
-                    yield StoredObject(key, st.st_size, _utc(st.st_mtime))
+            with self._folders(base_parts) as fds:
+                for key, st in self._walk(fds[-1], "/".join(base_parts)):
+                    if key.startswith(prefix):
+                        yield StoredObject(key, st.st_size, _utc(st.st_mtime))
+        except (FileNotFoundError, NotADirectoryError):
+            return
         except OSError as exc:
             raise StorageError(
                 f"cannot list local storage folder '{self.folder}' ({exc.strerror}): "
                 "check its permissions"
             ) from exc
 
-    def _walk(self, folder: Path, key_prefix: str) -> Iterator[tuple[str, os.stat_result]]:
-        try:
-            entries = os.scandir(folder)
-        except (FileNotFoundError, NotADirectoryError):
-            return
-        with entries:  # closed when the reader stops early, too
+    def _walk(self, folder_fd: int, key_prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+        """Regular files below ``folder_fd`` with valid keys; links and other files are no
+        objects and are never followed."""
+        with os.scandir(folder_fd) as entries:  # closed when the reader stops early, too
             for entry in entries:
                 key = f"{key_prefix}/{entry.name}" if key_prefix else entry.name
                 if not key_prefix and entry.name == INCOMPLETE_DIR:
                     continue
+                if not is_valid_key(key):
+                    continue  # not a name pgbackflow writes (a control character, ...)
                 try:
                     if entry.is_dir(follow_symlinks=False):
-                        yield from self._walk(Path(entry.path), key)
+                        sub_fd = os.open(entry.name, _FOLDER_FLAGS, dir_fd=folder_fd)
+                        try:
+                            yield from self._walk(sub_fd, key)
+                        finally:
+                            os.close(sub_fd)
                     elif entry.is_file(follow_symlinks=False):
                         yield key, entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue  # deleted while listing
+                except (FileNotFoundError, NotADirectoryError):
+                    continue  # deleted, or replaced by a link, while listing
 
     def stat(self, key: str) -> StoredObject:
-        """Describe object ``key``."""
-        path = self._path(key)
+        """Describe object ``key`` (a regular file; a link is no object)."""
+        *folders, name = check_key(key).split("/")
         try:
-            st = path.stat()
+            with self._folders(folders) as fds:
+                st = os.stat(name, dir_fd=fds[-1], follow_symlinks=False)
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise self._not_found(key) from exc
         except OSError as exc:
             raise StorageError(
-                f"cannot inspect '{path}' ({exc.strerror}): check the folder's permissions"
+                f"cannot inspect '{self._path(key)}' ({exc.strerror}): check the folder's "
+                "permissions"
             ) from exc
-        if not path.is_file():
+        if not stat.S_ISREG(st.st_mode):
             raise self._not_found(key)
         return StoredObject(key, st.st_size, _utc(st.st_mtime))
 
     def delete(self, key: str) -> None:
-        """Delete object ``key`` and the folders it leaves empty."""
-        path = self._path(key)
+        """Delete object ``key`` and the folders it leaves empty (a link in its place is
+        removed itself; what it points to is never touched)."""
+        *folders, name = check_key(key).split("/")
         try:
-            path.unlink()
+            with self._folders(folders) as fds:
+                try:
+                    os.unlink(name, dir_fd=fds[-1])
+                except (FileNotFoundError, IsADirectoryError):
+                    return
+                # fds[i] holds folders[i]: prune the folders left empty, deepest first.
+                for depth in range(len(folders) - 1, -1, -1):
+                    try:
+                        os.rmdir(folders[depth], dir_fd=fds[depth])
+                    except OSError:
+                        break  # not empty (or in use): keep it
         except (FileNotFoundError, NotADirectoryError):
-            return
-        except IsADirectoryError:
             return
         except OSError as exc:
             raise StorageError(
-                f"cannot delete '{path}' ({exc.strerror}): check the folder's permissions"
+                f"cannot delete '{self._path(key)}' ({exc.strerror}): check the folder's "
+                "permissions"
             ) from exc
-        parent = path.parent
-        while parent != self.folder:
-            try:
-                parent.rmdir()
-            except OSError:
-                break  # not empty (or in use): keep it
-            parent = parent.parent
 
     def sweep_incomplete(self, older_than: timedelta, *, dead_writers: bool = False) -> int:
         """Remove temporaries not written to for ``older_than``; never a live writer's.
@@ -285,21 +360,28 @@ class LocalFolderStorage(Storage):
     def _sweep(
         self, older_than: timedelta, *, dead_writers: bool, remove: bool = True
     ) -> tuple[str, ...]:
-        now = time.time()
-        cutoff = now - older_than.total_seconds()
-        removed: tuple[str, ...] = ()
         try:
-            entries = [*os.scandir(self.incomplete_folder)]
-        except FileNotFoundError:
+            with self._folders([INCOMPLETE_DIR]) as fds:
+                return self._sweep_folder(fds[-1], older_than, dead_writers, remove)
+        except (FileNotFoundError, NotADirectoryError):
             return ()
         except OSError as exc:
             raise self._not_writable(exc) from exc
+
+    def _sweep_folder(
+        self, folder_fd: int, older_than: timedelta, dead_writers: bool, remove: bool
+    ) -> tuple[str, ...]:
+        now = time.time()
+        cutoff = now - older_than.total_seconds()
+        removed: tuple[str, ...] = ()
+        with os.scandir(folder_fd) as scan:
+            entries = [*scan]
         for entry in entries:
             try:
                 info = entry.stat(follow_symlinks=False)
                 if not stat.S_ISREG(info.st_mode):
                     continue  # writers only ever make regular files
-                writer = _local_writer_state(entry.path, entry.name)
+                writer = _local_writer_state(folder_fd, entry.name)
                 if writer == "alive":
                     continue
                 if info.st_mtime <= cutoff:
@@ -309,25 +391,50 @@ class LocalFolderStorage(Storage):
                 else:
                     continue
                 if remove:
-                    os.unlink(entry.path)
-                removed += (f"{entry.path} ({info.st_size} bytes, {reason})",)
+                    os.unlink(entry.name, dir_fd=folder_fd)
+                path = self.incomplete_folder / entry.name
+                removed += (f"{path} ({info.st_size} bytes, {reason})",)
             except FileNotFoundError:
                 continue
-            except OSError as exc:
-                raise self._not_writable(exc) from exc
         return removed
 
 
 _TEMP_NAME = re.compile(r"(?P<boot>[0-9a-f]{12})-(?P<pid>\d+)-[0-9a-f]{16}")
 
 
-def _local_writer_state(path: str, name: str) -> str:
+def _local_writer_state(folder_fd: int, name: str) -> str:
     """"alive", "gone" or "unknown" (another machine, an old name, no lock support): see
     :func:`owner_state`; the temporary's name holds the writer's boot and pid."""
     match = _TEMP_NAME.fullmatch(name)
     if match is None:
         return "unknown"
-    return owner_state(path, match["boot"], int(match["pid"]))
+    return owner_state(name, match["boot"], int(match["pid"]), dir_fd=folder_fd)
+
+
+@dataclass
+class _Temporary:
+    """A writer's temporary file: its name in the incomplete folder (``folder_fd``, opened
+    without following a link) and its own descriptor."""
+
+    folder_fd: int | None
+    name: str
+    fd: int
+
+    def remove(self) -> None:
+        """Delete the file (if still there) and let the folder go; idempotent."""
+        if self.folder_fd is None:
+            return
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.name, dir_fd=self.folder_fd)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Close the folder's descriptor (the file was published or removed); idempotent."""
+        fd, self.folder_fd = self.folder_fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 class _LocalWriter(ObjectWriter):
@@ -337,14 +444,11 @@ class _LocalWriter(ObjectWriter):
     again and used to skip the removal of the temporary. Aborting drops the buffer unwritten.
     """
 
-    def __init__(
-        self, storage: LocalFolderStorage, key: str, temp: Path, final: Path, fd: int
-    ) -> None:
+    def __init__(self, storage: LocalFolderStorage, key: str, temp: _Temporary) -> None:
         super().__init__(key)
         self._storage = storage
         self._temp = temp
-        self._final = final
-        self._fd: int | None = fd
+        self._fd: int | None = temp.fd
         self._buffer = bytearray()
 
     def _write(self, view: memoryview) -> None:
@@ -372,24 +476,27 @@ class _LocalWriter(ObjectWriter):
     def _publish(self) -> None:
         assert self._fd is not None
         self._write_buffer()
+        *folders, name = self.key.split("/")
         try:
             os.fsync(self._fd)
             fd, self._fd = self._fd, None
             os.close(fd)
             for attempt in range(3):
-                self._final.parent.mkdir(parents=True, exist_ok=True)
                 try:
-                    os.replace(self._temp, self._final)
+                    with self._storage._folders(folders, create=True) as fds:
+                        os.replace(self._temp.name, name, src_dir_fd=self._temp.folder_fd,
+                                   dst_dir_fd=fds[-1])
+                        os.fsync(fds[-1])
                     break
                 except FileNotFoundError:
                     # A concurrent delete pruned the freshly made parent folder: make it again.
                     if attempt == 2:
                         raise
-            _fsync_dir(self._final.parent)
+            self._temp.release()
         except IsADirectoryError as exc:
             raise StorageError(
-                f"cannot publish '{self._final}': a folder of that name is in the way; "
-                "choose another key or remove the folder"
+                f"cannot publish '{self._storage._path(self.key)}': a folder of that name is "
+                "in the way; choose another key or remove the folder"
             ) from exc
         except OSError as exc:
             raise self._storage._not_writable(exc) from exc
@@ -397,19 +504,22 @@ class _LocalWriter(ObjectWriter):
     def _discard(self) -> None:
         self._buffer = bytearray()  # never written: a full disk cannot stop the clean-up
         try:
-            self._temp.unlink(missing_ok=True)
+            self._temp.remove()
         finally:
             if self._fd is not None:
                 fd, self._fd = self._fd, None
                 os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+_FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _is_link(name: str, folder_fd: int) -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def _utc(timestamp: float) -> datetime:

@@ -43,6 +43,7 @@ from pgbackflow.tasks.storage.base import (
     _check_prefix,
     _one_line,
     check_key,
+    is_valid_key,
 )
 
 if TYPE_CHECKING:
@@ -387,8 +388,10 @@ class S3ObjectStorage(Storage):
         while (page := self._call("list", None, lambda: next(pages, None))) is not None:
             for item in page.get("Contents", []):
                 full = item["Key"]
-                if full.startswith(root):
-                    yield StoredObject(full[len(root) :], int(item["Size"]),
+                # A key pgbackflow cannot have written ('..' segments, control characters)
+                # is no object of ours: listing it would stop whoever reads or deletes it.
+                if full.startswith(root) and is_valid_key(key := full[len(root) :]):
+                    yield StoredObject(key, int(item["Size"]),
                                        item["LastModified"].astimezone(UTC), item.get("ETag"))
         self._bucket_seen = True
 
