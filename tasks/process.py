@@ -83,14 +83,22 @@ class ToolResult:
     stderr_errors: tuple[str, ...] = ()
 
 
+#: Variables no external program gets: libpq's (a stray PGPASSWORD/PGHOST in the caller's
+#: shell must not change where a child connects or with which secret: connection details
+#: are always explicit), and the S3 and Prefect credentials pgbackflow itself uses (no
+#: child talks to either, and a child may outlive the command: a server `pitr --start`
+#: leaves running, whose superusers can read its environment, or pg_receivewal).
+CHILD_ENV_DROPPED = ("PG", "AWS_", "PREFECT_")
+#: Kept all the same: they only set the session's time zone and client encoding.
+CHILD_ENV_KEPT = frozenset({"PGTZ", "PGCLIENTENCODING"})
+
+
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child: ours minus libpq variables that would redirect it."""
+    """The environment for a child: ours minus `CHILD_ENV_DROPPED`, plus ``extra``."""
     env = {
         name: value
         for name, value in os.environ.items()
-        # A stray PGPASSWORD/PGHOST in the caller's shell must not change where a child
-        # connects or with which secret: connection details are always explicit.
-        if not (name.startswith("PG") and name not in {"PGTZ", "PGCLIENTENCODING"})
+        if name in CHILD_ENV_KEPT or not name.startswith(CHILD_ENV_DROPPED)
     }
     env.setdefault("LC_ALL", "C.UTF-8")
     if extra:

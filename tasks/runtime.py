@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from pgbackflow.tasks.errors import DatabaseError
-from pgbackflow.tasks.process import OsUser, Tool, ToolResult, pid_alive
+from pgbackflow.tasks.process import OsUser, Tool, ToolResult, child_environment, pid_alive
 from pgbackflow.tasks.toolsets import Toolset
 
 logger = logging.getLogger(__name__)
@@ -277,7 +277,7 @@ def watch_owner(data_dir: Path, remove: Path) -> int:
             [sys.executable, "-m", "pgbackflow.tasks.watchdog", str(data_dir.absolute()),
              str(remove.absolute())],
             stdin=read_end, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            start_new_session=True, close_fds=True,
+            start_new_session=True, close_fds=True, env=child_environment(),
         )
     except BaseException:
         os.close(write_end)

@@ -70,6 +70,27 @@ def _wait_shipped(server: EphemeralCluster, bucket: S3Bucket, timeout: float = 6
     raise AssertionError(f"WAL segment {row[0]} was not shipped to the bucket within {timeout} s")
 
 
+def _pids_named(name: str) -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir()
+            if p.name.isdigit() and _proc_text(int(p.name), "comm").strip() == name]
+
+
+def _proc_text(pid: int, what: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/{what}").read_bytes().replace(b"\0", b"\n").decode(
+            "utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _assert_no_credentials(pid: int) -> None:
+    environ = _proc_text(pid, "environ")
+    assert environ, f"process {pid}: environment unreadable"
+    names = {line.split("=", 1)[0] for line in environ.splitlines() if "=" in line}
+    leaked = sorted(n for n in names if n.startswith(("AWS_", "PREFECT_")) or n == "PGPASSWORD")
+    assert not leaked, f"process {pid} ({_proc_text(pid, 'comm').strip()}) holds {leaked}"
+
+
 def test_chain_wal_pitr_and_verification_from_s3(
     pg_majors: tuple[int, ...], work_dir: Path, s3_bucket: S3Bucket, prefect_api: str
 ) -> None:
@@ -114,6 +135,12 @@ def test_chain_wal_pitr_and_verification_from_s3(
                 "--incremental", "--json").stdout)
             mark(server, "c1")
             _wait_shipped(server, s3_bucket)
+            # pg_receivewal runs as long as the streamer: it holds no S3 or Prefect secret.
+            receivers = [pid for pid in _pids_named("pg_receivewal")
+                         if str(spool) in _proc_text(pid, "cmdline")]
+            assert receivers, "no pg_receivewal of this streamer found"
+            for pid in receivers:
+                _assert_no_credentials(pid)
         finally:
             # What a supervisor's stop does: the streamer ships what it has, then exits.
             streamer.send_signal(signal.SIGTERM)
@@ -136,6 +163,9 @@ def test_chain_wal_pitr_and_verification_from_s3(
         try:
             assert report["chain"] == [f"full {full['backup_id']}"]
             assert restored_rows(report["port"], server) == ["a1", "b1"]
+            # The server left running outlives the command; its superusers can read its
+            # environment (COPY ... FROM PROGRAM 'env'): none of the command's credentials.
+            _assert_no_credentials(int((inside / "postmaster.pid").read_text().split()[0]))
         finally:
             stop_restored(inside, server)
 
