@@ -759,17 +759,27 @@ class WalShipper:
                 (self.spool / name).unlink(missing_ok=True)
 
 
-def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
-    """Create the physical replication slot if missing; returns whether it was created.
+def check_slot_name(slot: str) -> str:
+    """Return ``slot`` if PostgreSQL accepts it as a replication slot name.
 
     Raises:
-        ConfigError: bad slot name, or the slot is in use by another client.
+        ConfigError: It does not.
     """
     if not _SLOT.fullmatch(slot):
         raise ConfigError(
             f"replication slot name {slot!r} is invalid: use lowercase letters, digits and '_'"
             " (at most 63)"
         )
+    return slot
+
+
+def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
+    """Create the physical replication slot if missing; returns whether it was created.
+
+    Raises:
+        ConfigError: bad slot name, or the slot is in use by another client.
+    """
+    check_slot_name(slot)
     with connect(settings) as conn:
         # A streamer killed a moment ago leaves its WAL sender behind until the server
         # notices the closed connection: give the slot a few seconds to come free.
@@ -849,9 +859,13 @@ class WalStreamer:
             TransientDatabaseError: pg_receivewal exited (server gone, network): a retry
                 resumes from the slot without losing WAL.
         """
+        # What can fail for good is checked before the slot exists: a slot made by a run
+        # that then stops would hold WAL on the server for ever.
+        check_slot_name(self.slot)
+        self._prepare_spool()
+        for storage in self.shipper.storages:
+            storage.check_writable()
         ensure_slot(self.settings, self.slot)
-        self.shipper.spool.mkdir(parents=True, exist_ok=True)
-        self.shipper.spool.chmod(0o700)
         pg_receivewal = Tool(self.toolset.binary("pg_receivewal"))
         args = [
             f"--directory={self.shipper.spool}",
@@ -891,6 +905,18 @@ class WalStreamer:
             child.stop()
             self._scan(final=True)
         return self.shipper.status
+
+    def _prepare_spool(self) -> None:
+        spool = self.shipper.spool
+        try:
+            spool.mkdir(parents=True, exist_ok=True)
+            spool.chmod(0o700)
+        except OSError as exc:
+            raise ConfigError(
+                f"WAL spool folder '{spool}' cannot be used ({exc.strerror or exc}): set "
+                "--spool-dir (spool_dir in the config) to a writable folder on the worker's "
+                "persistent disk"
+            ) from None
 
     def _scan(self, *, final: bool = False) -> None:
         before = (self.shipper.status.segments_shipped, self.shipper.status.partials_shipped)

@@ -158,6 +158,18 @@ CASES: list[Case] = [
                                    "{key}"), "{tmp}/backups"),
     Case("wal-stream-bad-slot", ("wal-stream", "--db", "{dsn}", "--to", "{tmp}/backups",
                                  "--slot", "Bad Slot!", "--key-file", "{key}"), "Bad Slot!"),
+    # These two must fail before their slot exists (test_bad_inputs checks the server): a
+    # slot left by a run that stopped holds the server's WAL for ever.
+    Case("wal-stream-bad-spool", ("wal-stream", "--db", "{dsn}", "--to", "{tmp}/backups",
+                                  "--spool-dir", "/proc/no-such/spool", "--slot",
+                                  "bad_spool_case", "--key-file", "{key}"), "--spool-dir"),
+    Case("wal-stream-missing-bucket", ("wal-stream", "--db", "{dsn}", "--to",
+                                       "s3://no-such-bucket/p", "--slot", "bad_bucket_case",
+                                       "--key-file", "{key}"), "no-such-bucket",
+         # (the S3 client's model cache goes outside the case's folder, which must not change)
+         env={"AWS_ENDPOINT_URL": "{s3}", "AWS_ACCESS_KEY_ID": "testing",
+              "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+              "XDG_CACHE_HOME": "{tmp}-cache"}),
     # ---------------------------------------------------------------- decrypt / key
     Case("decrypt-missing-archive", ("decrypt", "--key-file", "{key}", "{tmp}/nope.pgbf",
                                      "{tmp}/out"), "{tmp}/nope.pgbf"),
@@ -249,10 +261,11 @@ class Outcome:
 
 
 @pytest.fixture(scope="module")
-def placeholders(pg_servers: PgServers) -> dict[str, str]:
+def placeholders(pg_servers: PgServers, s3_endpoint: str) -> dict[str, str]:
     server = pg_servers.get(17)
     base = f"{server.superuser}:{server.password}@{server.host}:{server.port}"
     return {
+        "s3": s3_endpoint,
         "dsn": f"postgresql://{base}/postgres",
         "wrong_dsn": f"postgresql://{server.superuser}:wrong-password@{server.host}:"
                      f"{server.port}/postgres",
@@ -290,7 +303,7 @@ def _run(case: Case, root: Path, values: dict[str, str], api: str) -> Outcome:
         "PGBACKFLOW_RETRY_DELAYS": "0.1",
         "PGPASSFILE": str(home / "no-pgpass"),
         "COLUMNS": "400",  # one error line stays one line
-        **case.env,
+        **{name: value.format(**names) for name, value in case.env.items()},
     }
     env.pop("PGPASSWORD", None)
     started = time.monotonic()
@@ -311,7 +324,8 @@ def test_ids_are_unique() -> None:
 
 
 @pytest.mark.timeout(600)
-def test_bad_inputs(tmp_path: Path, placeholders: dict[str, str], prefect_api: str) -> None:
+def test_bad_inputs(tmp_path: Path, placeholders: dict[str, str], prefect_api: str,
+                    pg_servers: PgServers) -> None:
     # One case first: the test API's first flow runs are slow (its services start), and a
     # burst of them at once could outlast the timeout on a busy machine.
     warm_up = next(case for case in CASES if case.id == "backup-unreachable")
@@ -329,4 +343,9 @@ def test_bad_inputs(tmp_path: Path, placeholders: dict[str, str], prefect_api: s
         for outcome in outcomes
         if (problems := outcome.problems())
     ]
+    with pg_servers.get(17).connect() as conn:
+        left = conn.execute("SELECT slot_name FROM pg_replication_slots "
+                            "WHERE slot_name LIKE 'bad\\_%\\_case'").fetchall()
+    if left:
+        failures.append(f"replication slots left by failed wal-stream runs: {left}")
     assert not failures, f"{len(failures)} of {len(CASES)} cases failed:\n" + "\n".join(failures)
