@@ -34,6 +34,8 @@ from pgbackflow.tasks.logical import (
     check_restore_target,
     count_restored,
     create_missing_target,
+    drop_unfinished_database,
+    fresh_restore_database,
     replay_globals,
     restore_dump,
     restore_target_database,
@@ -69,20 +71,40 @@ def check_target_task(
     options: RestoreOptions,
     storage: Storage,
     keyring: Keyring,
-) -> Toolset:
+) -> tuple[Toolset, str | None]:
     """Refuse an older or non-empty target; pick pg_restore for the newer of the two majors.
 
     With --create, also refuse a dump that would create another database than the manifest
     names (pg_restore takes the name from the dump). Nothing is written before this passes.
+    Also returns the database the restore makes (None: it existed), to drop if the restore
+    does not finish.
     """
+    fresh = fresh_restore_database(target, manifest, options)
     if not options.create and create_missing_target(target):
         get_run_logger().info("target database %s did not exist: created it", target.display)
-    target_major = check_restore_target(target, manifest, options)
-    pg_dump_major = int(manifest.pg_dump_version.split(".")[0])
-    toolset = toolset_for_server(max(target_major, pg_dump_major))
-    if options.create:
-        check_archive_database(storage, manifest, keyring, toolset)
-    return toolset
+        fresh = target.dbname
+    try:
+        target_major = check_restore_target(target, manifest, options)
+        pg_dump_major = int(manifest.pg_dump_version.split(".")[0])
+        toolset = toolset_for_server(max(target_major, pg_dump_major))
+        if options.create:
+            check_archive_database(storage, manifest, keyring, toolset)
+    except BaseException:
+        if fresh is not None and not options.create:
+            _drop_unfinished(target, fresh)
+        raise
+    return toolset, fresh
+
+
+def _drop_unfinished(server: ConnectionSettings, dbname: str) -> None:
+    """Drop the database an unfinished restore made: a rerun then starts afresh."""
+    problem = drop_unfinished_database(server, dbname)
+    logger = get_run_logger()
+    if problem is None:
+        logger.info("dropped database %s, which this unfinished restore had made", dbname)
+    else:
+        logger.warning("could not drop database %s, which this unfinished restore made (%s): "
+                       "drop it by hand before restoring again", dbname, problem)
 
 
 @task(name="replay-globals", cache_policy=NONE)
@@ -166,13 +188,20 @@ def logical_restore(
     warnings: tuple[str, ...] = ()
     # Through the target's SSH tunnel when it names a bastion (psql, pg_restore, counts).
     with target.connection_settings() as target_settings:
-        toolset = check_target_task(target_settings, manifest, options, source, keyring)
-        if options.with_globals:
-            created, kept, warnings = replay_globals_task(
-                source, manifest, keyring, target_settings)
-        exit_code, missing_roles = restore_dump_task(
-            source, manifest, keyring, target_settings, toolset, options
-        )
+        toolset, fresh = check_target_task(target_settings, manifest, options, source, keyring)
+        try:
+            if options.with_globals:
+                created, kept, warnings = replay_globals_task(
+                    source, manifest, keyring, target_settings)
+            exit_code, missing_roles = restore_dump_task(
+                source, manifest, keyring, target_settings, toolset, options
+            )
+        except BaseException:
+            # Failed, interrupted (Ctrl-C) or refused (a replaced dump): a database this run
+            # made goes, so the same command can run again.
+            if fresh is not None:
+                _drop_unfinished(target_settings, fresh)
+            raise
         restored_db = restore_target_database(target_settings, manifest, options)
         inventory, differences, extra = count_rows_task(restored_db, manifest, options.jobs)
     if extra:

@@ -188,6 +188,12 @@ class StoredObjectInfo(_Frozen):
     raw_size: int = Field(description="Bytes before pgbackflow's compression and encryption.")
     stored_size: int = Field(description="Bytes stored.")
     sha256: str = Field(description="SHA-256 of the stored bytes, hex.")
+    object_id: str | None = Field(
+        default=None, pattern=r"^[0-9a-f]{32}$",
+        description="The archive header's random object id, hex: a reader refuses another "
+        "archive before releasing any of its plaintext (the SHA-256 is known only at the end). "
+        "None in manifests written before it was recorded.",
+    )
 
 
 class DatabaseInfo(_Frozen):

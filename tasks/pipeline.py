@@ -90,7 +90,8 @@ def _write_object(
         fan_out.abort()
         raise
     info = StoredObjectInfo(
-        key=key, raw_size=archive.bytes_in, stored_size=fan_out.size, sha256=fan_out.hexdigest
+        key=key, raw_size=archive.bytes_in, stored_size=fan_out.size, sha256=fan_out.hexdigest,
+        object_id=archive.object_id.hex(),
     )
     return ObjectWrite(info, tuple(outcomes))
 
@@ -173,11 +174,24 @@ def decrypted_chunks(
 ) -> Generator[bytes, None, None]:
     """Plaintext of a stored object; raises at the end if its SHA-256 differs from ``info``.
 
+    Another archive put in its place (made with the same key, so every chunk authenticates)
+    is refused by its header's object id before any plaintext is released, where ``info``
+    records it; the SHA-256 still covers every byte at the end.
+
     Close the generator to stop early (the stored object is closed; nothing is checked).
     """
+    label = f"{storage.location}/{info.key}"
     with storage.open_read(info.key) as raw:
         hashed = HashingReader(raw)
-        yield from ArchiveReader(hashed, keyring, label=f"{storage.location}/{info.key}")
+        reader = ArchiveReader(hashed, keyring, label=label)
+        found = reader.header.object_id.hex()
+        if info.object_id is not None and found != info.object_id:
+            raise ArchiveError(
+                f"{label}: this is another archive than the manifest names (object id "
+                f"{found[:16]}…, manifest says {info.object_id[:16]}…): the object was "
+                "replaced; nothing of it was used"
+            )
+        yield from reader
         hashed.drain()
     digest = hashed.sha256.hexdigest()
     if digest != info.sha256:

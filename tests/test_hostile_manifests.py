@@ -324,6 +324,43 @@ def test_rollback_to_an_older_logical_backup_is_refused(
     assert source.rows(target) == 10 and source.rows() == 15
 
 
+def test_a_dump_of_another_backup_in_its_place_is_refused_before_use(
+    source: Source, local: Where, encryption_key: BackupEncryptionKey, cli: Cli
+) -> None:
+    """Every chunk of another backup's dump (same key) authenticates, and its SHA-256 is
+    known only at its end: the manifest's object id refuses it before pg_restore gets a
+    byte, and a database the restore made is dropped again."""
+    older = backup(source, local, encryption_key)
+    source.add_rows(5)
+    newer = backup(source, local, encryption_key)
+    storage = local.storage
+    dump_key = read_json(storage, logical_key(newer))["dump"]["key"]
+    older_dump = read_json(storage, logical_key(older))["dump"]["key"]
+    storage.write_bytes(dump_key, storage.read_bytes(older_dump))
+
+    empty = source.empty_database()
+    refused = cli.run("restore", newer.backup_id, "--from", local.url,
+                      "--target", source.dsn(empty), "--key-file", str(cli.key_file))
+    one_line_error(refused, dump_key, "another archive than the manifest names")
+    assert source.relations(empty) == 0, "the other backup's tables reached the target"
+
+    fresh = f"fresh_{secrets.token_hex(4)}"
+    refused = cli.run("restore", newer.backup_id, "--from", local.url,
+                      "--target", source.dsn(fresh), "--key-file", str(cli.key_file))
+    one_line_error(refused, dump_key, "another archive than the manifest names")
+    with source.server.connect() as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (fresh,)).fetchone()
+    assert left is None, f"the restore left the database {fresh} it made"
+
+    verified = cli.run("verify", newer.backup_id, "--from", local.url, "--sandbox", "local",
+                       "--key-file", str(cli.key_file))
+    # (verify prints its steps on stderr: the sandbox came and went; then one error line)
+    assert verified.returncode != 0 and "Traceback" not in verified.stderr, verified.stderr
+    last = verified.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: verification failed: ") and dump_key in last, last
+    assert "another archive than the manifest names" in last, last
+
+
 def test_logical_manifest_under_another_master_key_is_refused(
     source: Source, local: Where, encryption_key: BackupEncryptionKey, master_key: MasterKey,
     cli: Cli,
