@@ -50,6 +50,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from queue import Empty, Full, Queue
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 from pgbackflow.tasks.cluster import free_port
 from pgbackflow.tasks.combine import combine_in_place
@@ -888,7 +889,11 @@ def write_restore_script(
     """A bash script that redoes this restore by hand: ``restore.sh NEW_EMPTY_DIR``."""
     python = shlex.quote(sys.executable)
     target = "latest" if plan.target is None else plan.target.isoformat()
-    key_arg = f" --key-file {shlex.quote(str(key_file))}" if key_file else ""
+    # The script runs from anywhere: paths typed relative to the command's folder go absolute.
+    if not urlsplit(storage_url).scheme:  # a path, not s3://, file:// or block:
+        storage_url = str(Path(storage_url).expanduser().absolute())
+    key_arg = (f" --key-file {shlex.quote(str(key_file.expanduser().absolute()))}"
+               if key_file else "")
     body = f"""#!/usr/bin/env bash
 # Point-in-time restore of {plan.db_id} to {target}, written by pgbackflow.
 # Redo it by hand:  {SCRIPT_NAME} NEW_EMPTY_DIR  (S3 credentials from the usual AWS_* variables)

@@ -532,9 +532,9 @@ def test_cli_physical_backup_list_and_pitr(
         env = as_users_run_it({**os.environ, "PGPASSWORD": server.password,
                                "PREFECT_API_URL": prefect_api})
 
-        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
             return subprocess.run([*CLI, *args], env=env, capture_output=True, text=True,
-                                  timeout=300, check=False)
+                                  timeout=300, check=False, cwd=cwd)
 
         done = cli("physical-backup", "--db", dsn, "--to", str(store), "--key-file",
                    str(key_file), "--json")
@@ -551,13 +551,15 @@ def test_cli_physical_backup_list_and_pitr(
         assert refused.returncode == 1
         assert "is not empty" in refused.stderr and "Traceback" not in refused.stderr
         assert (occupied / "keep.txt").read_text() == "mine"
-        restored = cli("pitr", "--from", str(store), "--target", "latest", "--to-dir",
-                       str(work_dir / "fresh"), "--key-file", str(key_file), "--json")
+        # Relative paths, as typed in a shell in work_dir.
+        restored = cli("pitr", "--from", store.name, "--target", "latest", "--to-dir",
+                       "fresh", "--key-file", key_file.name, "--json", cwd=work_dir)
         assert restored.returncode == 0, restored.stderr
         assert (work_dir / "fresh" / "PG_VERSION").read_text().strip() == "17"
-        # The written restore.sh redoes the same restore, by hand, into another directory.
+        # The written restore.sh redoes the same restore, by hand, into another directory,
+        # from any working directory.
         script = Path(json.loads(restored.stdout)["script"])
-        again = subprocess.run([str(script), str(work_dir / "again")], env=env,
+        again = subprocess.run([str(script), str(work_dir / "again")], env=env, cwd="/",
                                capture_output=True, text=True, timeout=300, check=False)
         assert again.returncode == 0, again.stderr
         assert (work_dir / "again" / "PG_VERSION").read_text().strip() == "17"
