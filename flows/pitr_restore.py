@@ -92,6 +92,10 @@ def pitr_restore(
         docker_network: Docker network for the started container.
     """
     began = time.monotonic()
+    if start and port is not None:
+        from pgbackflow.tasks.cluster import check_port_free
+
+        check_port_free(port)
     source = storage.open()
     keyring = resolve_keyring(encryption_key, key_file)
     directory = Path(to_dir).absolute()

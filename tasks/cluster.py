@@ -429,6 +429,29 @@ def free_port() -> int:
         return port
 
 
+def check_port_free(port: int, option: str = "--port") -> int:
+    """Return ``port`` if a server can listen on it on 127.0.0.1 now.
+
+    Checked before a restore unpacks anything: a server that cannot bind fails only after
+    the whole chain is on disk.
+
+    Raises:
+        ConfigError: not a TCP port, or one in use.
+    """
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{option} {port} is not a TCP port: use 1-65535, or leave it out "
+                          "for a free one")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((_HOST, port))
+        except OSError as exc:
+            raise ConfigError(
+                f"{option} {port} is in use on {_HOST} ({exc.strerror}): pick another port, or "
+                "leave it out for a free one; nothing was restored"
+            ) from None
+    return port
+
+
 def read_log_from(path: Path, offset: int) -> str:
     """A log file's text from ``offset`` on ("" when it is missing)."""
     try:

@@ -146,6 +146,14 @@ CASES: list[Case] = [
     Case("pitr-empty-storage", ("pitr", "--from", "{tmp}/backups", "--target", "latest",
                                 "--to-dir", "{tmp}/restored", "--key-file", "{key}"),
          "{tmp}/backups"),
+    # Checked before anything is fetched (a server that cannot bind fails only after the
+    # whole chain is on disk).
+    Case("pitr-port-out-of-range", ("pitr", "--from", "{tmp}/backups", "--target", "latest",
+                                    "--to-dir", "{tmp}/restored", "--start", "--port",
+                                    "99999", "--key-file", "{key}"), "--port 99999"),
+    Case("pitr-port-in-use", ("pitr", "--from", "{tmp}/backups", "--target", "latest",
+                              "--to-dir", "{tmp}/restored", "--start", "--port", "{busy_port}",
+                              "--key-file", "{key}"), "--port {busy_port} is in use"),
     Case("physical-backup-unreachable", ("physical-backup", "--db",
                                          "postgresql://repl@127.0.0.1:{closed}/postgres",
                                          "--to", "{tmp}/backups", "--key-file", "{key}"),
@@ -271,6 +279,7 @@ def placeholders(pg_servers: PgServers, s3_endpoint: str) -> dict[str, str]:
                      f"{server.port}/postgres",
         "missing_db_dsn": f"postgresql://{base}/no_such_db",
         "closed": str(_closed_port()),
+        "busy_port": str(server.port),
     }
 
 
