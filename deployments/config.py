@@ -625,6 +625,12 @@ def _storage_block(
 
         block = storage_block_from_url(url)
         if isinstance(block, S3Storage):
+            from pgbackflow.tasks.storage.s3 import check_bucket_name
+
+            try:  # what every run would refuse, refused now
+                check_bucket_name(block.bucket)
+            except ConfigError as exc:
+                raise ConfigError(f"storages.{name}.url: {exc}") from None
             block = block.model_copy(update={
                 "endpoint_url": storage.endpoint_url or block.endpoint_url,
                 "region": storage.region or block.region,
@@ -645,7 +651,7 @@ def _server_maker(name: str, server: ServerSection) -> Callable[[], Block]:
     def make() -> Block:
         assert server.host is not None
         ssh = server.ssh
-        return PostgresDatabase(
+        block = PostgresDatabase(
             host=server.host, port=server.port, user=server.user,
             database=server.maintenance_database, sslmode=server.sslmode,
             password=_env_secret(server.password_env, f"servers.{name}.password_env"),
@@ -655,6 +661,14 @@ def _server_maker(name: str, server: ServerSection) -> Callable[[], Block]:
                 "ssh_host_key": ssh.host_key,
             }),
         )
+        if (bastion := block.bastion()) is not None:
+            try:  # what every run's tunnel would refuse, refused now
+                bastion.check()
+                bastion.known_hosts()
+                bastion.key_material()
+            except ConfigError as exc:
+                raise ConfigError(f"servers.{name}.ssh: {exc}") from None
+        return block
 
     return make
 

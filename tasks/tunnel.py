@@ -110,7 +110,7 @@ class SshBastion:
                 decoded = b""
             if at is None or not decoded.startswith(
                 len(words[at]).to_bytes(4, "big") + words[at].encode()
-            ):
+            ) or not _whole_key_blob(decoded):
                 raise ConfigError(
                     f"{where}: line {number} of ssh_host_key is not a public host key: use "
                     "'TYPE BASE64' lines (e.g. 'ssh-ed25519 AAAA...') as ssh-keyscan prints them"
@@ -146,6 +146,17 @@ class SshBastion:
                 )
         if not 0 < self.port < 65536:
             raise ConfigError(f"ssh bastion port {self.port} is out of range: use 1-65535")
+
+
+def _whole_key_blob(blob: bytes) -> bool:
+    """Whether a public key blob is whole: SSH key blobs (every key type) are a sequence of
+    length-prefixed fields that ends exactly at the blob's end; a cut one does not."""
+    offset = 0
+    while offset < len(blob):
+        if offset + 4 > len(blob):
+            return False
+        offset += 4 + int.from_bytes(blob[offset:offset + 4], "big")
+    return offset == len(blob) and len(blob) > 4
 
 
 def _forward_target(settings: ConnectionSettings) -> str:

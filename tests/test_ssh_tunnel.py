@@ -529,6 +529,62 @@ def test_health_probe_goes_through_the_tunnel(closed: ClosedNetwork, tmp_path: P
     assert our_ssh_processes() == []
 
 
+def test_deploy_refuses_what_every_run_would_refuse(tmp_path: Path, prefect_api: str) -> None:
+    """A host key cut short, a private key file with no key in it, an S3 bucket name no
+    request can use: `deploy --dry-run` names the config key in one line (it used to deploy
+    them, and every run failed)."""
+    from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
+
+    key_file = tmp_path / "master.key"
+    write_key_file(key_file, MasterKey.generate())
+    (tmp_path / "id_ed25519").write_text("not a key\n")
+    kind, blob = other_host_key(tmp_path, "ed25519").split()[:2]
+    whole = f"{kind} {blob}"
+    cut = f"{kind} {blob[:24]}"  # still valid base64 (24 characters), the key cut short
+    real_key = tmp_path / "ed25519"
+
+    def deploy(tail: str) -> subprocess.CompletedProcess[str]:
+        config = tmp_path / "pgbackflow.toml"
+        config.write_text(textwrap.dedent(f"""
+            [prefect]
+            work_pool = "tunnel-checks"
+            [key]
+            file = "{key_file}"
+            [storages.local]
+            url = "{tmp_path / 'store'}"
+            [servers.db1]
+            host = "db1.internal"
+            password_env = "DB1_PASSWORD"
+            [databases.shop]
+            server = "db1"
+            storages = ["local"]
+        """) + textwrap.dedent(tail))
+        return subprocess.run(
+            [str(PGBACKFLOW), "deploy", "--config", str(config), "--dry-run"],
+            capture_output=True, text=True, timeout=120, check=False,
+            env=as_users_run_it({**os.environ, "PREFECT_API_URL": prefect_api,
+                                 "DB1_PASSWORD": "x"}),
+        )
+
+    def refused(tail: str, *words: str) -> None:
+        result = deploy(tail)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert len(lines) == 1, result.stderr
+        for word in words:
+            assert word in lines[0], lines[0]
+
+    ssh = '[servers.db1.ssh]\nhost = "bastion"\nuser = "tunnel"\n'
+    refused(ssh + f'private_key_file = "{real_key}"\nhost_key = "{cut}"\n',
+            "servers.db1.ssh:", "ssh_host_key is not a public host key")
+    refused(ssh + f'private_key_file = "{tmp_path / "id_ed25519"}"\nhost_key = "{whole}"\n',
+            "servers.db1.ssh:", "not a private key")
+    refused('[storages.off]\nurl = "s3://Bad_Bucket!/p"\n',
+            "storages.off.url:", "S3 bucket name 'Bad_Bucket!' is invalid")
+    good = deploy(ssh + f'private_key_file = "{real_key}"\nhost_key = "{whole}"\n')
+    assert good.returncode == 0, good.stderr
+
+
 def test_deploy_config_ssh_mistakes_are_one_line(tmp_path: Path) -> None:
     from pgbackflow.deployments.config import load_config
 

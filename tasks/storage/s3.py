@@ -63,6 +63,21 @@ _SIZE_HINT_SLACK = 1.2
 _BUCKET_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 
 
+def check_bucket_name(bucket: str) -> str:
+    """Return ``bucket`` if it can be an S3 bucket name (S3-compatible servers allow more
+    than AWS: upper case, '_').
+
+    Raises:
+        ConfigError: it cannot.
+    """
+    if not bucket or not _BUCKET_NAME.match(bucket):
+        raise ConfigError(
+            f"S3 bucket name {bucket!r} is invalid: use the bucket's name only "
+            "(letters, digits, '.', '-'), without s3:// or a path"
+        )
+    return bucket
+
+
 def multipart_part_size(part_number: int, size_hint: int | None) -> int:
     """Return the size of multipart part ``part_number`` (1-based).
 
@@ -179,11 +194,7 @@ class S3ObjectStorage(Storage):
             session_token: A session token for temporary credentials.
             max_attempts: Attempts per request, including retries of transient failures.
         """
-        if not bucket or not _BUCKET_NAME.match(bucket):
-            raise ConfigError(
-                f"S3 bucket name {bucket!r} is invalid: use the bucket's name only "
-                "(letters, digits, '.', '-'), without s3:// or a path"
-            )
+        check_bucket_name(bucket)
         if endpoint_url is not None and not urlsplit(endpoint_url).scheme.startswith("http"):
             raise ConfigError(
                 f"S3 endpoint URL {endpoint_url!r} is invalid: use http://host:port or https://host"
