@@ -73,7 +73,7 @@ def schedule_cron(preset: str | None, at: str = "03:00", cron: str | None = None
                           " or --cron")
     match = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", at)
     if not match:
-        raise ConfigError(f"--at {at!r} is not a UTC time of day: use HH:MM")
+        raise ConfigError(f"time {at!r} is not a UTC time of day: use HH:MM, e.g. 03:30")
     hour, minute = int(match.group(1)), int(match.group(2))
     return {
         "hourly": f"{minute} * * * *",

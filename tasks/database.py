@@ -105,6 +105,11 @@ class TunnelEnd:
     bastion: str
 
 
+_UNKNOWN_DSN_PARAMETER = re.compile(
+    r'invalid (?:connection option|URI query parameter:) "([A-Za-z_][A-Za-z0-9_]{0,62})"'
+)
+
+
 def parse_dsn(dsn: str) -> ConnectionSettings:
     """Parse a libpq URI (``postgresql://…``) or key=value DSN.
 
@@ -113,8 +118,15 @@ def parse_dsn(dsn: str) -> ConnectionSettings:
     """
     try:
         parts = conninfo_to_dict(dsn)
-    except psycopg.ProgrammingError:
-        # libpq's reason quotes pieces of the DSN, which may be pieces of a password.
+    except psycopg.ProgrammingError as exc:
+        # libpq's reason quotes pieces of the DSN, which may be pieces of a password; an
+        # unknown parameter's name is safe to name (it is a key, not a value).
+        unknown = _UNKNOWN_DSN_PARAMETER.search(str(exc))
+        if unknown:
+            raise ConfigError(
+                f"database DSN has an unknown parameter {unknown.group(1)!r} (not a libpq "
+                "connection parameter): remove or correct it"
+            ) from None
         raise ConfigError(
             "database DSN is malformed: use postgresql://user@host:port/dbname "
             "or 'host=… port=… dbname=… user=…'"

@@ -179,7 +179,9 @@ def load_key_file(path: Path) -> MasterKey:
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
         raise ConfigError(
-            f"key file '{path}' does not exist: pass the key file the backups were made with"
+            f"key file '{path}' does not exist: pass an existing one (for existing backups, "
+            f"the one they were made with), or create one with pgbackflow key init "
+            f"--key-file '{path}'"
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not a text file"

@@ -81,6 +81,10 @@ def _inputs(**extra: str | bytes | None) -> dict[str, str | bytes | None]:
 
 CASES: list[Case] = [
     # ---------------------------------------------------------------- backup
+    Case("backup-dsn-unknown-parameter", ("backup", "--db",
+                                          "postgresql://u@127.0.0.1/db?sslmod=disable", "--to",
+                                          "{tmp}/backups", "--key-file", "{key}"),
+         "unknown parameter 'sslmod'"),
     Case("backup-dsn-garbage", ("backup", "--db", "postgresql://[::1", "--to", "{tmp}/backups",
                                 "--key-file", "{key}"), "--db"),
     Case("backup-unreachable", ("backup", "--db", "postgresql://postgres@127.0.0.1:{closed}/x",
@@ -194,6 +198,11 @@ CASES: list[Case] = [
                                       "{tmp}/plain.txt", "{tmp}/out"), "{tmp}/v9.key",
          files={"plain.txt": "x", "v9.key": KEY_TEXT.replace("v1", "v9") + "\n"}),
     Case("key-init-exists", ("key", "init", "--key-file", "{key}"), "{key}"),
+    # A missing new key is not one "the backups were made with": the line says how to make it.
+    Case("key-rotate-new-key-missing", ("key", "rotate", "--from", "{tmp}/backups",
+                                        "--old-key-file", "{key}", "--new-key-file",
+                                        "{tmp}/new.key"),
+         "pgbackflow key init --key-file '{tmp}/new.key'"),
     Case("key-init-folder", ("key", "init", "--key-file", "{tmp}/kdir"), "{tmp}/kdir",
          files={"kdir": None}),
     Case("seal-missing-storage", ("key", "seal-manifests", "--from", "{tmp}/none",
