@@ -271,6 +271,54 @@ def test_sigterm_mid_upload_aborts_the_s3_upload(
     assert objects(s3_bucket) == []
 
 
+@pytest.fixture(scope="module")
+def big_backup(cli: Cli, big: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("big-backup")
+    done = cli.backup(big, str(folder))
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupted_restore_drops_the_database_it_made(
+    cli: Cli, big: str, big_backup: Path, server: EphemeralCluster, how: signal.Signals
+) -> None:
+    """Ctrl-C or SIGTERM while pg_restore fills a database the restore made: the database
+    goes again (with pg_restore's session), so the same command can simply be rerun."""
+    name = f"restored_{how.name.lower()}"
+    target = dsn(server, name)
+    proc = subprocess.Popen(
+        [str(CLI), "restore", "latest", "--from", str(big_backup), "--target", target,
+         "--key-file", str(cli.key_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env({}),
+        start_new_session=True,
+    )
+
+    def restoring() -> bool:
+        with server.connect() as conn:
+            return conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'COPY%%' "
+                "AND state = 'active'", (name,)).fetchone() is not None
+
+    deadline = time.monotonic() + 120
+    while not restoring():
+        assert proc.poll() is None, f"restore ended (exit {proc.returncode}) before pg_restore " \
+            f"copied: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "pg_restore never started copying"
+        time.sleep(0.05)
+    os.kill(proc.pid, how)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + how, stderr
+    assert "Traceback" not in stderr, stderr
+    with server.connect() as conn:
+        left = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+    assert left is None, f"the interrupted restore left database {name}"
+    again = cli.run("restore", "latest", "--from", str(big_backup), "--target", target,
+                    "--key-file", str(cli.key_file))
+    assert again.returncode == 0, again.stderr
+    drop(server, name)
+
+
 def test_kill_9_leftover_is_swept_by_the_next_backup(
     cli: Cli, big: str, small: str, tmp_path: Path
 ) -> None:

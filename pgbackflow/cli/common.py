@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Annotated, NoReturn, ParamSpec, TypeVar
 
 import typer
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-state = {"debug": False, "api_lost": False}
+state = {"debug": False, "api_lost": False, "terminated": False}
 #: The environment before any command changed it (what `pgbackflow worker` hands on).
 ORIGINAL_ENV = dict(os.environ)
 
@@ -86,7 +88,7 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
 
             retry_listeners.append(retry_line)
             try:
-                with cli_heartbeats():
+                with _terminate_as_interrupt(), cli_heartbeats():
                     result = func(*args, **kwargs)
             finally:
                 retry_listeners.remove(retry_line)
@@ -96,8 +98,9 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
         except PgBackflowError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+            terminated = state["terminated"]
+            err.print("terminated" if terminated else "interrupted")
+            raise typer.Exit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
         except (typer.Exit, typer.Abort, TyperException):
             raise  # typer's own exits and usage errors (typer 0.29 vendors its own click)
         except Exception as exc:
@@ -110,6 +113,32 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
                  "traceback")
 
     return wrapper
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a stop, a supervisor, ``timeout``) unwinds a command as Ctrl-C does: the
+    flow's clean-up runs (a database a restore made is dropped, a sandbox is removed, an
+    upload is aborted), then exit 143. Flows with their own SIGTERM handling (WAL
+    streaming, verification) replace it while they run. A SIGTERM the command was started
+    ignoring stays ignored."""
+    try:
+        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    state["terminated"] = True
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def fail(message: str) -> NoReturn:
