@@ -40,6 +40,7 @@ from pgbackflow.tasks.budget import job_share_from_environment
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.manifest import LogicalManifest, find_backup
+from pgbackflow.tasks.process import signal_handler
 from pgbackflow.tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.verify import (
@@ -117,19 +118,16 @@ def _terminate_as_interrupt(timeout_s: int) -> Iterator[None]:
             "more CPUs"
         )
 
-    try:
-        previous_term = signal.signal(signal.SIGTERM, interrupt)
-        previous_alarm = signal.signal(signal.SIGALRM, time_up)
-    except ValueError:  # not the main thread: the caller owns signal handling
-        yield
-        return
-    signal.alarm(timeout_s)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGTERM, previous_term)
-        signal.signal(signal.SIGALRM, previous_alarm)
+    with (signal_handler(signal.SIGTERM, interrupt),
+          signal_handler(signal.SIGALRM, time_up) as timed):
+        if not timed:  # not the main thread: the caller owns signal handling
+            yield
+            return
+        signal.alarm(timeout_s)
+        try:
+            yield
+        finally:
+            signal.alarm(0)
 
 
 def publish_verification_artifacts(report: VerificationReport) -> None:

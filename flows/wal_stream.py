@@ -36,6 +36,7 @@ from pgbackflow.flows.physical_backup import choose_toolset, inspect_cluster, pu
 from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.process import signal_handler
 from pgbackflow.tasks.reports import WalStreamReport
 from pgbackflow.tasks.storage import Storage, prepare_backup_storages
 from pgbackflow.tasks.toolsets import Toolset
@@ -70,15 +71,8 @@ def _stop_on_sigterm(stop: threading.Event) -> Iterator[None]:
     def handler(signum: int, frame: FrameType | None) -> None:
         stop.set()
 
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: the caller owns signals
+    with signal_handler(signal.SIGTERM, handler):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @task(name="stream-wal", retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS,

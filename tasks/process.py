@@ -14,10 +14,11 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any, Literal, Protocol
 
 from pgbackflow.tasks.errors import PgBackflowError
@@ -91,6 +92,30 @@ class ToolResult:
 CHILD_ENV_DROPPED = ("PG", "AWS_", "PREFECT_")
 #: Kept all the same: they only set the session's time zone and client encoding.
 CHILD_ENV_KEPT = frozenset({"PGTZ", "PGCLIENTENCODING"})
+
+
+SignalHandler = Callable[[int, FrameType | None], None]
+
+
+@contextmanager
+def signal_handler(
+    signum: int, handler: SignalHandler, *, unless_ignored: bool = False
+) -> Iterator[bool]:
+    """Handle ``signum`` with ``handler`` while the block runs, then restore the handler
+    before it; yields whether it was installed (only the main thread can, and with
+    ``unless_ignored`` a signal the process was started ignoring stays ignored)."""
+    try:
+        if unless_ignored and signal.getsignal(signum) == signal.SIG_IGN:
+            yield False
+            return
+        previous = signal.signal(signum, handler)
+    except ValueError:  # not the main thread: the caller owns signal handling
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        signal.signal(signum, previous)
 
 
 def child_environment(extra: Mapping[str, str] | None = None) -> dict[str, str]:

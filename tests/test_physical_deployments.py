@@ -45,7 +45,7 @@ def test_bad_cron_is_refused_before_anything_is_deployed() -> None:
         deploy_physical_backups("db", ["/tmp/x"], db_id="cluster-1", pool="p",
                                 incremental="0 * * * MON", key_file="/k")
     # (a config's schedule names no CLI option: "time", not "--at")
-    with pytest.raises(ConfigError, match="^[^-]*time '25:00' is not a UTC time of day"):
+    with pytest.raises(ConfigError, match=r"^[^-]*time '25:00' is not a UTC time of day"):
         deploy_physical_backups("db", ["/tmp/x"], db_id="cluster-1", pool="p",
                                 full_at="25:00", key_file="/k")
     with pytest.raises(ConfigError, match="db_id 'a/b' is invalid"):

@@ -122,18 +122,10 @@ def _terminate_as_interrupt() -> Iterator[None]:
     upload is aborted), then exit 143. Flows with their own SIGTERM handling (WAL
     streaming, verification) replace it while they run. A SIGTERM the command was started
     ignoring stays ignored."""
-    try:
-        if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-            yield
-            return
-        previous = signal.signal(signal.SIGTERM, _sigterm)
-    except ValueError:  # not the main thread
+    from pgbackflow.tasks.process import signal_handler
+
+    with signal_handler(signal.SIGTERM, _sigterm, unless_ignored=True):
         yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
