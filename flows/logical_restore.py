@@ -35,7 +35,6 @@ from pgbackflow.tasks.logical import (
     count_restored,
     create_missing_target,
     drop_unfinished_database,
-    fresh_restore_database,
     replay_globals,
     restore_dump,
     restore_target_database,
@@ -76,10 +75,11 @@ def check_target_task(
 
     With --create, also refuse a dump that would create another database than the manifest
     names (pg_restore takes the name from the dump). Nothing is written before this passes.
-    Also returns the database the restore makes (None: it existed), to drop if the restore
-    does not finish.
+    Also returns the database this made (None: it existed), to drop if the restore does not
+    finish. (Not one pg_restore --create makes: which run made it is not known for sure,
+    and a drop could hit another run's.)
     """
-    fresh = fresh_restore_database(target, manifest, options)
+    fresh = None
     if not options.create and create_missing_target(target):
         get_run_logger().info("target database %s did not exist: created it", target.display)
         fresh = target.dbname
@@ -90,7 +90,7 @@ def check_target_task(
         if options.create:
             check_archive_database(storage, manifest, keyring, toolset)
     except BaseException:
-        if fresh is not None and not options.create:
+        if fresh is not None:
             _drop_unfinished(target, fresh)
         raise
     return toolset, fresh

@@ -442,6 +442,8 @@ def check_port_free(port: int, option: str = "--port") -> int:
         raise ConfigError(f"{option} {port} is not a TCP port: use 1-65535, or leave it out "
                           "for a free one")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As PostgreSQL binds: a port whose last connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((_HOST, port))
         except OSError as exc:

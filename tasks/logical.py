@@ -386,27 +386,11 @@ def _maintenance(target: ConnectionSettings) -> ConnectionSettings:
     return replace(target, dbname="template1" if target.dbname == "postgres" else "postgres")
 
 
-def fresh_restore_database(
-    target: ConnectionSettings, manifest: LogicalManifest, options: RestoreOptions
-) -> str | None:
-    """The database this restore will make, if it does not exist yet (None: it exists).
-
-    Without --create that is the target itself (made by `create_missing_target`); with
-    --create, the backup's database, which pg_restore makes.
-    """
-    if not options.create:
-        return None  # create_missing_target says whether it made the target
-    with connect(target) as conn:
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s",
-                              (manifest.database.name,)).fetchone()
-    return None if exists else manifest.database.name
-
-
 def drop_unfinished_database(server: ConnectionSettings, dbname: str) -> str | None:
     """Drop a database a restore made and did not finish, with its sessions (a killed
     pg_restore's may linger); None when done, else why not (never raises: the restore's
     own error is what the user must see)."""
-    maintenance = server if server.dbname != dbname else _maintenance(server)
+    maintenance = _maintenance(server)
     try:
         with connect(maintenance) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(

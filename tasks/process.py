@@ -90,8 +90,9 @@ class ToolResult:
 #: child talks to either, and a child may outlive the command: a server `pitr --start`
 #: leaves running, whose superusers can read its environment, or pg_receivewal).
 CHILD_ENV_DROPPED = ("PG", "AWS_", "PREFECT_")
-#: Kept all the same: they only set the session's time zone and client encoding.
-CHILD_ENV_KEPT = frozenset({"PGTZ", "PGCLIENTENCODING"})
+#: Kept all the same: the session's time zone and client encoding, and the id of the flow
+#: run a child works for (no secret; it tells an operator, and `ps e`, whose pg_dump it is).
+CHILD_ENV_KEPT = frozenset({"PGTZ", "PGCLIENTENCODING", "PREFECT__FLOW_RUN_ID"})
 
 
 SignalHandler = Callable[[int, FrameType | None], None]
@@ -104,12 +105,13 @@ def signal_handler(
     """Handle ``signum`` with ``handler`` while the block runs, then restore the handler
     before it; yields whether it was installed (only the main thread can, and with
     ``unless_ignored`` a signal the process was started ignoring stays ignored)."""
-    try:
-        if unless_ignored and signal.getsignal(signum) == signal.SIG_IGN:
-            yield False
-            return
-        previous = signal.signal(signum, handler)
-    except ValueError:  # not the main thread: the caller owns signal handling
+    installed = not (unless_ignored and signal.getsignal(signum) == signal.SIG_IGN)
+    if installed:
+        try:
+            previous = signal.signal(signum, handler)
+        except ValueError:  # not the main thread: the caller owns signal handling
+            installed = False
+    if not installed:
         yield False
         return
     try:

@@ -773,8 +773,17 @@ def check_slot_name(slot: str) -> str:
     return slot
 
 
-def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
+def ensure_slot(
+    settings: ConnectionSettings, slot: str, *, before_create: Callable[[], None] | None = None
+) -> bool:
     """Create the physical replication slot if missing; returns whether it was created.
+
+    Args:
+        settings: The server.
+        slot: The slot's name.
+        before_create: Called when the slot is missing, before it is made: what must hold
+            before the server keeps WAL for it (a slot nobody streams from holds WAL for
+            ever); its exception leaves no slot.
 
     Raises:
         ConfigError: bad slot name, or the slot is in use by another client.
@@ -806,6 +815,8 @@ def ensure_slot(settings: ConnectionSettings, slot: str) -> bool:
                     " stop it or use another --slot"
                 )
             return False
+        if before_create is not None:
+            before_create()
         try:
             conn.execute("SELECT pg_create_physical_replication_slot(%s, true)", (slot,))
         except psycopg.errors.InsufficientPrivilege:
@@ -859,13 +870,17 @@ class WalStreamer:
             TransientDatabaseError: pg_receivewal exited (server gone, network): a retry
                 resumes from the slot without losing WAL.
         """
-        # What can fail for good is checked before the slot exists: a slot made by a run
-        # that then stops would hold WAL on the server for ever.
+        # What can fail for good is checked before a new slot exists: a slot made by a run
+        # that then stops would hold WAL on the server for ever. (Only that a storage is
+        # there: a bucket that takes uploads but refuses deletes is a setup that works.)
         check_slot_name(self.slot)
         self._prepare_spool()
-        for storage in self.shipper.storages:
-            storage.check_writable()
-        ensure_slot(self.settings, self.slot)
+
+        def storages_exist() -> None:
+            for storage in self.shipper.storages:
+                storage.check_exists()
+
+        ensure_slot(self.settings, self.slot, before_create=storages_exist)
         pg_receivewal = Tool(self.toolset.binary("pg_receivewal"))
         args = [
             f"--directory={self.shipper.spool}",

@@ -168,11 +168,15 @@ def test_names_with_control_characters_are_no_objects(tmp_path: Path) -> None:
     planted.mkdir()
     (planted / "manifest.json").write_text("{}")
     (victim_free / "logical" / "\x1b]0;owned\x07").write_text("x")
+    # Not UTF-8: 0x9b is the 8-bit CSI of a terminal; Python names it with a lone surrogate.
+    os.makedirs(bytes(victim_free / "logical") + b"/\x9b2J\xff")
+    (victim_free / "logical" / os.fsdecode(b"\x9b2J\xff") / "manifest.json").write_text("{}")
     assert [o.key for o in storage.list("")] == ["logical/shop/b1/manifest.json"]
     result = _retention(victim_free, tmp_path, "--dry-run")
     assert result.returncode == 0, result.stderr
     assert "\x1b" not in result.stdout + result.stderr
     assert "DELETE nothing" not in result.stdout + result.stderr
+    assert "2J" not in result.stdout + result.stderr
 
 
 @pytest.mark.s3

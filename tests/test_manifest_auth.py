@@ -385,11 +385,10 @@ def test_wal_names_from_storage_must_match_exactly(storage: Storage, tmp_path: P
     store_wal(storage, "000000010000000000000002", segment(2))
     # Names that only look like segments (a trailing newline: a regex '$' would accept it;
     # lower-case hex) must not count for gap detection. S3 (moto) cannot store the newline.
-    looks_like = ["00000001000000000000000a"]
-    if isinstance(storage, LocalFolderStorage):
-        looks_like.append("000000010000000000000003\n")
-    for name in looks_like:
-        storage.write_bytes(wal_prefix(CLUSTER) + name + ".pgbf", b"junk")
+    storage.write_bytes(wal_prefix(CLUSTER) + "00000001000000000000000a.pgbf", b"junk")
+    if isinstance(storage, LocalFolderStorage):  # planted: pgbackflow writes no such key
+        planted = storage.folder / (wal_prefix(CLUSTER) + "000000010000000000000003\n.pgbf")
+        planted.write_bytes(b"junk")
     inventory = read_wal_inventory(storage, CLUSTER, SEGMENT_SIZE)
     assert inventory.complete == {1: {2}}
     for bad in ("../../x", "000000010000000000000002/../../x", "00000002.history\n"):

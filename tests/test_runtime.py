@@ -7,6 +7,14 @@ tests/test_physical_verification.py.
 
 from __future__ import annotations
 
+import signal
+import socket
+
+import pytest
+
+from pgbackflow.tasks.cluster import check_port_free
+from pgbackflow.tasks.errors import ConfigError
+from pgbackflow.tasks.process import signal_handler
 from pgbackflow.tasks.runtime import last_transaction, log_tail
 
 FAILED_START = """\
@@ -37,3 +45,41 @@ def test_the_last_replayed_transaction_is_read_from_the_log() -> None:
            "LOG:  last completed transaction was at log time 2026-11-30 10:00:02.25+00\n")
     assert last_transaction(log) == "2026-11-30 10:00:02.25+00"
     assert last_transaction("LOG:  redo done\n") is None
+
+
+def test_a_port_whose_connections_linger_is_free_but_a_listening_one_is_not() -> None:
+    """Right after a server on the port stopped, its closed connections sit in TIME_WAIT:
+    PostgreSQL binds it (SO_REUSEADDR), so `pitr --start --port` must not refuse it."""
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"--port {port} is in use"):
+            check_port_free(port)
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server's side closes first: its end goes to TIME_WAIT
+        client.close()
+    assert check_port_free(port) == port
+    for bad in (0, 65536):
+        with pytest.raises(ConfigError, match=f"--port {bad} is not a TCP port"):
+            check_port_free(bad)
+
+
+def test_a_signal_handler_block_lets_its_errors_through() -> None:
+    """Whether or not the handler was installed (an ignored signal stays ignored), an
+    exception of the block is the block's, not the helper's."""
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        for ignored in (True, False):
+            signal.signal(signal.SIGTERM, signal.SIG_IGN if ignored else signal.SIG_DFL)
+            with pytest.raises(ValueError, match="the block's own"), signal_handler(
+                signal.SIGTERM, lambda *_: None, unless_ignored=True
+            ) as installed:
+                assert installed is not ignored
+                raise ValueError("the block's own")
+            assert signal.getsignal(signal.SIGTERM) == (
+                signal.SIG_IGN if ignored else signal.SIG_DFL)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

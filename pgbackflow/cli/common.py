@@ -7,6 +7,7 @@ the traceback as well. Imports nothing of Prefect or the flows at load time.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
@@ -98,9 +99,11 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
         except PgBackflowError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            terminated = state["terminated"]
-            err.print("terminated" if terminated else "interrupted")
-            raise typer.Exit(128 + (signal.SIGTERM if terminated else signal.SIGINT)) from None
+            if state["terminated"]:
+                err.print("terminated")
+                _die_of(signal.SIGTERM)
+            err.print("interrupted")
+            raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort, TyperException):
             raise  # typer's own exits and usage errors (typer 0.29 vendors its own click)
         except Exception as exc:
@@ -119,13 +122,25 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
 def _terminate_as_interrupt() -> Iterator[None]:
     """SIGTERM (a stop, a supervisor, ``timeout``) unwinds a command as Ctrl-C does: the
     flow's clean-up runs (a database a restore made is dropped, a sandbox is removed, an
-    upload is aborted), then exit 143. Flows with their own SIGTERM handling (WAL
-    streaming, verification) replace it while they run. A SIGTERM the command was started
-    ignoring stays ignored."""
+    upload is aborted), then the process ends by SIGTERM (`_die_of`). Flows with their own
+    SIGTERM handling (WAL streaming, verification) replace it while they run. A SIGTERM the
+    command was started ignoring stays ignored."""
     from pgbackflow.tasks.process import signal_handler
 
     with signal_handler(signal.SIGTERM, _sigterm, unless_ignored=True):
         yield
+
+
+def _die_of(signum: int) -> NoReturn:
+    """End by ``signum`` after the unwinding and the exit handlers (Prefect's log flush), as
+    a process without the handler would have ended: a service manager counts a SIGTERM
+    death as a clean stop, and the daemon's launcher dies of the same signal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+    raise SystemExit(128 + signum)  # not reached: the signal ends the process
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:

@@ -39,8 +39,10 @@ INCOMPLETE_DIR = ".pgbackflow-incomplete"
 """Folder (inside a local storage folder) holding objects that are still being written."""
 
 _PROBE_PREFIX = ".pgbackflow-probe-"
-#: Characters no key may hold (C0 and C1 controls, DEL): terminals act on them.
-_CONTROL = re.compile("[\x01-\x1f\x7f-\x9f]")
+#: Characters no key may hold: C0 and C1 controls and DEL (terminals act on them), and the
+#: lone surrogates a file name that is not UTF-8 decodes to (its raw bytes may be controls,
+#: and printing one fails where output is strict UTF-8).
+_CONTROL = re.compile("[\x01-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +104,7 @@ def _key_problem(key: str, *, allow_partial: bool) -> str | None:
     if "\x00" in key:
         return "contains a NUL character"
     if _CONTROL.search(key):
-        return "contains a control character"
+        return "contains a control character or bytes that are not UTF-8"
     if key.startswith("/"):
         return "absolute"
     segments = key.split("/")

@@ -225,7 +225,7 @@ class LocalFolderStorage(Storage):
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
             raise self._not_found(key) from exc
         except OSError as exc:
-            if exc.errno == errno.ELOOP:  # the name is a link: no object
+            if exc.errno in (errno.ELOOP, errno.ENXIO):  # a link, a socket: no object
                 raise self._not_found(key) from exc
             raise StorageError(
                 f"cannot read '{self._path(key)}' ({exc.strerror}): check the file's permissions"
@@ -512,7 +512,8 @@ class _LocalWriter(ObjectWriter):
 
 
 _FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: O_NOCTTY: a planted terminal device must not become a command's controlling terminal.
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 
 
 def _is_link(name: str, folder_fd: int) -> bool:
