@@ -871,16 +871,16 @@ class WalStreamer:
                 resumes from the slot without losing WAL.
         """
         # What can fail for good is checked before a new slot exists: a slot made by a run
-        # that then stops would hold WAL on the server for ever. (Only that a storage is
-        # there: a bucket that takes uploads but refuses deletes is a setup that works.)
+        # that then stops would hold WAL on the server for ever. (Only that a storage can be
+        # there, not a test write: a bucket that takes uploads but refuses deletes works.)
         check_slot_name(self.slot)
         self._prepare_spool()
 
-        def storages_exist() -> None:
+        def storages_usable() -> None:
             for storage in self.shipper.storages:
-                storage.check_exists()
+                storage.check_destination()
 
-        ensure_slot(self.settings, self.slot, before_create=storages_exist)
+        ensure_slot(self.settings, self.slot, before_create=storages_usable)
         pg_receivewal = Tool(self.toolset.binary("pg_receivewal"))
         args = [
             f"--directory={self.shipper.spool}",

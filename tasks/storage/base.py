@@ -326,6 +326,10 @@ class Storage(ABC):
     def check_exists(self) -> None:  # noqa: B027 - a storage without a root has nothing to check
         """Raise ObjectNotFoundError when the storage itself (folder, bucket) is missing."""
 
+    def check_destination(self) -> None:
+        """Raise when writing here can never work (a missing bucket); nothing is written."""
+        self.check_exists()
+
     def check_writable(self) -> None:
         """Write, read back and delete a small probe object.
 

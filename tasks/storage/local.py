@@ -204,6 +204,11 @@ class LocalFolderStorage(Storage):
                 "nothing was written"
             )
 
+    def check_destination(self) -> None:
+        """A missing folder is made by the first write: only a mistyped path (its parent is
+        missing too) or a file in its place is refused."""
+        self.check_root()
+
     def create_root(self) -> bool:
         """Create the folder (not its parents; see `check_root`); True when it was created."""
         self.check_root()
