@@ -583,6 +583,21 @@ def decide(
     if complete_first:
         reasons[complete_first[0].backup_id].append(
             "it is the newest complete backup of the database (safety)")
+    else:
+        # Nothing restorable: a backup that looks incomplete may be one caught mid-change
+        # (listed before its objects were replaced) or damage to look into; none goes.
+        for backup in entry.backups:
+            reasons[backup.backup_id].append(
+                "the database has no complete backup: nothing of it goes (safety)")
+    # A refused manifest's folder is left alone; so is everything that builds on it (the
+    # refusal may as well mean another key, and one damaged object must not take a chain).
+    refused_ids = {r.backup_id for r in entry.refused if r.backup_id}
+    for backup in entry.backups:
+        blocked = next((parent for parent in _parent_ids(entry, backup)
+                        if parent in refused_ids), None)
+        if blocked is not None:
+            reasons[backup.backup_id].append(
+                f"it builds on {blocked}, whose manifest is refused and left alone (safety)")
     for backup in entry.backups:
         if backup.finished_at > now - min_age:
             reasons[backup.backup_id].append(
@@ -610,6 +625,18 @@ def decide(
     return tuple(decisions)
 
 
+def _parent_ids(entry: DatabaseCatalog, backup: Backup) -> Iterable[str]:
+    """The parent ids up the chain as far as the catalog knows them (a loop ends it)."""
+    by_id = entry.by_id()
+    seen = {backup.backup_id}
+    parent_id = backup.parent_id
+    while parent_id is not None and parent_id not in seen:
+        yield parent_id
+        seen.add(parent_id)
+        parent = by_id.get(parent_id)
+        parent_id = parent.parent_id if parent is not None else None
+
+
 def wal_to_delete(
     entry: DatabaseCatalog, kept: Sequence[Backup], now: datetime,
     min_age: timedelta = MIN_AGE,
@@ -622,9 +649,11 @@ def wal_to_delete(
         return (), (), (f"all kept: {len(entry.refused)} manifest(s) of this cluster are "
                         "refused, so their recovery windows are unknown")
     physical = [b for b in kept if b.kind == "physical"]
-    if not physical:
-        return (), (), ("all kept: no physical backup is kept, the WAL streamer's window is "
-                        "open")
+    broken = incomplete(entry)
+    if not any(b.backup_id not in broken for b in physical):
+        # (Kept incomplete ones bound nothing: no restore can start from them.)
+        return (), (), ("all kept: no complete physical backup is kept, the WAL streamer's "
+                        "window is open")
     oldest = min(physical, key=lambda p: parse_lsn(p.start_lsn))
     first = parse_lsn(oldest.start_lsn) // entry.segment_size
     young = now - min_age

@@ -31,6 +31,7 @@ from pgbackflow.tasks.manifest import LogicalManifest, StoredObjectInfo
 from pgbackflow.tasks.manifest import write_manifest as write_logical_manifest
 from pgbackflow.tasks.physical import PhysicalManifest
 from pgbackflow.tasks.physical import write_manifest as write_physical_manifest
+from pgbackflow.tasks.retention import RetentionLock
 from pgbackflow.tasks.storage import Storage
 
 COPY_CHUNK = 1024 * 1024
@@ -175,7 +176,14 @@ def rotate_storage(storage: Storage, old_keys: Keyring, new_key: MasterKey,
         log: One line per object rotated or deleted.
     """
     storage.check_exists()
-    keyring = Keyring([*old_keys, new_key])
+    # Retention's lock: between a retention run's listing and its reading of a manifest, a
+    # backup rotated meanwhile (new objects, new manifest) looked incomplete, and went.
+    with RetentionLock(storage, "pgbackflow key rotate"):
+        return _rotate_all(storage, Keyring([*old_keys, new_key]), new_key, log)
+
+
+def _rotate_all(storage: Storage, keyring: Keyring, new_key: MasterKey,
+                log: Callable[[str], None]) -> RotationReport:
     catalog = read_catalog(storage, keyring)
     report = RotationReport()
     for entry in catalog.databases:

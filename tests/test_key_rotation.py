@@ -135,6 +135,23 @@ def test_rotation_rewraps_backups_and_wal_and_the_old_key_is_no_longer_needed(
     assert (again.rotated, again.skipped, again.backups) == (0, 10, 0)
 
 
+def test_rotation_and_retention_never_run_at_once(tmp_path: Path) -> None:
+    """A backup rotated between a retention run's listing and its manifest read looked
+    incomplete (new objects it had not listed) and went: rotation takes retention's lock."""
+    from pgbackflow.tasks.retention import LOCK_KEY, RetentionBusyError, RetentionLock
+
+    storage = LocalFolderStorage(tmp_path / "store")
+    payload: dict[str, bytes] = {}
+    logical_backup(storage, 0, payload)
+    with RetentionLock(storage, "a retention run"):
+        with pytest.raises(RetentionBusyError, match="another retention run holds its lock"):
+            rotate_storage(storage, Keyring([OLD]), NEW)
+        assert everything_decrypts(storage, Keyring([OLD]), payload, {}) == 1
+    report = rotate_storage(storage, Keyring([OLD]), NEW)
+    assert report.backups == 1 and not storage.exists(LOCK_KEY)
+    assert everything_decrypts(storage, Keyring([NEW]), payload, {}) == 1
+
+
 def test_interrupted_rotation_resumes(tmp_path: Path) -> None:
     storage = LocalFolderStorage(tmp_path / "store")
     payload: dict[str, bytes] = {}

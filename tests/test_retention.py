@@ -404,6 +404,33 @@ def test_newest_backup_rule_protects_the_newest_complete_one(tmp_path: Path) -> 
     assert [(b.backup_id, b.missing) for b in entry.backups] == [(ids[-2], ())]
 
 
+def test_incrementals_on_a_refused_full_are_left_alone(tmp_path: Path) -> None:
+    """The full's manifest overwritten (one PUT, no key needed): its folder is left alone,
+    and so is every incremental on it, though they verify (they went as "broken chain", so
+    damaging one small object took the whole chain); the WAL stays too."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
+    full = write_physical(writer, now - timedelta(days=3), 1, 10, None, None)
+    first = write_physical(writer, now - timedelta(days=2), 2, 20, full, full)
+    second = write_physical(writer, now - timedelta(days=1), 3, 30, first, full)
+    for number in range(5, 40):
+        writer.put(wal_object_key(CLUSTER, segment_name(1, number, SEG)), b"w",
+                   now - timedelta(days=4))
+    storage.write_bytes(f"physical/{CLUSTER}/base/{full}/manifest.json", b"{}")
+    before = sorted(o.key for o in storage.list(""))
+    plan = plan_retention(read_catalog(storage, RING), {CLUSTER: Policy((KeepLast(1),))},
+                          now=now, grace=GRACE)
+    (cluster,) = plan.databases
+    decisions = {d.backup.backup_id: d for d in cluster.decisions}
+    assert set(decisions) == {first, second}
+    assert all(d.keep for d in decisions.values()), [d.why for d in decisions.values()]
+    assert f"builds on {full}, whose manifest is refused" in decisions[first].why
+    assert f"builds on {full}, whose manifest is refused" in decisions[second].why
+    execute_plan(storage, plan, KEY)
+    assert sorted(o.key for o in storage.list("")) == before
+
+
 @pytest.mark.parametrize("damage", ["parent gone", "parent object gone"])
 def test_newest_backup_rule_skips_an_incremental_with_a_broken_chain(
     tmp_path: Path, damage: str
@@ -486,7 +513,8 @@ def test_keep_within_combined_rules_and_a_dry_run_of_one_database(
 
 def test_a_cluster_without_a_kept_physical_backup_keeps_its_wal(tmp_path: Path) -> None:
     """A streamer's WAL before any backup (its window is open), and a cluster whose only
-    backup is incomplete (it goes, and no kept backup bounds the WAL): all WAL stays."""
+    backup is incomplete (it stays, but bounds no WAL: no restore starts from it): all WAL
+    stays."""
     now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
     for case in ("no backup yet", "only an incomplete backup"):
         storage = LocalFolderStorage(tmp_path / case.replace(" ", "-"))
@@ -500,11 +528,15 @@ def test_a_cluster_without_a_kept_physical_backup_keeps_its_wal(tmp_path: Path) 
         plan = plan_retention(read_catalog(storage, RING),
                               {CLUSTER: Policy((KeepLast(1),))}, now=now, grace=GRACE)
         (cluster,) = plan.databases
-        assert not cluster.kept, case
-        assert [d.backup.backup_id for d in cluster.deleted] == (
-            [broken] if case == "only an incomplete backup" else [])
+        # Nothing restorable: an incomplete backup stays (it may be caught mid-change, or
+        # be damage to look into); it bounds no WAL either.
+        assert [d.backup.backup_id for d in cluster.kept] == (
+            [broken] if case == "only an incomplete backup" else []), case
+        assert not cluster.deleted, case
+        if case == "only an incomplete backup":
+            assert "no complete backup" in cluster.kept[0].why
         assert cluster.wal_delete_count == 0 and not cluster.wal_delete, case
-        assert "no physical backup is kept" in cluster.wal_note
+        assert "no complete physical backup is kept" in cluster.wal_note
         execute_plan(storage, plan, KEY)
         assert len(storage.list(f"physical/{CLUSTER}/wal/")) == 29, case
 
