@@ -404,19 +404,26 @@ def test_newest_backup_rule_protects_the_newest_complete_one(tmp_path: Path) -> 
     assert [(b.backup_id, b.missing) for b in entry.backups] == [(ids[-2], ())]
 
 
-def test_incrementals_on_a_refused_full_are_left_alone(tmp_path: Path) -> None:
-    """The full's manifest overwritten (one PUT, no key needed): its folder is left alone,
-    and so is every incremental on it, though they verify (they went as "broken chain", so
-    damaging one small object took the whole chain); the WAL stays too."""
-    storage = LocalFolderStorage(tmp_path / "store")
+def chain_of_three(storage: Storage, now: datetime) -> tuple[str, str, str]:
+    """A full (3 days old, segment 10) <- incremental (2 days, 20) <- incremental (1 day,
+    30), and WAL segments 5-39 four days old."""
     writer = Writer(storage)
-    now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
     full = write_physical(writer, now - timedelta(days=3), 1, 10, None, None)
     first = write_physical(writer, now - timedelta(days=2), 2, 20, full, full)
     second = write_physical(writer, now - timedelta(days=1), 3, 30, first, full)
     for number in range(5, 40):
         writer.put(wal_object_key(CLUSTER, segment_name(1, number, SEG)), b"w",
                    now - timedelta(days=4))
+    return full, first, second
+
+
+def test_incrementals_on_a_refused_full_are_left_alone(tmp_path: Path) -> None:
+    """The full's manifest overwritten (one PUT, no key needed): its folder is left alone,
+    and so is every incremental on it, though they verify (they went as "broken chain", so
+    damaging one small object took the whole chain); the WAL stays too."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
+    full, first, second = chain_of_three(storage, now)
     storage.write_bytes(f"physical/{CLUSTER}/base/{full}/manifest.json", b"{}")
     before = sorted(o.key for o in storage.list(""))
     plan = plan_retention(read_catalog(storage, RING), {CLUSTER: Policy((KeepLast(1),))},
@@ -439,14 +446,8 @@ def test_newest_backup_rule_skips_an_incremental_with_a_broken_chain(
     keep-last 1 keeps the full, the newest restorable backup, and the WAL from its start;
     the old rule kept the newest incremental, which cannot restore, and deleted the full."""
     storage = LocalFolderStorage(tmp_path / "store")
-    writer = Writer(storage)
     now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
-    full = write_physical(writer, now - timedelta(days=3), 1, 10, None, None)
-    middle = write_physical(writer, now - timedelta(days=2), 2, 20, full, full)
-    newest = write_physical(writer, now - timedelta(days=1), 3, 30, middle, full)
-    for number in range(5, 40):
-        writer.put(wal_object_key(CLUSTER, segment_name(1, number, SEG)), b"w",
-                   now - timedelta(days=4))
+    full, middle, newest = chain_of_three(storage, now)
     folder = f"physical/{CLUSTER}/base/{middle}/"
     for obj in storage.list(folder):
         if damage == "parent gone" or obj.key.endswith("base.tar.pgbf"):
