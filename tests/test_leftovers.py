@@ -308,29 +308,21 @@ def test_interrupted_restore_drops_the_database_it_made(
         [str(CLI), "restore", "latest", "--from", str(big_backup), "--target", target,
          "--key-file", str(cli.key_file)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env({}),
-        start_new_session=True,
+        # SIGINT at its default, as in a terminal: a job a shell started in the background
+        # (as CI may run the tests) inherits it ignored, and Python keeps it ignored.
+        start_new_session=True, preexec_fn=_default_sigint,
     )
-
-    def restoring() -> bool:
-        with server.connect() as conn:
-            return conn.execute(
-                "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'COPY%%' "
-                "AND state = 'active'", (name,)).fetchone() is not None
-
-    deadline = time.monotonic() + 120
-    while not restoring():
-        assert proc.poll() is None, f"restore ended (exit {proc.returncode}) before pg_restore " \
-            f"copied: {proc.communicate()[1]}"
-        assert time.monotonic() < deadline, "pg_restore never started copying"
-        time.sleep(0.05)
-    # Held mid-copy (a fast machine finishes the copy between the check and the signal);
-    # the command's unwinding kills it with SIGKILL, which a stopped process takes too.
-    restorers = [pid for pid in _children(proc.pid) if _comm(pid) == "pg_restore"]
-    assert restorers, "pg_restore is not a child of the command"
-    for pid in restorers:
-        os.kill(pid, signal.SIGSTOP)
-    os.kill(proc.pid, how)
-    _, stderr = proc.communicate(timeout=120)
+    try:
+        stderr = _interrupt_mid_copy(proc, server, name, how)
+    finally:
+        # Whatever failed: no stopped pg_restore left behind. Its session would keep every
+        # later DROP DATABASE on this server waiting (for a barrier it never absorbs).
+        for pid in [p for p in _children(proc.pid) if _comm(p) == "pg_restore"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     # Ctrl-C: exit 130; SIGTERM: unwound, then ended by the signal (a service manager's
     # clean stop), as a process without a handler would have ended.
     assert proc.returncode == (130 if how == signal.SIGINT else -how), stderr
@@ -344,6 +336,37 @@ def test_interrupted_restore_drops_the_database_it_made(
                     "--key-file", str(cli.key_file))
     assert again.returncode == 0, again.stderr
     drop(server, name)
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def _interrupt_mid_copy(proc: subprocess.Popen[str], server: EphemeralCluster, name: str,
+                        how: signal.Signals) -> str:
+    """Wait until pg_restore copies into ``name``, hold it there (SIGSTOP: a fast machine
+    finished the copy between the check and the signal), signal the command; its stderr."""
+
+    def restoring() -> bool:
+        with server.connect() as conn:
+            return conn.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE datname = %s AND query ILIKE 'COPY%%' "
+                "AND state = 'active'", (name,)).fetchone() is not None
+
+    deadline = time.monotonic() + 120
+    while not restoring():
+        assert proc.poll() is None, f"restore ended (exit {proc.returncode}) before pg_restore " \
+            f"copied: {proc.communicate()[1]}"
+        assert time.monotonic() < deadline, "pg_restore never started copying"
+        time.sleep(0.05)
+    # The command's unwinding kills pg_restore with SIGKILL, which a stopped process takes.
+    restorers = [pid for pid in _children(proc.pid) if _comm(pid) == "pg_restore"]
+    assert restorers, "pg_restore is not a child of the command"
+    for pid in restorers:
+        os.kill(pid, signal.SIGSTOP)
+    os.kill(proc.pid, how)
+    _, stderr = proc.communicate(timeout=120)
+    return stderr
 
 
 def test_kill_9_leftover_is_swept_by_the_next_backup(
