@@ -381,6 +381,10 @@ def check_archive_database(
     )
 
 
+#: Seconds the drop of an unfinished restore's database may take before it is left to the user.
+DROP_TIMEOUT_S = 30
+
+
 def _maintenance(target: ConnectionSettings) -> ConnectionSettings:
     """The same server through its ``postgres`` database (``template1`` for postgres)."""
     return replace(target, dbname="template1" if target.dbname == "postgres" else "postgres")
@@ -393,6 +397,9 @@ def drop_unfinished_database(server: ConnectionSettings, dbname: str) -> str | N
     maintenance = _maintenance(server)
     try:
         with connect(maintenance) as conn:
+            # Bounded: a drop waits until every session of the server has taken note of it,
+            # and an interrupted command must end even if one never does.
+            conn.execute(f"SET statement_timeout = '{DROP_TIMEOUT_S}s'")
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                 sql.Identifier(dbname)))
     except (DatabaseError, psycopg.Error) as exc:
