@@ -656,16 +656,25 @@ def wal_to_delete(
                         "window is open")
     oldest = min(physical, key=lambda p: parse_lsn(p.start_lsn))
     first = parse_lsn(oldest.start_lsn) // entry.segment_size
+    # A timeline newer than every kept backup's (the cluster after a point-in-time restore
+    # back in time, which keeps its system identifier, so its folder) is the live one: its
+    # WAL is the window of the backups to come, one running now included, whatever its
+    # segment numbers (they start at the fork, which may lie before the cut-off).
+    newest_kept = max(b.timeline for b in physical)
     young = now - min_age
-    runs = tuple(part for run in entry.wal_runs for part in run.select(first, young))
+    runs = tuple(part for run in entry.wal_runs if run.timeline <= newest_kept
+                 for part in run.select(first, young))
     files = tuple(
         w for w in entry.wal_files
         if w.kind != "history" and w.number is not None and w.number < first
-        and w.modified <= young
+        and w.timeline <= newest_kept and w.modified <= young
     )
+    newer = (f"; all WAL of timelines after {newest_kept}, the newest a kept backup is on"
+             if any(r.timeline > newest_kept for r in entry.wal_runs)
+             or any(w.timeline > newest_kept for w in entry.wal_files) else "")
     return runs, files, (f"kept from the start of backup {oldest.backup_id} ({oldest.start_lsn}, "
                     "the oldest kept) to the newest WAL; history files and WAL younger than "
-                    f"{format_period(min_age)} always")
+                    f"{format_period(min_age)} always{newer}")
 
 
 def plan_retention(

@@ -142,12 +142,13 @@ def write_logical(writer: Writer, moment: datetime, serial: int, db_id: str = DB
 
 
 def write_physical(writer: Writer, moment: datetime, serial: int, segment: int,
-                   parent: str | None, full: str | None) -> str:
+                   parent: str | None, full: str | None, timeline: int = 1) -> str:
     backup_id = logical_id(moment, serial)
     prefix = f"physical/{CLUSTER}/base/{backup_id}/"
     manifest = PhysicalManifest(
         backup_id=backup_id, db_id=CLUSTER, mode="incremental" if parent else "full",
-        parent_id=parent, full_id=full or backup_id, system_identifier="7312", timeline=1,
+        parent_id=parent, full_id=full or backup_id, system_identifier="7312",
+        timeline=timeline,
         start_lsn=format_lsn(segment * SEG + 0x28), end_lsn=format_lsn(segment * SEG + 0x100),
         wal_segment_size=SEG, source="u@h:5432", server_version="17.6",
         server_version_num=170006, pg_basebackup_version="17.6",
@@ -415,6 +416,31 @@ def chain_of_three(storage: Storage, now: datetime) -> tuple[str, str, str]:
         writer.put(wal_object_key(CLUSTER, segment_name(1, number, SEG)), b"w",
                    now - timedelta(days=4))
     return full, first, second
+
+
+def test_the_wal_of_a_timeline_newer_than_every_kept_backup_stays(tmp_path: Path) -> None:
+    """The cluster restored back in time: timeline 2 forks off at segment 5, before the
+    kept backup's start (segment 9, timeline 1), and has no backup yet. Its WAL is the live
+    cluster's (a full running on it needs it); one cut-off for all timelines deleted it."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime(2026, 11, 29, 20, 0, tzinfo=UTC)
+    for serial, start in enumerate((3, 6, 9)):
+        write_physical(writer, now - timedelta(days=3 - serial), serial, start, None, None)
+    old = now - timedelta(days=4)
+    for number in range(2, 13):
+        writer.put(wal_object_key(CLUSTER, segment_name(1, number, SEG)), b"w", old)
+    for number in range(5, 9):
+        writer.put(wal_object_key(CLUSTER, segment_name(2, number, SEG)), b"w", old)
+    plan = plan_retention(read_catalog(storage, RING), {CLUSTER: Policy((KeepLast(1),))},
+                          now=now, grace=GRACE)
+    (cluster,) = plan.databases
+    deleted = {(w.timeline, w.number) for w in cluster.wal_delete}
+    assert deleted == {(1, n) for n in range(2, 9)}
+    assert "all WAL of timelines after 1" in cluster.wal_note
+    execute_plan(storage, plan, KEY)
+    left = {o.key for o in storage.list(f"physical/{CLUSTER}/wal/")}
+    assert {wal_object_key(CLUSTER, segment_name(2, n, SEG)) for n in range(5, 9)} <= left
 
 
 def test_incrementals_on_a_refused_full_are_left_alone(tmp_path: Path) -> None:
