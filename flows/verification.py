@@ -40,7 +40,7 @@ from pgbackflow.tasks.budget import job_share_from_environment
 from pgbackflow.tasks.errors import PgBackflowError
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.manifest import LogicalManifest, find_backup
-from pgbackflow.tasks.process import signal_handler
+from pgbackflow.tasks.process import signal_handler, unwind
 from pgbackflow.tasks.sandbox import DEFAULT_IMAGE_TEMPLATE, SandboxResources, sandbox_for
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.verify import (
@@ -109,16 +109,13 @@ def _terminate_as_interrupt(timeout_s: int) -> Iterator[None]:
     The timeout becomes a PgBackflowError, so the report says Failed, timed out.
     """
 
-    def interrupt(signum: int, frame: FrameType | None) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
     def time_up(signum: int, frame: FrameType | None) -> None:
         raise VerificationTimeoutError(
             f"verification timed out after {timeout_s} s: give it more time (timeout) or "
             "more CPUs"
         )
 
-    with (signal_handler(signal.SIGTERM, interrupt),
+    with (signal_handler(signal.SIGTERM, unwind),
           signal_handler(signal.SIGALRM, time_up) as timed):
         if not timed:  # not the main thread: the caller owns signal handling
             yield

@@ -26,7 +26,7 @@ import botocore.session
 log = logging.getLogger(__name__)
 
 #: Bump when the trimming changes, so older copies are not reused.
-LEAN_FORMAT = 2
+LEAN_FORMAT = 3
 
 #: Services whose endpoint entries are kept (sts: assume-role credentials).
 ENDPOINT_SERVICES = frozenset({"s3", "sts"})
@@ -43,6 +43,7 @@ S3_OPERATIONS = frozenset({
     "HeadObject",
     "ListMultipartUploads",
     "ListObjectsV2",
+    "ListParts",
     "PutObject",
     "UploadPart",
 })

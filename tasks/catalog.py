@@ -377,10 +377,13 @@ class Orphan:
     Attributes:
         key: Storage key.
         size: Bytes.
-        modified: Last write (age is judged by it).
+        modified: Last write.
         reason: Why it is an orphan.
         unfinished_deletion: Part of a backup a retention run was deleting (verified
             marker, manifest gone): removed at once, whatever its age.
+        folder_activity: In a backup folder without a manifest, the last write into that
+            folder (any object, or a write still in progress): a backup still running
+            keeps all of its objects while it makes progress.
     """
 
     key: str
@@ -388,6 +391,12 @@ class Orphan:
     modified: datetime
     reason: str
     unfinished_deletion: bool = False
+    folder_activity: datetime | None = None
+
+    @property
+    def last_activity(self) -> datetime:
+        """What the grace period is measured from."""
+        return max(self.modified, self.folder_activity or self.modified)
 
 
 @dataclass(frozen=True)
@@ -1097,8 +1106,12 @@ def read_catalog(
             cache.prune(m[3] for m in manifests_listed)
     if summaries is not None:
         summaries.save(prefixes)
+    unsealed = [items[0].key.rpartition("/")[0] for entry in dbs.values()
+                for items in entry.folders.values()
+                if not any(o.key.rsplit("/", 1)[1] == MANIFEST_NAME for o in items)]
+    activity = storage.write_activity(unsealed) if unsealed else {}
     databases = [
-        _database(storage, keyring, entry, records)
+        _database(storage, keyring, entry, records, activity)
         for _, entry in sorted(dbs.items(), key=lambda kv: (kv[0][0] != "logical", kv[0][1]))
     ]
     stray = tuple(Orphan(o.key, o.size, o.modified, "not inside a database folder")
@@ -1155,6 +1168,7 @@ def _database(
     keyring: Keyring | None,
     entry: _Db,
     records: dict[tuple[Kind, str, str], _Found | None],
+    activity: dict[str, datetime],
 ) -> DatabaseCatalog:
     kind, db_id = entry.kind, entry.db_id
     backups: list[Backup] = []
@@ -1189,9 +1203,12 @@ def _database(
                                f"left by an unfinished deletion of backup {backup_id}",
                                unfinished_deletion=True) for o in items]
         else:
+            folder = items[0].key.rpartition("/")[0]
+            last = max([o.modified for o in items] + [activity.get(folder, _EPOCH)])
             orphans += [Orphan(o.key, o.size, o.modified,
                                f"backup folder {backup_id} has no manifest (a backup that "
-                               "failed, was killed, or is still running)") for o in items]
+                               "failed, was killed, or is still running)",
+                               folder_activity=last) for o in items]
     backups.sort(key=Backup.order)
     segment_size = DEFAULT_SEGMENT_SIZE
     physical = [b for b in backups if b.kind == "physical"]

@@ -39,9 +39,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, PgBackflowError
 from pgbackflow.tasks.keys import Keyring, MasterKey
 from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.storage.base import LOGICAL_ROOT as LOGICAL_ROOT
 
 MANIFEST_NAME = "manifest.json"
-LOGICAL_ROOT = "logical"
 MAC_SCHEME = "pgbackflow-manifest-mac-v1"
 _MAC_LABEL = MAC_SCHEME.encode("ascii") + b"\x00"
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024

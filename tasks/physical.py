@@ -76,11 +76,11 @@ from pgbackflow.tasks.pipeline import (
 )
 from pgbackflow.tasks.process import Tool, ToolFailedError
 from pgbackflow.tasks.storage import Storage
+from pgbackflow.tasks.storage.base import PHYSICAL_ROOT as PHYSICAL_ROOT
 from pgbackflow.tasks.tarstream import TarMemberCapture
 from pgbackflow.tasks.toolsets import Toolset
 from pgbackflow.tasks.transfer import ProgressCallback
 
-PHYSICAL_ROOT = "physical"
 BASE_NAME = "base.tar.pgbf"
 BACKUP_MANIFEST_NAME = "backup_manifest.pgbf"
 MANIFEST_NAME = "manifest.json"

@@ -97,6 +97,23 @@ CHILD_ENV_KEPT = frozenset({"PGTZ", "PGCLIENTENCODING", "PREFECT__FLOW_RUN_ID"})
 
 SignalHandler = Callable[[int, FrameType | None], None]
 
+#: The signals `unwind` turned into KeyboardInterrupt in this process, in order. A flow
+#: that catches the interrupt itself (a verification ends Cancelled, its sandbox removed)
+#: leaves the command only this to tell a stop (SIGTERM) from Ctrl-C.
+_unwound_by: list[int] = []
+
+
+def unwind(signum: int, frame: FrameType | None) -> None:
+    """A signal handler: unwind the main thread as Ctrl-C does (``finally`` blocks and
+    clean-up run), remembering which signal it was (`unwound_by`)."""
+    _unwound_by.append(signum)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def unwound_by() -> int | None:
+    """The last signal `unwind` handled in this process, if any."""
+    return _unwound_by[-1] if _unwound_by else None
+
 
 @contextmanager
 def signal_handler(

@@ -712,15 +712,16 @@ def plan_retention(
                            (verified or {}).get(entry.db_id, ()), min_age)
         kept = [d.backup for d in decisions if d.keep]
         runs, files, note = wal_to_delete(entry, kept, moment, min_age)
-        go = tuple(o for o in entry.orphans if o.unfinished_deletion or o.modified <= cutoff)
+        go = tuple(o for o in entry.orphans
+                   if o.unfinished_deletion or o.last_activity <= cutoff)
         wait = tuple(o for o in entry.orphans if o not in go)
         journals = tuple(j.key for j in entry.journals)
         plans.append(DatabasePlan(entry, policy_of(entry.db_id), decisions,
                                   wal_runs_delete=runs, wal_note=note, orphans_delete=go,
                                   orphans_waiting=wait, journals=journals,
                                   wal_files_delete=files))
-    go = tuple(o for o in catalog.orphans if o.modified <= cutoff)
-    wait = tuple(o for o in catalog.orphans if o.modified > cutoff)
+    go = tuple(o for o in catalog.orphans if o.last_activity <= cutoff)
+    wait = tuple(o for o in catalog.orphans if o.last_activity > cutoff)
     return RetentionPlan(catalog.location, moment, grace, tuple(plans), go, wait,
                          catalog.temporaries)
 

@@ -706,6 +706,97 @@ def test_orphans_are_swept_after_the_grace_period_and_not_before(
     assert fresh not in {o.key for o in storage.list("")}
 
 
+def test_a_backup_folder_still_written_to_keeps_its_older_objects(
+    tmp_path: Path, key_file: Path
+) -> None:
+    """A physical backup with tablespaces uploads one tar after the other: its first tar
+    may be older than the grace period while the backup still runs. The folder's objects
+    age together, from the last write into the folder or a write still in progress."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime.now(UTC)
+    folder = f"physical/{CLUSTER}/base/{logical_id(now - timedelta(days=2), 9)}"
+    base = f"{folder}/base.tar.pgbf"
+    writer.put(base, b"the data directory", now - timedelta(hours=30))
+
+    # A tablespace's tar still being written by a live process: nothing of the folder goes.
+    upload = storage.open_write(f"{folder}/tablespace-16390.tar.pgbf")
+    try:
+        upload.write(b"x" * 1000)
+        upload.flush()
+        live = run_cli("--from", str(storage.folder), key_file=key_file)
+        assert live.returncode == 0, live.stderr
+        assert f"wait   orphan {base}" in live.stdout and storage.exists(base)
+    finally:
+        upload.abort()
+
+    # Written 2 h ago, the last tar keeps the older one too.
+    last = f"{folder}/tablespace-16391.tar.pgbf"
+    writer.put(last, b"a tablespace", now - timedelta(hours=2))
+    dry = run_cli("--from", str(storage.folder), "--dry-run", key_file=key_file)
+    assert dry.returncode == 0, dry.stderr
+    assert f"wait   orphan {base}" in dry.stdout and f"wait   orphan {last}" in dry.stdout
+
+    # A write from another machine (its liveness unknown here) counts by its last write.
+    _age(storage, last, timedelta(hours=25))
+    other = storage.open_write(f"{folder}/tablespace-16392.tar.pgbf")
+    other.write(b"y" * 10)
+    other.flush()
+    [temporary] = (storage.folder / INCOMPLETE_DIR).iterdir()
+    elsewhere = temporary.with_name("0" * 12 + temporary.name[12:])
+    temporary.rename(elsewhere)
+    other.abort()
+    _age_path(elsewhere, timedelta(hours=2))
+    remote = run_cli("--from", str(storage.folder), key_file=key_file)
+    assert remote.returncode == 0, remote.stderr
+    assert f"wait   orphan {base}" in remote.stdout and storage.exists(last)
+
+    _age_path(elsewhere, timedelta(hours=26))
+    gone = run_cli("--from", str(storage.folder), key_file=key_file)
+    assert gone.returncode == 0, gone.stderr
+    assert not storage.exists(base) and not storage.exists(last), gone.stdout
+    assert not elsewhere.exists()
+
+
+def _age_path(path: Path, age: timedelta) -> None:
+    stamp = (datetime.now(UTC) - age).timestamp()
+    os.utime(path, (stamp, stamp))
+
+
+def test_orphans_on_s3_age_with_their_folder_and_its_uploads(s3_bucket: S3Bucket) -> None:
+    storage = S3ObjectStorage(s3_bucket.bucket, "pg", endpoint_url=s3_bucket.endpoint_url,
+                              region=s3_bucket.region)
+    folder = f"physical/{CLUSTER}/base/{logical_id(datetime.now(UTC), 6)}"
+    base = f"{folder}/base.tar.pgbf"
+    storage.write_bytes(base, b"the data directory")
+    grace = timedelta(seconds=3)
+    time.sleep(3.2)
+    # A tablespace's tar uploading: its parts are the folder's activity.
+    upload = storage.open_write(f"{folder}/tablespace-16390.tar.pgbf", size_hint=64 * 2**20)
+    try:
+        upload.write(b"x" * (8 * 2**20))
+        upload.flush()
+        client = s3_bucket.client()
+        for _ in range(100):  # the first part goes up on the writer's own thread
+            uploads = client.list_multipart_uploads(Bucket=s3_bucket.bucket).get("Uploads", [])
+            if uploads and client.list_parts(Bucket=s3_bucket.bucket, Key=uploads[0]["Key"],
+                                             UploadId=uploads[0]["UploadId"]).get("Parts"):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the writer uploaded no part")
+        shown: list[str] = []
+        run_retention(storage, RING, {}, grace=grace, show=shown.append)
+        assert storage.exists(base), shown
+        assert any(f"wait   orphan {base}" in line for line in shown), shown
+    finally:
+        upload.abort()
+    time.sleep(3.2)
+    shown = []
+    run_retention(storage, RING, {}, grace=grace, show=shown.append)
+    assert not storage.exists(base), shown
+
+
 def test_orphans_on_s3_wait_for_the_grace_period(s3_bucket: S3Bucket) -> None:
     storage = S3ObjectStorage(s3_bucket.bucket, "pg", endpoint_url=s3_bucket.endpoint_url,
                               region=s3_bucket.region)

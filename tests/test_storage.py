@@ -303,7 +303,7 @@ def test_killed_writer_leaves_no_object(storage: Storage) -> None:
         assert isinstance(storage, LocalFolderStorage)
         spec = {"kind": "local", "folder": str(storage.folder)}
     # 20 MiB: S3 has started the multipart upload and sent part 1 before "halfway".
-    spec |= {"key": "base/killed.tar", "mib": 20}
+    spec |= {"key": "physical/c1/base/b1/killed.tar", "mib": 20}
     started = datetime.now(UTC)
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD_WRITER, json.dumps(spec)],
@@ -323,12 +323,12 @@ def test_killed_writer_leaves_no_object(storage: Storage) -> None:
 
     assert storage.list() == []
     with pytest.raises(ObjectNotFoundError):
-        storage.stat("base/killed.tar")
-    assert not storage.exists("base/killed.tar")
+        storage.stat("physical/c1/base/b1/killed.tar")
+    assert not storage.exists("physical/c1/base/b1/killed.tar")
 
     if isinstance(storage, S3ObjectStorage):
         [upload] = storage.client.list_multipart_uploads(Bucket=storage.bucket)["Uploads"]
-        assert upload["Key"] == "cluster-a/base/killed.tar"
+        assert upload["Key"] == "cluster-a/physical/c1/base/b1/killed.tar"
         if upload["Initiated"] > started - timedelta(minutes=1):
             # moto reports a fixed 2010 start time; real S3 reports the real one.
             assert storage.sweep_incomplete_uploads(older_than=timedelta(hours=1)) == 0
@@ -343,9 +343,9 @@ def test_killed_writer_leaves_no_object(storage: Storage) -> None:
     assert incomplete_uploads(storage) == []
 
     data = os.urandom(MiB + 17)
-    write_in_slices(storage, "base/killed.tar", data)
-    assert storage.read_bytes("base/killed.tar") == data
-    assert [obj.key for obj in storage.list()] == ["base/killed.tar"]
+    write_in_slices(storage, "physical/c1/base/b1/killed.tar", data)
+    assert storage.read_bytes("physical/c1/base/b1/killed.tar") == data
+    assert [obj.key for obj in storage.list()] == ["physical/c1/base/b1/killed.tar"]
 
 
 # --------------------------------------------------------------------------- part sizes
@@ -496,6 +496,39 @@ def test_object_of_exactly_one_part_is_a_single_put(s3_bucket: S3Bucket) -> None
     head = storage.client.head_object(Bucket=s3_bucket.bucket, Key="one-part")
     assert "-" not in head["ETag"]
     assert storage.read_bytes("one-part") == data
+
+
+def test_s3_sweep_spares_progressing_uploads_and_other_tools_uploads(
+    s3_bucket: S3Bucket,
+) -> None:
+    """Without a prefix the bucket may be shared: only pgbackflow's own folders are swept,
+    and an upload counts as stale by its last part (a base backup may upload for longer
+    than the grace period). moto reports a 2010 start for every upload."""
+    storage = S3ObjectStorage(s3_bucket.bucket, endpoint_url=s3_bucket.endpoint_url,
+                              region=s3_bucket.region)
+    client = storage.client
+    bucket = s3_bucket.bucket
+    foreign = client.create_multipart_upload(Bucket=bucket, Key="other-tool/big.bin")
+    planted = client.create_multipart_upload(Bucket=bucket, Key="logical/db/../escape")
+    idle = client.create_multipart_upload(Bucket=bucket, Key="logical/db/b1/dump.pgbf")
+    moving = client.create_multipart_upload(Bucket=bucket, Key="physical/c/base/b2/base.tar.pgbf")
+    client.upload_part(Bucket=bucket, Key="physical/c/base/b2/base.tar.pgbf", PartNumber=1,
+                       UploadId=moving["UploadId"], Body=b"part one")
+    started = client.list_multipart_uploads(Bucket=bucket)["Uploads"][0]["Initiated"]
+    assert started < datetime.now(UTC) - timedelta(days=1)  # else this test proves nothing
+
+    listed = storage.list_stale_writes(timedelta(hours=1))
+    assert [line.split(" ")[0] for line in listed] == [f"s3://{bucket}/logical/db/b1/dump.pgbf"]
+    assert storage.write_activity(["physical/c/base/b2", "logical/db/b1", "other-tool"]).keys() \
+        == {"physical/c/base/b2", "logical/db/b1"}
+    assert storage.sweep_incomplete_uploads(timedelta(hours=1)) == 1
+    left = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]}
+    assert left == {foreign["UploadId"], planted["UploadId"], moving["UploadId"]}
+    assert idle["UploadId"] not in left
+    # Once its last part is older than the grace period, the moving upload goes too.
+    assert storage.sweep_incomplete_uploads(timedelta(0)) == 1
+    left = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]}
+    assert left == {foreign["UploadId"], planted["UploadId"]}
 
 
 @pytest.mark.s3

@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -288,11 +289,13 @@ def test_cli_verify_exit_codes_and_json(
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_cancel_during_restore_removes_the_container(
-    pg_servers: Any, tmp_path: Path, prefect_api: str, docker_engine: Any
+    pg_servers: Any, tmp_path: Path, prefect_api: str, docker_engine: Any, how: int
 ) -> None:
-    """SIGTERM (how a worker stops a cancelled run) mid-restore: Cancelled, container gone."""
-    import signal
+    """SIGTERM (how a worker stops a cancelled run) or Ctrl-C mid-restore: Cancelled,
+    container gone, and the command ends as every command does then (Ctrl-C: exit 130;
+    SIGTERM: dies of it, which a service manager counts as a clean stop)."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -314,6 +317,8 @@ def test_cancel_during_restore_removes_the_container(
         [str(Path(sys.executable).with_name("pgbackflow")), "verify", "--from",
          str(tmp_path / "b"), "--sandbox", "docker", "--key-file", str(key_file)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # SIGINT at its default, as in a terminal (CI runs the suite as a background job).
+        preexec_fn=_sigint_as_in_a_terminal,
     )
     deadline = time.monotonic() + 120
     restoring = False
@@ -326,9 +331,11 @@ def test_cancel_during_restore_removes_the_container(
             restoring = any("pg_restore" in " ".join(p) for p in top.get("Processes") or [])
         time.sleep(0.1)
     assert restoring, "pg_restore never started in the sandbox"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(how)
     _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == (130 if how == signal.SIGINT else -how), stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == (
+        "interrupted" if how == signal.SIGINT else "terminated"), stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert our_containers(docker_engine, proc.pid) == []
     with get_client(sync_client=True) as client:
@@ -337,6 +344,10 @@ def test_cancel_during_restore_removes_the_container(
             sort=FlowRunSort.START_TIME_DESC, limit=1,
         )
     assert runs[0].state is not None and runs[0].state.is_cancelled(), runs[0].state
+
+
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.usefixtures("no_leftovers")

@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated, NoReturn, ParamSpec, TypeVar
 
 import typer
@@ -36,7 +35,7 @@ if TYPE_CHECKING:
 P = ParamSpec("P")
 R = TypeVar("R")
 
-state = {"debug": False, "api_lost": False, "terminated": False}
+state = {"debug": False, "api_lost": False}
 #: The environment before any command changed it (what `pgbackflow worker` hands on).
 ORIGINAL_ENV = dict(os.environ)
 
@@ -99,7 +98,9 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
         except PgBackflowError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            if state["terminated"]:
+            from pgbackflow.tasks.process import unwound_by
+
+            if unwound_by() == signal.SIGTERM:
                 err.print("terminated")
                 _die_of(signal.SIGTERM)
             err.print("interrupted")
@@ -125,9 +126,12 @@ def _terminate_as_interrupt() -> Iterator[None]:
     upload is aborted), then the process ends by SIGTERM (`_die_of`). Flows with their own
     SIGTERM handling (WAL streaming, verification) replace it while they run. A SIGTERM the
     command was started ignoring stays ignored."""
-    from pgbackflow.tasks.process import signal_handler
+    from pgbackflow.tasks.process import signal_handler, unwind
 
-    with signal_handler(signal.SIGTERM, _sigterm, unless_ignored=True):
+    # Ctrl-C goes through `unwind` too, so a flow that ends Cancelled on either (verify)
+    # still lets the command tell which one it was.
+    with (signal_handler(signal.SIGTERM, unwind, unless_ignored=True),
+          signal_handler(signal.SIGINT, unwind, unless_ignored=True)):
         yield
 
 
@@ -141,11 +145,6 @@ def _die_of(signum: int) -> NoReturn:
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
     raise SystemExit(128 + signum)  # not reached: the signal ends the process
-
-
-def _sigterm(signum: int, frame: FrameType | None) -> None:
-    state["terminated"] = True
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def fail(message: str) -> NoReturn:

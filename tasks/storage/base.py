@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -37,6 +37,13 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 INCOMPLETE_DIR = ".pgbackflow-incomplete"
 """Folder (inside a local storage folder) holding objects that are still being written."""
+LOGICAL_ROOT = "logical"
+"""Top folder of logical backups."""
+PHYSICAL_ROOT = "physical"
+"""Top folder of physical backups and WAL."""
+BACKUP_ROOTS = (LOGICAL_ROOT, PHYSICAL_ROOT)
+"""The top folders pgbackflow writes backups to. A sweep of S3's incomplete uploads touches
+nothing else: a bucket used without a prefix may be shared with other tools' uploads."""
 
 _PROBE_PREFIX = ".pgbackflow-probe-"
 #: Characters no key may hold: C0 and C1 controls and DEL (terminals act on them), and the
@@ -322,6 +329,22 @@ class Storage(ABC):
     def list_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
         """What `sweep_stale_writes` would remove now; nothing is removed."""
         return ()
+
+    def write_activity(self, folders: Collection[str]) -> dict[str, datetime]:
+        """When writes still in progress into each of ``folders`` last made progress.
+
+        A backup folder without a manifest is either left behind or still being written;
+        its objects must not age while a writer is still adding to it (a physical backup
+        with tablespaces uploads one tar after the other for hours).
+
+        Args:
+            folders: Folder keys (no trailing '/'), e.g. ``logical/db1/<backup id>``.
+
+        Returns:
+            The folders with a write in progress the storage can see, each with the time of
+            its last progress (UTC); a folder without one is left out.
+        """
+        return {}
 
     def check_exists(self) -> None:  # noqa: B027 - a storage without a root has nothing to check
         """Raise ObjectNotFoundError when the storage itself (folder, bucket) is missing."""

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,11 +37,12 @@ LOCAL_WRITE_BUFFER = MiB
 class LocalFolderStorage(Storage):
     """Objects as files below a local (or mounted) folder.
 
-    A writer writes to ``<folder>/.pgbackflow-incomplete/<boot>-<pid>-<random>`` on the same
-    filesystem, fsyncs it, renames it into place with `os.replace` and fsyncs the parent
-    folder, so the object appears complete or not at all, also after a crash. While it
-    writes it holds an exclusive ``flock`` on the temporary: a sweep on the same machine
-    (same boot) tells a live writer from a dead one by that lock and the pid.
+    A writer writes to ``<folder>/.pgbackflow-incomplete/<boot>-<pid>-<random>-<tag>`` (the
+    tag names the object's folder, see `write_activity`) on the same filesystem, fsyncs it,
+    renames it into place with `os.replace` and fsyncs the parent folder, so the object
+    appears complete or not at all, also after a crash. While it writes it holds an
+    exclusive ``flock`` on the temporary: a sweep on the same machine (same boot) tells a
+    live writer from a dead one by that lock and the pid.
 
     Whoever can write to the folder may have planted symbolic links, FIFOs or devices in it.
     Below the folder itself, every operation walks folder by folder with ``O_NOFOLLOW``
@@ -128,20 +130,21 @@ class LocalFolderStorage(Storage):
         """Start writing object ``key`` (``size_hint`` is not needed locally)."""
         check_key(key)
         try:
-            temp = self._new_temporary()
+            temp = self._new_temporary(key)
         except OSError as exc:
             raise self._not_writable(exc) from exc
         return _LocalWriter(self, key, temp)
 
-    def _new_temporary(self) -> _Temporary:
-        """A new writer's temporary (named after this boot and pid), flocked while this
-        process holds it open."""
+    def _new_temporary(self, key: str) -> _Temporary:
+        """A new writer's temporary for ``key`` (named after this boot, this pid and the
+        key's folder), flocked while this process holds it open."""
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
         self.folder.mkdir(parents=True, exist_ok=True)
         with self._folders([INCOMPLETE_DIR], create=True) as fds:
             folder_fd = os.dup(fds[-1])
-        name = f"{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}"
+        folder = _folder_tag(key.rpartition("/")[0])
+        name = f"{BOOT_TAG}-{os.getpid()}-{secrets.token_hex(8)}-{folder}"
         try:
             fd = os.open(
                 name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -160,7 +163,7 @@ class LocalFolderStorage(Storage):
         hard-linked into place (``link`` fails on an existing name), so it appears whole."""
         *folders, name = check_key(key).split("/")
         try:
-            temp = self._new_temporary()
+            temp = self._new_temporary(key)
             try:
                 with os.fdopen(temp.fd, "wb", closefd=True) as out:
                     out.write(data)
@@ -362,6 +365,33 @@ class LocalFolderStorage(Storage):
         """The temporaries `sweep_stale_writes` would remove now; nothing is removed."""
         return self._sweep(older_than, dead_writers=True, remove=False)
 
+    def write_activity(self, folders: Collection[str]) -> dict[str, datetime]:
+        """The temporaries written into ``folders``: their last write, or now while their
+        writer on this machine lives (a dump may wait on a lock without writing)."""
+        tags = {_folder_tag(folder): folder for folder in folders}
+        if not tags:
+            return {}
+        active: dict[str, datetime] = {}
+        try:
+            with self._folders([INCOMPLETE_DIR]) as fds, os.scandir(fds[-1]) as scan:
+                for entry in scan:
+                    match = _TEMP_NAME.fullmatch(entry.name)
+                    folder = tags.get(match["folder"] or "") if match else None
+                    if match is None or folder is None:
+                        continue
+                    with contextlib.suppress(FileNotFoundError):
+                        info = entry.stat(follow_symlinks=False)
+                        writer = _local_writer_state(fds[-1], entry.name)
+                        if not stat.S_ISREG(info.st_mode) or writer == "gone":
+                            continue
+                        last = datetime.now(UTC) if writer == "alive" else _utc(info.st_mtime)
+                        active[folder] = max(last, active.get(folder, last))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except OSError as exc:
+            raise self._not_writable(exc) from exc
+        return active
+
     def _sweep(
         self, older_than: timedelta, *, dead_writers: bool, remove: bool = True
     ) -> tuple[str, ...]:
@@ -404,7 +434,14 @@ class LocalFolderStorage(Storage):
         return removed
 
 
-_TEMP_NAME = re.compile(r"(?P<boot>[0-9a-f]{12})-(?P<pid>\d+)-[0-9a-f]{16}")
+_TEMP_NAME = re.compile(
+    r"(?P<boot>[0-9a-f]{12})-(?P<pid>\d+)-[0-9a-f]{16}(?:-(?P<folder>[0-9a-f]{16}))?"
+)
+
+
+def _folder_tag(folder: str) -> str:
+    """What a temporary's name says of the folder its object goes to (`write_activity`)."""
+    return hashlib.sha256(folder.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def _local_writer_state(folder_fd: int, name: str) -> str:

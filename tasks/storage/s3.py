@@ -3,11 +3,14 @@ reader and the fast parser of listing pages."""
 
 from __future__ import annotations
 
+import builtins
+import functools
 import io
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 from urllib.parse import unquote_plus, urlsplit
@@ -35,6 +38,7 @@ from pgbackflow.tasks.errors import (
     TransientStorageError,
 )
 from pgbackflow.tasks.storage.base import (
+    BACKUP_ROOTS,
     GiB,
     MiB,
     ObjectWriter,
@@ -432,7 +436,7 @@ class S3ObjectStorage(Storage):
         self._check_bucket()
 
     def sweep_incomplete_uploads(self, older_than: timedelta) -> int:
-        """Abort multipart uploads under the prefix started more than ``older_than`` ago.
+        """Abort pgbackflow's multipart uploads that made no progress for ``older_than``.
 
         A killed writer leaves its upload behind; a bucket lifecycle rule with
         ``AbortIncompleteMultipartUpload`` does the same job on the server side.
@@ -443,16 +447,33 @@ class S3ObjectStorage(Storage):
         return len(self._abort_stale_uploads(older_than))
 
     def sweep_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
-        """Abort multipart uploads under the prefix started more than ``older_than`` ago.
+        """Abort pgbackflow's multipart uploads that made no progress for ``older_than``.
 
-        S3 does not say whether an upload's writer still lives: the grace period must be
-        longer than the longest single upload (a base backup) to this prefix.
+        Only uploads of keys pgbackflow writes (valid keys below ``logical/`` and
+        ``physical/`` under the prefix) are touched, and an upload counts as stale by its
+        last uploaded part, not its start: a base backup may upload for longer than the
+        grace period. S3 does not say whether a writer still lives, so the grace period must
+        be longer than the longest pause between two parts.
         """
         return self._abort_stale_uploads(older_than)
 
     def list_stale_writes(self, older_than: timedelta) -> tuple[str, ...]:
         """The incomplete uploads `sweep_stale_writes` would abort now; nothing is aborted."""
         return self._abort_stale_uploads(older_than, abort=False)
+
+    def write_activity(self, folders: Collection[str]) -> dict[str, datetime]:
+        """The last part uploaded (or the start) of the multipart uploads into ``folders``."""
+        wanted = set(folders)
+        if not wanted:
+            return {}
+        active: dict[str, datetime] = {}
+        for upload in self._call("list incomplete uploads in", None, self._own_uploads):
+            folder = upload.key.rpartition("/")[0]
+            if folder in wanted:
+                last = self._call("list the parts of an upload in", upload.key,
+                                  functools.partial(self._last_progress, upload))
+                active[folder] = max(last, active.get(folder, last))
+        return active
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """Delete objects with DeleteObjects, up to 1000 keys per request.
@@ -480,43 +501,77 @@ class S3ObjectStorage(Storage):
                     "deleted): check the bucket's permissions"
                 )
 
+    def _own_uploads(self) -> builtins.list[_Upload]:
+        """The incomplete multipart uploads of keys pgbackflow writes, below the prefix."""
+        root = f"{self.prefix}/" if self.prefix else ""
+        uploads: list[_Upload] = []
+        paginator = self._client.get_paginator("list_multipart_uploads")
+        for top in BACKUP_ROOTS:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{root}{top}/"):
+                for upload in page.get("Uploads", []):
+                    full_key = upload["Key"]
+                    key = full_key[len(root):]
+                    if is_valid_key(key):  # a planted name is never printed or touched
+                        uploads.append(_Upload(key, full_key, upload["UploadId"],
+                                               upload["Initiated"].astimezone(UTC)))
+        return uploads
+
+    def _last_progress(self, upload: _Upload) -> datetime:
+        """When ``upload`` last moved: its newest part, or its start without parts."""
+        last = upload.initiated
+        paginator = self._client.get_paginator("list_parts")
+        pages = paginator.paginate(Bucket=self.bucket, Key=upload.full_key,
+                                   UploadId=upload.upload_id)
+        try:
+            for page in pages:
+                for part in page.get("Parts", []):
+                    last = max(last, part["LastModified"].astimezone(UTC))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                raise
+            return datetime.now(UTC)  # finished or aborted meanwhile: not stale
+        return last
+
     def _abort_stale_uploads(
         self, older_than: timedelta, *, abort: bool = True
     ) -> tuple[str, ...]:
-        root = f"{self.prefix}/" if self.prefix else ""
         cutoff = datetime.now(UTC) - older_than
-
-        def stale() -> list[tuple[str, str, datetime]]:
-            uploads: list[tuple[str, str, datetime]] = []
-            paginator = self._client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=root):
-                for upload in page.get("Uploads", []):
-                    started = upload["Initiated"].astimezone(UTC)
-                    if started <= cutoff:
-                        uploads.append((upload["Key"], upload["UploadId"], started))
-            return uploads
-
-        aborted: tuple[str, ...] = ()
-        for full_key, upload_id, started in self._call("list incomplete uploads in", None, stale):
-            if not abort:
-                aborted += (f"s3://{self.bucket}/{full_key} (incomplete upload started "
-                            f"{started:%Y-%m-%d %H:%M:%S} UTC)",)
+        stale: list[tuple[_Upload, datetime]] = []
+        for upload in self._call("list incomplete uploads in", None, self._own_uploads):
+            if upload.initiated > cutoff:
                 continue
-            try:
-                self._client.abort_multipart_upload(
-                    Bucket=self.bucket, Key=full_key, UploadId=upload_id
-                )
-            except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
-                    continue  # finished or aborted meanwhile
-                raise self._error(exc, "abort incomplete upload in", None) from exc
-            except (BotoCoreError, OSError) as exc:
-                raise self._error(exc, "abort incomplete upload in", None) from exc
-            aborted += (
-                f"s3://{self.bucket}/{full_key} (incomplete upload started "
-                f"{started:%Y-%m-%d %H:%M:%S} UTC)",
-            )
+            last = self._call("list the parts of an upload in", upload.key,
+                              functools.partial(self._last_progress, upload))
+            if last <= cutoff:
+                stale.append((upload, last))
+        aborted: tuple[str, ...] = ()
+        for upload, last in stale:
+            line = (f"s3://{self.bucket}/{upload.full_key} (incomplete upload started "
+                    f"{upload.initiated:%Y-%m-%d %H:%M:%S} UTC, last part "
+                    f"{last:%Y-%m-%d %H:%M:%S} UTC)")
+            if abort:
+                try:
+                    self._client.abort_multipart_upload(
+                        Bucket=self.bucket, Key=upload.full_key, UploadId=upload.upload_id
+                    )
+                except ClientError as exc:
+                    if exc.response.get("Error", {}).get("Code") == "NoSuchUpload":
+                        continue  # finished or aborted meanwhile
+                    raise self._error(exc, "abort incomplete upload in", None) from exc
+                except (BotoCoreError, OSError) as exc:
+                    raise self._error(exc, "abort incomplete upload in", None) from exc
+            aborted += (line,)
         return aborted
+
+
+@dataclass(frozen=True, slots=True)
+class _Upload:
+    """An incomplete multipart upload: its key below the storage's prefix and in the bucket."""
+
+    key: str
+    full_key: str
+    upload_id: str
+    initiated: datetime
 
 
 class _S3Writer(ObjectWriter):
