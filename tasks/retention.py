@@ -8,6 +8,9 @@ keeps it. Then the safety rules, which no policy overrides, add to what is kept:
   its objects missing, and for an incremental an unbroken chain of such backups to its full
   (:func:`incomplete`); the rules count only complete backups too (see :func:`decide`);
 - nothing that finished less than :data:`MIN_AGE` (1 hour) ago is deleted;
+- a finish time is the backup host's clock; one later than the storage's receipt of the
+  manifest counts as that receipt (:func:`counted_finish`: a clock that ran ahead must not
+  keep a backup "the newest" for ever);
 - every full and incremental a kept incremental builds on is kept;
 - WAL: every segment from the start LSN of the oldest kept physical backup on is kept
   (each kept backup's window runs from its start LSN to the next kept backup, and for the
@@ -69,6 +72,9 @@ MIN_AGE = timedelta(hours=1)
 """Nothing younger than this is deleted, whatever the policy."""
 BATCH = 500
 """Backups deleted per journal (and per batch of manifest deletions)."""
+CLOCK_TOLERANCE = timedelta(minutes=5)
+"""How far a manifest's finish time may be after the storage received it (clocks differ
+a little between hosts) before retention counts the receipt instead (`counted_finish`)."""
 
 logger = logging.getLogger("pgbackflow.retention")
 
@@ -550,6 +556,26 @@ def incomplete(entry: DatabaseCatalog) -> dict[str, str]:
     return problems
 
 
+def counted_finish(backup: Backup) -> tuple[datetime, str | None]:
+    """When ``backup`` finished as the rules and the safety rules count it, and a note
+    when that is not its manifest's ``finished_at``.
+
+    The finish time comes from the clock of the host that made the backup. A backup never
+    finishes after the storage received its manifest: when its finish time is later than
+    that (by more than `CLOCK_TOLERANCE`), that host's clock ran ahead, and the receipt
+    counts. Otherwise the backup would stay "the newest" for as long as its stamp lies in
+    the future, and keep-last or GFS would delete the backups really made after it. (A
+    clock that ran behind cannot be told from a storage copied later, so it is not
+    corrected: such a backup counts as older than it is.)
+    """
+    stored = next((o.modified for o in backup.objects if o.key == backup.manifest_key), None)
+    if stored is None or backup.finished_at <= stored + CLOCK_TOLERANCE:
+        return backup.finished_at, None
+    return stored, (f"its manifest says it finished {backup.finished_at:%Y-%m-%d %H:%M} UTC, "
+                    f"after the storage received it at {stored:%Y-%m-%d %H:%M} UTC: the "
+                    "backup host's clock ran ahead, so it counts as finished then")
+
+
 def decide(
     entry: DatabaseCatalog,
     policy: Policy,
@@ -569,9 +595,11 @@ def decide(
     """
     verified_ids = set(verified)
     broken = incomplete(entry)
-    newest_first = list(reversed(entry.backups))
+    counted = {b.backup_id: counted_finish(b) for b in entry.backups}
+    newest_first = sorted(entry.backups, key=lambda b: (counted[b.backup_id][0], b.backup_id),
+                          reverse=True)
     complete_first = [b for b in newest_first if b.backup_id not in broken]
-    candidates = [Candidate(b.backup_id, b.finished_at, b.backup_id in verified_ids)
+    candidates = [Candidate(b.backup_id, counted[b.backup_id][0], b.backup_id in verified_ids)
                   for b in complete_first]
     reasons: dict[str, list[str]] = {b.backup_id: [] for b in entry.backups}
     if not policy.rules:
@@ -599,7 +627,7 @@ def decide(
             reasons[backup.backup_id].append(
                 f"it builds on {blocked}, whose manifest is refused and left alone (safety)")
     for backup in entry.backups:
-        if backup.finished_at > now - min_age:
+        if counted[backup.backup_id][0] > now - min_age:
             reasons[backup.backup_id].append(
                 f"younger than {format_period(min_age)} (safety)")
     # Chains: every backup a kept incremental builds on stays (newest first, so a parent
@@ -614,14 +642,16 @@ def decide(
     unkept = f"no rule keeps it ({policy.describe()})"  # once: 14,000 backups took 0.4 s
     for backup in entry.backups:
         kept = reasons[backup.backup_id]
+        clock = counted[backup.backup_id][1]
+        noted = (clock,) if clock else ()
         if kept:
-            decisions.append(BackupDecision(backup, True, tuple(kept)))
+            decisions.append(BackupDecision(backup, True, (*kept, *noted)))
         elif backup.backup_id in broken:
             decisions.append(BackupDecision(backup, False, (
                 f"incomplete, it cannot be restored: {broken[backup.backup_id]} (rules count "
-                "only complete backups)",)))
+                "only complete backups)", *noted)))
         else:
-            decisions.append(BackupDecision(backup, False, (unkept,)))
+            decisions.append(BackupDecision(backup, False, (unkept, *noted)))
     return tuple(decisions)
 
 
@@ -785,22 +815,29 @@ class RetentionLock:
     def _stale(self, body: dict[str, Any]) -> bool:
         """Lapsed: by the storage's own write time plus the lease, whatever the lock says
         (a forged ``expires_at`` far ahead blocks no longer than a real lock), or earlier
-        when its ``expires_at`` says so; or its owner ran here and its process is gone."""
+        when its ``expires_at`` says so; or its owner ran here and its process is gone.
+
+        A lock that looks lapsed by this host's clock is checked again by the storage's
+        clock (`Storage.clock`), which stamps the holder's renewals: a host whose clock
+        runs ahead must not take over a live lock."""
+        pid = body.get("pid")
+        if body.get("boot") == BOOT_TAG and isinstance(pid, int) and not pid_alive(pid):
+            return True
         try:
             written = self.storage.stat(LOCK_KEY).modified
         except ObjectNotFoundError:
             return True
-        now = datetime.now(UTC)
-        if written + self.lease < now:
-            return True
         try:
-            expires = datetime.fromisoformat(str(body["expires_at"]))
-            if expires.tzinfo is None or expires < now:
-                return True
+            expires: datetime | None = datetime.fromisoformat(str(body["expires_at"]))
         except (KeyError, ValueError):
-            return False  # unreadable: judged by its age alone
-        pid = body.get("pid")
-        return body.get("boot") == BOOT_TAG and isinstance(pid, int) and not pid_alive(pid)
+            expires = None  # unreadable: judged by its age alone
+        if expires is not None and expires.tzinfo is None:
+            return True
+
+        def lapsed(now: datetime) -> bool:
+            return written + self.lease < now or (expires is not None and expires < now)
+
+        return lapsed(datetime.now(UTC)) and lapsed(self.storage.clock())
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RetentionBusyError` naming its holder."""

@@ -120,7 +120,10 @@ def logical_id(moment: datetime, serial: int) -> str:
     return f"{moment:%Y%m%dT%H%M%SZ}-{serial % 0xFFFFFF:06x}"
 
 
-def write_logical(writer: Writer, moment: datetime, serial: int, db_id: str = DB) -> str:
+def write_logical(writer: Writer, moment: datetime, serial: int, db_id: str = DB,
+                  stored: datetime | None = None) -> str:
+    """A logical backup that finished at ``moment`` by its host's clock, its manifest
+    stored at ``stored`` (default: then too)."""
     backup_id = logical_id(moment, serial)
     prefix = backup_prefix(db_id, backup_id)
     manifest = LogicalManifest(
@@ -137,7 +140,8 @@ def write_logical(writer: Writer, moment: datetime, serial: int, db_id: str = DB
     )
     binding = logical_binding(db_id, backup_id)
     writer.put(binding.storage_key,
-               sealed(manifest.model_dump(mode="json", by_alias=True), binding), moment)
+               sealed(manifest.model_dump(mode="json", by_alias=True), binding),
+               stored or moment)
     return backup_id
 
 
@@ -350,11 +354,14 @@ def check_plan_and_execution(storage: Storage, data: Synthetic, real_clock: bool
 def test_safety_rules_beat_every_policy(storage: Storage) -> None:
     """keep-last 1 on a chain: the incremental's parents, young backups and the newest stay;
     WAL from the oldest kept start stays; history files stay."""
-    # Planned two hours ahead: WAL uploaded now to S3 is then old enough to go.
-    now = datetime.now(UTC) + timedelta(hours=2)
+    # Planned two hours ahead: WAL uploaded now to S3 is then old enough to go. (The
+    # young backup is young now: a finish time after its manifest reached the storage
+    # counts as that receipt, see test_a_backup_stamped_in_the_future_...)
+    real_now = datetime.now(UTC)
+    now = real_now + timedelta(hours=2)
     writer = Writer(storage)
     times = [now - timedelta(days=3), now - timedelta(days=2), now - timedelta(days=1),
-             now - timedelta(minutes=20)]
+             real_now - timedelta(minutes=20)]
     ids: list[str] = []
     for i, moment in enumerate(times[:3]):
         ids.append(write_physical(writer, moment, i, 10 * (i + 1),
@@ -372,7 +379,10 @@ def test_safety_rules_beat_every_policy(storage: Storage) -> None:
     assert "builds on it" in physical[ids[1]].why
     logical = {d.backup.backup_id: d for d in by_db[DB].decisions}
     assert logical[young_logical].keep and not logical[old_logical].keep
-    assert "younger than" in logical[young_logical].why
+    young_plan = plan_retention(catalog, lambda _db: Policy((KeepLast(1),)), now=real_now,
+                                grace=GRACE)
+    young = {d.backup.backup_id: d for p in young_plan.databases for d in p.decisions}
+    assert "younger than" in young[young_logical].why
     assert {w.number for w in by_db[CLUSTER].wal_delete} == set(range(5, 20))
 
     execute_plan(storage, plan, KEY)
@@ -797,6 +807,37 @@ def test_orphans_on_s3_age_with_their_folder_and_its_uploads(s3_bucket: S3Bucket
     assert not storage.exists(base), shown
 
 
+def test_a_backup_stamped_in_the_future_does_not_stay_the_newest(tmp_path: Path) -> None:
+    """A host whose clock ran 30 days ahead stamped its backup a month into the future.
+    Counted by that stamp it would be "the newest" for a month, and keep-last 1 would
+    delete every backup really made after it. It counts as finished when the storage
+    received its manifest, and the plan says so."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime.now(UTC)
+    old = write_logical(writer, now - timedelta(days=3), 1)
+    ahead = write_logical(writer, now + timedelta(days=30), 2,
+                          stored=now - timedelta(hours=26))
+    newest = write_logical(writer, now - timedelta(hours=2), 3)
+    plan = plan_retention(read_catalog(storage, RING), {DB: Policy((KeepLast(1),))},
+                          now=now, grace=GRACE)
+    decisions = {d.backup.backup_id: d for d in plan.databases[0].decisions}
+    assert [i for i, d in decisions.items() if d.keep] == [newest], plan.render()
+    assert "the backup host's clock ran ahead" in decisions[ahead].why
+    assert "clock" not in decisions[old].why and "clock" not in decisions[newest].why
+
+    # A few minutes ahead is ordinary drift between hosts: the manifest's stamp counts.
+    storage2 = LocalFolderStorage(tmp_path / "store2")
+    writer2 = Writer(storage2)
+    drift = write_logical(writer2, now - timedelta(hours=3) + timedelta(minutes=4), 4,
+                          stored=now - timedelta(hours=3))
+    other = write_logical(writer2, now - timedelta(hours=3) + timedelta(minutes=2), 5)
+    plan2 = plan_retention(read_catalog(storage2, RING), {DB: Policy((KeepLast(1),))},
+                           now=now, grace=GRACE)
+    kept2 = [d.backup.backup_id for d in plan2.databases[0].decisions if d.keep]
+    assert kept2 == [drift] and other != drift
+
+
 def test_orphans_on_s3_wait_for_the_grace_period(s3_bucket: S3Bucket) -> None:
     storage = S3ObjectStorage(s3_bucket.bucket, "pg", endpoint_url=s3_bucket.endpoint_url,
                               region=s3_bucket.region)
@@ -970,6 +1011,38 @@ RetentionLock(storage, "a maintenance run").acquire()
 print("locked", flush=True)
 time.sleep(600)
 """
+
+
+def test_a_host_whose_clock_runs_ahead_does_not_take_over_a_live_lock(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By its own clock, 15 minutes ahead, a live lock (renewed a moment ago, lease 10
+    minutes) looks lapsed; by the storage's clock, which stamps the renewals, it is not."""
+    import pgbackflow.tasks.retention as retention
+
+    holder = RetentionLock(storage, "maintenance run elsewhere")
+    holder.acquire()
+    try:
+        class Ahead(datetime):
+            @classmethod
+            def now(cls, tz: Any = None) -> Any:
+                return datetime.now(tz) + timedelta(minutes=15)
+
+        monkeypatch.setattr(retention, "datetime", Ahead)
+        with pytest.raises(RetentionBusyError, match="is busy: another retention run"):
+            RetentionLock(storage, "a run on a host ahead").acquire()
+        holder.check()  # still the holder's
+    finally:
+        holder.release()
+    assert not storage.exists(LOCK_KEY)
+    # A lock that lapsed by both clocks is taken over all the same.
+    storage.write_bytes(LOCK_KEY, json.dumps({
+        "owner": "killed elsewhere", "host": "db-backup-2", "boot": "otherboot", "pid": 1,
+        "token": "0123", "expires_at": (datetime.now(UTC) - timedelta(seconds=1)).isoformat(),
+    }).encode())
+    taker = RetentionLock(storage, "a run on a host ahead")
+    taker.acquire()
+    taker.release()
 
 
 def test_one_deleting_run_per_storage(

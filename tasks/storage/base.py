@@ -353,6 +353,15 @@ class Storage(ABC):
         """Raise when writing here can never work (a missing bucket); nothing is written."""
         self.check_exists()
 
+    def clock(self) -> datetime:
+        """The storage's current time: the modification time it gives a probe object
+        written now (then deleted). The times it lists objects with are on this clock,
+        which the clocks of the hosts that use the storage may not agree with."""
+        key = f"{_PROBE_PREFIX}{secrets.token_hex(8)}"
+        written = self.write_bytes(key, b"pgbackflow clock probe\n")
+        self.delete(key)
+        return written.modified
+
     def check_writable(self) -> None:
         """Write, read back and delete a small probe object.
 
