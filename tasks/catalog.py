@@ -65,6 +65,7 @@ from pgbackflow.tasks.physical import (
     physical_binding,
 )
 from pgbackflow.tasks.storage import LocalFolderStorage, ObjectWriter, Storage, StoredObject
+from pgbackflow.tasks.storage.base import WriteActivity
 from pgbackflow.tasks.wal import (
     DEFAULT_SEGMENT_SIZE,
     OBJECT_SUFFIX,
@@ -1028,6 +1029,10 @@ def read_catalog(
         if kind in kinds
     ]
     cache = ManifestCache.for_storage(storage)
+    # The writes in progress, before the listing: an upload that completes meanwhile is
+    # then either still in progress here or listed there. Only retention (``grace``) ages
+    # orphans; restore and list need no permission to list uploads.
+    writing = storage.write_activity(prefixes) if grace is not None else WriteActivity()
 
     def group(prefix: str) -> tuple[dict[tuple[Kind, str], _Db], list[StoredObject]]:
         # Page by page: the WAL is packed as it comes, never held as a listing.
@@ -1106,12 +1111,8 @@ def read_catalog(
             cache.prune(m[3] for m in manifests_listed)
     if summaries is not None:
         summaries.save(prefixes)
-    unsealed = [items[0].key.rpartition("/")[0] for entry in dbs.values()
-                for items in entry.folders.values()
-                if not any(o.key.rsplit("/", 1)[1] == MANIFEST_NAME for o in items)]
-    activity = storage.write_activity(unsealed) if unsealed else {}
     databases = [
-        _database(storage, keyring, entry, records, activity)
+        _database(storage, keyring, entry, records, writing)
         for _, entry in sorted(dbs.items(), key=lambda kv: (kv[0][0] != "logical", kv[0][1]))
     ]
     stray = tuple(Orphan(o.key, o.size, o.modified, "not inside a database folder")
@@ -1168,7 +1169,7 @@ def _database(
     keyring: Keyring | None,
     entry: _Db,
     records: dict[tuple[Kind, str, str], _Found | None],
-    activity: dict[str, datetime],
+    writing: WriteActivity,
 ) -> DatabaseCatalog:
     kind, db_id = entry.kind, entry.db_id
     backups: list[Backup] = []
@@ -1204,7 +1205,7 @@ def _database(
                                unfinished_deletion=True) for o in items]
         else:
             folder = items[0].key.rpartition("/")[0]
-            last = max([o.modified for o in items] + [activity.get(folder, _EPOCH)])
+            last = max([o.modified for o in items] + [writing.last(folder) or _EPOCH])
             orphans += [Orphan(o.key, o.size, o.modified,
                                f"backup folder {backup_id} has no manifest (a backup that "
                                "failed, was killed, or is still running)",

@@ -110,9 +110,10 @@ def unwind(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def unwound_by() -> int | None:
-    """The last signal `unwind` handled in this process, if any."""
-    return _unwound_by[-1] if _unwound_by else None
+def unwound_by() -> frozenset[int]:
+    """The signals `unwind` handled in this process (a stop, then Ctrl-C during the
+    clean-up, is still a stop)."""
+    return frozenset(_unwound_by)
 
 
 @contextmanager

@@ -813,13 +813,17 @@ class RetentionLock:
         return body if isinstance(body, dict) else {}
 
     def _stale(self, body: dict[str, Any]) -> bool:
-        """Lapsed: by the storage's own write time plus the lease, whatever the lock says
-        (a forged ``expires_at`` far ahead blocks no longer than a real lock), or earlier
-        when its ``expires_at`` says so; or its owner ran here and its process is gone.
+        """Lapsed: its owner ran on this machine and its process is gone, or its lease ran
+        out by the storage's clock.
 
-        A lock that looks lapsed by this host's clock is checked again by the storage's
-        clock (`Storage.clock`), which stamps the holder's renewals: a host whose clock
-        runs ahead must not take over a live lock."""
+        The lease runs from the storage's write time of the lock (`StoredObject.modified`,
+        which every renewal moves), for as long as the lock says (``expires_at`` minus
+        ``renewed_at``, both on its holder's clock, so their difference is sound whatever
+        that clock says) but never longer than this run's own lease: a forged lock "valid
+        for decades" blocks no longer than a real one. The storage's clock decides, so
+        neither a taker whose clock runs ahead nor a holder whose clock runs behind ends a
+        live lock; a lock that looks lapsed by this host's clock is checked by the
+        storage's (`Storage.clock`, a probe object)."""
         pid = body.get("pid")
         if body.get("boot") == BOOT_TAG and isinstance(pid, int) and not pid_alive(pid):
             return True
@@ -827,17 +831,16 @@ class RetentionLock:
             written = self.storage.stat(LOCK_KEY).modified
         except ObjectNotFoundError:
             return True
+        lease = self.lease
         try:
-            expires: datetime | None = datetime.fromisoformat(str(body["expires_at"]))
-        except (KeyError, ValueError):
-            expires = None  # unreadable: judged by its age alone
-        if expires is not None and expires.tzinfo is None:
-            return True
-
-        def lapsed(now: datetime) -> bool:
-            return written + self.lease < now or (expires is not None and expires < now)
-
-        return lapsed(datetime.now(UTC)) and lapsed(self.storage.clock())
+            declared = (datetime.fromisoformat(str(body["expires_at"]))
+                        - datetime.fromisoformat(str(body["renewed_at"])))
+            lease = min(lease, max(declared, timedelta(0)))
+        except (KeyError, TypeError, ValueError):
+            pass  # unreadable: this run's lease
+        if written + lease >= datetime.now(UTC):
+            return False
+        return written + lease < self.storage.clock()
 
     def acquire(self) -> None:
         """Take the lock, or raise :class:`RetentionBusyError` naming its holder."""

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from pgbackflow.tasks.catalog import load_manifest, read_catalog, seal_journal
+from pgbackflow.tasks.errors import StorageError
 from pgbackflow.tasks.keys import Keyring, MasterKey, write_key_file
 from pgbackflow.tasks.manifest import (
     MAC_SCHEME,
@@ -768,6 +769,27 @@ def test_a_backup_folder_still_written_to_keeps_its_older_objects(
     assert not elsewhere.exists()
 
 
+def test_only_retention_asks_for_writes_in_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listing uploads in progress needs S3 permissions a restore role may lack: restore,
+    verification and list (catalogs without a grace period) never ask; retention does."""
+    storage = LocalFolderStorage(tmp_path / "store")
+    writer = Writer(storage)
+    now = datetime.now(UTC)
+    kept = write_logical(writer, now - timedelta(days=1), 1)
+    writer.put(f"logical/{DB}/{logical_id(now, 2)}/dump.pgbf", b"partial", now)
+
+    def denied(self: Storage, prefixes: Any) -> Any:
+        raise StorageError("S3 denied access while trying to list incomplete uploads")
+
+    monkeypatch.setattr(LocalFolderStorage, "write_activity", denied)
+    catalog = read_catalog(storage, RING)
+    assert [b.backup_id for b in catalog.databases[0].backups] == [kept]
+    with pytest.raises(StorageError, match="denied access"):
+        read_catalog(storage, RING, grace=GRACE)
+
+
 def _age_path(path: Path, age: timedelta) -> None:
     stamp = (datetime.now(UTC) - age).timestamp()
     os.utime(path, (stamp, stamp))
@@ -779,8 +801,8 @@ def test_orphans_on_s3_age_with_their_folder_and_its_uploads(s3_bucket: S3Bucket
     folder = f"physical/{CLUSTER}/base/{logical_id(datetime.now(UTC), 6)}"
     base = f"{folder}/base.tar.pgbf"
     storage.write_bytes(base, b"the data directory")
-    grace = timedelta(seconds=3)
-    time.sleep(3.2)
+    grace = timedelta(seconds=5)  # the part must still be younger when retention looks
+    time.sleep(5.2)
     # A tablespace's tar uploading: its parts are the folder's activity.
     upload = storage.open_write(f"{folder}/tablespace-16390.tar.pgbf", size_hint=64 * 2**20)
     try:
@@ -801,7 +823,7 @@ def test_orphans_on_s3_age_with_their_folder_and_its_uploads(s3_bucket: S3Bucket
         assert any(f"wait   orphan {base}" in line for line in shown), shown
     finally:
         upload.abort()
-    time.sleep(3.2)
+    time.sleep(5.2)
     shown = []
     run_retention(storage, RING, {}, grace=grace, show=shown.append)
     assert not storage.exists(base), shown
@@ -1035,14 +1057,27 @@ def test_a_host_whose_clock_runs_ahead_does_not_take_over_a_live_lock(
     finally:
         holder.release()
     assert not storage.exists(LOCK_KEY)
-    # A lock that lapsed by both clocks is taken over all the same.
-    storage.write_bytes(LOCK_KEY, json.dumps({
-        "owner": "killed elsewhere", "host": "db-backup-2", "boot": "otherboot", "pid": 1,
-        "token": "0123", "expires_at": (datetime.now(UTC) - timedelta(seconds=1)).isoformat(),
-    }).encode())
-    taker = RetentionLock(storage, "a run on a host ahead")
+
+    def foreign(renewed: datetime, lease: timedelta) -> None:
+        storage.write_bytes(LOCK_KEY, json.dumps({
+            "owner": "maintenance run elsewhere", "host": "db-backup-2", "boot": "otherboot",
+            "pid": 1, "token": "0123", "renewed_at": renewed.isoformat(),
+            "expires_at": (renewed + lease).isoformat()}).encode())
+
+    # A live lock of a holder whose clock runs 15 minutes behind: its 10-minute lease
+    # "expired" 5 minutes ago by every clock but its own; the storage renewed it just now.
+    monkeypatch.undo()
+    behind = datetime.now(UTC) - timedelta(minutes=15)
+    foreign(behind, timedelta(minutes=10))
+    with pytest.raises(RetentionBusyError, match="on host db-backup-2"):
+        RetentionLock(storage, "a run with the right time").acquire()
+    # A lock whose (1-second) lease lapsed by the storage's clock is taken over.
+    foreign(behind, timedelta(seconds=1))
+    time.sleep(2.1)  # S3 upload times have a one-second resolution
+    taker = RetentionLock(storage, "a run with the right time")
     taker.acquire()
     taker.release()
+    assert not storage.exists(LOCK_KEY)
 
 
 def test_one_deleting_run_per_storage(
@@ -1084,17 +1119,19 @@ def test_one_deleting_run_per_storage(
     assert [b.backup_id for b in read_catalog(storage, RING).databases[0].backups] == ids[-1:]
     assert not storage.exists(LOCK_KEY), "a finished run leaves its lock behind"
 
-    # Another host's lock: busy while its lease runs, taken over once it lapsed.
-    def foreign(expires: datetime) -> None:
+    # Another host's lock: busy while its lease runs, taken over once it lapsed (its
+    # lease, as long as the lock says, runs from the storage's write time).
+    def foreign(expires: datetime, lease: timedelta = timedelta(minutes=10)) -> None:
         storage.write_bytes(LOCK_KEY, json.dumps({
             "owner": "maintenance run elsewhere", "host": "db-backup-2", "boot": "otherboot",
-            "pid": 1, "token": "0123", "renewed_at": now.isoformat(),
+            "pid": 1, "token": "0123", "renewed_at": (expires - lease).isoformat(),
             "expires_at": expires.isoformat()}).encode())
 
     foreign(datetime.now(UTC) + timedelta(minutes=5))
     busy = run_cli("--from", source, key_file=key_file, env=env)
     assert busy.returncode == 1 and "on host db-backup-2, pid 1" in busy.stderr, busy.stderr
-    foreign(datetime.now(UTC) - timedelta(seconds=1))
+    foreign(datetime.now(UTC), timedelta(seconds=1))
+    time.sleep(2.1)  # S3 upload times have a one-second resolution
     lapsed = run_cli("--from", source, key_file=key_file, env=env)
     assert lapsed.returncode == 0, lapsed.stderr
     assert not storage.exists(LOCK_KEY)

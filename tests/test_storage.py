@@ -519,8 +519,12 @@ def test_s3_sweep_spares_progressing_uploads_and_other_tools_uploads(
 
     listed = storage.list_stale_writes(timedelta(hours=1))
     assert [line.split(" ")[0] for line in listed] == [f"s3://{bucket}/logical/db/b1/dump.pgbf"]
-    assert storage.write_activity(["physical/c/base/b2", "logical/db/b1", "other-tool"]).keys() \
-        == {"physical/c/base/b2", "logical/db/b1"}
+    activity = storage.write_activity(["physical/", "logical/", "other-tool/", ""])
+    assert activity.progress.keys() == {"physical/c/base/b2", "logical/db/b1"}
+    assert activity.last("physical/c/base/b2") == max(
+        p["LastModified"] for p in client.list_parts(
+            Bucket=bucket, Key="physical/c/base/b2/base.tar.pgbf",
+            UploadId=moving["UploadId"])["Parts"])
     assert storage.sweep_incomplete_uploads(timedelta(hours=1)) == 1
     left = {u["UploadId"] for u in client.list_multipart_uploads(Bucket=bucket)["Uploads"]}
     assert left == {foreign["UploadId"], planted["UploadId"], moving["UploadId"]}

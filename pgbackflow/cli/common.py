@@ -100,7 +100,7 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
         except KeyboardInterrupt:
             from pgbackflow.tasks.process import unwound_by
 
-            if unwound_by() == signal.SIGTERM:
+            if signal.SIGTERM in unwound_by():
                 err.print("terminated")
                 _die_of(signal.SIGTERM)
             err.print("interrupted")

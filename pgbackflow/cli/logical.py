@@ -161,7 +161,7 @@ def verify(
     except CancelledRun as canceled:
         from pgbackflow.tasks.process import unwound_by
 
-        if unwound_by() is not None:  # Ctrl-C or a stop: end as every command does then
+        if unwound_by():  # Ctrl-C or a stop: end as every command does then
             raise KeyboardInterrupt from None
         raise PgBackflowError(f"verification canceled: {canceled}") from None
     render.verification_report(report, as_json)

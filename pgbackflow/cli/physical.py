@@ -134,6 +134,12 @@ def pitr(
     parse_target_time(target_time or "latest")
     if to_dir is not None:
         check_target_dir(to_dir)
+        parent = to_dir.absolute().parent
+        if not to_dir.exists() and not parent.exists():
+            # As `backup --to`: a typo is an error, not a new tree of folders.
+            raise PgBackflowError(
+                f"--to-dir {to_dir} does not exist, nor does its parent {parent}: check the "
+                "path (for a new tree, create the parent first); nothing was written")
     storage = storage_block(source, f"--from {source}")
     storage.open().check_exists()  # a mistyped path is not "no backups"
     key_path = key_file_or_default(key_file)

@@ -23,7 +23,7 @@ import logging
 import re
 import secrets
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import TracebackType
@@ -50,6 +50,26 @@ _PROBE_PREFIX = ".pgbackflow-probe-"
 #: lone surrogates a file name that is not UTF-8 decodes to (its raw bytes may be controls,
 #: and printing one fails where output is strict UTF-8).
 _CONTROL = re.compile("[\x01-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+@dataclass(frozen=True)
+class WriteActivity:
+    """Writes in progress as a storage saw them at one moment (`Storage.write_activity`).
+
+    Attributes:
+        progress: When the writes into each folder last made progress (UTC), by the
+            folder's name in ``label``.
+        label: How ``progress`` names a folder key (the key itself, or a local
+            temporary's folder tag).
+    """
+
+    progress: Mapping[str, datetime] = field(default_factory=dict)
+    label: Callable[[str], str] = str
+
+    def last(self, folder: str) -> datetime | None:
+        """When writes into ``folder`` (a key without a trailing '/') last made progress,
+        or None when none was in progress."""
+        return self.progress.get(self.label(folder))
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,21 +350,17 @@ class Storage(ABC):
         """What `sweep_stale_writes` would remove now; nothing is removed."""
         return ()
 
-    def write_activity(self, folders: Collection[str]) -> dict[str, datetime]:
-        """When writes still in progress into each of ``folders`` last made progress.
+    def write_activity(self, prefixes: Sequence[str]) -> WriteActivity:
+        """The writes in progress into folders below ``prefixes``, as seen now.
 
         A backup folder without a manifest is either left behind or still being written;
         its objects must not age while a writer is still adding to it (a physical backup
         with tablespaces uploads one tar after the other for hours).
 
         Args:
-            folders: Folder keys (no trailing '/'), e.g. ``logical/db1/<backup id>``.
-
-        Returns:
-            The folders with a write in progress the storage can see, each with the time of
-            its last progress (UTC); a folder without one is left out.
+            prefixes: Key prefixes such as ``logical/`` or ``physical/db1/base/``.
         """
-        return {}
+        return WriteActivity()
 
     def check_exists(self) -> None:  # noqa: B027 - a storage without a root has nothing to check
         """Raise ObjectNotFoundError when the storage itself (folder, bucket) is missing."""
@@ -358,9 +374,14 @@ class Storage(ABC):
         written now (then deleted). The times it lists objects with are on this clock,
         which the clocks of the hosts that use the storage may not agree with."""
         key = f"{_PROBE_PREFIX}{secrets.token_hex(8)}"
-        written = self.write_bytes(key, b"pgbackflow clock probe\n")
-        self.delete(key)
-        return written.modified
+        try:
+            return self.write_bytes(key, b"pgbackflow clock probe\n").modified
+        finally:
+            try:
+                self.delete(key)
+            except StorageError as exc:  # a stray probe is swept as an orphan later
+                log.warning("could not delete the clock probe %s of %s: %s", key,
+                            self.location, exc)
 
     def check_writable(self) -> None:
         """Write, read back and delete a small probe object.

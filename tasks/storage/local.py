@@ -11,7 +11,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +25,7 @@ from pgbackflow.tasks.storage.base import (
     ObjectWriter,
     Storage,
     StoredObject,
+    WriteActivity,
     _check_prefix,
     check_key,
     is_valid_key,
@@ -365,19 +366,16 @@ class LocalFolderStorage(Storage):
         """The temporaries `sweep_stale_writes` would remove now; nothing is removed."""
         return self._sweep(older_than, dead_writers=True, remove=False)
 
-    def write_activity(self, folders: Collection[str]) -> dict[str, datetime]:
-        """The temporaries written into ``folders``: their last write, or now while their
-        writer on this machine lives (a dump may wait on a lock without writing)."""
-        tags = {_folder_tag(folder): folder for folder in folders}
-        if not tags:
-            return {}
+    def write_activity(self, prefixes: Sequence[str]) -> WriteActivity:
+        """The temporaries being written, by their folder's tag: their last write, or now
+        while their writer on this machine lives (a dump may wait on a lock without
+        writing). A temporary's name says its folder, not the prefix: all are returned."""
         active: dict[str, datetime] = {}
         try:
             with self._folders([INCOMPLETE_DIR]) as fds, os.scandir(fds[-1]) as scan:
                 for entry in scan:
                     match = _TEMP_NAME.fullmatch(entry.name)
-                    folder = tags.get(match["folder"] or "") if match else None
-                    if match is None or folder is None:
+                    if match is None or match["folder"] is None:
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         info = entry.stat(follow_symlinks=False)
@@ -385,12 +383,13 @@ class LocalFolderStorage(Storage):
                         if not stat.S_ISREG(info.st_mode) or writer == "gone":
                             continue
                         last = datetime.now(UTC) if writer == "alive" else _utc(info.st_mtime)
-                        active[folder] = max(last, active.get(folder, last))
+                        tag = match["folder"]
+                        active[tag] = max(last, active.get(tag, last))
         except (FileNotFoundError, NotADirectoryError):
-            return {}
+            return WriteActivity()
         except OSError as exc:
             raise self._not_writable(exc) from exc
-        return active
+        return WriteActivity(active, _folder_tag)
 
     def _sweep(
         self, older_than: timedelta, *, dead_writers: bool, remove: bool = True

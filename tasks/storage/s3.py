@@ -8,7 +8,7 @@ import functools
 import io
 import math
 import re
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -44,6 +44,7 @@ from pgbackflow.tasks.storage.base import (
     ObjectWriter,
     Storage,
     StoredObject,
+    WriteActivity,
     _check_prefix,
     _one_line,
     check_key,
@@ -53,6 +54,9 @@ from pgbackflow.tasks.storage.base import (
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
     from mypy_boto3_s3.type_defs import CompletedPartTypeDef
+
+_ROOT_PREFIXES = tuple(f"{root}/" for root in BACKUP_ROOTS)
+"""Where a sweep of incomplete uploads looks (a bucket may be shared with other tools)."""
 
 MIN_PART_SIZE = 6 * MiB
 """First (and smallest) multipart part; objects up to this size go up as one PUT.
@@ -170,8 +174,8 @@ class S3ObjectStorage(Storage):
     with ``AbortIncompleteMultipartUpload``.
 
     The credentials need s3:ListBucket (without it S3 answers 403 instead of 404 for
-    missing keys), s3:GetObject, s3:PutObject, s3:DeleteObject, s3:AbortMultipartUpload
-    and s3:ListBucketMultipartUploads on the bucket and prefix.
+    missing keys), s3:GetObject, s3:PutObject, s3:DeleteObject, s3:AbortMultipartUpload,
+    s3:ListBucketMultipartUploads and s3:ListMultipartUploadParts on the bucket and prefix.
     """
 
     def __init__(
@@ -461,19 +465,18 @@ class S3ObjectStorage(Storage):
         """The incomplete uploads `sweep_stale_writes` would abort now; nothing is aborted."""
         return self._abort_stale_uploads(older_than, abort=False)
 
-    def write_activity(self, folders: Collection[str]) -> dict[str, datetime]:
-        """The last part uploaded (or the start) of the multipart uploads into ``folders``."""
-        wanted = set(folders)
-        if not wanted:
-            return {}
+    def write_activity(self, prefixes: Sequence[str]) -> WriteActivity:
+        """The multipart uploads below ``prefixes`` by folder: each one's last part, or
+        its start without parts."""
         active: dict[str, datetime] = {}
-        for upload in self._call("list incomplete uploads in", None, self._own_uploads):
+        uploads = self._call("list incomplete uploads in", None,
+                             functools.partial(self._own_uploads, prefixes))
+        for upload in uploads:
             folder = upload.key.rpartition("/")[0]
-            if folder in wanted:
-                last = self._call("list the parts of an upload in", upload.key,
-                                  functools.partial(self._last_progress, upload))
-                active[folder] = max(last, active.get(folder, last))
-        return active
+            last = self._call("list the parts of an upload in", upload.key,
+                              functools.partial(self._last_progress, upload))
+            active[folder] = max(last, active.get(folder, last))
+        return WriteActivity(active)
 
     def delete_many(self, keys: Sequence[str]) -> None:
         """Delete objects with DeleteObjects, up to 1000 keys per request.
@@ -501,13 +504,18 @@ class S3ObjectStorage(Storage):
                     "deleted): check the bucket's permissions"
                 )
 
-    def _own_uploads(self) -> builtins.list[_Upload]:
-        """The incomplete multipart uploads of keys pgbackflow writes, below the prefix."""
+    def _own_uploads(
+        self, prefixes: Sequence[str] = _ROOT_PREFIXES
+    ) -> builtins.list[_Upload]:
+        """The incomplete multipart uploads of keys pgbackflow writes (below ``logical/``
+        and ``physical/``) under the storage's prefix and one of ``prefixes``."""
         root = f"{self.prefix}/" if self.prefix else ""
         uploads: list[_Upload] = []
         paginator = self._client.get_paginator("list_multipart_uploads")
-        for top in BACKUP_ROOTS:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{root}{top}/"):
+        for prefix in prefixes:
+            if prefix.split("/", 1)[0] not in BACKUP_ROOTS or "/" not in prefix:
+                continue  # a bucket may be shared: nothing outside pgbackflow's folders
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{root}{prefix}"):
                 for upload in page.get("Uploads", []):
                     full_key = upload["Key"]
                     key = full_key[len(root):]
@@ -516,8 +524,9 @@ class S3ObjectStorage(Storage):
                                                upload["Initiated"].astimezone(UTC)))
         return uploads
 
-    def _last_progress(self, upload: _Upload) -> datetime:
-        """When ``upload`` last moved: its newest part, or its start without parts."""
+    def _last_progress(self, upload: _Upload, enough: datetime | None = None) -> datetime:
+        """When ``upload`` last moved: its newest part, or its start without parts; the
+        first part found after ``enough`` ends the listing (it answers "moved since?")."""
         last = upload.initiated
         paginator = self._client.get_paginator("list_parts")
         pages = paginator.paginate(Bucket=self.bucket, Key=upload.full_key,
@@ -526,6 +535,8 @@ class S3ObjectStorage(Storage):
             for page in pages:
                 for part in page.get("Parts", []):
                     last = max(last, part["LastModified"].astimezone(UTC))
+                if enough is not None and last > enough:
+                    break
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
                 raise
@@ -541,7 +552,7 @@ class S3ObjectStorage(Storage):
             if upload.initiated > cutoff:
                 continue
             last = self._call("list the parts of an upload in", upload.key,
-                              functools.partial(self._last_progress, upload))
+                              functools.partial(self._last_progress, upload, cutoff))
             if last <= cutoff:
                 stale.append((upload, last))
         aborted: tuple[str, ...] = ()
