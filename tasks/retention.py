@@ -563,10 +563,13 @@ def counted_finish(backup: Backup) -> tuple[datetime, str | None]:
     The finish time comes from the clock of the host that made the backup. A backup never
     finishes after the storage received its manifest: when its finish time is later than
     that (by more than `CLOCK_TOLERANCE`), that host's clock ran ahead, and the receipt
-    counts. Otherwise the backup would stay "the newest" for as long as its stamp lies in
-    the future, and keep-last or GFS would delete the backups really made after it. (A
-    clock that ran behind cannot be told from a storage copied later, so it is not
-    corrected: such a backup counts as older than it is.)
+    counts for the rules. Otherwise the backup would stay "the newest" for as long as its
+    stamp lies in the future, and keep-last or GFS would delete the backups really made
+    after it. (A clock that ran behind cannot be told from a storage copied later, so it is
+    not corrected: such a backup counts as older than it is. Key rotation rewrites
+    manifests, so after one the receipt is the rotation's time.) The one-hour safety rule
+    keeps judging by the manifest's own time, which is on the same kind of clock as
+    ``now``: a stamp in the future keeps its backup until that time has passed.
     """
     stored = next((o.modified for o in backup.objects if o.key == backup.manifest_key), None)
     if stored is None or backup.finished_at <= stored + CLOCK_TOLERANCE:
@@ -627,7 +630,10 @@ def decide(
             reasons[backup.backup_id].append(
                 f"it builds on {blocked}, whose manifest is refused and left alone (safety)")
     for backup in entry.backups:
-        if counted[backup.backup_id][0] > now - min_age:
+        # The manifest's own time, on the clock of the host that made it, as ``now`` is:
+        # the storage's clock may differ from both (a backup host ahead of it by more than
+        # an hour would otherwise make every new backup "older than an hour" at once).
+        if backup.finished_at > now - min_age:
             reasons[backup.backup_id].append(
                 f"younger than {format_period(min_age)} (safety)")
     # Chains: every backup a kept incremental builds on stays (newest first, so a parent

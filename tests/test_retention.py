@@ -844,7 +844,11 @@ def test_a_backup_stamped_in_the_future_does_not_stay_the_newest(tmp_path: Path)
     plan = plan_retention(read_catalog(storage, RING), {DB: Policy((KeepLast(1),))},
                           now=now, grace=GRACE)
     decisions = {d.backup.backup_id: d for d in plan.databases[0].decisions}
-    assert [i for i, d in decisions.items() if d.keep] == [newest], plan.render()
+    assert "one of the last 1" in decisions[newest].why, plan.render()
+    assert not decisions[old].keep
+    # The one-hour safety rule still reads the stamp (on the same kind of clock as "now"):
+    # the stamped backup stays until its time has passed, a note saying why.
+    assert decisions[ahead].keep and "younger than" in decisions[ahead].why
     assert "the backup host's clock ran ahead" in decisions[ahead].why
     assert "clock" not in decisions[old].why and "clock" not in decisions[newest].why
 
@@ -858,6 +862,21 @@ def test_a_backup_stamped_in_the_future_does_not_stay_the_newest(tmp_path: Path)
                            now=now, grace=GRACE)
     kept2 = [d.backup.backup_id for d in plan2.databases[0].decisions if d.keep]
     assert kept2 == [drift] and other != drift
+
+    # A storage whose clock is 2 h behind the hosts' (which agree): a backup finished 10
+    # minutes ago is stored "2 h 10 min ago". It is still younger than the hour.
+    storage3 = LocalFolderStorage(tmp_path / "store3")
+    writer3 = Writer(storage3)
+    write_logical(writer3, now - timedelta(days=1), 6)
+    recent = write_logical(writer3, now - timedelta(minutes=10), 7,
+                           stored=now - timedelta(hours=2, minutes=10))
+    newer = write_logical(writer3, now - timedelta(minutes=5), 8,
+                          stored=now - timedelta(hours=2, minutes=5))
+    plan3 = plan_retention(read_catalog(storage3, RING), {DB: Policy((KeepLast(1),))},
+                           now=now, grace=GRACE)
+    decisions3 = {d.backup.backup_id: d for d in plan3.databases[0].decisions}
+    assert decisions3[recent].keep and "younger than" in decisions3[recent].why
+    assert "one of the last 1" in decisions3[newer].why
 
 
 def test_orphans_on_s3_wait_for_the_grace_period(s3_bucket: S3Bucket) -> None:

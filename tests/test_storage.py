@@ -535,6 +535,34 @@ def test_s3_sweep_spares_progressing_uploads_and_other_tools_uploads(
     assert left == {foreign["UploadId"], planted["UploadId"]}
 
 
+def test_s3_upload_whose_parts_cannot_be_listed_counts_as_in_progress(
+    s3_bucket: S3Bucket, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A role without s3:ListMultipartUploadParts (older setups): nothing tells a live
+    upload from a dead one, so none is aborted and retention keeps its folder, with a
+    warning naming the permission. (moto enforces no policies: the server's AccessDenied
+    answer is injected into the client, the only fake in this file.)"""
+    storage = S3ObjectStorage(s3_bucket.bucket, "pg", endpoint_url=s3_bucket.endpoint_url,
+                              region=s3_bucket.region)
+    key = "pg/logical/db/b1/dump.pgbf"
+    storage.client.create_multipart_upload(Bucket=s3_bucket.bucket, Key=key)
+
+    def denied(**_: object) -> tuple[object, dict[str, object]]:
+        error = {"Error": {"Code": "AccessDenied", "Message": "Access Denied"},
+                 "ResponseMetadata": {"HTTPStatusCode": 403}}
+        return type("Response", (), {"status_code": 403, "headers": {}})(), error
+
+    storage.client.meta.events.register("before-call.s3.ListParts", denied)
+    assert storage.list_stale_writes(timedelta(0)) == ()
+    assert storage.sweep_incomplete_uploads(timedelta(0)) == 0
+    activity = storage.write_activity(["logical/"])
+    last = activity.last("logical/db/b1")
+    assert last is not None and last > datetime.now(UTC) - timedelta(minutes=1)
+    assert "s3:ListMultipartUploadParts" in caplog.text
+    assert [u["Key"] for u in storage.client.list_multipart_uploads(
+        Bucket=s3_bucket.bucket)["Uploads"]] == [key]
+
+
 @pytest.mark.s3
 def test_size_hint_uses_constant_parts(s3_bucket: S3Bucket) -> None:
     storage = storage_block_from_url(f"s3://{s3_bucket.bucket}/hinted").open()

@@ -135,11 +135,11 @@ def pitr(
     if to_dir is not None:
         check_target_dir(to_dir)
         parent = to_dir.absolute().parent
-        if not to_dir.exists() and not parent.exists():
+        if not to_dir.exists() and not parent.is_dir():
             # As `backup --to`: a typo is an error, not a new tree of folders.
             raise PgBackflowError(
-                f"--to-dir {to_dir} does not exist, nor does its parent {parent}: check the "
-                "path (for a new tree, create the parent first); nothing was written")
+                f"--to-dir {to_dir} does not exist, nor does its parent folder {parent}: "
+                "check the path (for a new tree, create the parent first); nothing was written")
     storage = storage_block(source, f"--from {source}")
     storage.open().check_exists()  # a mistyped path is not "no backups"
     key_path = key_file_or_default(key_file)

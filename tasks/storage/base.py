@@ -379,7 +379,7 @@ class Storage(ABC):
         finally:
             try:
                 self.delete(key)
-            except StorageError as exc:  # a stray probe is swept as an orphan later
+            except StorageError as exc:  # one small object at the root, named as a probe
                 log.warning("could not delete the clock probe %s of %s: %s", key,
                             self.location, exc)
 

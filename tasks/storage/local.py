@@ -379,8 +379,10 @@ class LocalFolderStorage(Storage):
                         continue
                     with contextlib.suppress(FileNotFoundError):
                         info = entry.stat(follow_symlinks=False)
+                        if not stat.S_ISREG(info.st_mode):
+                            continue  # a planted FIFO or device is never opened
                         writer = _local_writer_state(fds[-1], entry.name)
-                        if not stat.S_ISREG(info.st_mode) or writer == "gone":
+                        if writer == "gone":
                             continue
                         last = datetime.now(UTC) if writer == "alive" else _utc(info.st_mtime)
                         tag = match["folder"]

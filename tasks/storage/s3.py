@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import functools
 import io
+import logging
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -50,6 +51,8 @@ from pgbackflow.tasks.storage.base import (
     check_key,
     is_valid_key,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3.client import S3Client
@@ -538,9 +541,18 @@ class S3ObjectStorage(Storage):
                 if enough is not None and last > enough:
                     break
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+            code = exc.response.get("Error", {}).get("Code")
+            if code == "NoSuchUpload":
+                return datetime.now(UTC)  # finished or aborted meanwhile: not stale
+            if code != "AccessDenied":
                 raise
-            return datetime.now(UTC)  # finished or aborted meanwhile: not stale
+            # Without s3:ListMultipartUploadParts nothing tells a live upload from a dead
+            # one: it counts as moving (nothing is aborted or swept for it), and says so.
+            log.warning("S3 %s denied listing the parts of upload %s: counted as still in "
+                        "progress; allow s3:ListMultipartUploadParts (or rely on a lifecycle "
+                        "rule with AbortIncompleteMultipartUpload)", self.endpoint,
+                        _one_line(upload.full_key))
+            return datetime.now(UTC)
         return last
 
     def _abort_stale_uploads(
