@@ -9,6 +9,8 @@ deploy time and go into blocks only: deployment parameters hold block references
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import os
 import re
 import tomllib
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, cast
+from urllib.parse import urlsplit
 
 from prefect.blocks.core import Block
 from pydantic import (
@@ -77,6 +80,7 @@ from pgbackflow.deployments.verification import (
 )
 from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.retention import RetentionSettings
+from pgbackflow.tasks.storage.url import parse_storage_url
 from pgbackflow.tasks.wal import DEFAULT_PARTIAL_INTERVAL_S, DEFAULT_SLOT
 
 _NAME = r"^[a-z0-9][a-z0-9-]{0,62}$"
@@ -108,7 +112,31 @@ def parse_schedule(text: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Strict: TOML has real types, and `port = true` must not become port 1.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+_HOST_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"{_HOST_LABEL}(?:\.{_HOST_LABEL})*\.?")
+
+
+def check_host(value: str, *, socket_folder: bool) -> str:
+    """``value`` if it is a host name, an IP address or (``socket_folder``) the absolute
+    folder of a Unix socket; else ValueError. The value is not repeated in the error: a
+    DSN pasted into ``host`` holds a password."""
+    if len(value) <= 253 and _HOSTNAME.fullmatch(value):
+        return value
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(value)
+        return value
+    if (socket_folder and value.startswith("/") and len(value) <= 107 and value.isprintable()
+            and not any(c.isspace() for c in value)):
+        return value
+    raise ValueError(
+        f"is not a host name, an IP address{' or a socket folder' if socket_folder else ''} "
+        f"({len(value)} characters): give the host alone (the user goes in user = and the "
+        "password in an environment variable named by password_env =)"
+    )
 
 
 class PrefectSection(_Strict):
@@ -155,6 +183,19 @@ class StorageSection(_Strict):
             raise ValueError("give exactly one of url = ... or block = ...")
         if self.url is not None and not (self.url.startswith(("/", "file://", "s3://"))):
             raise ValueError(f"url {self.url!r} is not /path, file:///path or s3://bucket/prefix")
+        if self.endpoint_url is not None:
+            try:
+                endpoint = urlsplit(self.endpoint_url)
+                credentials = endpoint.username is not None or endpoint.password is not None
+            except ValueError:
+                raise ValueError("endpoint_url is not a URL: use http://host:port or "
+                                 "https://host") from None
+            if credentials or endpoint.query or endpoint.fragment:
+                # Not repeated: what is in it may be a secret.
+                raise ValueError(
+                    "endpoint_url holds credentials, a query or a fragment: give only "
+                    "https://host[:port]; the key id goes in access_key_id = and the secret "
+                    "in an environment variable named by secret_access_key_env =")
         return self
 
 
@@ -167,6 +208,11 @@ class SshSection(_Strict):
     private_key_file: str | None = None
     private_key_env: str | None = None
     host_key: str
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return check_host(value, socket_folder=False)
 
     @model_validator(mode="after")
     def _one_key(self) -> SshSection:
@@ -211,6 +257,11 @@ class ServerSection(_Strict):
     )
     max_concurrent_backups: int = Field(default=2, ge=1, le=1000)
     ssh: SshSection | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        return None if value is None else check_host(value, socket_folder=True)
 
     @model_validator(mode="after")
     def _one_of(self) -> ServerSection:
@@ -268,8 +319,9 @@ class ClusterSection(_Strict):
     wal: bool = True
     slot: str = Field(default=DEFAULT_SLOT, pattern=r"^[a-z0-9_]{1,63}$")
     spool_dir: str | None = None
-    partial_interval_s: float = Field(default=DEFAULT_PARTIAL_INTERVAL_S, gt=0)
-    wal_silence_s: float = Field(default=DEFAULT_WAL_SILENCE_S, ge=120)
+    partial_interval_s: float = Field(default=DEFAULT_PARTIAL_INTERVAL_S, gt=0,
+                                      allow_inf_nan=False)
+    wal_silence_s: float = Field(default=DEFAULT_WAL_SILENCE_S, ge=120, allow_inf_nan=False)
     retention: RetentionSettings | None = None
     notify: ClusterNotify | None = None
     health_check: HealthInterval = "1m"
@@ -310,7 +362,35 @@ class DeployConfig(_Strict):
         both = set(self.databases) & set(self.clusters)
         if both:
             raise ValueError(f"ids used by a database and a cluster: {', '.join(sorted(both))}")
+        places: dict[tuple[str, ...], str] = {}
+        for name, section in self.storages.items():
+            place = _storage_place(section)
+            if place is not None and places.setdefault(place, name) != name:
+                raise ValueError(
+                    f"storages.{places[place]} and storages.{name} are the same place: name "
+                    "it once (a second copy needs another folder or bucket)")
+        folded: dict[str, str] = {}
+        for entry_id in [*self.databases, *self.clusters]:
+            other = folded.setdefault(entry_id.casefold(), entry_id)
+            if other != entry_id:
+                # Their folders would be one on a case-insensitive file system (a NAS).
+                raise ValueError(f"ids {other!r} and {entry_id!r} differ only in case: "
+                                 "rename one")
         return self
+
+
+def _storage_place(storage: StorageSection) -> tuple[str, ...] | None:
+    """Where a storage described by a URL is, however spelled (None: a block, or a URL
+    whose own check reports it)."""
+    if storage.url is None:
+        return None
+    try:
+        url = parse_storage_url(storage.url)
+    except ConfigError:
+        return None
+    if url.scheme == "file":
+        return ("file", os.path.normpath(url.location))
+    return ("s3", url.location, url.prefix.strip("/"), storage.endpoint_url or "")
 
 
 def load_config(path: Path) -> DeployConfig:
@@ -335,7 +415,9 @@ def load_config(path: Path) -> DeployConfig:
 
 def _first_error(exc: ValidationError) -> str:
     error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"])
+    where = ".".join(part if isinstance(part, str) and part.isprintable() else
+                     str(part) if isinstance(part, int) else repr(part)
+                     for part in error["loc"])
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         parent = error["loc"][:-1]

@@ -57,6 +57,8 @@ WAL_RECOVERED_EVENT = "pgbackflow.wal.recovered"
 #: Prefixes of the automations this module writes (stale ones are paused by a deploy).
 PREFIXES = ("pgbackflow notify ", "pgbackflow missed ", "pgbackflow health ")
 
+MAX_WINDOW = timedelta(days=10 * 365)
+"""The longest window or interval a config may give."""
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$")
 _UNITS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
@@ -66,7 +68,10 @@ def parse_window(text: str) -> timedelta:
     match = _DURATION.match(text)
     if not match:
         raise ValueError(f"{text!r} is not a duration: use e.g. 90m, 36h, 3d or 2w, or \"off\"")
-    window = timedelta(seconds=float(match.group(1)) * _UNITS[match.group(2)])
+    seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds > MAX_WINDOW.total_seconds():  # (a timedelta of 10^14 days overflows)
+        raise ValueError(f"{text!r} is longer than {MAX_WINDOW.days // 365} years")
+    window = timedelta(seconds=seconds)
     if window < timedelta(seconds=10):
         raise ValueError(f"{text!r} is shorter than 10 s")
     return window

@@ -253,8 +253,28 @@ def stage_as_task(stage: str, work: Callable[[], T]) -> T:
 
 
 def open_storages(blocks: Sequence[StorageBlock]) -> list[Storage]:
-    """Storage backends for the given storage blocks."""
-    return [block.open() for block in blocks]
+    """Storage backends for the given storage blocks.
+
+    Raises:
+        ConfigError: Two of them are the same place (``/x`` and ``file:///x/``): that is
+            one copy, not two, and two writers of one backup racing in one folder.
+    """
+    storages: list[Storage] = [block.open() for block in blocks]
+    check_distinct_storages(storages)
+    return storages
+
+
+def check_distinct_storages(storages: Sequence[Storage]) -> None:
+    """Raise ConfigError when two storages are the same place."""
+    seen: set[tuple[str, str]] = set()
+    for storage in storages:
+        place = (storage.location, str(getattr(storage, "endpoint", "")))
+        if place in seen:
+            raise ConfigError(
+                f"storage {storage.location} is named twice (the same place however it is "
+                "spelled): name each storage once; a second copy needs another place"
+            )
+        seen.add(place)
 
 
 def resolve_master_key(

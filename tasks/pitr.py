@@ -74,6 +74,7 @@ from pgbackflow.tasks.runtime import (
     StageRunner,
     recover,
     run_directly,
+    stop_local_server,
 )
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.tarstream import UnsafeArchiveError, unpack_tar_stream
@@ -840,6 +841,12 @@ def allow_recovery_start(data_dir: Path) -> None:
         _replace_marker(data_dir, _MARKER_HEADER + "# Recovery was started by pgbackflow.\n")
 
 
+def block_recovery_start(data_dir: Path) -> None:
+    """Undo :func:`allow_recovery_start`: the restore did not finish after all."""
+    if (data_dir / INCOMPLETE_MARKER).exists():
+        _replace_marker(data_dir, _MARKER_HEADER + _MARKER_BLOCK)
+
+
 def finish_restore(data_dir: Path) -> None:
     """The restore is complete: drop the include line, then the marker."""
     conf = data_dir / "postgresql.conf"
@@ -1083,7 +1090,15 @@ class DirectoryDestination(PitrDestination):
             raise ConfigError("a restore to start needs a port and the server's OS user")
         allow_recovery_start(self.directory)
         toolset = self._toolset or find_toolset(self._major)
-        recovery = start_and_wait(self.directory, toolset, self.user, timeout=timeout)
+        try:
+            recovery = start_and_wait(self.directory, toolset, self.user, timeout=timeout)
+        except BaseException:
+            # Failed, timed out or cancelled (Ctrl-C, a stop) while recovering: the server
+            # this restore started does not go on alone, and the unfinished directory is
+            # blocked again, so no one starts it by hand either.
+            stop_local_server(Tool(toolset.binary("pg_ctl")), self.directory, self.user)
+            block_recovery_start(self.directory)
+            raise
         remove_wal_cache(self.directory)
         return recovery
 

@@ -236,6 +236,8 @@ class KeepGFS(Rule):
         return "GFS " + " ".join(parts)
 
 
+MAX_PERIOD = timedelta(days=36525)
+"""The longest period a rule may keep for (100 years; a timedelta overflows far above)."""
 _PERIOD = re.compile(r"^\s*(\d+)\s*([hdw])\s*$")
 _UNIT = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
 
@@ -251,6 +253,8 @@ def parse_period(text: str) -> timedelta:
         raise ConfigError(
             f"period {text!r} is not a number with a unit: use e.g. 36h, 14d or 8w"
         )
+    if int(match.group(1)) * _UNIT[match.group(2)].total_seconds() > MAX_PERIOD.total_seconds():
+        raise ConfigError(f"period {text!r} is longer than 100 years: use e.g. 36h, 14d or 8w")
     return int(match.group(1)) * _UNIT[match.group(2)]
 
 

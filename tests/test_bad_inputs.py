@@ -102,6 +102,10 @@ CASES: list[Case] = [
     Case("backup-storage-parent-missing", ("backup", "--db", "{dsn}", "--to",
                                            "{tmp}/no/such/folder", "--key-file", "{key}"),
          "{tmp}/no/such"),
+    # One place spelled twice is one copy, not two (and two writers racing in one folder).
+    Case("backup-same-storage-twice", ("backup", "--db", "{dsn}", "--to", "{tmp}/backups",
+                                       "--to", "file://{tmp}/backups/", "--key-file", "{key}"),
+         "is named twice"),
     Case("backup-missing-block", ("backup", "--db", "{dsn}", "--to",
                                   "block:pgbackflow-local-storage/no-such-block",
                                   "--key-file", "{key}"), "no-such-block"),

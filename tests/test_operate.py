@@ -590,6 +590,39 @@ def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_pa
             "storages.s: url 'ftp://x' is not",
         'key = [': "not valid TOML",
     }
+    head = '[key]\nblock = "k"\n[storages.s]\nurl = "/x"\n'
+    server = '[servers.pg]\nhost = "h"\n'
+    shop = '[databases.shop]\nserver = "pg"\nstorages = ["s"]\n'
+    cluster = '[clusters.c1]\nserver = "pg"\nstorages = ["s"]\n'
+    # Found by an adversarial review: accepted before, and each changed or leaked something.
+    # A DSN pasted into host: its password went into the block, a limit's name and stdout.
+    secret = "DsnHostPw333"
+    cases |= {
+        head + f'[servers.pg]\nhost = "postgresql://backup:{secret}@db.example/shop"\n':
+            "servers.pg.host: is not a host name, an IP address or a socket folder",
+        # A 100,000-character host changed the block, then failed on the limit's name.
+        head + '[servers.pg]\nhost = "' + "h" * 100_000 + '"\n':
+            "servers.pg.host: is not a host name",
+        head + '[servers.pg]\nhost = "db1"\n[servers.pg.ssh]\nhost = "a b"\nuser = "u"\n'
+        'private_key_env = "K"\nhost_key = "ssh-ed25519 AAAA"\n':
+            "servers.pg.ssh.host: is not a host name, an IP address (",
+        '[key]\nblock = "k"\n[storages.s]\nurl = "s3://b/p"\nendpoint_url = '
+        f'"https://user:{secret}@s3.example.com"\n' + server:
+            "storages.s: endpoint_url holds credentials",
+        '[key]\nblock = "k"\n[storages.s]\nurl = "/x"\n[storages.t]\nurl = "file:///x/./"\n'
+        + server: "storages.s and storages.t are the same place",
+        head + '[servers.pg]\nhost = "h"\nport = true\n': "servers.pg.port:",
+        head + server + cluster + "partial_interval_s = inf\n":
+            "clusters.c1.partial_interval_s:",
+        head + server + shop + '[databases.Shop]\nserver = "pg"\nstorages = ["s"]\n':
+            "'shop' and 'Shop' differ only in case",
+        head + server + shop + 'health_check = "99999999999999d"\n':
+            "longer than 10 years",
+        head + server + shop + 'retention = { keep_within = "999999999999999w" }\n':
+            "longer than 100 years",
+        head + server + '[databases."sh\\nop"]\nserver = "pg"\nstorages = ["s"]\n':
+            "databases.'sh\\nop'",
+    }
     for text, message in cases.items():
         config.write_text(text)
         result = prefect_server.run_cli("deploy", "--config", str(config), "--dry-run",
@@ -598,6 +631,7 @@ def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_pa
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
         assert str(config) in lines[0] and message in lines[0], lines[0]
+        assert secret not in result.stdout + result.stderr
     # A block the config references (not describes) must exist: one line, nothing changed.
     config.write_text('[key]\nfile = "/k"\n[storages.s]\nurl = "/x"\n'
                       '[servers.pg]\nblock = "nope"\n')
@@ -607,6 +641,37 @@ def test_deploy_config_errors_are_one_line(prefect_server: PrefectServer, tmp_pa
         "error: block pgbackflow-postgres-database/nope named in the config does not exist: "
         "create it in the Prefect UI, or describe it in the config instead"
     )
+
+
+def test_a_dry_run_deploy_changes_nothing_on_a_fresh_server(tmp_path: Path) -> None:
+    """On a server nothing ever ran on, `deploy --dry-run` creates nothing at all (it used
+    to create the "crash unresponsive runs" automation on its way, as flow commands do)."""
+    from tests.fixtures.prefect_server import running_prefect_server
+
+    key_file = tmp_path / "master.key"
+    write_key_file(key_file, MasterKey.generate())
+    config = tmp_path / "pgbackflow.toml"
+    config.write_text(textwrap.dedent(f"""
+        [key]
+        file = "{key_file}"
+        [storages.local]
+        url = "{tmp_path / 'store'}"
+        [servers.db1]
+        host = "db1.internal"
+        [databases.shop]
+        server = "db1"
+        storages = ["local"]
+    """))
+    with running_prefect_server(tmp_path / "fresh") as fresh:
+        dry = fresh.run_cli("deploy", "--config", str(config), "--dry-run")
+        assert "+ automation" in dry.stdout and "dry run: nothing was changed" in dry.stderr
+        with fresh.http() as http:
+            assert http.post("automations/filter", json={}).json() == []
+            assert http.post("deployments/filter", json={}).json() == []
+            assert http.post("work_pools/filter", json={}).json() == []
+            ours = [b for b in http.post("block_documents/filter", json={}).json()
+                    if str(b.get("name", "")).startswith(("db1", "local", "shop"))]
+            assert ours == []
 
 
 def test_cli_backup_runs_are_tagged_before_connecting(

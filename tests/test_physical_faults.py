@@ -514,6 +514,74 @@ def test_pitr_killed_after_pg_control_leaves_a_marked_unstartable_dir(
                    check=False)
 
 
+def _recovering_startup_process(data_dir: Path) -> int | None:
+    """The pid of the startup (recovery) process of the server in ``data_dir``, if any."""
+    try:
+        postmaster = int((data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with suppress(OSError, ValueError, IndexError):
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if parent == postmaster and b"startup" in (entry / "cmdline").read_bytes():
+                return int(entry.name)
+    return None
+
+
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def test_pitr_interrupted_while_recovering_stops_its_server_and_blocks_the_dir(
+    streamed: Streamed, prefect_api: str
+) -> None:
+    """Ctrl-C while `pitr --start` waits for the promotion: the server it started stops (it
+    went on alone before, and finished recovery with no one watching), the directory is
+    blocked again (PostgreSQL refuses it) and a rerun into it is refused in one line. The
+    recovery is held with SIGSTOP so that the interruption surely lands during it."""
+    target = streamed.root / "interrupted-recovery"
+    env = as_users_run_it({**os.environ, "PREFECT_API_URL": prefect_api})
+    proc = subprocess.Popen(
+        [*CLI, "pitr", "--from", str(streamed.store), "--target-time", "latest", "--to-dir",
+         str(target), "--key-file", str(streamed.key_file), "--start", "--port",
+         str(free_port())],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True, preexec_fn=_sigint_as_in_a_terminal,
+    )
+    pg_ctl = Tool(find_toolset(MAJOR).binary("pg_ctl"))
+    startup = None
+    try:
+        deadline = time.monotonic() + 120
+        while (startup := _recovering_startup_process(target)) is None:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "the restored server never started recovery"
+            time.sleep(0.005)
+        os.kill(startup, signal.SIGSTOP)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in the command's terminal
+        time.sleep(1)
+        os.kill(startup, signal.SIGCONT)  # its stop request is then taken at once
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 130, stderr[-2000:]
+        assert stderr.strip().splitlines()[-1] == "interrupted", stderr[-2000:]
+        assert not (target / "postmaster.pid").exists(), "the restored server still runs"
+        assert "pgbackflow_restore_incomplete" in (target / INCOMPLETE_MARKER).read_text()
+        rerun = streamed.cli("pitr", "--from", str(streamed.store), "--target-time", "latest",
+                             "--to-dir", str(target), "--key-file", str(streamed.key_file),
+                             prefect_api=prefect_api)
+        assert "holds an interrupted restore" in one_line_error(rerun)
+    finally:
+        if startup is not None:
+            with suppress(ProcessLookupError):
+                os.kill(startup, signal.SIGCONT)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        pg_ctl.run(["-D", target, "-m", "immediate", "stop"], user=resolve_os_user(),
+                   check=False)
+
+
 def boot_tag() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
 

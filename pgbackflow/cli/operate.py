@@ -21,7 +21,9 @@ from pgbackflow.cli.render import err, out
 from pgbackflow.tasks.errors import PgBackflowError
 
 
-@user_errors
+# No flow runs here: without the flow commands' setup, a --dry-run creates nothing (that
+# setup makes the "crash unresponsive runs" automation, which deploy itself plans).
+@user_errors_without_flows
 def deploy(
     config: Annotated[
         Path, typer.Option("--config", help="The deploy config (docs/CONFIG.md).")
@@ -45,7 +47,7 @@ def deploy(
         err.print("dry run: nothing was changed")
 
 
-@user_errors
+@user_errors_without_flows  # it only reads
 def doctor(
     as_json: AsJson = False,
 ) -> None:

@@ -28,7 +28,7 @@ from pgbackflow.cli.common import (
     user_errors,
     user_errors_without_flows,
 )
-from pgbackflow.cli.render import out
+from pgbackflow.cli.render import err, out
 from pgbackflow.tasks.errors import PgBackflowError
 
 
@@ -145,12 +145,23 @@ def pitr(
     key_path = key_file_or_default(key_file)
     from pgbackflow.flows.pitr_restore import pitr_restore
 
-    with render.progress_bar(not as_json):
-        report = pitr_restore(
-            storage=storage, to_dir=str(to_dir or ""), db_id=db_id,
-            target_time=target_time or "latest", start=start, port=port, storage_ref=source,
-            key_file=key_path, docker_volume=docker, docker_image=image, docker_network=network,
-        )
+    try:
+        with render.progress_bar(not as_json):
+            report = pitr_restore(
+                storage=storage, to_dir=str(to_dir or ""), db_id=db_id,
+                target_time=target_time or "latest", start=start, port=port,
+                storage_ref=source, key_file=key_path, docker_volume=docker,
+                docker_image=image, docker_network=network,
+            )
+    except KeyboardInterrupt:
+        from pgbackflow.tasks.pitr import INCOMPLETE_MARKER
+
+        # Interrupted while the flow run was being closed: the restore itself is done (an
+        # unfinished one keeps its marker), which the exit status alone would not tell.
+        if (to_dir is not None and (to_dir / "PG_VERSION").is_file()
+                and not (to_dir / INCOMPLETE_MARKER).exists()):
+            err.print(f"the restore into {to_dir} had finished: the directory is complete")
+        raise
     render.pitr_report(report, docker=bool(docker), as_json=as_json)
 
 

@@ -62,6 +62,13 @@ def parse_storage_url(url: str) -> StorageURL:
             f"storage URL {url!r} is malformed ({exc}): use /path, file:///path, "
             "s3://bucket/prefix or block:slug/name"
         ) from None
+    if parts.scheme in ("s3", "file") and (parts.query or parts.fragment):
+        # Not repeated whole: what follows '?' may be a secret someone pasted there.
+        raise ConfigError(
+            f"storage URL {parts.scheme}://{parts.netloc}{parts.path} has a '?' query or a "
+            "'#' fragment, which pgbackflow does not read: remove it (S3 settings come from "
+            "the AWS environment or a storage block)"
+        )
     if parts.scheme == "s3":
         if not parts.netloc:
             raise ConfigError(f"storage URL {url!r} has no bucket: use s3://bucket/prefix")
