@@ -121,3 +121,38 @@ def test_commands_without_flows_do_not_import_prefect(tmp_path: Path) -> None:
                     if line.startswith("import time:")}
         assert "pgbackflow.tasks.catalog" in imported, args  # the measure sees our imports
         assert "prefect" not in imported, args
+
+
+def test_an_interruption_a_library_wrapped_still_ends_as_one() -> None:
+    """Ctrl-C that lands inside a library which catches it and raises its own error (seen:
+    pydantic's serializer, "PydanticSerializationError: ... KeyboardInterrupt") ends the
+    command as an interruption (exit 130, "interrupted"), not as an unexpected error."""
+    import signal
+
+    import pytest
+    import typer
+
+    from pgbackflow.cli.common import user_errors_without_flows
+    from pgbackflow.tasks import process
+
+    @user_errors_without_flows
+    def command() -> None:
+        try:
+            process.unwind(signal.SIGINT, None)  # what Ctrl-C does in a command
+        except KeyboardInterrupt:
+            raise ValueError("Error calling function '_ser_model': KeyboardInterrupt:") from None
+
+    try:
+        with pytest.raises(typer.Exit) as ended:
+            command()
+        assert ended.value.exit_code == 130
+    finally:
+        process._unwound_by.clear()  # this process goes on running other tests
+
+    @user_errors_without_flows
+    def failing() -> None:
+        raise ValueError("a real bug")
+
+    with pytest.raises(typer.Exit) as failed:
+        failing()
+    assert failed.value.exit_code == 1

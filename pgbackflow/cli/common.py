@@ -98,16 +98,18 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
         except PgBackflowError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            from pgbackflow.tasks.process import unwound_by
-
-            if signal.SIGTERM in unwound_by():
-                err.print("terminated")
-                _die_of(signal.SIGTERM)
-            err.print("interrupted")
-            raise typer.Exit(130) from None
+            _end_interrupted()
         except (typer.Exit, typer.Abort, TyperException):
             raise  # typer's own exits and usage errors (typer 0.29 vendors its own click)
         except Exception as exc:
+            from pgbackflow.tasks.process import unwound_by
+
+            if unwound_by():
+                # The interruption, caught and wrapped by a library on its way out (pydantic
+                # reports one raised in its serializer as a PydanticSerializationError).
+                if state["debug"]:
+                    err.print_exception()
+                _end_interrupted()
             api = _api_failure(exc)
             if api is not None:
                 state["api_lost"] = True
@@ -117,6 +119,17 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
                  "traceback")
 
     return wrapper
+
+
+def _end_interrupted() -> NoReturn:
+    """End as an interrupted command does: Ctrl-C exits 130; a stop (SIGTERM) dies of it."""
+    from pgbackflow.tasks.process import unwound_by
+
+    if signal.SIGTERM in unwound_by():
+        err.print("terminated")
+        _die_of(signal.SIGTERM)
+    err.print("interrupted")
+    raise typer.Exit(130) from None
 
 
 @contextmanager
