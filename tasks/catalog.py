@@ -383,8 +383,8 @@ class Orphan:
         unfinished_deletion: Part of a backup a retention run was deleting (verified
             marker, manifest gone): removed at once, whatever its age.
         folder_activity: In a backup folder without a manifest, the last write into that
-            folder (any object, or a write still in progress): a backup still running
-            keeps all of its objects while it makes progress.
+            folder (any of its objects, this one included, or a write still in progress):
+            a backup still running keeps all of its objects while it makes progress.
     """
 
     key: str
@@ -397,7 +397,7 @@ class Orphan:
     @property
     def last_activity(self) -> datetime:
         """What the grace period is measured from."""
-        return max(self.modified, self.folder_activity or self.modified)
+        return self.folder_activity or self.modified
 
 
 @dataclass(frozen=True)

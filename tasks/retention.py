@@ -253,9 +253,10 @@ def parse_period(text: str) -> timedelta:
         raise ConfigError(
             f"period {text!r} is not a number with a unit: use e.g. 36h, 14d or 8w"
         )
-    if int(match.group(1)) * _UNIT[match.group(2)].total_seconds() > MAX_PERIOD.total_seconds():
+    count, unit = int(match.group(1)), _UNIT[match.group(2)]
+    if count > MAX_PERIOD // unit:  # (compared before multiplying: that can overflow)
         raise ConfigError(f"period {text!r} is longer than 100 years: use e.g. 36h, 14d or 8w")
-    return int(match.group(1)) * _UNIT[match.group(2)]
+    return count * unit
 
 
 def format_period(period: timedelta) -> str:

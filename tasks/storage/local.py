@@ -372,21 +372,14 @@ class LocalFolderStorage(Storage):
         writing). A temporary's name says its folder, not the prefix: all are returned."""
         active: dict[str, datetime] = {}
         try:
-            with self._folders([INCOMPLETE_DIR]) as fds, os.scandir(fds[-1]) as scan:
-                for entry in scan:
-                    match = _TEMP_NAME.fullmatch(entry.name)
-                    if match is None or match["folder"] is None:
+            with self._folders([INCOMPLETE_DIR]) as fds:
+                for name, info, writer in _temporaries(fds[-1]):
+                    match = _TEMP_NAME.fullmatch(name)
+                    if match is None or match["folder"] is None or writer == "gone":
                         continue
-                    with contextlib.suppress(FileNotFoundError):
-                        info = entry.stat(follow_symlinks=False)
-                        if not stat.S_ISREG(info.st_mode):
-                            continue  # a planted FIFO or device is never opened
-                        writer = _local_writer_state(fds[-1], entry.name)
-                        if writer == "gone":
-                            continue
-                        last = datetime.now(UTC) if writer == "alive" else _utc(info.st_mtime)
-                        tag = match["folder"]
-                        active[tag] = max(last, active.get(tag, last))
+                    last = datetime.now(UTC) if writer == "alive" else _utc(info.st_mtime)
+                    tag = match["folder"]
+                    active[tag] = max(last, active.get(tag, last))
         except (FileNotFoundError, NotADirectoryError):
             return WriteActivity()
         except OSError as exc:
@@ -410,29 +403,39 @@ class LocalFolderStorage(Storage):
         now = time.time()
         cutoff = now - older_than.total_seconds()
         removed: tuple[str, ...] = ()
-        with os.scandir(folder_fd) as scan:
-            entries = [*scan]
-        for entry in entries:
-            try:
-                info = entry.stat(follow_symlinks=False)
-                if not stat.S_ISREG(info.st_mode):
-                    continue  # writers only ever make regular files
-                writer = _local_writer_state(folder_fd, entry.name)
-                if writer == "alive":
-                    continue
-                if info.st_mtime <= cutoff:
-                    reason = f"idle for {(now - info.st_mtime) / 3600:.1f} h"
-                elif dead_writers and writer == "gone":
-                    reason = "its writer is gone"
-                else:
-                    continue
-                if remove:
-                    os.unlink(entry.name, dir_fd=folder_fd)
-                path = self.incomplete_folder / entry.name
-                removed += (f"{path} ({info.st_size} bytes, {reason})",)
-            except FileNotFoundError:
+        for name, info, writer in _temporaries(folder_fd):
+            if writer == "alive":
                 continue
+            if info.st_mtime <= cutoff:
+                reason = f"idle for {(now - info.st_mtime) / 3600:.1f} h"
+            elif dead_writers and writer == "gone":
+                reason = "its writer is gone"
+            else:
+                continue
+            if remove:
+                try:
+                    os.unlink(name, dir_fd=folder_fd)
+                except FileNotFoundError:
+                    continue
+            removed += (f"{self.incomplete_folder / name} ({info.st_size} bytes, {reason})",)
         return removed
+
+
+def _temporaries(folder_fd: int) -> Iterator[tuple[str, os.stat_result, str]]:
+    """The writers' temporaries in the incomplete folder ``folder_fd``: name, stat and the
+    writer's state (`_local_writer_state`). Only regular files: writers make nothing else,
+    and a planted FIFO or device is never opened."""
+    with os.scandir(folder_fd) as scan:
+        entries = [*scan]
+    for entry in entries:
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            state = _local_writer_state(folder_fd, entry.name)
+        except FileNotFoundError:
+            continue
+        yield entry.name, info, state
 
 
 _TEMP_NAME = re.compile(
