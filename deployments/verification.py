@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -67,6 +68,7 @@ def schedule_cron(preset: str | None, at: str = "03:00", cron: str | None = None
                 f"cron {cron!r} has a value out of range: minute 0-59, hour 0-23, day 1-31, "
                 "month 1-12, weekday 0-6; e.g. '0 4 * * 0' (Sundays 04:00 UTC)"
             ) from None
+        _check_fires(cron)
         return cron
     if preset not in PRESETS:
         raise ConfigError(f"schedule preset {preset!r} is unknown: use {', '.join(sorted(PRESETS))}"
@@ -81,6 +83,21 @@ def schedule_cron(preset: str | None, at: str = "03:00", cron: str | None = None
         "weekly": f"{minute} {hour} * * 0",
         "monthly": f"{minute} {hour} 1 * *",
     }[preset]
+
+
+def _check_fires(cron: str) -> None:
+    """Refuse a cron whose days never come (``0 0 30 2 *``, ``0 0 31 4,6 *``): Prefect
+    accepts it, and its schedule then never makes a run. 29 February is accepted (leap
+    years)."""
+    from cronsim import CronSim, CronSimError
+
+    try:
+        next(CronSim(cron, datetime(2026, 1, 1, tzinfo=UTC)))
+    except (CronSimError, StopIteration):
+        raise ConfigError(
+            f"cron {cron!r} never fires: no month it names has the day it names (e.g. "
+            "February has no 30th); use a day every month has, or a weekday"
+        ) from None
 
 
 def verification_parameters(

@@ -222,6 +222,8 @@ CASES: list[Case] = [
          "{tmp}/bin.toml", files={"bin.toml": b"\xff\xfe\x00garbage"}),
     Case("deploy-config-bad-schedule", ("deploy", "--config", "{tmp}/c.toml", "--dry-run"),
          "every full moon", files={"c.toml": CONFIG + "backup = \"every full moon\"\n"}),
+    Case("deploy-config-cron-never-fires", ("deploy", "--config", "{tmp}/c.toml", "--dry-run"),
+         "0 0 30 2 *", files={"c.toml": CONFIG + "backup = \"0 0 30 2 *\"\n"}),
     Case("deploy-config-password", ("deploy", "--config", "{tmp}/c.toml", "--dry-run"),
          "password", files={"c.toml": CONFIG.replace('host = "db1.internal"',
                                                      'host = "db1.internal"\npassword = "x"')}),
