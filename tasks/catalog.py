@@ -72,6 +72,7 @@ from pgbackflow.tasks.wal import (
     PARTIAL,
     WAL_DIR,
     WalInventory,
+    history_hole,
     is_wal_file_name,
     parse_segment_name,
     route_gaps,
@@ -1338,11 +1339,15 @@ def _gaps(storage: Storage, keyring: Keyring | None, db_id: str,
             base = full
             break
     first = parse_lsn(base.end_lsn) // size
+    hole = history_hole(inventory, base.timeline)
+    missing_history = [] if hole is None else [
+        f"{hole:08X}.history (the history file of timeline {hole}, while WAL of a newer "
+        "timeline is stored: replay would stay on the abandoned branch)"]
     try:
         route = stored_route(storage, db_id, inventory, base.timeline, first, keyring)
     except PgBackflowError:  # a damaged history file: PITR says so; here, estimate
         route = stored_route(storage, db_id, inventory, base.timeline, first, None)
-    return [gap.describe() for gap in route_gaps(inventory, route)]
+    return missing_history + [gap.describe() for gap in route_gaps(inventory, route)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import wait as wait_all
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from queue import Empty, Full, Queue
@@ -82,12 +82,20 @@ from pgbackflow.tasks.toolsets import Toolset, find_toolset
 from pgbackflow.tasks.transfer import ProgressCallback, ProgressReporter
 from pgbackflow.tasks.wal import (
     TimelineSpan,
+    WalIntegrityError,
     WalInventory,
     fetch_wal_file,
+    history_hole,
+    newest_timeline,
+    parse_segment_name,
     read_wal_inventory,
     route_files,
     route_gaps,
-    stored_route,
+    route_history,
+    segment_name,
+    show_lsn,
+    timeline_begins,
+    timeline_route,
 )
 
 RESTORE_DIR = "pgbackflow_restore"
@@ -160,6 +168,11 @@ class PitrPlan:
         wal_segments: WAL file names to fetch, in replay order.
         earliest: Start of the recoverable window (end of the oldest full backup).
         latest: End of the window (newest WAL upload, or the newest backup's end).
+        timeline_begins: Where each timeline of the route began (see
+            :func:`tasks.wal.timeline_begins`): the fetched segments' pages are checked
+            against it.
+        must_reach: ``(timeline, LSN)`` a replay to the end of the WAL must reach (see
+            :attr:`WalRoute.must_reach`); None: no WAL after the backup.
     """
 
     db_id: str
@@ -168,6 +181,8 @@ class PitrPlan:
     wal_segments: tuple[str, ...]
     earliest: datetime
     latest: datetime
+    timeline_begins: tuple[tuple[int, int], ...] = ()
+    must_reach: tuple[int, int] | None = None
 
     @property
     def newest(self) -> PhysicalManifest:
@@ -216,8 +231,9 @@ def plan_pitr(
     usable = [b for b in backups if target is None or b.finished_at <= target]
     chain = _newest_complete_chain(usable, backups, refused)
     base = chain[-1]
-    segments = _wal_to_fetch(storage, inventory, base, target, keyring)
-    return PitrPlan(db_id, tuple(chain), target, tuple(segments), earliest, latest)
+    route = _wal_to_fetch(storage, inventory, base, target, keyring)
+    return PitrPlan(db_id, tuple(chain), target, route.files, earliest, latest,
+                    route.begins, route.must_reach)
 
 
 def _newest_complete_chain(
@@ -242,25 +258,23 @@ def _wal_to_fetch(
     base: PhysicalManifest,
     target: datetime | None,
     keyring: Keyring | None,
-) -> list[str]:
+) -> WalRoute:
     """WAL after the backup's own up to the newest stored, across timeline switches (as
     replay follows them); gaps refused with the segments and LSNs they cover."""
     route = plan_wal_route(
         storage, inventory, base, keyring,
         advice="restore to a time before the gap from an older chain, or take a new full backup",
     )
-    if not route.segments:
-        if target is not None and target > base.finished_at:
-            raise ObjectNotFoundError(
-                f"no WAL after backup {base.backup_id} on timeline {base.timeline} is stored, "
-                f"so only its end ({_show(base.finished_at)}) can be restored: run pgbackflow "
-                "wal-stream for this cluster, or target latest"
-            )
-        return []
+    if not route.segments and target is not None and target > base.finished_at:
+        raise ObjectNotFoundError(
+            f"no WAL after backup {base.backup_id} on timeline {base.timeline} is stored, "
+            f"so only its end ({_show(base.finished_at)}) can be restored: run pgbackflow "
+            "wal-stream for this cluster, or target latest"
+        )
     # Every segment to the end of the stored WAL: a segment's upload time says nothing
     # about when its records were written (a streamer that was down uploads late), and
     # replay stops at the target by itself.
-    return list(route.files)
+    return route
 
 
 @dataclass(frozen=True)
@@ -272,11 +286,20 @@ class WalRoute:
         files: History files, then segments in replay order (empty: no WAL after the
             backup is stored, replay ends where the backup becomes consistent).
         base_timeline: The backup's timeline.
+        begins: Where each timeline of the route began, as far as the history file tells
+            (``(timeline, LSN)`` pairs, see :func:`tasks.wal.timeline_begins`).
+        must_reach: ``(timeline, LSN)`` a replay to the end must reach: past the start of
+            the newest segment, or of the one before it when the newest is a ``.partial``
+            (it may hold nothing yet, and a record that began before it may continue past
+            the part written). Ending earlier means PostgreSQL found the stored WAL
+            unusable there. None: no segments.
     """
 
     spans: tuple[TimelineSpan, ...]
     files: tuple[str, ...]
     base_timeline: int
+    begins: tuple[tuple[int, int], ...] = ()
+    must_reach: tuple[int, int] | None = None
 
     @property
     def segments(self) -> tuple[str, ...]:
@@ -312,11 +335,23 @@ def plan_wal_route(
         ObjectNotFoundError: a segment on the route is missing (the message names the gaps
             with their segments and LSNs).
     """
-    first = parse_lsn(base.end_lsn) // base.wal_segment_size  # the backup carries its WAL
-    spans = stored_route(storage, base.db_id, inventory, base.timeline, first, keyring)
-    route = WalRoute(tuple(spans), tuple(route_files(inventory, spans)), base.timeline)
+    size = base.wal_segment_size
+    first = parse_lsn(base.end_lsn) // size  # the backup carries its WAL
+    hole = history_hole(inventory, base.timeline)
+    if hole is not None:
+        raise ObjectNotFoundError(
+            f"WAL of {base.db_id} after backup {base.backup_id}: the history file "
+            f"{hole:08X}.history is missing from {storage.location} while WAL of a newer "
+            f"timeline is stored, so replay would restore the branch timeline {hole} "
+            f"abandoned; put the file back from another copy of the storage; {advice}"
+        )
+    history = route_history(storage, base.db_id, inventory, base.timeline, keyring)
+    spans = timeline_route(inventory, base.timeline, first, history)
+    begins = tuple(sorted(timeline_begins(
+        history, newest_timeline(inventory, base.timeline)).items()))
+    route = WalRoute(tuple(spans), tuple(route_files(inventory, spans)), base.timeline, begins)
     if not route.segments:
-        return WalRoute(route.spans, (), base.timeline)
+        return WalRoute(route.spans, (), base.timeline, begins)
     missing = route_gaps(inventory, spans)
     if missing:
         more = f" and {len(missing) - 2} more gaps" if len(missing) > 2 else ""
@@ -325,7 +360,20 @@ def plan_wal_route(
             f"WAL of {base.db_id} after backup {base.backup_id} has gaps ({shown} missing from "
             f"{storage.location}): replay cannot pass them; {advice}"
         )
-    return route
+    segments = [parse_segment_name(name, size) for name in route.segments]
+    end_timeline, end_number = segments[-1]
+    if end_number in inventory.complete.get(end_timeline, set()):
+        # Replay reads into a complete segment: it ends past the segment's start (where a
+        # record begins that continues into the segment not stored yet, or at its end).
+        floor = (end_timeline, end_number * size + 1)
+    elif len(segments) > 1:
+        # A .partial may hold nothing yet, and a record that began in the segment before
+        # it may not end in the part written: replay ends past that segment's start.
+        floor = (segments[-2][0], segments[-2][1] * size + 1)
+    else:
+        floor = (end_timeline, end_number * size)
+    must_reach = (floor[0], max(floor[1], parse_lsn(base.end_lsn)))
+    return replace(route, must_reach=must_reach)
 
 
 # ---------------------------------------------------------------------------------------
@@ -479,6 +527,7 @@ class _Restore:
         """Start fetching (and checking) the planned WAL into ``wal_dir``."""
         wal_dir.mkdir(parents=True, exist_ok=True)
         base = plan.newest
+        begins = dict(plan.timeline_begins)
 
         def fetch(name: str) -> str | None:
             if self.stop.is_set():
@@ -486,6 +535,7 @@ class _Restore:
             key = fetch_wal_file(
                 self.storage, plan.db_id, name, wal_dir / name, self.keyring,
                 segment_size=base.wal_segment_size, system_identifier=base.system_identifier,
+                timeline_begin=begins.get(int(name[:8], 16)),
             )
             return name if key is not None else None
 
@@ -962,8 +1012,10 @@ class PitrDestination(ABC):
         """Move what :meth:`build` made to where the server runs (see ``place_stage``)."""
 
     @abstractmethod
-    def start(self, timeout: float) -> Recovery:
-        """Start the restored server and wait until it is promoted."""
+    def start(self, timeout: float, plan: PitrPlan) -> Recovery:
+        """Start the restored server and wait until it is promoted; a replay that ended
+        before the end of ``plan``'s WAL fails (:func:`check_replay_end`), undone as a
+        failed start is."""
 
     @abstractmethod
     def finish(self) -> None:
@@ -1017,12 +1069,47 @@ def restore_to(
             run_stage(destination.place_stage, destination.place)
         recovery = None
         if start:
-            recovery = run_stage("start-restored-server", lambda: destination.start(timeout))
+            recovery = run_stage("start-restored-server", lambda: destination.start(timeout, plan))
         destination.finish()
     except BaseException:
         destination.undo()
         raise
     return PitrOutcome(len(fetched), recovery)
+
+
+def check_replay_end(plan: PitrPlan, recovery: Recovery) -> None:
+    """Refuse a replay to the end of the WAL that ended before the end of the WAL it was
+    given (``plan.must_reach``).
+
+    PostgreSQL ends recovery, and promotes, wherever the WAL it reads stops making sense
+    (a record that does not continue, a page of another timeline): to it that is the end
+    of the WAL. A segment of the storage replaced by another genuine one would then cut
+    the restore short without an error, and a target time after that point would look
+    "not reached" as if no transaction had followed it.
+
+    Raises:
+        WalIntegrityError: replay ended early; where, and which segment it had to reach.
+    """
+    if plan.must_reach is None or (plan.target is not None and recovery.reached_target):
+        return
+    floor_timeline, floor = plan.must_reach
+    size = plan.newest.wal_segment_size
+    needed = segment_name(floor_timeline, floor // size, size)
+    if recovery.ended_at is None:
+        raise WalIntegrityError(
+            f"the restored server of {plan.db_id} was promoted without a timeline history "
+            f"file, so where its replay ended is unknown (it had to reach segment {needed}): "
+            "the restore is not trusted"
+        )
+    timeline, ended = recovery.ended_at
+    if ended < floor or timeline < floor_timeline:
+        raise WalIntegrityError(
+            f"replay of {plan.db_id} ended at LSN {show_lsn(ended)} on timeline {timeline}, "
+            f"before the end of the stored WAL (segment {needed}): PostgreSQL found the WAL "
+            "after that point unusable, so the stored WAL was damaged or replaced there; "
+            f"restore to a time before LSN {show_lsn(ended)}, or from another copy of the "
+            "storage"
+        )
 
 
 class DirectoryDestination(PitrDestination):
@@ -1084,7 +1171,7 @@ class DirectoryDestination(PitrDestination):
             write_restore_script(self.script_path, plan, storage_url=storage_url,
                                  key_file=key_file)
 
-    def start(self, timeout: float) -> Recovery:
+    def start(self, timeout: float, plan: PitrPlan) -> Recovery:
         """Start as ``user`` on ``port`` and wait for the promotion; the fetched WAL goes."""
         if self.port is None or self.user is None:
             raise ConfigError("a restore to start needs a port and the server's OS user")
@@ -1092,8 +1179,10 @@ class DirectoryDestination(PitrDestination):
         toolset = self._toolset or find_toolset(self._major)
         try:
             recovery = start_and_wait(self.directory, toolset, self.user, timeout=timeout)
+            check_replay_end(plan, recovery)
         except BaseException:
-            # Failed, timed out or cancelled (Ctrl-C, a stop) while recovering: the server
+            # Failed, timed out, cancelled (Ctrl-C, a stop) while recovering, or ended short
+            # of the WAL: the server
             # this restore started does not go on alone, and the unfinished directory is
             # blocked again, so no one starts it by hand either.
             stop_local_server(Tool(toolset.binary("pg_ctl")), self.directory, self.user)

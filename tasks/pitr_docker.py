@@ -46,6 +46,7 @@ from pgbackflow.tasks.pitr import (
     PitrOutcome,
     PitrPlan,
     build_data_dir,
+    check_replay_end,
     free_port,
     restore_to,
 )
@@ -86,6 +87,14 @@ _PROMOTED_PROBE = (
     'test ! -e "$PGDATA/recovery.signal" '
     '&& pg_controldata "$PGDATA" | grep -q "in production" '
     f'&& pg_isready -q -h {SOCKET_DIR} -p "$PORT"'
+)
+
+
+#: Prints the newest timeline history file in the server's pg_wal (see
+#: PostgresRuntime.newest_history).
+_NEWEST_HISTORY = (
+    'cd "$PGDATA/pg_wal" && newest=$(ls | grep -E "^[0-9A-F]{8}[.]history$" | sort | tail -n 1) '
+    '&& test -n "$newest" && cat "$newest"'
 )
 
 
@@ -276,7 +285,7 @@ class VolumeDestination(PitrDestination):
         _copy_into_volume(self.client, self.image, self.volume, self.work / "data")
         self._drop_work()  # the volume has it now: free the disk early
 
-    def start(self, timeout: float) -> Recovery:
+    def start(self, timeout: float, plan: PitrPlan) -> Recovery:
         """Run the server container and wait for the promotion; the fetched WAL goes."""
         self.step(f"starting {self.image} on 127.0.0.1:{self.port} ({self.network} network) "
                   f"as {self.name}")
@@ -284,6 +293,7 @@ class VolumeDestination(PitrDestination):
                                     self.labels, self.volume, self.pgdata)
         try:
             recovery = recover(runtime, timeout)
+            check_replay_end(plan, recovery)
         finally:
             self.container = runtime.container  # removed by undo() if the restore fails
         _exec(self.container, ["rm", "-rf", f"{self.pgdata}/{RESTORE_DIR}/{WAL_CACHE}"])
@@ -677,6 +687,14 @@ class _ContainerRuntime(PostgresRuntime):
             f"{self.description} did not finish recovery in time: see docker logs {self.name}, "
             "or allow a longer timeout"
         )
+
+    def newest_history(self) -> bytes | None:
+        if self.container is None:
+            return None
+        result = self.container.exec_run(["sh", "-c", _NEWEST_HISTORY],
+                                         environment={"PGDATA": self.pgdata, "LC_ALL": "C"})
+        output = bytes(result.output)
+        return output if int(result.exit_code) == 0 and output else None
 
     def drop_recovery_target(self) -> None:
         _run_helper(

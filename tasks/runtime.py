@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -85,10 +86,13 @@ class Recovery:
         last_transaction: "last completed transaction was at log time …" from the log.
         reached_target: False when no transaction followed the target time, so replay ran
             to the end of the WAL (the same data the target asks for).
+        ended_at: ``(timeline, LSN)`` where replay ended, from the history file of the
+            timeline the promotion began; None when the server wrote none.
     """
 
     last_transaction: str | None
     reached_target: bool
+    ended_at: tuple[int, int] | None = None
 
 
 class PostgresRuntime(ABC):
@@ -115,6 +119,11 @@ class PostgresRuntime(ABC):
     def wait_promoted(self, deadline: float) -> bool:
         """True once recovery ended and the server is promoted; False when it stopped
         first. Raises DatabaseError at ``deadline`` (``time.monotonic()``)."""
+
+    @abstractmethod
+    def newest_history(self) -> bytes | None:
+        """The newest timeline history file in the server's ``pg_wal`` (the promotion
+        writes one for the timeline it begins), or None when there is none."""
 
     @abstractmethod
     def drop_recovery_target(self) -> None:
@@ -149,7 +158,29 @@ def recover(runtime: PostgresRuntime, timeout: float) -> Recovery:
             reached = False
             continue
         raise DatabaseError(f"{runtime.description} stopped during recovery: {log_tail(log)}")
-    return Recovery(last_transaction(runtime.log_since(0)), reached)
+    return Recovery(last_transaction(runtime.log_since(0)), reached,
+                    replay_end(runtime.newest_history()))
+
+
+def replay_end(history: bytes | None) -> tuple[int, int] | None:
+    """``(timeline, LSN)`` where replay ended: the last entry of the history file the
+    promotion wrote (the timeline it left and the switch point)."""
+    if history is None:
+        return None
+    entries = [line.split() for line in history.decode("ascii", "replace").splitlines()]
+    entries = [fields for fields in entries if len(fields) >= 2 and fields[0].isdigit()
+               and re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", fields[1])]
+    if not entries:
+        return None
+    high, _, low = entries[-1][1].partition("/")
+    return int(entries[-1][0]), (int(high, 16) << 32) | int(low, 16)
+
+
+def newest_history_file(wal_dir: Path) -> Path | None:
+    """The newest ``<timeline>.history`` in a ``pg_wal`` folder."""
+    names = sorted(path.name for path in wal_dir.glob("*.history")
+                   if re.fullmatch(r"[0-9A-F]{8}\.history", path.name))
+    return wal_dir / names[-1] if names else None
 
 
 def drop_recovery_target_setting(auto_conf: Path) -> None:
@@ -222,6 +253,10 @@ class LocalRuntime(PostgresRuntime):
             f"{self.description} did not finish recovery in time: see {self.log_path}, or "
             "allow a longer timeout"
         )
+
+    def newest_history(self) -> bytes | None:
+        newest = newest_history_file(self.data_dir / "pg_wal")
+        return None if newest is None else newest.read_bytes()
 
     def drop_recovery_target(self) -> None:
         drop_recovery_target_setting(self.data_dir / "postgresql.auto.conf")

@@ -387,7 +387,7 @@ def plan_chain_end(
     )
     latest = max([backup.finished_at] + ([inventory.newest] if inventory.newest else []))
     plan = PitrPlan(backup.db_id, tuple(chain), None, route.files, chain[0].finished_at,
-                    latest)
+                    latest, route.begins, route.must_reach)
     return plan, route
 
 
@@ -880,10 +880,10 @@ class _SandboxDestination(DirectoryDestination):
         self.restored_bytes = directory_bytes(self.directory)
         prepare_sandbox(self.directory, self.socket_dir, plan.newest.server_major)
 
-    def start(self, timeout: float) -> Recovery:
+    def start(self, timeout: float, plan: PitrPlan) -> Recovery:
         """Replay until the promotion."""
         self.step(f"starting PostgreSQL {self.version}: replaying WAL until promotion")
-        return super().start(timeout)
+        return super().start(timeout, plan)
 
 
 def _verify_in(

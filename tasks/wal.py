@@ -22,7 +22,8 @@ Objects (encrypted, zstd)::
 Every object is its own AES-256-GCM archive (authenticated), but the archive does not name
 the file it holds. So a fetched file is checked against its name: a segment's first page
 header must carry the segment's position, segment size and the cluster's system
-identifier, and a timeline no newer than the name's; a complete segment must end finished
+identifier, and every page the segment's own timeline once that timeline began (where
+the history file says; before, an older one); a complete segment must end finished
 (not a zero-padded older ``.partial`` upload); a history file may only name older
 timelines. Names read from the storage must match the segment/history patterns exactly.
 Coverage and gaps follow timeline switches as replay does. There is no WAL index: what
@@ -339,7 +340,7 @@ class WalInventory:
         return missing
 
 
-def _lsn(position: int) -> str:
+def show_lsn(position: int) -> str:
     return f"{position >> 32:X}/{position & 0xFFFFFFFF:X}"
 
 
@@ -366,7 +367,7 @@ class WalGap:
 
     def describe(self) -> str:
         """``<segment> (LSN a to b)`` or ``<first> to <last> (N segments, LSN a to b)``."""
-        lsn = f"LSN {_lsn(self.first * self.segment_size)} to " + _lsn(
+        lsn = f"LSN {show_lsn(self.first * self.segment_size)} to " + show_lsn(
             (self.last + 1) * self.segment_size
         )
         if self.first == self.last:
@@ -482,6 +483,45 @@ def timeline_route(
     return spans
 
 
+def route_history(
+    storage: Storage, db_id: str, inventory: WalInventory, timeline: int,
+    keyring: Keyring | None,
+) -> list[tuple[int, int]] | None:
+    """The history of the timeline replay from ``timeline`` ends on (read and checked
+    with ``keyring``), or None: timeline 1, no key, or not stored."""
+    target = newest_timeline(inventory, timeline)
+    if keyring is None or target == 1 or target not in inventory.histories:
+        return None
+    return read_history(storage, db_id, target, keyring)
+
+
+def timeline_begins(history: Sequence[tuple[int, int]] | None, target: int) -> dict[int, int]:
+    """Where each timeline of ``target``'s lineage began (its parent's switch LSN; 0 for
+    timeline 1), from ``target``'s history; without one only timeline 1 is known."""
+    begins = {1: 0}
+    if history:
+        following = [tli for tli, _ in history[1:]] + [target]
+        for tli, (_, end) in zip(following, history, strict=True):
+            begins[tli] = end
+    return begins
+
+
+def history_hole(inventory: WalInventory, timeline: int) -> int | None:
+    """The timeline whose history file is missing while WAL of it (or of a newer timeline)
+    is stored, after ``timeline``; None when there is no such hole.
+
+    Replay follows history files (``recovery_target_timeline = latest``): without that
+    file it stays on the older timeline, and would restore the branch the switch
+    abandoned, silently ignoring the newer timeline's WAL.
+    """
+    reached = newest_timeline(inventory, timeline)
+    stored = set(inventory.histories) | {
+        tli for numbers in (inventory.complete, inventory.partial)
+        for tli, segments in numbers.items() if segments
+    }
+    return reached + 1 if any(tli > reached for tli in stored) else None
+
+
 def stored_route(
     storage: Storage,
     db_id: str,
@@ -492,10 +532,7 @@ def stored_route(
 ) -> list[TimelineSpan]:
     """:func:`timeline_route` with the newest timeline's history read from the storage
     (checked with ``keyring``; without one, the switch points are estimated)."""
-    target = newest_timeline(inventory, timeline)
-    history = None
-    if keyring is not None and target != timeline:
-        history = read_history(storage, db_id, target, keyring)
+    history = route_history(storage, db_id, inventory, timeline, keyring)
     return timeline_route(inventory, timeline, first, history)
 
 
@@ -558,8 +595,14 @@ def fetch_wal_file(
     *,
     segment_size: int = DEFAULT_SEGMENT_SIZE,
     system_identifier: str | None = None,
+    timeline_begin: int | None = None,
 ) -> str | None:
     """Decrypt a WAL file for ``restore_command``; the complete segment, else the partial.
+
+    Args:
+        timeline_begin: The LSN where the segment's timeline began (from the history file;
+            0 for timeline 1): every page after that point must be of that timeline. None:
+            not known, only newer timelines are refused.
 
     Returns:
         The key fetched, or None when the storage has no such file (recovery then ends).
@@ -580,9 +623,9 @@ def fetch_wal_file(
         label = f"{storage.location}/{key}"
         partial = destination.with_name(destination.name + ".pgbackflow-tmp")
         try:
-            size = _decrypt_wal(storage, key, partial, keyring, label, (
-                (file_name, segment_size, system_identifier) if is_segment else None
-            ))
+            size = _decrypt_wal(storage, key, partial, keyring, label, SegmentPages(
+                file_name, segment_size, system_identifier, timeline_begin, label
+            ) if is_segment else None)
             if is_segment and size != segment_size:
                 raise WalIntegrityError(
                     f"{label}: {size} bytes instead of a {segment_size}-byte segment: the "
@@ -611,21 +654,113 @@ def _decrypt_wal(
     target: Path,
     keyring: Keyring,
     label: str,
-    segment: tuple[str, int, str | None] | None,
+    pages: SegmentPages | None,
 ) -> int:
-    head = b""
     size = 0
     with storage.open_read(key) as raw, target.open("wb") as out:
         for chunk in ArchiveReader(raw, keyring, label=label):
-            if segment is not None and len(head) < 40:
-                head += chunk[:40]
-                if len(head) >= 40:
-                    check_segment_start(head, segment[0], segment[1], segment[2], label)
+            if pages is not None:
+                pages.feed(chunk)
             out.write(chunk)
             size += len(chunk)
-    if segment is not None and len(head) < 40:
-        check_segment_start(head, segment[0], segment[1], segment[2], label)
+    if pages is not None:
+        pages.finish()
     return size
+
+
+class SegmentPages:
+    """Checks a segment's page headers as its bytes pass: the first against the name and
+    cluster (:func:`check_segment_start`), then every page's timeline.
+
+    A segment of timeline N holds pages of N only, except up to the page where N began:
+    there, where N forked off mid-segment, the older timeline's pages come first. So an
+    older timeline's segment stored under N's name (its pages carry the old timeline and
+    the right addresses) is refused before replay: PostgreSQL would stop at it ("out-of-
+    sequence timeline ID") and promote as if the WAL ended there, silently dropping every
+    later transaction. Pages that are zeros or carry another address (the unwritten rest
+    of a segment) are not WAL replay reads, and are left alone.
+    """
+
+    _HEADER = 16  # xlp_magic, xlp_info, xlp_tli, xlp_pageaddr
+
+    def __init__(self, name: str, segment_size: int, system_identifier: str | None,
+                 timeline_begin: int | None, label: str) -> None:
+        self.name = name
+        self.segment_size = segment_size
+        self.system_identifier = system_identifier
+        self.timeline, number = parse_segment_name(name, segment_size)
+        self.start = number * segment_size
+        self.timeline_begin = timeline_begin
+        self.label = label
+        self.head = b""
+        self.block = 0
+        self.offset = 0  # bytes of the segment seen before the current chunk
+        self.next_page = 0  # segment offset of the next page header to check
+        self.carry = b""  # the start of a header cut by the end of a chunk
+
+    def feed(self, chunk: bytes) -> None:
+        """Check the page headers in the next ``chunk`` of the segment."""
+        chunk_start, self.offset = self.offset, self.offset + len(chunk)
+        if not self.block:
+            self.head += chunk[:40 - len(self.head)]
+            if len(self.head) < 40:
+                return
+            self._first_page()
+        if self.carry:
+            self.carry += chunk[:self._HEADER - len(self.carry)]
+            if len(self.carry) < self._HEADER:
+                return
+            self._page(self.next_page - self.block, self.carry)
+            self.carry = b""
+        while self.next_page < self.offset:
+            at = self.next_page - chunk_start
+            header = chunk[at:at + self._HEADER]
+            self.next_page += self.block
+            if len(header) < self._HEADER:
+                self.carry = header
+                return
+            self._page(self.next_page - self.block, header)
+
+    def finish(self) -> None:
+        """The segment ended: a segment too short for its first header is refused."""
+        if not self.block:
+            check_segment_start(self.head, self.name, self.segment_size,
+                                self.system_identifier, self.label)
+
+    def _first_page(self) -> None:
+        check_segment_start(self.head, self.name, self.segment_size, self.system_identifier,
+                            self.label)
+        block = struct.unpack_from("<I", self.head, 36)[0]
+        if block < 1024 or self.segment_size % block:
+            raise WalIntegrityError(f"{self.label}: bad WAL page size {block}: the object is "
+                                    "damaged")
+        self.block = block
+        self._page(0, self.head[:self._HEADER])
+        self.next_page = block
+
+    def _page(self, offset: int, header: bytes) -> None:
+        magic, _info, page_timeline, address = struct.unpack("<HHIQ", header)
+        position = self.start + offset
+        if not _WAL_MAGIC_MIN <= magic <= 0xD1FF or address != position:
+            return
+        begin = self.timeline_begin
+        if page_timeline > self.timeline or (
+            begin is not None and page_timeline != self.timeline
+            and position >= begin - begin % self.block + self.block
+        ):
+            since = "" if begin is None else f", which began at LSN {show_lsn(begin)}"
+            raise WalIntegrityError(
+                f"{self.label}: the page at LSN {show_lsn(position)} holds WAL of timeline "
+                f"{page_timeline}, not of timeline {self.timeline}{since}: the object was "
+                "replaced (replay would stop there as if the WAL ended); restore to a time "
+                "before it or from another copy of the storage"
+            )
+        if begin is not None and page_timeline == self.timeline and position + self.block <= begin:
+            raise WalIntegrityError(
+                f"{self.label}: the page at LSN {show_lsn(position)} holds WAL of timeline "
+                f"{page_timeline} before that timeline began (LSN {show_lsn(begin)}): the object "
+                "was replaced"
+            )
 
 
 # ---------------------------------------------------------------------------------------

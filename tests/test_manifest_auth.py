@@ -56,6 +56,7 @@ from pgbackflow.tasks.physical import write_manifest as write_physical_manifest
 from pgbackflow.tasks.pipeline import store_bytes
 from pgbackflow.tasks.storage import LocalFolderStorage, S3ObjectStorage, Storage
 from pgbackflow.tasks.wal import (
+    SegmentPages,
     WalIntegrityError,
     fetch_wal_file,
     read_wal_inventory,
@@ -369,6 +370,58 @@ def test_a_segment_under_another_name_is_caught(storage: Storage, tmp_path: Path
         fetch(storage, "000000010000000000000004", tmp_path)
     assert not (tmp_path / "000000010000000000000003").exists()
     assert not (tmp_path / "000000010000000000000004").exists()
+
+
+PAGE = 8192
+
+
+def paged_segment(number: int, timelines: list[int]) -> bytes:
+    """A synthetic segment whose page ``i`` carries timeline ``timelines[i]`` (0: a zero
+    page), each at its own address; the first page with the long header."""
+    assert len(timelines) == SEGMENT_SIZE // PAGE
+    data = bytearray(SEGMENT_SIZE)
+    for index, timeline in enumerate(timelines):
+        if timeline:
+            struct.pack_into("<HHIQ", data, index * PAGE, 0xD116, 0x0002 if index == 0 else 0,
+                             timeline, number * SEGMENT_SIZE + index * PAGE)
+    struct.pack_into("<QII", data, 24, int(SYSID), SEGMENT_SIZE, PAGE)
+    return bytes(data)
+
+
+def check_pages(data: bytes, name: str, begin: int | None, chunk: int) -> None:
+    pages = SegmentPages(name, SEGMENT_SIZE, SYSID, begin, "test")
+    for at in range(0, len(data), chunk):
+        pages.feed(data[at:at + chunk])
+    pages.finish()
+
+
+@pytest.mark.parametrize("chunk", [5, 16, 17, 8191, 8200, SEGMENT_SIZE])
+def test_pages_of_an_older_timeline_where_a_newer_one_began_are_caught(chunk: int) -> None:
+    """A genuine timeline-1 segment stored under timeline 2's name of the same position:
+    replay stopped at it as at the end of the WAL and promoted (a silent cut). Only up to
+    the page where timeline 2 began may pages of timeline 1 come first."""
+    pages = SEGMENT_SIZE // PAGE
+    name = "000000020000000000000005"
+    begin = 5 * SEGMENT_SIZE + 3 * PAGE + 100  # timeline 2 began inside page 3 of it
+    forked = [1, 1, 1, 1] + [2] * (pages - 4)
+    check_pages(paged_segment(5, forked), name, begin, chunk)
+    check_pages(paged_segment(5, forked[:9] + [0] * (pages - 9)), name, begin, chunk)
+    # A timeline-1 page after the switch: the first of a segment wholly after it, or later.
+    for timelines, at in (([1] * pages, 4), ([*forked[:10], 1, *forked[11:]], 10)):
+        with pytest.raises(WalIntegrityError, match=(
+            f"page at LSN 0/{5 * SEGMENT_SIZE + at * PAGE:X} holds WAL of timeline 1, not of "
+            "timeline 2, which began at LSN 0/")):
+            check_pages(paged_segment(5, timelines), name, begin, chunk)
+    with pytest.raises(WalIntegrityError, match="page at LSN 0/600000 holds WAL of timeline 1"):
+        check_pages(paged_segment(6, [1] * pages), "000000020000000000000006", begin, chunk)
+    # Timeline 2's pages before it began.
+    with pytest.raises(WalIntegrityError, match="before that timeline began"):
+        check_pages(paged_segment(5, [1, 2, *forked[2:]]), name, begin, chunk)
+    # A page of a newer timeline than the name's, anywhere.
+    with pytest.raises(WalIntegrityError, match="holds WAL of timeline 3, not of timeline 2"):
+        check_pages(paged_segment(5, [*forked[:50], 3, *forked[51:]]), name, begin, chunk)
+    # Where the timeline began is not known (no key, no history): only newer ones refused.
+    check_pages(paged_segment(6, [1] * pages), "000000020000000000000006", None, chunk)
 
 
 def test_history_files_must_name_older_timelines(storage: Storage, tmp_path: Path) -> None:

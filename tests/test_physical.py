@@ -6,6 +6,7 @@ pg_basebackup / pg_receivewal / pg_combinebackup, a real storage and the real Pr
 
 from __future__ import annotations
 
+import contextvars
 import os
 import shutil
 import signal
@@ -503,7 +504,10 @@ def test_backups_of_one_cluster_never_overlap(
                 held.set()
                 release.wait(60)
 
-        thread = threading.Thread(target=holder, daemon=True)
+        # In this test's context (its Prefect API): a bare thread starts with an empty one,
+        # and its flow went to a temporary server of its own (40 s to start under load).
+        thread = threading.Thread(target=contextvars.copy_context().run, args=(holder,),
+                                  daemon=True)
         thread.start()
         assert held.wait(60)
         try:

@@ -38,7 +38,15 @@ from pgbackflow.tasks.process import Tool
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, SWEEP_GRACE_ENV
 from pgbackflow.tasks.toolsets import find_toolset
 from pgbackflow.tasks.verify_physical import verify_physical_backup
-from pgbackflow.tasks.wal import WalShipper, WalStreamer, wal_object_key, wal_prefix
+from pgbackflow.tasks.wal import (
+    SegmentPages,
+    WalIntegrityError,
+    WalShipper,
+    WalStreamer,
+    segment_name,
+    wal_object_key,
+    wal_prefix,
+)
 from tests.fixtures.postgres import BigDatabase
 from tests.fixtures.prefect_server import PGBACKFLOW, as_users_run_it
 from tests.fixtures.s3 import S3Bucket
@@ -391,6 +399,74 @@ def test_verification_replays_across_a_timeline_switch(
     assert f"has gaps ({switch_segment} (LSN " in line, line
     assert "cannot be restored to the end of the stored WAL" in line, line
     assert list(work.iterdir()) == []
+
+
+def test_a_segment_of_the_abandoned_timeline_under_the_new_ones_name_is_refused(
+    streamed: Streamed, switched: Switched, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old primary (timeline 1) went on writing after its promoted copy began timeline
+    2. Its genuine segment stored under timeline 2's name of the same position passed the
+    first-page check (an older timeline is allowed there), PostgreSQL stopped at it ("out-
+    of-sequence timeline ID") and promoted, and pitr and verify-physical reported success
+    without timeline 2's later transactions. Now the fetch refuses it; and a replay that
+    ends before the end of the WAL it was given fails (checked with the page check off).
+    A deleted timeline-2 history file is listed, and refused, as a hole."""
+    store = switched.copy(streamed, "tl1-went-on")
+    storage = LocalStorage(folder=str(store))
+    with streaming_wal(streamed.server, storage, streamed.key, streamed.root / "tl1-spool"):
+        with streamed.server.connect() as conn:
+            conn.autocommit = True
+            for _ in range(3):
+                conn.execute("INSERT INTO bulk SELECT g, md5(g::text) FROM "
+                             "generate_series(1, 5000) g")
+                conn.execute("SELECT pg_switch_wal()")
+        wait_shipped(streamed.server, storage)
+    switch = switched.switch_segment(streamed, store)
+    after = segment_name(2, int(switch[8:], 16) + 1, 16 * 1024 * 1024)  # no log id roll here
+    wal = store / wal_prefix(streamed.db_id)
+    genuine = wal / f"{after}.pgbf"  # usually only its .partial is stored
+    kept = genuine.read_bytes() if genuine.exists() else None
+    shutil.copy(wal / f"00000001{after[8:]}.pgbf", genuine)
+
+    target = streamed.root / "tl1-under-tl2"
+    refused = streamed.cli("pitr", "--from", str(store), "--target-time", "latest", "--to-dir",
+                           str(target), "--key-file", str(streamed.key_file), "--start",
+                           prefect_api=prefect_api)
+    line = one_line_error(refused)
+    assert f"{after}.pgbf: the page at LSN " in line, line
+    assert "holds WAL of timeline 1, not of timeline 2, which began at LSN" in line, line
+    assert not target.exists() or not any(target.iterdir())
+    refused = streamed.cli("verify-physical", "--from", str(store), "--key-file",
+                           str(streamed.key_file), prefect_api=prefect_api)
+    assert "holds WAL of timeline 1, not of timeline 2" in one_line_error(refused)
+
+    # Were the page check missing, the replay's early end is caught instead.
+    monkeypatch.setattr(SegmentPages, "_page", lambda *_args: None)
+    with pytest.raises(WalIntegrityError, match=(
+            rf"ended at LSN \S+ on timeline 2, before the end of the stored WAL \(segment "
+            rf"{after}\)")):
+        pitr_restore(storage, str(target), target_time="latest", start=True,
+                     encryption_key=streamed.key)
+    # Undone as a failed start: its server stopped, the directory blocked, never "good".
+    assert not (target / "postmaster.pid").exists()
+    assert "Recovery was started by pgbackflow" not in (target / INCOMPLETE_MARKER).read_text()
+    monkeypatch.undo()
+    shutil.rmtree(target)
+
+    # The timeline-2 history file deleted: replay would restore timeline 1's branch.
+    if kept is None:
+        genuine.unlink()
+    else:
+        genuine.write_bytes(kept)
+    (wal / "00000002.history.pgbf").unlink()
+    listed = streamed.cli("physical-list", "--from", str(store), "--key-file",
+                          str(streamed.key_file), prefect_api=prefect_api)
+    assert listed.returncode == 0, listed.stderr
+    assert "gaps: 00000002.history (the history file of timeline 2" in listed.stdout
+    refused = streamed.cli("pitr", "--from", str(store), "--target-time", "latest", "--to-dir",
+                           str(target), "--key-file", str(streamed.key_file),
+                           prefect_api=prefect_api)
+    assert "the history file 00000002.history is missing from" in one_line_error(refused)
 
 
 def storage_keyring(streamed: Streamed) -> Keyring:
