@@ -362,10 +362,19 @@ def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int],
     finally:
         # What the interpreter does at exit: join the threads, run threading's exit hooks
         # (Prefect's log and event workers send what they hold), then the atexit ones.
-        with suppress(Exception):
-            threading._shutdown()  # type: ignore[attr-defined]
-        with suppress(Exception):
-            atexit._run_exitfuncs()
+        try:
+            with suppress(Exception):
+                threading._shutdown()  # type: ignore[attr-defined]
+            with suppress(Exception):
+                atexit._run_exitfuncs()
+        except KeyboardInterrupt:
+            # Ctrl-C while a finished command's threads and exit hooks ran: it escaped this
+            # block, and the launcher got exit 1 with no word. A process of its own dies of
+            # the SIGINT there; here it ends as interrupted.
+            if code == 0:
+                code = 128 + signal.SIGINT
+                with suppress(Exception):
+                    sys.stderr.write("interrupted\n")
         for stream in (sys.stdout, sys.stderr):
             with suppress(Exception):
                 stream.flush()

@@ -66,7 +66,14 @@ from pgbackflow.tasks.physical import (
     usable_backups,
 )
 from pgbackflow.tasks.pipeline import decrypted_chunks
-from pgbackflow.tasks.process import BOOT_TAG, OsUser, Tool, owner_state
+from pgbackflow.tasks.process import (
+    BOOT_TAG,
+    OsUser,
+    Tool,
+    owner_state,
+    remove_tree,
+    uninterrupted,
+)
 from pgbackflow.tasks.runtime import (
     TARGET_NOT_REACHED,
     LocalRuntime,
@@ -642,7 +649,7 @@ def _staging_dir(parent: Path, prefix: str) -> Iterator[Path]:
         yield path
     finally:
         try:
-            shutil.rmtree(path, ignore_errors=True)
+            remove_tree(path)
         finally:
             os.close(fd)
 
@@ -723,7 +730,7 @@ def build_data_dir(
                     toolset = find_toolset(plan.newest.server_major)
                 fetched = _build_chain(restore, plan, target_dir, toolset, step, mark_incomplete)
     except BaseException:
-        _undo(target_dir, created)
+        uninterrupted(lambda: _undo(target_dir, created))
         raise
     target_dir.chmod(0o700)
     return fetched
@@ -1144,6 +1151,7 @@ class DirectoryDestination(PitrDestination):
         self.mark_incomplete = mark_incomplete
         self._toolset = toolset
         self._major = 0
+        self._started: Toolset | None = None  # the server's toolset while it may run
 
     @property
     def script_path(self) -> Path:
@@ -1177,6 +1185,7 @@ class DirectoryDestination(PitrDestination):
             raise ConfigError("a restore to start needs a port and the server's OS user")
         allow_recovery_start(self.directory)
         toolset = self._toolset or find_toolset(self._major)
+        self._started = toolset
         try:
             recovery = start_and_wait(self.directory, toolset, self.user, timeout=timeout)
             check_replay_end(plan, recovery)
@@ -1185,11 +1194,19 @@ class DirectoryDestination(PitrDestination):
             # of the WAL: the server
             # this restore started does not go on alone, and the unfinished directory is
             # blocked again, so no one starts it by hand either.
-            stop_local_server(Tool(toolset.binary("pg_ctl")), self.directory, self.user)
-            block_recovery_start(self.directory)
+            self._stop_unfinished()
             raise
         remove_wal_cache(self.directory)
         return recovery
+
+    def _stop_unfinished(self) -> None:
+        """Stop the server this restore started and block the unfinished directory."""
+        toolset, user = self._started, self.user
+        if toolset is not None and user is not None:
+            uninterrupted(lambda: stop_local_server(Tool(toolset.binary("pg_ctl")),
+                                                    self.directory, user))
+            block_recovery_start(self.directory)
+        self._started = None
 
     def place(self) -> None:
         """Nothing to move: built in place."""
@@ -1197,10 +1214,14 @@ class DirectoryDestination(PitrDestination):
     def finish(self) -> None:
         """Clear the incomplete-restore marker."""
         finish_restore(self.directory)
+        self._started = None
 
     def undo(self) -> None:
-        """Nothing more: a failed build already left the directory as it found it, and a
-        directory whose server did not come up keeps its marker (never taken for good)."""
+        """A failed build already left the directory as it found it, and a directory whose
+        server did not come up keeps its marker (never taken for good). Failed or
+        interrupted after its server came up (the stage's task run closing, the WAL cache
+        going), the restore stops that server and blocks the directory again."""
+        self._stop_unfinished()
 
 
 def check_reachable(path: Path, user: OsUser, runs: str) -> None:

@@ -22,7 +22,6 @@ import logging
 import queue
 import re
 import shlex
-import shutil
 import socket
 import tarfile
 import tempfile
@@ -50,6 +49,7 @@ from pgbackflow.tasks.pitr import (
     free_port,
     restore_to,
 )
+from pgbackflow.tasks.process import remove_tree
 from pgbackflow.tasks.runtime import (
     PostgresRuntime,
     Recovery,
@@ -326,7 +326,7 @@ class VolumeDestination(PitrDestination):
 
     def _drop_work(self) -> None:
         if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
+            remove_tree(self.work)
             self.work = None
 
 

@@ -11,6 +11,7 @@ import collections
 import fcntl
 import io
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -108,6 +109,27 @@ def unwind(signum: int, frame: FrameType | None) -> None:
     clean-up run), remembering which signal it was (`unwound_by`)."""
     _unwound_by.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def uninterrupted(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` to its end even if Ctrl-C or a stop (:func:`unwind`) arrives during
+    it, then raise that interruption. A clean-up cut short by a second signal, or by the
+    first one landing in it, left work folders and half-deleted directories behind.
+    ``cleanup`` must be safe to run again from the start (it is, after an interruption)."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            cleanup()
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
+
+
+def remove_tree(path: Path) -> None:
+    """``rm -rf path`` that an interruption does not cut short (see :func:`uninterrupted`)."""
+    uninterrupted(lambda: shutil.rmtree(path, ignore_errors=True))
 
 
 def unwound_by() -> frozenset[int]:

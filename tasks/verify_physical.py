@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -61,7 +60,7 @@ from pgbackflow.tasks.pitr import (
     plan_wal_route,
     restore_to,
 )
-from pgbackflow.tasks.process import OsUser, Tool, ToolResult
+from pgbackflow.tasks.process import OsUser, Tool, ToolResult, remove_tree
 from pgbackflow.tasks.runtime import (
     LocalRuntime,
     Recovery,
@@ -820,7 +819,7 @@ def verify_physical_backup(
             findings.fail(str(exc))
     finally:
         if root is not None:
-            shutil.rmtree(root, ignore_errors=True)
+            remove_tree(root)
         if owner_fd is not None:
             os.close(owner_fd)
     stages = findings.durations
@@ -940,7 +939,7 @@ def _verify_in(
             server.runtime.stop()
         finally:
             if socket_outside:
-                shutil.rmtree(socket_dir, ignore_errors=True)
+                remove_tree(socket_dir)
 
 
 def _check_and_count(

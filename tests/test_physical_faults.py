@@ -658,6 +658,33 @@ def test_pitr_interrupted_while_recovering_stops_its_server_and_blocks_the_dir(
                    check=False)
 
 
+def test_pitr_interrupted_just_after_the_promotion_stops_its_server(
+    streamed: Streamed, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interruption after the restored server was promoted but before the restore
+    finished (the start stage's task run closing, the WAL cache going) left that server
+    running in a directory still marked unfinished. The interruption is injected where the
+    WAL cache goes: the window is milliseconds wide for a real Ctrl-C."""
+    import pgbackflow.tasks.pitr as pitr_module
+
+    def interrupted(_data_dir: Path) -> None:
+        raise KeyboardInterrupt("signal 2")
+
+    monkeypatch.setattr(pitr_module, "remove_wal_cache", interrupted)
+    target = streamed.root / "interrupted-after-promotion"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            pitr_restore(LocalStorage(folder=str(streamed.store)), str(target),
+                         target_time="latest", start=True, encryption_key=streamed.key)
+        assert not (target / "postmaster.pid").exists(), "the restored server still runs"
+        marker = (target / INCOMPLETE_MARKER).read_text()
+        assert "pgbackflow_restore_incomplete" in marker
+        assert "Recovery was started by pgbackflow" not in marker
+    finally:
+        stop_restored(target, streamed.server)
+        shutil.rmtree(target, ignore_errors=True)
+
+
 def boot_tag() -> str:
     return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:12]
 

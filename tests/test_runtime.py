@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import signal
 import socket
+from pathlib import Path
 
 import pytest
 
 from pgbackflow.tasks.cluster import check_port_free
 from pgbackflow.tasks.errors import ConfigError
-from pgbackflow.tasks.process import signal_handler
-from pgbackflow.tasks.runtime import last_transaction, log_tail
+from pgbackflow.tasks.process import remove_tree, signal_handler, uninterrupted
+from pgbackflow.tasks.runtime import (
+    last_transaction,
+    log_tail,
+    newest_history_file,
+    replay_end,
+)
 
 FAILED_START = """\
 2026-11-30 12:48:59.700 UTC [15704] LOG:  starting PostgreSQL 18.6
@@ -83,3 +89,58 @@ def test_a_signal_handler_block_lets_its_errors_through() -> None:
                 signal.SIG_IGN if ignored else signal.SIG_DFL)
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_where_replay_ended_is_the_last_entry_of_the_newest_history_file(tmp_path: Path) -> None:
+    """The promotion writes the history of the timeline it begins: its last entry is the
+    timeline replay ended on and the LSN (checked against the WAL the restore was given)."""
+    (tmp_path / "00000002.history").write_text("1\t0/8000120\tno recovery target specified\n")
+    newest = tmp_path / "00000003.history"
+    newest.write_text("1\t0/8000120\tno recovery target specified\n\n"
+                      "2\t1/9000000\tno recovery target specified\n")
+    (tmp_path / "0000000A.history.tmp").write_text("9\t0/1\tx\n")  # not a history file name
+    assert newest_history_file(tmp_path) == newest
+    assert replay_end(newest.read_bytes()) == (2, (1 << 32) | 0x9000000)
+    assert replay_end(b"# nothing\n") is None and replay_end(None) is None
+    assert newest_history_file(tmp_path / "missing") is None
+
+
+def test_a_clean_up_runs_to_its_end_through_an_interruption(tmp_path: Path) -> None:
+    """Ctrl-C (or a stop) landing in a clean-up cut it short and left work folders and
+    half-deleted directories behind: it now finishes, then the interruption goes on."""
+    calls: list[int] = []
+
+    def cleanup() -> None:
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise KeyboardInterrupt("signal 2")
+
+    with pytest.raises(KeyboardInterrupt, match="signal 2"):
+        uninterrupted(cleanup)
+    assert calls == [0, 1]
+    uninterrupted(cleanup)  # nothing to re-raise
+    assert calls == [0, 1, 2]
+
+    folder = tmp_path / "work"
+    (folder / "a" / "b").mkdir(parents=True)
+    (folder / "a" / "b" / "f").write_bytes(b"x")
+    real_rmtree = __import__("shutil").rmtree
+    interrupted = []
+
+    def rmtree_cut_once(path: Path, ignore_errors: bool = False) -> None:
+        if not interrupted:
+            interrupted.append(path)
+            (Path(path) / "a" / "b" / "f").unlink()  # part of the work was done
+            raise KeyboardInterrupt("signal 15")
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    import pgbackflow.tasks.process as process
+
+    original = process.shutil.rmtree
+    process.shutil.rmtree = rmtree_cut_once  # type: ignore[assignment]
+    try:
+        with pytest.raises(KeyboardInterrupt, match="signal 15"):
+            remove_tree(folder)
+    finally:
+        process.shutil.rmtree = original
+    assert interrupted and not folder.exists()

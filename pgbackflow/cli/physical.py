@@ -3,6 +3,7 @@ verify-physical, physical-list, schedule-physical, physical-retire."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from pathlib import Path
 from typing import Annotated
 
@@ -160,7 +161,13 @@ def pitr(
         # unfinished one keeps its marker), which the exit status alone would not tell.
         if (to_dir is not None and (to_dir / "PG_VERSION").is_file()
                 and not (to_dir / INCOMPLETE_MARKER).exists()):
-            err.print(f"the restore into {to_dir} had finished: the directory is complete")
+            running = ""
+            with suppress(OSError, IndexError):  # postmaster.pid: pid, dir, start, port, ...
+                port_line = (to_dir / "postmaster.pid").read_text().splitlines()[3]
+                running = (f"; its server runs on port {port_line.strip()} (stop it with "
+                           f"pg_ctl -D {to_dir} stop)")
+            err.print(f"the restore into {to_dir} had finished: the directory is complete"
+                      f"{running}")
         raise
     render.pitr_report(report, docker=bool(docker), as_json=as_json)
 
