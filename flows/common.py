@@ -41,6 +41,7 @@ from pgbackflow.tasks.keys import (
     new_key_warning,
 )
 from pgbackflow.tasks.pipeline import ObjectWrite
+from pgbackflow.tasks.process import note_done
 from pgbackflow.tasks.reports import BackupReport, DestinationStatus
 from pgbackflow.tasks.storage import Storage
 
@@ -504,13 +505,16 @@ def write_statuses(storages: Sequence[Storage], *writes: ObjectWrite) -> list[De
 
 
 def publish_everywhere(
-    storages: Sequence[Storage], publish: Callable[[Storage], None]
+    storages: Sequence[Storage], publish: Callable[[Storage], None], what: str
 ) -> list[DestinationStatus]:
-    """Write a manifest to each storage; a storage that refuses is reported, not fatal."""
+    """Write ``what``'s manifest to each storage; a storage that refuses is reported, not
+    fatal. Each one written is noted (:func:`tasks.process.note_done`): interrupted after
+    it, the command says the backup is there."""
     statuses = []
     for storage in storages:
         try:
             publish(storage)
+            note_done(f"{what} had been stored complete in {storage.location}")
             statuses.append(DestinationStatus(location=storage.location, status="complete"))
         except StorageError as exc:
             statuses.append(

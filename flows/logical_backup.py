@@ -133,7 +133,8 @@ def publish_manifest(
 ) -> list[DestinationStatus]:
     """Write the manifest, sealed, to every storage where the backup's objects are complete."""
     return publish_everywhere(
-        storages, lambda storage: write_manifest(storage, manifest, master_key)
+        storages, lambda storage: write_manifest(storage, manifest, master_key),
+        f"backup {manifest.backup_id}",
     )
 
 

@@ -204,7 +204,8 @@ def publish_physical_manifest(
     """Write the manifest (sealed with a MAC under ``master_key``) where every object is
     complete: the backup exists from now on."""
     return publish_everywhere(
-        storages, lambda storage: write_manifest(storage, manifest, master_key)
+        storages, lambda storage: write_manifest(storage, manifest, master_key),
+        f"backup {manifest.backup_id}",
     )
 
 

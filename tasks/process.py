@@ -102,6 +102,7 @@ SignalHandler = Callable[[int, FrameType | None], None]
 #: that catches the interrupt itself (a verification ends Cancelled, its sandbox removed)
 #: leaves the command only this to tell a stop (SIGTERM) from Ctrl-C.
 _unwound_by: list[int] = []
+_done: list[str] = []
 
 
 def unwind(signum: int, frame: FrameType | None) -> None:
@@ -130,6 +131,22 @@ def uninterrupted(cleanup: Callable[[], None]) -> None:
 def remove_tree(path: Path) -> None:
     """``rm -rf path`` that an interruption does not cut short (see :func:`uninterrupted`)."""
     uninterrupted(lambda: shutil.rmtree(path, ignore_errors=True))
+
+
+def note_done(what: str) -> None:
+    """Note work this process finished for good (a backup stored complete): a command
+    interrupted afterwards says so, instead of leaving "interrupted" to read as lost."""
+    _done.append(what)
+
+
+def done_before_interrupt() -> tuple[str, ...]:
+    """What :func:`note_done` noted, in order."""
+    return tuple(_done)
+
+
+def forget_done() -> None:
+    """A new command begins: what earlier ones in this process did is not its own."""
+    _done.clear()
 
 
 def unwound_by() -> frozenset[int]:

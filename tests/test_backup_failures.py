@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -282,6 +283,39 @@ def empty_target(server: EphemeralCluster) -> Iterator[str]:
         yield name
     finally:
         drop_database(server, name)
+
+
+_INTERRUPTED_AFTER_PUBLISHING = """
+import signal, sys
+import pgbackflow.flows.logical_backup as logical
+from pgbackflow.tasks.process import unwind
+def interrupted(*args, **kwargs):
+    unwind(signal.SIGINT, None)  # Ctrl-C right after the manifest was written
+logical.publish_summary = interrupted
+from pgbackflow.cli import main
+sys.argv = ["pgbackflow", *sys.argv[1:]]
+main()
+"""
+
+
+def test_interrupted_after_the_backup_was_stored_says_it_is_there(
+    cli: Cli, source: Source, tmp_path: Path
+) -> None:
+    """Ctrl-C after the manifest was written: the command ends as interrupted (130), and
+    says the backup had been stored complete (it said only "interrupted", which read as
+    lost, while `list` showed the backup)."""
+    folder = tmp_path / "store"
+    folder.mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED_AFTER_PUBLISHING, "backup", "--db", source.dsn(),
+         "--to", str(folder)],
+        env=cli.env(), capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 130, result.stderr[-2000:]
+    backup = only_backup(LocalFolderStorage(folder))
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == "interrupted", result.stderr[-2000:]
+    assert lines[-2] == f"backup {backup.backup_id} had been stored complete in {folder}", lines
 
 
 # --------------------------------------------------------------------------- bad input: backup

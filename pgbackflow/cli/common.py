@@ -78,6 +78,9 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
     @wraps(func)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         prefect_env_defaults(state["debug"])
+        from pgbackflow.tasks.process import forget_done
+
+        forget_done()
         try:
             if not runs_flows:
                 return func(*args, **kwargs)
@@ -123,8 +126,10 @@ def _guarded(func: Callable[P, R], *, runs_flows: bool) -> Callable[P, R]:
 
 def _end_interrupted() -> NoReturn:
     """End as an interrupted command does: Ctrl-C exits 130; a stop (SIGTERM) dies of it."""
-    from pgbackflow.tasks.process import unwound_by
+    from pgbackflow.tasks.process import done_before_interrupt, unwound_by
 
+    for done in done_before_interrupt():
+        err.print(done)
     if signal.SIGTERM in unwound_by():
         err.print("terminated")
         _die_of(signal.SIGTERM)
