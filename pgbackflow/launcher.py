@@ -456,8 +456,15 @@ def main() -> None:
                 sys.exit(code)
             # A daemon already starting or serving holds the lock: the new one exits at once.
             start_daemon(where)
-    from pgbackflow.cli import main as run_here
-
+    try:
+        from pgbackflow.cli import main as run_here
+    except KeyboardInterrupt:
+        # Ctrl-C while Prefect and the flows are imported (seconds), before the command's
+        # own handling exists: interrupted, as later, not a traceback of the imports.
+        if "--debug" in argv:
+            raise
+        sys.stderr.write("interrupted\n")
+        sys.exit(128 + signal.SIGINT)
     run_here()
 
 

@@ -156,3 +156,32 @@ def test_an_interruption_a_library_wrapped_still_ends_as_one() -> None:
     with pytest.raises(typer.Exit) as failed:
         failing()
     assert failed.value.exit_code == 1
+
+
+_CTRL_C_WHILE_IMPORTING = """
+import builtins, os, signal, sys
+real_import = builtins.__import__
+def importing(name, *args, **kwargs):
+    if name == "pgbackflow.cli":
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the CLI is imported
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = importing
+from pgbackflow.launcher import main
+sys.argv = ["pgbackflow", *sys.argv[1:]]
+main()
+"""
+
+
+def test_ctrl_c_while_the_cli_is_imported_is_no_traceback() -> None:
+    """Ctrl-C in the first fraction of a second (a command of its own imports the CLI,
+    seconds when it runs flows) printed a traceback of the imports."""
+    env = {**os.environ, "PGBACKFLOW_DAEMON": "off"}
+    for debug in ([], ["--debug"]):
+        result = subprocess.run([sys.executable, "-c", _CTRL_C_WHILE_IMPORTING, *debug,
+                                 "toolsets", "list"], capture_output=True, text=True,
+                                timeout=120, check=False, env=env)
+        if debug:
+            assert "Traceback" in result.stderr and "KeyboardInterrupt" in result.stderr
+        else:
+            assert result.returncode == 130, result.stderr
+            assert result.stderr == "interrupted\n", result.stderr
