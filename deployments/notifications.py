@@ -181,9 +181,9 @@ def missed_window(cron: str, override: str | None) -> timedelta | None:
         return None
     if override is not None:
         return parse_window(override)
-    from cronsim import CronSim
+    from pgbackflow.deployments.verification import cron_runs
 
-    runs = CronSim(cron, datetime(2026, 1, 1, tzinfo=UTC))
+    runs = cron_runs(cron, datetime(2026, 1, 1, tzinfo=UTC))
     previous = next(runs)
     longest = timedelta(0)
     for _ in range(2000):

@@ -362,25 +362,31 @@ def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int],
     finally:
         # What the interpreter does at exit: join the threads, run threading's exit hooks
         # (Prefect's log and event workers send what they hold), then the atexit ones.
-        try:
-            with suppress(Exception):
-                threading._shutdown()  # type: ignore[attr-defined]
-            with suppress(Exception):
-                atexit._run_exitfuncs()
-        except KeyboardInterrupt:
-            # Ctrl-C while a finished command's threads and exit hooks ran: it escaped this
-            # block, and the launcher got exit 1 with no word. A process of its own dies of
-            # the SIGINT there; here it ends as interrupted.
-            if code == 0:
-                code = 128 + signal.SIGINT
+        # Ctrl-C during one of them escaped this block before, and the launcher got exit 1
+        # with no word: each step runs, and a finished command ends as interrupted (a
+        # process of its own dies of the SIGINT there).
+        interrupted = False
+        steps = (threading._shutdown, atexit._run_exitfuncs,  # type: ignore[attr-defined]
+                 sys.stdout.flush, sys.stderr.flush)
+        for step in steps:
+            try:
                 with suppress(Exception):
-                    sys.stderr.write("interrupted\n")
-        for stream in (sys.stdout, sys.stderr):
-            with suppress(Exception):
-                stream.flush()
+                    step()
+            except KeyboardInterrupt:
+                interrupted = True
+        if interrupted and code == 0:
+            code = 128 + signal.SIGINT
+            with suppress(Exception, KeyboardInterrupt):
+                sys.stderr.write("interrupted\n")
+                sys.stderr.flush()
         _finished.set()
-        with suppress(OSError):
-            send_message(conn, {"exit": code})
+        for _attempt in range(3):  # the launcher must hear the exit code
+            try:
+                with suppress(OSError):
+                    send_message(conn, {"exit": code})
+                break
+            except KeyboardInterrupt:
+                continue
     return code
 
 

@@ -296,9 +296,9 @@ class WalRoute:
         begins: Where each timeline of the route began, as far as the history file tells
             (``(timeline, LSN)`` pairs, see :func:`tasks.wal.timeline_begins`).
         must_reach: ``(timeline, LSN)`` a replay to the end must reach: past the start of
-            the newest segment, or of the one before it when the newest is a ``.partial``
-            (it may hold nothing yet, and a record that began before it may continue past
-            the part written). Ending earlier means PostgreSQL found the stored WAL
+            the segment before the newest (the newest may be a ``.partial`` holding nothing
+            yet, and a record that began before it may continue past what is stored), and
+            at least the backup's end. Ending earlier means PostgreSQL found the stored WAL
             unusable there. None: no segments.
     """
 
@@ -350,7 +350,7 @@ def plan_wal_route(
             f"WAL of {base.db_id} after backup {base.backup_id}: the history file "
             f"{hole:08X}.history is missing from {storage.location} while WAL of a newer "
             f"timeline is stored, so replay would restore the branch timeline {hole} "
-            f"abandoned; put the file back from another copy of the storage; {advice}"
+            "abandoned; put the file back from another copy of the storage"
         )
     history = route_history(storage, base.db_id, inventory, base.timeline, keyring)
     spans = timeline_route(inventory, base.timeline, first, history)
@@ -368,19 +368,16 @@ def plan_wal_route(
             f"{storage.location}): replay cannot pass them; {advice}"
         )
     segments = [parse_segment_name(name, size) for name in route.segments]
-    end_timeline, end_number = segments[-1]
-    if end_number in inventory.complete.get(end_timeline, set()):
-        # Replay reads into a complete segment: it ends past the segment's start (where a
-        # record begins that continues into the segment not stored yet, or at its end).
-        floor = (end_timeline, end_number * size + 1)
-    elif len(segments) > 1:
-        # A .partial may hold nothing yet, and a record that began in the segment before
-        # it may not end in the part written: replay ends past that segment's start.
-        floor = (segments[-2][0], segments[-2][1] * size + 1)
+    backup_end = parse_lsn(base.end_lsn)
+    if len(segments) > 1:
+        # Replay reads the newest segment (a .partial may hold nothing yet), where it ends
+        # at the start of a record that continues past what is stored; such a record may
+        # have begun in the segment before (one longer than a segment, even earlier: then
+        # this check is wrong, and says so in its message).
+        floor = (segments[-2][0], max(segments[-2][1] * size + 1, backup_end))
     else:
-        floor = (end_timeline, end_number * size)
-    must_reach = (floor[0], max(floor[1], parse_lsn(base.end_lsn)))
-    return replace(route, must_reach=must_reach)
+        floor = (segments[0][0], backup_end)
+    return replace(route, must_reach=floor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1115,7 +1112,8 @@ def check_replay_end(plan: PitrPlan, recovery: Recovery) -> None:
             f"before the end of the stored WAL (segment {needed}): PostgreSQL found the WAL "
             "after that point unusable, so the stored WAL was damaged or replaced there; "
             f"restore to a time before LSN {show_lsn(ended)}, or from another copy of the "
-            "storage"
+            "storage (a single WAL record longer than a segment at the end of the stored WAL "
+            "also ends there: retry once the next segment is stored)"
         )
 
 
@@ -1183,9 +1181,9 @@ class DirectoryDestination(PitrDestination):
         """Start as ``user`` on ``port`` and wait for the promotion; the fetched WAL goes."""
         if self.port is None or self.user is None:
             raise ConfigError("a restore to start needs a port and the server's OS user")
-        allow_recovery_start(self.directory)
         toolset = self._toolset or find_toolset(self._major)
-        self._started = toolset
+        self._started = toolset  # from here on, undo stops a server and blocks the directory
+        allow_recovery_start(self.directory)
         try:
             recovery = start_and_wait(self.directory, toolset, self.user, timeout=timeout)
             check_replay_end(plan, recovery)
@@ -1202,11 +1200,13 @@ class DirectoryDestination(PitrDestination):
     def _stop_unfinished(self) -> None:
         """Stop the server this restore started and block the unfinished directory."""
         toolset, user = self._started, self.user
-        if toolset is not None and user is not None:
-            uninterrupted(lambda: stop_local_server(Tool(toolset.binary("pg_ctl")),
-                                                    self.directory, user))
-            block_recovery_start(self.directory)
         self._started = None
+        if toolset is not None and user is not None:
+            def stop_and_block() -> None:
+                stop_local_server(Tool(toolset.binary("pg_ctl")), self.directory, user)
+                block_recovery_start(self.directory)
+
+            uninterrupted(stop_and_block)
 
     def place(self) -> None:
         """Nothing to move: built in place."""

@@ -124,6 +124,10 @@ def uninterrupted(cleanup: Callable[[], None]) -> None:
             break
         except KeyboardInterrupt as exc:
             interrupted = exc
+        except BaseException as exc:
+            if interrupted is not None:  # still an interruption, with what failed after it
+                raise interrupted from exc
+            raise
     if interrupted is not None:
         raise interrupted
 
@@ -140,8 +144,8 @@ def note_done(what: str) -> None:
 
 
 def done_before_interrupt() -> tuple[str, ...]:
-    """What :func:`note_done` noted, in order."""
-    return tuple(_done)
+    """What :func:`note_done` noted, in order, each once (a retried task notes again)."""
+    return tuple(dict.fromkeys(_done))
 
 
 def forget_done() -> None:

@@ -422,7 +422,8 @@ def test_a_segment_of_the_abandoned_timeline_under_the_new_ones_name_is_refused(
                 conn.execute("SELECT pg_switch_wal()")
         wait_shipped(streamed.server, storage)
     switch = switched.switch_segment(streamed, store)
-    after = segment_name(2, int(switch[8:], 16) + 1, 16 * 1024 * 1024)  # no log id roll here
+    size = 16 * 1024 * 1024
+    after, later = (segment_name(2, int(switch[8:], 16) + n, size) for n in (1, 2))
     wal = store / wal_prefix(streamed.db_id)
     genuine = wal / f"{after}.pgbf"  # usually only its .partial is stored
     kept = genuine.read_bytes() if genuine.exists() else None
@@ -440,7 +441,10 @@ def test_a_segment_of_the_abandoned_timeline_under_the_new_ones_name_is_refused(
                            str(streamed.key_file), prefect_api=prefect_api)
     assert "holds WAL of timeline 1, not of timeline 2" in one_line_error(refused)
 
-    # Were the page check missing, the replay's early end is caught instead.
+    # Were the page check missing, the replay's early end is caught instead (timeline 1's
+    # next segment stored after it: the route goes on past the one replay stops at).
+    assert not (wal / f"{later}.pgbf").exists()
+    shutil.copy(wal / f"00000001{later[8:]}.pgbf", wal / f"{later}.pgbf")
     monkeypatch.setattr(SegmentPages, "_page", lambda *_args: None)
     with pytest.raises(WalIntegrityError, match=(
             rf"ended at LSN \S+ on timeline 2, before the end of the stored WAL \(segment "
@@ -454,6 +458,7 @@ def test_a_segment_of_the_abandoned_timeline_under_the_new_ones_name_is_refused(
     shutil.rmtree(target)
 
     # The timeline-2 history file deleted: replay would restore timeline 1's branch.
+    (wal / f"{later}.pgbf").unlink()
     if kept is None:
         genuine.unlink()
     else:

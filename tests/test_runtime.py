@@ -121,6 +121,14 @@ def test_a_clean_up_runs_to_its_end_through_an_interruption(tmp_path: Path) -> N
     uninterrupted(cleanup)  # nothing to re-raise
     assert calls == [0, 1, 2]
 
+    def fails_after_an_interruption() -> None:
+        calls.append(len(calls))
+        raise KeyboardInterrupt("signal 2") if len(calls) == 4 else OSError("pg_ctl timed out")
+
+    with pytest.raises(KeyboardInterrupt) as still:  # not the OSError alone
+        uninterrupted(fails_after_an_interruption)
+    assert isinstance(still.value.__cause__, OSError)
+
     folder = tmp_path / "work"
     (folder / "a" / "b").mkdir(parents=True)
     (folder / "a" / "b" / "f").write_bytes(b"x")

@@ -50,12 +50,14 @@ def test_schedule_presets_and_cron() -> None:
     assert schedule_cron(None, cron="0 4 * * 0") == "0 4 * * 0"
     with pytest.raises(ConfigError, match="5-field cron"):
         schedule_cron(None, cron="every sunday")
-    # Days that never come: Prefect accepts them, and the schedule never makes a run.
-    for never in ("0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 30,31 2 *"):
+    # Days that never come: Prefect accepts them, and the schedule never makes a run
+    # (its croniter finds no date even for a weekday added to an impossible day).
+    for never in ("0 0 30 2 *", "0 0 31 4,6,9,11 *", "0 0 30,31 2 *", "0 0 30 2 1"):
         with pytest.raises(ConfigError, match="never fires"):
             schedule_cron(None, cron=never)
-    assert schedule_cron(None, cron="0 0 29 2 *") == "0 0 29 2 *"  # leap years
-    assert schedule_cron(None, cron="0 0 30 2 1") == "0 0 30 2 1"  # or Mondays in February
+    # Leap years; ranges that wrap (another cron library refused them, Prefect runs them).
+    for fires in ("0 0 29 2 *", "0 0 * * 6-0", "0 0 * 11-2 *", "0 0 25-5 * *"):
+        assert schedule_cron(None, cron=fires) == fires
     with pytest.raises(ConfigError, match="preset 'yearly' is unknown"):
         schedule_cron("yearly")
     with pytest.raises(ConfigError, match="not a UTC time of day"):
