@@ -265,7 +265,7 @@ def test_links_and_wal_are_read_at_once_and_the_result_replays(chain: Chain) -> 
     toolset = find_toolset(MAJOR)
     destination = DirectoryDestination(target, port=port, user=user, toolset=toolset)
     destination.configure(plan)
-    destination.start(PROMOTE_TIMEOUT_S)
+    destination.start(PROMOTE_TIMEOUT_S, plan)
     destination.finish()
     try:
         with psycopg.connect(host="127.0.0.1", port=port, user=chain.superuser,
