@@ -26,5 +26,9 @@ def test_parallel_count_equals_the_single_connection_count(pg_database: PgDataba
     assert events == expected["analytics.events"]
     for jobs in (1, 3):
         parallel = take_inventory_of_idle_database(settings, jobs)
-        assert parallel == single, jobs
+        # The size is not: autovacuum's visibility and free-space maps of the new tables
+        # grew the database between the two looks (seen on a slow host: +150 kB).
+        assert (parallel.tables, parallel.schema_count) == (single.tables,
+                                                            single.schema_count), jobs
+        assert parallel.database_size > 0
         assert [t.key for t in parallel.tables] == [t.key for t in single.tables]
