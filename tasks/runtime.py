@@ -165,15 +165,10 @@ def recover(runtime: PostgresRuntime, timeout: float) -> Recovery:
 def replay_end(history: bytes | None) -> tuple[int, int] | None:
     """``(timeline, LSN)`` where replay ended: the last entry of the history file the
     promotion wrote (the timeline it left and the switch point)."""
-    if history is None:
-        return None
-    entries = [line.split() for line in history.decode("ascii", "replace").splitlines()]
-    entries = [fields for fields in entries if len(fields) >= 2 and fields[0].isdigit()
-               and re.fullmatch(r"[0-9A-Fa-f]{1,8}/[0-9A-Fa-f]{1,8}", fields[1])]
-    if not entries:
-        return None
-    high, _, low = entries[-1][1].partition("/")
-    return int(entries[-1][0]), (int(high, 16) << 32) | int(low, 16)
+    from pgbackflow.tasks.wal import parse_history
+
+    entries = parse_history(history) if history is not None else []
+    return entries[-1] if entries else None
 
 
 def newest_history_file(wal_dir: Path) -> Path | None:
