@@ -660,12 +660,17 @@ class ProcSampler:
         cli_argv: The CLI's own argv, which holds the DSN the user typed; a process whose
             argv ends with it is the CLI (behind its interpreter) or a fork of it before
             exec, not a leak.
+        ours: What a tool's argv holds when it works for this test (its login role). The
+            scan sees every process of the machine; another test's tool (a Docker sandbox's
+            pg_restore, which needs no password) is not judged, though its argv is still
+            searched for the needles.
     """
 
     TOOLS = frozenset({"pg_dump", "pg_dumpall", "pg_restore"})
 
-    def __init__(self, needles: list[bytes], cli_argv: list[str]) -> None:
+    def __init__(self, needles: list[bytes], cli_argv: list[str], ours: bytes) -> None:
         self.needles = needles
+        self.ours = ours
         self.cli_cmdline = b"\0".join(os.fsencode(a) for a in cli_argv) + b"\0"
         self.tools_seen: dict[str, int] = {}
         self.problems: list[str] = []
@@ -700,7 +705,7 @@ class ProcSampler:
         tool = Path(os.fsdecode(cmdline.split(b"\0", 1)[0])).name
         if any(needle in cmdline for needle in self.needles):
             self.problems.append(f"secret in argv of {tool}: {cmdline!r}")
-        if tool not in self.TOOLS:
+        if tool not in self.TOOLS or self.ours not in cmdline:
             return
         try:
             environ = Path(proc_dir, "environ").read_bytes().split(b"\0")
@@ -805,7 +810,8 @@ def test_canary_password_and_key_never_leak(
     passfiles_before = set(Path(tempfile.gettempdir()).glob("pgbackflow-*.pgpass"))
 
     argv = [str(CLI), "backup", "--db", dsn, "--to", str(folder), "--json"]
-    with ProcSampler([password.encode(), key_b64.encode()], argv) as sampler:
+    with ProcSampler([password.encode(), key_b64.encode()], argv,
+                     ours=f"user={role}".encode()) as sampler:
         # pg_dump of this small database lives ~0.1 s, which a loaded machine's sampler
         # missed (CI, four workers): a table lock holds it (and the row count) until the
         # sampler has read its argv and environment.

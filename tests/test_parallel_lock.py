@@ -22,7 +22,7 @@ HOLD_S = 0.4
 HOLDER = """
 import json, sys, time, traceback
 from pathlib import Path
-folder, exclusive, record = Path(sys.argv[1]), sys.argv[2] == "1", Path(sys.argv[3])
+folder, kind, record = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 delay, hold = float(sys.argv[4]), float(sys.argv[5])
 try:
     from tests.fixtures import parallel
@@ -30,26 +30,29 @@ try:
     while not (folder / "go").exists():
         time.sleep(0.01)
     time.sleep(delay)
-    with parallel._turn(folder, exclusive):
+    with parallel.turn_of(folder, kind):
         entered = time.time()
         time.sleep(hold)
         left = time.time()
-    record.write_text(json.dumps([exclusive, entered, left]))
+    record.write_text(json.dumps([kind, entered, left]))
 except BaseException:
     record.write_text(json.dumps({"error": traceback.format_exc()}))
     raise
 """
 
 
-def _run(tmp_path: Path, plan: list[tuple[bool, float]],
+def _run(tmp_path: Path, plan: list[tuple[bool | str, float]],
          slots: int = parallel.EXCLUSIVE_SLOTS) -> list[tuple[bool, float, float]]:
-    """Start one holder per (exclusive, delay), all at once; their turns as (class, in, out)."""
+    """Start one holder per (exclusive or kind, delay), all at once; their turns as
+    (exclusive, in, out), with the kind's name instead of True for a ``solo`` holder."""
     env = {**os.environ, "PGBACKFLOW_TEST_EXCLUSIVE_SLOTS": str(slots)}
     holders = []
     for index, (exclusive, delay) in enumerate(plan):
         record = tmp_path / f"turn-{index}.json"
+        kind = exclusive if isinstance(exclusive, str) else \
+            "exclusive" if exclusive else "parallel"
         holders.append((subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(tmp_path), "1" if exclusive else "0",
+            [sys.executable, "-c", HOLDER, str(tmp_path), kind,
              str(record), str(delay), str(HOLD_S)], env=env, cwd=ROOT), record))
     deadline = time.monotonic() + 120
     while not all(Path(f"{record}.ready").exists() for _, record in holders):
@@ -62,8 +65,9 @@ def _run(tmp_path: Path, plan: list[tuple[bool, float]],
         code = process.wait(timeout=60)
         outcome = json.loads(record.read_text()) if record.exists() else None
         assert code == 0, f"a lock holder exited {code}: {outcome}"
-        exclusive, entered, left = outcome
-        turns.append((bool(exclusive), float(entered), float(left)))
+        kind, entered, left = outcome
+        turns.append((kind if kind == "solo" else kind == "exclusive", float(entered),
+                      float(left)))
     return turns
 
 
@@ -101,3 +105,20 @@ def test_one_slot_runs_exclusive_tests_one_at_a_time(tmp_path: Path) -> None:
     exclusive = [t for t in turns if t[0]]
     assert _most_at_once(exclusive) == 1, f"exclusive tests at once: {exclusive}"
     assert not any(_overlap(a, b) for a in exclusive for b in turns if not b[0])
+
+
+def test_a_solo_test_runs_beside_no_test_and_goes_before_later_exclusive_ones(
+        tmp_path: Path) -> None:
+    # Two exclusive tests wait for the parallel ones; a solo test comes while they wait, and
+    # two more exclusive tests come after it.
+    plan: list[tuple[bool | str, float]] = (
+        [(False, 0.0)] * 2 + [(True, 0.05)] * 2 + [("solo", 0.15)] + [(True, 0.3)] * 2)
+    turns = _run(tmp_path, plan)
+    (solo,) = [t for t in turns if t[0] == "solo"]
+    clashes = [t for t in turns if t is not solo and _overlap(solo, t)]
+    assert not clashes, f"the solo test ran beside others: {solo} {clashes}"
+    exclusive = [t for t in turns if t[0] is True]
+    assert _most_at_once(exclusive) == 2, f"exclusive tests at once: {exclusive}"
+    early, late = exclusive[:2], exclusive[2:]
+    assert all(t[2] <= solo[1] for t in early), f"the solo test overtook running ones: {turns}"
+    assert all(t[1] >= solo[2] for t in late), f"later exclusive tests overtook it: {turns}"
