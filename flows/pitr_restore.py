@@ -6,6 +6,7 @@ Docker volume, if that is the destination → start and wait for the promotion.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from pgbackflow.flows.common import (
     tag_run,
 )
 from pgbackflow.flows.physical_backup import choose_toolset
+from pgbackflow.tasks.errors import ConfigError
 from pgbackflow.tasks.keys import Keyring
 from pgbackflow.tasks.physical import resolve_db_id
 from pgbackflow.tasks.pitr import (
@@ -131,10 +133,17 @@ def pitr_restore(
             )
         else:
             user = None
-            if start:
+            if start or os.geteuid() == 0:
                 from pgbackflow.tasks.cluster import resolve_os_user
 
-                user = resolve_os_user(os_user)
+                # Root restoring without starting: the directory still goes to the user
+                # that will run it (pg_ctl refuses root, and root's directory refuses the
+                # postgres user); with no such user, root keeps it, as root asked.
+                try:
+                    user = resolve_os_user(os_user)
+                except ConfigError:
+                    if start or os_user:
+                        raise
             destination = DirectoryDestination(
                 directory, port=(port or free_port()) if start else None, user=user,
                 script=(storage_ref or source.location, Path(key_file) if key_file else None),
@@ -153,6 +162,8 @@ def pitr_restore(
                 port=destination.port if recovery is not None else None,
                 last_transaction=recovery.last_transaction if recovery else None,
                 reached_target=recovery.reached_target if recovery else None,
+                os_user=user.name if user is not None and recovery is None
+                and os.geteuid() == 0 else None,
                 duration_s=time.monotonic() - began,
             )
         progress.finish(total)

@@ -989,10 +989,16 @@ def start_and_wait(
         DatabaseError: the server stopped during recovery (the log tail says why).
     """
     check_reachable(data_dir.parent, user, "the restored server")
+    hand_over(data_dir, user)
+    return recover(local_runtime(data_dir, toolset, user), timeout)
+
+
+def hand_over(data_dir: Path, user: OsUser) -> None:
+    """Give the data directory (and its tablespaces) to the server's OS user, when root
+    built it: PostgreSQL refuses to run as root and needs to own its directory."""
     _chown_tree(data_dir, user)
     if tablespace_root(data_dir).exists():
         _chown_tree(tablespace_root(data_dir), user)
-    return recover(local_runtime(data_dir, toolset, user), timeout)
 
 
 class PitrDestination(ABC):
@@ -1123,7 +1129,8 @@ class DirectoryDestination(PitrDestination):
     Args:
         directory: The target data directory.
         port: Where the started server listens (127.0.0.1); None: not to be started here.
-        user: OS user that runs the server (needed with ``port``).
+        user: OS user that runs the server (needed with ``port``). Not started here, root
+            still hands the finished directory to this user, who starts it by hand.
         toolset: The server's toolset (default: the one the restore combined with, else
             found for the chain's major).
         script: Write ``restore.sh`` (redo this restore by hand) for this storage URL and
@@ -1212,8 +1219,11 @@ class DirectoryDestination(PitrDestination):
         """Nothing to move: built in place."""
 
     def finish(self) -> None:
-        """Clear the incomplete-restore marker."""
+        """Clear the incomplete-restore marker; a directory not started here goes to the
+        server's user (``start`` handed it over already)."""
         finish_restore(self.directory)
+        if self._started is None and self.user is not None:
+            hand_over(self.directory, self.user)
         self._started = None
 
     def undo(self) -> None:

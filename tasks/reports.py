@@ -266,6 +266,9 @@ class PitrReport(BaseModel):
     last_transaction: str | None = None
     reached_target: bool | None = None
     container: str | None = None
+    #: The OS user a directory not started here was handed to (root restored it), who
+    #: starts it.
+    os_user: str | None = None
     duration_s: float
 
     def markdown(self) -> str:

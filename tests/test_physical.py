@@ -35,7 +35,7 @@ from pgbackflow.flows.physical_verification import physical_verification
 from pgbackflow.flows.pitr_restore import pitr_restore
 from pgbackflow.flows.wal_stream import wal_gaps
 from pgbackflow.tasks.archive import ArchiveError
-from pgbackflow.tasks.cluster import EphemeralCluster, resolve_os_user
+from pgbackflow.tasks.cluster import EphemeralCluster, free_port, resolve_os_user
 from pgbackflow.tasks.database import ConnectionSettings
 from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, ToolsetError
 from pgbackflow.tasks.keys import write_key_file
@@ -560,6 +560,13 @@ def test_cli_physical_backup_list_and_pitr(
                        "fresh", "--key-file", key_file.name, "--json", cwd=work_dir)
         assert restored.returncode == 0, restored.stderr
         assert (work_dir / "fresh" / "PG_VERSION").read_text().strip() == "17"
+        if os.geteuid() == 0:
+            _starts_as_printed_by_its_user(work_dir / "fresh", json.loads(restored.stdout))
+            human = cli("pitr", "--from", store.name, "--target", "latest", "--to-dir",
+                        "fresh-human", "--key-file", key_file.name, cwd=work_dir)
+            assert human.returncode == 0, human.stderr
+            hint = f"su postgres -c 'pg_ctl -D {work_dir / 'fresh-human'} start'"
+            assert f"start it with: {hint}" in " ".join(human.stdout.split()), human.stdout
         # The written restore.sh redoes the same restore, by hand, into another directory,
         # from any working directory.
         script = Path(json.loads(restored.stdout)["script"])
@@ -571,6 +578,29 @@ def test_cli_physical_backup_list_and_pitr(
         refused_again = subprocess.run([str(script), str(occupied)], env=env,
                                        capture_output=True, text=True, timeout=60, check=False)
         assert refused_again.returncode != 0 and "not empty" in refused_again.stderr
+
+
+def _starts_as_printed_by_its_user(data_dir: Path, report: dict[str, Any]) -> None:
+    """Root restored ``data_dir`` without starting it: it belongs to the server's user
+    (every file, the WAL the restore command copies included), and that user's pg_ctl
+    starts it with nothing changed by hand (root's directory: "could not open PID file")."""
+    from pgbackflow.tasks.runtime import stop_local_server
+
+    user = resolve_os_user()
+    assert report["os_user"] == user.name
+    foreign = [path for path in [data_dir, *data_dir.rglob("*")]
+               if path.lstat().st_uid != user.uid]
+    assert not foreign, f"not handed to {user.name}: {foreign[:5]}"
+    pg_ctl = Tool(find_toolset(17).binary("pg_ctl"))
+    started = pg_ctl.run(
+        ["-D", str(data_dir), "-w", "-t", "120", "-l", str(data_dir / "start.log"),
+         "-o", f"-p {free_port()} -c listen_addresses=127.0.0.1 -k {data_dir}", "start"],
+        user=user, cwd=data_dir, timeout=180, check=False)
+    try:
+        assert started.returncode == 0, started.stderr_tail + (
+            (data_dir / "start.log").read_text() if (data_dir / "start.log").exists() else "")
+    finally:
+        stop_local_server(pg_ctl, data_dir, user)
 
 
 def test_missing_backups_is_a_clear_error(work_dir: Path,

@@ -7,6 +7,7 @@ commands that run no flow must not pay for Prefect (see ``user_errors_without_fl
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,7 +241,10 @@ def pitr_report(report: PitrReport, *, docker: bool, as_json: bool) -> None:
     elif docker:
         out.print(f"start it with: {report.script}")
     else:
-        out.print(f"start it with: pg_ctl -D {report.data_dir} start (recovery runs first)")
+        command = f"pg_ctl -D {shlex.quote(report.data_dir)} start"
+        if report.os_user:  # root restored it for this user, who owns it now
+            command = f"su {report.os_user} -c {shlex.quote(command)}"
+        out.print(f"start it with: {escape(command)} (recovery runs first)")
     if not docker:
         out.print(f"redo by hand: {report.script} NEW_EMPTY_DIR")
 
