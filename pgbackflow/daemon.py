@@ -38,6 +38,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -345,7 +346,11 @@ def run_command(conn: socket.socket, request: Mapping[str, Any], fds: list[int],
         os.chdir(request["cwd"])
         if mode == "flow-run":
             sys.argv = ["prefect.engine", *request["argv"][1:]]
-            # What `python -m prefect.engine` runs, in this warm process.
+            # What `python -m prefect.engine` runs, in this warm process. It imported
+            # prefect.engine on purpose (that is what makes it warm): runpy's warning about
+            # it went to the worker's output with every run.
+            warnings.filterwarnings("ignore", category=RuntimeWarning,
+                                    message=r"'prefect\.engine' found in sys\.modules")
             runpy.run_module("prefect.engine", run_name="__main__", alter_sys=True)
         else:
             sys.argv = list(request["argv"])
