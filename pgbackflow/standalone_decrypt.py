@@ -6,11 +6,12 @@ archives whose header has the zstd flag). It follows docs/FORMAT.md and nothing 
 backups stay readable even if pgbackflow is gone. Copy it next to your key file.
 
 Usage:
-    python3 standalone_decrypt.py --key-file master.key IN OUT
+    python3 standalone_decrypt.py --key-file master.key [--force] IN OUT
     (IN or OUT may be '-' for stdin/stdout)
 
-Exit status: 0 on success, 1 on any integrity or key error (OUT is then incomplete and
-must not be used), 2 on bad usage.
+OUT is created readable by its owner only (it is the plain dump); an existing OUT is
+refused unless --force. Exit status: 0 on success, 1 on any integrity or key error (a file
+OUT is then removed; on stdout, what was written must not be used), 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import base64
 import hashlib
 import hmac
+import os
 import struct
 import sys
 from typing import Any, BinaryIO
@@ -152,17 +154,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key-file", required=True, help="pgbackflow master key file")
     parser.add_argument("input", help="archive to read, or - for stdin")
     parser.add_argument("output", help="file to write, or - for stdout")
+    parser.add_argument("--force", action="store_true", help="overwrite an existing output")
     args = parser.parse_args(argv)
+    created = False
     try:
         key = read_key(args.key_file)
         source = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
-        sink = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+        if args.output == "-":
+            sink = sys.stdout.buffer
+        else:
+            try:
+                sink = open_output(args.output, args.force)
+            except FileExistsError:
+                source.close()
+                print(f"decrypt refused: output {args.output} already exists: pass --force "
+                      "to overwrite it, or name another file", file=sys.stderr)
+                return 1
+            created = True
         with source, sink:
             decrypt(source, sink, key)
     except (DecryptError, OSError, ValueError) as exc:
+        if created:  # an incomplete dump must not be mistaken for one
+            os.unlink(args.output)
         print(f"decrypt failed: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def open_output(path: str, force: bool) -> BinaryIO:
+    """``path`` for writing, owner-only; an existing file only with ``force``."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # an overwritten file keeps its mode otherwise
+    return os.fdopen(fd, "wb")
 
 
 if __name__ == "__main__":

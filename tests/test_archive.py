@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import struct
 import subprocess
 import sys
@@ -386,6 +387,20 @@ def test_standalone_decryptor_agrees(key: MasterKey, tmp_path: Path) -> None:
         )
         assert proc.returncode == 0, proc.stderr
         assert result.read_bytes() == data
+        assert stat.S_IMODE(result.stat().st_mode) == 0o600, name  # the plain dump
+    # An existing output is kept unless --force; forced, it is written owner-only too.
+    mine = tmp_path / "mine.txt"
+    mine.write_text("mine")
+    mine.chmod(0o644)
+    argv = [sys.executable, standalone_decrypt.__file__, "--key-file", str(key_file),
+            str(tmp_path / "plain.pgbf"), str(mine)]
+    refused = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and "already exists: pass --force" in refused.stderr
+    assert mine.read_text() == "mine"
+    forced = subprocess.run([*argv, "--force"], capture_output=True, text=True, check=False)
+    assert forced.returncode == 0, forced.stderr
+    assert mine.read_bytes() == (tmp_path / "plain.out").read_bytes()
+    assert stat.S_IMODE(mine.stat().st_mode) == 0o600
 
 
 def test_standalone_decryptor_rejects_tampering(key: MasterKey, tmp_path: Path) -> None:
@@ -409,3 +424,4 @@ def test_standalone_decryptor_rejects_tampering(key: MasterKey, tmp_path: Path) 
         )
         assert proc.returncode == 1, name
         assert "decrypt failed" in proc.stderr, name
+        assert not (tmp_path / "out").exists(), f"{name}: the incomplete output was left"
