@@ -1083,12 +1083,23 @@ def run_retention(
 
     storage.check_exists()
     if dry_run:
-        catalog = read_catalog(storage, keyring, db_id=db_id, grace=grace)
+        catalog = _named(read_catalog(storage, keyring, db_id=db_id, grace=grace), db_id)
         plan = plan_retention(catalog, policies, grace=grace, verified=verified)
         show(plan.render())
         return plan, None
     with RetentionLock(storage, "pgbackflow retention") as lock:
-        catalog = read_catalog(storage, keyring, db_id=db_id, grace=grace)
+        catalog = _named(read_catalog(storage, keyring, db_id=db_id, grace=grace), db_id)
         plan = plan_retention(catalog, policies, grace=grace, verified=verified)
         show(plan.render())
         return plan, execute_plan(storage, plan, keyring.current, show, lock)
+
+
+def _named(catalog: StorageCatalog, db_id: str | None) -> StorageCatalog:
+    """The catalog, when the database or cluster asked for has a folder in it: a mistyped
+    id would otherwise plan nothing and say "0 B freed", as if all were in order."""
+    if db_id is not None and not catalog.databases:
+        raise ObjectNotFoundError(
+            f"--db-id {db_id}: no backups of that id in {catalog.location}: `pgbackflow list` "
+            "and `pgbackflow physical-list` show the ids stored there"
+        )
+    return catalog

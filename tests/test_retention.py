@@ -547,6 +547,14 @@ def test_keep_within_combined_rules_and_a_dry_run_of_one_database(
     assert "other" not in dry.stdout and not any(b in dry.stdout for b in others)
     assert "dry run: nothing was deleted" in dry.stderr
     assert sorted(o.key for o in storage.list("")) == before
+    # A mistyped id is an error, not an empty plan that reads as "all in order".
+    for dry_run in (["--dry-run"], []):
+        typo = run_cli("--from", str(storage.folder), "--db-id", f"{DB}x", *dry_run,
+                       "--keep-last", "2", key_file=key_file)
+        assert typo.returncode == 1, (typo.stdout, typo.stderr)
+        assert f"--db-id {DB}x: no backups of that id in" in typo.stderr, typo.stderr
+        assert len(typo.stderr.strip().splitlines()) == 1 and "Traceback" not in typo.stderr
+    assert sorted(o.key for o in storage.list("")) == before
 
 
 def test_a_cluster_without_a_kept_physical_backup_keeps_its_wal(tmp_path: Path) -> None:
