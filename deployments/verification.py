@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -218,8 +218,45 @@ def cancel_pending_verifications(db_id: str) -> list[UUID]:
     return cancelled
 
 
-def queue_verification(db_id: str, backup_id: str) -> UUID:
-    """After a backup: cancel older waiting verifications, then queue one of ``backup_id``."""
+def deployment_storage(db_id: str) -> str | None:
+    """Where the verification deployment of ``db_id`` reads backups: its storage's location,
+    when the deployment names it by URL or block reference (None for an inline block).
+
+    Raises:
+        ObjectNotFound: There is no such deployment.
+    """
+    from pgbackflow.blocks.storage import storage_block_from_url
+
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{deployment_name(db_id)}")
+    storage = (deployment.parameters or {}).get("storage")
+    return storage_block_from_url(storage).open().location if isinstance(storage, str) \
+        else None
+
+
+def queue_verification(db_id: str, backup_id: str,
+                       stored_in: Sequence[str] | None = None) -> UUID:
+    """After a backup: cancel older waiting verifications, then queue one of ``backup_id``.
+
+    Args:
+        db_id: The database.
+        backup_id: The backup to verify.
+        stored_in: The storages (locations) the backup is in: the deployment must read one
+            of them, or its run would fail to find the backup.
+
+    Raises:
+        ObjectNotFound: There is no verification deployment of ``db_id``.
+        ConfigError: The deployment reads a storage the backup is not in.
+    """
+    if stored_in is not None:
+        reads = deployment_storage(db_id)
+        if reads is not None and reads not in stored_in:
+            raise ConfigError(
+                f"verification deployment {deployment_name(db_id)} reads {reads}, where "
+                f"backup {backup_id} was not stored ({', '.join(stored_in)}): back up to "
+                "that storage too, or point the deployment at this one with "
+                "pgbackflow schedule-verification --from"
+            )
     cancel_pending_verifications(db_id)
     run = run_deployment(
         f"{FLOW_NAME}/{deployment_name(db_id)}",

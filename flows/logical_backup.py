@@ -50,7 +50,7 @@ from pgbackflow.flows.maintenance import refresh_backups_table, verified_backups
 from pgbackflow.flows.outcome import announce_success
 from pgbackflow.tasks.catalog import read_catalog
 from pgbackflow.tasks.database import ConnectionSettings, query_error
-from pgbackflow.tasks.errors import ToolsetError
+from pgbackflow.tasks.errors import ConfigError, ToolsetError
 from pgbackflow.tasks.inventory import SourceIdentity, read_identity
 from pgbackflow.tasks.keys import MasterKey
 from pgbackflow.tasks.logical import (
@@ -300,22 +300,31 @@ def logical_backup(
 
     raise_if_incomplete(backup_id, statuses)
     if verify_after_backup:
-        request_verification(report.db_id, report.backup_id)
+        stored_in = [d.location for d in report.destinations if d.status == "complete"]
+        report = report.model_copy(update={"verification": request_verification(
+            report.db_id, report.backup_id, stored_in)})
     return report
 
 
 @task(name="request-verification", cache_policy=NONE)
-def request_verification(db_id: str, backup_id: str) -> None:
-    """Queue a verification of the new backup; a missing deployment is a warning, not a failure."""
+def request_verification(db_id: str, backup_id: str, stored_in: list[str]) -> str:
+    """Queue a verification of the new backup; what became of the request, in a line.
+
+    Not queued (no deployment, or one that reads another storage) is a warning, not a
+    failure: the backup itself is good."""
     from pgbackflow.deployments.verification import deployment_name, queue_verification
 
     logger = get_run_logger()
     try:
-        run_id = queue_verification(db_id, backup_id)
+        run_id = queue_verification(db_id, backup_id, stored_in)
     except ObjectNotFound:
-        logger.warning(
-            "no verification deployment %s for database %s: create it with "
-            "pgbackflow schedule-verification", deployment_name(db_id), db_id,
-        )
-        return
-    logger.info("verification of %s queued (flow run %s)", backup_id, run_id)
+        outcome = (f"not queued: no verification deployment {deployment_name(db_id)} for "
+                   f"database {db_id}: create it with pgbackflow schedule-verification")
+    except ConfigError as exc:
+        outcome = f"not queued: {exc}"
+    else:
+        outcome = f"queued (flow run {run_id})"
+        logger.info("verification of %s %s", backup_id, outcome)
+        return outcome
+    logger.warning("verification of %s %s", backup_id, outcome)
+    return outcome

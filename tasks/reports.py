@@ -56,6 +56,9 @@ class BackupReport(BaseModel):
     table_count: int
     tables: dict[str, int]
     destinations: list[DestinationStatus]
+    #: What became of ``--verify-after``'s request ("queued (flow run …)", "not queued: …");
+    #: None when none was asked for.
+    verification: str | None = None
 
     @property
     def duration_s(self) -> float:

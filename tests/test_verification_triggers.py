@@ -179,6 +179,27 @@ def test_after_backup_trigger_queue_agent_and_notifications(
     assert len(queued) == 1
     assert queued[0].parameters["backup_id"] == second.backup_id
     assert "after-backup" in queued[0].tags
+    assert second.verification == f"queued (flow run {queued[0].id})"  # what the CLI prints
+
+    # A backup to a storage the deployment does not read queues nothing (its run could not
+    # find the backup) and says so; the waiting verification stays.
+    elsewhere = tmp_path / "elsewhere"
+    third = logical_backup(database, [LocalStorage(folder=str(elsewhere))],
+                           key_file=str(key_file), verify_after_backup=True)
+    assert third.verification == (
+        f"not queued: verification deployment {deployment_name(db_id)} reads {folder}, "
+        f"where backup {third.backup_id} was not stored ({elsewhere}): back up to that "
+        "storage too, or point the deployment at this one with pgbackflow "
+        "schedule-verification --from"), third.verification
+    assert not flow_run_state(queued[0].id).state.is_final()
+    # A database with no verification deployment: said, not silent.
+    other = PostgresDatabase(host=server.host, port=server.port, database="postgres",
+                             user=server.superuser, password=SecretStr(server.password),
+                             sslmode="disable")
+    lone = logical_backup(other, [LocalStorage(folder=str(elsewhere))], key_file=str(key_file),
+                          verify_after_backup=True)
+    assert lone.verification is not None
+    assert lone.verification.startswith("not queued: no verification deployment")
 
     # An agent picks it up and proves the backup; the success notification arrives.
     agent = subprocess.Popen(

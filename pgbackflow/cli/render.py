@@ -119,7 +119,11 @@ def backup_report(report: BackupReport, as_json: bool) -> None:
     table.add_row("took", f"{report.duration_s:.1f} s")
     for destination in report.destinations:
         table.add_row("stored in", destination.location)
+    if report.verification is not None:
+        table.add_row("verification", escape(report.verification))
     out.print(table)
+    if report.verification is not None and report.verification.startswith("not queued"):
+        err.print(f"warning: verification {escape(report.verification)}")
 
 
 def backup_listing(backups: list[Backup], refused: list[ManifestRecord[Any]], location: str,
