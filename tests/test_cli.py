@@ -87,6 +87,27 @@ def test_listing_a_missing_folder_is_an_error(tmp_path: Path) -> None:
     assert empty.returncode == 0 and "0 backups" in empty.stdout
 
 
+def test_usage_errors_are_one_line_with_click_s_exit_code() -> None:
+    """Typer printed a usage error as a box of four or five lines; the CLI says it in one
+    line naming the input and where the help is, exit 2 as before."""
+    cases = {
+        ("backup", "--nope"): "error: No such option: --nope (Possible options: --to): see "
+                              "'pgbackflow backup --help'",
+        ("backup",): "error: Missing option '--db': see 'pgbackflow backup --help'",
+        ("key",): "error: Missing command: see 'pgbackflow key --help'",
+        ("no-such-command",): "error: No such command 'no-such-command': see 'pgbackflow "
+                              "--help'",
+        ("retention", "--from", "/tmp", "--keep-last", "0"):
+            "error: Invalid value for '--keep-last': Input should be greater than or equal to "
+            "1: see 'pgbackflow retention --help'",
+    }
+    for argv, line in cases.items():
+        result = run(*argv)
+        assert (result.returncode, result.stdout, result.stderr) == (2, "", line + "\n"), argv
+    bare = run()  # no arguments: the help, no error line
+    assert bare.returncode == 2 and "Usage: pgbackflow" in bare.stdout and bare.stderr == ""
+
+
 def test_typer_exits_pass_through_the_error_wrapper() -> None:
     """A command's own exit code (wal-stream exits 2 on WAL gaps) is not an "unexpected" error."""
     import pytest

@@ -33,6 +33,11 @@ from pgbackflow.cli.toolsets import toolsets_app
 
 __all__ = ["app", "main", "user_errors", "user_errors_without_flows"]
 
+try:  # typer 0.2x parses with a click of its own (constraints.txt); before, with click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import ClickException, UsageError  # type: ignore[assignment]
+
 app = typer.Typer(
     name="pgbackflow",
     help="PostgreSQL backups, point-in-time recovery and restore verification on Prefect.",
@@ -101,4 +106,20 @@ def main(prog_name: str | None = None) -> None:
     click command built once."""
     if sys.excepthook is not typer.main.except_hook:
         sys.excepthook = typer.main.except_hook  # as ``app()`` sets it
-    click_command()(prog_name=prog_name)
+    # Not standalone: click's own error printing is a box of usage lines; ours is one line
+    # (the exit codes stay click's: 2 for usage, the command's own otherwise).
+    try:
+        code = click_command().main(prog_name=prog_name, standalone_mode=False)
+    except UsageError as exc:
+        message = exc.format_message().rstrip(".")
+        if message:  # none when no arguments printed the help (no_args_is_help)
+            where = f": see '{exc.ctx.command_path} --help'" if exc.ctx is not None else ""
+            print(f"error: {message}{where}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
