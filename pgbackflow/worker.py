@@ -130,6 +130,11 @@ def end_flow_runs(started: float, worker_pid: int,
         say(f"flow run {run_id}: SIGTERM to its process {pid}")
         with suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
+    # The warm daemons the runs started are ours too (subreaper): asked to stop, a daemon
+    # removes its socket and logs why; killed with the rest below, it left both undone.
+    for pid in _daemons():
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
     deadline = started + GRACE_S
     while runs and time.monotonic() < deadline:
         _reap_orphans(worker_pid)
@@ -209,6 +214,16 @@ def _flow_run_processes() -> list[tuple[int, UUID]]:
                     run_id = UUID(item[len(_RUN_MARKER):].decode())
                     found[run_id] = min(pid, found.get(run_id, pid))
     return [(pid, run_id) for run_id, pid in found.items()]
+
+
+def _daemons() -> list[int]:
+    """The warm daemons (``python -m pgbackflow.daemon``) below us."""
+    found = []
+    for pid in _descendants():
+        with suppress(OSError):
+            if b"pgbackflow.daemon" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]:
+                found.append(pid)
+    return found
 
 
 def _kill_descendants(worker_pid: int, spare_worker: bool = False) -> None:

@@ -240,6 +240,10 @@ def test_worker_sigterm_ends_a_run_of_the_daemon(site: Site) -> None:
         assert not _alive(child), "the daemon's child running the run is still there"
         assert not [pid for pid in daemons if pid in daemon_pids(site.runtime)], \
             "the daemon outlived its worker"
+        # Stopped, not killed: its socket is gone and its log says why.
+        assert not list(site.runtime.rglob("*.sock")), list(site.runtime.rglob("*.sock"))
+        assert "received SIGTERM, exiting" in _daemon_logs(site.runtime), \
+            _daemon_logs(site.runtime)[-2000:]
         state = _state(site, run["id"])
         assert state["type"] in FINAL - {"COMPLETED"}, state
     finally:
