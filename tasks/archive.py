@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from pgbackflow.tasks.errors import PgBackflowError
-from pgbackflow.tasks.keys import KEY_BYTES, Keyring, MasterKey
+from pgbackflow.tasks.keys import KEY_BYTES, WRONG_KEY_HINT, Keyring, MasterKey
 
 MAGIC = b"PGBFARCH"
 FORMAT_VERSION = 1
@@ -203,7 +203,7 @@ def unwrap_data_key(header: ArchiveHeader, keyring: Keyring, label: str = "archi
     if master is None:
         raise WrongKeyError(
             f"{label}: wrong encryption key (archive needs key id {header.key_id.hex()}, "
-            f"given {', '.join(keyring.key_ids_hex())}): use the key file the backup was made with"
+            f"given {', '.join(keyring.key_ids_hex())}): {WRONG_KEY_HINT}"
         )
     try:
         return AESGCM(master.material).decrypt(header.wrap_nonce, header.wrapped_key,

@@ -37,6 +37,9 @@ KEY_ID_BYTES = 8
 KEY_TEXT_PREFIX = "pgbackflow-key-v1:"
 _KEY_ID_LABEL = b"pgbackflow master key id v1"
 KEY_FILE_ENV = "PGBACKFLOW_KEY_FILE"
+#: What to do about a wrong key: after `key rotate`, the key a backup needs is the new one.
+WRONG_KEY_HINT = ("use the key file of that id (the backup's own, or the one `key rotate` "
+                  "moved it to)")
 MANIFEST_MAC_INFO = b"pgbackflow manifest mac v1"
 """HKDF ``info`` of the key that authenticates manifests (docs/FORMAT.md)."""
 

@@ -37,7 +37,7 @@ from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from pgbackflow.tasks.errors import ConfigError, ObjectNotFoundError, PgBackflowError
-from pgbackflow.tasks.keys import Keyring, MasterKey
+from pgbackflow.tasks.keys import WRONG_KEY_HINT, Keyring, MasterKey
 from pgbackflow.tasks.storage import Storage
 from pgbackflow.tasks.storage.base import LOGICAL_ROOT as LOGICAL_ROOT
 
@@ -415,7 +415,7 @@ def open_manifest(
         given = ", ".join(keyring.key_ids_hex())
         return OpenedManifest(document, "failed", auth.key_id, ManifestKeyError(
             f"manifest {label}: wrong encryption key (the manifest is authenticated with key "
-            f"id {auth.key_id}, given {given}): use the key file the backup was made with"
+            f"id {auth.key_id}, given {given}): {WRONG_KEY_HINT}"
         ))
     try:
         expected = manifest_mac(key, binding, document)

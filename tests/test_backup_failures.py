@@ -30,7 +30,7 @@ from psycopg import sql
 
 from pgbackflow.tasks.archive import DEFAULT_CHUNK_SIZE, FRAME_HEADER_BYTES, HEADER_BYTES, TAG_BYTES
 from pgbackflow.tasks.cluster import EphemeralCluster
-from pgbackflow.tasks.keys import MasterKey, write_key_file
+from pgbackflow.tasks.keys import WRONG_KEY_HINT, MasterKey, write_key_file
 from pgbackflow.tasks.manifest import LogicalManifest, list_backups
 from pgbackflow.tasks.storage import INCOMPLETE_DIR, LocalFolderStorage, S3ObjectStorage, Storage
 from pgbackflow.tasks.toolsets import toolsets_home
@@ -515,7 +515,7 @@ def test_wrong_key_file(
     result = cli.run("restore", "--from", str(made_backup), "--key-file", str(other),
                      "--target", source.dsn(dbname=empty_target))
     one_line_error(result, "wrong encryption key", manifest.key_id, other_key.key_id_hex,
-                   "use the key file the backup was made with")
+                   WRONG_KEY_HINT)
     assert user_relations(source.server, empty_target) == 0
     assert file_tree(made_backup) == before
 
