@@ -154,6 +154,30 @@ def test_after_backup_trigger_queue_agent_and_notifications(
     assert [s.schedule.cron for s in deployment.schedules] == ["0 3 * * 0"]  # type: ignore[union-attr]
     assert {"verification", f"db:{db_id}"} <= set(deployment.tags)
 
+    # The CLI redeploys it as it stands, silent; a storage with no backup of the id, or one
+    # this host cannot read, gets a warning (the agents' host may see another folder).
+    def schedule(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CLI, "schedule-verification", "--pool", pool, "--sandbox", "local", "--key-file",
+             str(key_file), *args], env={**os.environ, "PREFECT_API_URL": prefect_api},
+            capture_output=True, text=True, timeout=300, check=False)
+
+    same = schedule("--db-id", db_id, "--from", str(folder), "--preset", "weekly")
+    assert same.returncode == 0 and same.stderr == "", same.stderr
+    with get_client(sync_client=True) as client:
+        assert client.read_deployment(deployment_id).parameters == deployment.parameters
+    for args, warning in [
+        (["--db-id", "no-backups-here", "--from", str(folder)],
+         f"warning: --from {folder} holds no logical backup of no-backups-here (seen from this "
+         "host)"),
+        (["--db-id", "nowhere", "--from", str(tmp_path / "gone")],
+         f"warning: --from {tmp_path / 'gone'} cannot be read from this host"),
+    ]:
+        warned = schedule(*args)
+        assert warned.returncode == 0, warned.stderr
+        assert warned.stderr.startswith(warning) and warned.stderr.count("\n") == 1, \
+            warned.stderr
+
     hook = CustomWebhookNotificationBlock(
         name="test-hook", url=receiver.url,
         json_data={"subject": "{{subject}}", "body": "{{body}}"},

@@ -198,6 +198,24 @@ def schedule_verification(
     )
     out.print(f"verification deployment for {db_id}: {deployment_id}"
               + (f", schedule '{schedule}' UTC" if schedule else ", on demand / after backup"))
+    problem = _nothing_to_verify(source, db_id)
+    if problem:
+        err.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
+
+
+def _nothing_to_verify(source: str, db_id: str) -> str | None:
+    """Why the deployment's runs would find no backup, as seen from this host (the agents
+    may see another folder of the same name: a warning, not a refusal)."""
+    try:
+        entry = catalog_of(source, None, db_id, "logical")[0].database(db_id, "logical")
+    except PgBackflowError as exc:
+        return (f"--from {source} cannot be read from this host ({exc}); the verification "
+                "agents must be able to")
+    if entry is None or not entry.backups:
+        return (f"--from {source} holds no logical backup of {db_id} (seen from this host): "
+                "its verifications fail until one is stored there; `pgbackflow list --from "
+                f"{source}` shows the database ids it holds")
+    return None
 
 
 @user_errors
