@@ -181,6 +181,9 @@ def test_an_interruption_a_library_wrapped_still_ends_as_one() -> None:
 
 _CTRL_C_WHILE_IMPORTING = """
 import builtins, os, signal, sys
+# As in a terminal: a process started from a non-interactive shell's background job (a CI
+# runner's) inherits SIGINT ignored, and Python then keeps ignoring it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 real_import = builtins.__import__
 def importing(name, *args, **kwargs):
     if name == "pgbackflow.cli":
