@@ -88,7 +88,9 @@ class Stack:
             env=self.env, capture_output=True, text=True, timeout=timeout, check=False)
 
     def http(self, *, auth: bool = True) -> httpx.Client:
-        return httpx.Client(base_url=self.api + "/", timeout=30,
+        # 90 s: the stack's server, just up beside a loaded test run, once took more than
+        # 30 s to answer its first authenticated request (CI run of e82c3bd, a slow host).
+        return httpx.Client(base_url=self.api + "/", timeout=90,
                             auth=self.auth if auth else None)
 
     def leftovers(self) -> list[str]:
