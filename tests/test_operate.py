@@ -131,12 +131,14 @@ def deployed(prefect_server: PrefectServer, site: Site) -> Iterator[dict[str, An
     assert "+ deployment backup-databases/logical-everything" in dry.stdout
     assert "+ block pgbackflow-postgres-database/pg" in dry.stdout
     assert "dry run: nothing was changed" in dry.stderr
+    assert "applied to the Prefect server" not in dry.stderr
     with prefect_server.http() as http:
         response = http.post("deployments/filter", json={})
         assert response.json() == [], "a dry run created deployments"
 
     first = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     assert "0 to update" in first.stdout.splitlines()[-1] or "to create" in first.stdout
+    assert f"applied to the Prefect server at {prefect_server.api_url}" in first.stderr
     again = prefect_server.run_cli("deploy", "--config", str(site.config), env=site.env)
     assert "0 to create, 0 to update, 0 to pause" in again.stdout, again.stdout
 

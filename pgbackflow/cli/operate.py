@@ -45,6 +45,12 @@ def deploy(
     out.print(result.render(), highlight=False, markup=False)
     if dry_run:
         err.print("dry run: nothing was changed")
+    else:  # the plan reads the same either way: say that this one was carried out
+        from pgbackflow.flows.common import prefect_api_url
+
+        where = prefect_api_url() or "Prefect's temporary API (gone when this command ends)"
+        err.print(f"applied to the Prefect server at {where}", highlight=False,
+                  soft_wrap=True)
 
 
 @user_errors_without_flows  # it only reads
