@@ -316,15 +316,12 @@ def request_verification(db_id: str, backup_id: str, stored_in: list[str]) -> st
 
     logger = get_run_logger()
     try:
-        run_id = queue_verification(db_id, backup_id, stored_in)
+        outcome = f"queued (flow run {queue_verification(db_id, backup_id, stored_in)})"
     except ObjectNotFound:
         outcome = (f"not queued: no verification deployment {deployment_name(db_id)} for "
                    f"database {db_id}: create it with pgbackflow schedule-verification")
     except ConfigError as exc:
         outcome = f"not queued: {exc}"
-    else:
-        outcome = f"queued (flow run {run_id})"
-        logger.info("verification of %s %s", backup_id, outcome)
-        return outcome
-    logger.warning("verification of %s %s", backup_id, outcome)
+    log = logger.info if outcome.startswith("queued") else logger.warning
+    log("verification of %s %s", backup_id, outcome)
     return outcome

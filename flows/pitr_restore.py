@@ -162,8 +162,7 @@ def pitr_restore(
                 port=destination.port if recovery is not None else None,
                 last_transaction=recovery.last_transaction if recovery else None,
                 reached_target=recovery.reached_target if recovery else None,
-                os_user=user.name if user is not None and recovery is None
-                and os.geteuid() == 0 else None,
+                os_user=user.name if user is not None and not start else None,
                 duration_s=time.monotonic() - began,
             )
         progress.finish(total)
